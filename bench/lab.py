@@ -1,0 +1,667 @@
+#!/usr/bin/env python3
+"""The constrained-link lab: Matrix over CoAP+Noise against stock HTTPS+JSON, same scenarios.
+
+One command runs everything and writes the figures into docs/benchmarks.md::
+
+    .venv/bin/python bench/lab.py            # the default run (about 20 minutes)
+    .venv/bin/python bench/lab.py --full     # idle for 10 minutes, more sweep samples
+
+Parts (``--suite``, repeatable; default: all of them):
+
+- ``client``: log in, initial sync, send, receive, upload 10 KiB, idle with sync
+  keep-alive. matrix-nio through the sidecar over CoAP+Noise through the relay
+  at ``--profile``, and matrix-nio over HTTPS (TLS 1.3) to stock Synapse.
+- ``federation``: first contact (key fetch, remote join), 1, 10 and 100
+  messages, between two homeservers with the module and between two stock
+  Synapses over HTTPS.
+- ``deliver``: the must-show run: at 100 bit/s (``--deliver-profile``), a nio
+  client sends a message through the sidecar, it crosses federation to the
+  other homeserver and reaches bob; event id, every datagram, retransmissions.
+- ``lossy``: at ``lossy`` (30% loss), N messages (``--lossy-messages``, 100)
+  through the sidecar, all delivered exactly once and in order.
+- ``sweep``: time to deliver a message against link rate (100 bit/s to 1
+  Mbit/s) and against loss (0-40%), as PNG charts.
+
+Bytes are counted at the IP level for both stacks (docs/benchmarks.md, docs/lab.md):
+the relay's exact accounting for CoAP, a tshark capture on loopback for HTTPS.
+
+Other uses::
+
+    bench/lab.py --list
+    bench/lab.py --suite client --profile 100bps --idle 60
+    bench/lab.py --scenario udp-echo --profile 100bps     # relay self-test, no Matrix
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime
+import importlib.metadata
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lab_scenarios.client import (
+    CLIENT_SCENARIOS,
+    CoapStack,
+    Delivery,
+    client_suite,
+    deliver_messages,
+)
+from lab_scenarios.common import (
+    STACKS,
+    ScenarioResult,
+    link_config,
+    modelled_seconds,
+    progress,
+    round_trips,
+)
+from lab_scenarios.federation import (
+    FED_SCENARIOS,
+    SlowDelivery,
+    federation_suite,
+    slow_federated_delivery,
+)
+
+from synapse_coap.lab.capture import tshark_path
+from synapse_coap.lab.model import PROFILES, LinkProfile, get_profile
+from synapse_coap.lab.relay import Relay, RelayConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
+MARK_START = "<!-- lab-results:start (written by bench/lab.py; do not edit by hand) -->"
+MARK_END = "<!-- lab-results:end -->"
+SUITES = ("client", "federation", "deliver", "lossy", "sweep")
+
+RATES = (100.0, 300.0, 1000.0, 9600.0, 64000.0, 1_000_000.0)
+LOSSES = (0.0, 0.1, 0.2, 0.3, 0.4)
+
+DESCRIPTIONS: dict[str, tuple[str, str]] = {
+    "login": ("client", "log in with a password (fresh connection/session)"),
+    "initial-sync": ("client", "initial /sync (full state) of one room"),
+    "send": ("client", "send one m.room.message and get its event id"),
+    "receive": ("client", "receive one message by incremental long-poll /sync"),
+    "upload": ("client", "upload a 10 KiB PNG"),
+    "idle": ("client", "idle with sync keep-alive (--idle seconds; 600 with --full)"),
+    "fed-first-contact": ("federation", "first contact: key fetch and a remote join"),
+    "fed-1": ("federation", "one message delivered over federation"),
+    "fed-10": ("federation", "10 messages over federation"),
+    "fed-100": ("federation", "100 messages over federation, exactly once, in order"),
+    "udp-echo": ("selftest", "80-byte request, 70-byte reply through the relay (no Matrix)"),
+}
+
+
+# -- the relay self-test ----------------------------------------------------------------------
+
+
+class _Echo(asyncio.DatagramProtocol):
+    def __init__(self, reply_size: int) -> None:
+        self.reply_size = reply_size
+        self.transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.transport.sendto(b"r" * self.reply_size, addr)
+
+
+async def udp_echo(profile: LinkProfile, seed: int) -> ScenarioResult:
+    """Stand-in for 'send a message' (coap-proxy's ~76 + ~70 bytes at the IP level)."""
+    loop = asyncio.get_running_loop()
+    server_t, _ = await loop.create_datagram_endpoint(
+        lambda: _Echo(70 - 28), local_addr=("127.0.0.1", 0)
+    )
+    relay = await Relay.start(
+        RelayConfig(
+            listen=("127.0.0.1", 0),
+            upstream=server_t.get_extra_info("sockname"),
+            profile=profile,
+            seed=seed,
+            trace=True,
+        )
+    )
+    got = loop.create_future()
+
+    class _Client(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            if not got.done():
+                got.set_result(loop.time())
+
+    client_t, _ = await loop.create_datagram_endpoint(_Client, remote_addr=relay.address)
+    start = loop.time()
+    retransmissions = 0
+    timeout = 2.0 + 2 * 8 * 200 / (profile.uplink.rate or 1e9) + 4 * profile.uplink.latency
+    try:
+        while True:
+            client_t.sendto(b"q" * (80 - 28))
+            try:
+                done = await asyncio.wait_for(asyncio.shield(got), timeout)
+                break
+            except asyncio.TimeoutError:
+                retransmissions += 1
+                if retransmissions > 8:
+                    done = float("nan")
+                    break
+        s = relay.stats
+        return ScenarioResult(
+            scenario="udp-echo",
+            stack="coap",
+            profile=profile.name,
+            ip_bytes=s.uplink.transmitted_ip_bytes + s.downlink.transmitted_ip_bytes,
+            packets=sum(
+                d.offered_datagrams - d.queue_dropped_datagrams for d in (s.uplink, s.downlink)
+            ),
+            round_trips=round_trips(
+                relay.model.uplink.trace or [], relay.model.downlink.trace or []
+            ),
+            seconds=done - start,
+            retransmissions=retransmissions,
+            ok=done == done,
+        )
+    finally:
+        client_t.close()
+        await relay.close()
+        server_t.close()
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def write_csv(results: Sequence[ScenarioResult], path: Path) -> None:
+    fields = [f.name for f in attrs.fields(ScenarioResult)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in results:
+            writer.writerow(attrs.asdict(r))
+
+
+def _ratio(c: ScenarioResult | None, h: ScenarioResult | None) -> str:
+    if c is None or h is None or not c.ok or not h.ok or c.ip_bytes <= 0:
+        return "—"
+    return f"{h.ip_bytes / c.ip_bytes:.1f}x"
+
+
+def ratio_table(results: Sequence[ScenarioResult]) -> str:
+    """A Markdown table per scenario and profile: bytes, packets, round trips and time for
+    each stack, CoAP retransmissions, and the HTTPS/CoAP byte ratio."""
+    rows = [
+        "| scenario | profile | CoAP+Noise B | dgrams | RTs | s | retrans | HTTPS B | pkts | RTs "
+        "| s | HTTPS/CoAP |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    keyed: dict[tuple[str, str], dict[str, ScenarioResult]] = {}
+    for r in results:
+        keyed.setdefault((r.scenario, r.profile), {})[r.stack] = r
+
+    def cells(r: ScenarioResult | None, coap: bool) -> list[str]:
+        if r is None:
+            return ["—"] * (5 if coap else 4)
+        if not r.ok and r.ip_bytes == 0:
+            return ["failed"] + ["—"] * (4 if coap else 3)
+        secs = f"{r.seconds:.2f}" + (" (model)" if r.time_method == "model" else "")
+        rts = "—" if r.round_trips < 0 else str(r.round_trips)
+        out = [f"{r.ip_bytes:,}" + ("" if r.ok else " (failed)"), str(r.packets), rts, secs]
+        if coap:
+            out.append(str(r.retransmissions))
+        return out
+
+    for (name, profile), by_stack in keyed.items():
+        c, h = by_stack.get("coap"), by_stack.get("https")
+        rows.append(
+            "| "
+            + " | ".join([name, profile, *cells(c, True), *cells(h, False), _ratio(c, h)])
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bytes_per_transaction(results: Sequence[ScenarioResult], path: Path) -> None:
+    plt = _pyplot()
+    names: list[str] = []
+    for r in results:
+        if r.scenario not in names and r.scenario != "udp-echo":
+            names.append(r.scenario)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.4
+    labels = {"coap": "CoAP+Noise (synapse-coap)", "https": "HTTPS+JSON (stock)"}
+    for i, stack in enumerate(STACKS):
+        values = [
+            next((r.ip_bytes for r in results if r.scenario == n and r.stack == stack), 0)
+            for n in names
+        ]
+        bars = ax.bar(
+            [x + i * width for x in range(len(names))], values, width, label=labels[stack]
+        )
+        for b, v in zip(bars, values, strict=True):
+            if v:
+                ax.annotate(
+                    f"{v:,}",
+                    (b.get_x() + b.get_width() / 2, v),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    ax.set_xticks([x + width / 2 for x in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel("bytes at the IP level (log)")
+    ax.set_yscale("log")
+    ax.set_title("Bytes per transaction (headers, handshakes and ACKs included)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_series(
+    series: dict[str, list[tuple[float, float]]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    logy: bool = False,
+) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label, points in series.items():
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", linestyle="--" if "model" in label else "-", label=label)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- the sweeps ----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class SweepPoint:
+    x: float
+    mean_seconds: float
+    samples: int
+    retransmissions: int
+    ip_bytes_per_message: float
+    ok: bool
+
+
+def _rate_profile(rate: float) -> LinkProfile:
+    return attrs.evolve(
+        get_profile("lan").with_changes(rate=rate, latency=0.1), name=f"{rate:g}bps"
+    )
+
+
+def _loss_profile(loss: float) -> LinkProfile:
+    return attrs.evolve(get_profile("lossy").with_changes(loss=loss), name=f"loss{loss:.0%}")
+
+
+async def sweep(
+    root: Path, seed: int, per_point: int, rates: Sequence[float], losses: Sequence[float]
+) -> tuple[list[SweepPoint], list[SweepPoint]]:
+    """Time to deliver a message (alice's nio through the sidecar -> bob's /sync) against
+    the link rate (100 ms one way, no loss) and against loss (9.6 kbit/s, 300 ms)."""
+    profiles = [("rate", r, _rate_profile(r)) for r in rates] + [
+        ("loss", loss, _loss_profile(loss)) for loss in losses
+    ]
+    stack = CoapStack(root / "sweep", profiles[0][2], seed)
+    by_rate: list[SweepPoint] = []
+    by_loss: list[SweepPoint] = []
+    try:
+        await stack.start()
+        for kind, x, profile in profiles:
+            if profile is not profiles[0][2]:
+                await stack.reconfigure(profile)
+            n = 2 if (kind == "rate" and x < 1000) else per_point
+            progress(f"[sweep] {profile.name}: {profile.describe()}; {n} message(s)")
+            try:
+                d: Delivery = await deliver_messages(stack, n, f"sweep {profile.name} ")
+                point = SweepPoint(
+                    x,
+                    sum(d.seconds) / len(d.seconds),
+                    len(d.seconds),
+                    d.retransmissions,
+                    d.ip_bytes / max(1, d.sent),
+                    d.in_order_exactly_once,
+                )
+            except Exception as exc:
+                progress(f"[sweep] {profile.name} FAILED: {type(exc).__name__}: {exc}")
+                point = SweepPoint(x, float("nan"), 0, 0, 0.0, False)
+            progress(
+                f"[sweep] {profile.name}: {point.mean_seconds:.2f} s per message, "
+                f"{point.ip_bytes_per_message:.0f} B/message, {point.retransmissions} retrans"
+            )
+            (by_rate if kind == "rate" else by_loss).append(point)
+    finally:
+        await stack.close()
+        stack.kill()
+    return by_rate, by_loss
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Run:
+    results: tuple[ScenarioResult, ...] = ()
+    deliver: SlowDelivery | None = None
+    lossy: Delivery | None = None
+    by_rate: tuple[SweepPoint, ...] = ()
+    by_loss: tuple[SweepPoint, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def _https_send(results: Sequence[ScenarioResult]) -> ScenarioResult | None:
+    return next((r for r in results if r.scenario == "send" and r.stack == "https" and r.ok), None)
+
+
+def charts(run: Run, out: Path) -> list[Path]:
+    paths = []
+    if run.results:
+        p = out / "bytes-per-transaction.png"
+        plot_bytes_per_transaction(run.results, p)
+        paths.append(p)
+    if run.by_rate:
+        series = {
+            "CoAP+Noise, measured (nio -> sidecar -> relay -> module -> bob)": [
+                (p.x, p.mean_seconds) for p in run.by_rate if p.ok
+            ]
+        }
+        h = _https_send(run.results)
+        if h is not None:
+            series["HTTPS, model from the measured send (lower bound)"] = [
+                (
+                    p.x,
+                    modelled_seconds(_rate_profile(p.x), h.up_bytes, h.down_bytes, h.round_trips),
+                )
+                for p in run.by_rate
+            ]
+        p = out / "time-vs-rate.png"
+        plot_series(
+            series,
+            p,
+            xlabel="link rate (bit/s), 100 ms one way",
+            ylabel="seconds to deliver one message",
+            title="Time to deliver a message vs link rate (warm session)",
+            logx=True,
+            logy=True,
+        )
+        paths.append(p)
+    if run.by_loss:
+        p = out / "time-vs-loss.png"
+        plot_series(
+            {
+                "CoAP+Noise, measured mean": [
+                    (p.x * 100, p.mean_seconds) for p in run.by_loss if p.ok
+                ]
+            },
+            p,
+            xlabel="datagram loss each way (%)",
+            ylabel="seconds to deliver one message",
+            title="Time to deliver a message vs loss (9.6 kbit/s, 300 ms one way)",
+        )
+        paths.append(p)
+    return paths
+
+
+def _rate(rate: float) -> str:
+    if rate >= 1_000_000:
+        return f"{rate / 1_000_000:g} Mbit/s"
+    if rate >= 1000:
+        return f"{rate / 1000:g} kbit/s"
+    return f"{rate:g} bit/s"
+
+
+def report(run: Run) -> str:
+    lines: list[str] = []
+    if run.results:
+        lines += [
+            "Bytes at the IP level per transaction. CoAP: every datagram on the constrained "
+            "link (relay accounting; the local nio <-> sidecar hop is not on the link). HTTPS: "
+            "tshark capture on loopback (TCP and TLS handshakes, ACK-only segments included). "
+            "RTs: round trips. s: completion time (CoAP measured through the relay at the "
+            "profile; HTTPS measured on loopback at lan, else modelled as a lower bound). "
+            "retrans: CoAP retransmissions (sidecar + homeservers).",
+            "",
+            ratio_table(run.results),
+            "",
+        ]
+    if run.deliver is not None:
+        lines += ["Must-show: one message at 100 bit/s, client -> sidecar -> federation -> client:"]
+        lines += ["", "```", *run.deliver.lines(), "```", ""]
+    if run.lossy is not None:
+        d = run.lossy
+        lines += [
+            f"Must-show: {d.sent} messages at `{d.profile}` through the sidecar: "
+            + (
+                "**all delivered exactly once, in order**"
+                if d.in_order_exactly_once
+                else "**NOT all delivered exactly once in order**"
+            )
+            + f"; {d.ip_bytes:,} B in {d.packets} datagrams ({d.lost} lost by the link), "
+            f"{d.retransmissions} retransmissions, "
+            f"{sum(d.seconds) / max(1, len(d.seconds)):.2f} s per message on average.",
+            "",
+        ]
+    if run.by_rate or run.by_loss:
+        lines += ["| link | s per message | B per message | retrans |", "|---|--:|--:|--:|"]
+        for p in run.by_rate:
+            lines.append(
+                f"| {_rate(p.x)}, 100 ms | {p.mean_seconds:.2f} | {p.ip_bytes_per_message:.0f} "
+                f"| {p.retransmissions} |"
+            )
+        for p in run.by_loss:
+            lines.append(
+                f"| 9.6 kbit/s, 300 ms, {p.x:.0%} loss | {p.mean_seconds:.2f} "
+                f"| {p.ip_bytes_per_message:.0f} | {p.retransmissions} |"
+            )
+        lines.append("")
+    lines += list(run.notes)
+    return "\n".join(lines)
+
+
+def write_docs(path: Path, text: str, command: str) -> None:
+    """Replace the block between the markers in docs/benchmarks.md."""
+    try:
+        version = importlib.metadata.version("matrix-synapse")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = (
+        f"{MARK_START}\n\n_Run {stamp}, Synapse {version}, command `{command}`._\n\n"
+        f"{text.strip()}\n\n{MARK_END}"
+    )
+    doc = path.read_text() if path.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
+    if MARK_START in doc and MARK_END in doc:
+        head, _, rest = doc.partition(MARK_START)
+        _, _, tail = rest.partition(MARK_END)
+        doc = head + block + tail
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+async def run_lab(args: argparse.Namespace) -> Run:
+    work = Path(tempfile.mkdtemp(prefix="synapse-coap-lab-"))
+    profile = get_profile(args.profile)
+    stacks = tuple(args.stack or STACKS)
+    results: list[ScenarioResult] = []
+    deliver: SlowDelivery | None = None
+    lossy: Delivery | None = None
+    by_rate: list[SweepPoint] = []
+    by_loss: list[SweepPoint] = []
+    notes: list[str] = []
+    suites = args.suite or ([] if args.scenario else list(SUITES))
+    try:
+        for name in args.scenario or []:
+            if name == "udp-echo":
+                results.append(await udp_echo(profile, args.seed))
+        client = tuple(s for s in args.scenario or CLIENT_SCENARIOS if s in CLIENT_SCENARIOS)
+        fed = tuple(s for s in args.scenario or FED_SCENARIOS if s in FED_SCENARIOS)
+        if ("client" in suites or (args.scenario and client)) and client:
+            if args.idle < 600 and "idle" in client:
+                notes.append(
+                    f"The idle scenario ran for {args.idle:g} s (`--full` runs the 10 minutes)."
+                )
+            progress(f"client scenarios at {profile.name}: {', '.join(client)}")
+            results += await client_suite(
+                work / "client", profile, args.seed, stacks, client, args.idle
+            )
+        if ("federation" in suites or (args.scenario and fed)) and fed:
+            progress(f"federation scenarios at {profile.name}: {', '.join(fed)}")
+            results += await federation_suite(work / "federation", profile, stacks, fed)
+        if "deliver" in suites:
+            progress(f"must-show: one message at {args.deliver_profile} across federation")
+            try:
+                deliver = await slow_federated_delivery(
+                    work / "deliver", args.deliver_profile, args.seed
+                )
+                for line in deliver.lines():
+                    progress(line)
+            except Exception as exc:
+                notes.append(f"The {args.deliver_profile} delivery run FAILED: {exc}")
+                progress(notes[-1])
+        if "lossy" in suites:
+            lossy_profile = get_profile("lossy")
+            progress(f"must-show: {args.lossy_messages} messages at lossy through the sidecar")
+            stack = CoapStack(work / "lossy", lossy_profile, args.seed)
+            try:
+                await stack.start()
+                step = max(1, args.lossy_messages // 10)
+                lossy = await deliver_messages(
+                    stack,
+                    args.lossy_messages,
+                    "lossy #",
+                    on_progress=lambda i: (
+                        progress(f"[lossy] {i}/{args.lossy_messages} delivered")
+                        if i % step == 0
+                        else None
+                    ),
+                )
+                progress(
+                    f"[lossy] exactly once in order: {lossy.in_order_exactly_once}; "
+                    f"{lossy.retransmissions} retransmissions, {lossy.lost} datagrams lost"
+                )
+            except Exception as exc:
+                notes.append(f"The lossy run FAILED: {type(exc).__name__}: {exc}")
+                progress(notes[-1])
+            finally:
+                await stack.close()
+                stack.kill()
+        if "sweep" in suites:
+            progress("sweeps: time to deliver a message vs rate and vs loss")
+            r, lo = await sweep(work, args.seed, args.sweep_messages, args.rates or RATES, LOSSES)
+            by_rate, by_loss = list(r), list(lo)
+    finally:
+        if args.keep:
+            progress(f"kept the working directory {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if tshark_path() is None:
+        notes.append("tshark is missing: the HTTPS stack could not be counted.")
+    notes.append(
+        "Link tuning used for CoAP at each profile (LinkParameters): "
+        + "; ".join(
+            f"{p.name}: {link_config(p) or 'defaults'}" for p in {profile, get_profile("lossy")}
+        )
+    )
+    return Run(tuple(results), deliver, lossy, tuple(by_rate), tuple(by_loss), tuple(notes))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
+    )
+    parser.add_argument("--list", action="store_true", help="list scenarios and profiles")
+    parser.add_argument("--suite", action="append", choices=SUITES, help="default: all")
+    parser.add_argument("--scenario", action="append", choices=sorted(DESCRIPTIONS))
+    parser.add_argument("--profile", default="lan", help=f"one of {', '.join(PROFILES)}")
+    parser.add_argument("--stack", action="append", choices=STACKS, help="default: both")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--idle", type=float, default=60.0, help="idle scenario, seconds")
+    parser.add_argument("--full", action="store_true", help="10 minutes idle, 5 messages/point")
+    parser.add_argument("--deliver-profile", default="100bps")
+    parser.add_argument("--lossy-messages", type=int, default=100)
+    parser.add_argument("--sweep-messages", type=int, default=3, help="messages per sweep point")
+    parser.add_argument("--rates", type=float, action="append", help="sweep rates (bit/s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(tempfile.gettempdir()) / "synapse-coap-lab"
+    )
+    parser.add_argument("--docs", type=Path, default=DOCS, help="the Markdown file to update")
+    parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--keep", action="store_true", help="keep homeserver directories")
+    args = parser.parse_args(argv)
+    if args.full:
+        args.idle = max(args.idle, 600.0)
+        args.sweep_messages = max(args.sweep_messages, 5)
+
+    if args.list:
+        for name, (kind, desc) in DESCRIPTIONS.items():
+            print(f"{name:20} {kind:10} {desc}")
+        print()
+        for p in PROFILES.values():
+            print(f"{p.name:12} {p.describe()}")
+        print(f"\nHTTPS byte counting: {'tshark' if tshark_path() else 'unavailable (no tshark)'}")
+        return 0
+    get_profile(args.profile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    run = asyncio.run(run_lab(args))
+    text = report(run)
+    print()
+    print(text)
+    if run.results:
+        write_csv(run.results, args.out / "results.csv")
+    pngs = charts(run, args.out)
+    print(f"\nwritten: {args.out / 'results.csv'}; charts: {', '.join(str(p) for p in pngs)}")
+    if not args.no_docs:
+        command = "python bench/lab.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_docs(args.docs, text, command.strip())
+        print(f"updated {args.docs}")
+    print(f"lab run took {time.monotonic() - t0:.0f} s")
+    failed = [r for r in run.results if not r.ok]
+    bad = (
+        failed
+        or (run.deliver is not None and not run.deliver.delivered)
+        or (run.lossy is not None and not run.lossy.in_order_exactly_once)
+    )
+    return 1 if bad else 0
+
+
+__all__ = ["ScenarioResult", "main", "ratio_table", "write_csv"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,813 @@
+"""Client-server scenarios: matrix-nio over CoAP+Noise (through the sidecar) and over HTTPS.
+
+Two *stacks*, each a real Synapse process and an unmodified ``nio.AsyncClient``:
+
+- ``coap``: nio -> the sidecar (HTTP on loopback, in this process) -> CoAP+Noise
+  -> lab :class:`~synapse_coap.lab.relay.Relay` at the link profile -> the
+  Synapse module's CoAP listener. Counted exactly at the relay (IP + UDP
+  headers). The nio <-> sidecar hop is local and not on the constrained link:
+  not counted.
+- ``https``: nio -> Synapse's own client listener with ``tls: true`` (TLS 1.3,
+  a self-signed certificate, nio's verification off). Counted with a tshark
+  capture on loopback of the TLS port: every IP packet, TCP handshakes and
+  ACK-only segments included. Runs unimpaired; at a profile other than ``lan``
+  its completion time is modelled (see :class:`~lab_scenarios.common.ScenarioResult`).
+
+Each stack's Synapse also has a plain HTTP client listener that is never
+counted: the *helper* uses it to set the scene (register users, create the
+room) and to play the other user (bob), who sends the message alice receives
+and receives the messages alice sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import socket
+import struct
+import time
+import urllib.parse
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import attrs
+from aiohttp import web
+
+from lab_scenarios.common import (
+    RelaySnapshot,
+    ScenarioResult,
+    limits_config,
+    link_config,
+    modelled_seconds,
+    progress,
+    relay_round_trips,
+    relay_snapshot,
+    scrape_retransmissions,
+    split_at_markers,
+    synapse_config,
+    tcp_window,
+)
+from synapse_coap.lab.capture import CaptureError, LoopbackCapture, tshark_path
+from synapse_coap.lab.demo import PASSWORD as DEMO_PASSWORD
+from synapse_coap.lab.demo import MatrixClient
+from synapse_coap.lab.homeserver import SynapseProcess, free_port, self_signed_certificate
+from synapse_coap.lab.model import LinkProfile
+from synapse_coap.lab.relay import Relay, RelayConfig
+from synapse_coap.noise import keys as noise_keys
+
+SERVER_NAME = "lab.test"
+PASSWORD = DEMO_PASSWORD  # what MatrixClient.register sets
+MODULE = "synapse_coap.CoapModule"
+COAP_READY = r"CoAP listener ready"
+CLIENT_SCENARIOS = ("login", "initial-sync", "send", "receive", "upload", "idle")
+#: Quiet time (no datagram crossing the relay) that closes a window.
+QUIET = 1.0
+SETTLE_MAX = 30.0
+_COMMON: dict[str, Any] = {"presence": {"enabled": False}}
+
+
+def noisy_png(size: int = 10 * 1024, seed: int = 7) -> bytes:
+    """A valid RGB PNG of about ``size`` bytes with pseudo-random pixels (incompressible,
+    like a photo)."""
+    import random
+
+    rnd = random.Random(seed)
+    side = max(4, int((size / 3) ** 0.5))
+    raw = b"".join(b"\x00" + rnd.randbytes(side * 3) for _ in range(side))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def http_transport(session: aiohttp.ClientSession, base_url: str) -> Any:
+    async def call(
+        method: str, target: str, body: bytes, headers: tuple[tuple[str, str], ...]
+    ) -> tuple[int, bytes]:
+        async with session.request(
+            method,
+            base_url + target,
+            data=body or None,
+            headers=dict(headers),
+            timeout=aiohttp.ClientTimeout(total=600),
+        ) as resp:
+            return int(resp.status), bytes(await resp.read())
+
+    return call
+
+
+@attrs.frozen
+class Window:
+    """The counted traffic of one scenario."""
+
+    ip_bytes: int
+    packets: int
+    up_bytes: int
+    down_bytes: int
+    round_trips: int
+    retransmissions: int
+    lost: int = 0
+
+
+def nio_config(profile: LinkProfile) -> Any:
+    """nio gives up on a request after 60 s by default: too short for a slow link."""
+    import nio
+
+    timeout = float(link_config(profile).get("request_timeout", 60.0))
+    return nio.AsyncClientConfig(request_timeout=timeout)
+
+
+class Stack:
+    """One stack: a Synapse, the counted path for alice, the uncounted helper path."""
+
+    stack = ""
+    method = ""
+    server = ""
+
+    def __init__(self, root: Path, profile: LinkProfile, seed: int) -> None:
+        self.root = root
+        self.profile = profile
+        self.seed = seed
+        self.syn: SynapseProcess | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.helper_port = 0
+        self.metrics_port: int | None = None
+        self.alice_helper: MatrixClient | None = None
+        self.bob: MatrixClient | None = None
+        self.room_id = ""
+        self.alice_user = ""
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.stack:<5} {self.profile.name}]"
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    def alice_url(self) -> tuple[str, Any]:
+        """(homeserver URL for nio, nio's ``ssl`` argument)."""
+        raise NotImplementedError
+
+    async def mark(self) -> None:
+        raise NotImplementedError
+
+    async def windows(self) -> list[Window]:
+        raise NotImplementedError
+
+    async def quiet(self) -> None:
+        await asyncio.sleep(0.3)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.syn is not None:
+            await asyncio.to_thread(self.syn.stop)
+
+    def kill(self) -> None:
+        if self.syn is not None:
+            with contextlib.suppress(Exception):
+                self.syn.kill()
+
+    # -- the scene, set through the uncounted helper listener ---------------------------
+
+    async def set_scene(self) -> None:
+        self.session = aiohttp.ClientSession()
+        transport = http_transport(self.session, f"http://127.0.0.1:{self.helper_port}")
+        alice = MatrixClient(transport, SERVER_NAME)
+        bob = MatrixClient(transport, SERVER_NAME)
+        await alice.register("alice")
+        await bob.register("bob")
+        room = await bob.call(
+            "POST",
+            "/createRoom",
+            {"preset": "private_chat", "name": "lab", "invite": [alice.user_id]},
+        )
+        self.room_id = str(room["room_id"])
+        await alice.call("POST", f"/join/{urllib.parse.quote(self.room_id, safe='')}", {})
+        for i in range(3):
+            await bob.send(self.room_id, f"scene message {i}")
+        await bob.sync()
+        self.alice_helper, self.bob, self.alice_user = alice, bob, alice.user_id
+
+    def new_nio(self) -> Any:
+        import nio
+
+        url, ssl = self.alice_url()
+        return nio.AsyncClient(url, self.alice_user, ssl=ssl, config=nio_config(self.profile))
+
+
+# -- CoAP ---------------------------------------------------------------------------------
+
+
+async def start_sidecar(
+    address: tuple[str, int],
+    server_name: str,
+    public_key: bytes,
+    profile: LinkProfile,
+    metrics: Any,
+) -> tuple[web.AppRunner, Any, Any, int]:
+    """An in-process sidecar (HTTP on 127.0.0.1, CoAP+Noise to ``address``) tuned for
+    ``profile``; returns (runner, Sidecar, CoAP client, HTTP port)."""
+    from synapse_coap.noise.endpoint import NoiseLimits
+    from synapse_coap.noise.trust import TrustPolicy
+    from synapse_coap.proxy.sidecar import Sidecar, SidecarOptions
+    from synapse_coap.transport.client import CoapClient, Endpoint
+    from synapse_coap.transport.link import LinkParameters
+
+    link = LinkParameters.from_config(link_config(profile))
+    client = await CoapClient.create(
+        static_key=noise_keys.generate_private_key(),
+        trust=TrustPolicy(pinned={server_name: public_key}),
+        link=link,
+        limits=NoiseLimits.from_config(limits_config(profile), "limits"),
+        metrics=metrics,
+        bind=("127.0.0.1", 0),
+    )
+    endpoint = Endpoint(address[0], address[1], server_name, public_key)
+    slow = profile.uplink.rate is not None and profile.uplink.rate < 20000
+    options = SidecarOptions(
+        request_timeout=link.request_timeout, long_poll_slack=600.0 if slow else 60.0
+    )
+    sidecar = Sidecar(client, endpoint, options=options)
+    runner = web.AppRunner(sidecar.make_app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, sidecar, client, int(runner.addresses[0][1])
+
+
+class CoapStack(Stack):
+    stack = "coap"
+    method = "relay"
+    server = "module"
+
+    def __init__(self, root: Path, profile: LinkProfile, seed: int) -> None:
+        super().__init__(root, profile, seed)
+        self.relay: Relay | None = None
+        self.coap_port = 0
+        self.public_key = b""
+        self.metrics: Any = None
+        self._sidecar: Any = None
+        self._runner: web.AppRunner | None = None
+        self._client: Any = None
+        self.sidecar_port = 0
+        self.marks: list[tuple[RelaySnapshot, int]] = []
+        self._link: dict[str, Any] = {}
+
+    def _module(self, link: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "module": MODULE,
+            "config": {
+                "listen": [f"127.0.0.1:{self.coap_port}"],
+                "private_key_path": str(self.root / "coap.key"),
+                "link": link,
+                "limits": limits_config(self.profile),
+            },
+        }
+
+    async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.coap_port = free_port("udp")
+        self.helper_port = free_port()
+        self.metrics_port = free_port()
+        key_path = self.root / "coap.key"
+        if not key_path.exists():
+            noise_keys.write_key_file(key_path, noise_keys.generate_private_key())
+        self.public_key = noise_keys.public_key(noise_keys.read_key_file(key_path))
+        self._link = link_config(self.profile)
+        self.syn = SynapseProcess(
+            self.root / "hs",
+            SERVER_NAME,
+            http_port=self.helper_port,
+            http_resources=("client",),
+            metrics_port=self.metrics_port,
+            modules=[self._module(self._link)],
+            extra_config={**_COMMON, **synapse_config(self.profile)},
+        )
+        progress(f"{self.tag} starting Synapse with the module (CoAP on udp/{self.coap_port})")
+        await asyncio.to_thread(self.syn.start, 120.0, COAP_READY)
+        self.relay = await Relay.start(
+            RelayConfig(
+                listen=("127.0.0.1", 0),
+                upstream=("127.0.0.1", self.coap_port),
+                profile=self.profile,
+                seed=self.seed,
+                trace=True,
+            )
+        )
+        await self.start_sidecar()
+        await self.set_scene()
+
+    async def start_sidecar(self) -> None:
+        from synapse_coap.transport.metrics import CountingMetrics
+
+        assert self.relay is not None
+        self.metrics = CountingMetrics()
+        self._runner, self._sidecar, self._client, self.sidecar_port = await start_sidecar(
+            self.relay.address, SERVER_NAME, self.public_key, self.profile, self.metrics
+        )
+
+    async def stop_sidecar(self) -> None:
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await self._sidecar.drain()
+            await self._runner.cleanup()
+            self._runner = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def reconfigure(self, profile: LinkProfile) -> None:
+        """Move to another link profile: relay, module link tuning (restart) and a new sidecar
+        (a fresh Noise session)."""
+        assert self.relay is not None and self.syn is not None
+        await self.stop_sidecar()
+        self.profile = profile
+        link = link_config(profile)
+        if link != self._link:
+            self._link = link
+            self.syn.modules = [self._module(link)]
+            self.syn.extra_config = {**_COMMON, **synapse_config(profile)}
+            await asyncio.to_thread(self.syn.restart, 120.0, COAP_READY)
+        self.relay.set_profile(profile)
+        await self.start_sidecar()
+
+    def alice_url(self) -> tuple[str, Any]:
+        return f"http://127.0.0.1:{self.sidecar_port}", None
+
+    def _retransmissions(self) -> int:
+        server = scrape_retransmissions(self.metrics_port) or 0
+        return int(self.metrics.retransmissions if self.metrics else 0) + server
+
+    async def quiet(self) -> None:
+        """Wait until nothing has crossed the relay for QUIET seconds."""
+        assert self.relay is not None
+        relay = self.relay
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + SETTLE_MAX
+        last = relay_snapshot([relay], 0.0)
+        since = time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            now = relay_snapshot([relay], 0.0)
+            if now != last or relay.stats.pending:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= QUIET:
+                break
+        del loop
+
+    async def mark(self) -> None:
+        assert self.relay is not None
+        snap = relay_snapshot([self.relay], asyncio.get_running_loop().time())
+        self.marks.append((snap, await asyncio.to_thread(self._retransmissions)))
+
+    async def windows(self) -> list[Window]:
+        assert self.relay is not None
+        out = []
+        for (a, ra), (b, rb) in zip(self.marks, self.marks[1:], strict=False):
+            d = b - a
+            out.append(
+                Window(
+                    d.up_bytes + d.down_bytes,
+                    d.packets,
+                    d.up_bytes,
+                    d.down_bytes,
+                    relay_round_trips([self.relay], a, b),
+                    rb - ra,
+                    d.lost,
+                )
+            )
+        return out
+
+    async def close(self) -> None:
+        await self.stop_sidecar()
+        if self.relay is not None:
+            await self.relay.close()
+        await super().close()
+
+
+# -- HTTPS --------------------------------------------------------------------------------
+
+
+class HttpsStack(Stack):
+    stack = "https"
+    method = "tshark"
+    server = "stock Synapse, TLS listener"
+
+    def __init__(self, root: Path, profile: LinkProfile, seed: int) -> None:
+        super().__init__(root, profile, seed)
+        self.tls_port = 0
+        self.capture: LoopbackCapture | None = None
+        self.marker: socket.socket | None = None
+        self.marker_port = 0
+
+    async def start(self) -> None:
+        if tshark_path() is None:
+            raise CaptureError("tshark is not installed: cannot count the HTTPS stack")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tls_port = free_port()
+        self.helper_port = free_port()
+        hs_dir = self.root / "hs"
+        cert, key = self_signed_certificate(hs_dir)
+        listeners = [
+            {
+                "port": self.helper_port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": False,
+                "resources": [{"names": ["client"], "compress": False}],
+            },
+            {
+                "port": self.tls_port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": True,
+                "resources": [{"names": ["client"], "compress": False}],
+            },
+        ]
+        self.syn = SynapseProcess(
+            hs_dir,
+            SERVER_NAME,
+            http_port=self.helper_port,
+            extra_config={
+                **_COMMON,
+                "listeners": listeners,
+                "tls_certificate_path": str(cert),
+                "tls_private_key_path": str(key),
+            },
+        )
+        progress(
+            f"{self.tag} starting stock Synapse (HTTPS client listener on tcp/{self.tls_port})"
+        )
+        await asyncio.to_thread(self.syn.start, 120.0)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        self.marker, self.marker_port = sock, sock.getsockname()[1]
+        self.capture = LoopbackCapture(
+            f"tcp port {self.tls_port} or udp dst port {self.marker_port}", directory=self.root
+        )
+        await asyncio.to_thread(self.capture.start)
+        await self.set_scene()
+
+    def alice_url(self) -> tuple[str, Any]:
+        return f"https://127.0.0.1:{self.tls_port}", False
+
+    async def mark(self) -> None:
+        assert self.marker is not None
+        await asyncio.sleep(0.2)  # trailing ACKs
+        self.marker.sendto(b"mark", ("127.0.0.1", self.marker_port))
+        await asyncio.sleep(0.05)
+
+    async def windows(self) -> list[Window]:
+        assert self.capture is not None
+        await asyncio.to_thread(self.capture.stop)
+        packets = await asyncio.to_thread(self.capture.packets)
+        out = []
+        for group in split_at_markers(packets, self.marker_port):
+            ip, n, up, down, rts = tcp_window(group, self.tls_port)
+            out.append(Window(ip, n, up, down, rts, 0))
+        return out
+
+    async def close(self) -> None:
+        if self.capture is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.capture.stop)
+        if self.marker is not None:
+            self.marker.close()
+        await super().close()
+
+
+def make_stack(stack: str, root: Path, profile: LinkProfile, seed: int) -> Stack:
+    if stack == "coap":
+        return CoapStack(root / "coap", profile, seed)
+    if stack == "https":
+        return HttpsStack(root / "https", profile, seed)
+    raise ValueError(f"unknown stack {stack!r}")
+
+
+# -- the scenarios ---------------------------------------------------------------------------
+
+
+class ScenarioFailed(RuntimeError):
+    pass
+
+
+async def _expect(what: str, coro: Awaitable[Any], cls_name: str) -> Any:
+    import nio
+
+    r = await coro
+    if not isinstance(r, getattr(nio, cls_name)):
+        raise ScenarioFailed(f"{what}: {r!r}")
+    return r
+
+
+def _has_body(resp: Any, room_id: str, body: str) -> bool:
+    room = resp.rooms.join.get(room_id)
+    return room is not None and any(
+        getattr(ev, "body", None) == body for ev in room.timeline.events
+    )
+
+
+async def run_client_suite(
+    stack: Stack, scenarios: tuple[str, ...], idle_seconds: float
+) -> list[ScenarioResult]:
+    """Run the client scenarios in order on a started stack; one result per scenario."""
+    alice = stack.new_nio()
+    assert stack.bob is not None
+    bob = stack.bob
+    names: list[str] = []
+    seconds: list[float] = []
+    oks: list[bool] = []
+    notes: list[str] = []
+    room_id = stack.room_id
+    logged_in = False
+    try:
+        await stack.quiet()
+        await stack.mark()
+        plan: list[str] = []
+        for name in scenarios:
+            if name == "receive" and plan:
+                plan.append("_catch-up")  # not reported: brings alice's sync token up to date
+            plan.append(name)
+        for name in plan:
+            t0 = time.monotonic()
+            note = ""
+            ok = True
+            try:
+                if name != "login" and not logged_in:
+                    raise ScenarioFailed("needs the login scenario first")
+                if name == "login":
+                    await _expect(
+                        "login", alice.login(PASSWORD, device_name="lab"), "LoginResponse"
+                    )
+                    logged_in = True
+                elif name == "_catch-up":
+                    await _expect("catch-up sync", alice.sync(timeout=0), "SyncResponse")
+                elif name == "initial-sync":
+                    r = await _expect(
+                        "initial sync", alice.sync(timeout=0, full_state=True), "SyncResponse"
+                    )
+                    note = f"{len(r.rooms.join)} room(s)"
+                elif name == "send":
+                    r = await _expect(
+                        "send",
+                        alice.room_send(
+                            room_id,
+                            "m.room.message",
+                            {"msgtype": "m.text", "body": "hello from lab"},
+                        ),
+                        "RoomSendResponse",
+                    )
+                    note = f"event id {r.event_id}"
+                    await bob.wait_for_message(room_id, "hello from lab", 600)
+                elif name == "receive":
+                    text = "a message for alice"
+                    task = asyncio.ensure_future(alice.sync(timeout=30000))
+                    await asyncio.sleep(0.2)
+                    t0 = time.monotonic()  # time from bob's send to alice's sync returning it
+                    await bob.send(room_id, text)
+                    r = await task
+                    tries = 0
+                    while not _has_body(r, room_id, text):
+                        tries += 1
+                        if tries > 5:
+                            raise ScenarioFailed("alice's sync did not return bob's message")
+                        r = await alice.sync(timeout=30000)
+                elif name == "upload":
+                    png = noisy_png()
+                    up, _ = await alice.upload(
+                        io.BytesIO(png),
+                        content_type="image/png",
+                        filename="noise.png",
+                        filesize=len(png),
+                    )
+                    import nio
+
+                    if not isinstance(up, nio.UploadResponse):
+                        raise ScenarioFailed(f"upload: {up!r}")
+                    note = f"{len(png)} B PNG, {up.content_uri}"
+                elif name == "idle":
+                    polls = 0
+                    while time.monotonic() - t0 < idle_seconds - 1.0:
+                        left = idle_seconds - (time.monotonic() - t0)
+                        await _expect(
+                            "idle sync",
+                            alice.sync(timeout=int(min(30.0, max(1.0, left)) * 1000)),
+                            "SyncResponse",
+                        )
+                        polls += 1
+                    note = f"{idle_seconds:g} s, {polls} long-poll /sync of <= 30 s"
+                else:
+                    raise ScenarioFailed(f"unknown client scenario {name!r}")
+            except (ScenarioFailed, asyncio.TimeoutError, OSError) as exc:
+                ok, note = False, f"FAILED: {exc}"[:300]
+            elapsed = time.monotonic() - t0
+            await stack.quiet()
+            await stack.mark()
+            if not name.startswith("_"):
+                progress(f"{stack.tag} {name}: {'ok' if ok else note} in {elapsed:.2f} s")
+            names.append(name)
+            seconds.append(elapsed)
+            oks.append(ok)
+            notes.append(note)
+            if not ok and name == "login":
+                break
+    finally:
+        await alice.close()
+    windows = await stack.windows()
+    out = []
+    for i, name in enumerate(names):
+        if name.startswith("_"):
+            continue
+        w = windows[i] if i < len(windows) else Window(0, 0, 0, 0, 0, 0)
+        secs, time_method = seconds[i], "measured"
+        if stack.stack == "https" and stack.profile.name != "lan":
+            secs, time_method = (
+                modelled_seconds(stack.profile, w.up_bytes, w.down_bytes, w.round_trips),
+                "model",
+            )
+            if name == "idle":
+                secs = seconds[i]
+        out.append(
+            ScenarioResult(
+                scenario=name,
+                stack=stack.stack,
+                profile=stack.profile.name,
+                ip_bytes=w.ip_bytes,
+                packets=w.packets,
+                round_trips=w.round_trips,
+                seconds=round(secs, 3),
+                retransmissions=w.retransmissions,
+                method=stack.method,
+                ok=oks[i] and w.ip_bytes > 0,
+                note=notes[i],
+                up_bytes=w.up_bytes,
+                down_bytes=w.down_bytes,
+                time_method=time_method,
+                server=stack.server,
+            )
+        )
+    return out
+
+
+async def client_suite(
+    root: Path,
+    profile: LinkProfile,
+    seed: int,
+    stacks: tuple[str, ...],
+    scenarios: tuple[str, ...],
+    idle_seconds: float,
+) -> list[ScenarioResult]:
+    """Both stacks side by side (concurrently: they share nothing but the CPU)."""
+
+    async def one(name: str) -> list[ScenarioResult]:
+        stack = make_stack(name, root, profile, seed)
+        try:
+            await stack.start()
+            return await run_client_suite(stack, scenarios, idle_seconds)
+        except Exception as exc:
+            progress(f"[{name}] client scenarios FAILED: {type(exc).__name__}: {exc}")
+            return [
+                ScenarioResult(
+                    s, name, profile.name, 0, 0, 0, 0.0, ok=False, note=f"FAILED: {exc}"[:300]
+                )
+                for s in scenarios
+            ]
+        finally:
+            await stack.close()
+            stack.kill()
+
+    results = await asyncio.gather(*(one(s) for s in stacks))
+    return [r for rs in results for r in rs]
+
+
+# -- message delivery through the sidecar (sweeps, must-show runs) ---------------------------
+
+
+@attrs.frozen
+class Delivery:
+    """Messages sent by alice (nio, through the sidecar) and received by bob (helper)."""
+
+    profile: str
+    sent: int
+    event_ids: tuple[str, ...]
+    seconds: tuple[float, ...]
+    ip_bytes: int
+    packets: int
+    round_trips: int
+    retransmissions: int
+    lost: int
+    in_order_exactly_once: bool
+
+
+async def history(stack: Stack, prefix: str) -> list[str]:
+    """Bodies starting with ``prefix`` in the room's history as bob's server has it, oldest
+    first (read over the uncounted helper listener)."""
+    assert stack.bob is not None
+    out: list[str] = []
+    token: str | None = None
+    for _ in range(50):
+        query: dict[str, Any] = {"dir": "f", "limit": 500}
+        if token:
+            query["from"] = token
+        page = await stack.bob.call(
+            "GET", f"/rooms/{urllib.parse.quote(stack.room_id, safe='')}/messages", **query
+        )
+        for ev in page.get("chunk", []):
+            body = ev.get("content", {}).get("body")
+            if (
+                ev.get("type") == "m.room.message"
+                and isinstance(body, str)
+                and body.startswith(prefix)
+            ):
+                out.append(body)
+        token = page.get("end")
+        if not page.get("chunk") or not token:
+            break
+    return out
+
+
+async def deliver_messages(
+    stack: CoapStack,
+    count: int,
+    prefix: str,
+    *,
+    warm: bool = True,
+    on_progress: Callable[[int], None] | None = None,
+) -> Delivery:
+    """Alice sends ``count`` messages one after the other through the sidecar; each is awaited
+    until bob's sync sees it. Counts what crossed the relay during the sends."""
+    assert stack.bob is not None and stack.alice_helper is not None
+    alice = stack.new_nio()
+    alice.restore_login(stack.alice_user, "LAB", stack.alice_helper.token or "")
+    bob = stack.bob
+    try:
+        if warm:  # the handshake and the first RTT samples, not measured
+            r = await _expect(
+                "warm-up send",
+                alice.room_send(
+                    stack.room_id, "m.room.message", {"msgtype": "m.text", "body": f"{prefix}warm"}
+                ),
+                "RoomSendResponse",
+            )
+            await bob.wait_for_message(stack.room_id, f"{prefix}warm", 1800)
+            await stack.quiet()
+        await bob.sync()
+        loop = asyncio.get_running_loop()
+        assert stack.relay is not None
+        start = relay_snapshot([stack.relay], loop.time())
+        retrans0 = await asyncio.to_thread(stack._retransmissions)
+        seconds: list[float] = []
+        ids: list[str] = []
+        for i in range(count):
+            text = f"{prefix}{i:04d}"
+            t0 = time.monotonic()
+            r = await _expect(
+                f"send {i}",
+                alice.room_send(
+                    stack.room_id, "m.room.message", {"msgtype": "m.text", "body": text}
+                ),
+                "RoomSendResponse",
+            )
+            ids.append(str(r.event_id))
+            await bob.wait_for_message(stack.room_id, text, 1800)
+            seconds.append(time.monotonic() - t0)
+            if on_progress is not None:
+                on_progress(i + 1)
+        await stack.quiet()
+        end = relay_snapshot([stack.relay], loop.time())
+        retrans = await asyncio.to_thread(stack._retransmissions) - retrans0
+        d = end - start
+        got = await history(stack, prefix)
+        expected = [f"{prefix}{i:04d}" for i in range(count)]
+        return Delivery(
+            profile=stack.profile.name,
+            sent=count,
+            event_ids=tuple(ids),
+            seconds=tuple(seconds),
+            ip_bytes=d.up_bytes + d.down_bytes,
+            packets=d.packets,
+            round_trips=relay_round_trips([stack.relay], start, end),
+            retransmissions=retrans,
+            lost=d.lost,
+            in_order_exactly_once=[b for b in got if b != f"{prefix}warm"] == expected,
+        )
+    finally:
+        await alice.close()
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")

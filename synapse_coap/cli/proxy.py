@@ -1,0 +1,270 @@
+"""Subcommands ``sidecar`` (HTTP -> CoAP for unmodified clients) and ``gateway`` (CoAP -> HTTP)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from synapse_coap.errors import ConfigValueError, SynapseCoapError
+
+SIDECAR_DESCRIPTION = """\
+Run beside a Matrix client: speaks HTTP on localhost, so unmodified clients
+(Element Desktop/Web, matrix-nio, curl) work, and carries every client-server
+request over CoAP + Noise to a homeserver that loads the synapse-coap module
+(or to a `synapse-coap gateway`).
+
+Point the client's homeserver URL at http://LISTEN (e.g. http://127.0.0.1:8008).
+
+Trust: give the homeserver's static public key with --server-key (printed by
+the module at startup, or by `synapse-coap gateway`), or accept it on first
+contact with --trust-on-first-use; it is then remembered in the state dir and a
+changed key is refused with a message naming both fingerprints.
+
+Errors a client understands: 502 (M_UNKNOWN) when the link is down, 504 when
+the response does not arrive in time, 503 while shutting down. Cacheable GETs
+(/versions, capabilities, profiles, thumbnails) are answered from a per-token
+cache while fresh (Max-Age). Stop with SIGINT/SIGTERM: in-flight requests get a
+grace period, then fail with 503.
+
+Logs never contain access tokens or bodies, unless --dump-payloads (or the
+environment variable SYNAPSE_COAP_DUMP_PAYLOADS=1) is given.
+"""
+
+SIDECAR_EPILOG = """\
+examples:
+  synapse-coap sidecar --homeserver coap://hs.example.org --server-key 3q2+7w...
+  synapse-coap sidecar --listen 127.0.0.1:8448 --homeserver coap://[2001:db8::1]:5683 \\
+      --trust-on-first-use --server-name example.org
+"""
+
+GATEWAY_DESCRIPTION = """\
+Serve CoAP + Noise in front of a homeserver that does not load the module
+(another Synapse, Dendrite, Conduit...): every request arriving over CoAP is
+forwarded as HTTP to --http-target, client-server and federation alike. The
+exact request target bytes are forwarded and X-Matrix signatures pass through
+untouched; X-Forwarded-For carries the CoAP peer's address (set x_forwarded:
+true on the homeserver's listener to use it).
+
+Upstream timeout -> 504, upstream unreachable -> 502, with Matrix JSON error
+bodies. The key file is the gateway's static Noise key (create it with
+`synapse-coap keygen --out PATH`); the startup line prints the public key that
+sidecars and peers pin with --server-key.
+"""
+
+GATEWAY_EPILOG = """\
+example:
+  synapse-coap gateway --listen [::]:5683 --http-target http://127.0.0.1:8008 \\
+      --key /etc/synapse-coap/gateway.key --server-name example.org
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug-log", action="store_true", help="log at DEBUG level (still no tokens or bodies)"
+    )
+    parser.add_argument(
+        "--dump-payloads",
+        action="store_true",
+        help="log every message before and after translation, with sizes and bodies "
+        "(also enabled by SYNAPSE_COAP_DUMP_PAYLOADS=1); for debugging only",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for an ordinary response (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--long-poll-slack",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="extra wait on top of a long-poll's own timeout parameter, e.g. /sync?timeout=30000 "
+        "(default: %(default)s)",
+    )
+
+
+def register(sub: Any) -> None:
+    sidecar = sub.add_parser(
+        "sidecar",
+        help="HTTP on localhost -> CoAP+Noise: run an unmodified Matrix client over the link",
+        description=SIDECAR_DESCRIPTION,
+        epilog=SIDECAR_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sidecar.add_argument(
+        "--listen",
+        default="127.0.0.1:8008",
+        metavar="HOST:PORT",
+        help="HTTP address for the client (default: %(default)s; keep it on loopback)",
+    )
+    sidecar.add_argument(
+        "--homeserver",
+        required=True,
+        metavar="coap://HOST[:PORT]",
+        help="the homeserver's CoAP listener (module or gateway); port defaults to 5683; "
+        "coap+plain:// sends without encryption (loopback tests only)",
+    )
+    trust = sidecar.add_mutually_exclusive_group(required=True)
+    trust.add_argument(
+        "--server-key",
+        metavar="KEY",
+        help="the homeserver's static public key (unpadded base64, or a file holding it)",
+    )
+    trust.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        help="accept the homeserver's key on first contact and remember it in the state dir",
+    )
+    sidecar.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the sidecar keeps its own static key (created 0600 on first start) and the "
+        "trust store (default: $XDG_STATE_HOME/synapse-coap/sidecar)",
+    )
+    sidecar.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the homeserver's name for the trust store and handshake (default: HOST:PORT of --homeserver)",
+    )
+    sidecar.add_argument(
+        "--no-cache", action="store_true", help="do not answer any request from the response cache"
+    )
+    sidecar.add_argument(
+        "--max-body-size",
+        type=int,
+        default=50 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest request body accepted from the client (default: %(default)s)",
+    )
+    _common(sidecar)
+    sidecar.set_defaults(func=run_sidecar_command)
+
+    gateway = sub.add_parser(
+        "gateway",
+        help="CoAP+Noise -> HTTP: put any homeserver without the module on the link",
+        description=GATEWAY_DESCRIPTION,
+        epilog=GATEWAY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gateway.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="UDP address for CoAP over Noise; repeatable (default: [::]:5683)",
+    )
+    gateway.add_argument(
+        "--http-target",
+        required=True,
+        metavar="URL",
+        help="the homeserver's HTTP listener, e.g. http://127.0.0.1:8008",
+    )
+    gateway.add_argument(
+        "--key",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="the gateway's static key file (mode 0600)",
+    )
+    gateway.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the Matrix server name announced to peers in the handshake",
+    )
+    gateway.add_argument(
+        "--plain-listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="also serve plain CoAP without encryption (for loopback tooling like coap-client); repeatable",
+    )
+    gateway.add_argument(
+        "--insecure-upstream",
+        action="store_true",
+        help="do not verify the TLS certificate of an https:// --http-target",
+    )
+    _common(gateway)
+    gateway.set_defaults(func=run_gateway_command)
+
+
+def _fail(message: str) -> int:
+    print(f"synapse-coap: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_sidecar_command(args: argparse.Namespace) -> int:
+    from synapse_coap.proxy.common import configure_logging, dump_enabled, parse_host_port
+    from synapse_coap.proxy.runner import (
+        HomeserverAddress,
+        SidecarConfig,
+        default_state_dir,
+        load_server_key,
+        run_sidecar,
+    )
+    from synapse_coap.proxy.sidecar import SidecarOptions
+
+    configure_logging(args.debug_log)
+    try:
+        homeserver = HomeserverAddress.parse(args.homeserver)
+        config = SidecarConfig(
+            listen=parse_host_port(args.listen, "--listen"),
+            homeserver=homeserver,
+            server_key=load_server_key(args.server_key) if args.server_key else None,
+            state_dir=args.state_dir or default_state_dir(),
+            server_name=args.server_name or f"{homeserver.host}:{homeserver.port}",
+            options=SidecarOptions(
+                request_timeout=args.request_timeout,
+                long_poll_slack=args.long_poll_slack,
+                max_body_size=args.max_body_size,
+                cache=not args.no_cache,
+                dump_payloads=dump_enabled(args.dump_payloads),
+            ),
+        )
+    except ConfigValueError as e:
+        return _fail(str(e))
+    try:
+        return asyncio.run(run_sidecar(config))
+    except (SynapseCoapError, OSError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_gateway_command(args: argparse.Namespace) -> int:
+    from synapse_coap.proxy.common import configure_logging, dump_enabled, parse_host_port
+    from synapse_coap.proxy.gateway import parse_http_target
+    from synapse_coap.proxy.runner import GatewayConfig, run_gateway
+
+    configure_logging(args.debug_log)
+    try:
+        parse_http_target(args.http_target)
+        config = GatewayConfig(
+            listen=tuple(
+                parse_host_port(a, "--listen", default_port=5683)
+                for a in (args.listen or ["[::]:5683"])
+            ),
+            plain_listen=tuple(
+                parse_host_port(a, "--plain-listen", default_port=5683) for a in args.plain_listen
+            ),
+            http_target=args.http_target,
+            key_path=args.key,
+            server_name=args.server_name,
+            dump_payloads=dump_enabled(args.dump_payloads),
+            request_timeout=args.request_timeout,
+            long_poll_slack=args.long_poll_slack,
+            verify_tls=not args.insecure_upstream,
+        )
+    except ConfigValueError as e:
+        return _fail(str(e))
+    try:
+        return asyncio.run(run_gateway(config))
+    except (SynapseCoapError, OSError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130

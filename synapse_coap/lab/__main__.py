@@ -1,0 +1,9 @@
+"""``python -m synapse_coap.lab --listen ... --upstream ...``: run the impairment relay."""
+
+from __future__ import annotations
+
+import sys
+
+from synapse_coap.lab.relay import main
+
+sys.exit(main())

@@ -1,0 +1,785 @@
+"""HTTP request/response <-> compact CoAP message, exactly (docs/wire.md).
+
+``WireCodec(profile, context)`` is sans-I/O and stateless apart from the
+token objects the caller passes in.  What survives a round trip:
+
+* the method (CoAP code, or POST + ``HTTP-Method`` option);
+* the request target, byte for byte (route id + Uri-Path + Uri-Query, or the
+  literal ``Target`` option);
+* every status 100-599 (CoAP code, plus ``HTTP-Status`` when the code alone
+  does not say it);
+* the headers that matter (:data:`SIGNIFICANT_HEADERS`), values exact, in
+  :func:`significant_headers` order; every other header is dropped on purpose;
+* the body: bytes exactly, except a JSON body (``Content-Type:
+  application/json``) in the body codec, which comes back as the same JSON
+  *value* (types, unicode and key order kept) serialised compactly.
+
+In a Noise session the token objects also carry the session string table
+(:mod:`synapse_coap.wire.strings`): a request whose JSON body has identifiers
+gets a ``String-Seq`` option and may reference identifiers of earlier,
+acknowledged requests.  Without a table the bytes are exactly as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any
+from urllib.parse import quote
+
+from synapse_coap.errors import LocalProtocolError, RemoteProtocolError
+from synapse_coap.mapping import numbers as n
+from synapse_coap.mapping.coap import sort_options
+from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
+from synapse_coap.mapping.tokens import (
+    ReceiverTokens,
+    SenderTokens,
+    UnknownTokenReference,
+    decode_uint,
+    encode_uint,
+)
+from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits, decode_body, encode_body
+from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.profile import Profile
+from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
+from synapse_coap.wire.strings import (
+    ReceiverStrings,
+    SenderStrings,
+    UnknownStringReference,
+    identifiers,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The headers carried, in the order a decoded message lists them.
+SIGNIFICANT_HEADERS: tuple[str, ...] = (
+    "content-type",
+    "authorization",
+    "cache-control",
+    "etag",
+    "retry-after",
+    "location",
+    "content-disposition",
+)
+_HEADER_INDEX = {name: i for i, name in enumerate(SIGNIFICANT_HEADERS)}
+
+#: Query keys are referenced by one character of this alphabet (index in query_keys.json).
+KEY_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+QUERY_LITERAL = "="  # first char of a Uri-Query value carrying the parameter verbatim
+QUERY_CONTINUATION = "~"  # first char of a Uri-Query value continuing the previous one
+MAX_QUERY_OPTION = 255  # RFC 7252 5.10
+#: Longest single option value; a longer literal target is split over repeats.
+MAX_TARGET_CHUNK = 65535 + 269
+#: A decoded literal target longer than this is refused.
+MAX_TARGET = 1 << 20
+
+#: Synapse's JSON responses say this; it travels as Max-Age 0.
+NO_CACHE = "no-cache, no-store, must-revalidate"
+#: A Content-Type option with this value means "no Content-Type header at all".
+CT_ABSENT = b""
+#: ... and this one an empty Content-Type header value (not valid UTF-8, so no clash).
+CT_EMPTY = b"\xff"
+
+# RFC 3986 pchar minus "%" (tools' Uri-Path/Uri-Query values are re-escaped with this).
+_PCHAR_SAFE = "!$&'()*+,;=:@"
+_QUERY_SAFE = "!$'()*+,;=:@/?"
+
+_XMATRIX = re.compile(
+    r'X-Matrix origin="([^"\\]*)",key="([^"\\]*)",sig="([^"\\]*)"(?:,destination="([^"\\]*)")?\Z'
+)
+# Authorization option forms (first byte).
+AUTH_LITERAL = 0x80
+AUTH_HAS_DEST = 0x01
+AUTH_ED25519 = 0x02
+AUTH_SIG64 = 0x04
+_SERVER_REF = 0xE0  # field length bytes 0xe0-0xfe = server_names[b - 0xe0]
+_MAX_FIELD = 0xDF
+
+
+class UnsupportedCriticalOption(RemoteProtocolError):
+    """A request carries a critical option we do not implement (answer 4.02 Bad Option)."""
+
+
+def significant_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The headers the wire carries, in the order a decoded message has them."""
+    kept = [(k.lower(), v) for k, v in headers if k.lower() in _HEADER_INDEX]
+    return tuple(sorted(kept, key=lambda kv: _HEADER_INDEX[kv[0]]))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as e:
+        raise RemoteProtocolError(f"{what} is not valid UTF-8") from e
+
+
+def _strict_text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RemoteProtocolError(f"{what} is not valid UTF-8") from e
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-JSON constant {name}")
+
+
+def parse_json_exact(body: bytes) -> Any:
+    """The JSON value of ``body``, or raise ValueError if it is not plain, exact JSON.
+
+    Refused: invalid UTF-8, NaN/Infinity, duplicate keys, anything json rejects,
+    and nesting deep enough to hit the recursion limit.
+    """
+    try:
+        text = body.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(str(e)) from e
+
+
+def dump_json(value: Any) -> bytes:
+    """How a JSON value from the body codec is serialised on the HTTP side."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+class BodyMemo:
+    """A small LRU of finished body conversions: (profile, context, bytes) -> bytes.
+
+    The body codec is pure Python and costs about 3 us per JSON item each way
+    (a 1.5 KB ``/versions`` response: ~0.5 ms to encode, ~0.5 ms to decode), while
+    many bodies repeat exactly (``/versions``, server keys, capabilities, push
+    rules, ``{}``). Both conversions are deterministic functions of the key, so
+    a hit gives exactly the bytes a fresh run would (decoded bodies only after
+    they passed every cap under the same limits: the limits are part of the
+    key). Conversions that depend on session state (string table references)
+    are never memoised. Bounded by entry size, count and total bytes.
+    """
+
+    def __init__(self, max_entries: int = 256, max_item: int = 8192, max_total: int = 2 << 20):
+        self.max_entries = max_entries
+        self.max_item = max_item
+        self.max_total = max_total
+        self._items: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def convert(self, key: Hashable, data: bytes, fn: Callable[[], bytes]) -> bytes:
+        """``fn()`` (which converts ``data``, part of ``key``), or its remembered result."""
+        if len(data) > self.max_item or self.max_entries <= 0:
+            return fn()
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found
+        out = fn()
+        size = len(data) + len(out)
+        if len(out) <= 8 * self.max_item:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = out
+                    self._total += size
+                    while self._items and (
+                        len(self._items) > self.max_entries or self._total > self.max_total
+                    ):
+                        old_key, old = self._items.popitem(last=False)
+                        self._total -= _memo_size(old_key, old)
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._total = 0
+
+
+def _memo_size(key: Hashable, value: bytes) -> int:
+    data = key[-1] if isinstance(key, tuple) and key and isinstance(key[-1], bytes) else b""
+    return len(data) + len(value)
+
+
+#: Shared by every WireCodec (the key names the profile and the session context).
+BODY_MEMO = BodyMemo()
+_NOT_PARSED: Any = object()
+
+
+# --- X-Matrix ----------------------------------------------------------------------
+
+
+def _put_field(out: bytearray, text: str, context: WireContext | None) -> bool:
+    if context is not None:
+        ref = context.server_index(text)
+        if ref is not None and ref < 0xFF - _SERVER_REF:
+            out.append(_SERVER_REF + ref)
+            return True
+    raw = _utf8(text)
+    if len(raw) > _MAX_FIELD:
+        return False
+    out.append(len(raw))
+    out += raw
+    return True
+
+
+def _get_field(data: bytes, pos: int, context: WireContext | None) -> tuple[str, int]:
+    if pos >= len(data):
+        raise RemoteProtocolError("Authorization option truncated")
+    b = data[pos]
+    if b >= _SERVER_REF:
+        names = context.server_names if context is not None else ()
+        if b == 0xFF or b - _SERVER_REF >= len(names):
+            raise RemoteProtocolError("unknown server reference in Authorization option")
+        return names[b - _SERVER_REF], pos + 1
+    end = pos + 1 + b
+    if end > len(data):
+        raise RemoteProtocolError("Authorization option truncated")
+    return _text(data[pos + 1 : end], "Authorization field"), end
+
+
+def encode_authorization(value: str, context: WireContext) -> bytes:
+    """An Authorization header as the option value: compact X-Matrix when exact, else literal."""
+    m = _XMATRIX.match(value)
+    if m:
+        origin, key, sig, dest = m.groups()
+        form = 0
+        out = bytearray(b"\0")
+        ok = _put_field(out, origin, context)
+        if dest is not None:
+            form |= AUTH_HAS_DEST
+            ok = ok and _put_field(out, dest, context)
+        if key.startswith("ed25519:"):
+            form |= AUTH_ED25519
+            key = key[len("ed25519:") :]
+        ok = ok and _put_field(out, key, None)
+        raw_sig = _b64_exact(sig)
+        if raw_sig is not None and len(raw_sig) == 64:
+            form |= AUTH_SIG64
+            out += raw_sig
+        else:
+            out += _utf8(sig)
+        out[0] = form
+        if ok:
+            compact = bytes(out)
+            try:
+                if decode_authorization(compact, context) == value:
+                    return compact
+            except RemoteProtocolError:
+                pass
+    return bytes([AUTH_LITERAL]) + _utf8(value)
+
+
+def _b64_exact(text: str) -> bytes | None:
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if base64.b64encode(raw).decode().rstrip("=") != text:
+        return None
+    return raw
+
+
+def decode_authorization(data: bytes, context: WireContext) -> str:
+    if not data:
+        raise RemoteProtocolError("empty Authorization option")
+    form = data[0]
+    if form == AUTH_LITERAL:
+        return _text(data[1:], "Authorization option")
+    if form & ~(AUTH_HAS_DEST | AUTH_ED25519 | AUTH_SIG64):
+        raise RemoteProtocolError(f"unknown Authorization option form {form:#x}")
+    origin, pos = _get_field(data, 1, context)
+    dest = None
+    if form & AUTH_HAS_DEST:
+        dest, pos = _get_field(data, pos, context)
+    key, pos = _get_field(data, pos, None)
+    if form & AUTH_ED25519:
+        key = "ed25519:" + key
+    rest = data[pos:]
+    if form & AUTH_SIG64:
+        if len(rest) != 64:
+            raise RemoteProtocolError("X-Matrix signature is not 64 bytes")
+        sig = base64.b64encode(rest).decode().rstrip("=")
+    else:
+        sig = _text(rest, "X-Matrix signature")
+    header = f'X-Matrix origin="{origin}",key="{key}",sig="{sig}"'
+    if dest is not None:
+        header += f',destination="{dest}"'
+    return header
+
+
+# --- the codec ------------------------------------------------------------------------
+
+
+class WireCodec:
+    """Encode and decode HTTP messages for one session (profile + shared context)."""
+
+    def __init__(self, profile: Profile, context: WireContext = WireContext()) -> None:
+        self.profile = profile
+        self.context = context
+        self.routes = profile.routes
+        self._query_keys = profile.query_keys[: len(KEY_ALPHABET)]
+        self._key_index = {k: i for i, k in enumerate(self._query_keys)}
+        # (a Profile's tables are too large to hash per call: its identity stands in)
+        self._memo_key = (id(profile), profile.id, profile.content_hash, context.server_names)
+
+    # ---------------------------------------------------------------- requests
+    def encode_request(self, req: HttpRequest, tokens: SenderTokens | None = None) -> CoapMessage:
+        options: list[CoapOption] = []
+        method = req.method
+        code = n.HTTP_TO_COAP_METHOD.get(method)
+        if code is None:
+            if not method:
+                raise LocalProtocolError("empty HTTP method")
+            code = n.POST
+            options.append(CoapOption(n.OPT_HTTP_METHOD, _utf8(method)))
+        headers = significant_headers(req.headers)
+        auth = [v for k, v in headers if k == "authorization"]
+        if len(auth) == 1 and auth[0].startswith("Bearer ") and tokens is not None:
+            token_opts = tokens.options_for(auth[0][len("Bearer ") :])
+            if token_opts is None:
+                options.append(
+                    CoapOption(n.OPT_AUTHORIZATION, bytes([AUTH_LITERAL]) + _utf8(auth[0]))
+                )
+            else:
+                options += token_opts
+        else:
+            for value in auth:
+                options.append(
+                    CoapOption(n.OPT_AUTHORIZATION, encode_authorization(value, self.context))
+                )
+        flags = 0 if auth else FLAG_NO_AUTH
+        options += self._encode_target(method, req.target, flags)
+        options += self._encode_headers(headers, response=False)
+        strings = tokens.strings if tokens is not None else None
+        content_opts, payload = self._encode_content(
+            headers, req.body, want_json=False, strings=strings
+        )
+        options += content_opts
+        return CoapMessage(code, sort_options(options), payload)
+
+    def _encode_target(self, method: str, target: bytes, flags: int) -> list[CoapOption]:
+        path, sep, query = target.partition(b"?")
+        segments = self.routes.encode_target(method, path, self.context, flags) if path else None
+        query_values: list[str] | None = []
+        if sep:
+            query_values = self.encode_query(query)
+        if segments is None or query_values is None:
+            out = [
+                CoapOption(n.OPT_TARGET, target[i : i + MAX_TARGET_CHUNK])
+                for i in range(0, max(len(target), 1), MAX_TARGET_CHUNK)
+            ]
+            if flags & FLAG_NO_AUTH:
+                out.append(CoapOption(n.OPT_NO_AUTH, b""))
+            return out
+        out = [CoapOption(n.URI_PATH, s.encode("utf-8")) for s in segments]
+        out += [CoapOption(n.URI_QUERY, q.encode("utf-8")) for q in query_values]
+        return out
+
+    def encode_query(self, query: bytes) -> list[str] | None:
+        """Uri-Query values for a raw query string (without "?"), or None if not UTF-8."""
+        try:
+            text = query.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        out: list[str] = []
+        for param in text.split("&"):
+            key, eq, value = param.partition("=")
+            i = self._key_index.get(key) if eq else None
+            item = KEY_ALPHABET[i] + value if i is not None else QUERY_LITERAL + param
+            out += _chunks(item)
+        return out
+
+    def decode_query(self, values: Sequence[str]) -> str:
+        params: list[str] = []
+        for v in values:
+            if not v:
+                raise RemoteProtocolError("empty Uri-Query value")
+            head, rest = v[0], v[1:]
+            if head == QUERY_CONTINUATION:
+                if not params:
+                    raise RemoteProtocolError("Uri-Query continuation without a parameter")
+                params[-1] += rest
+            elif head == QUERY_LITERAL:
+                params.append(rest)
+            else:
+                i = KEY_ALPHABET.find(head)
+                if i < 0 or i >= len(self._query_keys):
+                    raise RemoteProtocolError(f"unknown query key reference {head!r}")
+                params.append(self._query_keys[i] + "=" + rest)
+        return "&".join(params)
+
+    def decode_request(
+        self,
+        msg: CoapMessage,
+        tokens: ReceiverTokens | None = None,
+        limits: BodyLimits = DEFAULT_BODY_LIMITS,
+    ) -> HttpRequest:
+        """The HTTP request; RemoteProtocolError (or UnknownTokenReference) if it cannot be."""
+        _check_critical(msg)
+        if msg.code == n.EMPTY or msg.code >= 32:
+            raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a request")
+        method_opt = msg.get(n.OPT_HTTP_METHOD)
+        if method_opt:
+            if len(method_opt) != 1 or msg.code != n.POST or not method_opt[0]:
+                raise RemoteProtocolError("bad HTTP-Method option")
+            method = _strict_text(method_opt[0], "HTTP-Method option")
+        else:
+            method = n.COAP_TO_HTTP_METHOD.get(msg.code, "")
+            if not method:
+                raise RemoteProtocolError(f"unknown CoAP method code {msg.code}")
+        target, routed, flags = self._decode_target(msg)
+        headers: list[tuple[str, str]] = []
+        # Content-Type first, then Authorization (significant_headers order).
+        seqs = msg.get(n.OPT_STRING_SEQ)
+        if len(seqs) > 1:
+            raise RemoteProtocolError("repeated String-Seq option")
+        strings = tokens.strings if tokens is not None else None
+        seq = decode_uint(seqs[0], 4) if seqs and strings is not None else None
+        content_headers, body = self._decode_content(msg, limits, strings=strings, seq=seq)
+        headers += content_headers
+        headers += self._decode_request_auth(msg, tokens, routed, flags)
+        headers += self._decode_headers(msg, response=False)
+        return HttpRequest(method, target, significant_headers(headers), body)
+
+    def _decode_target(self, msg: CoapMessage) -> tuple[bytes, bool, int]:
+        literal = msg.get(n.OPT_TARGET)
+        paths = [_strict_text(v, "Uri-Path") for v in msg.get(n.URI_PATH)]
+        queries = [_strict_text(v, "Uri-Query") for v in msg.get(n.URI_QUERY)]
+        if literal:
+            if paths or queries:
+                raise RemoteProtocolError("Target option together with Uri-Path/Uri-Query")
+            target = b"".join(literal)
+            if len(target) > MAX_TARGET:
+                raise RemoteProtocolError("literal target too long")
+            if not target:
+                raise RemoteProtocolError("empty Target option")
+            flags = FLAG_NO_AUTH if msg.first(n.OPT_NO_AUTH) is not None else 0
+            return target, True, flags
+        if msg.first(n.OPT_NO_AUTH) is not None:
+            raise RemoteProtocolError("No-Auth option without a Target option")
+        if not paths or paths[0][:1] in ("_", ".", ""):
+            # A standard CoAP tool: plain path segments, plain query.
+            plain = "/" + "/".join(quote(s, safe=_PCHAR_SAFE) for s in paths)
+            if queries:
+                plain += "?" + "&".join(quote(q, safe=_QUERY_SAFE) for q in queries)
+            return plain.encode("ascii"), False, 0
+        if paths[0][0] not in ID_ALPHABET:
+            raise RemoteProtocolError(f"bad route id {paths[0][:16]!r}")
+        path, flags = self.routes.decode_path_flags(paths, self.context)
+        if queries:
+            path += b"?" + self.decode_query(queries).encode("utf-8")
+        return path, True, flags
+
+    def _decode_request_auth(
+        self, msg: CoapMessage, tokens: ReceiverTokens | None, routed: bool, flags: int
+    ) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        binds = msg.get(n.OPT_TOKEN_BIND)
+        refs = msg.get(n.OPT_TOKEN_REF)
+        auths = msg.get(n.OPT_AUTHORIZATION)
+        if len(binds) + len(refs) > 1 or ((binds or refs) and auths):
+            raise RemoteProtocolError("conflicting authorization options")
+        if (binds or refs or auths) and flags & FLAG_NO_AUTH:
+            raise RemoteProtocolError("authorization options on a request marked No-Auth")
+        if binds:
+            store = tokens if tokens is not None else ReceiverTokens()
+            out.append(("authorization", "Bearer " + store.bind(binds[0])))
+        elif refs:
+            if tokens is None:
+                raise UnknownTokenReference("token reference without a token store")
+            out.append(("authorization", "Bearer " + tokens.lookup(decode_uint(refs[0]))))
+        elif auths:
+            out += [("authorization", decode_authorization(v, self.context)) for v in auths]
+        elif routed and not flags & FLAG_NO_AUTH and tokens is not None:
+            out.append(("authorization", "Bearer " + tokens.lookup(0)))
+        return out
+
+    # --------------------------------------------------------------- responses
+    def encode_response(self, resp: HttpResponse, *, want_json: bool = False) -> CoapMessage:
+        status = resp.status
+        if not 100 <= status <= 599:
+            raise LocalProtocolError(f"HTTP status {status} out of range 100-599")
+        options: list[CoapOption] = []
+        code = n.HTTP_TO_COAP_STATUS.get(status)
+        if code is None:
+            code = n.code(2 if status < 400 else status // 100, 0)
+            options.append(CoapOption(n.OPT_HTTP_STATUS, encode_uint(status)))
+        headers = significant_headers(resp.headers)
+        options += self._encode_headers(headers, response=True)
+        content_opts, payload = self._encode_content(headers, resp.body, want_json=want_json)
+        options += content_opts
+        return CoapMessage(code, sort_options(options), payload)
+
+    def decode_response(
+        self, msg: CoapMessage, limits: BodyLimits = DEFAULT_BODY_LIMITS
+    ) -> HttpResponse:
+        _check_critical(msg)
+        if not n.code(2, 0) <= msg.code < n.code(6, 0):
+            raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a response")
+        status_opts = msg.get(n.OPT_HTTP_STATUS)
+        if status_opts:
+            status = decode_uint(status_opts[0], 2)
+            if len(status_opts) != 1 or not 100 <= status <= 599:
+                raise RemoteProtocolError("bad HTTP-Status option")
+        else:
+            status = n.COAP_TO_HTTP_STATUS.get(msg.code, (msg.code >> 5) * 100)
+        headers: list[tuple[str, str]] = []
+        content_headers, body = self._decode_content(msg, limits)
+        headers += content_headers
+        headers += self._decode_headers(msg, response=True)
+        return HttpResponse(status, significant_headers(headers), body)
+
+    def unknown_token_response(self, error: Exception | None = None) -> CoapMessage:
+        """What a server answers to :class:`UnknownTokenReference`: 4.01 + Token-Reset.
+
+        Given an :class:`UnknownStringReference` instead: 4.00 + String-Reset
+        (the client forgets its string table and resends without references).
+        """
+        if isinstance(error, UnknownStringReference):
+            return CoapMessage(
+                n.BAD_REQUEST,
+                (
+                    CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_JSON)),
+                    CoapOption(n.OPT_STRING_RESET, b""),
+                ),
+                b'{"errcode":"M_UNKNOWN","error":"Session string reference unknown; resend"}',
+            )
+        body = (
+            b'{"errcode":"M_UNKNOWN_TOKEN","error":"Token binding unknown on this session; rebind"}'
+        )
+        return CoapMessage(
+            n.UNAUTHORIZED,
+            (
+                CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_JSON)),
+                CoapOption(n.OPT_TOKEN_RESET, b""),
+            ),
+            body,
+        )
+
+    # ----------------------------------------------------------------- headers
+    def _encode_headers(
+        self, headers: Sequence[tuple[str, str]], *, response: bool
+    ) -> list[CoapOption]:
+        out: list[CoapOption] = []
+        by_name: dict[str, list[str]] = {}
+        for k, v in headers:
+            by_name.setdefault(k, []).append(v)
+        for name, values in by_name.items():
+            if name in ("content-type", "authorization"):
+                continue
+            if response and len(values) == 1:
+                special = _special_response_header(name, values[0])
+                if special is not None:
+                    out.append(special)
+                    continue
+            idx = _HEADER_INDEX[name]
+            out += [CoapOption(n.OPT_HEADER, bytes([idx]) + _utf8(v)) for v in values]
+        return out
+
+    def _decode_headers(self, msg: CoapMessage, *, response: bool) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if response:
+            max_age = msg.get(n.MAX_AGE)
+            if len(max_age) > 1:
+                raise RemoteProtocolError("repeated Max-Age option")
+            if max_age:
+                seconds = decode_uint(max_age[0], 4)
+                out.append(("cache-control", NO_CACHE if seconds == 0 else f"max-age={seconds}"))
+            etags = msg.get(n.ETAG)
+            if len(etags) > 1:
+                raise RemoteProtocolError("repeated ETag option in a response")
+            if etags:
+                out.append(("etag", _etag_text(etags[0])))
+        for value in msg.get(n.OPT_HEADER):
+            if not value or value[0] >= len(SIGNIFICANT_HEADERS) or value[0] < 2:
+                raise RemoteProtocolError("bad Header option")
+            out.append((SIGNIFICANT_HEADERS[value[0]], _text(value[1:], "Header option")))
+        return out
+
+    # ----------------------------------------------------------------- content
+    def _encode_content(
+        self,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        *,
+        want_json: bool,
+        strings: SenderStrings | None = None,
+    ) -> tuple[list[CoapOption], bytes]:
+        cts = [v for k, v in headers if k == "content-type"]
+        if len(cts) > 1:
+            return [CoapOption(n.OPT_CONTENT_TYPE, _utf8(ct) or CT_EMPTY) for ct in cts], body
+        if not cts:
+            if not body:
+                return [], b""
+            return [CoapOption(n.OPT_CONTENT_TYPE, CT_ABSENT)], body
+        ct = cts[0]
+        if ct == n.JSON_MEDIA_TYPE:
+            if body and not want_json:
+                try:
+                    if strings is None:
+                        return [], self._encode_json_body(body)
+                    value = parse_json_exact(body)
+                    begun = strings.begin(identifiers(value))
+                    if begun is not None:
+                        seq, refs = begun
+                        payload = encode_body(value, self.profile, self.context, refs)
+                        return [CoapOption(n.OPT_STRING_SEQ, encode_uint(seq))], payload
+                    return [], self._encode_json_body(body, value)
+                except (ValueError, LocalProtocolError, RecursionError) as e:
+                    logger.debug("JSON body sent raw: %s", type(e).__name__)
+            return [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_JSON))], body
+        cf = n.MEDIA_TYPE_TO_CF.get(ct)
+        if cf is not None:
+            return [CoapOption(n.CONTENT_FORMAT, encode_uint(cf))], body
+        return [CoapOption(n.OPT_CONTENT_TYPE, _utf8(ct) or CT_EMPTY)], body
+
+    def _decode_content(
+        self,
+        msg: CoapMessage,
+        limits: BodyLimits,
+        *,
+        strings: ReceiverStrings | None = None,
+        seq: int | None = None,
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        cts = msg.get(n.OPT_CONTENT_TYPE)
+        cfs = msg.get(n.CONTENT_FORMAT)
+        if len(cfs) > 1 or (cfs and cts):
+            raise RemoteProtocolError("conflicting Content-Format / Content-Type options")
+        if cts:
+            if len(cts) == 1 and cts[0] == CT_ABSENT:
+                return [], msg.payload
+            if CT_ABSENT in cts:
+                raise RemoteProtocolError("bad Content-Type option")
+            return [
+                ("content-type", "" if v == CT_EMPTY else _text(v, "Content-Type")) for v in cts
+            ], msg.payload
+        if cfs:
+            cf = decode_uint(cfs[0], 2)
+            media = n.CF_TO_MEDIA_TYPE.get(cf)
+            if media is None:
+                raise RemoteProtocolError(f"unsupported Content-Format {cf}")
+            return [("content-type", media)], msg.payload
+        if not msg.payload:
+            return [], b""
+        if strings is not None and seq is not None:
+            value = decode_body(
+                msg.payload, self.profile, self.context, limits, strings.resolver(seq)
+            )
+            strings.record(seq, identifiers(value))
+            body = _dump_decoded(value)
+        else:
+            payload = msg.payload
+            body = BODY_MEMO.convert(
+                (1, self._memo_key, limits, payload),
+                payload,
+                lambda: _dump_decoded(decode_body(payload, self.profile, self.context, limits)),
+            )
+        return [("content-type", n.JSON_MEDIA_TYPE)], body
+
+    def _encode_json_body(self, body: bytes, value: Any = _NOT_PARSED) -> bytes:
+        """encode_body() of the JSON ``body`` (no string table references), memoised.
+
+        Raises what parse_json_exact / encode_body raise (ValueError, LocalProtocolError).
+        """
+
+        def encode() -> bytes:
+            parsed = parse_json_exact(body) if value is _NOT_PARSED else value
+            return encode_body(parsed, self.profile, self.context)
+
+        return BODY_MEMO.convert((0, self._memo_key, body), body, encode)
+
+    # ------------------------------------------------------------------- misc
+    def route_name(self, msg: CoapMessage) -> str:
+        """A stable name for metrics and logs (never contains arguments or tokens)."""
+        if msg.first(n.OPT_TARGET) is not None:
+            return "literal"
+        try:
+            paths = [_strict_text(v, "Uri-Path") for v in msg.get(n.URI_PATH)]
+        except RemoteProtocolError:
+            return "unknown"
+        if not paths or paths[0][:1] in ("_", ".", ""):
+            return "plain"
+        return self.routes.route_name(paths)
+
+    def is_replay_safe(self, req: HttpRequest) -> bool:
+        """GET/HEAD, or PUT to a route with a transaction id (may ride as 0-RTT early data)."""
+        if req.method in ("GET", "HEAD"):
+            return True
+        if req.method != "PUT":
+            return False
+        try:
+            path = req.target.split(b"?", 1)[0].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        found = self.routes.match(path.split("/")[1:])
+        return found is not None and any(a.kind == "txn" for a in found[0].args)
+
+    def wants_json(self, msg: CoapMessage) -> bool:
+        """The request carried ``Accept: 50`` (a standard CoAP tool wanting plain JSON)."""
+        accept = msg.first(n.ACCEPT)
+        return accept is not None and len(accept) <= 2 and decode_uint(accept) == n.CF_JSON
+
+
+def _dump_decoded(value: Any) -> bytes:
+    try:
+        return dump_json(value)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise RemoteProtocolError(f"body is not JSON: {type(e).__name__}") from e
+
+
+def _chunks(item: str) -> list[str]:
+    """Split a Uri-Query value into <= 255-byte options (continuations start with "~")."""
+    out: list[str] = []
+    current = ""
+    size = 0
+    for ch in item:
+        w = len(_utf8(ch))
+        if size + w > MAX_QUERY_OPTION:
+            out.append(current)
+            current, size = QUERY_CONTINUATION, 1
+        current += ch
+        size += w
+    out.append(current)
+    return out
+
+
+def _special_response_header(name: str, value: str) -> CoapOption | None:
+    if name == "cache-control":
+        if value == NO_CACHE:
+            return CoapOption(n.MAX_AGE, b"")
+        m = re.fullmatch(r"max-age=([1-9][0-9]{0,9})", value)
+        if m and int(m.group(1)) < 1 << 32:
+            return CoapOption(n.MAX_AGE, encode_uint(int(m.group(1))))
+    if name == "etag":
+        m = re.fullmatch(r'"([\x21\x23-\x7e]{1,8})"', value)
+        if m:
+            return CoapOption(n.ETAG, m.group(1).encode("ascii"))
+    return None
+
+
+def _etag_text(raw: bytes) -> str:
+    if raw and all(0x21 <= b <= 0x7E and b != 0x22 for b in raw):
+        return '"' + raw.decode("ascii") + '"'
+    return '"' + raw.hex() + '"'
+
+
+def _check_critical(msg: CoapMessage) -> None:
+    for opt in msg.options:
+        if n.is_critical(opt.number) and opt.number not in n.KNOWN_OPTIONS:
+            raise UnsupportedCriticalOption(f"unsupported critical option {opt.number}")

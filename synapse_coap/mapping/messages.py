@@ -1,0 +1,81 @@
+"""Frozen value objects shared by every layer above the codec.
+
+``HttpRequest``/``HttpResponse`` are what the HTTP side sees (Synapse's
+servlets, aiohttp, Twisted agents); ``CoapMessage`` is what goes inside a
+Noise record (or a plain UDP datagram): a code, options and a payload.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+def _headers(value: object) -> tuple[tuple[str, str], ...]:
+    """Normalise headers to a tuple of (lower-case name, value) pairs, order kept."""
+    items = list(value.items()) if isinstance(value, dict) else list(value)  # type: ignore[call-overload]
+    return tuple((str(k).lower(), str(v)) for k, v in items)
+
+
+@attrs.frozen
+class HttpRequest:
+    """An HTTP request as Synapse (or a client) sees it.
+
+    ``target`` is the raw request target (path and query, percent-encoding
+    kept), byte for byte: X-Matrix signatures cover it.
+    """
+
+    method: str
+    target: bytes
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_headers)
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@attrs.frozen
+class HttpResponse:
+    """An HTTP response: exact status, the headers that matter, the body bytes."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_headers)
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@attrs.frozen
+class CoapOption:
+    number: int
+    value: bytes
+
+
+@attrs.frozen
+class CoapMessage:
+    """A CoAP request or response without the transport fields (type, message id, token).
+
+    ``code`` is the 8-bit code, ``(class << 5) | detail``: GET is 1, 2.05 is 69.
+    ``options`` are kept in ascending option-number order (stable for repeats).
+    """
+
+    code: int
+    options: tuple[CoapOption, ...] = ()
+    payload: bytes = b""
+
+    def get(self, number: int) -> list[bytes]:
+        return [o.value for o in self.options if o.number == number]
+
+    def first(self, number: int) -> bytes | None:
+        for o in self.options:
+            if o.number == number:
+                return o.value
+        return None

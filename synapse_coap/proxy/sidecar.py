@@ -1,0 +1,348 @@
+"""The client sidecar: HTTP on localhost -> CoAP+Noise across the constrained link.
+
+An unmodified Matrix client (Element, matrix-nio, curl) points its homeserver
+URL at the sidecar. Every client-server request (anything under ``/_matrix/``,
+``/_synapse/client/`` and the ``/.well-known/matrix/*`` lookups) becomes an
+:class:`HttpRequest` with the exact raw target, goes over one multiplexed
+CoAP+Noise client to the homeserver's module (or a gateway), and the
+:class:`HttpResponse` comes back as the HTTP answer.
+
+What a client sees instead of a hang:
+
+- the link is down (no session, peer stopped answering): 502 with a Matrix JSON error;
+- the response did not arrive in time: 504 with a Matrix JSON error;
+- the sidecar is shutting down: 503.
+
+Long-poll requests (``/sync?timeout=30000``) get their own timeout plus a slack.
+Cacheable GETs are answered from :class:`~synapse_coap.proxy.cache.ResponseCache`.
+The access token in the Authorization header is passed through; the transport
+sends it once per session and refers to it afterwards. A token in the
+``access_token`` query parameter is moved into the header (so it can be bound
+once and never shows in a logged target).
+
+Browser clients (Element Web) need CORS: the sidecar answers preflight
+``OPTIONS`` itself and adds the CORS headers locally, so they never cross the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from aiohttp import web
+
+from synapse_coap.errors import (
+    KeyChangedError,
+    LinkDown,
+    LocalProtocolError,
+    RemoteProtocolError,
+    RequestTimeout,
+    SynapseCoapError,
+    TrustError,
+)
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.proxy.cache import ResponseCache
+from synapse_coap.proxy.common import (
+    dump_request,
+    dump_response,
+    forwardable_headers,
+    matrix_error,
+    redact_target,
+    request_timeout,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RequestSender(Protocol):
+    """What the sidecar needs from the CoAP client (``synapse_coap.transport.client.CoapClient``)."""
+
+    async def request(
+        self, endpoint: Any, request: HttpRequest, *, timeout: float | None = None
+    ) -> HttpResponse: ...
+
+
+#: Path prefixes the sidecar forwards; anything else is answered 404 locally.
+FORWARDED_PREFIXES: tuple[str, ...] = ("/_matrix/", "/_synapse/client/", "/.well-known/matrix/")
+
+#: Request headers worth carrying across the link. Everything else a client
+#: sends (User-Agent, Accept, Accept-Language, Origin, cookies...) only costs bytes.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {"authorization", "content-type", "content-disposition", "if-none-match", "range"}
+)
+
+#: Response headers the sidecar never passes back (it recomputes or supplies them).
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {"access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers"}
+)
+
+CORS_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+    (
+        "Access-Control-Allow-Headers",
+        "X-Requested-With, Content-Type, Authorization, Date",
+    ),
+    ("Access-Control-Expose-Headers", "Synapse-Trace-Id, Server, ETag"),
+)
+
+
+@attrs.frozen
+class SidecarOptions:
+    """Behaviour of the HTTP side (independent of how the CoAP client is built)."""
+
+    #: Seconds to wait for an ordinary response.
+    request_timeout: float = 120.0
+    #: Extra seconds on top of a long-poll's own ``timeout`` query parameter.
+    long_poll_slack: float = 30.0
+    #: Largest request body accepted from the client (media uploads).
+    max_body_size: int = 50 * 1024 * 1024
+    #: Answer cacheable GETs from the response cache.
+    cache: bool = True
+    #: Log every message before and after translation, bodies included.
+    dump_payloads: bool = False
+    #: Seconds in-flight requests get to finish at shutdown before they are failed with 503.
+    shutdown_grace: float = 5.0
+
+
+def _move_query_token(target: bytes, headers: list[tuple[str, str]]) -> bytes:
+    """Move ``access_token=`` from the query into an Authorization header (if there is none yet)."""
+    path, sep, query = target.partition(b"?")
+    if not sep or b"access_token=" not in query:
+        return target
+    kept: list[bytes] = []
+    token: str | None = None
+    for item in query.split(b"&"):
+        name, _, value = item.partition(b"=")
+        if name == b"access_token":
+            if token is None:
+                token = urllib.parse.unquote_plus(value.decode("latin-1"))
+            continue
+        kept.append(item)
+    if token is None:
+        return target
+    if not any(k == "authorization" for k, _ in headers):
+        headers.append(("authorization", f"Bearer {token}"))
+    return path + (b"?" + b"&".join(kept) if kept else b"")
+
+
+class Sidecar:
+    """The HTTP -> CoAP translation, served by an aiohttp application.
+
+    ``client`` is the CoAP client (anything with ``async request(endpoint,
+    HttpRequest, timeout=...)``), ``endpoint`` where the homeserver is.
+    """
+
+    def __init__(
+        self,
+        client: RequestSender,
+        endpoint: Any,
+        *,
+        options: SidecarOptions = SidecarOptions(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._options = options
+        self._clock = clock
+        self.cache: ResponseCache | None = ResponseCache(clock) if options.cache else None
+        self._inflight: set[asyncio.Task[HttpResponse]] = set()
+        self._shutting_down = False
+        #: Coalesces identical concurrent cacheable GETs into one CoAP request.
+        self._pending: dict[object, asyncio.Future[HttpResponse]] = {}
+
+    # -- aiohttp glue ---------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self._options.max_body_size)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.read() if request.can_read_body else b""
+        except web.HTTPRequestEntityTooLarge:
+            return self.to_web_response(
+                matrix_error(
+                    413,
+                    "M_TOO_LARGE",
+                    f"Request body is over the sidecar's limit of {self._options.max_body_size} bytes",
+                )
+            )
+        raw_target = request.raw_path.encode("latin-1", "replace")
+        raw_headers = [(k.lower(), v) for k, v in request.headers.items()]
+        if request.method == "OPTIONS":
+            # CORS preflight: answered locally, never crosses the link.
+            return web.Response(status=204, headers=dict(CORS_HEADERS))
+        http_req = self.translate_request(request.method, raw_target, raw_headers, body)
+        if http_req is None:
+            resp = matrix_error(404, "M_UNRECOGNIZED", "Unrecognized request")
+        else:
+            if self._options.dump_payloads:
+                dump_request(
+                    "HTTP<-client",
+                    HttpRequest(request.method, raw_target, tuple(raw_headers), body),
+                )
+            resp = await self.forward(http_req)
+        return self.to_web_response(resp)
+
+    def to_web_response(self, resp: HttpResponse) -> web.Response:
+        out = web.Response(status=resp.status, body=resp.body)
+        # The response's own Content-Type wins over any default.
+        out.headers.popall("Content-Type", None)
+        for name, value in resp.headers:
+            if name in DROPPED_RESPONSE_HEADERS or name in ("content-length",):
+                continue
+            out.headers.add(name.title(), value)
+        for name, value in CORS_HEADERS:
+            out.headers[name] = value
+        return out
+
+    # -- translation (no aiohttp below this line) -----------------------------------------
+
+    @staticmethod
+    def translate_request(
+        method: str, raw_target: bytes, headers: list[tuple[str, str]], body: bytes
+    ) -> HttpRequest | None:
+        """The :class:`HttpRequest` to send for a client request, or None if it is not forwarded."""
+        path = raw_target.partition(b"?")[0].decode("latin-1")
+        if not path.startswith(FORWARDED_PREFIXES):
+            return None
+        kept = [(k, v) for k, v in forwardable_headers(headers) if k in FORWARDED_REQUEST_HEADERS]
+        target = _move_query_token(raw_target, kept)
+        return HttpRequest(method=method.upper(), target=target, headers=tuple(kept), body=body)
+
+    async def forward(self, request: HttpRequest) -> HttpResponse:
+        """Send one request across the link (or answer from the cache); never raises for link trouble."""
+        started = self._clock()
+        cache = self.cache
+        cached = cache.lookup(request) if cache is not None else None
+        if cached is not None:
+            self._log(request, cached, started, "cache")
+            return cached
+        if cache is not None and cache.is_candidate(request):
+            key = (cache.key(request), request.method)
+            pending = self._pending.get(key)
+            if pending is not None:
+                # An identical GET is already on the link: share its answer.
+                try:
+                    response = await asyncio.shield(pending)
+                except asyncio.CancelledError:
+                    if not pending.cancelled():
+                        raise  # we ourselves were cancelled
+                    response = await self._send(request)  # the first asker went away
+                self._log(request, response, started, "shared")
+                return response
+            fut: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
+            self._pending[key] = fut
+            try:
+                response = await self._send(request)
+                fut.set_result(response)
+            except BaseException:
+                fut.cancel()
+                raise
+            finally:
+                del self._pending[key]
+        else:
+            response = await self._send(request)
+        if cache is not None:
+            if 200 <= response.status < 300:
+                cache.invalidate(request)
+            cache.store(request, response)
+        self._log(request, response, started, "link")
+        return response
+
+    async def _send(self, request: HttpRequest) -> HttpResponse:
+        if self._shutting_down:
+            return matrix_error(503, "M_UNKNOWN", "The sidecar is shutting down")
+        timeout = request_timeout(
+            request.target, self._options.request_timeout, self._options.long_poll_slack
+        )
+        if self._options.dump_payloads:
+            dump_request("CoAP->homeserver", request)
+        task = asyncio.ensure_future(self._client.request(self._endpoint, request, timeout=timeout))
+        self._inflight.add(task)
+        try:
+            response = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and self._shutting_down:
+                return matrix_error(503, "M_UNKNOWN", "The sidecar is shutting down")
+            # The client went away (or we are being cancelled): abandon the exchange.
+            task.cancel()
+            raise
+        except LinkDown as e:
+            logger.warning("link down for %s %s: %s", request.method, _path(request), e)
+            return matrix_error(
+                502, "M_UNKNOWN", f"The homeserver cannot be reached over the CoAP link: {e}"
+            )
+        except RequestTimeout as e:
+            logger.warning(
+                "timeout for %s %s after %.0f s", request.method, _path(request), timeout
+            )
+            return matrix_error(
+                504, "M_UNKNOWN", f"No response from the homeserver in {timeout:.0f} s: {e}"
+            )
+        except (KeyChangedError, TrustError) as e:
+            logger.error("refusing the homeserver's key: %s", e)
+            return matrix_error(502, "M_UNKNOWN", str(e))
+        except RemoteProtocolError as e:
+            logger.warning("bad response for %s %s: %s", request.method, _path(request), e)
+            return matrix_error(502, "M_UNKNOWN", f"Bad response over the CoAP link: {e}")
+        except LocalProtocolError as e:
+            logger.warning("cannot send %s %s: %s", request.method, _path(request), e)
+            return matrix_error(500, "M_UNKNOWN", f"The sidecar cannot send this request: {e}")
+        except SynapseCoapError as e:
+            logger.warning("error for %s %s: %s", request.method, _path(request), e)
+            return matrix_error(502, "M_UNKNOWN", f"CoAP link error: {e}")
+        except Exception:
+            logger.exception("unexpected error for %s %s", request.method, _path(request))
+            return matrix_error(500, "M_UNKNOWN", "Internal error in the sidecar")
+        finally:
+            if task.done():
+                self._inflight.discard(task)
+            else:
+                task.add_done_callback(self._inflight.discard)
+        if self._options.dump_payloads:
+            dump_response("CoAP<-homeserver", response)
+        return response
+
+    def _log(self, request: HttpRequest, response: HttpResponse, started: float, via: str) -> None:
+        logger.info(
+            "%s %s -> %d (%d B in, %d B out, %.2f s, %s)",
+            request.method,
+            redact_target(request.target),
+            response.status,
+            len(request.body),
+            len(response.body),
+            self._clock() - started,
+            via,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def drain(self) -> None:
+        """Graceful shutdown: new requests get 503; in-flight ones get ``shutdown_grace`` seconds, then 503."""
+        self._shutting_down = True
+        pending = set(self._inflight)
+        if pending:
+            logger.info(
+                "waiting up to %.1f s for %d request(s)", self._options.shutdown_grace, len(pending)
+            )
+            _, still = await asyncio.wait(pending, timeout=self._options.shutdown_grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still)
+
+
+def _path(request: HttpRequest) -> str:
+    return request.target.partition(b"?")[0].decode("latin-1")

@@ -1,0 +1,271 @@
+"""The one bridge between Synapse's Twisted reactor and the asyncio world of aiocoap.
+
+Two modes, chosen automatically at run time (:meth:`Bridge.create`):
+
+``shared``
+    Synapse runs Twisted's asyncio reactor (``SYNAPSE_ASYNC_IO_REACTOR=1``).
+    aiocoap uses the reactor's own event loop; everything runs on one thread.
+
+``thread``
+    Synapse runs its default (epoll) reactor. aiocoap gets its own event loop
+    in a daemon thread, started here and stopped and joined when Synapse shuts
+    down.
+
+The rules kept in both modes (DESIGN.md, "Logcontexts"):
+
+* Deferreds are created, fired and cancelled only on the reactor thread.
+* Work entering Synapse from asyncio (:meth:`Bridge.call_synapse`) hops to the
+  reactor thread and runs inside ``run_as_background_process``, so it gets its
+  own logcontext and metrics and never leaks a context into the reactor.
+* Asyncio work started from Synapse (:meth:`Bridge.submit`) returns a plain
+  Deferred that does not follow the logcontext rules: await it through
+  ``make_deferred_yieldable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal, TypeVar
+
+from synapse.logging.context import PreserveLoggingContext
+from synapse.metrics.background_process_metrics import run_as_background_process
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BridgeMode = Literal["shared", "thread"]
+
+#: How long shutdown waits for the asyncio thread to finish (seconds).
+JOIN_TIMEOUT = 10.0
+
+
+def reactor_loop(reactor: Any) -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop under ``reactor`` if it is Twisted's asyncio reactor, else None."""
+    try:
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+    except ImportError:  # pragma: no cover - always present in supported Twisted
+        return None
+    if isinstance(reactor, AsyncioSelectorReactor):
+        loop = reactor._asyncioEventloop
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            return loop
+    return None
+
+
+class Bridge:
+    """Runs asyncio code next to a Twisted reactor and passes calls both ways.
+
+    Create it on the reactor thread with :meth:`create`; stop it with
+    :meth:`stop` (also registered as a "before shutdown" trigger by
+    :meth:`install_shutdown`).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        server_name: str,
+        loop: asyncio.AbstractEventLoop,
+        mode: BridgeMode,
+        thread: threading.Thread | None,
+    ) -> None:
+        self.reactor = reactor
+        self.server_name = server_name
+        self.loop = loop
+        self.mode: BridgeMode = mode
+        self._thread = thread
+        self._stopped = False
+        self._on_stop: list[Callable[[], Coroutine[Any, Any, None]]] = []
+
+    @classmethod
+    def create(cls, reactor: Any, server_name: str) -> Bridge:
+        """Share the reactor's loop if it has one, else start a loop in a daemon thread."""
+        loop = reactor_loop(reactor)
+        if loop is not None:
+            logger.info("synapse-coap: sharing the asyncio reactor's event loop")
+            return cls(reactor, server_name, loop, "shared", None)
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                try:
+                    _cancel_all(loop)
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                finally:
+                    loop.close()
+
+        thread = threading.Thread(target=run, name="synapse-coap-asyncio", daemon=True)
+        thread.start()
+        ready.wait(JOIN_TIMEOUT)
+        logger.info("synapse-coap: running the asyncio event loop in thread %s", thread.name)
+        return cls(reactor, server_name, loop, "thread", thread)
+
+    # -- Twisted -> asyncio ------------------------------------------------------------
+
+    def submit(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> defer.Deferred[T]:
+        """From the reactor thread: run ``factory()`` on the asyncio loop.
+
+        Returns a Deferred fired on the reactor thread with the coroutine's
+        result (or failure). Cancelling the Deferred cancels the asyncio task.
+        The Deferred does not follow the logcontext rules: await it through
+        ``make_deferred_yieldable``.
+        """
+        if self.mode == "shared":
+            task = self.loop.create_task(factory())
+            return defer.Deferred.fromFuture(task)
+
+        cfut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(factory(), self.loop)
+
+        def cancel(_: defer.Deferred[T]) -> None:
+            cfut.cancel()
+
+        d: defer.Deferred[T] = defer.Deferred(cancel)
+
+        def fire(f: concurrent.futures.Future[T]) -> None:
+            if d.called:
+                return
+            if f.cancelled():
+                d.errback(_failure(defer.CancelledError()))
+                return
+            exc = f.exception()
+            if exc is not None:
+                d.errback(_failure(exc))
+            else:
+                d.callback(f.result())
+
+        cfut.add_done_callback(lambda f: self.reactor.callFromThread(fire, f))
+        return d
+
+    # -- asyncio -> Twisted ------------------------------------------------------------
+
+    async def call_synapse(self, desc: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """From the asyncio loop: run ``fn()`` on the reactor thread and await its result.
+
+        ``fn`` runs inside ``run_as_background_process(desc, ...)``. If the
+        awaiting asyncio task is cancelled, the Synapse side is cancelled too
+        (a ``CancelledError`` is thrown into ``fn``'s current await).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        started: list[defer.Deferred[None]] = []
+        cancelled = False
+
+        def deliver(ok: bool, value: Any) -> None:
+            def set_value() -> None:
+                if fut.done():
+                    return
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+            loop.call_soon_threadsafe(set_value)
+
+        async def wrapper() -> None:
+            try:
+                result = await fn()
+            except defer.CancelledError as e:
+                deliver(False, asyncio.CancelledError(str(e)))
+            except BaseException as e:
+                deliver(False, e)
+            else:
+                deliver(True, result)
+
+        def start() -> None:
+            if cancelled:
+                return
+            with PreserveLoggingContext():
+                d = run_as_background_process(
+                    desc,  # type: ignore[arg-type]
+                    self.server_name,
+                    wrapper,
+                    bg_start_span=False,
+                )
+            started.append(d)
+
+        def cancel() -> None:
+            for d in started:
+                with PreserveLoggingContext():
+                    d.cancel()
+
+        self.reactor.callFromThread(start)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            cancelled = True
+            self.reactor.callFromThread(cancel)
+            raise
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def on_stop(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``fn()`` on the asyncio loop when the bridge stops (e.g. close a server)."""
+        self._on_stop.append(fn)
+
+    def install_shutdown(self, reactor: Any | None = None) -> None:
+        """Stop the bridge in the reactor's "before shutdown" phase.
+
+        The trigger is added to the reactor directly (not through Synapse's
+        clock, whose wrapper drops the returned Deferred): the reactor then
+        waits for the CoAP server to close and the loop thread to end.
+        """
+        (reactor or self.reactor).addSystemEventTrigger("before", "shutdown", self.stop)
+
+    def stop(self) -> defer.Deferred[None]:
+        """Run the on-stop hooks, then stop and join the loop thread (thread mode).
+
+        Returns a Deferred (fired on the reactor thread) so that a "before
+        shutdown" trigger makes the reactor wait for it.
+        """
+        if self._stopped:
+            return defer.succeed(None)
+        self._stopped = True
+        hooks = list(self._on_stop)
+
+        async def run_hooks() -> None:
+            for hook in hooks:
+                try:
+                    await asyncio.wait_for(hook(), JOIN_TIMEOUT)
+                except Exception:
+                    logger.exception("synapse-coap: error while stopping")
+
+        d = self.submit(run_hooks)
+
+        def finish(result: object) -> None:
+            if isinstance(result, Failure):
+                logger.warning("synapse-coap: stop hooks failed: %s", result.value)
+            if self.mode == "thread" and self._thread is not None:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(JOIN_TIMEOUT)
+                if self._thread.is_alive():
+                    logger.warning("synapse-coap: asyncio thread did not stop in time")
+                else:
+                    logger.info("synapse-coap: stopped; asyncio thread joined")
+            else:
+                logger.info("synapse-coap: stopped")
+
+        d.addBoth(finish)
+        return d
+
+
+def _failure(exc: BaseException) -> Failure:
+    return Failure(exc)  # type: ignore[no-untyped-call]
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -1,0 +1,270 @@
+"""The module's configuration: frozen attrs classes parsed from the ``config:`` dict.
+
+Every ``from_config`` raises :class:`~synapse_coap.errors.ConfigValueError`
+naming the offending field (a dotted path such as ``trust.peers.example.org``)
+and what it allows. :meth:`synapse_coap.synapse.module.CoapModule.parse_config`
+is the only place that turns that into Synapse's ``ConfigError``.
+
+Example (every field, with its default)::
+
+    listen: ["[::]:5683"]
+    private_key_path: null      # default: <signing key directory>/<server_name>.coap.key
+    trust:
+      peers: {}                 # server name -> pinned Noise static public key (base64)
+      tofu: true                # remember first-seen keys in Synapse's database
+      accept_unknown_clients: true
+    plain_listen: []            # plain (unencrypted) CoAP, loopback only by default
+    allow_plain_on_public_interfaces: false
+    limits: {}                  # see NoiseLimits
+    link: {}                    # see LinkParameters
+    worker: null                # instance name that binds the listener; null = main process
+    payload_dump: false
+    federation: {}              # outbound federation over CoAP (see docs/federation.md)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from synapse_coap.errors import ConfigValueError
+
+DEFAULT_LISTEN: tuple[tuple[str, int], ...] = (("::", 5683),)
+
+_TOP_KEYS = (
+    "listen",
+    "private_key_path",
+    "trust",
+    "plain_listen",
+    "allow_plain_on_public_interfaces",
+    "limits",
+    "link",
+    "worker",
+    "payload_dump",
+    "federation",
+)
+_TRUST_KEYS = ("peers", "tofu", "accept_unknown_clients")
+
+
+def parse_address(text: object, path: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; host must be an IP literal."""
+    allowed = 'a string "IPv4:port" or "[IPv6]:port" with port 0-65535, e.g. "[::]:5683"'
+    if not isinstance(text, str):
+        raise ConfigValueError(path, f"expected {allowed}, got {text!r}")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigValueError(path, f"expected {allowed}, got {text!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigValueError(path, f"expected {allowed}, got {text!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigValueError(path, f"{host!r} is not an IP address; expected {allowed}") from None
+    if isinstance(ip, ipaddress.IPv6Address) and not text.startswith("["):
+        raise ConfigValueError(path, f"IPv6 addresses need brackets; expected {allowed}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigValueError(path, f"bad port {port_text!r}; expected {allowed}")
+    return (str(ip), int(port_text))
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address_list(value: object, path: str, default: tuple[tuple[str, int], ...]) -> Any:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigValueError(path, f"expected a list of addresses, got {type(value).__name__}")
+    return tuple(parse_address(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+def _bool(value: object, path: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigValueError(path, f"expected true or false, got {value!r}")
+    return value
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigValueError(where, f"unknown option; allowed: {', '.join(allowed)}")
+
+
+def decode_key(text: object, path: str) -> bytes:
+    """A 32-byte Curve25519 public key in (padded or unpadded) standard or URL-safe base64."""
+    allowed = (
+        "a 32-byte Curve25519 public key in base64 (as printed by `synapse-coap pubkey KEYFILE`)"
+    )
+    if not isinstance(text, str):
+        raise ConfigValueError(path, f"expected {allowed}, got {text!r}")
+    s = text.strip().replace("-", "+").replace("_", "/").rstrip("=")
+    try:
+        key = base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigValueError(path, f"not valid base64; expected {allowed}") from None
+    if len(key) != 32:
+        raise ConfigValueError(path, f"decodes to {len(key)} bytes; expected {allowed}")
+    return key
+
+
+@attrs.frozen
+class TrustConfig:
+    """Which Noise static keys the module accepts for which server names.
+
+    ``peers``: pinned keys (server name -> key); a pinned peer presenting any
+    other key is refused. ``tofu``: remember the first key seen for an
+    unpinned server name in Synapse's database and refuse a changed key
+    afterwards. ``accept_unknown_clients``: accept initiators that claim no
+    server name (client sidecars; they authenticate with access tokens).
+    """
+
+    peers: Mapping[str, bytes] = attrs.field(factory=dict)
+    tofu: bool = True
+    accept_unknown_clients: bool = True
+
+    @classmethod
+    def from_config(cls, raw: object, path: str = "trust") -> TrustConfig:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ConfigValueError(path, f"expected a mapping with keys {', '.join(_TRUST_KEYS)}")
+        _check_keys(raw, _TRUST_KEYS, path)
+        peers_raw = raw.get("peers") or {}
+        if not isinstance(peers_raw, Mapping):
+            raise ConfigValueError(
+                f"{path}.peers", "expected a mapping of server name -> base64 public key"
+            )
+        peers: dict[str, bytes] = {}
+        for name, key in peers_raw.items():
+            if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+                raise ConfigValueError(f"{path}.peers", f"bad server name {name!r}")
+            peers[name] = decode_key(key, f"{path}.peers.{name}")
+        return cls(
+            peers=peers,
+            tofu=_bool(raw.get("tofu"), f"{path}.tofu", True),
+            accept_unknown_clients=_bool(
+                raw.get("accept_unknown_clients"), f"{path}.accept_unknown_clients", True
+            ),
+        )
+
+
+def _sub_config(module: str, cls_name: str, raw: object, path: str) -> Any:
+    """``cls.from_config(raw or {}, path)`` for a class owned by a lower layer."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigValueError(path, "expected a mapping")
+    cls = getattr(importlib.import_module(module), cls_name)
+    return cls.from_config(dict(raw), path)
+
+
+def _default_limits() -> Any:
+    return _sub_config("synapse_coap.noise.endpoint", "NoiseLimits", {}, "limits")
+
+
+def _default_link() -> Any:
+    return _sub_config("synapse_coap.transport.link", "LinkParameters", {}, "link")
+
+
+def _default_federation() -> Any:
+    return _federation_config(None)
+
+
+def _federation_config(raw: object) -> Any:
+    from synapse_coap.synapse.discovery import FederationConfig
+
+    return FederationConfig.from_config(raw, "federation")
+
+
+@attrs.frozen
+class CoapModuleConfig:
+    """Everything the module's ``config:`` section can say (see the module docstring)."""
+
+    listen: tuple[tuple[str, int], ...] = DEFAULT_LISTEN
+    private_key_path: str | None = None
+    trust: TrustConfig = attrs.field(factory=TrustConfig)
+    plain_listen: tuple[tuple[str, int], ...] = ()
+    allow_plain_on_public_interfaces: bool = False
+    limits: Any = attrs.field(factory=_default_limits)
+    link: Any = attrs.field(factory=_default_link)
+    worker: str | None = None
+    payload_dump: bool = False
+    federation: Any = attrs.field(factory=_default_federation)
+
+    @classmethod
+    def from_config(cls, raw: object) -> CoapModuleConfig:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigValueError("config", "the module's config must be a mapping")
+        _check_keys(raw, _TOP_KEYS, "")
+
+        listen = _address_list(raw.get("listen"), "listen", DEFAULT_LISTEN)
+        plain = _address_list(raw.get("plain_listen"), "plain_listen", ())
+        allow_public = _bool(
+            raw.get("allow_plain_on_public_interfaces"), "allow_plain_on_public_interfaces", False
+        )
+        if not allow_public:
+            for i, (host, _port) in enumerate(plain):
+                if not ipaddress.ip_address(host).is_loopback:
+                    raise ConfigValueError(
+                        f"plain_listen[{i}]",
+                        f"{host} is not a loopback address: plain (unencrypted) CoAP is "
+                        "allowed only on 127.0.0.0/8 or ::1 unless "
+                        "allow_plain_on_public_interfaces is true",
+                    )
+        key_path = raw.get("private_key_path")
+        if key_path is not None and (not isinstance(key_path, str) or not key_path):
+            raise ConfigValueError("private_key_path", "expected a file path (string) or null")
+        worker = raw.get("worker")
+        if worker is not None and (not isinstance(worker, str) or not worker):
+            raise ConfigValueError(
+                "worker", "expected a worker instance name (string) or null for the main process"
+            )
+        if not listen and not plain:
+            raise ConfigValueError("listen", "at least one of listen / plain_listen is needed")
+        return cls(
+            listen=listen,
+            private_key_path=key_path,
+            trust=TrustConfig.from_config(raw.get("trust")),
+            plain_listen=plain,
+            allow_plain_on_public_interfaces=allow_public,
+            limits=_sub_config(
+                "synapse_coap.noise.endpoint", "NoiseLimits", raw.get("limits"), "limits"
+            ),
+            link=_sub_config(
+                "synapse_coap.transport.link", "LinkParameters", raw.get("link"), "link"
+            ),
+            worker=worker,
+            payload_dump=_bool(raw.get("payload_dump"), "payload_dump", False),
+            federation=_federation_config(raw.get("federation")),
+        )
+
+    def pinned_keys(self) -> dict[str, bytes]:
+        """``trust.peers`` plus the keys given with ``federation.peers`` (trust wins)."""
+        pinned = {
+            p.server_name: p.public_key for p in self.federation.peers if p.public_key is not None
+        }
+        pinned.update(self.trust.peers)
+        return pinned
+
+    def binds_here(self, worker_name: str | None) -> bool:
+        """Whether the process called ``worker_name`` (None = main) binds the listener."""
+        return self.worker == worker_name

@@ -1,0 +1,384 @@
+"""In-process dispatch: a decoded CoAP request becomes a SynapseRequest.
+
+No loopback HTTP is involved. :class:`InProcessDispatcher` builds its own
+copy of Synapse's resource trees (client, federation, keys, media,
+.well-known, plus anything modules registered) once, wraps them in a
+:class:`~synapse.http.site.SynapseSite`, and feeds each request through a
+:class:`CoapChannel`, an in-memory stand-in for the TCP connection:
+
+* the exact request target is passed to ``requestReceived`` unmodified, so
+  X-Matrix signatures over it verify;
+* ``getPeer()`` is the real UDP peer, so Synapse logs and rate-limits the
+  client's real IP;
+* ``Content-Length`` is set from the body, and Synapse's own
+  ``max_request_body_size`` check applies;
+* the response (status, headers, body, including bodies streamed by a
+  producer, such as media downloads) is collected in memory;
+* if the awaiting asyncio task is cancelled (the CoAP exchange was
+  abandoned), the request's connection is "lost", which cancels cancellable
+  servlets such as long-poll ``/sync``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, cast
+
+from synapse.http.site import SynapseSite
+from synapse.logging.context import PreserveLoggingContext, make_deferred_yieldable
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+try:  # Twisted's interfaces, for zope's benefit only
+    from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+
+    _INTERFACES: tuple[Any, ...] = (ITransport, IConsumer, IPushProducer)
+except ImportError:  # pragma: no cover
+    _INTERFACES = ()
+
+from synapse_coap.mapping.dispatch import PeerInfo
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.synapse.bridge import Bridge
+
+logger = logging.getLogger(__name__)
+
+#: Headers the dispatcher sets itself; any copy from the peer is dropped.
+_OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+#: The access-log logger name, so operators can route CoAP requests separately.
+ACCESS_LOGGER = "synapse.access.coap"
+
+
+def build_resource_tree(hs: Any) -> Any:
+    """Synapse's client, federation, key, media and .well-known resources in one tree.
+
+    Uses ``hs._configure_named_resource`` on the main process (exactly what
+    an HTTP listener with ``names: [client, federation]`` gets) and the
+    equivalent construction on a worker.
+    """
+    from synapse.rest.health import HealthResource
+    from synapse.util.httpresourcetree import create_resource_tree
+    from twisted.web.resource import Resource
+
+    resources: dict[str, Resource] = {"/health": HealthResource()}  # type: ignore[no-untyped-call]
+    configure = getattr(hs, "_configure_named_resource", None)
+    if configure is not None:
+        for name in ("client", "federation"):
+            resources.update(configure(name, False))
+    else:
+        resources.update(_worker_resources(hs))
+    resources.update(getattr(hs, "_module_web_resources", {}))
+
+    from synapse.http.server import OptionsResource
+
+    return create_resource_tree(resources, OptionsResource())  # type: ignore[no-untyped-call]
+
+
+def _worker_resources(hs: Any) -> dict[str, Any]:
+    """Mirror of GenericWorkerServer._listen_http for names [client, federation]."""
+    from synapse.api.urls import (
+        CLIENT_API_PREFIX,
+        FEDERATION_PREFIX,
+        LEGACY_MEDIA_PREFIX,
+        MEDIA_R0_PREFIX,
+        MEDIA_V3_PREFIX,
+        SERVER_KEY_PREFIX,
+    )
+    from synapse.federation.transport.server import TransportLayerServer
+    from synapse.http.server import JsonResource
+    from synapse.rest import ClientRestResource, admin
+    from synapse.rest.key.v2 import KeyResource
+    from synapse.rest.synapse.client import build_synapse_client_resource_tree
+    from synapse.rest.well_known import well_known_resource
+
+    admin_resource = JsonResource(hs, canonical_json=False)
+    admin.register_servlets(hs, admin_resource)
+    resources: dict[str, Any] = {
+        "/_synapse/admin": admin_resource,
+        CLIENT_API_PREFIX: ClientRestResource(hs),
+        "/.well-known": well_known_resource(hs),
+        FEDERATION_PREFIX: TransportLayerServer(hs),
+        SERVER_KEY_PREFIX: KeyResource(hs),
+    }
+    resources.update(build_synapse_client_resource_tree(hs))
+    if hs.config.media.can_load_media_repo:
+        media_repo = hs.get_media_repository_resource()
+        resources.update(
+            {
+                MEDIA_R0_PREFIX: media_repo,
+                MEDIA_V3_PREFIX: media_repo,
+                LEGACY_MEDIA_PREFIX: media_repo,
+            }
+        )
+    return resources
+
+
+def build_site(hs: Any, resource: Any, max_request_body_size: int) -> SynapseSite:
+    from synapse.config.server import HttpListenerConfig, TCPListenerConfig
+
+    listener = TCPListenerConfig(
+        port=0,
+        bind_addresses=[],
+        type="http",
+        tls=False,
+        http_options=HttpListenerConfig(x_forwarded=False, tag="coap"),
+    )
+    return SynapseSite(
+        logger_name=ACCESS_LOGGER,
+        site_tag="coap",
+        config=listener,
+        resource=resource,
+        server_version_string=hs.version_string,
+        max_request_body_size=max_request_body_size,
+        reactor=hs.get_reactor(),
+        hs=hs,
+    )
+
+
+def _failure(exc: BaseException) -> Failure:
+    return Failure(exc)  # type: ignore[no-untyped-call]
+
+
+def _address(host: str, port: int) -> IPv4Address | IPv6Address:
+    if ":" in host:
+        return IPv6Address("UDP", host, port)
+    return IPv4Address("UDP", host, port)
+
+
+@implementer(*_INTERFACES)
+class CoapChannel:
+    """What a SynapseRequest sees as its HTTP channel and transport.
+
+    Collects the response in memory; ``done`` (a Deferred, fired on the
+    reactor thread) fires when the response is complete or the request ends
+    by "losing the connection" (Synapse does that after some errors).
+    """
+
+    def __init__(self, site: SynapseSite, reactor: Any, peer: PeerInfo, local: tuple[str, int]):
+        self.site = site
+        self.factory = site
+        self._reactor = reactor
+        self._peer = _address(peer.host, peer.port)
+        self._host = _address(*local)
+        self._secure = peer.secure
+        self.transport = self
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.code: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.finished = False
+        self.disconnecting = False
+        self.request: Any = None
+        self.producer: Any = None
+        self._producer_streaming = False
+        self._completing = False
+
+    # -- the HTTPChannel side ------------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        self.code = int(code)
+        if isinstance(headers, Headers):
+            for name, values in headers.getAllRawHeaders():
+                for value in values:
+                    self.headers.append((bytes(name), bytes(value)))
+        else:  # older Twisted passes a list of pairs
+            for name, value in headers:
+                self.headers.append((bytes(name), bytes(value)))
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def requestDone(self, request: Any) -> None:
+        self.finished = True
+        self._complete()
+
+    def loseConnection(self) -> None:
+        # Synapse loses the connection after writing an early error response.
+        self.disconnecting = True
+        self._stop_producer()
+        self._complete()
+
+    def abortConnection(self) -> None:
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        self.loseConnection()
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return self._peer
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self._host
+
+    def isSecure(self) -> bool:
+        return self._secure
+
+    def getPeerCertificate(self) -> None:
+        return None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    # -- producers (media downloads stream through these) --------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError("a producer is already registered")
+        self.producer = producer
+        self._producer_streaming = streaming
+        if not streaming:
+            self._reactor.callLater(0, self._pull)
+
+    def _pull(self) -> None:
+        # A pull producer writes one chunk per resumeProducing call.
+        producer = self.producer
+        if producer is None or self.disconnecting:
+            return
+        producer.resumeProducing()
+        if self.producer is producer:
+            self._reactor.callLater(0, self._pull)
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def _stop_producer(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                producer.stopProducing()
+            except Exception:
+                logger.debug("producer.stopProducing failed", exc_info=True)
+
+    # IPushProducer for the request (we never apply back-pressure: the body is buffered)
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _complete(self) -> None:
+        # Fire from the reactor, never synchronously inside Synapse's own call
+        # (request.finish): the awaiting code switches logcontexts, which would
+        # leak into the caller's frame.
+        if not self._completing:
+            self._completing = True
+            self._reactor.callLater(0, self._fire_done)
+
+    def _fire_done(self) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def response(self) -> HttpResponse:
+        if self.code is None:
+            # The connection was dropped before any response was written.
+            return HttpResponse(
+                502,
+                (("content-type", "application/json"),),
+                b'{"errcode":"M_UNKNOWN","error":"Synapse closed the request without a response"}',
+            )
+        headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self.headers)
+        return HttpResponse(self.code, headers, bytes(self.body))
+
+
+class InProcessDispatcher:
+    """The module's :class:`~synapse_coap.mapping.dispatch.Dispatcher`.
+
+    ``dispatch`` is called on the asyncio loop; the request runs on the
+    reactor thread (via the bridge) inside its own background-process
+    logcontext, and Synapse gives it its own request logcontext as usual.
+    """
+
+    def __init__(
+        self,
+        hs: Any,
+        bridge: Bridge,
+        *,
+        max_request_body_size: int | None = None,
+        local_address: tuple[str, int] = ("::", 0),
+    ) -> None:
+        from synapse.app._base import max_request_body_size as synapse_max
+
+        self._hs = hs
+        self._bridge = bridge
+        self.max_request_body_size = (
+            max_request_body_size if max_request_body_size is not None else synapse_max(hs.config)
+        )
+        self._local = local_address
+        self._site: SynapseSite | None = None
+
+    @property
+    def site(self) -> SynapseSite:
+        """The SynapseSite (built on first use, on the reactor thread)."""
+        if self._site is None:
+            self._site = build_site(
+                self._hs, build_resource_tree(self._hs), self.max_request_body_size
+            )
+        return self._site
+
+    async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
+        return await self._bridge.call_synapse(
+            "coap_inbound_request", lambda: self.dispatch_in_reactor(request, peer)
+        )
+
+    async def dispatch_in_reactor(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
+        """Run one request through Synapse. Must be called on the reactor thread."""
+        site = self.site
+        reactor = self._hs.get_reactor()
+        channel = CoapChannel(site, reactor, peer, self._local)
+        req = site.request_class(
+            cast(Any, channel),
+            site,
+            our_server_name=self._hs.hostname,
+            max_request_body_size=self.max_request_body_size,
+            request_id_header=site.request_id_header,
+        )
+        channel.request = req
+        for name, value in request.headers:
+            if name in _OWN_HEADERS:
+                continue
+            req.requestHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        req.requestHeaders.setRawHeaders(b"Content-Length", [str(len(request.body)).encode()])
+        # As if the channel had received the body: the position is at the end
+        # (Synapse compares content.tell() with Content-Length; Twisted seeks
+        # back to 0 in requestReceived).
+        req.content = io.BytesIO()
+        req.content.write(request.body)
+
+        with PreserveLoggingContext():
+            req.requestReceived(request.method.encode("ascii"), request.target, b"1.1")
+
+        try:
+            await make_deferred_yieldable(channel.done)
+        except defer.CancelledError:
+            if not channel.finished:
+                logger.info(
+                    "CoAP exchange abandoned by %s; dropping %s %s",
+                    peer.host,
+                    request.method,
+                    req.get_redacted_uri(),
+                )
+                channel.disconnecting = True
+                channel._stop_producer()
+                with PreserveLoggingContext():
+                    req.connectionLost(_failure(ConnectionLost("CoAP exchange abandoned")))
+            raise
+        if not channel.finished and getattr(req, "channel", None) is not None:
+            # Synapse lost the connection itself (after an early error response):
+            # let the request clean up as a real connection would.
+            with PreserveLoggingContext():
+                req.connectionLost(_failure(ConnectionDone("response complete")))
+        return channel.response()

@@ -1,0 +1,85 @@
+"""Prometheus metrics for the module, in Synapse's registry (so on its metrics listener).
+
+Every metric carries the ``server_name`` label, as Synapse's own metrics do
+(several homeservers may share one process and one registry). The list,
+with meanings, is in docs/metrics.md.
+
+:class:`SynapseCoapMetrics` implements the transport's ``TransportMetrics``
+protocol. Its methods may be called from the asyncio thread: prometheus_client
+metrics are thread-safe.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+from synapse.metrics import SERVER_NAME_LABEL
+
+DATAGRAMS = Counter(
+    "synapse_coap_datagrams_total",
+    "UDP datagrams sent (direction=out) and received (direction=in) by the CoAP listener, by kind",
+    labelnames=["direction", "kind", SERVER_NAME_LABEL],
+)
+BYTES = Counter(
+    "synapse_coap_bytes_total",
+    "UDP payload bytes sent and received by the CoAP listener, by kind",
+    labelnames=["direction", "kind", SERVER_NAME_LABEL],
+)
+HANDSHAKES = Counter(
+    "synapse_coap_handshakes_total",
+    "Noise handshakes by outcome",
+    labelnames=["outcome", SERVER_NAME_LABEL],
+)
+RETRANSMISSIONS = Counter(
+    "synapse_coap_retransmissions_total",
+    "Confirmable CoAP messages retransmitted",
+    labelnames=[SERVER_NAME_LABEL],
+)
+DROPPED = Counter(
+    "synapse_coap_dropped_total",
+    "Datagrams dropped, by reason (malformed, replay, unknown session, rate limit, ...)",
+    labelnames=["reason", SERVER_NAME_LABEL],
+)
+SESSIONS = Gauge(
+    "synapse_coap_sessions",
+    "Live Noise sessions",
+    labelnames=[SERVER_NAME_LABEL],
+)
+REQUESTS = Counter(
+    "synapse_coap_requests_total",
+    "Requests served over CoAP, by route and HTTP status",
+    labelnames=["route", "status", SERVER_NAME_LABEL],
+)
+REQUEST_SECONDS = Histogram(
+    "synapse_coap_request_seconds",
+    "Time from a complete CoAP request to its response being handed to the transport",
+    labelnames=["route", SERVER_NAME_LABEL],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+
+
+class SynapseCoapMetrics:
+    """``TransportMetrics`` backed by the Prometheus metrics above."""
+
+    def __init__(self, server_name: str) -> None:
+        self.server_name = server_name
+        self._labels = {SERVER_NAME_LABEL: server_name}
+
+    def datagram(self, direction: str, kind: str, size: int) -> None:
+        DATAGRAMS.labels(direction=direction, kind=kind, **self._labels).inc()
+        BYTES.labels(direction=direction, kind=kind, **self._labels).inc(size)
+
+    def handshake(self, outcome: str) -> None:
+        HANDSHAKES.labels(outcome=outcome, **self._labels).inc()
+
+    def retransmission(self) -> None:
+        RETRANSMISSIONS.labels(**self._labels).inc()
+
+    def sessions(self, count: int) -> None:
+        SESSIONS.labels(**self._labels).set(count)
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        REQUESTS.labels(route=route, status=str(status), **self._labels).inc()
+        REQUEST_SECONDS.labels(route=route, **self._labels).observe(seconds)
+
+    def dropped(self, reason: str) -> None:
+        DROPPED.labels(reason=reason, **self._labels).inc()

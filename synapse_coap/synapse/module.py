@@ -1,0 +1,231 @@
+"""``synapse_coap.CoapModule``: a CoAP (+ Noise) listener inside Synapse.
+
+Load it from ``modules:`` in homeserver.yaml (see sample_homeserver.yaml and
+docs/deployment.md)::
+
+    modules:
+      - module: synapse_coap.CoapModule
+        config:
+          listen: ["[::]:5683"]
+
+Thin glue: the config is parsed by :mod:`synapse_coap.synapse.config`, the
+asyncio side runs through :mod:`synapse_coap.synapse.bridge`, requests are
+served in-process by :mod:`synapse_coap.synapse.dispatch`, the CoAP server
+itself is the transport's :class:`~synapse_coap.transport.server.CoapServer`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from typing import Any
+
+from synapse.config._base import ConfigError
+from synapse.logging.context import make_deferred_yieldable
+from synapse.metrics.background_process_metrics import run_as_background_process
+from twisted.internet import defer
+
+from synapse_coap.errors import ConfigValueError
+from synapse_coap.synapse.bridge import Bridge
+from synapse_coap.synapse.config import CoapModuleConfig, format_address
+from synapse_coap.synapse.dispatch import InProcessDispatcher
+from synapse_coap.synapse.metrics import SynapseCoapMetrics
+from synapse_coap.synapse.store import DatabaseTrustStore
+
+logger = logging.getLogger(__name__)
+
+
+def default_key_path(server_name: str) -> str:
+    """``<Synapse's data directory (its working directory)>/<server_name>.coap.key``."""
+    return os.path.abspath(f"{server_name}.coap.key")
+
+
+def load_or_generate_key(path: str) -> bytes:
+    """Read the Noise static private key at ``path``; create it (mode 0600) if absent."""
+    from synapse_coap.noise import keys
+
+    if os.path.exists(path):
+        return keys.read_key_file(path)
+    private = keys.generate_private_key()
+    keys.write_key_file(path, private)
+    logger.info("synapse-coap: generated a new Noise static key at %s (mode 0600)", path)
+    return private
+
+
+class CoapModule:
+    """The Synapse module. ``parse_config`` is the only place that raises ConfigError."""
+
+    def __init__(self, config: CoapModuleConfig, api: Any) -> None:
+        self._config = config
+        self._api = api
+        hs = api._hs
+        self._hs = hs
+        self.server: Any = None
+        self.bridge: Bridge | None = None
+        self.dispatcher: InProcessDispatcher | None = None
+        self.trust_store: DatabaseTrustStore | None = None
+        #: set (on the reactor thread) once the TOFU store is loaded; awaited on the
+        #: asyncio loop before the outbound federation client is created
+        self._trust_loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.trust: Any = None
+        self.public_key: bytes | None = None
+        self.federation_agent: Any = None
+        self.metrics = SynapseCoapMetrics(hs.hostname)
+
+        worker = api.worker_name
+        self.binds = config.binds_here(worker)
+        key_path = config.private_key_path or default_key_path(hs.hostname)
+        self.key_path = key_path
+        if self.binds:
+            self._private_key = load_or_generate_key(key_path)
+        elif os.path.exists(key_path):
+            from synapse_coap.noise import keys
+
+            self._private_key = keys.read_key_file(key_path)
+        else:
+            logger.warning(
+                "synapse-coap: %s does not bind the CoAP listener (configured for %s) and "
+                "cannot read the Noise key at %s: federation over CoAP is off in this process",
+                worker or "the main process",
+                config.worker or "the main process",
+                key_path,
+            )
+            return
+
+        from synapse_coap.noise import keys
+        from synapse_coap.noise.trust import TrustPolicy
+
+        self.public_key = keys.public_key(self._private_key)
+        if config.trust.tofu:
+            self.trust_store = DatabaseTrustStore.for_homeserver(hs)
+        self.trust = TrustPolicy(
+            pinned=config.pinned_keys(),
+            store=self.trust_store,
+            accept_any_initiator=config.trust.accept_unknown_clients,
+        )
+
+        self.bridge = Bridge.create(hs.get_reactor(), hs.hostname)
+        self.bridge.install_shutdown()
+        self._install_federation_agent()
+        # __init__ is synchronous and runs with the reactor already running:
+        # schedule the (asynchronous) start.
+        run_as_background_process("synapse_coap_start", hs.hostname, self._start)
+
+    def _install_federation_agent(self) -> None:
+        from synapse_coap.synapse.agent import install_federation_agent
+
+        bridge = self.bridge
+        if bridge is None:  # pragma: no cover
+            return
+        config = self._config
+        private = self._private_key
+        trust = self.trust
+        metrics = self.metrics
+
+        trust_loaded = self._trust_loaded
+        server_name = self._hs.hostname
+
+        async def make_client() -> Any:
+            import asyncio
+
+            from synapse_coap.transport.client import CoapClient
+
+            # Do not check a first-seen key against a TOFU store that has not been
+            # loaded from the database yet (the load runs on the reactor).
+            await asyncio.wrap_future(trust_loaded)
+            client = await CoapClient.create(
+                static_key=private,
+                trust=trust,
+                link=config.link,
+                limits=config.limits,
+                metrics=metrics,
+                server_name=server_name,
+            )
+            bridge.on_stop(client.close)
+            return client
+
+        self.federation_agent = install_federation_agent(
+            self._api, bridge=bridge, config=config.federation, client_factory=make_client
+        )
+
+    @staticmethod
+    def parse_config(config: Any) -> CoapModuleConfig:
+        try:
+            return CoapModuleConfig.from_config(config)
+        except ConfigValueError as e:
+            raise ConfigError(
+                f"synapse_coap.CoapModule config: {e}",
+                path=("modules", "synapse_coap.CoapModule", "config", *e.path.split(".")),
+            ) from e
+
+    def __repr__(self) -> str:
+        return f"<CoapModule listen={[format_address(a) for a in self._config.listen]}>"
+
+    async def _start(self) -> None:
+        # Let Synapse's start() finish first (other modules register their web
+        # resources, the listeners start): we serve the same resource trees.
+        later: defer.Deferred[None] = defer.Deferred()
+        self._hs.get_reactor().callLater(0, later.callback, None)
+        await make_deferred_yieldable(later)
+        try:
+            try:
+                if self.trust_store is not None:
+                    await self.trust_store.load()
+            finally:
+                if not self._trust_loaded.done():
+                    self._trust_loaded.set_result(None)
+            if self.binds:
+                await self._start_server()
+        except Exception:
+            logger.critical(
+                "synapse-coap: the CoAP listener could not start; stopping Synapse",
+                exc_info=True,
+            )
+            self._hs.get_reactor().stop()
+
+    async def _start_server(self) -> None:
+        from synapse_coap.transport.server import CoapServer, ServerConfig
+
+        config = self._config
+        hs = self._hs
+        bridge = self.bridge
+        if bridge is None:  # pragma: no cover - only called when binding here
+            raise RuntimeError("bridge not running")
+
+        dispatcher = InProcessDispatcher(hs, bridge)
+        self.dispatcher = dispatcher
+        _ = dispatcher.site  # build the resource tree now, on the reactor thread
+        server_config = ServerConfig(
+            listen=config.listen,
+            plain_listen=config.plain_listen,
+            static_key=self._private_key,
+            trust=self.trust,
+            limits=config.limits,
+            link=config.link,
+            server_name=hs.hostname,
+            max_body_size=dispatcher.max_request_body_size,
+            payload_dump=config.payload_dump,
+        )
+        metrics = self.metrics
+
+        async def start() -> Any:
+            return await CoapServer.start(server_config, dispatcher, metrics=metrics)
+
+        server = await make_deferred_yieldable(bridge.submit(start))
+        self.server = server
+        bridge.on_stop(server.close)
+
+        from synapse_coap.noise.keys import encode_public
+
+        addresses = [format_address(tuple(a)) for a in server.addresses]
+        logger.info(
+            "synapse-coap: CoAP listener ready on %s (Noise on %s, plain on %s; %s reactor "
+            "mode); Noise public key %s (from %s)",
+            ", ".join(addresses),
+            ", ".join(format_address(a) for a in config.listen) or "-",
+            ", ".join(format_address(a) for a in config.plain_listen) or "-",
+            bridge.mode,
+            encode_public(self.public_key or b""),
+            self.key_path,
+        )

@@ -1,0 +1,141 @@
+"""The trust-on-first-use table, in Synapse's own database (SQLite or PostgreSQL).
+
+The noise layer's ``TrustStore`` interface is synchronous (it is consulted
+during a handshake, on the asyncio loop). So :class:`DatabaseTrustStore`
+loads the whole table into memory at start (:meth:`load`, on the reactor),
+answers ``get`` from memory, and writes ``put`` through to the database
+asynchronously on the reactor thread.
+
+The first key recorded for a peer wins (``ON CONFLICT DO NOTHING``): to
+accept a legitimately changed key, an operator deletes the row::
+
+    DELETE FROM synapse_coap_trust WHERE peer = 'other.example.org';
+
+and restarts Synapse (or the worker that binds the listener).
+
+The SQL is portable: ``?`` placeholders are converted by Synapse's
+transaction wrapper for PostgreSQL, and ``INSERT ... ON CONFLICT`` works on
+SQLite >= 3.24 and PostgreSQL >= 9.5.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from typing import Any
+
+from synapse.metrics.background_process_metrics import run_as_background_process
+from twisted.internet import defer
+
+logger = logging.getLogger(__name__)
+
+TABLE = "synapse_coap_trust"
+
+CREATE_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    peer TEXT NOT NULL PRIMARY KEY,
+    static_key TEXT NOT NULL,
+    first_seen_ts BIGINT NOT NULL
+)
+"""
+
+INSERT = f"INSERT INTO {TABLE} (peer, static_key, first_seen_ts) VALUES (?, ?, ?) ON CONFLICT (peer) DO NOTHING"
+
+SELECT_ALL = f"SELECT peer, static_key FROM {TABLE}"
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+class DatabaseTrustStore:
+    """A ``TrustStore`` (``get``/``put``) backed by a table in Synapse's main database."""
+
+    def __init__(self, db_pool: Any, reactor: Any, server_name: str) -> None:
+        self._db_pool = db_pool
+        self._reactor = reactor
+        self._server_name = server_name
+        self._keys: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._pending: set[defer.Deferred[None]] = set()
+        self.loaded = False
+
+    @classmethod
+    def for_homeserver(cls, hs: Any) -> DatabaseTrustStore:
+        return cls(hs.get_datastores().main.db_pool, hs.get_reactor(), hs.hostname)
+
+    async def load(self) -> None:
+        """Create the table if needed and read it. Call on the reactor, in a logcontext."""
+
+        def txn_fn(txn: Any) -> list[tuple[str, str]]:
+            txn.execute(CREATE_TABLE)
+            txn.execute(SELECT_ALL)
+            return [(str(r[0]), str(r[1])) for r in txn.fetchall()]
+
+        rows = await self._db_pool.runInteraction("synapse_coap_trust_load", txn_fn)
+        keys: dict[str, bytes] = {}
+        for peer, text in rows:
+            try:
+                keys[peer] = _unb64(text)
+            except ValueError:
+                logger.warning("synapse-coap: ignoring unreadable trust entry for %r", peer)
+        with self._lock:
+            self._keys = keys
+        self.loaded = True
+        logger.info("synapse-coap: %d trusted peer key(s) loaded from the database", len(keys))
+
+    # -- the TrustStore interface (any thread) --------------------------------------
+
+    def get(self, peer: str) -> bytes | None:
+        with self._lock:
+            return self._keys.get(peer)
+
+    def put(self, peer: str, key: bytes) -> None:
+        with self._lock:
+            if peer in self._keys:
+                return
+            self._keys[peer] = key
+        self._reactor.callFromThread(self._start_write, peer, key)
+
+    # -- write-through (reactor thread) -----------------------------------------------
+
+    def _start_write(self, peer: str, key: bytes) -> None:
+        d: defer.Deferred[None] = run_as_background_process(
+            "synapse_coap_trust_put",  # type: ignore[arg-type]
+            self._server_name,
+            self._write,
+            peer,
+            key,
+        )
+        self._pending.add(d)
+        d.addBoth(lambda _: self._pending.discard(d))
+
+    async def _write(self, peer: str, key: bytes) -> None:
+        now_ms = int(time.time() * 1000)
+
+        def txn_fn(txn: Any) -> None:
+            txn.execute(INSERT, (peer, _b64(key), now_ms))
+
+        await self._db_pool.runInteraction("synapse_coap_trust_put", txn_fn)
+        logger.info("synapse-coap: remembered the Noise key of %r (trust on first use)", peer)
+
+    def pending_writes(self) -> int:
+        return len(self._pending)
+
+    async def flush(self) -> None:
+        """Wait until every ``put`` made so far is in the database (reactor thread)."""
+        from synapse.logging.context import make_deferred_yieldable
+
+        # queued behind the puts' own callFromThread calls (FIFO), so they have started
+        turn: defer.Deferred[None] = defer.Deferred()
+        self._reactor.callFromThread(turn.callback, None)
+        await make_deferred_yieldable(turn)
+        pending = list(self._pending)
+        if pending:
+            await make_deferred_yieldable(defer.DeferredList(pending, consumeErrors=True))

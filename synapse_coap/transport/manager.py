@@ -1,0 +1,252 @@
+"""aiocoap's message layer, tuned by :class:`~synapse_coap.transport.link.LinkParameters`.
+
+aiocoap (pinned ``>=0.4.17,<0.5``) hard-wires RFC 7252's fixed timers in
+``MessageManager``. This subclass replaces exactly the timer and backlog
+decisions:
+
+* the first wait of a confirmable message comes from the peer's
+  :class:`RttEstimator` (RFC 7252 defaults until the first sample, then
+  CoCoA-like), and backoff is bounded by ``max_rto``;
+* ACKs feed RTT samples (Karn's rule: never from retransmitted exchanges);
+* ``EMPTY_ACK_DELAY`` of each incoming request is derived per peer, so a
+  response rides on the ACK whenever it is ready before the peer's timer
+  would fire, and slow handlers get an empty ACK then a separate response;
+* NSTART > 1 is honoured (aiocoap only implements 1);
+* the first retransmission of an exchange is reported to the transport
+  (the Noise transport uses it to detect a peer that lost its session).
+
+It is attached with :func:`attach_transport`, which mirrors the private
+``Context._append_tokenmanaged_messagemanaged_transport`` of aiocoap 0.4.x.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+from aiocoap import interfaces
+from aiocoap.messagemanager import MessageManager
+from aiocoap.numbers.constants import TransportTuning
+from aiocoap.numbers.types import CON
+from aiocoap.tokenmanager import TokenManager
+
+from synapse_coap.transport.link import LinkParameters, RttEstimator
+from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
+
+logger = logging.getLogger(__name__)
+
+#: Called with (remote, time the exchange was first sent) on the first
+#: retransmission of a confirmable message.
+RetransmitHook = Callable[[Any, float], None]
+#: Called with (remote, time the exchange was first sent, retransmission number
+#: starting at 1) on every retransmission of a confirmable message.
+EveryRetransmitHook = Callable[[Any, float, int], None]
+
+
+class LinkTuning(TransportTuning):  # type: ignore[misc]
+    """A per-message aiocoap ``transport_tuning`` built from LinkParameters and an estimator."""
+
+    def __init__(
+        self,
+        params: LinkParameters,
+        *,
+        ack_timeout: float | None = None,
+        empty_ack_delay: float | None = None,
+        early_data: bool = False,
+    ) -> None:
+        self.params = params
+        self.ACK_TIMEOUT = params.ack_timeout if ack_timeout is None else ack_timeout
+        self.ACK_RANDOM_FACTOR = params.ack_random_factor
+        self.MAX_RETRANSMIT = params.max_retransmit
+        self.NSTART = params.nstart
+        self.MAX_LATENCY = params.max_latency
+        self.DEFAULT_BLOCK_SIZE_EXP = params.block_size_exp
+        if empty_ack_delay is None:
+            empty_ack_delay = (
+                params.empty_ack_delay
+                if params.empty_ack_delay is not None
+                else params.piggyback_fraction * min(params.ack_timeout, params.min_rto)
+            )
+        self.EMPTY_ACK_DELAY = empty_ack_delay
+        #: set by the client for requests that are safe to replay: the Noise
+        #: transport may then send them as 0-RTT early data.
+        self.early_data = early_data
+
+    @property
+    def EXCHANGE_LIFETIME(self) -> float:
+        return self.params.exchange_lifetime
+
+
+class _Backlogs(dict):  # type: ignore[type-arg]
+    """aiocoap's per-remote backlog, reporting "must queue" only when NSTART is reached."""
+
+    def __init__(self, manager: LinkMessageManager) -> None:
+        super().__init__()
+        self._manager = manager
+
+    def __contains__(self, remote: object) -> bool:
+        if not dict.__contains__(self, remote):
+            return False
+        if dict.__getitem__(self, remote):
+            return True
+        return self._manager.active_count(remote) >= self._manager.params.nstart
+
+
+class LinkMessageManager(MessageManager):  # type: ignore[misc]
+    MAX_ESTIMATORS = 4096
+
+    def __init__(
+        self,
+        token_manager: TokenManager,
+        params: LinkParameters,
+        metrics: TransportMetrics | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(token_manager)
+        self.params = params
+        self.metrics: TransportMetrics = metrics or NullMetrics()
+        self._clock = clock or self.loop.time
+        self._estimators: OrderedDict[Hashable, RttEstimator] = OrderedDict()
+        self._backlogs = _Backlogs(self)
+        self.on_first_retransmit: RetransmitHook | None = None
+        self.on_retransmit: EveryRetransmitHook | None = None
+
+    # -- per-peer state ---------------------------------------------------------
+
+    def estimator(self, remote: Hashable) -> RttEstimator:
+        est = self._estimators.get(remote)
+        if est is None:
+            est = RttEstimator(self.params, clock=self._clock)
+            self._estimators[remote] = est
+            while len(self._estimators) > self.MAX_ESTIMATORS:
+                self._estimators.popitem(last=False)
+        else:
+            self._estimators.move_to_end(remote)
+        return est
+
+    def forget_remote(self, remote: Hashable) -> None:
+        self._estimators.pop(remote, None)
+
+    def tuning_for(self, remote: Hashable, *, early_data: bool = False) -> LinkTuning:
+        est = self.estimator(remote)
+        return LinkTuning(
+            self.params,
+            ack_timeout=est.rto,
+            empty_ack_delay=est.empty_ack_delay(),
+            early_data=early_data,
+        )
+
+    def active_count(self, remote: object) -> int:
+        if self._active_exchanges is None:
+            return 0
+        return sum(1 for (r, _mid) in self._active_exchanges if r == remote)
+
+    # -- incoming ------------------------------------------------------------------
+
+    def dispatch_message(self, message: Any) -> None:
+        if message.remote is not None:
+            message.transport_tuning = self.tuning_for(message.remote)
+        super().dispatch_message(message)
+
+    def dispatch_error(self, error: Exception, remote: Any) -> None:
+        if self._active_exchanges is not None:
+            est = self._estimators.get(remote)
+            for r, mid in list(self._active_exchanges):
+                if r == remote and est is not None:
+                    est.forget((r, mid))
+        super().dispatch_error(error, remote)
+
+    # -- timers ----------------------------------------------------------------------
+
+    def _add_exchange(self, message: Any, messageerror_monitor: Callable[[], None]) -> None:
+        key = (message.remote, message.mid)
+        if not dict.__contains__(self._backlogs, message.remote):
+            dict.__setitem__(self._backlogs, message.remote, [])
+        est = self.estimator(message.remote)
+        size = len(message.payload) + 32
+        est.started(key, size)
+        timeout = est.first_timeout(size)
+        handle = self._schedule_retransmit(message, timeout, 0)
+        self._active_exchanges[key] = (messageerror_monitor, handle)
+
+    def _schedule_retransmit(
+        self, message: Any, timeout: float, retransmission_counter: int
+    ) -> Any:
+        if retransmission_counter > 0:
+            # aiocoap doubled it; bound it (the first wait may exceed max_rto only
+            # by the message's serialization time on a known slow link)
+            timeout = max(min(timeout, self.params.max_rto), timeout / 2)
+        return super()._schedule_retransmit(message, timeout, retransmission_counter)
+
+    def _retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> None:
+        key = (message.remote, message.mid)
+        est = self.estimator(message.remote)
+        if retransmission_counter < message.transport_tuning.MAX_RETRANSMIT:
+            sent_at = est.sent_at(key)
+            first = est.retransmitted(key)
+            self.metrics.retransmission()
+            if first and self.on_first_retransmit is not None and sent_at is not None:
+                try:
+                    self.on_first_retransmit(message.remote, sent_at)
+                except Exception:
+                    logger.exception("retransmission hook failed")
+            if self.on_retransmit is not None and sent_at is not None:
+                try:
+                    self.on_retransmit(message.remote, sent_at, retransmission_counter + 1)
+                except Exception:
+                    logger.exception("retransmission hook failed")
+        else:
+            est.forget(key)
+        super()._retransmit(message, timeout, retransmission_counter)
+
+    def _remove_exchange(self, message: Any) -> None:
+        key = (message.remote, message.mid)
+        if self._active_exchanges is not None and key in self._active_exchanges:
+            self.estimator(message.remote).acknowledged(key)
+        super()._remove_exchange(message)
+
+    def _continue_backlog(self, remote: Any) -> None:
+        if not dict.__contains__(self._backlogs, remote):
+            return
+        backlog = dict.__getitem__(self._backlogs, remote)
+        while backlog and self.active_count(remote) < self.params.nstart:
+            next_message, monitor = backlog.pop(0)
+            self._send_initially(next_message, monitor)
+        if not backlog and self.active_count(remote) == 0:
+            dict.__delitem__(self._backlogs, remote)
+
+    # -- outgoing ------------------------------------------------------------------
+
+    def send_message(self, message: Any, messageerror_monitor: Any) -> Any:
+        tuning = message.transport_tuning
+        if message.remote is not None and not isinstance(tuning, LinkTuning):
+            message.transport_tuning = self.tuning_for(message.remote)
+        elif isinstance(tuning, LinkTuning) and message.remote is not None:
+            # refresh the RTO from the estimator, keep the caller's flags
+            message.transport_tuning = self.tuning_for(message.remote, early_data=tuning.early_data)
+        return super().send_message(message, messageerror_monitor)
+
+    def is_confirmable(self, message: Any) -> bool:
+        return bool(message.mtype == CON)
+
+
+async def attach_transport(
+    context: Any,
+    params: LinkParameters,
+    metrics: TransportMetrics | None,
+    constructor: Callable[[LinkMessageManager], Awaitable[interfaces.MessageInterface]],
+) -> tuple[LinkMessageManager, Any]:
+    """Add a message interface to an aiocoap Context under a LinkMessageManager.
+
+    Mirrors ``Context._append_tokenmanaged_messagemanaged_transport`` (aiocoap
+    >=0.4.17,<0.5), which hard-codes aiocoap's own MessageManager.
+    """
+    tman = TokenManager(context)
+    mman = LinkMessageManager(tman, params, metrics)
+    transport = await constructor(mman)
+    mman.message_interface = transport
+    tman.token_interface = mman
+    context.request_interfaces.append(tman)
+    return mman, transport

@@ -1,0 +1,654 @@
+"""The Noise UDP transport: an aiocoap MessageInterface over a sans-I/O NoiseEndpoint.
+
+One UDP socket (dual-stack ``::`` with IPV6_V6ONLY=0, or a plain IPv4 bind)
+drives one :class:`synapse_coap.noise.endpoint.NoiseEndpoint`. Every Noise
+*channel* is one aiocoap remote (:class:`NoiseRemote`): aiocoap's token,
+message-id, deduplication and blockwise state is kept per channel, and the
+peer's authenticated static key is exposed as ``authenticated_claims``.
+Channels survive re-handshakes and address changes (NAT rebinding), so the
+CoAP state does too.
+
+Attached to an aiocoap Context through
+:func:`synapse_coap.transport.manager.attach_transport` (aiocoap
+``>=0.4.17,<0.5``: the private ``Context._append_tokenmanaged_messagemanaged_transport``
+contract).
+
+Bad datagrams are the endpoint's business: it reports them as ``Dropped``
+events, which are counted and never raised. The endpoint's timers run on
+``loop.call_at`` with ``loop.time`` as its clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+from aiocoap import error as coap_error
+from aiocoap import interfaces
+from aiocoap.message import Direction, Message
+from aiocoap.util import hostportjoin
+
+from synapse_coap.errors import LinkDown, SynapseCoapError, TrustError
+from synapse_coap.noise.events import (
+    ChannelClosed,
+    ChannelEstablished,
+    Dropped,
+    HandshakeFailed,
+    Received,
+    Transmit,
+)
+from synapse_coap.transport.manager import LinkMessageManager, LinkTuning
+from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+class SessionEndpoint(Protocol):
+    """What this transport needs from ``synapse_coap.noise.endpoint.NoiseEndpoint``."""
+
+    def connect(
+        self,
+        addr: Address,
+        *,
+        peer_name: str,
+        peer_static: bytes | None,
+        early_data: bytes | None = None,
+        rto: float | None = None,
+        bandwidth_bps: float | None = None,
+    ) -> tuple[int, list[Any]]: ...
+
+    def send(self, channel: int, plaintext: bytes) -> list[Any]: ...
+
+    def datagram_received(self, data: bytes, addr: Address) -> list[Any]: ...
+
+    def handle_timers(self) -> list[Any]: ...
+
+    def next_timer(self) -> float | None: ...
+
+    def suspect_lost(self, channel: int) -> list[Any]: ...
+
+    def set_link_hint(
+        self, channel: int, rto: float | None, bandwidth_bps: float | None = None
+    ) -> None: ...
+
+    def channel_open(self, channel: int) -> bool: ...
+
+    def close(self, channel: int) -> list[Any]: ...
+
+    def active_channels(self) -> int: ...
+
+
+class NoiseLinkError(coap_error.NetworkError):  # type: ignore[misc]
+    """Reported to aiocoap for a channel that failed; ``cause`` is our exception."""
+
+    def __init__(self, cause: SynapseCoapError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.__cause__ = cause
+
+
+@attrs.frozen
+class NoiseClaim:
+    """The authenticated identity of a Noise channel (``authenticated_claims`` item)."""
+
+    static_key: bytes
+    peer_name: str | None
+
+
+def _datagram_kind(data: bytes) -> str:
+    if not data:
+        return "reserved"
+    top = data[0] >> 6
+    return {0b11: "record", 0b10: "handshake", 0b01: "plain"}.get(top, "reserved")
+
+
+class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
+    """One Noise channel, as an aiocoap remote. Hashes by identity (one object per channel)."""
+
+    scheme = "coap+noise"
+    is_multicast = False
+    is_multicast_locally = False
+    #: settable per instance (as in aiocoap's udp6 remotes)
+    maximum_block_size_exp = 6
+
+    def __init__(
+        self,
+        interface: NoiseMessageInterface,
+        addr: Address,
+        *,
+        peer_name: str | None,
+        expected_static: bytes | None,
+        initiator: bool,
+        channel: int | None = None,
+        block_size_exp: int = 6,
+    ) -> None:
+        self.interface = interface
+        self.addr = addr
+        self.peer_name = peer_name
+        self.expected_static = expected_static
+        self.initiator = initiator
+        self.channel = channel
+        self.maximum_block_size_exp = block_size_exp
+        self.established = False
+        #: how many handshakes completed on this remote (re-handshakes included)
+        self.establishments = 0
+        self.peer_static: bytes | None = None
+        self.profile_id = 0
+        self.peer_app_payload = b""
+        self.last_received = float("-inf")
+        self.last_error: SynapseCoapError | None = None
+        #: the first messages wait for the handshake (no 0-RTT): their RTT
+        #: samples must not include it
+        self.queued_behind_handshake = False
+        self.established_event = asyncio.Event()
+        #: free slot for the layer above (server: per-session codec and tokens)
+        self.app_state: Any = None
+
+    def __repr__(self) -> str:
+        return f"<NoiseRemote channel={self.channel} {self.hostinfo} peer={self.peer_name!r}>"
+
+    @property
+    def hostinfo(self) -> str:
+        return str(hostportjoin(self.addr[0], self.addr[1]))
+
+    @property
+    def hostinfo_local(self) -> str:
+        return self.interface.local_hostinfo()
+
+    @property
+    def uri_base(self) -> str:
+        return "coap+noise://" + self.hostinfo
+
+    @property
+    def uri_base_local(self) -> str:
+        return "coap+noise://" + self.hostinfo_local
+
+    @property
+    def blockwise_key(self) -> object:
+        return ("noise", id(self.interface), id(self))
+
+    @property
+    def maximum_payload_size(self) -> int:
+        return 1024
+
+    @property
+    def authenticated_claims(self) -> tuple[NoiseClaim, ...]:
+        if not self.established or self.peer_static is None:
+            return ()
+        return (NoiseClaim(self.peer_static, self.peer_name),)
+
+
+#: host strings seen on sockets -> their normalized form, and (family, host) -> the
+#: host to pass to sendto (None: unsendable from that family). Parsing an address
+#: with :mod:`ipaddress` costs tens of microseconds, and a datagram needs it twice;
+#: the caches are bounded (cleared when full), so a flood of new addresses only
+#: costs the parsing it would have cost anyway.
+_ADDRESS_CACHE_MAX = 1024
+_normalized_hosts: dict[str, str] = {}
+_send_hosts: dict[tuple[int, str], str | None] = {}
+
+
+def _normalize_host(host: str) -> str:
+    found = _normalized_hosts.get(host)
+    if found is not None:
+        return found
+    out = host
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            out = str(ip.ipv4_mapped)
+    if len(_normalized_hosts) >= _ADDRESS_CACHE_MAX:
+        _normalized_hosts.clear()
+    _normalized_hosts[host] = out
+    return out
+
+
+def _send_host(family: int, host: str) -> str | None:
+    """``host`` as ``sendto`` on a ``family`` socket wants it; None if it cannot reach it."""
+    key = (family, host)
+    try:
+        return _send_hosts[key]
+    except KeyError:
+        pass
+    out: str | None = host
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        if family == socket.AF_INET6:
+            if isinstance(ip, ipaddress.IPv4Address):
+                out = "::ffff:" + host
+        elif isinstance(ip, ipaddress.IPv6Address):
+            out = None
+    if len(_send_hosts) >= _ADDRESS_CACHE_MAX:
+        _send_hosts.clear()
+    _send_hosts[key] = out
+    return out
+
+
+def normalize_address(addr: Any) -> Address:
+    """(host, port[, flow, scope]) from a socket -> (host, port), IPv4-mapped stripped."""
+    return (_normalize_host(str(addr[0])), int(addr[1]))
+
+
+def make_udp_socket(host: str, port: int) -> socket.socket:
+    """A bound non-blocking UDP socket; IPv6 binds are dual-stack (IPV6_V6ONLY=0)."""
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+    )
+    family, _type, proto, _canon, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setblocking(False)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: NoiseMessageInterface) -> None:
+        self.owner = owner
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.owner._datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        logger.info("UDP socket error (ignored; loss is handled by retransmission): %s", exc)
+
+
+class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
+    """aiocoap MessageInterface: CoAP messages in Noise records over one UDP socket."""
+
+    def __init__(
+        self,
+        mman: LinkMessageManager,
+        endpoint: SessionEndpoint,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        metrics: TransportMetrics | None = None,
+        block_size_exp: int = 6,
+        on_established: Callable[[NoiseRemote], None] | None = None,
+        on_closed: Callable[[NoiseRemote], None] | None = None,
+    ) -> None:
+        self._mman: LinkMessageManager | None = mman
+        self.endpoint = endpoint
+        self.loop = loop
+        self.metrics: TransportMetrics = metrics or NullMetrics()
+        self.block_size_exp = block_size_exp
+        self.on_established = on_established
+        self.on_closed = on_closed
+        self._transport: asyncio.DatagramTransport | None = None
+        self._family = socket.AF_INET6
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._by_channel: dict[int, NoiseRemote] = {}
+        self._client_remotes: dict[tuple[Any, ...], NoiseRemote] = {}
+        mman.on_retransmit = self._on_retransmit
+
+    # -- construction ----------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        mman: LinkMessageManager,
+        endpoint: SessionEndpoint,
+        *,
+        bind: Address,
+        metrics: TransportMetrics | None = None,
+        block_size_exp: int = 6,
+        on_established: Callable[[NoiseRemote], None] | None = None,
+        on_closed: Callable[[NoiseRemote], None] | None = None,
+    ) -> NoiseMessageInterface:
+        loop = asyncio.get_running_loop()
+        self = cls(
+            mman,
+            endpoint,
+            loop=loop,
+            metrics=metrics,
+            block_size_exp=block_size_exp,
+            on_established=on_established,
+            on_closed=on_closed,
+        )
+        await self._open(bind)
+        return self
+
+    async def _open(self, bind: Address) -> None:
+        sock = make_udp_socket(bind[0], bind[1])
+        self._family = sock.family
+        transport, _ = await self.loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+        self._transport = transport
+
+    async def rebind(self, bind: Address = ("::", 0)) -> Address:
+        """Move to a new local socket (a new source port); sessions continue (NAT rebinding)."""
+        old = self._transport
+        await self._open(bind)
+        if old is not None:
+            old.close()
+        return self.local_address
+
+    @property
+    def local_address(self) -> Address:
+        if self._transport is None:
+            raise RuntimeError("transport not open")
+        return normalize_address(self._transport.get_extra_info("sockname"))
+
+    def local_hostinfo(self) -> str:
+        host, port = self.local_address
+        return str(hostportjoin(host, port))
+
+    # -- remotes -------------------------------------------------------------------------
+
+    def client_remote(
+        self, addr: Address, *, peer_name: str, expected_static: bytes | None
+    ) -> NoiseRemote:
+        """The (stable) remote for a server we talk to; the channel is opened on first send."""
+        key = (addr, peer_name, expected_static)
+        remote = self._client_remotes.get(key)
+        if remote is None:
+            remote = NoiseRemote(
+                self,
+                addr,
+                peer_name=peer_name,
+                expected_static=expected_static,
+                initiator=True,
+                block_size_exp=self.block_size_exp,
+            )
+            self._client_remotes[key] = remote
+        return remote
+
+    def remote_for_channel(self, channel: int) -> NoiseRemote | None:
+        return self._by_channel.get(channel)
+
+    def close_remote(self, remote: NoiseRemote) -> None:
+        """Close the remote's channel (if any); pending exchanges fail with LinkDown."""
+        if remote.channel is not None:
+            self._run(self.endpoint.close(remote.channel))
+
+    # -- MessageInterface ----------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        remote = message.remote
+        if self._mman is None or self._transport is None:
+            logger.info("not sending %r: transport is shutting down", message)
+            return
+        if not isinstance(remote, NoiseRemote) or remote.interface is not self:
+            logger.warning("message for a foreign remote %r dropped", remote)
+            return
+        data = message.encode()
+        if remote.channel is None:
+            early = None
+            tuning = message.transport_tuning
+            if isinstance(tuning, LinkTuning) and tuning.early_data:
+                early = data
+            try:
+                channel, events = self.endpoint.connect(
+                    remote.addr,
+                    peer_name=remote.peer_name or remote.hostinfo,
+                    peer_static=remote.expected_static,
+                    early_data=early,
+                    rto=self._mman.estimator(remote).base_rto,
+                    bandwidth_bps=self._mman.params.bandwidth_bps,
+                )
+            except SynapseCoapError as e:
+                logger.warning("cannot open a channel to %s: %s", remote.hostinfo, e)
+                remote.last_error = e
+                self.loop.call_soon(self._fail_remote, remote, e)
+                return
+            remote.channel = channel
+            remote.established = False
+            remote.established_event.clear()
+            self._by_channel[channel] = remote
+            remote.queued_behind_handshake = early is None
+            self._process(events)
+            if early is not None:
+                return
+        try:
+            events = self.endpoint.send(remote.channel, data)
+        except SynapseCoapError as e:
+            logger.warning("cannot send on channel %s: %s", remote.channel, e)
+            self.metrics.dropped("send_failed")
+            return
+        self._process(events)
+
+    async def determine_remote(self, message: Any) -> None:
+        # Remotes are always set by CoapClient (client_remote); URIs are not routed here.
+        return None
+
+    async def recognize_remote(self, remote: Any) -> bool:
+        return isinstance(remote, NoiseRemote) and remote.interface is self
+
+    async def shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._mman = None  # the message manager is shutting down: no more callbacks
+        for remote in list(self._by_channel.values()):
+            if remote.channel is not None:
+                try:
+                    self._process(self.endpoint.close(remote.channel))
+                except Exception:  # pragma: no cover - best effort
+                    logger.debug("close on shutdown failed", exc_info=True)
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        self._by_channel.clear()
+        self._client_remotes.clear()
+
+    # -- driving the endpoint ------------------------------------------------------------
+
+    def _datagram_received(self, data: bytes, addr: Any) -> None:
+        self.metrics.datagram("in", _datagram_kind(data), len(data))
+        try:
+            events = self.endpoint.datagram_received(data, normalize_address(addr))
+        except Exception:
+            logger.exception("session layer raised on a datagram (bug); dropped")
+            self.metrics.dropped("internal_error")
+            return
+        self._process(events)
+
+    def _run(self, events: list[Any]) -> None:
+        self._process(events)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            events = self.endpoint.handle_timers()
+        except Exception:
+            logger.exception("session layer timer failed (bug)")
+            events = []
+        self._process(events)
+
+    def _reschedule(self) -> None:
+        if self._transport is None:
+            return
+        at = self.endpoint.next_timer()
+        if at is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self._timer_at = None
+            return
+        if self._timer is not None and self._timer_at == at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_retransmit(self, remote: Any, sent_at: float, counter: int) -> None:
+        """A confirmable message is retransmitted: maybe the peer lost our session.
+
+        Only when nothing at all was heard on the channel since the message was
+        sent, for at least twice the message's first wait: on the first
+        retransmission after a quiet period (a restarted peer is found within one
+        retransmission), else on the second (at heavy loss a first retransmission
+        is routine, and the old session usually still works). The session layer
+        rate-limits further (one re-handshake at a time, backoff)."""
+        if not isinstance(remote, NoiseRemote) or remote.interface is not self:
+            return
+        if remote.channel is None or not remote.established or self._mman is None:
+            return
+        if remote.last_received >= sent_at:
+            return
+        now = self.loop.time()
+        silence = now - remote.last_received
+        if counter < 2 and silence < 2 * (now - sent_at):
+            return
+        logger.info(
+            "nothing heard from %s for %.1f s: checking the session", remote.hostinfo, silence
+        )
+        self.endpoint.set_link_hint(
+            remote.channel,
+            self._mman.estimator(remote).base_rto,
+            self._mman.params.bandwidth_bps,
+        )
+        self._process(self.endpoint.suspect_lost(remote.channel))
+
+    def _sendto(self, data: bytes, addr: Address) -> None:
+        if self._transport is None:
+            return
+        host, port = addr
+        target = _send_host(self._family, host)
+        if target is None:
+            logger.warning("cannot send to IPv6 %s from an IPv4 socket", host)
+            self.metrics.dropped("address_family")
+            return
+        self.metrics.datagram("out", _datagram_kind(data), len(data))
+        self._transport.sendto(data, (target, port))
+
+    def _process(self, events: Sequence[Any]) -> None:
+        sessions_changed = False
+        for ev in events:
+            try:
+                if isinstance(ev, Transmit):
+                    # a responder's keys exist once IK2 is written (maybe after the
+                    # ChannelEstablished event): recount sessions after handshake datagrams
+                    sessions_changed = sessions_changed or _datagram_kind(ev.data) == "handshake"
+                    self._ev_transmit(ev)
+                elif isinstance(ev, Received):
+                    self._ev_received(ev)
+                elif isinstance(ev, ChannelEstablished):
+                    self._ev_established(ev)
+                elif isinstance(ev, ChannelClosed):
+                    self._ev_closed(ev)
+                elif isinstance(ev, HandshakeFailed):
+                    self._ev_handshake_failed(ev)
+                elif isinstance(ev, Dropped):
+                    self._ev_dropped(ev)
+                else:
+                    logger.debug("unhandled session event %r", type(ev).__name__)
+            except Exception:
+                logger.exception("handling session event %s failed", type(ev).__name__)
+        if sessions_changed:
+            self.metrics.sessions(self.endpoint.active_channels())
+        self._reschedule()
+
+    def _ev_transmit(self, ev: Transmit) -> None:
+        self._sendto(ev.data, ev.addr)
+
+    def _ev_established(self, ev: ChannelEstablished) -> None:
+        remote = self._by_channel.get(ev.channel)
+        if remote is None:
+            remote = NoiseRemote(
+                self,
+                ev.addr,
+                peer_name=ev.peer_name,
+                expected_static=None,
+                initiator=bool(ev.initiator),
+                channel=ev.channel,
+                block_size_exp=self.block_size_exp,
+            )
+            self._by_channel[ev.channel] = remote
+        remote.addr = ev.addr
+        remote.established = True
+        remote.establishments += 1
+        remote.peer_static = ev.peer_static
+        if ev.peer_name is not None:
+            remote.peer_name = ev.peer_name
+        remote.profile_id = ev.profile_id
+        remote.peer_app_payload = ev.peer_app_payload
+        remote.last_received = self.loop.time()
+        remote.last_error = None
+        if remote.queued_behind_handshake and self._mman is not None:
+            remote.queued_behind_handshake = False
+            self._mman.estimator(remote).restamp()
+        remote.established_event.set()
+        self.metrics.handshake("ok")
+        self.metrics.sessions(self.endpoint.active_channels())
+        if self.on_established is not None:
+            self.on_established(remote)
+
+    def _ev_received(self, ev: Received) -> None:
+        remote = self._by_channel.get(ev.channel)
+        if remote is None:
+            self.metrics.dropped("unknown_channel")
+            return
+        remote.addr = ev.addr
+        remote.last_received = self.loop.time()
+        if self._mman is None:
+            return
+        try:
+            message = Message.decode(ev.plaintext, remote)
+        except coap_error.UnparsableMessage:
+            logger.warning("unparsable CoAP message in a record from %s; dropped", remote.hostinfo)
+            self.metrics.dropped("bad_coap")
+            return
+        message.direction = Direction.INCOMING
+        self._mman.dispatch_message(message)
+
+    def _fail_remote(self, remote: NoiseRemote, error: SynapseCoapError) -> None:
+        if self._mman is not None:
+            self._mman.dispatch_error(NoiseLinkError(error), remote)
+
+    def _ev_closed(self, ev: ChannelClosed) -> None:
+        remote = self._by_channel.pop(ev.channel, None)
+        self.metrics.sessions(self.endpoint.active_channels())
+        if remote is None:
+            return
+        remote.channel = None
+        remote.established = False
+        remote.established_event.clear()
+        err = remote.last_error or LinkDown(f"session with {remote.hostinfo} closed: {ev.reason}")
+        if self.on_closed is not None:
+            self.on_closed(remote)
+        self._fail_remote(remote, err)
+        if self._mman is not None:
+            self._mman.forget_remote(remote)
+
+    def _ev_handshake_failed(self, ev: HandshakeFailed) -> None:
+        error: SynapseCoapError = ev.error
+        self.metrics.handshake("refused" if isinstance(error, TrustError) else "failed")
+        logger.warning("handshake with %s failed: %s", ev.addr, ev.reason)
+        if ev.channel is None:
+            return
+        if self.endpoint.channel_open(ev.channel):
+            # A re-handshake failed but the old session still works: not a link failure.
+            logger.info("channel %s keeps its current session", ev.channel)
+            return
+        remote = self._by_channel.pop(ev.channel, None)
+        if remote is None:
+            return
+        remote.channel = None
+        remote.established = False
+        remote.last_error = error
+        self._fail_remote(remote, error)
+
+    def _ev_dropped(self, ev: Dropped) -> None:
+        self.metrics.dropped(str(ev.reason))
+        logger.debug("dropped %d bytes from %s: %s", ev.size, ev.addr, ev.reason)

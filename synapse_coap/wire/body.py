@@ -1,0 +1,751 @@
+"""The body codec: a JSON value <-> compact bytes, exactly.
+
+Layout (documented in docs/wire-body.md):
+
+* the value becomes CBOR (RFC 8949) where
+  - map keys found in the profile's key table are small integers
+    (zig-zag: table index 0, 1, 2, 3 ... -> 0, -1, 1, -2 ..., so 48 keys take one byte);
+  - strings found in the profile's value table are CBOR simple values
+    (index 0-19 -> one byte, 20-243 -> two bytes);
+  - identifiers and base64 are binary under private tags, only when the
+    decoder gives back the identical string (checked on encode);
+  - a federation PDU's ``hashes.sha256`` is left out when the receiver can
+    recompute it exactly;
+  - in a session with a string table (wire/strings.py), strings the receiver
+    certainly holds are tags 4/5 wrapping a short reference;
+* then raw DEFLATE (level 9, with and without the profile's preset
+  dictionary) is tried, and the smallest form is sent.  Plain CBOR is sent as
+  is (its first byte is never 0xfc-0xfe); compressed forms start with a
+  one-byte marker: 0xfc = DEFLATE, 0xfd = DEFLATE with the profile dictionary.
+
+Decoding checks every cap before allocating: encoded size, inflated size
+(``max_length``), nesting depth and item count.  It is iterative, so no input
+can cause a RecursionError.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+import attrs
+
+from synapse_coap.errors import LimitExceeded, LocalProtocolError, RemoteProtocolError
+from synapse_coap.wire import cbor
+from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.profile import Profile
+from synapse_coap.wire.strings import TAG_REF, TAG_REF_WIDE
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+#: identifier -> (tag, uint) of a session string table reference (see wire/strings.py)
+StringRefs: TypeAlias = Mapping[str, tuple[int, int]]
+#: (tag, uint) -> the referenced string; raises UnknownStringReference
+StringResolver: TypeAlias = Callable[[int, int], str]
+
+# --- markers (first byte of an encoded body) --------------------------------------------
+MARKER_DEFLATE = 0xFC
+MARKER_DEFLATE_DICT = 0xFD
+# 0xFE and 0xFF are reserved (0xff is also never a valid first CBOR byte here).
+
+# --- private CBOR tags ---------------------------------------------------------------------
+TAG_BIGNUM_POS = 2  # RFC 8949 bignums, for ints outside +-2**64
+TAG_BIGNUM_NEG = 3
+# 4, 5: session string table references (synapse_coap.wire.strings.TAG_REF, TAG_REF_WIDE)
+TAG_EVENT_ID = 6  # "$" + 43 url-safe unpadded base64 chars  <- 32 bytes
+TAG_ROOM_HASH_ID = 7  # "!" + 43 url-safe unpadded base64 chars (room v12) <- 32 bytes
+TAG_B64 = 8  # unpadded standard base64 <- bytes
+TAG_B64URL = 9  # unpadded url-safe base64 <- bytes
+TAG_SIGIL_0 = 10  # 10-13: "@", "!", "#", "$" + local + ":" + server_names[0]; 14-17 server 1
+TAG_SERVER = 18  # server_names[uint]
+TAG_EVENT_ID_LIST = 19  # list of n >= 1 event ids <- 32*n bytes
+TAG_ED25519_KEY_ID = 20  # "ed25519:" + text
+TAG_TS_DELTA = 21  # big int (2**32 <= n < 2**64) as delta from the previous one (timestamps)
+TAG_MXC_0 = 22  # "mxc://" + server_names[0] + "/" + text
+TAG_DERIVED_SHA256 = 23  # {"sha256": content hash of the enclosing PDU}, content null
+TAG_SIGIL_BASE = 32  # 32 + 4*k + sigil for server index k (2-byte tag)
+TAG_MXC_BASE = 224  # 224 + k for server index k (2-byte tag)
+MAX_SERVER_REFS = 32  # server indices >= this are sent as text
+
+SIGILS = "@!#$"
+_B64_MIN_LEN = 20  # shorter strings are more likely words; they stay text
+_B64_STD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+_B64_URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_ED25519 = "ed25519:"
+_TS_LOW = 1 << 32  # ints in [_TS_LOW, _TS_HIGH) take part in delta coding
+_TS_HIGH = 1 << 64
+_MAX_ENCODE_DEPTH = 400  # stays under Python's recursion limit
+
+
+@attrs.frozen
+class BodyLimits:
+    """Caps applied when decoding a body from the network.
+
+    ``max_encoded_bytes``: the body as received (compressed or not).
+    ``max_decoded_bytes``: CBOR bytes after inflating; a decompression bomb stops here.
+    ``max_depth``: nesting of arrays, maps and tags.
+    ``max_items``: data items in total (every key, value and element counts).
+    """
+
+    max_encoded_bytes: int = 16 * 1024 * 1024
+    max_decoded_bytes: int = 64 * 1024 * 1024
+    max_depth: int = 128
+    max_items: int = 2_000_000
+
+
+DEFAULT_BODY_LIMITS = BodyLimits()
+
+
+# =========================================================================================
+# helpers shared by both directions
+# =========================================================================================
+
+
+def _b64_unpadded(raw: bytes, url: bool) -> str:
+    enc = base64.urlsafe_b64encode(raw) if url else base64.b64encode(raw)
+    return enc.rstrip(b"=").decode("ascii")
+
+
+def _b64_decode_exact(text: str, url: bool) -> bytes | None:
+    """The bytes whose unpadded base64 is exactly ``text``, or None."""
+    if len(text) % 4 == 1:
+        return None
+    try:
+        padded = text + "=" * (-len(text) % 4)
+        raw = base64.urlsafe_b64decode(padded) if url else base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if _b64_unpadded(raw, url) != text:
+        return None
+    return raw
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), sort_keys=True
+    ).encode("utf-8")
+
+
+def content_hash(pdu: dict[str, Any]) -> str | None:
+    """Matrix content hash of an event (spec: without unsigned, signatures, hashes).
+
+    None when the event cannot be put in canonical JSON.
+    """
+    stripped = {k: v for k, v in pdu.items() if k not in ("unsigned", "signatures", "hashes")}
+    try:
+        data = _canonical_json(stripped)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return _b64_unpadded(hashlib.sha256(data).digest(), url=False)
+
+
+def _zigzag(index: int) -> int:
+    return index // 2 if index % 2 == 0 else -(index + 1) // 2
+
+
+def _unzigzag(n: int) -> int:
+    return 2 * n if n >= 0 else -2 * n - 1
+
+
+@attrs.frozen
+class _Tables:
+    key_index: dict[str, int]
+    value_index: dict[str, int]
+
+
+_TABLES: dict[tuple[int, bytes], _Tables] = {}
+
+
+def _tables(profile: Profile) -> _Tables:
+    cache_key = (profile.id, profile.content_hash)
+    t = _TABLES.get(cache_key)
+    if t is None or len(_TABLES) > 16:
+        if len(_TABLES) > 16:
+            _TABLES.clear()
+        t = _Tables(
+            key_index={k: i for i, k in enumerate(profile.keys)},
+            value_index={v: i for i, v in enumerate(profile.values) if i < 244},
+        )
+        _TABLES[cache_key] = t
+    return t
+
+
+def _simple_index(i: int) -> int:
+    """Value-table index -> CBOR simple value number (skipping 20-31)."""
+    return i if i < 20 else i + 12
+
+
+def _value_from_simple(n: int) -> int:
+    return n if n < 20 else n - 12
+
+
+# =========================================================================================
+# encoder
+# =========================================================================================
+
+
+class _Encoder:
+    def __init__(
+        self, profile: Profile, context: WireContext, refs: StringRefs | None = None
+    ) -> None:
+        self.refs = refs or None
+        t = _tables(profile)
+        self.key_index = t.key_index
+        self.value_index = t.value_index
+        self.servers = {name: i for i, name in enumerate(context.server_names[:MAX_SERVER_REFS])}
+        self.out: list[bytes] = []
+        self.prev_big: int | None = None  # last int in [_TS_LOW, _TS_HIGH) in value position
+
+    # -- strings ---------------------------------------------------------------------------
+    def text(self, s: str) -> None:
+        try:
+            raw = s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise LocalProtocolError(
+                "string is not valid Unicode (lone surrogate); carry the body as raw JSON"
+            ) from e
+        self.out.append(cbor.head(cbor.MAJOR_TEXT, len(raw)))
+        self.out.append(raw)
+
+    def tagged_bytes(self, tag: int, raw: bytes) -> None:
+        self.out.append(cbor.head(cbor.MAJOR_TAG, tag))
+        self.out.append(cbor.head(cbor.MAJOR_BYTES, len(raw)))
+        self.out.append(raw)
+
+    def string(self, s: str) -> None:
+        out = self.out
+        idx = self.value_index.get(s)
+        if idx is not None and (idx < 20 or len(s) >= 2):
+            n = _simple_index(idx)
+            out.append(bytes((0xE0 | n,)) if n < 20 else bytes((0xF8, n)))
+            return
+        n_len = len(s)
+        if n_len == 0:
+            out.append(b"\x60")
+            return
+        if self.refs is not None:
+            ref = self.refs.get(s)
+            if ref is not None:
+                out.append(cbor.head(cbor.MAJOR_TAG, ref[0]))
+                out.append(cbor.head(cbor.MAJOR_UINT, ref[1]))
+                return
+        srv = self.servers.get(s)
+        if srv is not None:
+            out.append(cbor.head(cbor.MAJOR_TAG, TAG_SERVER))
+            out.append(cbor.head(cbor.MAJOR_UINT, srv))
+            return
+        first = s[0]
+        if n_len == 44 and first in "$!":
+            raw = _b64_decode_exact(s[1:], url=True)
+            if raw is not None:
+                self.tagged_bytes(TAG_EVENT_ID if first == "$" else TAG_ROOM_HASH_ID, raw)
+                return
+        if first in SIGILS:
+            colon = s.find(":")
+            if colon > 0:
+                k = self.servers.get(s[colon + 1 :])
+                if k is not None:
+                    sig = SIGILS.index(first)
+                    tag = TAG_SIGIL_0 + 4 * k + sig if k < 2 else TAG_SIGIL_BASE + 4 * k + sig
+                    out.append(cbor.head(cbor.MAJOR_TAG, tag))
+                    self.text(s[1:colon])
+                    return
+        if s.startswith(_ED25519) and n_len > len(_ED25519):
+            out.append(cbor.head(cbor.MAJOR_TAG, TAG_ED25519_KEY_ID))
+            self.text(s[len(_ED25519) :])
+            return
+        if s.startswith("mxc://"):
+            slash = s.find("/", 6)
+            if slash > 0:
+                k = self.servers.get(s[6:slash])
+                if k is not None:
+                    out.append(cbor.head(cbor.MAJOR_TAG, TAG_MXC_0 if k == 0 else TAG_MXC_BASE + k))
+                    self.text(s[slash + 1 :])
+                    return
+        if n_len >= _B64_MIN_LEN:
+            chars = set(s)
+            for url, alphabet, tag in ((False, _B64_STD, TAG_B64), (True, _B64_URL, TAG_B64URL)):
+                if chars <= alphabet:
+                    raw = _b64_decode_exact(s, url)
+                    if raw is not None:
+                        self.tagged_bytes(tag, raw)
+                        return
+        self.text(s)
+
+    def key(self, k: object) -> None:
+        if not isinstance(k, str):
+            raise LocalProtocolError(f"JSON object key must be a string, not {type(k).__name__}")
+        idx = self.key_index.get(k)
+        if idx is not None:
+            z = _zigzag(idx)
+            enc = cbor.head(cbor.MAJOR_UINT, z) if z >= 0 else cbor.head(cbor.MAJOR_NEGINT, -1 - z)
+            if len(enc) <= 1 + len(k.encode("utf-8", "surrogatepass")):
+                self.out.append(enc)
+                return
+        self.string(k)
+
+    # -- values ----------------------------------------------------------------------------
+    def value(self, v: object, depth: int) -> None:
+        out = self.out
+        if isinstance(v, str):
+            self.string(v)
+        elif v is None:
+            out.append(cbor.NULL)
+        elif v is True:
+            out.append(cbor.TRUE)
+        elif v is False:
+            out.append(cbor.FALSE)
+        elif isinstance(v, int):
+            self.integer(v)
+        elif isinstance(v, float):
+            out.append(cbor.encode_float(v))
+        elif isinstance(v, dict):
+            if depth >= _MAX_ENCODE_DEPTH:
+                raise LocalProtocolError("JSON value nested too deeply to encode")
+            derived = self.derived_hash(v)
+            out.append(cbor.head(cbor.MAJOR_MAP, len(v)))
+            for k, item in v.items():
+                self.key(k)
+                if derived and k == "hashes":
+                    out.append(cbor.head(cbor.MAJOR_TAG, TAG_DERIVED_SHA256))
+                    out.append(cbor.NULL)
+                else:
+                    self.value(item, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            if depth >= _MAX_ENCODE_DEPTH:
+                raise LocalProtocolError("JSON value nested too deeply to encode")
+            if v and self.event_id_list(v):
+                return
+            out.append(cbor.head(cbor.MAJOR_ARRAY, len(v)))
+            for item in v:
+                self.value(item, depth + 1)
+        else:
+            raise LocalProtocolError(f"not a JSON value: {type(v).__name__}")
+
+    def integer(self, v: int) -> None:
+        out = self.out
+        if v >= 0:
+            if v < _TS_HIGH:
+                if v >= _TS_LOW:
+                    prev = self.prev_big
+                    self.prev_big = v
+                    if prev is not None and -_TS_LOW < v - prev < _TS_LOW:
+                        delta = v - prev
+                        out.append(cbor.head(cbor.MAJOR_TAG, TAG_TS_DELTA))
+                        if delta >= 0:
+                            out.append(cbor.head(cbor.MAJOR_UINT, delta))
+                        else:
+                            out.append(cbor.head(cbor.MAJOR_NEGINT, -1 - delta))
+                        return
+                out.append(cbor.head(cbor.MAJOR_UINT, v))
+            else:
+                self.tagged_bytes(TAG_BIGNUM_POS, v.to_bytes((v.bit_length() + 7) // 8, "big"))
+        else:
+            n = -1 - v
+            if n < (1 << 64):
+                out.append(cbor.head(cbor.MAJOR_NEGINT, n))
+            else:
+                self.tagged_bytes(TAG_BIGNUM_NEG, n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+    def event_id_list(self, v: list[Any] | tuple[Any, ...]) -> bool:
+        parts = []
+        refs = self.refs
+        for item in v:
+            if not (isinstance(item, str) and len(item) == 44 and item[0] == "$"):
+                return False
+            if refs is not None and item in refs:
+                return False  # an array of references is shorter
+            raw = _b64_decode_exact(item[1:], url=True)
+            if raw is None or len(raw) != 32:
+                return False
+            parts.append(raw)
+        self.tagged_bytes(TAG_EVENT_ID_LIST, b"".join(parts))
+        return True
+
+    @staticmethod
+    def derived_hash(d: dict[Any, Any]) -> bool:
+        hashes = d.get("hashes")
+        if not (isinstance(hashes, dict) and len(hashes) == 1):
+            return False
+        given = hashes.get("sha256")
+        if not isinstance(given, str):
+            return False
+        return content_hash(d) == given
+
+
+def _encode_cbor(
+    value: JSONValue, profile: Profile, context: WireContext, refs: StringRefs | None = None
+) -> bytes:
+    enc = _Encoder(profile, context, refs)
+    try:
+        enc.value(value, 0)
+    except RecursionError as e:  # pragma: no cover - guarded by _MAX_ENCODE_DEPTH
+        raise LocalProtocolError("JSON value nested too deeply to encode") from e
+    return b"".join(enc.out)
+
+
+def _deflate(data: bytes, zdict: bytes) -> bytes:
+    if zdict:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict)
+    else:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    return c.compress(data) + c.flush()
+
+
+def encode_body(
+    value: JSONValue,
+    profile: Profile,
+    context: WireContext = WireContext(),
+    refs: StringRefs | None = None,
+) -> bytes:
+    """Encode a JSON value; the result's first byte says which encoding was used.
+
+    ``refs``: strings the receiver's session string table holds, as
+    (tag, uint) references (:class:`synapse_coap.wire.strings.SenderStrings`);
+    without it the output is the same as before the table existed.
+
+    Raises LocalProtocolError if the value cannot be represented exactly
+    (lone surrogates, non-string keys, non-JSON types); callers then carry raw JSON.
+    """
+    raw = _encode_cbor(value, profile, context, refs)
+    best = raw
+    if len(raw) > 4:
+        plain = _deflate(raw, b"")
+        if len(plain) + 1 < len(best):
+            best = bytes((MARKER_DEFLATE,)) + plain
+        if profile.dictionary:
+            with_dict = _deflate(raw, profile.dictionary)
+            if len(with_dict) + 1 < len(best):
+                best = bytes((MARKER_DEFLATE_DICT,)) + with_dict
+    return best
+
+
+def encode_stages(
+    value: JSONValue, profile: Profile, context: WireContext = WireContext()
+) -> dict[str, bytes]:
+    """Each stage of the pipeline, for the benchmark.
+
+    ``cbor``: generic CBOR with text keys (cbor2); ``cbor_int_keys``: the profile's
+    CBOR (integer keys, value table, binary identifiers); ``deflate``: that, raw
+    DEFLATE without dictionary; ``dictionary``: with the profile dictionary;
+    ``final``: what :func:`encode_body` sends.
+    """
+    import cbor2
+
+    try:
+        generic = cbor2.dumps(value)
+    except (UnicodeEncodeError, cbor2.CBOREncodeError, TypeError, ValueError) as e:
+        raise LocalProtocolError(f"cannot encode as CBOR: {e}") from e
+    raw = _encode_cbor(value, profile, context)
+    return {
+        "cbor": generic,
+        "cbor_int_keys": raw,
+        "deflate": _deflate(raw, b""),
+        "dictionary": _deflate(raw, profile.dictionary),
+        "final": encode_body(value, profile, context),
+    }
+
+
+# =========================================================================================
+# decoder
+# =========================================================================================
+
+
+class _Derived:
+    """Placeholder for a ``hashes`` value the decoder recomputes."""
+
+
+_DERIVED = _Derived()
+_NO_KEY = object()
+
+
+class _Frame:
+    __slots__ = ("container", "derived", "key", "kind", "remaining", "tag")
+
+    def __init__(self, kind: int, container: Any, remaining: int, tag: int = 0) -> None:
+        self.kind = kind  # 0 array, 1 map, 2 tag
+        self.container = container
+        self.remaining = remaining
+        self.tag = tag
+        self.key: Any = _NO_KEY
+        self.derived = False
+
+
+_ALLOWED_TAGS_1 = frozenset(range(2, 24))
+
+
+class _Decoder:
+    def __init__(
+        self,
+        data: bytes,
+        profile: Profile,
+        context: WireContext,
+        limits: BodyLimits,
+        resolve: StringResolver | None = None,
+    ) -> None:
+        self.resolve = resolve
+        self.data = data
+        self.keys = profile.keys
+        self.values = profile.values
+        self.servers = context.server_names
+        self.limits = limits
+        self.prev_big: int | None = None
+
+    def fail(self, msg: str) -> RemoteProtocolError:
+        return RemoteProtocolError(f"bad body: {msg}")
+
+    def server(self, k: int) -> str:
+        if k >= len(self.servers) or k >= MAX_SERVER_REFS:
+            raise self.fail(f"server reference {k} is not in this session's context")
+        return self.servers[k]
+
+    def apply_tag(self, tag: int, content: Any) -> Any:
+        if tag == TAG_DERIVED_SHA256:
+            if content is not None:
+                raise self.fail("derived-hash tag must wrap null")
+            return _DERIVED
+        if tag == TAG_TS_DELTA:
+            if type(content) is not int or self.prev_big is None:
+                raise self.fail("timestamp delta without a previous timestamp")
+            n = self.prev_big + content
+            if not _TS_LOW <= n < _TS_HIGH:
+                raise self.fail("timestamp delta out of range")
+            return n
+        if tag in (TAG_REF, TAG_REF_WIDE):
+            if type(content) is not int or content < 0:
+                raise self.fail("string reference must wrap an unsigned integer")
+            if self.resolve is None:
+                raise self.fail("string reference outside a session string table")
+            return self.resolve(tag, content)
+        if tag in (TAG_BIGNUM_POS, TAG_BIGNUM_NEG):
+            if not isinstance(content, bytes):
+                raise self.fail(f"tag {tag} must wrap a byte string")
+            n = int.from_bytes(content, "big")
+            return n if tag == TAG_BIGNUM_POS else -1 - n
+        if tag in (TAG_EVENT_ID, TAG_ROOM_HASH_ID, TAG_EVENT_ID_LIST, TAG_B64, TAG_B64URL):
+            if not isinstance(content, bytes):
+                raise self.fail(f"tag {tag} must wrap a byte string")
+            if tag == TAG_B64:
+                return _b64_unpadded(content, url=False)
+            if tag == TAG_B64URL:
+                return _b64_unpadded(content, url=True)
+            if tag == TAG_EVENT_ID_LIST:
+                if not content or len(content) % 32:
+                    raise self.fail("event id list must be a non-empty multiple of 32 bytes")
+                return [
+                    "$" + _b64_unpadded(content[i : i + 32], url=True)
+                    for i in range(0, len(content), 32)
+                ]
+            if len(content) != 32:
+                raise self.fail("identifier hash must be 32 bytes")
+            sigil = "$" if tag == TAG_EVENT_ID else "!"
+            return sigil + _b64_unpadded(content, url=True)
+        if tag == TAG_SERVER:
+            if not isinstance(content, int) or isinstance(content, bool) or content < 0:
+                raise self.fail("server tag must wrap an unsigned integer")
+            return self.server(content)
+        if not isinstance(content, str):
+            raise self.fail(f"tag {tag} must wrap a text string")
+        if TAG_SIGIL_0 <= tag < TAG_SIGIL_0 + 8:
+            k, sig = divmod(tag - TAG_SIGIL_0, 4)
+            return SIGILS[sig] + content + ":" + self.server(k)
+        if TAG_SIGIL_BASE <= tag < TAG_SIGIL_BASE + 4 * MAX_SERVER_REFS:
+            k, sig = divmod(tag - TAG_SIGIL_BASE, 4)
+            return SIGILS[sig] + content + ":" + self.server(k)
+        if tag == TAG_ED25519_KEY_ID:
+            return _ED25519 + content
+        if tag == TAG_MXC_0:
+            return "mxc://" + self.server(0) + "/" + content
+        if TAG_MXC_BASE <= tag < TAG_MXC_BASE + MAX_SERVER_REFS:
+            return "mxc://" + self.server(tag - TAG_MXC_BASE) + "/" + content
+        raise self.fail(f"unknown tag {tag}")  # pragma: no cover - filtered earlier
+
+    @staticmethod
+    def tag_allowed(tag: int) -> bool:
+        return (
+            tag in _ALLOWED_TAGS_1
+            or TAG_SIGIL_BASE <= tag < TAG_SIGIL_BASE + 4 * MAX_SERVER_REFS
+            or TAG_MXC_BASE <= tag < TAG_MXC_BASE + MAX_SERVER_REFS
+        )
+
+    def finish_map(self, frame: _Frame) -> None:
+        if frame.derived:
+            d = frame.container
+            h = content_hash(d)
+            if h is None:
+                raise self.fail("cannot recompute the content hash of this event")
+            d["hashes"] = {"sha256": h}
+
+    def decode(self) -> JSONValue:
+        data = self.data
+        end = len(data)
+        limits = self.limits
+        max_depth = limits.max_depth
+        items_left = limits.max_items
+        stack: list[_Frame] = []
+        pos = 0
+        keys = self.keys
+        values = self.values
+        while True:
+            items_left -= 1
+            if items_left < 0:
+                raise LimitExceeded(f"body has more than {limits.max_items} items")
+            major, info, arg, pos = cbor.read_head(data, pos)
+            value: Any
+            if major == cbor.MAJOR_UINT:
+                value = arg
+            elif major == cbor.MAJOR_NEGINT:
+                value = -1 - arg
+            elif major in (cbor.MAJOR_BYTES, cbor.MAJOR_TEXT):
+                if arg > end - pos:
+                    raise self.fail("string runs past the end of the body")
+                chunk = data[pos : pos + arg]
+                pos += arg
+                if major == cbor.MAJOR_BYTES:
+                    value = chunk
+                else:
+                    try:
+                        value = chunk.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise self.fail("text string is not valid UTF-8") from e
+            elif major in (cbor.MAJOR_ARRAY, cbor.MAJOR_MAP):
+                need = arg if major == cbor.MAJOR_ARRAY else 2 * arg
+                if need > end - pos:
+                    raise self.fail("container runs past the end of the body")
+                if need > items_left:
+                    raise LimitExceeded(f"body has more than {limits.max_items} items")
+                if arg == 0:
+                    value = [] if major == cbor.MAJOR_ARRAY else {}
+                else:
+                    if len(stack) >= max_depth:
+                        raise LimitExceeded(f"body nested deeper than {max_depth}")
+                    if major == cbor.MAJOR_ARRAY:
+                        stack.append(_Frame(0, [], arg))
+                    else:
+                        stack.append(_Frame(1, {}, arg))
+                    continue
+            elif major == cbor.MAJOR_TAG:
+                if not self.tag_allowed(arg):
+                    raise self.fail(f"unknown tag {arg}")
+                if len(stack) >= max_depth:
+                    raise LimitExceeded(f"body nested deeper than {max_depth}")
+                stack.append(_Frame(2, None, 1, arg))
+                continue
+            else:  # major 7
+                if info in (25, 26, 27):
+                    if pos + arg > end:
+                        raise self.fail("float runs past the end of the body")
+                    value = cbor.decode_float(arg, data[pos : pos + arg])
+                    pos += arg
+                elif arg == 20:
+                    value = False
+                elif arg == 21:
+                    value = True
+                elif arg == 22:
+                    value = None
+                elif (info < 24 and arg < 20) or (info == 24 and arg >= 32):
+                    idx = _value_from_simple(arg)
+                    if idx >= len(values):
+                        raise self.fail(f"simple value {arg} is not in the value table")
+                    value = values[idx]
+                else:
+                    raise self.fail(f"unsupported simple value {arg}")
+            # deliver `value` upwards, closing finished containers
+            while True:
+                if not stack:
+                    if pos != end:
+                        raise self.fail(f"{end - pos} trailing bytes after the body")
+                    if value is _DERIVED:
+                        raise self.fail("derived hash outside an event")
+                    result: JSONValue = value
+                    return result
+                top = stack[-1]
+                if top.kind == 2:
+                    stack.pop()
+                    value = self.apply_tag(top.tag, value)
+                    continue
+                if top.kind == 0:
+                    if value is _DERIVED:
+                        raise self.fail("derived hash outside an event")
+                    if type(value) is int and _TS_LOW <= value < _TS_HIGH:
+                        self.prev_big = value
+                    top.container.append(value)
+                    top.remaining -= 1
+                else:
+                    if top.key is _NO_KEY:
+                        if isinstance(value, int) and not isinstance(value, bool):
+                            idx = _unzigzag(value)
+                            if idx >= len(keys):
+                                raise self.fail(f"key {value} is not in the key table")
+                            value = keys[idx]
+                        elif not isinstance(value, str):
+                            raise self.fail("map key is not a string")
+                        if value in top.container:
+                            raise self.fail(f"duplicate map key {value!r}")
+                        top.key = value
+                        break
+                    if value is _DERIVED:
+                        if top.key != "hashes":
+                            raise self.fail("derived hash outside an event's hashes")
+                        top.derived = True
+                    elif type(value) is int and _TS_LOW <= value < _TS_HIGH:
+                        self.prev_big = value
+                    top.container[top.key] = value
+                    top.key = _NO_KEY
+                    top.remaining -= 1
+                if top.remaining:
+                    break
+                stack.pop()
+                if top.kind == 1:
+                    self.finish_map(top)
+                value = top.container
+
+
+def _inflate(data: bytes, zdict: bytes, limits: BodyLimits) -> bytes:
+    try:
+        d = zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15)
+        out = d.decompress(data, limits.max_decoded_bytes + 1)
+    except zlib.error as e:
+        raise RemoteProtocolError(f"bad body: DEFLATE stream is corrupt ({e})") from e
+    if len(out) > limits.max_decoded_bytes:
+        raise LimitExceeded(f"body inflates to more than {limits.max_decoded_bytes} bytes")
+    if not d.eof:
+        raise RemoteProtocolError("bad body: DEFLATE stream is truncated")
+    if d.unused_data:
+        raise RemoteProtocolError("bad body: trailing bytes after the DEFLATE stream")
+    return out
+
+
+def decode_body(
+    data: bytes,
+    profile: Profile,
+    context: WireContext = WireContext(),
+    limits: BodyLimits = DEFAULT_BODY_LIMITS,
+    resolve: StringResolver | None = None,
+) -> JSONValue:
+    """Decode what :func:`encode_body` produced (RemoteProtocolError / LimitExceeded).
+
+    ``resolve`` turns session string table references into strings
+    (:meth:`synapse_coap.wire.strings.ReceiverStrings.resolver`); without it a
+    reference is a RemoteProtocolError.
+    """
+    if len(data) > limits.max_encoded_bytes:
+        raise LimitExceeded(f"body is larger than {limits.max_encoded_bytes} bytes")
+    if not data:
+        raise RemoteProtocolError("bad body: empty")
+    marker = data[0]
+    if marker == MARKER_DEFLATE:
+        data = _inflate(data[1:], b"", limits)
+    elif marker == MARKER_DEFLATE_DICT:
+        if not profile.dictionary:
+            raise RemoteProtocolError(
+                f"bad body: dictionary-compressed, but profile {profile.id} has no dictionary"
+            )
+        data = _inflate(data[1:], profile.dictionary, limits)
+    elif len(data) > limits.max_decoded_bytes:
+        raise LimitExceeded(f"body is larger than {limits.max_decoded_bytes} bytes")
+    return _Decoder(data, profile, context, limits, resolve).decode()

@@ -1,0 +1,1 @@
+"""Reusable test harnesses that run real processes (Synapse, ...)."""

@@ -1,0 +1,196 @@
+"""The TOFU trust table in Synapse's own database, on SQLite and on PostgreSQL.
+
+A real Synapse loads the CoapModule (which creates and loads the table) and a
+small probe module (below) that drives the module's DatabaseTrustStore through
+Synapse's own database pool: put, flush, reload in a fresh store, and the same
+again after a restart. PostgreSQL runs against 127.0.0.1:5432 (trust auth, user
+postgres) in a database the test creates and drops; it is skipped, saying why,
+when that server or psycopg2 is not available.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.synapse_proc import SynapseProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+logger = logging.getLogger(__name__)
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(32, 64))
+KEY_C = bytes(range(64, 96))
+
+
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+class TrustProbe:
+    """A test-only Synapse module: exercises DatabaseTrustStore inside Synapse."""
+
+    def __init__(self, config: dict[str, Any], api: Any) -> None:
+        from synapse.metrics.background_process_metrics import run_as_background_process
+
+        from synapse_coap.synapse.store import DatabaseTrustStore
+
+        hs = api._hs
+
+        async def run() -> None:
+            try:
+                store = DatabaseTrustStore.for_homeserver(hs)
+                await store.load()
+                before = {p: b64(store.get(p) or b"") for p in config["peers"]}
+                for peer, key in config["put"].items():
+                    store.put(peer, base64.b64decode(key))
+                await store.flush()
+                fresh = DatabaseTrustStore.for_homeserver(hs)
+                await fresh.load()
+                after = {p: b64(fresh.get(p) or b"") for p in config["peers"]}
+                logger.info("TRUSTPROBE %s", json.dumps({"before": before, "after": after}))
+            except Exception as e:
+                logger.exception("TRUSTPROBE failed")
+                logger.info("TRUSTPROBE %s", json.dumps({"error": repr(e)}))
+
+        run_as_background_process("trust_probe", hs.hostname, run)  # type: ignore[arg-type]
+
+    @staticmethod
+    def parse_config(config: dict[str, Any]) -> dict[str, Any]:
+        return config
+
+
+def pg_available() -> str | None:
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return "psycopg2 is not installed (pip install psycopg2-binary, Synapse's postgres extra)"
+    try:
+        with socket.create_connection((PG_HOST, PG_PORT), timeout=2):
+            pass
+    except OSError as e:
+        return f"PostgreSQL is not reachable on {PG_HOST}:{PG_PORT} ({e})"
+    return None
+
+
+def pg_connect(dbname: str = "postgres") -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
+    if request.param == "sqlite":
+        yield "sqlite", {}
+        return
+    why = pg_available()
+    if why:
+        pytest.skip(f"PostgreSQL test skipped: {why}")
+    name = f"synapse_coap_test_{uuid.uuid4().hex[:12]}"
+    conn = pg_connect()
+    with conn.cursor() as cur:
+        cur.execute(
+            f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
+    try:
+        yield (
+            "postgres",
+            {
+                "database": {
+                    "name": "psycopg2",
+                    "args": {
+                        "user": PG_USER,
+                        "host": PG_HOST,
+                        "port": PG_PORT,
+                        "database": name,
+                        "cp_min": 1,
+                        "cp_max": 3,
+                    },
+                }
+            },
+        )
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
+def probe_result(proc: SynapseProcess, offset: int) -> dict[str, Any]:
+    found = re.findall(r"TRUSTPROBE (\{.*\})", proc.log_text()[offset:])
+    assert found, "the probe module did not report"
+    result: dict[str, Any] = json.loads(found[-1])
+    assert "error" not in result, result
+    return result
+
+
+def test_tofu_table_persists(database: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    kind, extra = database
+
+    def make(put: dict[str, str]) -> SynapseProcess:
+        return SynapseProcess(
+            tmp_path / "hs",
+            "store.test",
+            modules=[
+                {
+                    "module": "synapse_coap.CoapModule",
+                    "config": {
+                        "listen": [f"127.0.0.1:{free_port('udp')}"],
+                        "private_key_path": str(tmp_path / "coap.key"),
+                    },
+                },
+                {
+                    "module": "tests.integration.test_module_store.TrustProbe",
+                    "config": {"peers": ["a.example", "b.example"], "put": put},
+                },
+            ],
+            extra_config=extra,
+        )
+
+    # First run: nothing known; remember a.example's key.
+    proc = make({"a.example": b64(KEY_A)})
+    proc.start(ready_log_pattern=r"TRUSTPROBE ", timeout=120)
+    try:
+        first = probe_result(proc, 0)
+    finally:
+        proc.stop()
+    assert first["before"] == {"a.example": "", "b.example": ""}
+    assert first["after"] == {"a.example": b64(KEY_A), "b.example": ""}
+
+    # Second run (restart): the key survived; a different key for a.example does not
+    # replace the first one (first key wins), b.example is new.
+    offset = len(proc.log_text())
+    proc = make({"a.example": b64(KEY_C), "b.example": b64(KEY_B)})
+    proc.start(ready_log_pattern=r"TRUSTPROBE ", timeout=120)
+    try:
+        second = probe_result(proc, offset)
+        assert "trusted peer key(s) loaded from the database" in proc.log_text()[offset:]
+    finally:
+        proc.stop()
+    assert second["before"] == {"a.example": b64(KEY_A), "b.example": ""}
+    assert second["after"] == {"a.example": b64(KEY_A), "b.example": b64(KEY_B)}
+
+    if kind == "postgres":
+        dbname = extra["database"]["args"]["database"]
+        conn = pg_connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT peer, static_key FROM synapse_coap_trust ORDER BY peer")
+                rows = cur.fetchall()
+        finally:
+            conn.close()
+        assert [r[0] for r in rows] == ["a.example", "b.example"]
+        assert base64.b64decode(rows[0][1] + "==") == KEY_A

@@ -1,0 +1,121 @@
+"""RFC 7252 serialisation: known bytes, malformed input, and the fuzz invariant."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synapse_coap.errors import RemoteProtocolError
+from synapse_coap.mapping import numbers as n
+from synapse_coap.mapping.coap import decode_coap, encode_coap
+from synapse_coap.mapping.messages import CoapMessage, CoapOption
+
+
+def test_rfc7252_get_example_bytes() -> None:
+    # CON GET /temperature, mid 0x7d34, no token (RFC 7252 appendix A style).
+    msg = CoapMessage(n.GET, (CoapOption(n.URI_PATH, b"temperature"),))
+    wire = encode_coap(msg, mtype=n.CON, mid=0x7D34)
+    assert wire == bytes.fromhex("40017d34") + bytes([0xBB]) + b"temperature"
+    assert decode_coap(wire) == (n.CON, 0x7D34, b"", msg)
+
+
+def test_extended_deltas_lengths_and_payload_round_trip() -> None:
+    msg = CoapMessage(
+        n.CONTENT,
+        (
+            CoapOption(n.ETAG, b"12345678"),
+            CoapOption(n.URI_PATH, b"x" * 13),
+            CoapOption(n.URI_PATH, b"y" * 300),
+            CoapOption(n.OPT_HTTP_STATUS, b"\x01\x2c"),
+            CoapOption(65535, b""),
+        ),
+        b"\x00payload",
+    )
+    wire = encode_coap(msg, mtype=n.ACK, mid=65535, token=b"\x01\x02")
+    assert decode_coap(wire) == (n.ACK, 65535, b"\x01\x02", msg)
+
+
+def test_options_are_sorted_keeping_repeat_order() -> None:
+    msg = CoapMessage(
+        n.GET,
+        (
+            CoapOption(n.URI_QUERY, b"b"),
+            CoapOption(n.URI_PATH, b"a"),
+            CoapOption(n.URI_QUERY, b"a"),
+        ),
+    )
+    _t, _m, _tok, back = decode_coap(encode_coap(msg))
+    assert [o.value for o in back.options] == [b"a", b"b", b"a"]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"",
+        b"\x40\x01\x00",  # short header
+        b"\x80\x01\x00\x00",  # version 2
+        b"\x49\x01\x00\x00" + b"\x00" * 9,  # token length 9
+        b"\x42\x01\x00\x00\x01",  # token truncated
+        b"\x40\x01\x00\x00\xff",  # payload marker, empty payload
+        b"\x40\x01\x00\x00\xf0",  # delta 15
+        b"\x40\x01\x00\x00\x0f",  # length 15
+        b"\x40\x01\x00\x00\xd1",  # extended delta truncated
+        b"\x40\x01\x00\x00\x15ab",  # value truncated
+        b"\x40\x00\x00\x00\x00",  # empty message with a byte after the header
+        b"\x40\x01\x00\x00" + b"\xe0\xff\xff",  # option number above 65535
+    ],
+)
+def test_malformed_messages_raise_remote_protocol_error(wire: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_coap(wire)
+
+
+def test_private_option_bits_follow_rfc7252_5_4_6() -> None:
+    elective = {n.OPT_HTTP_STATUS, n.OPT_HEADER, n.OPT_TOKEN_RESET, n.OPT_STRING_RESET}
+    for number in n.PRIVATE_OPTIONS:
+        assert 65000 <= number <= 65535
+        assert not n.is_no_cache_key(number)
+        if number in elective:
+            assert not n.is_critical(number) and not n.is_unsafe(number)
+        else:
+            assert n.is_critical(number) and n.is_unsafe(number)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_raise_remote_protocol_error(data: bytes) -> None:
+    try:
+        mtype, mid, token, msg = decode_coap(data)
+    except RemoteProtocolError:
+        return
+    # What parses re-encodes to the same bytes (the format has one encoding).
+    assert encode_coap(msg, mtype=mtype, mid=mid, token=token) == data
+
+
+options = st.lists(
+    st.builds(CoapOption, st.integers(0, 65535), st.binary(max_size=600)), max_size=8
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 255),
+    options,
+    st.binary(max_size=100),
+    st.integers(0, 3),
+    st.integers(0, 65535),
+    st.binary(max_size=8),
+)
+def test_any_message_round_trips(
+    code: int, opts: list[CoapOption], payload: bytes, mtype: int, mid: int, token: bytes
+) -> None:
+    if code == 0:
+        opts, payload, token = [], b"", b""
+    msg = CoapMessage(code, tuple(sorted(opts, key=lambda o: o.number)), payload)
+    assert decode_coap(encode_coap(msg, mtype=mtype, mid=mid, token=token)) == (
+        mtype,
+        mid,
+        token,
+        msg,
+    )

@@ -1,0 +1,88 @@
+"""The sidecar/gateway command lines and their configuration helpers."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from synapse_coap.cli import build_parser
+from synapse_coap.errors import ConfigValueError
+from synapse_coap.proxy.gateway import parse_http_target
+from synapse_coap.proxy.runner import HomeserverAddress, ensure_state_dir, load_server_key
+
+
+def test_help_texts_are_complete(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, words in {
+        "sidecar": [
+            "--homeserver",
+            "--server-key",
+            "--trust-on-first-use",
+            "--state-dir",
+            "502",
+            "504",
+        ],
+        "gateway": ["--http-target", "--key", "--plain-listen", "X-Forwarded-For", "504"],
+    }.items():
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args([command, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        for word in [*words, "--dump-payloads", "--debug-log", "SYNAPSE_COAP_DUMP_PAYLOADS"]:
+            assert word in out, (command, word)
+
+
+def test_sidecar_requires_a_trust_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sidecar", "--homeserver", "coap://127.0.0.1"])
+    assert "--server-key" in capsys.readouterr().err
+    args = build_parser().parse_args(
+        ["sidecar", "--homeserver", "coap://127.0.0.1", "--trust-on-first-use"]
+    )
+    assert args.listen == "127.0.0.1:8008" and args.trust_on_first_use
+
+
+def test_homeserver_address() -> None:
+    assert HomeserverAddress.parse("coap://hs.example") == HomeserverAddress(
+        "hs.example", 5683, True
+    )
+    assert HomeserverAddress.parse("coap://[::1]:6000") == HomeserverAddress("::1", 6000, True)
+    assert HomeserverAddress.parse("coap+plain://127.0.0.1:7") == HomeserverAddress(
+        "127.0.0.1", 7, False
+    )
+    assert str(HomeserverAddress("::1", 6000, True)) == "coap://[::1]:6000"
+    for bad in ("http://hs.example", "coap://hs.example/path", "coap://"):
+        with pytest.raises(ConfigValueError) as info:
+            HomeserverAddress.parse(bad)
+        assert info.value.path == "--homeserver"
+
+
+def test_http_target() -> None:
+    assert str(parse_http_target("http://127.0.0.1:8008")) == "http://127.0.0.1:8008"
+    for bad in ("ftp://x", "http://x/path", "127.0.0.1:8008"):
+        with pytest.raises(ConfigValueError):
+            parse_http_target(bad)
+
+
+def test_server_key_as_text_or_file(tmp_path: Path) -> None:
+    from synapse_coap.noise.keys import encode_public
+
+    key = bytes(range(32))
+    text = encode_public(key)
+    assert load_server_key(text) == key
+    (tmp_path / "hs.pub").write_text(text + "\n")
+    assert load_server_key(str(tmp_path / "hs.pub")) == key
+    with pytest.raises(ConfigValueError) as info:
+        load_server_key("not-a-key")
+    assert info.value.path == "--server-key"
+
+
+def test_state_dir_key_is_created_0600_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = ensure_state_dir(state)
+    mode = stat.S_IMODE((state / "sidecar.key").stat().st_mode)
+    assert mode == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert ensure_state_dir(state) == first  # reused, not regenerated
+    assert len(first) == 32
