@@ -16,6 +16,14 @@ and restarts Synapse (or the worker that binds the listener).
 The SQL is portable: ``?`` placeholders are converted by Synapse's
 transaction wrapper for PostgreSQL, and ``INSERT ... ON CONFLICT`` works on
 SQLite >= 3.24 and PostgreSQL >= 9.5.
+
+Creating the table is serialised: ``CREATE TABLE IF NOT EXISTS`` is not safe
+against a concurrent creation on PostgreSQL (two creators can both pass the
+existence check, and the loser fails on ``pg_type``'s unique index). That
+happens when two components of one process, or two workers, load the store
+at the same moment on a fresh database. On PostgreSQL the creation therefore
+takes a transaction-scoped advisory lock first; SQLite's write lock already
+serialises it.
 """
 
 from __future__ import annotations
@@ -45,6 +53,22 @@ INSERT = f"INSERT INTO {TABLE} (peer, static_key, first_seen_ts) VALUES (?, ?, ?
 
 SELECT_ALL = f"SELECT peer, static_key FROM {TABLE}"
 
+# pg_advisory_xact_lock key: the first 8 bytes of "synapse_coap_trust", as a signed int64
+SCHEMA_LOCK_KEY = int.from_bytes(b"syncoapt", "big", signed=True)
+
+
+def ensure_table(txn: Any, postgres: bool) -> None:
+    """Create the trust table if it does not exist, safely against concurrent creators."""
+    if postgres:
+        txn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
+    txn.execute(CREATE_TABLE)
+
+
+def is_postgres(db_pool: Any) -> bool:
+    from synapse.storage.engines import PostgresEngine
+
+    return isinstance(getattr(db_pool, "engine", None), PostgresEngine)
+
 
 def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode("ascii").rstrip("=")
@@ -73,8 +97,10 @@ class DatabaseTrustStore:
     async def load(self) -> None:
         """Create the table if needed and read it. Call on the reactor, in a logcontext."""
 
+        postgres = is_postgres(self._db_pool)
+
         def txn_fn(txn: Any) -> list[tuple[str, str]]:
-            txn.execute(CREATE_TABLE)
+            ensure_table(txn, postgres)
             txn.execute(SELECT_ALL)
             return [(str(r[0]), str(r[1])) for r in txn.fetchall()]
 

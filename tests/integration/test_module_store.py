@@ -194,3 +194,71 @@ def test_tofu_table_persists(database: tuple[str, dict[str, Any]], tmp_path: Pat
             conn.close()
         assert [r[0] for r in rows] == ["a.example", "b.example"]
         assert base64.b64decode(rows[0][1] + "==") == KEY_A
+
+
+class _Txn:
+    """The part of Synapse's LoggingTransaction that ensure_table uses, over psycopg2."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        self._cursor.execute(sql.replace("?", "%s"), args)
+
+
+def _create_concurrently(dbname: str, creators: int, lock: bool) -> list[BaseException]:
+    """Run ensure_table in `creators` transactions released at the same instant."""
+    import threading
+
+    import psycopg2
+
+    from synapse_coap.synapse.store import ensure_table
+
+    barrier = threading.Barrier(creators)
+    errors: list[BaseException] = []
+
+    def creator() -> None:
+        conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                barrier.wait()
+                ensure_table(_Txn(cur), postgres=lock)
+            conn.commit()
+        except BaseException as e:  # collected for the assertion
+            errors.append(e)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=creator) for _ in range(creators)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_concurrent_table_creation_on_postgres() -> None:
+    """Two components (or workers) loading the store at once on a fresh PostgreSQL
+    database must not fail: CREATE TABLE IF NOT EXISTS alone races on pg_type."""
+    why = pg_available()
+    if why:
+        pytest.skip(f"PostgreSQL test skipped: {why}")
+    name = f"synapse_coap_test_{uuid.uuid4().hex[:12]}"
+    admin = pg_connect()
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        for _ in range(10):
+            errors = _create_concurrently(name, creators=8, lock=True)
+            assert errors == []
+            conn = pg_connect(name)
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM synapse_coap_trust")
+                assert cur.fetchone() == (0,)
+                cur.execute("DROP TABLE synapse_coap_trust")
+            conn.close()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
