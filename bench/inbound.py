@@ -16,7 +16,8 @@ Twisted's HTTP channel.
 
 Usage::
 
-    python bench/inbound.py [--requests 300] [--concurrency 8] [--nstart N] [--asyncio-reactor]
+    python bench/inbound.py [--requests 300] [--concurrency 8] [--nstart N] [--max-nstart M]
+                            [--asyncio-reactor]
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ async def run(args: argparse.Namespace) -> None:
 
             from synapse_coap.transport.link import LinkParameters
 
-            link = LinkParameters(nstart=args.nstart)
+            link = LinkParameters(nstart=args.nstart, max_nstart=args.max_nstart)
             coap = await CoapClient.create(
                 link=link,
                 static_key=generate_private_key(),
@@ -170,9 +171,14 @@ async def run(args: argparse.Namespace) -> None:
         proc.stop()
 
     mode = "asyncio (shared loop)" if args.asyncio_reactor else "default (loop in a thread)"
+    nstart = (
+        str(args.nstart)
+        if args.max_nstart == args.nstart
+        else f"{args.nstart}..{args.max_nstart} (adaptive)"
+    )
     print(
-        f"\nInbound requests/s, {args.requests} requests per cell, CoAP NSTART {args.nstart}, concurrency "
-        f"{args.concurrency}, reactor {mode}"
+        f"\nInbound requests/s, {args.requests} requests per cell, CoAP NSTART {nstart}, "
+        f"concurrency {args.concurrency}, reactor {mode}"
     )
     print(f"{'endpoint':<22}{'CoAP+Noise':>12}{'plain CoAP':>12}{'HTTP/1.1':>12}{'Noise/HTTP':>12}")
     for label, noise_rps, plain_rps, http_rps in rows:
@@ -197,15 +203,29 @@ def main() -> None:
         "--nstart",
         type=int,
         default=None,
-        help="the CoAP clients' NSTART (confirmable requests in flight per peer; RFC 7252: 1). "
-        "Default: the concurrency, so CoAP gets as many requests in flight as HTTP gets "
-        "connections (with 1, the workers queue behind each other and the table measures "
-        "round-trip latency rather than the listener's throughput)",
+        help="the CoAP clients' NSTART (confirmable requests in flight per peer; RFC 7252: 1): "
+        "sets link.nstart, the floor, and unless --max-nstart is given also link.max_nstart, "
+        "the ceiling, so the window is fixed at N. Default: the concurrency, so CoAP gets as "
+        "many requests in flight as HTTP gets connections (with 1, the workers queue behind "
+        "each other and the table measures round-trip latency rather than the listener's "
+        "throughput)",
+    )
+    parser.add_argument(
+        "--max-nstart",
+        type=int,
+        default=None,
+        help="link.max_nstart, the ceiling of the adaptive per-peer NSTART (default: the same "
+        "as --nstart, i.e. fixed). E.g. --nstart 1 --max-nstart 4 measures the defaults' "
+        "adaptive window (docs/link-tuning.md)",
     )
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON on stdout")
     args = parser.parse_args()
     if args.nstart is None:
         args.nstart = args.concurrency
+    if args.max_nstart is None:
+        args.max_nstart = args.nstart
+    if args.max_nstart < args.nstart:
+        parser.error("--max-nstart must not be below --nstart")
     asyncio.run(run(args))
 
 

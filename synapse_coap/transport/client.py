@@ -3,7 +3,8 @@
 * One Noise channel per :class:`Endpoint` (IK when the peer's key is known,
   else XX); a request that is safe to replay (``WireCodec.is_replay_safe``)
   may ride as 0-RTT early data in the first handshake message.
-* NSTART per peer comes from :class:`LinkParameters` (RFC 7252: 1);
+* NSTART per peer is adaptive: ``link.nstart`` (RFC 7252: 1) until the link
+  is measured, up to ``link.max_nstart`` (see :mod:`synapse_coap.transport.link`);
   requests to different peers proceed concurrently.
 * Blockwise transfers (RFC 7959) both ways are driven here, with the
   response body capped (aiocoap's client reassembly is uncapped).

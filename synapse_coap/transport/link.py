@@ -15,12 +15,20 @@ CoCoA-like scheme (draft-ietf-core-cocoa, RFC 6298 estimator):
   6298 §5.5), so a link much slower than the initial 2 s guess converges
   after one exchange instead of retransmitting forever.
 
+NSTART (confirmable exchanges outstanding per peer) is adaptive but
+conservative, see :meth:`RttEstimator.allowed_outstanding`: ``nstart`` (RFC
+7252: 1) until the link has been measured, more (up to ``max_nstart``) only
+where the extra queueing that more outstanding messages can cause provably fits
+inside the retransmission timer's margin, and back to ``nstart`` at once on any
+retransmission.
+
 See ``docs/link-tuning.md`` for what to set on 100 bit/s, satellite and lossy
 links.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -99,10 +107,19 @@ class LinkParameters:
         max_retransmit: RFC 7252 MAX_RETRANSMIT: retransmissions of one
             confirmable message before the peer is declared unreachable
             (:class:`~synapse_coap.errors.LinkDown`). 4 per the RFC.
-        nstart: RFC 7252 NSTART: confirmable messages outstanding (not yet
-            acknowledged) per peer. 1 per the RFC; a separate response ends
-            the interaction at the empty ACK, so long-polls do not block the
-            peer.
+        nstart: RFC 7252 NSTART, here the *floor* of the per-peer limit of
+            confirmable messages outstanding (not yet acknowledged). 1 per the
+            RFC; a separate response ends the interaction at the empty ACK, so
+            long-polls do not block the peer. The limit only rises above it as
+            :meth:`RttEstimator.allowed_outstanding` describes.
+        max_nstart: the ceiling of the per-peer limit (4, or ``nstart`` when that
+            is set higher). Equal to ``nstart`` disables growth (fixed NSTART);
+            must not be below ``nstart``.
+        nstart_samples: RTT samples of a peer needed before its limit may rise
+            above ``nstart`` (4).
+        nstart_clean_exchanges: after a retransmission the limit is ``nstart``
+            until this many exchanges in a row were acknowledged without
+            retransmission (16).
         min_rto: lower bound of the measured RTO (s). 1 s as in RFC 6298:
             avoids spurious retransmissions from delayed ACKs on fast links.
         max_rto: upper bound of the RTO and of every backed-off wait (s). Must
@@ -139,6 +156,12 @@ class LinkParameters:
     ack_random_factor: float = attrs.field(default=1.5)
     max_retransmit: int = attrs.field(default=4, validator=_int_range(0, 20))
     nstart: int = attrs.field(default=1, validator=_int_range(1, 64))
+    max_nstart: int = attrs.field(
+        default=attrs.Factory(lambda self: max(4, self.nstart), takes_self=True),
+        validator=_int_range(1, 64),
+    )
+    nstart_samples: int = attrs.field(default=4, validator=_int_range(1, 1000))
+    nstart_clean_exchanges: int = attrs.field(default=16, validator=_int_range(0, 10000))
     min_rto: float = attrs.field(default=1.0, validator=_pos)
     max_rto: float = attrs.field(default=120.0, validator=_pos)
     rtt_alpha: float = attrs.field(default=0.125, validator=_fraction)
@@ -173,6 +196,12 @@ class LinkParameters:
             raise ConfigValueError(
                 "link.ack_timeout",
                 f"must not exceed max_rto ({self.ack_timeout} > {self.max_rto})",
+            )
+        if self.max_nstart < self.nstart:
+            raise ConfigValueError(
+                "link.max_nstart",
+                f"must be an integer in {self.nstart}..64 (not below nstart), "
+                f"got {self.max_nstart!r}",
             )
 
     @classmethod
@@ -222,6 +251,15 @@ class LinkParameters:
     #: bytes of a small request + its response (IP/UDP headers included), for :attr:`initial_rto`
     SMALL_EXCHANGE_BYTES = 300
 
+    #: bytes a datagram adds to its block (CoAP header, token and options, the Noise
+    #: record, UDP and IPv6 headers), for :attr:`max_datagram_bytes`
+    DATAGRAM_OVERHEAD = 128
+
+    @property
+    def max_datagram_bytes(self) -> int:
+        """The largest datagram a message of this link can take: one block plus overhead."""
+        return (1 << (self.block_size_exp + 4)) + self.DATAGRAM_OVERHEAD
+
     @property
     def initial_rto(self) -> float:
         """The RTO before the first sample: ``ack_timeout``, or on a link of known bit
@@ -253,10 +291,17 @@ class RttEstimator:
     ``(remote, message id)``). Call :meth:`started` when a confirmable message
     is first sent, :meth:`retransmitted` on each retransmission, and
     :meth:`acknowledged` when its ACK/RST arrives; :meth:`first_timeout` and
-    :meth:`next_timeout` give the waits.
+    :meth:`next_timeout` give the waits, :meth:`allowed_outstanding` the
+    peer's current NSTART.
     """
 
     MAX_TRACKED = 1024
+    #: Share of the RTO's margin over the SRTT (``base_rto - srtt``) that queueing
+    #: behind our own outstanding messages may use: the peer's piggyback window
+    #: takes up to half of it (``piggyback_fraction`` 0.5), a quarter stays spare.
+    QUEUE_SHARE = 0.25
+    #: RTTs below this (s) count as this, so a zero-time sample cannot divide by zero.
+    MIN_RATE_RTT = 1e-6
 
     def __init__(
         self,
@@ -277,6 +322,14 @@ class RttEstimator:
         self.loss_recoveries = 0
         # key -> (first send time, size, retransmitted?, last transmission time)
         self._pending: dict[Hashable, tuple[float, int, bool, float]] = {}
+        #: smoothed bytes per sampled exchange (request + reply), for the delivery rate
+        #: and the bandwidth-delay product
+        self.mean_exchange_bytes: float | None = None
+        # smoothed RTT of the samples as measured (serialization time not removed)
+        self._raw_srtt: float | None = None
+        # exchanges acknowledged without retransmission since the last retransmission
+        # or give-up; None while the peer is not held at the floor for a loss
+        self._clean_run: int | None = None
 
     @property
     def rto(self) -> float:
@@ -296,9 +349,23 @@ class RttEstimator:
         rto = max(rto, srtt * p.rto_floor_factor, p.min_rto)
         return min(rto, p.max_rto)
 
-    def sample(self, rtt: float, size: int = 0) -> None:
-        """Feed one RTT measurement of a never-retransmitted exchange (RFC 6298 §2)."""
+    def sample(self, rtt: float, size: int = 0, reply_size: int = 0) -> None:
+        """Feed one RTT measurement of a never-retransmitted exchange (RFC 6298 §2).
+
+        ``size`` is the request's size (its serialization time is removed from the
+        sample when ``bandwidth_bps`` is known), ``reply_size`` that of the ACK or
+        piggybacked response; both count towards :attr:`delivery_rate_bps`.
+        """
         p = self.params
+        raw = max(0.0, rtt)
+        exchanged = float(max(0, size) + max(0, reply_size))
+        if self.mean_exchange_bytes is None or self._raw_srtt is None:
+            self.mean_exchange_bytes = exchanged
+            self._raw_srtt = raw
+        else:
+            a = p.rtt_alpha
+            self.mean_exchange_bytes = (1 - a) * self.mean_exchange_bytes + a * exchanged
+            self._raw_srtt = (1 - a) * self._raw_srtt + a * raw
         r = max(0.0, rtt - p.serialization_time(size))
         if self.srtt is None or self.rttvar is None:
             self.srtt = r
@@ -344,16 +411,22 @@ class RttEstimator:
         self._pending[key] = (now, size, False, now)
 
     def retransmitted(self, key: Hashable) -> bool:
-        """Record a retransmission; returns True if it was the first one of this exchange."""
+        """Record a retransmission; returns True if it was the first one of this exchange.
+
+        Also drops :meth:`allowed_outstanding` to ``nstart`` (a loss or a link slower
+        than measured) until ``nstart_clean_exchanges`` clean exchanges in a row.
+        """
         entry = self._pending.get(key)
         first = entry is not None and not entry[2]
         if entry is not None:
             self._pending[key] = (entry[0], entry[1], True, self._clock())
         self.backoff()
+        self._hold_at_floor()
         return first
 
-    def acknowledged(self, key: Hashable) -> float | None:
-        """The exchange got its ACK/RST; returns the RTT sample taken, if any (Karn's rule)."""
+    def acknowledged(self, key: Hashable, reply_size: int = 0) -> float | None:
+        """The exchange got its ACK/RST (of ``reply_size`` bytes); returns the RTT sample
+        taken, if any (Karn's rule)."""
         entry = self._pending.pop(key, None)
         if entry is None:
             return None
@@ -370,8 +443,12 @@ class RttEstimator:
                 self._rto = min(2 * base, self.params.max_rto)
                 self.loss_recoveries += 1
             return None
+        if self._clean_run is not None:
+            self._clean_run += 1
+            if self._clean_run >= self.params.nstart_clean_exchanges:
+                self._clean_run = None
         rtt = max(0.0, self._clock() - sent)
-        self.sample(rtt, size)
+        self.sample(rtt, size, reply_size)
         return rtt
 
     def restamp(self) -> None:
@@ -381,8 +458,72 @@ class RttEstimator:
             self._pending[key] = (now, size, retransmitted, now)
 
     def forget(self, key: Hashable) -> None:
-        """The exchange ended without an ACK (gave up, cancelled)."""
+        """The exchange ended without an ACK (cancelled, session error)."""
         self._pending.pop(key, None)
+
+    def gave_up(self, key: Hashable) -> None:
+        """The exchange was never acknowledged (retransmissions exhausted): like
+        :meth:`forget`, and the peer's NSTART drops to the floor as after a retransmission."""
+        self._pending.pop(key, None)
+        self._hold_at_floor()
+
+    def _hold_at_floor(self) -> None:
+        self._clean_run = 0 if self.params.nstart_clean_exchanges > 0 else None
+
+    # -- adaptive NSTART ----------------------------------------------------------------
+
+    @property
+    def delivery_rate_bps(self) -> float | None:
+        """Measured delivery rate (bit/s): ``8 * mean exchange bytes / smoothed RTT``.
+
+        With one exchange outstanding the link is mostly idle, so this is a
+        *lower bound* of the link's bit rate (an application-limited sample in
+        BBR's terms): small messages or a slow server make it lower, never higher.
+        None before any sample.
+        """
+        if self.mean_exchange_bytes is None or self._raw_srtt is None:
+            return None
+        return 8.0 * self.mean_exchange_bytes / max(self._raw_srtt, self.MIN_RATE_RTT)
+
+    def allowed_outstanding(self) -> int:
+        """How many confirmable exchanges may be outstanding to this peer now (NSTART).
+
+        ``nstart`` (RFC 7252: 1) until ``nstart_samples`` RTT samples have been
+        taken, and from any retransmission until ``nstart_clean_exchanges``
+        exchanges in a row were acknowledged without one. Otherwise the largest
+        ``k <= max_nstart`` for which both hold:
+
+        * **Queueing fits in the timer's margin.** With ``k`` messages sent at
+          once, the last one can wait behind ``k - 1`` others, each at most
+          ``max_datagram_bytes`` (one block), at the link's bit rate: at most
+          ``(k - 1) * 8 * max_datagram_bytes / rate``. That must stay within
+          ``QUEUE_SHARE`` (a quarter) of ``base_rto - srtt``, so growing can
+          never cause a spurious retransmission. ``rate`` is ``bandwidth_bps``
+          when configured, else :attr:`delivery_rate_bps`, a lower bound of the
+          real rate (so the real queueing is at most the computed one).
+        * **Bandwidth-delay product** (only when ``bandwidth_bps`` is set):
+          ``k <= bandwidth_bps * srtt / (8 * mean exchange bytes)``; beyond it
+          more outstanding messages only build a queue.
+
+        On a 100 bit/s or 9.6 kbit/s radio, or a 10 s RTT, one full block takes
+        longer than the margin: the limit stays ``nstart``. On loopback or a LAN
+        (RTT of milliseconds, RTO at ``min_rto``) it reaches ``max_nstart``.
+        """
+        p = self.params
+        if p.max_nstart <= p.nstart or self.srtt is None or self.samples < p.nstart_samples:
+            return p.nstart
+        if self._clean_run is not None:
+            return p.nstart
+        rate = p.bandwidth_bps if p.bandwidth_bps is not None else self.delivery_rate_bps
+        if rate is None or not rate > 0:
+            return p.nstart
+        budget = self.QUEUE_SHARE * max(0.0, self.base_rto - self.srtt)
+        per_message = 8.0 * p.max_datagram_bytes / rate
+        k = p.max_nstart if per_message <= 0 else 1 + math.floor(budget / per_message)
+        if p.bandwidth_bps is not None:
+            mean = max(self.mean_exchange_bytes or 0.0, 1.0)
+            k = min(k, math.floor(p.bandwidth_bps * self.srtt / (8.0 * mean)))
+        return max(p.nstart, min(p.max_nstart, k))
 
     def sent_at(self, key: Hashable) -> float | None:
         entry = self._pending.get(key)

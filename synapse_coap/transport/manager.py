@@ -11,7 +11,10 @@ decisions:
 * ``EMPTY_ACK_DELAY`` of each incoming request is derived per peer, so a
   response rides on the ACK whenever it is ready before the peer's timer
   would fire, and slow handlers get an empty ACK then a separate response;
-* NSTART > 1 is honoured (aiocoap only implements 1);
+* NSTART is per peer and adaptive (aiocoap only implements a fixed 1): the
+  backlog lets ``RttEstimator.allowed_outstanding()`` exchanges out at once,
+  ``nstart`` until the link is measured fast enough, back to ``nstart`` on any
+  retransmission (see :mod:`synapse_coap.transport.link`);
 * the first retransmission of an exchange is reported to the transport
   (the Noise transport uses it to detect a peer that lost its session).
 
@@ -80,7 +83,8 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
 
 
 class _Backlogs(dict):  # type: ignore[type-arg]
-    """aiocoap's per-remote backlog, reporting "must queue" only when NSTART is reached."""
+    """aiocoap's per-remote backlog, reporting "must queue" only when the peer's NSTART
+    (:meth:`LinkMessageManager.allowed_outstanding`) is reached."""
 
     def __init__(self, manager: LinkMessageManager) -> None:
         super().__init__()
@@ -91,11 +95,14 @@ class _Backlogs(dict):  # type: ignore[type-arg]
             return False
         if dict.__getitem__(self, remote):
             return True
-        return self._manager.active_count(remote) >= self._manager.params.nstart
+        manager = self._manager
+        return manager.active_count(remote) >= manager.allowed_outstanding(remote)
 
 
 class LinkMessageManager(MessageManager):  # type: ignore[misc]
     MAX_ESTIMATORS = 4096
+    #: bytes a message adds to its payload in the size estimates fed to the estimator
+    MESSAGE_OVERHEAD = 32
 
     def __init__(
         self,
@@ -138,6 +145,13 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             early_data=early_data,
         )
 
+    def allowed_outstanding(self, remote: Hashable) -> int:
+        """The peer's current NSTART (``nstart`` for a peer not measured yet)."""
+        est = self._estimators.get(remote)
+        if est is None:
+            return self.params.nstart
+        return est.allowed_outstanding()
+
     def active_count(self, remote: object) -> int:
         if self._active_exchanges is None:
             return 0
@@ -165,7 +179,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         if not dict.__contains__(self._backlogs, message.remote):
             dict.__setitem__(self._backlogs, message.remote, [])
         est = self.estimator(message.remote)
-        size = len(message.payload) + 32
+        size = len(message.payload) + self.MESSAGE_OVERHEAD
         est.started(key, size)
         timeout = est.first_timeout(size)
         handle = self._schedule_retransmit(message, timeout, 0)
@@ -198,20 +212,23 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
                 except Exception:
                     logger.exception("retransmission hook failed")
         else:
-            est.forget(key)
+            est.gave_up(key)
         super()._retransmit(message, timeout, retransmission_counter)
 
     def _remove_exchange(self, message: Any) -> None:
         key = (message.remote, message.mid)
         if self._active_exchanges is not None and key in self._active_exchanges:
-            self.estimator(message.remote).acknowledged(key)
+            self.estimator(message.remote).acknowledged(
+                key, len(message.payload) + self.MESSAGE_OVERHEAD
+            )
         super()._remove_exchange(message)
 
     def _continue_backlog(self, remote: Any) -> None:
         if not dict.__contains__(self._backlogs, remote):
             return
         backlog = dict.__getitem__(self._backlogs, remote)
-        while backlog and self.active_count(remote) < self.params.nstart:
+        allowed = self.allowed_outstanding(remote)
+        while backlog and self.active_count(remote) < allowed:
             next_message, monitor = backlog.pop(0)
             self._send_initially(next_message, monitor)
         if not backlog and self.active_count(remote) == 0:
