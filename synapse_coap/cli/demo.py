@@ -12,6 +12,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from synapse_coap.cli.common import add_command
+
 DESCRIPTION = """\
 Run two Synapse homeservers that federate over CoAP+Noise (the synapse-coap
 module, no HTTP listener at all) and, beside them, two stock Synapse
@@ -43,12 +45,13 @@ examples:
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser(
+    parser = add_command(
+        sub,
         "demo",
         help="federate two homeservers over CoAP and two over HTTPS; compare the bytes",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        func=_demo,
     )
     parser.add_argument(
         "--workdir",
@@ -81,7 +84,6 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log the demo's own debug messages"
     )
-    parser.set_defaults(func=_demo)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from synapse_coap.cli.common import add_command, add_debug_options, add_listen
 from synapse_coap.errors import ConfigValueError, SynapseCoapError
 
 SIDECAR_DESCRIPTION = """\
@@ -61,16 +63,9 @@ example:
 """
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--debug-log", action="store_true", help="log at DEBUG level (still no tokens or bodies)"
-    )
-    parser.add_argument(
-        "--dump-payloads",
-        action="store_true",
-        help="log every message before and after translation, with sizes and bodies "
-        "(also enabled by SYNAPSE_COAP_DUMP_PAYLOADS=1); for debugging only",
-    )
+def _proxy_options(parser: argparse.ArgumentParser) -> None:
+    """What the sidecar and the gateway both take: logging and waiting for responses."""
+    add_debug_options(parser)
     parser.add_argument(
         "--request-timeout",
         type=float,
@@ -89,17 +84,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    sidecar = sub.add_parser(
+    sidecar = add_command(
+        sub,
         "sidecar",
         help="HTTP on localhost -> CoAP+Noise: run an unmodified Matrix client over the link",
         description=SIDECAR_DESCRIPTION,
         epilog=SIDECAR_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        func=run_sidecar_command,
     )
-    sidecar.add_argument(
-        "--listen",
+    add_listen(
+        sidecar,
         default="127.0.0.1:8008",
-        metavar="HOST:PORT",
         help="HTTP address for the client (default: %(default)s; keep it on loopback)",
     )
     sidecar.add_argument(
@@ -143,20 +138,19 @@ def register(sub: Any) -> None:
         metavar="BYTES",
         help="largest request body accepted from the client (default: %(default)s)",
     )
-    _common(sidecar)
-    sidecar.set_defaults(func=run_sidecar_command)
+    _proxy_options(sidecar)
 
-    gateway = sub.add_parser(
+    gateway = add_command(
+        sub,
         "gateway",
         help="CoAP+Noise -> HTTP: put any homeserver without the module on the link",
         description=GATEWAY_DESCRIPTION,
         epilog=GATEWAY_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        func=run_gateway_command,
     )
-    gateway.add_argument(
-        "--listen",
-        action="append",
-        metavar="HOST:PORT",
+    add_listen(
+        gateway,
+        repeatable=True,
         help="UDP address for CoAP over Noise; repeatable (default: [::]:5683)",
     )
     gateway.add_argument(
@@ -177,11 +171,11 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="the Matrix server name announced to peers in the handshake",
     )
-    gateway.add_argument(
-        "--plain-listen",
-        action="append",
+    add_listen(
+        gateway,
+        option="--plain-listen",
+        repeatable=True,
         default=[],
-        metavar="HOST:PORT",
         help="also serve plain CoAP without encryption (for loopback tooling like coap-client); repeatable",
     )
     gateway.add_argument(
@@ -189,13 +183,22 @@ def register(sub: Any) -> None:
         action="store_true",
         help="do not verify the TLS certificate of an https:// --http-target",
     )
-    _common(gateway)
-    gateway.set_defaults(func=run_gateway_command)
+    _proxy_options(gateway)
 
 
 def _fail(message: str) -> int:
     print(f"synapse-coap: error: {message}", file=sys.stderr)
     return 2
+
+
+def _serve(service: Coroutine[Any, Any, int]) -> int:
+    """Run a sidecar or gateway until it stops; its exit status."""
+    try:
+        return asyncio.run(service)
+    except (SynapseCoapError, OSError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
 
 
 def run_sidecar_command(args: argparse.Namespace) -> int:
@@ -228,12 +231,7 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
         )
     except ConfigValueError as e:
         return _fail(str(e))
-    try:
-        return asyncio.run(run_sidecar(config))
-    except (SynapseCoapError, OSError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return 130
+    return _serve(run_sidecar(config))
 
 
 def run_gateway_command(args: argparse.Namespace) -> int:
@@ -262,9 +260,4 @@ def run_gateway_command(args: argparse.Namespace) -> int:
         )
     except ConfigValueError as e:
         return _fail(str(e))
-    try:
-        return asyncio.run(run_gateway(config))
-    except (SynapseCoapError, OSError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return 130
+    return _serve(run_gateway(config))

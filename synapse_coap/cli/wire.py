@@ -15,8 +15,10 @@ import argparse
 import base64
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from synapse_coap.cli.common import add_command
 from synapse_coap.errors import SynapseCoapError
 from synapse_coap.mapping.coap import decode_coap, encode_coap
 from synapse_coap.mapping.codec import WireCodec
@@ -76,55 +78,79 @@ def _http_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    wire = sub.add_parser(
+    wire = add_command(
+        sub,
         "wire",
         help="encode/decode single CoAP messages (wire debugging)",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     wsub = wire.add_subparsers(dest="wire_command", metavar="SUBCOMMAND")
     wsub.required = True
-
-    req = wsub.add_parser(
+    _subcommand(
+        wsub,
         "encode-request",
         help="HTTP request -> CoAP message bytes on stdout",
         description="Encode an HTTP request; writes the CoAP message bytes to stdout.",
+        options=(_request_args, _http_args),
+        func=_encode_request,
     )
-    req.add_argument("--method", required=True, help="HTTP method, e.g. GET or PUT")
-    req.add_argument(
-        "--target",
-        required=True,
-        help="request target exactly as sent (path and query, percent-encoding kept)",
-    )
-    _http_args(req)
-    _common(req)
-    req.set_defaults(func=_encode_request)
-
-    resp = wsub.add_parser(
+    _subcommand(
+        wsub,
         "encode-response",
         help="HTTP response -> CoAP message bytes on stdout",
         description="Encode an HTTP response; writes the CoAP message bytes to stdout.",
+        options=(_response_args, _http_args),
+        func=_encode_response,
     )
-    resp.add_argument("--status", type=int, required=True, help="HTTP status, 100-599")
-    resp.add_argument(
-        "--want-json",
-        action="store_true",
-        help="encode as for a standard CoAP client that sent Accept: 50 (plain JSON)",
-    )
-    _http_args(resp)
-    _common(resp)
-    resp.set_defaults(func=_encode_response)
-
-    dec = wsub.add_parser(
+    _subcommand(
+        wsub,
         "decode",
         help="CoAP message bytes on stdin -> JSON on stdout",
         description='Decode a CoAP message from stdin and print {"method", "target", '
         '"headers", "body"} (or {"status", "headers", "body"} with --response). '
         'The body is JSON when it is JSON ("body_encoding": "json"), else base64.',
+        options=(_decode_args,),
+        func=_decode,
     )
-    dec.add_argument("--response", action="store_true", help="the message is a response")
-    _common(dec)
-    dec.set_defaults(func=_decode)
+
+
+def _subcommand(
+    wsub: Any,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    options: tuple[Callable[[argparse.ArgumentParser], None], ...],
+    func: Callable[[argparse.Namespace], int],
+) -> None:
+    """A ``wire`` subcommand: its own options, then --profile and --server-name."""
+    p = wsub.add_parser(name, help=help, description=description)
+    for add in options:
+        add(p)
+    _common(p)
+    p.set_defaults(func=func)
+
+
+def _request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="HTTP method, e.g. GET or PUT")
+    p.add_argument(
+        "--target",
+        required=True,
+        help="request target exactly as sent (path and query, percent-encoding kept)",
+    )
+
+
+def _response_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", type=int, required=True, help="HTTP status, 100-599")
+    p.add_argument(
+        "--want-json",
+        action="store_true",
+        help="encode as for a standard CoAP client that sent Accept: 50 (plain JSON)",
+    )
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--response", action="store_true", help="the message is a response")
 
 
 def _codec(args: argparse.Namespace) -> WireCodec:

@@ -345,17 +345,12 @@ class TraceRecord:
     deliver_at: tuple[float, ...]
 
 
-@attrs.frozen
-class DirectionStats:
-    """Exact counters of one direction.
+@attrs.define
+class _Counters:
+    """The counters of one direction as the model updates them.
 
-    ``*_bytes`` are UDP payload bytes; ``*_ip_bytes`` add the IP + UDP header
-    overhead per datagram. ``delivered_*`` include duplicates (they are what
-    the receiver gets); ``transmitted_ip_bytes`` is what crossed the
-    bottleneck (delivered originals and lost datagrams, not duplicates, not
-    queue drops). Invariant::
-
-        offered == delivered - duplicated + lost + queue_dropped
+    Their fields are :class:`DirectionStats`'s (written once, here); a
+    snapshot is ``DirectionStats(**attrs.asdict(counters))``.
     """
 
     offered_datagrams: int = 0
@@ -372,6 +367,20 @@ class DirectionStats:
     reordered_datagrams: int = 0
     transmitted_ip_bytes: int = 0
     busy_seconds: float = 0.0
+
+
+@attrs.frozen
+class DirectionStats(_Counters):
+    """Exact counters of one direction (a frozen snapshot).
+
+    ``*_bytes`` are UDP payload bytes; ``*_ip_bytes`` add the IP + UDP header
+    overhead per datagram. ``delivered_*`` include duplicates (they are what
+    the receiver gets); ``transmitted_ip_bytes`` is what crossed the
+    bottleneck (delivered originals and lost datagrams, not duplicates, not
+    queue drops). Invariant::
+
+        offered == delivered - duplicated + lost + queue_dropped
+    """
 
     @property
     def dropped_datagrams(self) -> int:
@@ -397,24 +406,6 @@ class LinkStats:
 
     def __str__(self) -> str:
         return f"up: {self.uplink} | down: {self.downlink}"
-
-
-@attrs.define
-class _Counters:
-    offered_datagrams: int = 0
-    offered_bytes: int = 0
-    offered_ip_bytes: int = 0
-    delivered_datagrams: int = 0
-    delivered_bytes: int = 0
-    delivered_ip_bytes: int = 0
-    lost_datagrams: int = 0
-    lost_bytes: int = 0
-    queue_dropped_datagrams: int = 0
-    queue_dropped_bytes: int = 0
-    duplicated_datagrams: int = 0
-    reordered_datagrams: int = 0
-    transmitted_ip_bytes: int = 0
-    busy_seconds: float = 0.0
 
 
 class ImpairmentModel:

@@ -717,6 +717,19 @@ class WireCodec:
             return "plain"
         return self.routes.route_name(paths)
 
+    def route_name_for_target(self, target: bytes) -> str:
+        """The :meth:`route_name` a receiver gives a request this codec encodes for ``target``.
+
+        For a sender's metrics, so that both ends label a request alike: the route
+        table's name when the target travels as a route id, "literal" when it travels
+        verbatim in the Target option. Like :meth:`route_name`, never an argument.
+        """
+        try:
+            options = self._encode_target("GET", target, 0)
+        except LocalProtocolError:
+            return "unknown"
+        return self.route_name(CoapMessage(n.GET, tuple(options), b""))
+
     def is_replay_safe(self, req: HttpRequest) -> bool:
         """GET/HEAD, or PUT to a route with a transaction id (may ride as 0-RTT early data)."""
         if req.method in ("GET", "HEAD"):

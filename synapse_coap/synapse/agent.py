@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -44,6 +45,7 @@ from twisted.web.iweb import IAgent, IClientRequest, IResponse
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from synapse_coap.errors import LinkDown, RequestTimeout, TransportError, TrustError
+from synapse_coap.mapping.codec import WireCodec
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse.discovery import (
     CoapTarget,
@@ -51,6 +53,7 @@ from synapse_coap.synapse.discovery import (
     FederationConfig,
     Resolution,
 )
+from synapse_coap.wire.profile import supported_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +62,6 @@ T = TypeVar("T")
 FEDERATION_SCHEME = b"matrix-federation"
 #: The request a discovery probe sends (any CoAP answer, even an error, means "speaks CoAP").
 PROBE_TARGET = b"/_matrix/federation/v1/version"
-#: Route-name path segments that get one more segment in the name (they are families).
-_FAMILIES = {"media", "user", "query", "openid", "hierarchy", "unstable"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,27 +126,30 @@ def parse_federation_uri(uri: bytes) -> tuple[str, bytes]:
     return dest.decode("ascii"), target
 
 
-def classify_route(target: bytes) -> str:
-    """A stable, low-cardinality name for a federation request target, for metrics.
+@functools.cache
+def _route_namer() -> WireCodec:
+    """A codec for the profile the CoAP client offers first (the highest installed one)."""
+    return WireCodec(supported_profiles()[0])
 
-    ``/_matrix/federation/v1/send/txn`` -> "federation.v1.send",
-    ``/_matrix/key/v2/server`` -> "key.v2.server",
-    ``/_matrix/federation/v1/user/devices/@u:hs`` -> "federation.v1.user.devices".
+
+def classify_route(target: bytes) -> str:
+    """The metrics name of a federation request target: the receiving listener's name.
+
+    The name comes from the profile's route table, exactly as the peer's CoAP
+    listener names the same request (``synapse_coap_requests_total{route}``), so
+    the two ends' metrics join on ``route``:
+    ``/_matrix/federation/v1/send/txn`` -> "federation.v1.send.1",
+    ``/_matrix/key/v2/server`` -> "key.v2.server.0",
+    ``/_matrix/federation/v1/query/profile?user_id=...`` -> "federation.v1.query".
+    A target the route table cannot carry is "literal". Arguments (room, user,
+    event and transaction ids) never enter the name; "unknown" if naming fails
+    (a request is never refused for its metrics label).
     """
-    path = target.split(b"?", 1)[0]
-    segs = [s.decode("ascii", "replace") for s in path.split(b"/") if s]
-    if len(segs) < 3 or segs[0] != "_matrix":
-        return "other"
-    api, version = segs[1], segs[2]
-    if len(segs) == 3:
-        return f"{api}.{version}"
-    name = segs[3]
-    if name in _FAMILIES and len(segs) > 4:
-        name = f"{name}.{segs[4]}"
-    # identifiers never enter the name: keep only route-ish characters
-    if not all(c.isalnum() or c in "._-" for c in name) or len(name) > 40:
-        name = "other"
-    return f"{api}.{version}.{name}"
+    try:
+        return _route_namer().route_name_for_target(target)
+    except Exception:  # e.g. an unreadable maps directory: the listener says "unknown" too
+        logger.debug("cannot name federation route", exc_info=True)
+        return "unknown"
 
 
 def flatten_headers(headers: Headers | None) -> tuple[tuple[str, str], ...]:

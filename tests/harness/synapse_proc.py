@@ -8,18 +8,5 @@ the demo ships in the wheel; tests keep importing it from here::
 
 from __future__ import annotations
 
-from synapse_coap.lab.homeserver import (
-    SYNAPSE_PYTHON,
-    SynapseError,
-    SynapseProcess,
-    free_port,
-    self_signed_certificate,
-)
-
-__all__ = [
-    "SYNAPSE_PYTHON",
-    "SynapseError",
-    "SynapseProcess",
-    "free_port",
-    "self_signed_certificate",
-]
+from synapse_coap.lab.homeserver import *  # noqa: F403 (exactly the names in its __all__)
+from synapse_coap.lab.homeserver import __all__ as __all__

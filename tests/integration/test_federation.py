@@ -16,15 +16,11 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import importlib
-import ipaddress
 import json
 import os
 import re
 import time
 import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -32,17 +28,21 @@ from typing import Any, TypeVar
 
 import pytest
 
-from synapse_coap.mapping.messages import HttpRequest, HttpResponse
-from synapse_coap.noise import keys as noise_keys
+from tests.harness.federation import (
+    AGENT_INSTALLED,
+    READY,
+    CoapMatrix,
+    Homeserver,
+    HttpMatrix,
+    new_coap_client,
+    q,
+)
 from tests.harness.synapse_proc import SynapseProcess, free_port
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 
-READY = r"CoAP listener ready"
-AGENT_INSTALLED = r"federation over CoAP installed"
-PASSWORD = "correct horse battery staple"
 #: The module under test (overridable to try a development build).
 MODULE = os.environ.get("SYNAPSE_COAP_FED_MODULE", "synapse_coap.CoapModule")
 
@@ -50,49 +50,27 @@ MODULE = os.environ.get("SYNAPSE_COAP_FED_MODULE", "synapse_coap.CoapModule")
 # -- helpers: processes ---------------------------------------------------------------------
 
 
-class Node:
+class Node(Homeserver):
     """One homeserver with the module: its CoAP port, Noise key pair and metrics port."""
 
     def __init__(self, root: Path, server_name: str, *, coap_port: int | None = None) -> None:
-        self.server_name = server_name
-        self.workdir = root / server_name.replace(":", "_")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.coap_port = coap_port or free_port("udp")
-        self.metrics_port = free_port()
-        self.key_path = self.workdir / "coap.key"
-        if not self.key_path.exists():
-            noise_keys.write_key_file(self.key_path, noise_keys.generate_private_key())
-        self.public_key = noise_keys.public_key(noise_keys.read_key_file(self.key_path))
-        self.proc: SynapseProcess | None = None
-
-    @property
-    def public_b64(self) -> str:
-        return noise_keys.encode_public(self.public_key)
+        super().__init__(root / server_name.replace(":", "_"), server_name, coap_port=coap_port)
 
     def make(
         self,
         federation: dict[str, Any],
         pinned: dict[str, str],
         *,
-        extra_config: dict[str, Any] | None = None,
         http_port: int | None = None,
+        tls_federation_port: int | None = None,
     ) -> SynapseProcess:
-        module = {
-            "module": MODULE,
-            "config": {
-                "listen": [f"127.0.0.1:{self.coap_port}"],
-                "private_key_path": str(self.key_path),
-                "trust": {"peers": pinned},
-                "federation": federation,
-            },
-        }
         self.proc = SynapseProcess(
             self.workdir,
             self.server_name,
             http_port=http_port,
             metrics_port=self.metrics_port,
-            modules=[module],
-            extra_config=extra_config,
+            modules=[self.module_config(federation, pinned, module=MODULE)],
+            tls_federation_port=tls_federation_port,
         )
         return self.proc
 
@@ -103,28 +81,6 @@ class Node:
         wait_for_log(
             self.proc, AGENT_INSTALLED, 10, "the module did not install federation over CoAP"
         )
-
-    def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/_synapse/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return str(r.read().decode())
-
-    def metric_sum(self, name: str, text: str | None = None) -> float:
-        """Sum of every sample of ``name`` (all labels)."""
-        text = self.metrics_text() if text is None else text
-        rx = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.M)
-        return sum(float(m.group(1)) for m in rx.finditer(text))
-
-    def metrics(self, text: str | None = None) -> dict[tuple[str, str, str], float]:
-        """synapse_coap_federation_requests_total by (route, via, outcome)."""
-        text = self.metrics_text() if text is None else text
-        out: dict[tuple[str, str, str], float] = {}
-        for m in re.finditer(
-            r"^synapse_coap_federation_requests_total\{([^}]*)\} (\S+)$", text, re.M
-        ):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-            out[(labels["route"], labels["via"], labels["outcome"])] = float(m.group(2))
-        return out
 
 
 def wait_for_log(proc: SynapseProcess, pattern: str, timeout: float, what: str) -> None:
@@ -178,90 +134,10 @@ class Loop:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
-class CoapMatrix:
-    """Just enough of the client-server API, over the transport's CoapClient."""
+class CoapUser(CoapMatrix):
+    """A CoAP client that also follows /sync incrementally."""
 
-    def __init__(self, client: Any, node: Node) -> None:
-        endpoint_cls = importlib.import_module("synapse_coap.transport.client").Endpoint
-        self.client = client
-        self.node = node
-        self.endpoint = endpoint_cls(
-            host="127.0.0.1",
-            port=node.coap_port,
-            peer_name=node.server_name,
-            static_key=node.public_key,
-            secure=True,
-        )
-        self.token: str | None = None
-        self.user_id: str | None = None
-        self.since: str | None = None
-
-    async def raw(
-        self,
-        method: str,
-        target: str,
-        body: Any = None,
-        headers: tuple[tuple[str, str], ...] = (),
-        body_bytes: bytes = b"",
-    ) -> HttpResponse:
-        hdrs = list(headers)
-        data = body_bytes
-        if body is not None:
-            data = json.dumps(body).encode()
-            hdrs.append(("content-type", "application/json"))
-        if self.token is not None:
-            hdrs.append(("authorization", f"Bearer {self.token}"))
-        resp: HttpResponse = await self.client.request(
-            self.endpoint,
-            HttpRequest(method=method, target=target.encode(), headers=tuple(hdrs), body=data),
-            timeout=90,
-        )
-        return resp
-
-    async def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
-        target = "/_matrix/client/v3" + path
-        if query:
-            target += "?" + urllib.parse.urlencode(query)
-        resp = await self.raw(method, target, body)
-        if resp.status != 200:
-            raise AssertionError(f"{method} {target} -> {resp.status} {resp.body[:300]!r}")
-        return json.loads(resp.body or b"{}")
-
-    async def register(self, username: str) -> None:
-        out = await self.call(
-            "POST",
-            "/register",
-            {"username": username, "password": PASSWORD, "auth": {"type": "m.login.dummy"}},
-        )
-        self.token, self.user_id = out["access_token"], out["user_id"]
-
-    async def send(self, room_id: str, text: str) -> str:
-        txn = f"t{time.monotonic_ns()}"
-        out = await self.call(
-            "PUT",
-            f"/rooms/{q(room_id)}/send/m.room.message/{txn}",
-            {"msgtype": "m.text", "body": text},
-        )
-        return str(out["event_id"])
-
-    async def history(self, room_id: str) -> Counter[str]:
-        """Every m.room.message body in the room as this server stores it (with counts)."""
-        out = await self.call("GET", f"/rooms/{q(room_id)}/messages", dir="b", limit=500)
-        return Counter(
-            e["content"].get("body", "")
-            for e in out.get("chunk", [])
-            if e.get("type") == "m.room.message"
-        )
-
-    async def wait_for(self, room_id: str, bodies: set[str], timeout: float = 90) -> Counter[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = await self.history(room_id)
-            if bodies <= set(seen):
-                return seen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.user_id} never saw {bodies - set(seen)}; saw {seen}")
-            await asyncio.sleep(0.5)
+    since: str | None = None
 
     async def sync_bodies(
         self, room_id: str, timeout: float = 90, want: set[str] | None = None
@@ -281,20 +157,6 @@ class CoapMatrix:
                     got.add(e["content"].get("body", ""))
             if want is None or want <= got or time.monotonic() > deadline:
                 return got
-
-
-def q(s: str) -> str:
-    return urllib.parse.quote(s, safe="")
-
-
-async def new_client() -> Any:
-    client_mod = importlib.import_module("synapse_coap.transport.client")
-    trust_mod = importlib.import_module("synapse_coap.noise.trust")
-    return await client_mod.CoapClient.create(
-        static_key=noise_keys.generate_private_key(),
-        trust=trust_mod.TrustPolicy(),
-        bind=("127.0.0.1", 0),
-    )
 
 
 def x_matrix(signing_key_path: Path, origin: str, destination: str, method: str, uri: str) -> str:
@@ -340,9 +202,9 @@ def coap_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         for n in (hs1, hs2):
             n.start()
             started.append(n)
-        c1 = loop.run(new_client())
-        c2 = loop.run(new_client())
-        alice, bob = CoapMatrix(c1, hs1), CoapMatrix(c2, hs2)
+        c1 = loop.run(new_coap_client())
+        c2 = loop.run(new_coap_client())
+        alice, bob = CoapUser(c1, hs1), CoapUser(c2, hs2)
         loop.run(alice.register("alice"))
         loop.run(bob.register("bob"))
         room = loop.run(bob.call("POST", "/createRoom", {"preset": "public_chat", "name": "coap"}))
@@ -391,11 +253,11 @@ class TestCoapOnly:
 
     def test_signing_keys_were_fetched_over_coap(self, coap_pair: dict[str, Any]) -> None:
         for n in (coap_pair["hs1"], coap_pair["hs2"]):
-            m = n.metrics()
+            m = n.agent_counts()
             fetched = sum(
                 v
                 for (r, via, o), v in m.items()
-                if r == "key.v2.server" and via == "coap" and o == "ok"
+                if r == "key.v2.server.0" and via == "coap" and o == "ok"
             )
             assert fetched >= 1, f"{n.server_name} did not fetch keys over CoAP: {m}"
 
@@ -420,7 +282,7 @@ class TestCoapOnly:
         uri = "/_matrix/federation/v1/query/profile?" + urllib.parse.urlencode(
             {"user_id": alice.user_id, "field": "displayname"}
         )
-        raw = CoapMatrix(loop.run(new_client()), hs1)  # no access token: a "server" request
+        raw = CoapMatrix(loop.run(new_coap_client()), hs1)  # no access token: a "server" request
         auth = x_matrix(hs2.proc.signing_key_path, "hs2.test", "hs1.test", "GET", uri)
         ok = loop.run(raw.raw("GET", uri, headers=(("authorization", auth),)))
         assert ok.status == 200, ok.body
@@ -453,7 +315,7 @@ class TestCoapOnly:
         got = loop.run(alice.raw("GET", f"/_matrix/client/v1/media/download/{server}/{media_id}"))
         assert got.status == 200, got.body[:300]
         assert got.body == blob
-        routes = {r for (r, via, o), v in coap_pair["hs1"].metrics().items() if o == "ok"}
+        routes = {r for (r, via, o), v in coap_pair["hs1"].agent_counts().items() if o == "ok"}
         assert "federation.v1.media.download" in routes, routes
 
     def test_every_outbound_request_went_over_coap(self, coap_pair: dict[str, Any]) -> None:
@@ -470,7 +332,7 @@ class TestCoapOnly:
                     break
                 time.sleep(0.5)
             assert synapse_sent == agent_got > 0, (synapse_sent, agent_got)
-            m = n.metrics(text)
+            m = n.agent_counts(text)
             by_via: Counter[str] = Counter()
             by_route: Counter[str] = Counter()
             for (route, via, _outcome), v in m.items():
@@ -479,9 +341,21 @@ class TestCoapOnly:
                     by_route[route] += v
             print(f"{n.server_name} outbound federation requests by route: {dict(by_route)}")
             assert by_via["https"] == 0 and by_via["refused"] == 0, m
-            assert by_route["federation.v1.send"] >= 1
-            assert by_route["key.v2.server"] >= 1
-        hs1_routes = {r for (r, via, _), v in coap_pair["hs1"].metrics().items() if v}
+            assert by_route["federation.v1.send.1"] >= 1
+            assert by_route["key.v2.server.0"] >= 1
+        # The two ends' metrics join on the route label: every route an agent sent over
+        # CoAP (its only CoAP destination is the other server) is a route that the other
+        # server's listener counted under the same name.
+        for me, other in (
+            (coap_pair["hs1"], coap_pair["hs2"]),
+            (coap_pair["hs2"], coap_pair["hs1"]),
+        ):
+            sent = {
+                r for (r, via, o), v in me.agent_counts().items() if via == "coap" and o == "ok"
+            }
+            served = other.listener_routes()
+            assert sent and sent <= served, (me.server_name, sent - served, served)
+        hs1_routes = {r for (r, via, _), v in coap_pair["hs1"].agent_counts().items() if v}
         # the remote join went over CoAP too
         assert {"federation.v1.make_join"} <= hs1_routes
         assert hs1_routes & {"federation.v1.send_join", "federation.v2.send_join"}
@@ -507,113 +381,14 @@ class TestCoapOnly:
         seen_a = loop.run(alice.wait_for(room_id, {"bob is back"}))
         assert seen_a["bob is back"] == 1
         # the restarted hs2 (fresh counters) also sent only over CoAP
-        m = hs2.metrics()
+        m = hs2.agent_counts()
         assert sum(v for (_, via, _), v in m.items() if via != "coap") == 0, m
         assert (
-            sum(v for (r, via, o), v in m.items() if r == "federation.v1.send" and o == "ok") >= 1
+            sum(v for (r, via, o), v in m.items() if r == "federation.v1.send.1" and o == "ok") >= 1
         )
 
 
 # -- mixed: module + stock Synapse over HTTPS --------------------------------------------------
-
-
-def self_signed(dirpath: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = dirpath / "tls.crt", dirpath / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    os.chmod(key_path, 0o600)
-    return cert_path, key_path
-
-
-def tls_config(
-    dirpath: Path, fed_port: int, client_port: int | None, metrics_port: int | None = None
-) -> dict[str, Any]:
-    """Listeners replace the harness's list, so the metrics listener is repeated here."""
-    cert, key = self_signed(dirpath)
-    listeners: list[dict[str, Any]] = [
-        {
-            "port": fed_port,
-            "bind_addresses": ["127.0.0.1"],
-            "type": "http",
-            "tls": True,
-            "resources": [{"names": ["federation"], "compress": False}],
-        }
-    ]
-    if client_port is not None:
-        listeners.append(
-            {
-                "port": client_port,
-                "bind_addresses": ["127.0.0.1"],
-                "type": "http",
-                "tls": False,
-                "resources": [{"names": ["client"], "compress": False}],
-            }
-        )
-    if metrics_port is not None:
-        listeners.append({"port": metrics_port, "bind_addresses": ["127.0.0.1"], "type": "metrics"})
-    return {
-        "listeners": listeners,
-        "tls_certificate_path": str(cert),
-        "tls_private_key_path": str(key),
-        "federation_verify_certificates": False,
-    }
-
-
-class HttpMatrix:
-    """The stock server's client, over plain HTTP on loopback."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base = base_url
-        self.token: str | None = None
-        self.user_id: str | None = None
-
-    def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
-        url = self.base + "/_matrix/client/v3" + path
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        req = urllib.request.Request(url, method=method)
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            req.add_header("Content-Type", "application/json")
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        with urllib.request.urlopen(req, data, timeout=60) as r:
-            return json.loads(r.read() or b"{}")
-
-    def history(self, room_id: str) -> Counter[str]:
-        out = self.call("GET", f"/rooms/{q(room_id)}/messages", dir="b", limit=500)
-        return Counter(
-            e["content"].get("body", "") for e in out["chunk"] if e.get("type") == "m.room.message"
-        )
 
 
 class TestMixed:
@@ -628,44 +403,41 @@ class TestMixed:
                 "probe_timeout": 3,
             },
             {},
-            extra_config=tls_config(hs1.workdir, fed1, None, hs1.metrics_port),
+            tls_federation_port=fed1,
         )
         name3 = f"127.0.0.1:{fed3}"
-        dir3 = tmp_path / "hs3"
-        dir3.mkdir()
         hs3 = SynapseProcess(
-            dir3,
+            tmp_path / "hs3",
             name3,
             http_port=client3,
-            extra_config=tls_config(dir3, fed3, client3),
+            http_resources=("client",),
+            tls_federation_port=fed3,
         )
         loop = Loop()
         try:
             hs1.start()
             hs3.start(timeout=90)
-            alice = CoapMatrix(loop.run(new_client()), hs1)
+            alice = CoapMatrix(loop.run(new_coap_client()), hs1)
             loop.run(alice.register("alice"))
             carol = HttpMatrix(hs3.base_url)
-            out = carol.call(
-                "POST",
-                "/register",
-                {"username": "carol", "password": PASSWORD, "auth": {"type": "m.login.dummy"}},
-            )
-            carol.token, carol.user_id = out["access_token"], out["user_id"]
-            room_id = carol.call("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+            loop.run(carol.register("carol"))
+            room = loop.run(carol.call("POST", "/createRoom", {"preset": "public_chat"}))
+            room_id = room["room_id"]
             loop.run(alice.call("POST", f"/join/{q(room_id)}?server_name={q(name3)}", {}))
-            carol.call(
-                "PUT",
-                f"/rooms/{q(room_id)}/send/m.room.message/c1",
-                {"msgtype": "m.text", "body": "from stock hs3"},
+            loop.run(
+                carol.call(
+                    "PUT",
+                    f"/rooms/{q(room_id)}/send/m.room.message/c1",
+                    {"msgtype": "m.text", "body": "from stock hs3"},
+                )
             )
             loop.run(alice.send(room_id, "from coap hs1"))
             loop.run(alice.wait_for(room_id, {"from stock hs3", "from coap hs1"}))
             deadline = time.monotonic() + 60
-            while "from coap hs1" not in carol.history(room_id):
+            while "from coap hs1" not in loop.run(carol.history(room_id)):
                 assert time.monotonic() < deadline, "hs3 never got hs1's message"
                 time.sleep(0.5)
-            m = hs1.metrics()
+            m = hs1.agent_counts()
             https = sum(v for (_, via, _), v in m.items() if via == "https")
             coap = sum(v for (_, via, _), v in m.items() if via == "coap")
             assert https >= 2, m  # at least the key fetch and the join went through the fallback

@@ -7,17 +7,19 @@ exact timing is the sans-I/O model's and is asserted on its trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+import attrs
 import pytest
 
-from synapse_coap.lab.model import Impairment, LinkModel, LinkProfile, RebindSchedule
+from synapse_coap.lab.model import PROFILES, Impairment, LinkModel, LinkProfile, RebindSchedule
 from synapse_coap.lab.relay import Relay, RelayConfig
 
 pytestmark = pytest.mark.integration
@@ -82,19 +84,62 @@ def _profile(**kw: Any) -> LinkProfile:
     return LinkProfile.symmetric("test", "test", Impairment(**kw))
 
 
-def test_rate_limit_delays_a_100_byte_datagram_by_its_serialization_time() -> None:
-    async def run() -> None:
-        server_t, echo = await _echo_server()
+@attrs.frozen
+class Rig:
+    """An echo server behind a relay, and clients sending to the relay."""
+
+    server_t: asyncio.DatagramTransport
+    echo: Echo
+    relay: Relay
+    clients: list[tuple[asyncio.DatagramTransport, Client]]
+
+    @property
+    def client(self) -> Client:
+        return self.clients[0][1]
+
+    @property
+    def client_t(self) -> asyncio.DatagramTransport:
+        return self.clients[0][0]
+
+
+@contextlib.asynccontextmanager
+async def _rig(
+    profile: LinkProfile = PROFILES["lan"],
+    *,
+    seed: int = 0,
+    trace: bool = False,
+    host: str = "127.0.0.1",
+    clients: int = 1,
+) -> AsyncIterator[Rig]:
+    """Start the echo server, the relay in front of it and ``clients`` clients; close all."""
+    server_t, echo = await _echo_server(host)
+    try:
         relay = await Relay.start(
             RelayConfig(
-                listen=("127.0.0.1", 0),
-                upstream=server_t.get_extra_info("sockname"),
-                profile=_profile(rate=800.0),
-                trace=True,
+                listen=(host, 0),
+                upstream=server_t.get_extra_info("sockname")[:2],
+                profile=profile,
+                seed=seed,
+                trace=trace,
             )
         )
-        client_t, client = await _client(relay.address)
+        conns: list[tuple[asyncio.DatagramTransport, Client]] = []
         try:
+            for _ in range(clients):
+                conns.append(await _client(relay.address))
+            yield Rig(server_t, echo, relay, conns)
+        finally:
+            for t, _ in conns:
+                t.close()
+            await relay.close()
+    finally:
+        server_t.close()
+
+
+def test_rate_limit_delays_a_100_byte_datagram_by_its_serialization_time() -> None:
+    async def run() -> None:
+        async with _rig(_profile(rate=800.0), trace=True) as rig:
+            relay, echo, client = rig.relay, rig.echo, rig.client
             sent_at = client.send(b"p" * 100)
             await _until(lambda: len(client.received) == 1)
             # the model: (100 + 28) * 8 / 800 = 1.28 s each way
@@ -111,10 +156,6 @@ def test_rate_limit_delays_a_100_byte_datagram_by_its_serialization_time() -> No
             assert stats.uplink.offered_ip_bytes == 128
             assert stats.uplink.busy_seconds == pytest.approx(1.28)
             assert (stats.sent_upstream, stats.sent_downstream, stats.pending) == (1, 1, 0)
-        finally:
-            client_t.close()
-            await relay.close()
-            server_t.close()
 
     asyncio.run(run())
 
@@ -131,24 +172,15 @@ def test_loss_accounting_matches_the_model_exactly() -> None:
     down_delivered = [d.datagram for m in up_delivered for d in predicted.downlink.offer(0.0, m)]
 
     async def run() -> None:
-        server_t, echo = await _echo_server()
-        relay = await Relay.start(
-            RelayConfig(
-                listen=("127.0.0.1", 0),
-                upstream=server_t.get_extra_info("sockname"),
-                profile=profile,
-                seed=seed,
-            )
-        )
-        client_t, client = await _client(relay.address)
-        try:
+        async with _rig(profile, seed=seed) as rig:
+            echo, client = rig.echo, rig.client
             for i in range(n):
                 client.send(b"%03d" % i)
                 if i % 20 == 19:
                     await asyncio.sleep(0.005)  # stay far from socket buffer limits
             await _until(lambda: len(client.received) == len(down_delivered))
             await asyncio.sleep(0.1)  # nothing more may arrive
-            stats = relay.stats
+            stats = rig.relay.stats
             assert [m for _, _, m in echo.seen] == up_delivered
             assert [m for _, m in client.received] == down_delivered
             assert stats.uplink == predicted.uplink.stats
@@ -160,10 +192,6 @@ def test_loss_accounting_matches_the_model_exactly() -> None:
             assert stats.sent_upstream == len(up_delivered)
             assert stats.sent_downstream == len(down_delivered)
             assert stats.uplink.offered_ip_bytes == n * (3 + 28)
-        finally:
-            client_t.close()
-            await relay.close()
-            server_t.close()
 
     asyncio.run(run())
 
@@ -171,17 +199,10 @@ def test_loss_accounting_matches_the_model_exactly() -> None:
 def test_nat_rebinding_gives_the_server_a_new_source_port() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        server_t, echo = await _echo_server()
-        relay = await Relay.start(
-            RelayConfig(
-                listen=("127.0.0.1", 0),
-                upstream=server_t.get_extra_info("sockname"),
-                profile=_profile().with_rebind(RebindSchedule(times=(0.5,))),
-            )
-        )
-        start = relay.model.start
-        client_t, client = await _client(relay.address)
-        try:
+        profile = _profile().with_rebind(RebindSchedule(times=(0.5,)))
+        async with _rig(profile) as rig:
+            relay, echo, client, client_t = rig.relay, rig.echo, rig.client, rig.client_t
+            start = relay.model.start
             client.send(b"before")
             await _until(lambda: len(client.received) == 1)
             old_addr = echo.seen[0][1]
@@ -198,38 +219,21 @@ def test_nat_rebinding_gives_the_server_a_new_source_port() -> None:
             assert relay.upstream_port(client_t.get_extra_info("sockname")) == new_addr[1]
             assert [m for _, m in client.received] == [b"before", b"after"]
             assert relay.stats.downlink.offered_datagrams == 2
-        finally:
-            client_t.close()
-            await relay.close()
-            server_t.close()
 
     asyncio.run(run())
 
 
 def test_several_clients_each_get_their_own_upstream_port() -> None:
     async def run() -> None:
-        server_t, echo = await _echo_server()
-        relay = await Relay.start(
-            RelayConfig(
-                listen=("127.0.0.1", 0),
-                upstream=server_t.get_extra_info("sockname"),
-                profile=_profile(latency=0.05),
-            )
-        )
-        clients = [await _client(relay.address) for _ in range(3)]
-        try:
+        async with _rig(_profile(latency=0.05), clients=3) as rig:
+            clients = rig.clients
             for i, (_, c) in enumerate(clients):
                 c.send(b"client %d" % i)
             await _until(lambda: all(len(c.received) == 1 for _, c in clients))
             for i, (_, c) in enumerate(clients):
                 assert c.received[0][1] == b"client %d" % i
-            assert len({addr for _, addr, _ in echo.seen}) == 3
-            assert relay.stats.clients == 3
-        finally:
-            for t, _ in clients:
-                t.close()
-            await relay.close()
-            server_t.close()
+            assert len({addr for _, addr, _ in rig.echo.seen}) == 3
+            assert rig.relay.stats.clients == 3
 
     asyncio.run(run())
 
@@ -246,19 +250,11 @@ def _has_ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
 def test_ipv6_counts_48_header_bytes() -> None:
     async def run() -> None:
-        server_t, _echo = await _echo_server("::1")
-        host, port = server_t.get_extra_info("sockname")[:2]
-        relay = await Relay.start(RelayConfig(listen=("::1", 0), upstream=(host, port)))
-        client_t, client = await _client(relay.address)
-        try:
-            client.send(b"v6" * 26)
-            await _until(lambda: len(client.received) == 1)
-            assert relay.stats.uplink.offered_ip_bytes == 52 + 48
-            assert relay.stats.downlink.delivered_ip_bytes == 52 + 48
-        finally:
-            client_t.close()
-            await relay.close()
-            server_t.close()
+        async with _rig(host="::1") as rig:
+            rig.client.send(b"v6" * 26)
+            await _until(lambda: len(rig.client.received) == 1)
+            assert rig.relay.stats.uplink.offered_ip_bytes == 52 + 48
+            assert rig.relay.stats.downlink.delivered_ip_bytes == 52 + 48
 
     asyncio.run(run())
 

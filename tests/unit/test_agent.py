@@ -24,6 +24,8 @@ from synapse_coap.synapse.agent import (
     parse_federation_uri,
 )
 from synapse_coap.synapse.discovery import CoapTarget, Discovery, FederationConfig, SrvRecord
+from synapse_coap.transport.convert import default_codec_factory, supported_profile_offers
+from synapse_coap.wire.context import WireContext
 
 
 class FakeBridge:
@@ -172,13 +174,12 @@ def test_parse_keeps_target_bytes_exactly() -> None:
         parse_federation_uri(b"https://h/x")
 
 
-def test_classify_route() -> None:
-    assert classify_route(b"/_matrix/federation/v1/send/1234") == "federation.v1.send"
-    assert classify_route(b"/_matrix/key/v2/server") == "key.v2.server"
-    assert classify_route(b"/_matrix/key/v2/query") == "key.v2.query"
+def test_classify_route_uses_the_route_tables_names() -> None:
+    assert classify_route(b"/_matrix/federation/v1/send/1234") == "federation.v1.send.1"
+    assert classify_route(b"/_matrix/key/v2/server") == "key.v2.server.0"
+    assert classify_route(b"/_matrix/key/v2/query") == "key.v2.query.0"
     assert (
-        classify_route(b"/_matrix/federation/v1/query/profile?user_id=x")
-        == "federation.v1.query.profile"
+        classify_route(b"/_matrix/federation/v1/query/profile?user_id=x") == "federation.v1.query"
     )
     assert (
         classify_route(b"/_matrix/federation/v1/user/devices/%40a%3Ab")
@@ -189,8 +190,71 @@ def test_classify_route() -> None:
         == "federation.v1.media.download"
     )
     assert classify_route(b"/_matrix/federation/v2/send_join/!r:x/$e") == "federation.v2.send_join"
-    assert classify_route(b"/_matrix/federation/v1/%40weird") == "federation.v1.other"
-    assert classify_route(b"/other") == "other"
+    # what the route table cannot carry travels (and is named) literally, as the listener does
+    assert classify_route(b"/_matrix/federation/v1/%40weird") == "literal"
+    assert classify_route(b"/other") == "literal"
+    assert classify_route(b"/_matrix/federation/v1/send/1?\xff") == "literal"
+
+
+#: Real federation request targets, as Synapse's federation client sends them.
+FEDERATION_TARGETS = [
+    ("PUT", b"/_matrix/federation/v1/send/1700000000123"),
+    (
+        "GET",
+        b"/_matrix/federation/v1/make_join/%21room%3Ahs2.test/%40alice%3Ahs1.test?ver=10&ver=11",
+    ),
+    ("PUT", b"/_matrix/federation/v2/send_join/%21room%3Ahs2.test/%24ev1a2b3c?omit_members=true"),
+    ("PUT", b"/_matrix/federation/v1/send_join/%21room%3Ahs2.test/%24ev1a2b3c"),
+    ("GET", b"/_matrix/key/v2/server"),
+    ("GET", b"/_matrix/federation/v1/query/profile?user_id=%40bob%3Ahs2.test&field=displayname"),
+    ("GET", b"/_matrix/federation/v1/backfill/%21room%3Ahs2.test?v=%24ev1a2b3c&limit=100"),
+    ("GET", b"/_matrix/federation/v1/state_ids/%21room%3Ahs2.test?event_id=%24ev1a2b3c"),
+    ("GET", b"/_matrix/federation/v1/media/download/AbCdEfGhIjKlMnOp?timeout_ms=20000"),
+    ("GET", b"/_matrix/federation/v1/user/devices/%40bob%3Ahs2.test"),
+    ("GET", b"/_matrix/federation/v1/version"),
+    ("GET", b"/_matrix/federation/v1/no_such_endpoint/x"),
+]
+
+
+@pytest.mark.parametrize(("method", "target"), FEDERATION_TARGETS)
+def test_agent_names_a_request_as_the_receiving_listener_does(
+    setup: Setup, method: str, target: bytes
+) -> None:
+    """The agent's route label == the peer listener's route label for the same request."""
+    body = b'{"pdus":[]}' if method == "PUT" else b""
+    headers = Headers(
+        {
+            b"Authorization": [
+                b'X-Matrix origin="hs1.test",destination="hs2.test",key="ed25519:a",sig="c2ln"'
+            ]
+        }
+    )
+    if body:
+        headers.addRawHeader(b"Content-Type", b"application/json")
+    producer, pump = pumped_producer(body) if body else (None, lambda: None)
+    d = setup.agent.request(
+        method.encode(), b"matrix-federation://hs2.test" + target, headers, producer
+    )
+    pump()
+    setup.bridge.run()
+    assert outcome(d).code == 200
+    ((_endpoint, req),) = setup.client.requests
+    (agent_route,) = setup.agent.stats.entered
+    assert setup.agent.stats.requests == {(agent_route, "coap"): 1}
+
+    # The CoapClient encodes this request for a session (after the handshake both ends
+    # know each other's server names); the peer's listener names what arrives.
+    offered = supported_profile_offers()[0][0]
+    context = WireContext(("hs2.test", "hs1.test"))
+    sent = default_codec_factory(offered, context).encode_request(req)
+    listener_route = default_codec_factory(offered, context).route_name(sent)
+
+    assert agent_route == listener_route
+    expect_literal = b"no_such_endpoint" in target
+    assert (agent_route == "literal") == expect_literal
+    # no identifier ever enters a label
+    for ident in ("room", "hs1", "hs2", "alice", "bob", "ev1a2b3c", "1700000000123", "AbCd"):
+        assert ident not in agent_route
 
 
 def test_coap_request_carries_exact_target_headers_and_body(setup: Setup) -> None:
@@ -224,8 +288,8 @@ def test_coap_request_carries_exact_target_headers_and_body(setup: Setup) -> Non
     assert outcome(read_body_with_max_size(resp, sink, 1000)) == len(b'{"pdus":{}}')
     assert sink.getvalue() == b'{"pdus":{}}'
     assert resp.request.absoluteURI == uri
-    assert setup.agent.stats.requests[("federation.v1.send", "coap")] == 1
-    assert setup.agent.stats.entered == {"federation.v1.send": 1}
+    assert setup.agent.stats.requests[("federation.v1.send.1", "coap")] == 1
+    assert setup.agent.stats.entered == {"federation.v1.send.1": 1}
     assert setup.agent.stats.outcomes["ok"] == 1
     assert setup.fallback.calls == []
 
@@ -308,8 +372,8 @@ def test_fallback_https_delegates_untouched() -> None:
     assert outcome(d) == "fallback-response"
     assert s.fallback.calls == [(b"PUT", uri, headers, producer)]
     assert s.client.requests == [] and s.bridge.submitted == 0
-    assert s.agent.stats.requests[("federation.v1.send", "https")] == 1
-    assert s.agent.stats.entered == {"federation.v1.send": 1}
+    assert s.agent.stats.requests[("federation.v1.send.1", "https")] == 1
+    assert s.agent.stats.entered == {"federation.v1.send.1": 1}
     s.bridge.close()
 
 
@@ -473,3 +537,19 @@ def test_response_and_agent_provide_the_twisted_interfaces(setup: Setup) -> None
 
     assert verifyObject(IResponse, CoapResponse(HttpResponse(204, {}, b"")))
     assert verifyObject(IAgent, setup.agent)
+
+
+def test_a_route_that_cannot_be_named_is_unknown_and_still_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from synapse_coap.synapse import agent as agent_mod
+
+    def broken() -> Any:
+        raise OSError("maps directory unreadable")
+
+    monkeypatch.setattr(agent_mod, "_route_namer", broken)
+    s = Setup({"discovery": False})
+    uri = b"matrix-federation://stock.test/_matrix/federation/v1/send/9"
+    assert outcome(s.agent.request(b"PUT", uri)) == "fallback-response"
+    assert s.agent.stats.entered == {"unknown": 1}
+    s.bridge.close()

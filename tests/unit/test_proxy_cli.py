@@ -86,3 +86,21 @@ def test_state_dir_key_is_created_0600_once(tmp_path: Path) -> None:
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert ensure_state_dir(state) == first  # reused, not regenerated
     assert len(first) == 32
+
+
+def test_listen_options_and_verbatim_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+    gw = ["gateway", "--http-target", "http://127.0.0.1:8008", "--key", "k"]
+    args = build_parser().parse_args(gw)
+    assert args.listen is None and args.plain_listen == []  # the runner defaults to [::]:5683
+    args = build_parser().parse_args([*gw, "--listen", "[::1]:1", "--listen", "127.0.0.1:2"])
+    assert args.listen == ["[::1]:1", "127.0.0.1:2"]
+    assert build_parser().parse_args(["demo"]).func.__name__ == "_demo"
+    # descriptions keep their line breaks (the examples stay copy-pasteable)
+    for command, line in {
+        "sidecar": "Point the client's homeserver URL at http://LISTEN (e.g. http://127.0.0.1:8008).",
+        "gateway": "  synapse-coap gateway --listen [::]:5683 --http-target http://127.0.0.1:8008 \\",
+        "demo": "  synapse-coap demo --messages 20 --workdir ./demo-out --keep",
+    }.items():
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert line in capsys.readouterr().out.splitlines(), command

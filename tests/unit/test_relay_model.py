@@ -459,3 +459,19 @@ def test_relay_stats_print_and_flatten() -> None:
     assert flat["rebinds"] == 2
     assert "rebinds 2" in str(stats)
     assert f"delivered {s.uplink.delivered_datagrams} dgrams" in str(stats)
+
+
+def test_stats_are_a_frozen_snapshot_of_every_counter() -> None:
+    model = ImpairmentModel(Impairment(rate=1000.0), overhead=IPV4_UDP_OVERHEAD)
+    model.offer(0.0, b"x" * 72)
+    before = model.stats
+    model.offer(1.0, b"y" * 72)
+    after = model.stats
+    # the snapshot taken earlier does not follow the model
+    assert (before.offered_datagrams, before.offered_ip_bytes) == (1, 100)
+    assert (after.offered_datagrams, after.offered_ip_bytes) == (2, 200)
+    assert after.busy_seconds == pytest.approx(1.6, abs=1e-12)  # 2 x 800 bits at 1000 bit/s
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        after.offered_datagrams = 0  # type: ignore[misc]
+    flat = after.as_dict()
+    assert len(flat) == 14 and flat["offered_bytes"] == 144 and flat["delivered_datagrams"] == 2

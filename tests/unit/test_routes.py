@@ -14,7 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synapse_coap.errors import RemoteProtocolError
+from synapse_coap.mapping.codec import WireCodec
+from synapse_coap.mapping.messages import HttpRequest
 from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.profile import load_profile
 from synapse_coap.wire.routes import ID_ALPHABET, RouteTable, decode_arg, encode_arg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,3 +231,25 @@ def test_templates_expand_regex_alternatives() -> None:
         "/_matrix/c/pushrules/{path*}"
     ]
     assert gen.shape("/a/{room_id}/{p*}") == "/a/{}/{*}"
+
+
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [
+        (b"/_matrix/federation/v1/send/1700000000123", "federation.v1.send.1"),
+        (b"/_matrix/key/v2/server", "key.v2.server.0"),
+        (b"/_matrix/federation/v1/query/profile?user_id=%40b%3Aexample.org", "federation.v1.query"),
+        (b"/_matrix/client/v3/rooms/%21r%3Aexample.org/send/m.room.message/t1", None),
+        (b"/_matrix/federation/v1/no_such_endpoint", "literal"),
+        (b"/_matrix/federation/v1/send/1?\xff", "literal"),  # a query that is not UTF-8
+        (b"", "literal"),
+    ],
+)
+def test_codec_names_a_target_as_its_receiver_does(target: bytes, name: str | None) -> None:
+    codec = WireCodec(load_profile(1), CTX)
+    got = codec.route_name_for_target(target)
+    received = codec.route_name(codec.encode_request(HttpRequest("PUT", target, (), b"{}")))
+    assert got == received
+    if name is not None:
+        assert got == name
+    assert "example.org" not in got and "1700000000123" not in got
