@@ -11,6 +11,7 @@ when that server or psycopg2 is not available.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -92,11 +93,9 @@ def pg_connect(dbname: str = "postgres") -> Any:
     return conn
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
-    if request.param == "sqlite":
-        yield "sqlite", {}
-        return
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test (skipped, saying why, without a server)."""
     why = pg_available()
     if why:
         pytest.skip(f"PostgreSQL test skipped: {why}")
@@ -107,6 +106,19 @@ def database(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, An
             f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
         )
     try:
+        yield name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
+    if request.param == "sqlite":
+        yield "sqlite", {}
+        return
+    with fresh_pg_database() as name:
         yield (
             "postgres",
             {
@@ -123,10 +135,6 @@ def database(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, An
                 }
             },
         )
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
 
 
 def probe_result(proc: SynapseProcess, offset: int) -> dict[str, Any]:
@@ -241,14 +249,7 @@ def _create_concurrently(dbname: str, creators: int, lock: bool) -> list[BaseExc
 def test_concurrent_table_creation_on_postgres() -> None:
     """Two components (or workers) loading the store at once on a fresh PostgreSQL
     database must not fail: CREATE TABLE IF NOT EXISTS alone races on pg_type."""
-    why = pg_available()
-    if why:
-        pytest.skip(f"PostgreSQL test skipped: {why}")
-    name = f"synapse_coap_test_{uuid.uuid4().hex[:12]}"
-    admin = pg_connect()
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    try:
+    with fresh_pg_database() as name:
         for _ in range(10):
             errors = _create_concurrently(name, creators=8, lock=True)
             assert errors == []
@@ -258,7 +259,3 @@ def test_concurrent_table_creation_on_postgres() -> None:
                 assert cur.fetchone() == (0,)
                 cur.execute("DROP TABLE synapse_coap_trust")
             conn.close()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
