@@ -40,6 +40,7 @@ import csv
 import datetime
 import importlib.metadata
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -65,6 +66,7 @@ from lab_scenarios.common import (
     modelled_seconds,
     progress,
     round_trips,
+    synapse_config,
 )
 from lab_scenarios.federation import (
     FED_SCENARIOS,
@@ -471,6 +473,8 @@ def report(run: Run) -> str:
             )
             + f"; {d.ip_bytes:,} B in {d.packets} datagrams ({d.lost} lost by the link), "
             f"{d.retransmissions} retransmissions, "
+            f"{d.client_retries} send(s) retried by the client after a 502/504 "
+            "(same transaction id, as Element does), "
             f"{sum(d.seconds) / max(1, len(d.seconds)):.2f} s per message on average.",
             "",
         ]
@@ -510,6 +514,15 @@ def write_docs(path: Path, text: str, command: str) -> None:
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.write_text(doc)
+
+
+def _tuning(profile: LinkProfile) -> str:
+    """What the lab configured at ``profile``: the link settings and Synapse's own."""
+    text = f"{profile.name}: {link_config(profile) or 'defaults'}"
+    synapse = synapse_config(profile)
+    if synapse:
+        text += f", homeserver.yaml {synapse}"
+    return text
 
 
 async def run_lab(args: argparse.Namespace) -> Run:
@@ -571,7 +584,10 @@ async def run_lab(args: argparse.Namespace) -> Run:
                 )
                 progress(
                     f"[lossy] exactly once in order: {lossy.in_order_exactly_once}; "
-                    f"{lossy.retransmissions} retransmissions, {lossy.lost} datagrams lost"
+                    f"{lossy.retransmissions} retransmissions, {lossy.lost} datagrams lost, "
+                    f"{lossy.client_retries} client retries; "
+                    f"slowest message {max(lossy.seconds, default=0.0):.1f} s, median "
+                    f"{statistics.median(lossy.seconds or [0.0]):.1f} s"
                 )
             except Exception as exc:
                 notes.append(f"The lossy run FAILED: {type(exc).__name__}: {exc}")
@@ -590,11 +606,15 @@ async def run_lab(args: argparse.Namespace) -> Run:
             shutil.rmtree(work, ignore_errors=True)
     if tshark_path() is None:
         notes.append("tshark is missing: the HTTPS stack could not be counted.")
+    used = [profile]
+    if "deliver" in suites:
+        used.append(get_profile(args.deliver_profile))
+    if "lossy" in suites:
+        used.append(get_profile("lossy"))
     notes.append(
-        "Link tuning used for CoAP at each profile (LinkParameters): "
-        + "; ".join(
-            f"{p.name}: {link_config(p) or 'defaults'}" for p in {profile, get_profile("lossy")}
-        )
+        "CoAP tuning at each profile, the recipes of docs/link-tuning.md (module and sidecar "
+        "`link:`; Noise limits at their defaults): "
+        + "; ".join(_tuning(p) for p in dict.fromkeys(used))
     )
     return Run(tuple(results), deliver, lossy, tuple(by_rate), tuple(by_loss), tuple(notes))
 

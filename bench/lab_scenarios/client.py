@@ -29,6 +29,7 @@ import socket
 import struct
 import time
 import urllib.parse
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -123,11 +124,18 @@ class Window:
 
 
 def nio_config(profile: LinkProfile) -> Any:
-    """nio gives up on a request after 60 s by default: too short for a slow link."""
+    """nio gives up on a request after 60 s by default: on an impaired link its timeout is
+    raised above the sidecar's, as docs/clients.md advises (else nio gives up before the
+    sidecar can say what happened)."""
     import nio
 
-    timeout = float(link_config(profile).get("request_timeout", 60.0))
-    return nio.AsyncClientConfig(request_timeout=timeout)
+    from synapse_coap.transport.link import LinkParameters
+
+    link = link_config(profile)
+    if not link:
+        return nio.AsyncClientConfig(request_timeout=60.0)
+    sidecar = LinkParameters.from_config(link).request_timeout
+    return nio.AsyncClientConfig(request_timeout=float(sidecar) + 60.0)
 
 
 class Stack:
@@ -711,6 +719,8 @@ class Delivery:
     retransmissions: int
     lost: int
     in_order_exactly_once: bool
+    #: sends the client repeated (same transaction id) after a 502/504 from the sidecar
+    client_retries: int = 0
 
 
 async def history(stack: Stack, prefix: str) -> list[str]:
@@ -738,6 +748,33 @@ async def history(stack: Stack, prefix: str) -> list[str]:
         if not page.get("chunk") or not token:
             break
     return out
+
+
+#: what a Matrix client does when a send fails with a gateway error: matrix-js-sdk (Element)
+#: retries an event send on 502/503/504 and network errors, with backoff, keeping the
+#: transaction id, so the homeserver deduplicates it.
+CLIENT_SEND_ATTEMPTS = 4
+RETRIED_STATUSES = (502, 503, 504)
+
+
+async def send_like_a_client(alice: Any, room_id: str, text: str, what: str) -> tuple[Any, int]:
+    """Send one message as a real client would: on 502/503/504 from the sidecar (the CoAP
+    link gave up or timed out), try again with the *same* transaction id, up to
+    CLIENT_SEND_ATTEMPTS in all. Returns the response and how many retries it took."""
+    import nio
+
+    tx_id = str(uuid.uuid4())
+    content = {"msgtype": "m.text", "body": text}
+    for attempt in range(CLIENT_SEND_ATTEMPTS):
+        r = await alice.room_send(room_id, "m.room.message", content, tx_id=tx_id)
+        if isinstance(r, nio.RoomSendResponse):
+            return r, attempt
+        status = getattr(getattr(r, "transport_response", None), "status", None)
+        if status not in RETRIED_STATUSES or attempt + 1 == CLIENT_SEND_ATTEMPTS:
+            raise ScenarioFailed(f"{what}: {r!r}")
+        progress(f"{what}: the sidecar answered {status}; retrying with the same transaction id")
+        await asyncio.sleep(2.0 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 async def deliver_messages(
@@ -772,16 +809,12 @@ async def deliver_messages(
         retrans0 = await asyncio.to_thread(stack._retransmissions)
         seconds: list[float] = []
         ids: list[str] = []
+        client_retries = 0
         for i in range(count):
             text = f"{prefix}{i:04d}"
             t0 = time.monotonic()
-            r = await _expect(
-                f"send {i}",
-                alice.room_send(
-                    stack.room_id, "m.room.message", {"msgtype": "m.text", "body": text}
-                ),
-                "RoomSendResponse",
-            )
+            r, retried = await send_like_a_client(alice, stack.room_id, text, f"send {i}")
+            client_retries += retried
             ids.append(str(r.event_id))
             await bob.wait_for_message(stack.room_id, text, 1800)
             seconds.append(time.monotonic() - t0)
@@ -804,6 +837,7 @@ async def deliver_messages(
             retransmissions=retrans,
             lost=d.lost,
             in_order_exactly_once=[b for b in got if b != f"{prefix}warm"] == expected,
+            client_retries=client_retries,
         )
     finally:
         await alice.close()
