@@ -247,6 +247,7 @@ async def start_sidecar(
     endpoint = Endpoint(address[0], address[1], server_name, public_key)
     slow = profile.uplink.rate is not None and profile.uplink.rate < 20000
     options = SidecarOptions(
+        # docs/clients.md ("504"): the slack recommended below 20 kbit/s
         request_timeout=link.request_timeout, long_poll_slack=600.0 if slow else 60.0
     )
     sidecar = Sidecar(client, endpoint, options=options)
