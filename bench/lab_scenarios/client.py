@@ -248,7 +248,8 @@ async def start_sidecar(
     slow = profile.uplink.rate is not None and profile.uplink.rate < 20000
     options = SidecarOptions(
         # docs/clients.md ("504"): the slack recommended below 20 kbit/s
-        request_timeout=link.request_timeout, long_poll_slack=600.0 if slow else 60.0
+        request_timeout=link.request_timeout,
+        long_poll_slack=600.0 if slow else 60.0,
     )
     sidecar = Sidecar(client, endpoint, options=options)
     runner = web.AppRunner(sidecar.make_app(), access_log=None, handler_cancellation=True)
