@@ -581,6 +581,7 @@ def _default_endpoint(config: ServerConfig, clock: Callable[[], float]) -> Sessi
         profiles=supported_profile_offers(),
         app_payload=server_name_payload(config.server_name),
         clock=clock,
+        link_bandwidth_bps=config.link.bandwidth_bps,
     )
     return endpoint
 

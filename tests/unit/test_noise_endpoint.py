@@ -725,3 +725,50 @@ def test_fifty_sequential_exchanges_at_30_percent_loss_with_default_limits() -> 
     assert stats.get("rehandshakes", 0) < 10, stats
     assert not of(client.events, ChannelClosed)
     assert client.endpoint.channel_open(channel)
+
+
+def test_reply_wait_follows_a_known_slow_link_rate() -> None:
+    """At 100 bit/s a bare IK2 (81 B with headers) takes 6.5 s on the link: the responder
+    holds it up to ~1 s for the first reply, so the handshake and the answer are one
+    datagram (one round trip for the request). Fast links keep the short default."""
+    slow = Pair(
+        client_trust=TrustPolicy(pinned={"example.org": public_key(key(1))}),
+        limits=NoiseLimits(reply_wait=0.05),
+    )
+    slow.server.link_bandwidth_bps = 100.0
+    assert slow.server.reply_wait() == pytest.approx(0.15 * 8 * (53 + 28) / 100)
+    _ch, events = slow.client.connect(
+        SERVER, peer_name="example.org", peer_static=None, early_data=b"Q-send"
+    )
+    s_in = slow.to_server(events)
+    slow.clock.now += 0.5  # the homeserver takes 0.5 s to answer
+    assert tx(slow.server.handle_timers()) == []
+    out = slow.server.send(of(s_in, ChannelEstablished)[0].channel, b"R-send")
+    (ik2,) = tx(out)
+    assert ik2.data[0] == 0x82
+    assert [e.plaintext for e in of(slow.to_client(out), Received)] == [b"R-send"]
+    assert [d for d, _ in slow.wire] == ["c>s", "s>c"]
+
+    # The same 0.5 s answer on a link of unknown (fast) rate: a bare IK2 went at 0.05 s
+    # and the answer follows in a record of its own.
+    fast = Pair(
+        client_trust=TrustPolicy(pinned={"example.org": public_key(key(1))}),
+        limits=NoiseLimits(reply_wait=0.05),
+    )
+    _ch, events = fast.client.connect(
+        SERVER, peer_name="example.org", peer_static=None, early_data=b"Q-send"
+    )
+    s_in = fast.to_server(events)
+    fast.clock.now += 0.05
+    fast.to_client(fast.server.handle_timers())
+    fast.clock.now += 0.45
+    fast.to_client(fast.server.send(of(s_in, ChannelEstablished)[0].channel, b"R-send"))
+    assert [d for d, _ in fast.wire] == ["c>s", "s>c", "s>c"]
+    assert [e.plaintext for e in of(fast.client_events, Received)] == [b"R-send"]
+
+    # 9.6 kbit/s: the default already covers it; reply_wait 0 stays 0 on any link.
+    fast.server.link_bandwidth_bps = 9600.0
+    assert fast.server.reply_wait() == 0.05
+    zero = Pair(limits=NoiseLimits(reply_wait=0.0))
+    zero.server.link_bandwidth_bps = 100.0
+    assert zero.server.reply_wait() == 0.0
