@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import attrs
 from aiocoap import error as coap_error
 from aiocoap import interfaces
-from aiocoap.message import Direction, Message
+from aiocoap.message import Direction
 from aiocoap.util import hostportjoin
 
 from synapse_coap.errors import LinkDown, SynapseCoapError, TrustError
@@ -42,10 +42,19 @@ from synapse_coap.noise.events import (
     Received,
     Transmit,
 )
+from synapse_coap.transport.datagram import (
+    FormatErrorLog,
+    MessageFormatError,
+    decode_message,
+    reset_for,
+)
 from synapse_coap.transport.manager import LinkMessageManager, LinkTuning
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
 
 logger = logging.getLogger(__name__)
+
+#: malformed CoAP messages inside authentic records: once per source at WARNING
+_FORMAT_LOG = FormatErrorLog()
 
 Address = tuple[str, int]
 
@@ -604,10 +613,17 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         if self._mman is None:
             return
         try:
-            message = Message.decode(ev.plaintext, remote)
-        except coap_error.UnparsableMessage:
-            logger.warning("unparsable CoAP message in a record from %s; dropped", remote.hostinfo)
+            message = decode_message(ev.plaintext, remote)
+        except MessageFormatError as e:
             self.metrics.dropped("bad_coap")
+            _FORMAT_LOG.log(remote.addr, "noise", e)
+            reset = reset_for(ev.plaintext)
+            if reset is not None and remote.channel is not None:
+                # RFC 7252 4.2: a malformed Confirmable message is rejected with a Reset
+                try:
+                    self._process(self.endpoint.send(remote.channel, reset))
+                except SynapseCoapError as send_error:
+                    logger.debug("Reset to %s not sent: %s", remote.hostinfo, send_error)
             return
         message.direction = Direction.INCOMING
         self._mman.dispatch_message(message)

@@ -11,11 +11,25 @@ from typing import Any
 
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
+from synapse_coap.transport.datagram import (
+    FormatErrorLog,
+    MessageFormatError,
+    decode_message,
+    reset_for,
+)
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
 
 
 class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
-    """aiocoap's MessageInterfaceUDP6, counting datagrams as kind ``"plain"``."""
+    """aiocoap's MessageInterfaceUDP6, counting datagrams as kind ``"plain"``.
+
+    A datagram that is not a well-formed CoAP message (RFC 7252 3: token length
+    over 8, a payload marker with no payload, an option that does not decode ...)
+    never reaches aiocoap: it is counted (``dropped{reason="bad_coap"}``), logged
+    without a traceback, and a Confirmable one is rejected with a Reset.
+    """
+
+    _format_log = FormatErrorLog()
 
     def _metrics(self) -> TransportMetrics:
         metrics = getattr(getattr(self, "_ctx", None), "metrics", None)
@@ -26,5 +40,16 @@ class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
         super().send(message)
 
     def datagram_msg_received(self, data: bytes, ancdata: Any, flags: Any, address: Any) -> None:
-        self._metrics().datagram("in", "plain", len(data))
+        metrics = self._metrics()
+        metrics.datagram("in", "plain", len(data))
+        try:
+            decode_message(data, None)
+        except MessageFormatError as e:
+            metrics.dropped("bad_coap")
+            self._format_log.log(address, "plain", e)
+            reset = reset_for(data)
+            if reset is not None:
+                metrics.datagram("out", "plain", len(reset))
+                self.transport.sendto(reset, address)
+            return
         super().datagram_msg_received(data, ancdata, flags, address)
