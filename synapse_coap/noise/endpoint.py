@@ -40,6 +40,7 @@ from synapse_coap.errors import (
     TrustError,
 )
 from synapse_coap.noise import records, retry
+from synapse_coap.noise.badinput import BadInputLog
 from synapse_coap.noise.events import (
     Address,
     ChannelClosed,
@@ -430,6 +431,7 @@ class NoiseEndpoint:
         # evicted: they may carry a 0-RTT exchange; they count towards retry pressure)
         self._unvalidated_ik: set[int] = set()
         self._retry_secret = os.urandom(32)
+        self._bad_input = BadInputLog(logger, clock=clock)
         self._stats: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ public API
@@ -689,8 +691,8 @@ class NoiseEndpoint:
             if kind is records.Kind.PLAIN_COAP:
                 return self._drop(addr, "plain_coap", len(data))
             return self._drop(addr, "unknown_type", len(data))
-        except Exception:  # the safety net: a bug must not take the listener down
-            logger.exception("noise: internal error on a datagram from %s", addr)
+        except Exception as e:  # the safety net: a bug must not take the listener down
+            self._bad_input.report(addr[0], "internal_error", e)
             return self._drop(addr, "internal_error", len(data))
 
     # ------------------------------------------------------------------ helpers
