@@ -12,15 +12,11 @@ gives the 4-byte Reset to send back, when one is due.
 
 from __future__ import annotations
 
-import logging
 import struct
-from collections import OrderedDict
 from typing import Any
 
 from aiocoap.error import UnparsableMessage
 from aiocoap.message import Message
-
-logger = logging.getLogger(__name__)
 
 _CON = 0
 _MAX_TOKEN = 8
@@ -93,32 +89,4 @@ def reset_for(data: bytes) -> bytes | None:
     return None
 
 
-class FormatErrorLog:
-    """Logs the first malformed datagram of a source host at WARNING, the rest at DEBUG.
-
-    Bounded: remembers at most ``max_sources`` sources (least recently seen dropped).
-    """
-
-    def __init__(self, max_sources: int = 1024) -> None:
-        self._seen: OrderedDict[Any, None] = OrderedDict()
-        self._max = max_sources
-
-    def log(self, source: Any, kind: str, error: Exception) -> None:
-        key = source[0] if isinstance(source, tuple) else source
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            logger.debug("malformed %s CoAP message from %s dropped: %s", kind, source, error)
-            return
-        self._seen[key] = None
-        while len(self._seen) > self._max:
-            self._seen.popitem(last=False)
-        logger.warning(
-            "malformed %s CoAP message from %s dropped: %s (further ones from it are "
-            "logged at DEBUG)",
-            kind,
-            source,
-            error,
-        )
-
-
-__all__ = ["FormatErrorLog", "MessageFormatError", "check_format", "decode_message", "reset_for"]
+__all__ = ["MessageFormatError", "check_format", "decode_message", "reset_for"]

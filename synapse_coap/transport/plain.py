@@ -7,17 +7,19 @@ networks.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from synapse_coap.transport.datagram import (
-    FormatErrorLog,
     MessageFormatError,
     decode_message,
     reset_for,
 )
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
+
+logger = logging.getLogger(__name__)
 
 
 class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
@@ -26,10 +28,11 @@ class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
     A datagram that is not a well-formed CoAP message (RFC 7252 3: token length
     over 8, a payload marker with no payload, an option that does not decode ...)
     never reaches aiocoap: it is counted (``dropped{reason="bad_coap"}``), logged
-    without a traceback, and a Confirmable one is rejected with a Reset.
+    without a traceback at most once per source per minute, and a Confirmable one
+    is rejected with a Reset.
     """
 
-    _format_log = FormatErrorLog()
+    _bad_input: BadInputLog | None = None
 
     def _metrics(self) -> TransportMetrics:
         metrics = getattr(getattr(self, "_ctx", None), "metrics", None)
@@ -45,8 +48,9 @@ class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
         try:
             decode_message(data, None)
         except MessageFormatError as e:
-            metrics.dropped("bad_coap")
-            self._format_log.log(address, "plain", e)
+            if self._bad_input is None:
+                self._bad_input = BadInputLog(logger, count=lambda r: self._metrics().dropped(r))
+            self._bad_input.report(str(address[0]), "bad_coap", e)
             reset = reset_for(data)
             if reset is not None:
                 metrics.datagram("out", "plain", len(reset))

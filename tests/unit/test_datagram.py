@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from synapse_coap.transport.datagram import (
-    FormatErrorLog,
     MessageFormatError,
     check_format,
     decode_message,
@@ -63,17 +60,3 @@ def test_any_datagram_parses_or_is_a_format_error(data: bytes) -> None:
     except MessageFormatError:
         return
     check_format(data)
-
-
-def test_format_errors_log_once_per_source_at_warning(caplog: pytest.LogCaptureFixture) -> None:
-    log = FormatErrorLog(max_sources=2)
-    caplog.set_level(logging.DEBUG, "synapse_coap.transport.datagram")
-    for _ in range(3):
-        log.log(("192.0.2.1", 5683), "plain", MessageFormatError("x"))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and not any(r.exc_info for r in caplog.records)
-    for port in range(3):  # bounded: an old source is forgotten and warned about again
-        log.log(("192.0.2.2", port), "plain", MessageFormatError("x"))
-    log.log(("192.0.2.3", 1), "plain", MessageFormatError("x"))
-    log.log(("192.0.2.1", 5683), "plain", MessageFormatError("x"))
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 4
