@@ -12,6 +12,7 @@ from typing import Any
 
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
+from synapse_coap.noise.badinput import BadInputLog
 from synapse_coap.transport.datagram import (
     MessageFormatError,
     decode_message,
