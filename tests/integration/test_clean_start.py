@@ -45,7 +45,7 @@ def plain_get_versions(port: int) -> bytes:
             block = CoapOption(
                 23, bytes([(num << 4) | 6]) if num < 16 else ((num << 4) | 6).to_bytes(2, "big")
             )
-            options = tuple(o for o in msg.options if o.number != 23) + (block,)
+            options = (*(o for o in msg.options if o.number != 23), block)
             sock.sendto(
                 encode_coap(CoapMessage(1, options, b""), mid=num + 1, token=b"\x01"),
                 ("127.0.0.1", port),
