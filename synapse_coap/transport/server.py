@@ -5,8 +5,10 @@ handshake negotiated; a plain listener uses the base profile), handed to
 ``dispatcher.dispatch(HttpRequest, PeerInfo)`` in the exchange's own asyncio
 task, and the HttpResponse is encoded back. aiocoap does the message layer,
 tuned by :class:`LinkMessageManager`: a response ready before the peer's
-retransmission timer would fire rides on the ACK; a slow one (long-poll
-/sync) gets an empty ACK, then a separate confirmable response.
+retransmission timer would fire rides on the ACK; a slow one gets an empty
+ACK, then a separate confirmable response. A long-poll (``GET /sync?timeout=``,
+:attr:`HttpRequest.is_long_poll`) is acknowledged as soon as it is decoded:
+holding its ACK would hold the peer's next request (NSTART) and skew its RTT.
 
 * Block1 request bodies are reassembled here, in linear time and capped at
   ``ServerConfig.max_body_size`` (aiocoap's own reassembly is uncapped and
@@ -377,6 +379,7 @@ class CoapServer:
         self._context: Any = None
         self._noise: list[NoiseMessageInterface] = []
         self._plain: list[Any] = []
+        self._mmans: list[LinkMessageManager] = []
         self._plain_sessions: OrderedDict[Any, _ServerSession] = OrderedDict()
         self._secure_addresses: list[tuple[str, int]] = []
         self._plain_addresses: list[tuple[str, int]] = []
@@ -418,9 +421,10 @@ class CoapServer:
                         on_established=self._on_established,
                     )
 
-                _mman, iface = await attach_transport(
+                mman, iface = await attach_transport(
                     self._context, config.link, self.metrics, make_noise
                 )
+                self._mmans.append(mman)
                 self._noise.append(iface)
                 self._secure_addresses.append(iface.local_address)
             for bind in config.plain_listen:
@@ -430,9 +434,10 @@ class CoapServer:
                         mman, log=self._context.log, loop=loop, bind=bind, multicast=[]
                     )
 
-                _mman, iface = await attach_transport(
+                mman, iface = await attach_transport(
                     self._context, config.link, self.metrics, make_plain
                 )
+                self._mmans.append(mman)
                 self._plain.append(iface)
                 sockname = iface.transport.get_extra_info("socket").getsockname()
                 self._plain_addresses.append(normalize_address(sockname))
@@ -542,6 +547,11 @@ class CoapServer:
 
     # -- rendering -------------------------------------------------------------------
 
+    def _acknowledge_now(self, req: Message) -> None:
+        for mman in self._mmans:
+            if mman.acknowledge_now(req.remote, req.token):
+                return
+
     async def _render(self, req: Message) -> Message:
         started = time.monotonic()
         cm = from_aiocoap(req)
@@ -579,6 +589,10 @@ class CoapServer:
             return self._finish(
                 codec, route, started, _json_error(400, "M_BAD_JSON", str(e)), want_json
             )
+        if http_req.is_long_poll:
+            # it will wait: acknowledge now, so the peer's next request is not held
+            # behind this one's ACK (its NSTART slot) and its RTT sample stays honest
+            self._acknowledge_now(req)
         if self.config.payload_dump:
             logger.debug(
                 "request %s %s from %s: %r",
