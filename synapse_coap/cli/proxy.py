@@ -132,6 +132,13 @@ def register(sub: Any) -> None:
         "--no-cache", action="store_true", help="do not answer any request from the response cache"
     )
     sidecar.add_argument(
+        "--no-short-txn-ids",
+        action="store_true",
+        help="send the client's transaction ids as they are (default: long ids such as "
+        "matrix-nio's UUIDs go as 8-character digests of the access token and the id, "
+        "which keeps retries idempotent across sidecar restarts)",
+    )
+    sidecar.add_argument(
         "--max-body-size",
         type=int,
         default=50 * 1024 * 1024,
@@ -227,6 +234,7 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
                 max_body_size=args.max_body_size,
                 cache=not args.no_cache,
                 dump_payloads=dump_enabled(args.dump_payloads),
+                short_txn_ids=not args.no_short_txn_ids,
             ),
         )
     except ConfigValueError as e:
