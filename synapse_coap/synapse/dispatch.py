@@ -9,7 +9,8 @@ copy of Synapse's resource trees (client, federation, keys, media,
 * the exact request target is passed to ``requestReceived`` unmodified, so
   X-Matrix signatures over it verify;
 * ``getPeer()`` is the real UDP peer, so Synapse logs and rate-limits the
-  client's real IP;
+  client's real IP (once validated: a 0-RTT request from an address that has
+  not yet proved it receives our datagrams shows as ``0.0.0.0``);
 * ``Content-Length`` is set from the body, and Synapse's own
   ``max_request_body_size`` check applies;
 * the response (status, headers, body, including bodies streamed by a
@@ -144,6 +145,11 @@ def _failure(exc: BaseException) -> Failure:
     return Failure(exc)  # type: ignore[no-untyped-call]
 
 
+#: The client address Synapse sees for a request from an address not yet validated
+#: (0-RTT from a new address): no one's identity.
+UNVALIDATED_HOST = "0.0.0.0"
+
+
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
     if ":" in host:
         return IPv6Address("UDP", host, port)
@@ -163,7 +169,12 @@ class CoapChannel:
         self.site = site
         self.factory = site
         self._reactor = reactor
-        self._peer = _address(peer.host, peer.port)
+        # an unvalidated (possibly spoofed) address is not the client's identity
+        self._peer = (
+            _address(peer.host, peer.port)
+            if peer.identity_host is not None
+            else _address(UNVALIDATED_HOST, 0)
+        )
         self._host = _address(*local)
         self._secure = peer.secure
         self.transport = self

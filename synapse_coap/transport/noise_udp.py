@@ -150,6 +150,9 @@ class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
         self.channel = channel
         self.maximum_block_size_exp = block_size_exp
         self.established = False
+        #: False while the latest message came from an address not yet validated
+        #: (0-RTT from a new address, a move): the address may be spoofed
+        self.address_validated = True
         #: how many handshakes completed on this remote (re-handshakes included)
         self.establishments = 0
         self.peer_static: bytes | None = None
@@ -618,6 +621,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             self.metrics.dropped("unknown_channel")
             return
         remote.addr = ev.addr
+        remote.address_validated = bool(getattr(ev, "validated", True))
         remote.last_received = self.loop.time()
         if self._mman is None:
             return

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -111,6 +112,8 @@ class ServerConfig:
     ``listen`` is not empty). ``max_body_size`` caps reassembled (Block1)
     request bodies. ``payload_dump`` logs decrypted requests at DEBUG (never
     on in production). ``resources``: the paths ``/.well-known/core`` lists.
+    ``replay_state_path``: a small file where the 0-RTT anti-replay watermark is
+    kept across restarts (docs/security.md); None: a restart forgets it.
     """
 
     listen: tuple[tuple[str, int], ...] = attrs.field(
@@ -125,6 +128,7 @@ class ServerConfig:
     max_body_size: int = 50 * 1024 * 1024
     payload_dump: bool = False
     resources: tuple[str, ...] = DEFAULT_RESOURCES
+    replay_state_path: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.listen and self.static_key is None:
@@ -329,6 +333,35 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
         pipe.add_response(res, is_last=True)
 
 
+#: Seconds between writes of the 0-RTT anti-replay watermark.
+REPLAY_STATE_INTERVAL = 30.0
+
+
+def read_replay_state(path: str | None, *, now: float, window: float) -> float:
+    """``early_data_not_before`` for a starting responder: the watermark its previous run
+    wrote (0 if there was none). An unreadable file refuses 0-RTT for two windows."""
+    if path is None:
+        return 0.0
+    try:
+        with open(path, encoding="ascii") as f:
+            return float(f.read().strip())
+    except FileNotFoundError:
+        return 0.0
+    except (OSError, ValueError) as e:
+        logger.warning(
+            "0-RTT replay state %s unreadable (%s): no 0-RTT for %.0f s", path, e, 2 * window
+        )
+        return now + 2 * window
+
+
+def write_replay_state(path: str, value: float) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(f"{value:.0f}\n")
+    os.replace(tmp, path)
+
+
 class CoapServer:
     """A running CoAP server. Create with :meth:`start`; stop with :meth:`close`."""
 
@@ -351,6 +384,8 @@ class CoapServer:
         self._secure_addresses: list[tuple[str, int]] = []
         self._plain_addresses: list[tuple[str, int]] = []
         self._closed = False
+        self._replay_timer: asyncio.TimerHandle | None = None
+        self._replay_write_failed = False
 
     @classmethod
     async def start(
@@ -409,6 +444,8 @@ class CoapServer:
         except BaseException:
             await self.close()
             raise
+        if config.replay_state_path is not None and self._noise:
+            self._save_replay_state()
         logger.info(
             "CoAP server listening: noise %s, plain %s",
             self._secure_addresses,
@@ -437,9 +474,37 @@ class CoapServer:
         if self._closed:
             return
         self._closed = True
+        if self._replay_timer is not None:
+            self._replay_timer.cancel()
+            self._replay_timer = None
+            self._save_replay_state(horizon=0.0, again=False)
         if self._context is not None:
             await self._context.shutdown()
         self._plain_sessions.clear()
+
+    def _save_replay_state(
+        self, horizon: float = REPLAY_STATE_INTERVAL, again: bool = True
+    ) -> None:
+        """Write the 0-RTT watermark: valid until the next write (``horizon`` s) or a crash."""
+        path = self.config.replay_state_path
+        if path is None:
+            return
+        marks = [
+            mark(horizon)
+            for iface in self._noise
+            if callable(mark := getattr(iface.endpoint, "replay_watermark", None))
+        ]
+        if marks:
+            try:
+                write_replay_state(path, max(marks))
+                self._replay_write_failed = False
+            except OSError as e:
+                if not self._replay_write_failed:
+                    logger.warning("cannot write the 0-RTT replay state %s: %s", path, e)
+                self._replay_write_failed = True
+        if again:
+            loop = asyncio.get_running_loop()
+            self._replay_timer = loop.call_later(REPLAY_STATE_INTERVAL, self._save_replay_state)
 
     # -- sessions ------------------------------------------------------------------
 
@@ -459,8 +524,10 @@ class CoapServer:
                 self._on_established(remote)
             session: _ServerSession = remote.app_state
             host, port = remote.addr
-            if (session.peer.host, session.peer.port) != (host, port):
-                session.peer = attrs.evolve(session.peer, host=host, port=port)
+            validated = remote.address_validated
+            peer = session.peer
+            if (peer.host, peer.port, peer.address_validated) != (host, port, validated):
+                session.peer = attrs.evolve(peer, host=host, port=port, address_validated=validated)
             return session
         found = self._plain_sessions.get(remote)
         if found is None:
@@ -596,6 +663,11 @@ def _default_endpoint(config: ServerConfig, clock: Callable[[], float]) -> Sessi
         app_payload=server_name_payload(config.server_name),
         clock=clock,
         link_bandwidth_bps=config.link.bandwidth_bps,
+        early_data_not_before=read_replay_state(
+            config.replay_state_path,
+            now=time.time(),
+            window=float(getattr(config.limits, "early_data_window", 60.0)),
+        ),
     )
     return endpoint
 
