@@ -58,6 +58,7 @@ from synapse_coap.lab.demo import PASSWORD as DEMO_PASSWORD
 from synapse_coap.lab.demo import MatrixClient
 from synapse_coap.lab.homeserver import SynapseProcess, free_port, self_signed_certificate
 from synapse_coap.lab.model import LinkProfile
+from synapse_coap.lab.names import NAMES
 from synapse_coap.lab.relay import Relay, RelayConfig
 from synapse_coap.noise import keys as noise_keys
 
@@ -196,17 +197,17 @@ class Stack:
         transport = http_transport(self.session, f"http://127.0.0.1:{self.helper_port}")
         alice = MatrixClient(transport, SERVER_NAME)
         bob = MatrixClient(transport, SERVER_NAME)
-        await alice.register("alice")
-        await bob.register("bob")
+        await alice.register(NAMES.alice)
+        await bob.register(NAMES.bob)
         room = await bob.call(
             "POST",
             "/createRoom",
-            {"preset": "private_chat", "name": "lab", "invite": [alice.user_id]},
+            {"preset": "private_chat", "name": NAMES.room, "invite": [alice.user_id]},
         )
         self.room_id = str(room["room_id"])
         await alice.call("POST", f"/join/{urllib.parse.quote(self.room_id, safe='')}", {})
-        for i in range(3):
-            await bob.send(self.room_id, f"scene message {i}")
+        for _ in range(3):
+            await bob.send(self.room_id, NAMES.text(15))
         await bob.sync()
         self.alice_helper, self.bob, self.alice_user = alice, bob, alice.user_id
 
@@ -572,19 +573,20 @@ async def run_client_suite(
                     )
                     note = f"{len(r.rooms.join)} room(s)"
                 elif name == "send":
+                    hello = NAMES.text(14)
                     r = await _expect(
                         "send",
                         alice.room_send(
                             room_id,
                             "m.room.message",
-                            {"msgtype": "m.text", "body": "hello from lab"},
+                            {"msgtype": "m.text", "body": hello},
                         ),
                         "RoomSendResponse",
                     )
                     note = f"event id {r.event_id}"
-                    await bob.wait_for_message(room_id, "hello from lab", 600)
+                    await bob.wait_for_message(room_id, hello, 600)
                 elif name == "receive":
-                    text = "a message for alice"
+                    text = NAMES.text(19)
                     task = asyncio.ensure_future(alice.sync(timeout=30000))
                     await asyncio.sleep(0.2)
                     t0 = time.monotonic()  # time from bob's send to alice's sync returning it
