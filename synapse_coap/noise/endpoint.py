@@ -25,6 +25,7 @@ import collections
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,6 +91,8 @@ AMPLIFICATION_FACTOR = 3
 XX1_MIN_SIZE = 64
 #: Retry cookies an initiator follows per handshake (a forged retry costs a round trip).
 MAX_RETRIES = 3
+#: 0-RTT messages remembered for anti-replay, per ``max_sessions``.
+MAX_EARLY_SEEN_PER_SESSION = 4
 #: Plaintexts queued per session while waiting for address validation.
 MAX_QUEUED = 64
 #: Largest number of 16-bit session ids we hand out (half the space, to keep allocation fast).
@@ -188,6 +191,9 @@ class NoiseLimits:
       bit rate the endpoint was given (``link_bandwidth_bps``) it is raised to
       0.15 of a bare IK2's serialization time, at most 1 s (0.97 s at
       100 bit/s, unchanged from 1 kbit/s up); 0 always sends IK2 at once.
+    - ``early_data_window``: 0-RTT data (IK1) is accepted only if the
+      initiator's clock in it is within this many seconds of ours, and only
+      once (docs/security.md, "0-RTT anti-replay").
     """
 
     max_sessions: int = attrs.field(
@@ -219,6 +225,9 @@ class NoiseLimits:
         default=120.0, validator=_positive_float("old_key_lifetime")
     )
     reply_wait: float = attrs.field(default=0.05, validator=_non_negative_float("reply_wait"))
+    early_data_window: float = attrs.field(
+        default=60.0, validator=_positive_float("early_data_window")
+    )
     max_half_open_per_prefix: int = attrs.field(
         default=32, validator=_positive_int("max_half_open_per_prefix", 1, MAX_SESSIONS_CEILING)
     )
@@ -390,11 +399,17 @@ class NoiseEndpoint:
         rng: Callable[[int], bytes] = os.urandom,
         seal_observer: Callable[[bytes, int], None] | None = None,
         link_bandwidth_bps: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        early_data_not_before: float = 0.0,
     ) -> None:
         """``seal_observer(key_id, packet_number)`` is called for every record
         sealed (key_id is a hash of the key, never the key): tests use it to
         prove that no nonce is ever reused. ``link_bandwidth_bps`` is the bit
-        rate of the endpoint's link, if known (see ``NoiseLimits.reply_wait``)."""
+        rate of the endpoint's link, if known (see ``NoiseLimits.reply_wait``).
+        ``wall_clock`` (seconds since the epoch) dates 0-RTT data;
+        ``early_data_not_before``: 0-RTT data dated at or before this wall time is
+        refused (a previous run of this responder may have accepted it: see
+        :meth:`replay_watermark`)."""
         self._static = bytes(static_private)
         self.static_public = public_key(self._static)
         self.trust = trust
@@ -432,6 +447,10 @@ class NoiseEndpoint:
         self._unvalidated_ik: set[int] = set()
         self._retry_secret = os.urandom(32)
         self._bad_input = BadInputLog(logger, clock=clock)
+        self._wall = wall_clock
+        self._early_not_before = float(early_data_not_before)
+        # 0-RTT anti-replay: initiator ephemeral -> wall time after which its date is stale
+        self._early_seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._stats: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ public API
@@ -445,6 +464,12 @@ class NoiseEndpoint:
     def max_plaintext(self) -> int:
         """The largest plaintext :meth:`send` accepts."""
         return self.limits.max_datagram_size - records.MAX_OVERHEAD
+
+    def replay_watermark(self, horizon: float = 0.0) -> float:
+        """The latest wall time a 0-RTT message this endpoint may have accepted (or may
+        accept within ``horizon`` seconds) can be dated. A restarted responder passes
+        it as ``early_data_not_before``, so nothing it accepted before is accepted again."""
+        return self._wall() + horizon + self.limits.early_data_window
 
     def half_open(self) -> int:
         """Half-open handshakes held (XX responder sessions waiting for XX3)."""
@@ -826,7 +851,7 @@ class NoiseEndpoint:
             early = ch.early_data
             payload = Payload(offers=self._tags, app=self.app_payload, replaces=replaces)
             if early is not None:
-                with_early = attrs.evolve(payload, early=early)
+                with_early = attrs.evolve(payload, early=early, time=int(self._wall()))
                 if FIXED_LEN[mtype] + len(with_early.encode()) <= self.limits.max_datagram_size:
                     payload = with_early
                 else:
@@ -980,6 +1005,11 @@ class NoiseEndpoint:
             events += self._complete_initiator(ch, s, now)
             if payload.early is not None:
                 events.append(Received(ch.id, s.addr, payload.early))
+            if payload.early_refused and ch.early_data is not None:
+                # the responder did not take our 0-RTT request: it goes again, in a record
+                self._stats["early_data.resent"] += 1
+                events += self._send_record(s, ch.early_data, control=False, now=now)
+                ch.early_data = None
             events += self._flush_channel_queue(ch, s, now)
             events += self._finish_rehandshake(ch, s, old_alive, now)
             if payload.confirm and not any(isinstance(e, Transmit) for e in events):
@@ -1275,14 +1305,49 @@ class NoiseEndpoint:
             # Tell the initiator its old session was alive here (the re-handshake was
             # not needed): it backs off its next ones. Older initiators ignore it.
             s.reply_payload = attrs.evolve(s.reply_payload, replaces=payload.replaces)
+        early = payload.early
+        if early is not None and not self._accept_early(payload.time, eph):
+            early = None
+            s.reply_payload = attrs.evolve(s.reply_payload, early_refused=True)
         events = self._attach_responder_channel(s, payload.replaces, now)
-        if payload.early is not None:
-            events.append(Received(s.channel or 0, s.addr, payload.early))
-        wait = self.reply_wait()
+        if early is not None:
+            events.append(Received(s.channel or 0, s.addr, early, validated=s.validated))
+        wait = self.reply_wait() if early is not None or payload.early is None else 0.0
         s.reply_due = now + wait
         if wait <= 0:
             events += self._flush_ik_reply(s, now)
         return events
+
+    def _accept_early(self, dated: int | None, eph: bytes) -> bool:
+        """0-RTT anti-replay: the date must be recent, after ``early_data_not_before``,
+        and the message never seen; refused (not evicted) when the cache is full."""
+        reason = None
+        now = self._wall()
+        window = self.limits.early_data_window
+        while self._early_seen:
+            first, expiry = next(iter(self._early_seen.items()))
+            if expiry > now:
+                break
+            del self._early_seen[first]
+        if dated is None:
+            reason = "undated"
+        else:
+            delta = ((dated - int(now) + (1 << 31)) % (1 << 32)) - (1 << 31)
+            when = int(now) + delta
+            if abs(delta) > window:
+                reason = "stale"
+            elif when <= self._early_not_before:
+                reason = "before_restart"
+            elif eph in self._early_seen:
+                reason = "replay"
+            elif len(self._early_seen) >= MAX_EARLY_SEEN_PER_SESSION * self.limits.max_sessions:
+                reason = "replay_cache_full"
+            else:
+                self._early_seen[eph] = when + window
+                return True
+        self._stats["early_data.refused"] += 1
+        self._stats[f"early_data.refused.{reason}"] += 1
+        return False
 
     def reply_wait(self) -> float:
         """How long an IK responder holds message 2 for the first reply (seconds)."""
@@ -1480,7 +1545,7 @@ class NoiseEndpoint:
             s.budget_out = 0
         events = self._attach_responder_channel(s, payload.replaces, now)
         if payload.early is not None:
-            events.append(Received(s.channel or 0, s.addr, payload.early))
+            events.append(Received(s.channel or 0, s.addr, payload.early, validated=s.validated))
         else:
             events += self._send_record(s, bytes([CTRL_PING]), control=True, now=now)
         events += self._flush_session_queue(s, now)
@@ -1593,7 +1658,14 @@ class NoiseEndpoint:
         if hdr.control:
             events += self._on_control(s, plaintext, addr, now)
         elif ch is not None:
-            events.append(Received(ch.id, s.addr if current else addr, plaintext))
+            events.append(
+                Received(
+                    ch.id,
+                    s.addr if current else addr,
+                    plaintext,
+                    validated=s.validated and addr == s.addr,
+                )
+            )
         events += self._flush_session_queue(s, now)
         return events
 

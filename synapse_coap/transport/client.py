@@ -405,7 +405,7 @@ class CoapClient:
             # new session was encoded before the handshake told us the peer's server
             # name, but the response was encoded with the established context.
             try:
-                response = session.codec.decode_response(resp_cm)
+                response = session.codec.decode_response(resp_cm, method=cm.code)
             except RemoteProtocolError:
                 raise
             except SynapseCoapError as e:

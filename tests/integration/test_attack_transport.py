@@ -14,14 +14,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiocoap.numbers.types import CON
 
 from synapse_coap.lab.attack import RawPeer, coap_message, mutations
+from synapse_coap.mapping.codec import WireCodec
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
-from synapse_coap.noise.keys import generate_private_key
+from synapse_coap.noise.keys import generate_private_key, public_key
+from synapse_coap.transport.convert import to_aiocoap
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.metrics import CountingMetrics
 from synapse_coap.transport.server import CoapServer, ServerConfig
+from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.profile import load_profile
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -48,12 +53,14 @@ def aio(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
     return wrapper
 
 
-async def start(**config: Any) -> tuple[CoapServer, Echo, CountingMetrics]:
+async def start(
+    key: bytes | None = None, port: int = 0, **config: Any
+) -> tuple[CoapServer, Echo, CountingMetrics]:
     echo, metrics = Echo(), CountingMetrics()
     server = await CoapServer.start(
         ServerConfig(
-            listen=(("127.0.0.1", 0),),
-            static_key=generate_private_key(),
+            listen=(("127.0.0.1", port),),
+            static_key=key or generate_private_key(),
             link=FAST,
             server_name="hs.test",
             **config,
@@ -119,3 +126,50 @@ async def test_mutated_coap_inside_a_session_no_traceback_each_counted(
     # one warning per source per interval, not one per datagram
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) <= 5, [r.getMessage() for r in warnings]
+
+
+def encoded_request(method: str, target: bytes, mid: int) -> bytes:
+    """A request as the real client codec (base profile) puts it on the wire."""
+    cm = WireCodec(load_profile(0), WireContext()).encode_request(HttpRequest(method, target))
+    m = to_aiocoap(cm)
+    m.mid, m.token, m.mtype = mid, mid.to_bytes(2, "big"), CON
+    return bytes(m.encode())
+
+
+@aio
+async def test_0rtt_identity_and_replay_after_restart(tmp_path: Any) -> None:
+    """issue 14: 0-RTT requests were forwarded with an unvalidated source address as the
+    client's identity; a captured 0-RTT request replayed once after a restart."""
+    key = generate_private_key()
+    state = str(tmp_path / "coap.key.replay")
+    server, echo, _m = await start(key=key, replay_state_path=state)
+    port = server.addresses[0][1]
+    peer = await RawPeer(("127.0.0.1", port)).open()
+    try:
+        early = encoded_request("GET", b"/_matrix/client/versions", 7)
+        await peer.connect(peer_static=public_key(key), early_data=early)
+        ik1 = peer.raw_out[0]
+        assert ik1[0] == 0x81
+        await asyncio.wait_for(peer.received.get(), 10)
+        assert [p.identity_host for p in echo.peers] == [None]  # 0-RTT: not validated
+        peer.send(encoded_request("GET", b"/_matrix/client/versions", 8))
+        await asyncio.wait_for(peer.received.get(), 10)
+        assert [p.identity_host for p in echo.peers] == [None, "127.0.0.1"]
+    finally:
+        peer.close()
+        await server.close()
+    # Restart with the same key and state file on the same port: the replay is refused.
+    server2, echo2, _m2 = await start(key=key, replay_state_path=state, port=port)
+    replayer = await RawPeer(("127.0.0.1", port)).open()
+    honest = await RawPeer(("127.0.0.1", port)).open()
+    try:
+        replayer.send_raw(ik1)
+        await honest.connect()
+        await ping(honest, 9)  # the server has processed the replay by now
+        assert echo2.peers == []
+        stats = server2.noise_interfaces[0].endpoint.stats  # type: ignore[attr-defined]
+        assert stats["early_data.refused.before_restart"] == 1
+    finally:
+        replayer.close()
+        honest.close()
+        await server2.close()
