@@ -56,6 +56,7 @@ from lab_scenarios.client import (
     Delivery,
     client_suite,
     deliver_messages,
+    nginx_path,
 )
 from lab_scenarios.common import (
     STACKS,
@@ -216,11 +217,13 @@ def _ratio(c: ScenarioResult | None, h: ScenarioResult | None) -> str:
 
 def ratio_table(results: Sequence[ScenarioResult]) -> str:
     """A Markdown table per scenario and profile: bytes, packets, round trips and time for
-    each stack, CoAP retransmissions, and the HTTPS/CoAP byte ratio."""
+    each stack (CoAP+Noise, stock HTTPS, HTTPS behind nginx), CoAP retransmissions, and the
+    HTTPS/CoAP byte ratio for both HTTPS baselines."""
     rows = [
-        "| scenario | profile | CoAP+Noise B | dgrams | RTs | s | retrans | HTTPS B | pkts | RTs "
-        "| s | HTTPS/CoAP |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| scenario | profile | CoAP+Noise B | dgrams | RTs | s | retrans "
+        "| HTTPS stock B | pkts | RTs | s | stock/CoAP "
+        "| HTTPS nginx B | pkts | RTs | s | nginx/CoAP |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     keyed: dict[tuple[str, str], dict[str, ScenarioResult]] = {}
     for r in results:
@@ -239,10 +242,20 @@ def ratio_table(results: Sequence[ScenarioResult]) -> str:
         return out
 
     for (name, profile), by_stack in keyed.items():
-        c, h = by_stack.get("coap"), by_stack.get("https")
+        c, h, n = by_stack.get("coap"), by_stack.get("https"), by_stack.get("https-nginx")
         rows.append(
             "| "
-            + " | ".join([name, profile, *cells(c, True), *cells(h, False), _ratio(c, h)])
+            + " | ".join(
+                [
+                    name,
+                    profile,
+                    *cells(c, True),
+                    *cells(h, False),
+                    _ratio(c, h),
+                    *cells(n, False),
+                    _ratio(c, n),
+                ]
+            )
             + " |"
         )
     return "\n".join(rows)
@@ -264,8 +277,12 @@ def plot_bytes_per_transaction(results: Sequence[ScenarioResult], path: Path) ->
         if r.scenario not in names and r.scenario != "udp-echo":
             names.append(r.scenario)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.4
-    labels = {"coap": "CoAP+Noise (synapse-coap)", "https": "HTTPS+JSON (stock)"}
+    width = 0.27
+    labels = {
+        "coap": "CoAP+Noise (synapse-coap)",
+        "https": "HTTPS+JSON (stock Synapse)",
+        "https-nginx": "HTTPS+JSON (nginx: TLS 1.3, HTTP/2, gzip)",
+    }
     for i, stack in enumerate(STACKS):
         values = [
             next((r.ip_bytes for r in results if r.scenario == n and r.stack == stack), 0)
@@ -540,21 +557,26 @@ def write_docs(path: Path, text: str, meta: dict[str, str]) -> None:
 
 
 def readme_table(results: Sequence[ScenarioResult]) -> str:
-    """The README's bandwidth table (lan profile), from the results."""
+    """The README's bandwidth table (lan profile), from the results: both HTTPS baselines."""
     by = {(r.scenario, r.stack): r for r in results if r.profile == "lan"}
     rows = [
-        "| scenario (lan profile) | CoAP+Noise | HTTPS+JSON (stock Synapse, TLS 1.3) | HTTPS/CoAP |",
-        "|---|--:|--:|--:|",
+        "| scenario (lan profile) | CoAP+Noise | HTTPS stock Synapse | HTTPS behind nginx "
+        "| stock/CoAP | nginx/CoAP |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
+
+    def cell(r: ScenarioResult | None) -> str:
+        return "—" if r is None or not r.ok else f"{r.ip_bytes:,} B"
+
     for scenario, label in README_ROWS:
         c, h = by.get((scenario, "coap")), by.get((scenario, "https"))
+        n = by.get((scenario, "https-nginx"))
         if c is None and h is None:
             continue
-
-        def cell(r: ScenarioResult | None) -> str:
-            return "—" if r is None or not r.ok else f"{r.ip_bytes:,} B"
-
-        rows.append(f"| {label} | {cell(c)} | {cell(h)} | {_ratio(c, h).replace('x', '×')} |")
+        rows.append(
+            f"| {label} | {cell(c)} | {cell(h)} | {cell(n)} "
+            f"| {_ratio(c, h).replace('x', '×')} | {_ratio(c, n).replace('x', '×')} |"
+        )
     return "\n".join(rows)
 
 
@@ -588,13 +610,29 @@ def _tuning(profile: LinkProfile) -> str:
 async def run_lab(args: argparse.Namespace) -> Run:
     work = Path(tempfile.mkdtemp(prefix="synapse-coap-lab-"))
     profile = get_profile(args.profile)
+    notes: list[str] = []
     stacks = tuple(args.stack or STACKS)
+    if "https-nginx" in stacks and nginx_path() is None:
+        stacks = tuple(s for s in stacks if s != "https-nginx")
+        notes.append(
+            "The tuned HTTPS baseline was SKIPPED: nginx is not installed (scripts/setup "
+            "installs Debian's nginx-light when run as root)."
+        )
+        progress(notes[-1])
+    elif "https-nginx" in stacks:
+        notes.append(
+            "HTTPS behind nginx: Debian's nginx (TLS 1.3 only, HTTP/2 enabled, gzip level 6 "
+            "for JSON) in front of the same stock Synapse's plain listener, started and stopped "
+            "by the lab; client scenarios only (Synapse's own federation client speaks "
+            "HTTP/1.1 without compression, so a front changes little there, and it was not "
+            "measured). matrix-nio (aiohttp) offers only HTTP/1.1, so its requests use TLS 1.3 "
+            "and gzip'd responses, not HTTP/2's header compression."
+        )
     results: list[ScenarioResult] = []
     deliver: SlowDelivery | None = None
     lossy: Delivery | None = None
     by_rate: list[SweepPoint] = []
     by_loss: list[SweepPoint] = []
-    notes: list[str] = []
     suites = args.suite or ([] if args.scenario else list(SUITES))
     try:
         for name in args.scenario or []:
@@ -689,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--suite", action="append", choices=SUITES, help="default: all")
     parser.add_argument("--scenario", action="append", choices=sorted(DESCRIPTIONS))
     parser.add_argument("--profile", default="lan", help=f"one of {', '.join(PROFILES)}")
-    parser.add_argument("--stack", action="append", choices=STACKS, help="default: both")
+    parser.add_argument("--stack", action="append", choices=STACKS, help="default: all three")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--idle", type=float, default=60.0, help="idle scenario, seconds")
     parser.add_argument("--full", action="store_true", help="10 minutes idle, 5 messages/point")
