@@ -663,7 +663,10 @@ def test_RFC7252_5_4_1_unknown_critical_option_is_4_02_elective_ignored(peer: Pe
 
 
 def test_RFC7252_5_8_unknown_method_is_4_05(peer: Peer) -> None:
+    """An unknown method code, and a method the resource does not have: 4.05."""
     reply = peer.exchange(request(31, VERSIONS))
+    assert reply.code == "4.05", reply
+    reply = peer.exchange(request(n.DELETE, VERSIONS))
     assert reply.code == "4.05", reply
 
 
