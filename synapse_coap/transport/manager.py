@@ -32,7 +32,7 @@ from typing import Any
 from aiocoap import interfaces
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.constants import TransportTuning
-from aiocoap.numbers.types import CON
+from aiocoap.numbers.types import ACK, CON
 from aiocoap.tokenmanager import TokenManager
 
 from synapse_coap.transport.link import LinkParameters, RttEstimator
@@ -58,6 +58,7 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         ack_timeout: float | None = None,
         empty_ack_delay: float | None = None,
         early_data: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
     ) -> None:
         self.params = params
         self.ACK_TIMEOUT = params.ack_timeout if ack_timeout is None else ack_timeout
@@ -76,6 +77,10 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         #: set by the client for requests that are safe to replay: the Noise
         #: transport may then send them as 0-RTT early data.
         self.early_data = early_data
+        #: set by the server on an Observe notification: called once with True when
+        #: the message is acknowledged (or went out piggybacked / non-confirmable),
+        #: False when it was rejected (RST) or its retransmissions ran out.
+        self.on_acknowledged = on_acknowledged
 
     @property
     def EXCHANGE_LIFETIME(self) -> float:
@@ -119,6 +124,8 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         self._backlogs = _Backlogs(self)
         self.on_first_retransmit: RetransmitHook | None = None
         self.on_retransmit: EveryRetransmitHook | None = None
+        #: (remote, mid) -> callback of a confirmable message whose sender wants its outcome
+        self._ack_hooks: dict[Hashable, Callable[[bool], None]] = {}
 
     # -- per-peer state ---------------------------------------------------------
 
@@ -136,13 +143,20 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
     def forget_remote(self, remote: Hashable) -> None:
         self._estimators.pop(remote, None)
 
-    def tuning_for(self, remote: Hashable, *, early_data: bool = False) -> LinkTuning:
+    def tuning_for(
+        self,
+        remote: Hashable,
+        *,
+        early_data: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
+    ) -> LinkTuning:
         est = self.estimator(remote)
         return LinkTuning(
             self.params,
             ack_timeout=est.rto,
             empty_ack_delay=est.empty_ack_delay(),
             early_data=early_data,
+            on_acknowledged=on_acknowledged,
         )
 
     def allowed_outstanding(self, remote: Hashable) -> int:
@@ -170,6 +184,8 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             for r, mid in list(self._active_exchanges):
                 if r == remote and est is not None:
                     est.forget((r, mid))
+                if r == remote:
+                    self._ack_outcome((r, mid), False)
         super().dispatch_error(error, remote)
 
     # -- timers ----------------------------------------------------------------------
@@ -184,6 +200,9 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         timeout = est.first_timeout(size)
         handle = self._schedule_retransmit(message, timeout, 0)
         self._active_exchanges[key] = (messageerror_monitor, handle)
+        hook = getattr(message.transport_tuning, "on_acknowledged", None)
+        if hook is not None:
+            self._ack_hooks[key] = hook
 
     def _schedule_retransmit(
         self, message: Any, timeout: float, retransmission_counter: int
@@ -213,7 +232,16 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
                     logger.exception("retransmission hook failed")
         else:
             est.gave_up(key)
+            self._ack_outcome(key, False)
         super()._retransmit(message, timeout, retransmission_counter)
+
+    def _ack_outcome(self, key: Hashable, ok: bool) -> None:
+        hook = self._ack_hooks.pop(key, None)
+        if hook is not None:
+            try:
+                hook(ok)
+            except Exception:
+                logger.exception("acknowledgement hook failed")
 
     def _remove_exchange(self, message: Any) -> None:
         key = (message.remote, message.mid)
@@ -221,6 +249,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             self.estimator(message.remote).acknowledged(
                 key, len(message.payload) + self.MESSAGE_OVERHEAD
             )
+            self._ack_outcome(key, message.mtype == ACK)
         super()._remove_exchange(message)
 
     def _continue_backlog(self, remote: Any) -> None:
@@ -238,12 +267,21 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
 
     def send_message(self, message: Any, messageerror_monitor: Any) -> Any:
         tuning = message.transport_tuning
+        hook = None
         if message.remote is not None and not isinstance(tuning, LinkTuning):
             message.transport_tuning = self.tuning_for(message.remote)
         elif isinstance(tuning, LinkTuning) and message.remote is not None:
             # refresh the RTO from the estimator, keep the caller's flags
-            message.transport_tuning = self.tuning_for(message.remote, early_data=tuning.early_data)
-        return super().send_message(message, messageerror_monitor)
+            hook = tuning.on_acknowledged
+            message.transport_tuning = self.tuning_for(
+                message.remote, early_data=tuning.early_data, on_acknowledged=hook
+            )
+        result = super().send_message(message, messageerror_monitor)
+        if hook is not None and message.mtype != CON:
+            # piggybacked on the request's ACK (resent by deduplication if lost) or NON
+            message.transport_tuning.on_acknowledged = None
+            hook(True)
+        return result
 
     def is_confirmable(self, message: Any) -> bool:
         return bool(message.mtype == CON)

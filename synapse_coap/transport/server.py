@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 from aiocoap import interfaces
-from aiocoap.blockwise import Block2Cache
+from aiocoap.blockwise import Block2Cache, _extract_block_key
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
@@ -44,6 +44,12 @@ from synapse_coap.errors import (
 )
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
+from synapse_coap.mapping.push import (
+    VERSIONS_PATH,
+    PushConfig,
+    SyncQuery,
+    advertise_observe,
+)
 from synapse_coap.mapping.redact import redact_target
 from synapse_coap.noise.trust import TrustPolicy
 from synapse_coap.transport.convert import (
@@ -69,6 +75,7 @@ from synapse_coap.transport.noise_udp import (
     normalize_address,
 )
 from synapse_coap.transport.plain import PlainUDP
+from synapse_coap.transport.push import Observation, Registration, Registrations
 from synapse_coap.wire.context import WireContext
 
 logger = logging.getLogger(__name__)
@@ -123,6 +130,7 @@ class ServerConfig:
     max_body_size: int = 50 * 1024 * 1024
     payload_dump: bool = False
     resources: tuple[str, ...] = DEFAULT_RESOURCES
+    push: PushConfig = attrs.field(factory=PushConfig)
 
     def __attrs_post_init__(self) -> None:
         if self.listen and self.static_key is None:
@@ -247,9 +255,30 @@ class Block1Assembler:
 
 
 class _Block2Cache(Block2Cache):  # type: ignore[misc]
+    """aiocoap's Block2 cache, plus pushed representations (Observe notifications larger
+    than one block) whose last block being served is reported to the pusher."""
+
     def __init__(self, lifetime: float) -> None:
         super().__init__()
         self._completes = TimeoutDict(lifetime)
+        self._on_last: dict[Any, Callable[[], None]] = {}
+
+    def put_pushed(self, request: Message, full: Message, on_last: Callable[[], None]) -> None:
+        key = _extract_block_key(request)
+        self._completes[key] = full
+        self._on_last[key] = on_last
+        while len(self._on_last) > 4096:
+            self._on_last.pop(next(iter(self._on_last)))
+
+    async def extract_or_insert(self, req: Any, response_builder: Any) -> Any:
+        res = await super().extract_or_insert(req, response_builder)
+        if req.opt.block2 is not None and req.opt.block2.block_number > 0:
+            b2 = res.opt.block2
+            if b2 is not None and not b2.more:
+                hook = self._on_last.pop(_extract_block_key(req), None)
+                if hook is not None:
+                    hook()
+        return res
 
 
 # -- sessions ----------------------------------------------------------------------
@@ -279,11 +308,18 @@ def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
     return HttpResponse(status, (("content-type", "application/json"),), body)
 
 
-def _link_format(resources: tuple[str, ...]) -> bytes:
+#: The observable resource listed in ``/.well-known/core`` when push is enabled.
+OBSERVABLE_SYNC = "/_matrix/client/v3/sync"
+
+
+def _link_format(resources: tuple[str, ...], observable: tuple[str, ...] = ()) -> bytes:
     parts = ["</.well-known/core>;ct=40"]
     for path in resources:
         name = path.strip("/").replace("/", ".").replace("_", "")
         parts.append(f'<{path}>;rt="{name}"')
+    for path in observable:
+        name = path.strip("/").replace("/", ".").replace("_", "")
+        parts.append(f'<{path}>;rt="{name}";obs')
     return ",".join(parts).encode()
 
 
@@ -317,6 +353,13 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
         except _Block1Reply as reply:
             pipe.add_response(reply.message, is_last=True)
             return
+        if (
+            assembled.opt.observe == 0
+            and assembled.opt.block2 is None
+            and self._server.config.push.enabled
+            and await self._server._observe(assembled, pipe, self._block2)
+        ):
+            return
 
         async def build() -> Message:
             return await self._server._render(assembled)
@@ -348,6 +391,7 @@ class CoapServer:
         self._secure_addresses: list[tuple[str, int]] = []
         self._plain_addresses: list[tuple[str, int]] = []
         self._closed = False
+        self.registrations = Registrations(config.push, self.metrics)
 
     @classmethod
     async def start(
@@ -487,7 +531,10 @@ class CoapServer:
         if uri_path == [b".well-known", b"core"]:
             if cm.code != int(Code.GET):
                 return Message(code=Code.METHOD_NOT_ALLOWED)
-            res = Message(code=Code.CONTENT, payload=_link_format(self.config.resources))
+            observable = (OBSERVABLE_SYNC,) if self.config.push.enabled else ()
+            res = Message(
+                code=Code.CONTENT, payload=_link_format(self.config.resources, observable)
+            )
             res.opt.content_format = 40
             return res
         session = self._session(req.remote)
@@ -533,7 +580,90 @@ class CoapServer:
         except Exception:
             logger.exception("dispatcher raised on %s", route)
             response = _json_error(500, "M_UNKNOWN", "internal server error")
+        if (
+            self.config.push.enabled
+            and response.status == 200
+            and http_req.target.partition(b"?")[0] == VERSIONS_PATH
+        ):
+            advertised = advertise_observe(response.body)
+            if advertised is not None:
+                response = attrs.evolve(response, body=advertised)
         return self._finish(codec, route, started, response, want_json)
+
+    async def _observe(self, req: Message, pipe: Any, block2: _Block2Cache) -> bool:
+        """Serve an Observe registration of ``/sync``; False if ``req`` is not one (normal path)."""
+        cm = from_aiocoap(req)
+        cm = CoapMessage(
+            cm.code,
+            tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS),
+            cm.payload,
+        )
+        session = self._session(req.remote)
+        codec = session.codec
+        try:
+            want_json = codec.wants_json(cm)
+            http_req = codec.decode_request(cm, tokens=session.tokens)
+        except Exception:
+            return False  # the normal path answers (and logs) it
+        query = SyncQuery.parse(http_req.target) if http_req.method == "GET" else None
+        auth = http_req.header("authorization")
+        if query is None or auth is None:
+            return False
+        reg = Registration(
+            session=session,
+            source=session.peer.host,
+            auth=auth,
+            token=bytes(req.token),
+            observed=query.observed,
+            pipe=pipe,
+        )
+        refused = self.registrations.admit(reg)
+        route = "client.sync.observe"
+        if refused is not None:
+            limit = (
+                self.config.push.max_per_session
+                if refused == "session"
+                else self.config.push.max_per_source
+            )
+            logger.info(
+                "push registration from %s refused: over the per-%s limit of %d",
+                session.peer.host,
+                refused,
+                limit,
+            )
+            error = _json_error(
+                429,
+                "M_LIMIT_EXCEEDED",
+                f"too many /sync push registrations for this {refused} (limit {limit})",
+            )
+            pipe.add_response(
+                self._finish(codec, route, time.monotonic(), error, want_json), is_last=True
+            )
+            return True
+        link = self.config.link
+        exp = min(link.block_size_exp, int(getattr(req.remote, "maximum_block_size_exp", 6)))
+        observation = Observation(
+            reg,
+            request=http_req,
+            query=query,
+            peer=session.peer,
+            codec=codec,
+            want_json=want_json,
+            dispatcher=self.dispatcher,
+            config=self.config.push,
+            link=link,
+            metrics=self.metrics,
+            block_size_exp=exp,
+            store_blocks=lambda full, on_last: block2.put_pushed(req, full, on_last),
+        )
+        logger.info(
+            "push registration from %s (%d live)", session.peer.host, len(self.registrations)
+        )
+        try:
+            await observation.run()
+        finally:
+            self.registrations.release(reg)
+        return True
 
     def _finish(
         self, codec: Codec, route: str, started: float, response: HttpResponse, want_json: bool
