@@ -106,6 +106,8 @@ class _Feed:
         #: a final error answer for the poll at ``head`` (the feed is over)
         self.final: HttpResponse | None = None
         self.registered = 0
+        #: the last registration attempt failed (link down): polls go over the link
+        self.failing = False
 
     def holds(self, since: str) -> bool:
         return since in self.chain or since == self.head
@@ -160,8 +162,8 @@ class PushSync:
                 return None  # another filter while the registration is in use
             self._drop(feed)
             feed = None
-        if feed is not None and feed.unsupported:
-            return None
+        if feed is not None and (feed.unsupported or (feed.failing and since == feed.head)):
+            return None  # (while the link is down the client sees what it saw before push)
         if feed is None or not feed.holds(since):
             if feed is not None:
                 self._drop(feed)
@@ -218,6 +220,9 @@ class PushSync:
                 while True:
                     event = await asyncio.wait_for(events.__anext__(), self.options.refresh)
                     delay = self.options.retry
+                    feed.failing = False
+                    if event.response is None:
+                        continue  # the server has the registration
                     if not event.final:
                         self._on_push(feed, event.response)
                         continue
@@ -230,6 +235,7 @@ class PushSync:
                 continue
             except SynapseCoapError as e:
                 logger.warning("push: registration failed (%s); again in %.0f s", e, delay)
+                feed.failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.options.max_retry)
             finally:

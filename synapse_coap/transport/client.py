@@ -110,14 +110,20 @@ class _ClientSession:
 
 @attrs.frozen
 class PushEvent:
-    """One response on an Observe registration: a notification, or the ``final`` one.
+    """One event of an Observe registration: a notification, or the ``final`` response.
 
     A final response carries no Observe option: the server did not accept the
-    registration (not observable, refused, an error), or ended it.
+    registration (not observable, refused, an error), or ended it. An event
+    with ``response`` None says the server acknowledged the registration
+    request (it has it; notifications follow when there is something to push).
     """
 
-    response: HttpResponse
+    response: HttpResponse | None
     final: bool
+
+
+#: Queued by the registration request's acknowledgement hook.
+_ACKED = object()
 
 
 def _sender_tokens(*, strings: bool = False) -> Any:
@@ -445,8 +451,13 @@ class CoapClient:
             m = to_aiocoap(cm)
             m.opt.observe = 0
             m.remote = session.remote
-            m.transport_tuning = LinkTuning(self.link)
             events: asyncio.Queue[Any] = asyncio.Queue()
+
+            def acknowledged(ok: bool, events: asyncio.Queue[Any] = events) -> None:
+                if ok:
+                    events.put_nowait(_ACKED)
+
+            m.transport_tuning = LinkTuning(self.link, on_acknowledged=acknowledged)
 
             def on_event(ev: Any, events: asyncio.Queue[Any] = events) -> bool:
                 events.put_nowait(ev)
@@ -465,6 +476,9 @@ class CoapClient:
                 last_seq: int | None = None
                 while True:
                     ev = await events.get()
+                    if ev is _ACKED:
+                        yield PushEvent(None, False)
+                        continue
                     if ev.exception is not None:
                         raise self._link_error(session, ev.exception)
                     if ev.message is None:
