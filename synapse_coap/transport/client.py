@@ -507,7 +507,7 @@ class CoapClient:
                         raise
                     except SynapseCoapError as e:
                         raise RemoteProtocolError(f"undecodable notification: {e}") from e
-                    self.metrics.request("client.sync.observe", response.status, 0.0)
+                    self.metrics.request(_safe_route(codec, cm), response.status, 0.0)
                     yield PushEvent(response, final)
                     if final:
                         return

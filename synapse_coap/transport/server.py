@@ -618,7 +618,10 @@ class CoapServer:
             pipe=pipe,
         )
         refused = self.registrations.admit(reg)
-        route = "client.sync.observe"
+        try:
+            route = codec.route_name(cm)
+        except Exception:
+            route = "unknown"
         if refused is not None:
             limit = (
                 self.config.push.max_per_session
