@@ -57,6 +57,7 @@ from synapse_coap.proxy.common import (
     request_timeout,
 )
 from synapse_coap.proxy.push import PushOptions, PushSync
+from synapse_coap.proxy.txn import TxnShortener
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ class SidecarOptions:
     dump_payloads: bool = False
     #: Seconds in-flight requests get to finish at shutdown before they are failed with 503.
     shutdown_grace: float = 5.0
+    #: Send long transaction ids (nio's UUIDs) as 8-character digests of (access token,
+    #: id); see :mod:`synapse_coap.proxy.txn`.
+    short_txn_ids: bool = True
     #: Seconds an idempotent exchange whose asker went away is kept for a retry to join.
     rejoin_grace: float = 10.0
     #: Answer /sync long-polls from push registrations (see ``synapse_coap.proxy.push``).
@@ -177,6 +181,11 @@ class Sidecar:
             if options.push.enabled and observe is not None
             else None
         )
+        self._txn: TxnShortener | None = None
+        if options.short_txn_ids:
+            from synapse_coap.wire.profile import load_profile
+
+            self._txn = TxnShortener(load_profile(0).routes)
 
     # -- aiohttp glue ---------------------------------------------------------------------
 
@@ -241,6 +250,12 @@ class Sidecar:
 
     async def forward(self, request: HttpRequest) -> HttpResponse:
         """Send one request across the link (or answer from the push or the cache); never raises for link trouble."""
+        if self._txn is None:
+            return await self._forward(request)
+        response = await self._forward(self._txn.shorten(request))
+        return self._txn.restore(response)
+
+    async def _forward(self, request: HttpRequest) -> HttpResponse:
         started = self._clock()
         if self.push is not None:
             pushed = await self.push.answer(request)

@@ -207,6 +207,7 @@ class CoapModule:
             max_body_size=dispatcher.max_request_body_size,
             payload_dump=config.payload_dump,
             push=config.push,
+            replay_state_path=f"{self.key_path}.replay",
         )
         metrics = self.metrics
 

@@ -160,8 +160,10 @@ class CoapClient:
         codec_factory: CodecFactory,
         endpoint_factory: Callable[..., SessionEndpoint] | None,
         max_body_size: int,
+        keepalive_interval: float | None = None,
     ) -> None:
         self.static_key = static_key
+        self.keepalive_interval = keepalive_interval
         self.trust = trust
         self.link = link
         self.limits = limits
@@ -196,13 +198,17 @@ class CoapClient:
         codec_factory: CodecFactory | None = None,
         endpoint_factory: Callable[..., SessionEndpoint] | None = None,
         max_body_size: int = 50 * 1024 * 1024,
+        keepalive_interval: float | None = None,
     ) -> CoapClient:
         """A client bound to ``bind``. Without ``static_key`` only plain endpoints work.
 
         ``server_name`` (optional) is sent, encrypted, in our handshakes so the
         peer can shorten identifiers on our server; ``endpoint_factory(static_key,
         trust=, limits=, profiles=, app_payload=, clock=)`` replaces the
-        NoiseEndpoint (tests).
+        NoiseEndpoint (tests). ``keepalive_interval`` (seconds, None = off): a session
+        that has sent nothing for that long sends a one-way keep-alive record (NAT
+        mappings, the peer's idle timer, NAT rebinding); see
+        ``NoiseEndpoint(keepalive_interval=)``.
         """
         if limits is None:
             from synapse_coap.noise.endpoint import (  # type: ignore
@@ -221,6 +227,7 @@ class CoapClient:
             codec_factory=codec_factory or default_codec_factory,
             endpoint_factory=endpoint_factory,
             max_body_size=max_body_size,
+            keepalive_interval=keepalive_interval,
         )
         loop = asyncio.get_running_loop()
         self._context = Context(loop=loop, serversite=None, loggername=__name__ + ".coap")
@@ -256,6 +263,9 @@ class CoapClient:
             )
 
             factory = NoiseEndpoint
+        extra: dict[str, Any] = {}
+        if self.keepalive_interval is not None:
+            extra["keepalive_interval"] = self.keepalive_interval
         endpoint: SessionEndpoint = factory(
             self.static_key,
             trust=self.trust,
@@ -263,6 +273,7 @@ class CoapClient:
             profiles=supported_profile_offers(),
             app_payload=server_name_payload(self.server_name),
             clock=clock,
+            **extra,
         )
         return endpoint
 
@@ -404,7 +415,7 @@ class CoapClient:
             cm = codec.encode_request(request, tokens)
             early = bool(endpoint.secure and codec.is_replay_safe(request))
             started = time.monotonic()
-            resp_cm = await self._exchange(session, cm, early=early)
+            resp_cm = await self._exchange(session, cm, early=early, long_poll=request.is_long_poll)
             route = _safe_route(codec, cm)
             # (a session re-established meanwhile already has fresh, empty bindings)
             if tokens is not None and _on_response(tokens, cm, resp_cm) and not retried:
@@ -424,7 +435,7 @@ class CoapClient:
             # new session was encoded before the handshake told us the peer's server
             # name, but the response was encoded with the established context.
             try:
-                response = session.codec.decode_response(resp_cm)
+                response = session.codec.decode_response(resp_cm, method=cm.code)
             except RemoteProtocolError:
                 raise
             except SynapseCoapError as e:
@@ -457,7 +468,10 @@ class CoapClient:
                 if ok:
                     events.put_nowait(_ACKED)
 
-            m.transport_tuning = LinkTuning(self.link, on_acknowledged=acknowledged)
+            # the server acknowledges a registration at once (it waits for news)
+            m.transport_tuning = LinkTuning(
+                self.link, prompt_ack=True, on_acknowledged=acknowledged
+            )
 
             def on_event(ev: Any, events: asyncio.Queue[Any] = events) -> bool:
                 events.put_nowait(ev)
@@ -530,9 +544,12 @@ class CoapClient:
         return LinkDown(f"no answer from {session.endpoint.host}:{session.endpoint.port}: {e}")
 
     async def _exchange(
-        self, session: _ClientSession, cm: CoapMessage, *, early: bool
+        self, session: _ClientSession, cm: CoapMessage, *, early: bool, long_poll: bool = False
     ) -> CoapMessage:
-        """One request/response including Block1 and Block2 transfers."""
+        """One request/response including Block1 and Block2 transfers.
+
+        ``long_poll``: the server acknowledges the request at once (it will wait),
+        so its empty ACK is an RTT sample (see :mod:`synapse_coap.transport.manager`)."""
         template = to_aiocoap(cm)
         exp = self.link.block_size_exp
         payload = cm.payload
@@ -541,7 +558,7 @@ class CoapClient:
         if len(payload) <= size:
             # sent as is (aiocoap fills in type, id and token); a Block2 follow-up
             # is built afresh from ``cm``
-            resp = await self._send_one(session, template, early=early)
+            resp = await self._send_one(session, template, early=early, prompt_ack=long_poll)
         else:
             num = 0
             while True:
@@ -613,9 +630,11 @@ class CoapClient:
             raise RemoteProtocolError(f"response body over {self.max_body_size} bytes")
         return resp
 
-    async def _send_one(self, session: _ClientSession, m: Message, *, early: bool) -> Any:
+    async def _send_one(
+        self, session: _ClientSession, m: Message, *, early: bool, prompt_ack: bool = False
+    ) -> Any:
         m.remote = session.remote
-        m.transport_tuning = LinkTuning(self.link, early_data=early)
+        m.transport_tuning = LinkTuning(self.link, early_data=early, prompt_ack=prompt_ack)
         req = self._context.request(m, handle_blockwise=False)
         try:
             return await req.response

@@ -7,10 +7,19 @@ decisions:
 * the first wait of a confirmable message comes from the peer's
   :class:`RttEstimator` (RFC 7252 defaults until the first sample, then
   CoCoA-like), and backoff is bounded by ``max_rto``;
-* ACKs feed RTT samples (Karn's rule: never from retransmitted exchanges);
+* ACKs feed RTT samples (Karn's rule: never from retransmitted exchanges), but
+  only where the ACK's timing is the link's: an empty ACK to one of our
+  requests may have been held by the server (RFC 7252 §5.2.2, hoping to
+  piggyback), so it gives no sample unless the request was flagged
+  ``prompt_ack`` (a long-poll, which servers acknowledge at once, see
+  :meth:`LinkMessageManager.acknowledge_now`). The server's think time thus
+  never inflates the SRTT or lowers the measured rate that NSTART grows on;
 * ``EMPTY_ACK_DELAY`` of each incoming request is derived per peer, so a
   response rides on the ACK whenever it is ready before the peer's timer
   would fire, and slow handlers get an empty ACK then a separate response;
+  a handler that knows it will wait (a long-poll) acknowledges at once with
+  :meth:`LinkMessageManager.acknowledge_now`, so it never holds the peer's
+  NSTART slot;
 * NSTART is per peer and adaptive (aiocoap only implements a fixed 1): the
   backlog lets ``RttEstimator.allowed_outstanding()`` exchanges out at once,
   ``nstart`` until the link is measured fast enough, back to ``nstart`` on any
@@ -31,6 +40,7 @@ from typing import Any
 
 from aiocoap import interfaces
 from aiocoap.messagemanager import MessageManager
+from aiocoap.numbers.codes import EMPTY
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.types import ACK, CON
 from aiocoap.tokenmanager import TokenManager
@@ -58,6 +68,7 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         ack_timeout: float | None = None,
         empty_ack_delay: float | None = None,
         early_data: bool = False,
+        prompt_ack: bool = False,
         on_acknowledged: Callable[[bool], None] | None = None,
     ) -> None:
         self.params = params
@@ -77,6 +88,9 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         #: set by the client for requests that are safe to replay: the Noise
         #: transport may then send them as 0-RTT early data.
         self.early_data = early_data
+        #: set by the client for a request the server acknowledges at once (a
+        #: long-poll): its empty ACK is then a valid RTT sample.
+        self.prompt_ack = prompt_ack
         #: set by the server on an Observe notification: called once with True when
         #: the message is acknowledged (or went out piggybacked / non-confirmable),
         #: False when it was rejected (RST) or its retransmissions ran out.
@@ -122,6 +136,8 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         self._clock = clock or self.loop.time
         self._estimators: OrderedDict[Hashable, RttEstimator] = OrderedDict()
         self._backlogs = _Backlogs(self)
+        # exchanges of our requests whose empty ACK the peer may have held: no RTT sample
+        self._held_ack: set[Hashable] = set()
         self.on_first_retransmit: RetransmitHook | None = None
         self.on_retransmit: EveryRetransmitHook | None = None
         #: (remote, mid) -> callback of a confirmable message whose sender wants its outcome
@@ -148,6 +164,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         remote: Hashable,
         *,
         early_data: bool = False,
+        prompt_ack: bool = False,
         on_acknowledged: Callable[[bool], None] | None = None,
     ) -> LinkTuning:
         est = self.estimator(remote)
@@ -156,6 +173,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             ack_timeout=est.rto,
             empty_ack_delay=est.empty_ack_delay(),
             early_data=early_data,
+            prompt_ack=prompt_ack,
             on_acknowledged=on_acknowledged,
         )
 
@@ -182,11 +200,26 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         if self._active_exchanges is not None:
             est = self._estimators.get(remote)
             for r, mid in list(self._active_exchanges):
-                if r == remote and est is not None:
-                    est.forget((r, mid))
                 if r == remote:
+                    self._held_ack.discard((r, mid))
                     self._ack_outcome((r, mid), False)
+                    if est is not None:
+                        est.forget((r, mid))
         super().dispatch_error(error, remote)
+
+    def acknowledge_now(self, remote: Any, token: bytes) -> bool:
+        """Send the empty ACK of the pending confirmable request ``(remote, token)`` now
+        instead of holding it for a piggybacked response (RFC 7252 §5.2.2: a server
+        that knows it cannot answer soon, such as a long-poll, acknowledges at once).
+        The response then goes as a separate confirmable message. False if there is
+        nothing to acknowledge (NON request, already acknowledged or answered)."""
+        found = self._piggyback_opportunities.pop((remote, token), None)
+        if found is None:
+            return False
+        mid, handle = found
+        handle.cancel()
+        self._send_empty_ack(remote, mid, "the request will wait (long-poll)")
+        return True
 
     # -- timers ----------------------------------------------------------------------
 
@@ -197,6 +230,11 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         est = self.estimator(message.remote)
         size = len(message.payload) + self.MESSAGE_OVERHEAD
         est.started(key, size)
+        tuning = message.transport_tuning
+        if message.code.is_request() and not getattr(tuning, "prompt_ack", False):
+            self._held_ack.add(key)
+        else:
+            self._held_ack.discard(key)
         timeout = est.first_timeout(size)
         handle = self._schedule_retransmit(message, timeout, 0)
         self._active_exchanges[key] = (messageerror_monitor, handle)
@@ -232,6 +270,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
                     logger.exception("retransmission hook failed")
         else:
             est.gave_up(key)
+            self._held_ack.discard(key)
             self._ack_outcome(key, False)
         super()._retransmit(message, timeout, retransmission_counter)
 
@@ -246,8 +285,12 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
     def _remove_exchange(self, message: Any) -> None:
         key = (message.remote, message.mid)
         if self._active_exchanges is not None and key in self._active_exchanges:
+            held = key in self._held_ack
+            self._held_ack.discard(key)
+            # an empty ACK to a request the peer may have held is its think time, not the link's
+            measure = not (held and message.mtype == ACK and message.code == EMPTY)
             self.estimator(message.remote).acknowledged(
-                key, len(message.payload) + self.MESSAGE_OVERHEAD
+                key, len(message.payload) + self.MESSAGE_OVERHEAD, measure=measure
             )
             self._ack_outcome(key, message.mtype == ACK)
         super()._remove_exchange(message)
@@ -274,7 +317,10 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             # refresh the RTO from the estimator, keep the caller's flags
             hook = tuning.on_acknowledged
             message.transport_tuning = self.tuning_for(
-                message.remote, early_data=tuning.early_data, on_acknowledged=hook
+                message.remote,
+                early_data=tuning.early_data,
+                prompt_ack=tuning.prompt_ack,
+                on_acknowledged=hook,
             )
         result = super().send_message(message, messageerror_monitor)
         if hook is not None and message.mtype != CON:

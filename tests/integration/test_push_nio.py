@@ -367,7 +367,9 @@ def test_push_with_nio_through_module_and_gateway(tmp_path: Path) -> None:
         # ACK, the response and its ACK on the link. With push none of it crosses;
         # a renewal (every REFRESH s without news) costs a request and its ACK, and
         # real news (presence changes Synapse reports) a notification and its ACK.
-        assert f["idle_datagrams"] <= 2 * (f["idle_renewals"] + f["idle_pushes"]), (s.name, f)
+        # (the sidecar's NAT keep-alive only goes out after 110 s without sending)
+        allowed = 2 * (f["idle_renewals"] + f["idle_pushes"]) + IDLE_SECONDS // 110
+        assert f["idle_datagrams"] <= allowed, (s.name, f)
         assert f["presence_after_idle"] == "online", (s.name, f)
         assert f["push_datagrams"] <= 6, (s.name, f)
         assert f["renewed"] >= 1, (s.name, f)
