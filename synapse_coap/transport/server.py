@@ -45,6 +45,8 @@ from synapse_coap.errors import (
     RemoteProtocolError,
     SynapseCoapError,
 )
+from synapse_coap.mapping import numbers as n
+from synapse_coap.mapping.codec import accepted_format
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
 from synapse_coap.mapping.redact import redact_target
@@ -79,6 +81,12 @@ logger = logging.getLogger(__name__)
 
 #: Options that belong to the transfer, not to the request the codec sees.
 _TRANSFER_OPTIONS = BLOCKWISE_OPTIONS | {int(OptionNumber.NO_RESPONSE), ABANDON_OPTION}
+
+#: Accept values a request may carry (RFC 7252 5.10.4): the compact body, plain JSON
+#: (a standard tool; the body the HTTP API gives), and the formats a Matrix resource
+#: may answer in (media). Any other value is answered 4.06 before dispatch; a 2.xx
+#: response in another format than the one accepted becomes 4.06 too.
+_ACCEPTABLE = frozenset({n.CF_COMPACT, n.CF_JSON, *n.CF_TO_MEDIA_TYPE})
 
 DEFAULT_RESOURCES: tuple[str, ...] = (
     "/_matrix/client",
@@ -643,35 +651,63 @@ class CoapServer:
             tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS),
             cm.payload,
         )
+        method = cm.code
+        try:
+            accept = accepted_format(cm)
+        except RemoteProtocolError:
+            return Message(code=Code.BAD_REQUEST, payload=b"bad Accept option")
         uri_path = [o.value for o in cm.options if o.number == int(OptionNumber.URI_PATH)]
-        if uri_path == [b".well-known", b"core"]:
+        if uri_path == [b".well-known", b"core"] and not cm.get(n.OPT_TARGET):
             if cm.code != int(Code.GET):
                 return Message(code=Code.METHOD_NOT_ALLOWED)
+            if accept not in (None, n.CF_LINK_FORMAT):
+                return Message(code=Code.NOT_ACCEPTABLE)
             res = Message(code=Code.CONTENT, payload=_link_format(self.config.resources))
-            res.opt.content_format = 40
+            res.opt.content_format = n.CF_LINK_FORMAT
             return res
+        if accept is not None and accept not in _ACCEPTABLE:
+            return Message(code=Code.NOT_ACCEPTABLE)
         session = self._session(req.remote)
         codec = session.codec
         try:
             route = codec.route_name(cm)
         except Exception:
             route = "unknown"
-        want_json = False
+        want_json = accept == n.CF_JSON
         try:
-            want_json = codec.wants_json(cm)
             http_req = codec.decode_request(cm, tokens=session.tokens)
         except LimitExceeded as e:
             logger.info("request from %s over a limit: %s", session.peer.host, e)
             return self._finish(
-                codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json
+                codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json, method
             )
         except RemoteProtocolError as e:
             if type(e).__name__ in ("UnknownTokenReference", "UnknownStringReference"):
-                return self._unknown_token(codec, route, started, e, want_json)
+                return self._unknown_token(codec, route, started, e, want_json, method)
             logger.info("undecodable request from %s: %s", session.peer.host, e)
-            return self._finish(
-                codec, route, started, _json_error(400, "M_BAD_JSON", str(e)), want_json
+            coap_code: int | None = getattr(e, "coap_code", None)
+            if coap_code is None:
+                return self._finish(
+                    codec,
+                    route,
+                    started,
+                    _json_error(400, "M_BAD_JSON", str(e)),
+                    want_json,
+                    method,
+                )
+            # 4.02 (critical option), 4.05 (method), 5.05 (proxy): the code says it,
+            # and each reads back as the status given here (400, 405, 502)
+            status = n.code_to_status(coap_code, method)
+            out = self._finish(
+                codec,
+                route,
+                started,
+                _json_error(status, "M_UNRECOGNIZED", str(e)),
+                want_json,
+                method,
             )
+            out.code = Code(coap_code)
+            return out
         if http_req.is_long_poll:
             # it will wait: acknowledge now, so the peer's next request is not held
             # behind this one's ACK (its NSTART slot) and its RTT sample stays honest
@@ -697,21 +733,42 @@ class CoapServer:
         except Exception:
             logger.exception("dispatcher raised on %s", route)
             response = _json_error(500, "M_UNKNOWN", "internal server error")
-        return self._finish(codec, route, started, response, want_json)
+        out = self._finish(codec, route, started, response, want_json, method)
+        if (
+            accept is not None
+            and out.code.is_successful()
+            and out.payload
+            and out.opt.content_format != accept
+        ):
+            # RFC 7252 5.10.4: the resource answered in another format than the one asked
+            return Message(code=Code.NOT_ACCEPTABLE)
+        return out
 
     def _finish(
-        self, codec: Codec, route: str, started: float, response: HttpResponse, want_json: bool
+        self,
+        codec: Codec,
+        route: str,
+        started: float,
+        response: HttpResponse,
+        want_json: bool,
+        method: int,
     ) -> Message:
         self.metrics.request(route, response.status, time.monotonic() - started)
         try:
-            out = to_aiocoap(codec.encode_response(response, want_json=want_json))
+            out = to_aiocoap(codec.encode_response(response, want_json=want_json, method=method))
         except SynapseCoapError as e:
             logger.error("cannot encode the response to %s: %s", route, e)
             return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
         return out
 
     def _unknown_token(
-        self, codec: Codec, route: str, started: float, error: Exception, want_json: bool
+        self,
+        codec: Codec,
+        route: str,
+        started: float,
+        error: Exception,
+        want_json: bool,
+        method: int,
     ) -> Message:
         """4.01 + Token-Reset (or 4.00 + String-Reset): the client resets and resends."""
         logger.info("unknown session reference on %s: asking the client to reset: %s", route, error)
@@ -730,6 +787,7 @@ class CoapServer:
             started,
             _json_error(401, "M_UNKNOWN_TOKEN", "unknown access token reference; resend"),
             want_json,
+            method,
         )
 
 
