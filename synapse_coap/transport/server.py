@@ -568,10 +568,10 @@ class CoapServer:
         """Count transfer state given up (metrics ``dropped``: ``transfer_<reason>``)."""
         if self._root is None:
             return
-        for reason, n in self._root.transfers.evictions.items():
-            for _ in range(n - self._evictions_counted.get(reason, 0)):
+        for reason, total in self._root.transfers.evictions.items():
+            for _ in range(total - self._evictions_counted.get(reason, 0)):
                 self.metrics.dropped(f"transfer_{reason}")
-            self._evictions_counted[reason] = n
+            self._evictions_counted[reason] = total
 
     def _save_replay_state(
         self, horizon: float = REPLAY_STATE_INTERVAL, again: bool = True
