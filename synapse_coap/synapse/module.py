@@ -208,6 +208,7 @@ class CoapModule:
             payload_dump=config.payload_dump,
             push=config.push,
             replay_state_path=f"{self.key_path}.replay",
+            transfers=config.transfers,
         )
         metrics = self.metrics
 

@@ -232,3 +232,11 @@ def test_a_client_that_timed_out_and_asks_again_joins_the_exchange() -> None:
 
     calls, response = run(scenario())
     assert calls == 1 and response.status == 200
+
+
+def test_well_known_core_lists_sync_as_observable() -> None:
+    from synapse_coap.transport.server import OBSERVABLE_SYNC, _link_format
+
+    doc = _link_format(("/_matrix/client",), None, (OBSERVABLE_SYNC,)).decode()
+    assert '</_matrix/client/v3/sync>;rt="matrix.client.v3.sync";obs' in doc.split(",")
+    assert ";obs" not in _link_format(("/_matrix/client",)).decode()
