@@ -200,33 +200,36 @@ def idle_table(results: Sequence[ScenarioResult], profiles: dict[str, LinkProfil
 
 
 def day_table(results: Sequence[ScenarioResult]) -> str:
-    """The day's bytes on both stacks and their ratio (HTTPS/CoAP)."""
+    """The day's bytes on every stack and the HTTPS/CoAP ratios."""
     days = {(r.profile, r.stack): r for r in results if r.scenario == "day"}
     profiles = sorted({p for p, _ in days})
     if not profiles:
         return ""
     out = [
         "A client's day: log in, initial sync, 10 messages sent and 10 received spread over "
-        "the period, idle otherwise (sync loop with 30 s long-polls; the sidecar's keep-alive "
+        "the period, idle otherwise (nio's sync loop, 30 s long-polls; the sidecar's keep-alive "
         "included). Every byte of the period, IP level.",
         "",
-        "| profile | CoAP+Noise B | HTTPS B | HTTPS/CoAP | CoAP note | HTTPS note |",
-        "|---|--:|--:|--:|---|---|",
+        "| profile | CoAP+Noise B | HTTPS stock B | stock/CoAP | HTTPS nginx B | nginx/CoAP "
+        "| notes |",
+        "|---|--:|--:|--:|--:|--:|---|",
     ]
+
+    def cell(r: ScenarioResult | None) -> str:
+        if r is None:
+            return "—"
+        return "failed" if not r.ok else f"{r.ip_bytes:,}"
+
+    def ratio(c: ScenarioResult | None, h: ScenarioResult | None) -> str:
+        if c is None or h is None or not (c.ok and h.ok) or not c.ip_bytes:
+            return "—"
+        return f"{h.ip_bytes / c.ip_bytes:.1f}x"
+
     for p in profiles:
-        c, h = days.get((p, "coap")), days.get((p, "https"))
-
-        def cell(r: ScenarioResult | None) -> str:
-            return "failed" if r is None or not r.ok else f"{r.ip_bytes:,}"
-
-        ratio = (
-            f"{h.ip_bytes / c.ip_bytes:.1f}x"
-            if c is not None and h is not None and c.ok and h.ok and c.ip_bytes
-            else "—"
-        )
+        c, h, n = days.get((p, "coap")), days.get((p, "https")), days.get((p, "https-nginx"))
+        notes = "; ".join(f"{r.stack}: {r.note}" for r in (c, h, n) if r is not None and r.note)
         out.append(
-            f"| {p} | {cell(c)} | {cell(h)} | {ratio} | {c.note if c else ''} "
-            f"| {h.note if h else ''} |"
+            f"| {p} | {cell(c)} | {cell(h)} | {ratio(c, h)} | {cell(n)} | {ratio(c, n)} | {notes} |"
         )
     return "\n".join(out)
 
