@@ -172,7 +172,7 @@ def _rates(profile: LinkProfile) -> tuple[float | None, float | None]:
 
 def idle_table(results: Sequence[ScenarioResult], profiles: dict[str, LinkProfile]) -> str:
     """Idle cost per minute and the share of the link's airtime it takes, per profile."""
-    rows = [r for r in results if r.scenario in ("idle", "day") and r.ok and r.seconds > 0]
+    rows = [r for r in results if r.scenario == "idle" and r.ok and r.seconds > 0]
     if not rows:
         return ""
     out = [
