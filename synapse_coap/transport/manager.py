@@ -69,6 +69,7 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         empty_ack_delay: float | None = None,
         early_data: bool = False,
         prompt_ack: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
     ) -> None:
         self.params = params
         self.ACK_TIMEOUT = params.ack_timeout if ack_timeout is None else ack_timeout
@@ -90,6 +91,10 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         #: set by the client for a request the server acknowledges at once (a
         #: long-poll): its empty ACK is then a valid RTT sample.
         self.prompt_ack = prompt_ack
+        #: set by the server on an Observe notification: called once with True when
+        #: the message is acknowledged (or went out piggybacked / non-confirmable),
+        #: False when it was rejected (RST) or its retransmissions ran out.
+        self.on_acknowledged = on_acknowledged
 
     @property
     def EXCHANGE_LIFETIME(self) -> float:
@@ -135,6 +140,8 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         self._held_ack: set[Hashable] = set()
         self.on_first_retransmit: RetransmitHook | None = None
         self.on_retransmit: EveryRetransmitHook | None = None
+        #: (remote, mid) -> callback of a confirmable message whose sender wants its outcome
+        self._ack_hooks: dict[Hashable, Callable[[bool], None]] = {}
 
     # -- per-peer state ---------------------------------------------------------
 
@@ -153,7 +160,12 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         self._estimators.pop(remote, None)
 
     def tuning_for(
-        self, remote: Hashable, *, early_data: bool = False, prompt_ack: bool = False
+        self,
+        remote: Hashable,
+        *,
+        early_data: bool = False,
+        prompt_ack: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
     ) -> LinkTuning:
         est = self.estimator(remote)
         return LinkTuning(
@@ -162,6 +174,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             empty_ack_delay=est.empty_ack_delay(),
             early_data=early_data,
             prompt_ack=prompt_ack,
+            on_acknowledged=on_acknowledged,
         )
 
     def allowed_outstanding(self, remote: Hashable) -> int:
@@ -189,6 +202,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             for r, mid in list(self._active_exchanges):
                 if r == remote:
                     self._held_ack.discard((r, mid))
+                    self._ack_outcome((r, mid), False)
                     if est is not None:
                         est.forget((r, mid))
         super().dispatch_error(error, remote)
@@ -224,6 +238,9 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         timeout = est.first_timeout(size)
         handle = self._schedule_retransmit(message, timeout, 0)
         self._active_exchanges[key] = (messageerror_monitor, handle)
+        hook = getattr(message.transport_tuning, "on_acknowledged", None)
+        if hook is not None:
+            self._ack_hooks[key] = hook
 
     def _schedule_retransmit(
         self, message: Any, timeout: float, retransmission_counter: int
@@ -254,7 +271,16 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         else:
             est.gave_up(key)
             self._held_ack.discard(key)
+            self._ack_outcome(key, False)
         super()._retransmit(message, timeout, retransmission_counter)
+
+    def _ack_outcome(self, key: Hashable, ok: bool) -> None:
+        hook = self._ack_hooks.pop(key, None)
+        if hook is not None:
+            try:
+                hook(ok)
+            except Exception:
+                logger.exception("acknowledgement hook failed")
 
     def _remove_exchange(self, message: Any) -> None:
         key = (message.remote, message.mid)
@@ -266,6 +292,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             self.estimator(message.remote).acknowledged(
                 key, len(message.payload) + self.MESSAGE_OVERHEAD, measure=measure
             )
+            self._ack_outcome(key, message.mtype == ACK)
         super()._remove_exchange(message)
 
     def _continue_backlog(self, remote: Any) -> None:
@@ -283,14 +310,24 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
 
     def send_message(self, message: Any, messageerror_monitor: Any) -> Any:
         tuning = message.transport_tuning
+        hook = None
         if message.remote is not None and not isinstance(tuning, LinkTuning):
             message.transport_tuning = self.tuning_for(message.remote)
         elif isinstance(tuning, LinkTuning) and message.remote is not None:
             # refresh the RTO from the estimator, keep the caller's flags
+            hook = tuning.on_acknowledged
             message.transport_tuning = self.tuning_for(
-                message.remote, early_data=tuning.early_data, prompt_ack=tuning.prompt_ack
+                message.remote,
+                early_data=tuning.early_data,
+                prompt_ack=tuning.prompt_ack,
+                on_acknowledged=hook,
             )
-        return super().send_message(message, messageerror_monitor)
+        result = super().send_message(message, messageerror_monitor)
+        if hook is not None and message.mtype != CON:
+            # piggybacked on the request's ACK (resent by deduplication if lost) or NON
+            message.transport_tuning.on_acknowledged = None
+            hook(True)
+        return result
 
     def is_confirmable(self, message: Any) -> bool:
         return bool(message.mtype == CON)
