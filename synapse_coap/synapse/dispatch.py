@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover
 
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ ACCESS_LOGGER = "synapse.access.coap"
 def build_resource_tree(hs: Any) -> Any:
     """Synapse's client, federation, key, media and .well-known resources in one tree.
 
-    Uses ``hs._configure_named_resource`` on the main process (exactly what
+    Uses :func:`compat.configure_named_resource` on the main process (exactly what
     an HTTP listener with ``names: [client, federation]`` gets) and the
     equivalent construction on a worker.
     """
@@ -66,13 +67,13 @@ def build_resource_tree(hs: Any) -> Any:
     from twisted.web.resource import Resource
 
     resources: dict[str, Resource] = {"/health": HealthResource()}  # type: ignore[no-untyped-call]
-    configure = getattr(hs, "_configure_named_resource", None)
+    configure = compat.configure_named_resource(hs)
     if configure is not None:
         for name in ("client", "federation"):
             resources.update(configure(name, False))
     else:
         resources.update(_worker_resources(hs))
-    resources.update(getattr(hs, "_module_web_resources", {}))
+    resources.update(compat.module_web_resources(hs))
 
     from synapse.http.server import OptionsResource
 
@@ -310,12 +311,12 @@ class InProcessDispatcher:
         max_request_body_size: int | None = None,
         local_address: tuple[str, int] = ("::", 0),
     ) -> None:
-        from synapse.app._base import max_request_body_size as synapse_max
-
         self._hs = hs
         self._bridge = bridge
         self.max_request_body_size = (
-            max_request_body_size if max_request_body_size is not None else synapse_max(hs.config)
+            max_request_body_size
+            if max_request_body_size is not None
+            else compat.max_request_body_size(hs.config)
         )
         self._local = local_address
         self._site: SynapseSite | None = None
@@ -339,12 +340,11 @@ class InProcessDispatcher:
         site = self.site
         reactor = self._hs.get_reactor()
         channel = CoapChannel(site, reactor, peer, self._local)
-        req = site.request_class(
-            cast(Any, channel),
+        req = compat.make_request(
             site,
-            our_server_name=self._hs.hostname,
+            cast(Any, channel),
+            server_name=self._hs.hostname,
             max_request_body_size=self.max_request_body_size,
-            request_id_header=site.request_id_header,
         )
         channel.request = req
         for name, value in request.headers:
