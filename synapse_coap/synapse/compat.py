@@ -271,14 +271,14 @@ PIECES: tuple[Piece, ...] = (
     ),
 )
 
-#: The final attribute or module names above: the rest of the package never uses them
-#: (tests/unit/test_private_access.py).
+#: The private attribute names above: the rest of the package never uses them
+#: (tests/unit/test_private_access.py; imports from private modules such as
+#: ``synapse.app._base`` are refused there too).
 PRIVATE_NAMES = frozenset(
     {
         "_hs",
         "_configure_named_resource",
         "_module_web_resources",
-        "_base",
         "_asyncioEventloop",
         "_names_to_collectors",
     }
@@ -302,7 +302,17 @@ def _run(piece: Piece, *args: Any) -> bool:
 
 
 def check_static() -> None:
-    """Check every piece that needs no homeserver; raise ConfigError naming the first missing."""
+    """Check every piece that needs no homeserver; raise ConfigError naming the first missing.
+
+    aiocoap's private pieces (:mod:`synapse_coap.transport.aiocoap_compat`) are checked too.
+    """
+    from synapse_coap.errors import LibraryVersionError
+    from synapse_coap.transport import aiocoap_compat
+
+    try:
+        aiocoap_compat.check()
+    except LibraryVersionError as e:
+        raise ConfigError(str(e)) from e
     for piece in PIECES:
         if not piece.needs_homeserver and not _run(piece):
             raise _missing(piece)

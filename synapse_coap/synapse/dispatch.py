@@ -311,7 +311,7 @@ class InProcessDispatcher:
         max_request_body_size: int | None = None,
         local_address: tuple[str, int] = ("::", 0),
     ) -> None:
-        self._hs = hs
+        self._homeserver = hs
         self._bridge = bridge
         self.max_request_body_size = (
             max_request_body_size
@@ -326,7 +326,7 @@ class InProcessDispatcher:
         """The SynapseSite (built on first use, on the reactor thread)."""
         if self._site is None:
             self._site = build_site(
-                self._hs, build_resource_tree(self._hs), self.max_request_body_size
+                self._homeserver, build_resource_tree(self._homeserver), self.max_request_body_size
             )
         return self._site
 
@@ -338,12 +338,12 @@ class InProcessDispatcher:
     async def dispatch_in_reactor(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         """Run one request through Synapse. Must be called on the reactor thread."""
         site = self.site
-        reactor = self._hs.get_reactor()
+        reactor = self._homeserver.get_reactor()
         channel = CoapChannel(site, reactor, peer, self._local)
         req = compat.make_request(
             site,
             cast(Any, channel),
-            server_name=self._hs.hostname,
+            server_name=self._homeserver.hostname,
             max_request_body_size=self.max_request_body_size,
         )
         channel.request = req

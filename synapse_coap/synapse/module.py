@@ -63,7 +63,7 @@ class CoapModule:
         # there, or Synapse stops here with a ConfigError naming its version and it.
         compat.check_homeserver(api, tofu=config.trust.tofu)
         hs = compat.homeserver(api)
-        self._hs = hs
+        self._homeserver = hs
         self.server: Any = None
         self.bridge: Bridge | None = None
         self.dispatcher: InProcessDispatcher | None = None
@@ -127,7 +127,7 @@ class CoapModule:
         metrics = self.metrics
 
         trust_loaded = self._trust_loaded
-        server_name = self._hs.hostname
+        server_name = self._homeserver.hostname
 
         async def make_client() -> Any:
             import asyncio
@@ -171,7 +171,7 @@ class CoapModule:
         # Let Synapse's start() finish first (other modules register their web
         # resources, the listeners start): we serve the same resource trees.
         later: defer.Deferred[None] = defer.Deferred()
-        self._hs.get_reactor().callLater(0, later.callback, None)
+        self._homeserver.get_reactor().callLater(0, later.callback, None)
         await make_deferred_yieldable(later)
         try:
             try:
@@ -187,13 +187,13 @@ class CoapModule:
                 "synapse-coap: the CoAP listener could not start; stopping Synapse",
                 exc_info=True,
             )
-            self._hs.get_reactor().stop()
+            self._homeserver.get_reactor().stop()
 
     async def _start_server(self) -> None:
         from synapse_coap.transport.server import CoapServer, ServerConfig
 
         config = self._config
-        hs = self._hs
+        hs = self._homeserver
         bridge = self.bridge
         if bridge is None:  # pragma: no cover - only called when binding here
             raise RuntimeError("bridge not running")

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiocoap.transports.udp6 import MessageInterfaceUDP6
-
+from synapse_coap.transport.aiocoap_compat import PlainUDPBase
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
 
 
-class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
+class PlainUDP(PlainUDPBase):
     """aiocoap's MessageInterfaceUDP6, counting datagrams as kind ``"plain"``."""
 
     def _metrics(self) -> TransportMetrics:
-        metrics = getattr(getattr(self, "_ctx", None), "metrics", None)
+        metrics = self.context_attribute("metrics")
         return metrics if metrics is not None else NullMetrics()
 
     def send(self, message: Any) -> None:

@@ -29,12 +29,10 @@ from typing import Any
 
 import attrs
 from aiocoap import interfaces
-from aiocoap.blockwise import Block2Cache
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.protocol import Context
-from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from synapse_coap.errors import (
     ConfigValueError,
@@ -46,6 +44,7 @@ from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
 from synapse_coap.mapping.redact import redact_target
 from synapse_coap.noise.trust import TrustPolicy
+from synapse_coap.transport.aiocoap_compat import block2_cache
 from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
@@ -246,12 +245,6 @@ class Block1Assembler:
         return full
 
 
-class _Block2Cache(Block2Cache):  # type: ignore[misc]
-    def __init__(self, lifetime: float) -> None:
-        super().__init__()
-        self._completes = TimeoutDict(lifetime)
-
-
 # -- sessions ----------------------------------------------------------------------
 
 
@@ -296,7 +289,7 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
         link = server.config.link
         lifetime = max(link.exchange_lifetime, 120.0)
         self._block1 = Block1Assembler(server.config.max_body_size, lifetime)
-        self._block2 = _Block2Cache(lifetime)
+        self._block2 = block2_cache(lifetime)
 
     async def render(self, request: Any) -> Any:  # pragma: no cover - not used
         raise NotImplementedError
