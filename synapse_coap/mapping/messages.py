@@ -36,6 +36,26 @@ class HttpRequest:
                 return v
         return None
 
+    @property
+    def is_long_poll(self) -> bool:
+        """True for a GET whose ``timeout`` query parameter asks the server to wait
+        (``/sync?timeout=30000``, ``/events``): its answer is not expected soon, so the
+        CoAP server acknowledges it at once and answers separately (RFC 7252 §5.2.2),
+        and the client takes the prompt empty ACK as an RTT sample."""
+        if self.method != "GET":
+            return False
+        _, sep, query = self.target.partition(b"?")
+        if not sep:
+            return False
+        for item in query.split(b"&"):
+            name, _, value = item.partition(b"=")
+            if name == b"timeout":
+                try:
+                    return float(value.decode("latin-1")) > 0
+                except ValueError:
+                    return False
+        return False
+
 
 @attrs.frozen
 class HttpResponse:

@@ -25,6 +25,7 @@ import collections
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,8 @@ from synapse_coap.errors import (
     RemoteProtocolError,
     TrustError,
 )
-from synapse_coap.noise import records
+from synapse_coap.noise import records, retry
+from synapse_coap.noise.badinput import BadInputLog
 from synapse_coap.noise.events import (
     Address,
     ChannelClosed,
@@ -87,6 +89,10 @@ __all__ = [
 AMPLIFICATION_FACTOR = 3
 #: XX message 1 is padded to at least this size so that 3x its size covers XX message 2.
 XX1_MIN_SIZE = 64
+#: Retry cookies an initiator follows per handshake (a forged retry costs a round trip).
+MAX_RETRIES = 3
+#: 0-RTT messages remembered for anti-replay, per ``max_sessions``.
+MAX_EARLY_SEEN_PER_SESSION = 4
 #: Plaintexts queued per session while waiting for address validation.
 MAX_QUEUED = 64
 #: Largest number of 16-bit session ids we hand out (half the space, to keep allocation fast).
@@ -131,6 +137,14 @@ def _positive_float(name: str) -> Callable[[Any, Any, float], None]:
     return check
 
 
+RETRY_MODES = ("auto", "always", "never")
+
+
+def _retry_mode(_inst: Any, _attr: Any, value: str) -> None:
+    if value not in RETRY_MODES:
+        raise ConfigValueError("retry", f"must be one of {', '.join(RETRY_MODES)}, got {value!r}")
+
+
 def _non_negative_float(name: str) -> Callable[[Any, Any, float], None]:
     def check(_inst: Any, _attr: Any, value: float) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
@@ -146,7 +160,15 @@ class NoiseLimits:
     - ``max_sessions``: sessions held at once (established, pending and
       retired). New handshakes are refused beyond it; established sessions
       are never evicted to make room. At most a quarter (>= 8) may be
-      half-open (responder side, not yet confirmed).
+      half-open (responder side of an XX handshake waiting for XX3); past
+      that the oldest half-open one is evicted.
+    - ``max_half_open_per_prefix``: half-open handshakes per source prefix
+      (IPv4 /24, IPv6 /48); past it that prefix's oldest is evicted.
+    - ``retry``: when a first handshake message is answered with a stateless
+      retry cookie (docs/security.md) instead of a handshake: ``auto`` while
+      half-open state is under pressure (half the table, or half a prefix's
+      share, in use), ``always``, or ``never`` (for peers older than the
+      retry message; leaves half-open state open to spoofed floods).
     - ``handshakes_per_second`` / ``handshake_burst``: token bucket per source
       (IPv4 address, IPv6 /64) for new incoming handshakes.
     - ``max_datagram_size``: larger datagrams are dropped; larger plaintexts
@@ -169,6 +191,9 @@ class NoiseLimits:
       bit rate the endpoint was given (``link_bandwidth_bps``) it is raised to
       0.15 of a bare IK2's serialization time, at most 1 s (0.97 s at
       100 bit/s, unchanged from 1 kbit/s up); 0 always sends IK2 at once.
+    - ``early_data_window``: 0-RTT data (IK1) is accepted only if the
+      initiator's clock in it is within this many seconds of ours, and only
+      once (docs/security.md, "0-RTT anti-replay").
     """
 
     max_sessions: int = attrs.field(
@@ -200,6 +225,13 @@ class NoiseLimits:
         default=120.0, validator=_positive_float("old_key_lifetime")
     )
     reply_wait: float = attrs.field(default=0.05, validator=_non_negative_float("reply_wait"))
+    early_data_window: float = attrs.field(
+        default=60.0, validator=_positive_float("early_data_window")
+    )
+    max_half_open_per_prefix: int = attrs.field(
+        default=32, validator=_positive_int("max_half_open_per_prefix", 1, MAX_SESSIONS_CEILING)
+    )
+    retry: str = attrs.field(default="auto", validator=_retry_mode)
 
     @property
     def max_pending(self) -> int:
@@ -266,6 +298,7 @@ class _Session:
         self.retired_until: float | None = None
         self.replaces: int | None = None  # initiator: the responder sid this session replaces
         self.hs_retransmits = 0
+        self.retries = 0  # initiator: retry cookies received for this handshake
 
     def budget_left(self) -> int:
         if self.validated:
@@ -366,11 +399,17 @@ class NoiseEndpoint:
         rng: Callable[[int], bytes] = os.urandom,
         seal_observer: Callable[[bytes, int], None] | None = None,
         link_bandwidth_bps: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        early_data_not_before: float = 0.0,
     ) -> None:
         """``seal_observer(key_id, packet_number)`` is called for every record
         sealed (key_id is a hash of the key, never the key): tests use it to
         prove that no nonce is ever reused. ``link_bandwidth_bps`` is the bit
-        rate of the endpoint's link, if known (see ``NoiseLimits.reply_wait``)."""
+        rate of the endpoint's link, if known (see ``NoiseLimits.reply_wait``).
+        ``wall_clock`` (seconds since the epoch) dates 0-RTT data;
+        ``early_data_not_before``: 0-RTT data dated at or before this wall time is
+        refused (a previous run of this responder may have accepted it: see
+        :meth:`replay_watermark`)."""
         self._static = bytes(static_private)
         self.static_public = public_key(self._static)
         self.trust = trust
@@ -400,6 +439,18 @@ class NoiseEndpoint:
         self._next_channel = 1
         self._recent: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
         self._limiter = HandshakeRateLimiter(limits.handshakes_per_second, limits.handshake_burst)
+        # half-open XX responder sessions, oldest first: sid -> source prefix
+        self._half_open: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._half_open_prefix: collections.Counter[str] = collections.Counter()
+        # IK responder sessions from an unvalidated address, not yet confirmed (never
+        # evicted: they may carry a 0-RTT exchange; they count towards retry pressure)
+        self._unvalidated_ik: set[int] = set()
+        self._retry_secret = os.urandom(32)
+        self._bad_input = BadInputLog(logger, clock=clock)
+        self._wall = wall_clock
+        self._early_not_before = float(early_data_not_before)
+        # 0-RTT anti-replay: initiator ephemeral -> wall time after which its date is stale
+        self._early_seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._stats: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ public API
@@ -413,6 +464,16 @@ class NoiseEndpoint:
     def max_plaintext(self) -> int:
         """The largest plaintext :meth:`send` accepts."""
         return self.limits.max_datagram_size - records.MAX_OVERHEAD
+
+    def replay_watermark(self, horizon: float = 0.0) -> float:
+        """The latest wall time a 0-RTT message this endpoint may have accepted (or may
+        accept within ``horizon`` seconds) can be dated. A restarted responder passes
+        it as ``early_data_not_before``, so nothing it accepted before is accepted again."""
+        return self._wall() + horizon + self.limits.early_data_window
+
+    def half_open(self) -> int:
+        """Half-open handshakes held (XX responder sessions waiting for XX3)."""
+        return len(self._half_open)
 
     def active_channels(self) -> int:
         return sum(
@@ -643,7 +704,9 @@ class NoiseEndpoint:
         try:
             if not data:
                 return self._drop(addr, "empty", 0)
-            if len(data) > self.limits.max_datagram_size:
+            if len(data) > self.limits.max_datagram_size + (
+                retry.ECHO_OVERHEAD if data[0] == retry.COOKIE_ECHO else 0
+            ):
                 return self._drop(addr, "too_large", len(data))
             kind = records.classify(data[0])
             if kind is records.Kind.RECORD:
@@ -653,8 +716,8 @@ class NoiseEndpoint:
             if kind is records.Kind.PLAIN_COAP:
                 return self._drop(addr, "plain_coap", len(data))
             return self._drop(addr, "unknown_type", len(data))
-        except Exception:  # the safety net: a bug must not take the listener down
-            logger.exception("noise: internal error on a datagram from %s", addr)
+        except Exception as e:  # the safety net: a bug must not take the listener down
+            self._bad_input.report(addr[0], "internal_error", e)
             return self._drop(addr, "internal_error", len(data))
 
     # ------------------------------------------------------------------ helpers
@@ -694,9 +757,18 @@ class NoiseEndpoint:
         self._stats["bytes_out"] += len(data)
         return [Transmit(to if to is not None else s.addr, data)]
 
+    def _not_half_open(self, s: _Session) -> None:
+        prefix = self._half_open.pop(s.local_sid, None)
+        if prefix is not None:
+            self._half_open_prefix[prefix] -= 1
+            if self._half_open_prefix[prefix] <= 0:
+                del self._half_open_prefix[prefix]
+        self._unvalidated_ik.discard(s.local_sid)
+
     def _forget_session(self, s: _Session) -> None:
         if self._sessions.get(s.local_sid) is s:
             del self._sessions[s.local_sid]
+            self._not_half_open(s)
         if s.channel is not None:
             ch = self._channels.get(s.channel)
             if ch is not None:
@@ -711,6 +783,7 @@ class NoiseEndpoint:
         for s in [ch.session, ch.pending, *ch.retired]:
             if s is not None and self._sessions.get(s.local_sid) is s:
                 del self._sessions[s.local_sid]
+                self._not_half_open(s)
         self._channels.pop(ch.id, None)
 
     def _expire_session(self, s: _Session, reason: str) -> list[Event]:
@@ -778,7 +851,7 @@ class NoiseEndpoint:
             early = ch.early_data
             payload = Payload(offers=self._tags, app=self.app_payload, replaces=replaces)
             if early is not None:
-                with_early = attrs.evolve(payload, early=early)
+                with_early = attrs.evolve(payload, early=early, time=int(self._wall()))
                 if FIXED_LEN[mtype] + len(with_early.encode()) <= self.limits.max_datagram_size:
                     payload = with_early
                 else:
@@ -932,6 +1005,11 @@ class NoiseEndpoint:
             events += self._complete_initiator(ch, s, now)
             if payload.early is not None:
                 events.append(Received(ch.id, s.addr, payload.early))
+            if payload.early_refused and ch.early_data is not None:
+                # the responder did not take our 0-RTT request: it goes again, in a record
+                self._stats["early_data.resent"] += 1
+                events += self._send_record(s, ch.early_data, control=False, now=now)
+                ch.early_data = None
             events += self._flush_channel_queue(ch, s, now)
             events += self._finish_rehandshake(ch, s, old_alive, now)
             if payload.confirm and not any(isinstance(e, Transmit) for e in events):
@@ -1057,6 +1135,14 @@ class NoiseEndpoint:
     # ------------------------------------------------------------------ responder
 
     def _on_handshake(self, data: bytes, addr: Address) -> list[Event]:
+        cookie: bytes | None = None
+        if data[0] == retry.RETRY:
+            return self._on_retry(data, addr)
+        if data[0] == retry.COOKIE_ECHO:
+            cookie = data[1 : 1 + retry.COOKIE_LEN]
+            data = data[retry.ECHO_OVERHEAD :]
+            if not data or data[0] not in (MsgType.IK1, MsgType.XX1):
+                return self._drop(addr, "malformed_handshake", len(data))
         try:
             mtype = MsgType(data[0])
         except ValueError:
@@ -1064,15 +1150,57 @@ class NoiseEndpoint:
         if len(data) < FIXED_LEN[mtype]:
             return self._drop(addr, "malformed_handshake", len(data))
         if mtype in (MsgType.IK1, MsgType.XX1):
-            return self._on_initiation(mtype, data, addr)
+            return self._on_initiation(mtype, data, addr, cookie)
         if mtype in (MsgType.IK2, MsgType.XX2):
             return self._on_response(mtype, data, addr)
         return self._on_final(data, addr)
 
-    def _on_initiation(self, mtype: MsgType, data: bytes, addr: Address) -> list[Event]:
+    def _on_retry(self, data: bytes, addr: Address) -> list[Event]:
+        """A responder under pressure asks for our first message again, with its cookie."""
+        now = self._clock()
+        if len(data) != retry.RETRY_LEN:
+            return self._drop(addr, "malformed_handshake", len(data))
+        s = self._sessions.get(int.from_bytes(data[1:3], "big"))
+        if (
+            s is None
+            or not s.initiator
+            or s.state not in (State.IK_SENT_1, State.XX_SENT_1)
+            or s.addr != addr
+            or s.hs_message is None
+            or s.retries >= MAX_RETRIES
+        ):
+            return self._drop(addr, "unexpected_retry", len(data))
+        s.retries += 1
+        first = s.hs_message
+        if first[0] == retry.COOKIE_ECHO:
+            first = first[retry.ECHO_OVERHEAD :]
+        s.hs_message = bytes([retry.COOKIE_ECHO]) + data[3:] + first
+        s.hs_retransmits = 0
+        s.hs_next = now + s.hs_interval
+        self._stats["handshakes.retry_received"] += 1
+        return self._transmit(s, s.hs_message)
+
+    def _under_pressure(self, prefix: str) -> bool:
+        mode = self.limits.retry
+        if mode != "auto":
+            return mode == "always"
+        held = len(self._half_open) + len(self._unvalidated_ik)
+        return (
+            2 * held >= self.limits.max_pending
+            or 2 * self._half_open_prefix.get(prefix, 0) >= self.limits.max_half_open_per_prefix
+        )
+
+    def _on_initiation(
+        self, mtype: MsgType, data: bytes, addr: Address, cookie: bytes | None = None
+    ) -> list[Event]:
         now = self._clock()
         eph = bytes(data[3:35])
         recent = self._recent.get(eph)
+        if recent is not None and mtype is MsgType.XX1 and self._sessions.get(recent[0]) is None:
+            # its half-open session was evicted: a retransmission starts again (XX1
+            # carries no early data, so this replays nothing)
+            del self._recent[eph]
+            recent = None
         if recent is not None:
             s = self._sessions.get(recent[0])
             if s is None or s.ephemeral_id != eph or s.retired_until is not None:
@@ -1089,9 +1217,24 @@ class NoiseEndpoint:
                     events += self._flush_session_queue(s, now)
                 return events
             return self._drop(addr, "duplicate_handshake", len(data))
+        prefix = retry.prefix_key(addr[0])
+        validated = False
+        if cookie is not None:
+            if not retry.verify(self._retry_secret, now, cookie, addr[0], addr[1], eph):
+                return self._drop(addr, "bad_cookie", len(data))
+            validated = True
+            self._stats["handshakes.retry_validated"] += 1
+        elif self._under_pressure(prefix):
+            # Stateless: no session, no rate-limit bucket, no DH; 21 bytes (< the 35+ received).
+            self._stats["handshakes.retry_sent"] += 1
+            cookie = retry.mint(self._retry_secret, now, addr[0], addr[1], eph)
+            out = retry.retry_datagram(bytes(data[1:3]), cookie)
+            self._stats["datagrams_out"] += 1
+            self._stats["bytes_out"] += len(out)
+            return [Transmit(addr, out)]
         if not self._limiter.allow(addr[0], now):
             return self._drop(addr, "rate_limited", len(data))
-        if not self._make_room():
+        if not self._make_room(prefix, half_open=mtype is MsgType.XX1):
             return self._drop(addr, "max_sessions", len(data))
         pattern = "IK" if mtype is MsgType.IK1 else "XX"
         driver = Driver(
@@ -1124,6 +1267,7 @@ class NoiseEndpoint:
         s.remote_sid = remote_sid
         s.ephemeral_id = eph
         s.budget_in = len(data)
+        s.validated = validated
         s.hs_deadline = now + self.limits.handshake_timeout
         selected = negotiate(payload.offers, self._tags)
         s.profile_id = self._tag_ids[selected] if selected is not None else 0
@@ -1132,6 +1276,11 @@ class NoiseEndpoint:
         self._sessions[sid] = s
         self._remember(eph, sid, now)
         self._stats["handshakes.accepted"] += 1
+        if pattern == "XX":
+            self._half_open[sid] = prefix
+            self._half_open_prefix[prefix] += 1
+        elif not validated:
+            self._unvalidated_ik.add(sid)
         if pattern == "XX":
             s.state = transition(s.state, Input.RECV_XX1)
             driver, message = driver.write(s.reply_payload.encode())
@@ -1156,14 +1305,49 @@ class NoiseEndpoint:
             # Tell the initiator its old session was alive here (the re-handshake was
             # not needed): it backs off its next ones. Older initiators ignore it.
             s.reply_payload = attrs.evolve(s.reply_payload, replaces=payload.replaces)
+        early = payload.early
+        if early is not None and not self._accept_early(payload.time, eph):
+            early = None
+            s.reply_payload = attrs.evolve(s.reply_payload, early_refused=True)
         events = self._attach_responder_channel(s, payload.replaces, now)
-        if payload.early is not None:
-            events.append(Received(s.channel or 0, s.addr, payload.early))
-        wait = self.reply_wait()
+        if early is not None:
+            events.append(Received(s.channel or 0, s.addr, early, validated=s.validated))
+        wait = self.reply_wait() if early is not None or payload.early is None else 0.0
         s.reply_due = now + wait
         if wait <= 0:
             events += self._flush_ik_reply(s, now)
         return events
+
+    def _accept_early(self, dated: int | None, eph: bytes) -> bool:
+        """0-RTT anti-replay: the date must be recent, after ``early_data_not_before``,
+        and the message never seen; refused (not evicted) when the cache is full."""
+        reason = None
+        now = self._wall()
+        window = self.limits.early_data_window
+        while self._early_seen:
+            first, expiry = next(iter(self._early_seen.items()))
+            if expiry > now:
+                break
+            del self._early_seen[first]
+        if dated is None:
+            reason = "undated"
+        else:
+            delta = ((dated - int(now) + (1 << 31)) % (1 << 32)) - (1 << 31)
+            when = int(now) + delta
+            if abs(delta) > window:
+                reason = "stale"
+            elif when <= self._early_not_before:
+                reason = "before_restart"
+            elif eph in self._early_seen:
+                reason = "replay"
+            elif len(self._early_seen) >= MAX_EARLY_SEEN_PER_SESSION * self.limits.max_sessions:
+                reason = "replay_cache_full"
+            else:
+                self._early_seen[eph] = when + window
+                return True
+        self._stats["early_data.refused"] += 1
+        self._stats[f"early_data.refused.{reason}"] += 1
+        return False
 
     def reply_wait(self) -> float:
         """How long an IK responder holds message 2 for the first reply (seconds)."""
@@ -1184,30 +1368,35 @@ class NoiseEndpoint:
             and old.peer_static == s.peer_static
         )
 
-    def _make_room(self) -> bool:
-        """Room for one more half-open session? Confirmed sessions are never evicted;
-        the oldest unconfirmed IK responder session may be (its initiator, if real,
-        recovers with a re-handshake)."""
-        half_open = [
-            s
-            for s in self._sessions.values()
-            if s.state in (State.IK_RECEIVED_1, State.XX_RECEIVED_1) and s.retired_until is None
-        ]
-        if (
-            len(self._sessions) < self.limits.max_sessions
-            and len(half_open) < self.limits.max_pending
+    def _make_room(self, prefix: str, *, half_open: bool) -> bool:
+        """Room for one more responder session (``half_open``: an XX one, from ``prefix``)?
+
+        Only half-open XX sessions are ever evicted, oldest first: that prefix's
+        oldest when the prefix holds its share, else the oldest of all. Confirmed
+        sessions and IK sessions (their initiator is authenticated; they may hold a
+        0-RTT exchange) are never evicted for a new one."""
+        limits = self.limits
+        if half_open and self._half_open_prefix.get(prefix, 0) >= limits.max_half_open_per_prefix:
+            self._evict_half_open(prefix)
+        while self._half_open and (
+            len(self._sessions) >= limits.max_sessions
+            or (half_open and len(self._half_open) >= limits.max_pending)
         ):
-            return True
-        victims = [s for s in half_open if s.state is State.IK_RECEIVED_1 and s.reply_due is None]
-        if not victims:
-            return False
-        victim = min(victims, key=lambda v: v.created)
+            self._evict_half_open(None)
+        return len(self._sessions) < limits.max_sessions and (
+            not half_open or len(self._half_open) < limits.max_pending
+        )
+
+    def _evict_half_open(self, prefix: str | None) -> None:
+        sid = next((k for k, p in self._half_open.items() if prefix is None or p == prefix), None)
+        if sid is None:  # pragma: no cover - the caller saw one
+            return
+        victim = self._sessions.get(sid)
         self._stats["handshakes.evicted"] += 1
-        ch = self._channels.get(victim.channel) if victim.channel is not None else None
+        if victim is None:  # pragma: no cover - kept in step with _sessions
+            self._half_open.pop(sid)
+            return
         self._forget_session(victim)
-        if ch is not None and ch.session is None and ch.pending is None:
-            self._drop_channel(ch)
-        return True
 
     def _check_initiator(self, remote: bytes, addr: Address) -> list[Event] | None:
         if self.trust.accept_any_initiator:
@@ -1339,6 +1528,7 @@ class NoiseEndpoint:
             self._forget_session(s)
             return refused
         s.state = transition(s.state, Input.RECV_XX3)
+        self._not_half_open(s)
         s.driver = None
         s.hs_message = bytes(data)  # to recognise a retransmitted XX3
         s.send = records.SendKeys(split.send_key, now)
@@ -1355,7 +1545,7 @@ class NoiseEndpoint:
             s.budget_out = 0
         events = self._attach_responder_channel(s, payload.replaces, now)
         if payload.early is not None:
-            events.append(Received(s.channel or 0, s.addr, payload.early))
+            events.append(Received(s.channel or 0, s.addr, payload.early, validated=s.validated))
         else:
             events += self._send_record(s, bytes([CTRL_PING]), control=True, now=now)
         events += self._flush_session_queue(s, now)
@@ -1453,6 +1643,7 @@ class NoiseEndpoint:
         events: list[Event] = []
         if s.state in (State.XX_SENT_3, State.IK_RECEIVED_1):
             s.state = transition(s.state, Input.RECV_RECORD)
+            self._unvalidated_ik.discard(s.local_sid)
             s.hs_message = None if s.initiator else s.hs_message
             s.hs_next = None
             if not s.initiator and addr == s.addr:
@@ -1467,7 +1658,14 @@ class NoiseEndpoint:
         if hdr.control:
             events += self._on_control(s, plaintext, addr, now)
         elif ch is not None:
-            events.append(Received(ch.id, s.addr if current else addr, plaintext))
+            events.append(
+                Received(
+                    ch.id,
+                    s.addr if current else addr,
+                    plaintext,
+                    validated=s.validated and addr == s.addr,
+                )
+            )
         events += self._flush_session_queue(s, now)
         return events
 

@@ -138,6 +138,8 @@ T_APP = 3
 T_EARLY = 4
 T_CONFIRM = 5
 T_REPLACES = 6
+T_TIME = 7
+T_EARLY_REFUSED = 8
 MAX_OFFERS = 16
 
 
@@ -161,6 +163,8 @@ class Payload:
     early: bytes | None = None
     confirm: bool = False  # responder asks for an immediate record (queued replies)
     replaces: int | None = None  # initiator: the responder sid this session replaces
+    time: int | None = None  # initiator: its wall clock (s, mod 2^32) when early data rides
+    early_refused: bool = False  # responder: the early data was not accepted: send it again
 
     def encode(self) -> bytes:
         out = bytearray()
@@ -188,6 +192,10 @@ class Payload:
             tlv(T_CONFIRM, b"")
         if self.replaces is not None:
             tlv(T_REPLACES, self.replaces.to_bytes(2, "big"))
+        if self.time is not None:
+            tlv(T_TIME, (self.time & 0xFFFFFFFF).to_bytes(4, "big"))
+        if self.early_refused:
+            tlv(T_EARLY_REFUSED, b"")
         return bytes(out)
 
     @classmethod
@@ -198,6 +206,8 @@ class Payload:
         early: bytes | None = None
         confirm = False
         replaces: int | None = None
+        when: int | None = None
+        early_refused = False
         seen: set[int] = set()
         i = 0
         n = len(data)
@@ -237,6 +247,12 @@ class Payload:
                 if length != 2:
                     raise HandshakeError("handshake payload: bad replaced session id")
                 replaces = int.from_bytes(value, "big")
+            elif kind == T_TIME:
+                if length != 4:
+                    raise HandshakeError("handshake payload: bad time")
+                when = int.from_bytes(value, "big")
+            elif kind == T_EARLY_REFUSED:
+                early_refused = True
         return cls(
             offers=offers,
             selected=selected,
@@ -244,6 +260,8 @@ class Payload:
             early=early,
             confirm=confirm,
             replaces=replaces,
+            time=when,
+            early_refused=early_refused,
         )
 
 

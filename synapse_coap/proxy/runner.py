@@ -267,6 +267,7 @@ async def start_gateway(config: GatewayConfig, *, metrics: Any = None) -> Runnin
         static_key=private,
         server_name=config.server_name,
         payload_dump=config.dump_payloads,
+        replay_state_path=f"{config.key_path}.replay",
     )
     try:
         server = await CoapServer.start(server_config, dispatcher, metrics=metrics)

@@ -118,6 +118,10 @@ def _module_web_resources(api: Any) -> bool:
     return isinstance(getattr(api._hs, "_module_web_resources", None), dict)
 
 
+def _listening_services(api: Any) -> bool:
+    return isinstance(getattr(api._hs, "_listening_services", None), list)
+
+
 def _federation_agent(api: Any) -> bool:
     client = api._hs.get_federation_http_client()
     return hasattr(client, "agent")
@@ -170,6 +174,13 @@ PIECES: tuple[Piece, ...] = (
         _ALL,
         "web resources other modules registered",
         _module_web_resources,
+        needs_homeserver=True,
+    ),
+    Piece(
+        "synapse.server.HomeServer._listening_services",
+        _ALL,
+        "reusing the resources of a running HTTP listener",
+        _listening_services,
         needs_homeserver=True,
     ),
     Piece(
@@ -279,6 +290,7 @@ PRIVATE_NAMES = frozenset(
         "_hs",
         "_configure_named_resource",
         "_module_web_resources",
+        "_listening_services",
         "_asyncioEventloop",
         "_names_to_collectors",
     }
@@ -347,6 +359,11 @@ def configure_named_resource(hs: Any) -> Callable[[str, bool], dict[str, Any]] |
 def module_web_resources(hs: Any) -> dict[str, Any]:
     """Web resources registered by modules (``ModuleApi.register_web_resource``)."""
     return dict(getattr(hs, "_module_web_resources", {}))
+
+
+def listening_services(hs: Any) -> list[Any]:
+    """The ports of the process's running listeners (a copy)."""
+    return list(getattr(hs, "_listening_services", ()))
 
 
 def max_request_body_size(config: Any) -> int:

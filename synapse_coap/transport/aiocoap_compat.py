@@ -109,6 +109,15 @@ PIECES: tuple[Piece, ...] = (
         _init_sets(_MM, "_active_exchanges", "_backlogs"),
     ),
     Piece(
+        "aiocoap.messagemanager.MessageManager._piggyback_opportunities / "
+        "_send_empty_ack(remote, mid, reason)",
+        "acknowledging a long-poll at once instead of holding its ACK",
+        lambda: (
+            _init_sets(_MM, "_piggyback_opportunities")()
+            and _method(_MM, "_send_empty_ack", "remote", "mid", "reason")()
+        ),
+    ),
+    Piece(
         "aiocoap.tokenmanager.TokenManager(context) and Context.request_interfaces "
         "(as Context._append_tokenmanaged_messagemanaged_transport uses them)",
         "attaching the Noise transport under a LinkMessageManager",
@@ -141,6 +150,8 @@ PRIVATE_NAMES = frozenset(
         "_remove_exchange",
         "_continue_backlog",
         "_send_initially",
+        "_piggyback_opportunities",
+        "_send_empty_ack",
         "_active_exchanges",
         "_backlogs",
         "_append_tokenmanaged_messagemanaged_transport",
@@ -230,6 +241,19 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
 
     def send_initially(self, message: Any, messageerror_monitor: Any) -> None:
         self._send_initially(message, messageerror_monitor)
+
+    def send_empty_ack_now(self, remote: Any, token: bytes, reason: str) -> bool:
+        """Send the empty ACK aiocoap is holding for request ``(remote, token)`` now.
+
+        False if it holds none (NON request, already acknowledged or answered).
+        """
+        found = self._piggyback_opportunities.pop((remote, token), None)
+        if found is None:
+            return False
+        mid, handle = found
+        handle.cancel()
+        self._send_empty_ack(remote, mid, reason)
+        return True
 
 
 async def attach_message_interface(

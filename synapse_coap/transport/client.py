@@ -385,7 +385,7 @@ class CoapClient:
             cm = codec.encode_request(request, tokens)
             early = bool(endpoint.secure and codec.is_replay_safe(request))
             started = time.monotonic()
-            resp_cm = await self._exchange(session, cm, early=early)
+            resp_cm = await self._exchange(session, cm, early=early, long_poll=request.is_long_poll)
             route = _safe_route(codec, cm)
             # (a session re-established meanwhile already has fresh, empty bindings)
             if tokens is not None and _on_response(tokens, cm, resp_cm) and not retried:
@@ -405,7 +405,7 @@ class CoapClient:
             # new session was encoded before the handshake told us the peer's server
             # name, but the response was encoded with the established context.
             try:
-                response = session.codec.decode_response(resp_cm)
+                response = session.codec.decode_response(resp_cm, method=cm.code)
             except RemoteProtocolError:
                 raise
             except SynapseCoapError as e:
@@ -414,9 +414,12 @@ class CoapClient:
             return response
 
     async def _exchange(
-        self, session: _ClientSession, cm: CoapMessage, *, early: bool
+        self, session: _ClientSession, cm: CoapMessage, *, early: bool, long_poll: bool = False
     ) -> CoapMessage:
-        """One request/response including Block1 and Block2 transfers."""
+        """One request/response including Block1 and Block2 transfers.
+
+        ``long_poll``: the server acknowledges the request at once (it will wait),
+        so its empty ACK is an RTT sample (see :mod:`synapse_coap.transport.manager`)."""
         template = to_aiocoap(cm)
         exp = self.link.block_size_exp
         payload = cm.payload
@@ -425,7 +428,7 @@ class CoapClient:
         if len(payload) <= size:
             # sent as is (aiocoap fills in type, id and token); a Block2 follow-up
             # is built afresh from ``cm``
-            resp = await self._send_one(session, template, early=early)
+            resp = await self._send_one(session, template, early=early, prompt_ack=long_poll)
         else:
             num = 0
             while True:
@@ -490,9 +493,11 @@ class CoapClient:
             raise RemoteProtocolError(f"response body over {self.max_body_size} bytes")
         return _strip_transfer(from_aiocoap(resp))
 
-    async def _send_one(self, session: _ClientSession, m: Message, *, early: bool) -> Any:
+    async def _send_one(
+        self, session: _ClientSession, m: Message, *, early: bool, prompt_ack: bool = False
+    ) -> Any:
         m.remote = session.remote
-        m.transport_tuning = LinkTuning(self.link, early_data=early)
+        m.transport_tuning = LinkTuning(self.link, early_data=early, prompt_ack=prompt_ack)
         req = self._context.request(m, handle_blockwise=False)
         try:
             return await req.response

@@ -109,8 +109,10 @@ class LinkParameters:
             (:class:`~synapse_coap.errors.LinkDown`). 4 per the RFC.
         nstart: RFC 7252 NSTART, here the *floor* of the per-peer limit of
             confirmable messages outstanding (not yet acknowledged). 1 per the
-            RFC; a separate response ends the interaction at the empty ACK, so
-            long-polls do not block the peer. The limit only rises above it as
+            RFC; a separate response ends the interaction at the empty ACK,
+            which the server sends as soon as it knows the request will wait
+            (a long-poll), so long-polls hold the peer for one round trip, not
+            for the server's think time. The limit only rises above it as
             :meth:`RttEstimator.allowed_outstanding` describes.
         max_nstart: the ceiling of the per-peer limit (4, or ``nstart`` when that
             is set higher). Equal to ``nstart`` disables growth (fixed NSTART);
@@ -320,6 +322,8 @@ class RttEstimator:
         #: retransmitted exchanges whose ACK came soon after the last transmission
         #: (a loss, not a slow link): the backed-off RTO was dropped
         self.loss_recoveries = 0
+        #: exchanges acknowledged with no sample taken (``acknowledged(measure=False)``)
+        self.unmeasured = 0
         # key -> (first send time, size, retransmitted?, last transmission time)
         self._pending: dict[Hashable, tuple[float, int, bool, float]] = {}
         #: smoothed bytes per sampled exchange (request + reply), for the delivery rate
@@ -424,9 +428,17 @@ class RttEstimator:
         self._hold_at_floor()
         return first
 
-    def acknowledged(self, key: Hashable, reply_size: int = 0) -> float | None:
+    def acknowledged(
+        self, key: Hashable, reply_size: int = 0, *, measure: bool = True
+    ) -> float | None:
         """The exchange got its ACK/RST (of ``reply_size`` bytes); returns the RTT sample
-        taken, if any (Karn's rule)."""
+        taken, if any (Karn's rule).
+
+        ``measure=False``: the ACK's timing was the peer's choice, not the link's (an
+        empty ACK the server may have held, RFC 7252 §5.2.2, hoping to piggyback a
+        response): the exchange ends and counts as clean, but gives no sample, so a
+        server's think time never inflates the SRTT or lowers the measured rate.
+        """
         entry = self._pending.pop(key, None)
         if entry is None:
             return None
@@ -447,6 +459,9 @@ class RttEstimator:
             self._clean_run += 1
             if self._clean_run >= self.params.nstart_clean_exchanges:
                 self._clean_run = None
+        if not measure:
+            self.unmeasured += 1
+            return None
         rtt = max(0.0, self._clock() - sent)
         self.sample(rtt, size, reply_size)
         return rtt

@@ -7,10 +7,19 @@ decisions:
 * the first wait of a confirmable message comes from the peer's
   :class:`RttEstimator` (RFC 7252 defaults until the first sample, then
   CoCoA-like), and backoff is bounded by ``max_rto``;
-* ACKs feed RTT samples (Karn's rule: never from retransmitted exchanges);
+* ACKs feed RTT samples (Karn's rule: never from retransmitted exchanges), but
+  only where the ACK's timing is the link's: an empty ACK to one of our
+  requests may have been held by the server (RFC 7252 §5.2.2, hoping to
+  piggyback), so it gives no sample unless the request was flagged
+  ``prompt_ack`` (a long-poll, which servers acknowledge at once, see
+  :meth:`LinkMessageManager.acknowledge_now`). The server's think time thus
+  never inflates the SRTT or lowers the measured rate that NSTART grows on;
 * ``EMPTY_ACK_DELAY`` of each incoming request is derived per peer, so a
   response rides on the ACK whenever it is ready before the peer's timer
   would fire, and slow handlers get an empty ACK then a separate response;
+  a handler that knows it will wait (a long-poll) acknowledges at once with
+  :meth:`LinkMessageManager.acknowledge_now`, so it never holds the peer's
+  NSTART slot;
 * NSTART is per peer and adaptive (aiocoap only implements a fixed 1): the
   backlog lets ``RttEstimator.allowed_outstanding()`` exchanges out at once,
   ``nstart`` until the link is measured fast enough, back to ``nstart`` on any
@@ -30,8 +39,9 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, cast
 
 from aiocoap import interfaces
+from aiocoap.numbers.codes import EMPTY
 from aiocoap.numbers.constants import TransportTuning
-from aiocoap.numbers.types import CON
+from aiocoap.numbers.types import ACK, CON
 
 from synapse_coap.transport.aiocoap_compat import HookedMessageManager, attach_message_interface
 from synapse_coap.transport.link import LinkParameters, RttEstimator
@@ -57,6 +67,7 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         ack_timeout: float | None = None,
         empty_ack_delay: float | None = None,
         early_data: bool = False,
+        prompt_ack: bool = False,
     ) -> None:
         self.params = params
         self.ACK_TIMEOUT = params.ack_timeout if ack_timeout is None else ack_timeout
@@ -75,6 +86,9 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         #: set by the client for requests that are safe to replay: the Noise
         #: transport may then send them as 0-RTT early data.
         self.early_data = early_data
+        #: set by the client for a request the server acknowledges at once (a
+        #: long-poll): its empty ACK is then a valid RTT sample.
+        self.prompt_ack = prompt_ack
 
     @property
     def EXCHANGE_LIFETIME(self) -> float:
@@ -116,6 +130,8 @@ class LinkMessageManager(HookedMessageManager):
         self._clock = clock or self.loop.time
         self._estimators: OrderedDict[Hashable, RttEstimator] = OrderedDict()
         self.backlogs = _Backlogs(self)
+        # exchanges of our requests whose empty ACK the peer may have held: no RTT sample
+        self._held_ack: set[Hashable] = set()
         self.on_first_retransmit: RetransmitHook | None = None
         self.on_retransmit: EveryRetransmitHook | None = None
 
@@ -135,13 +151,16 @@ class LinkMessageManager(HookedMessageManager):
     def forget_remote(self, remote: Hashable) -> None:
         self._estimators.pop(remote, None)
 
-    def tuning_for(self, remote: Hashable, *, early_data: bool = False) -> LinkTuning:
+    def tuning_for(
+        self, remote: Hashable, *, early_data: bool = False, prompt_ack: bool = False
+    ) -> LinkTuning:
         est = self.estimator(remote)
         return LinkTuning(
             self.params,
             ack_timeout=est.rto,
             empty_ack_delay=est.empty_ack_delay(),
             early_data=early_data,
+            prompt_ack=prompt_ack,
         )
 
     def allowed_outstanding(self, remote: Hashable) -> int:
@@ -169,9 +188,19 @@ class LinkMessageManager(HookedMessageManager):
         if active is not None:
             est = self._estimators.get(remote)
             for r, mid in list(active):
-                if r == remote and est is not None:
-                    est.forget((r, mid))
+                if r == remote:
+                    self._held_ack.discard((r, mid))
+                    if est is not None:
+                        est.forget((r, mid))
         super().dispatch_error(error, remote)
+
+    def acknowledge_now(self, remote: Any, token: bytes) -> bool:
+        """Send the empty ACK of the pending confirmable request ``(remote, token)`` now
+        instead of holding it for a piggybacked response (RFC 7252 §5.2.2: a server
+        that knows it cannot answer soon, such as a long-poll, acknowledges at once).
+        The response then goes as a separate confirmable message. False if there is
+        nothing to acknowledge (NON request, already acknowledged or answered)."""
+        return self.send_empty_ack_now(remote, token, "the request will wait (long-poll)")
 
     # -- timers ----------------------------------------------------------------------
 
@@ -182,6 +211,11 @@ class LinkMessageManager(HookedMessageManager):
         est = self.estimator(message.remote)
         size = len(message.payload) + self.MESSAGE_OVERHEAD
         est.started(key, size)
+        tuning = message.transport_tuning
+        if message.code.is_request() and not getattr(tuning, "prompt_ack", False):
+            self._held_ack.add(key)
+        else:
+            self._held_ack.discard(key)
         timeout = est.first_timeout(size)
         handle = self.schedule_retransmit(message, timeout, 0)
         active = self.active_exchanges
@@ -214,14 +248,19 @@ class LinkMessageManager(HookedMessageManager):
                     logger.exception("retransmission hook failed")
         else:
             est.gave_up(key)
+            self._held_ack.discard(key)
         super().retransmit(message, timeout, retransmission_counter)
 
     def remove_exchange(self, message: Any) -> None:
         key = (message.remote, message.mid)
         active = self.active_exchanges
         if active is not None and key in active:
+            held = key in self._held_ack
+            self._held_ack.discard(key)
+            # an empty ACK to a request the peer may have held is its think time, not the link's
+            measure = not (held and message.mtype == ACK and message.code == EMPTY)
             self.estimator(message.remote).acknowledged(
-                key, len(message.payload) + self.MESSAGE_OVERHEAD
+                key, len(message.payload) + self.MESSAGE_OVERHEAD, measure=measure
             )
         super().remove_exchange(message)
 
@@ -244,7 +283,9 @@ class LinkMessageManager(HookedMessageManager):
             message.transport_tuning = self.tuning_for(message.remote)
         elif isinstance(tuning, LinkTuning) and message.remote is not None:
             # refresh the RTO from the estimator, keep the caller's flags
-            message.transport_tuning = self.tuning_for(message.remote, early_data=tuning.early_data)
+            message.transport_tuning = self.tuning_for(
+                message.remote, early_data=tuning.early_data, prompt_ack=tuning.prompt_ack
+            )
         return super().send_message(message, messageerror_monitor)
 
     def is_confirmable(self, message: Any) -> bool:

@@ -30,10 +30,11 @@ from typing import Any, Protocol
 import attrs
 from aiocoap import error as coap_error
 from aiocoap import interfaces
-from aiocoap.message import Direction, Message
+from aiocoap.message import Direction
 from aiocoap.util import hostportjoin
 
 from synapse_coap.errors import LinkDown, SynapseCoapError, TrustError
+from synapse_coap.noise.badinput import BadInputLog
 from synapse_coap.noise.events import (
     ChannelClosed,
     ChannelEstablished,
@@ -41,6 +42,11 @@ from synapse_coap.noise.events import (
     HandshakeFailed,
     Received,
     Transmit,
+)
+from synapse_coap.transport.datagram import (
+    MessageFormatError,
+    decode_message,
+    reset_for,
 )
 from synapse_coap.transport.manager import LinkMessageManager, LinkTuning
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
@@ -109,6 +115,18 @@ def _datagram_kind(data: bytes) -> str:
     return {0b11: "record", 0b10: "handshake", 0b01: "plain"}.get(top, "reserved")
 
 
+def _code_fits_type(code: int, mtype: int) -> bool:
+    """RFC 7252: Empty is CON (ping), ACK or RST; requests are CON/NON; responses
+    CON/NON/ACK. Anything else (reserved classes, mismatches) is dropped here."""
+    if code == 0:
+        return mtype != 1  # not NON
+    if 1 <= code <= 31:
+        return mtype in (0, 1)
+    if 64 <= code <= 191:
+        return mtype in (0, 1, 2)
+    return False
+
+
 class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
     """One Noise channel, as an aiocoap remote. Hashes by identity (one object per channel)."""
 
@@ -137,6 +155,9 @@ class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
         self.channel = channel
         self.maximum_block_size_exp = block_size_exp
         self.established = False
+        #: False while the latest message came from an address not yet validated
+        #: (0-RTT from a new address, a move): the address may be spoofed
+        self.address_validated = True
         #: how many handshakes completed on this remote (re-handshakes included)
         self.establishments = 0
         self.peer_static: bytes | None = None
@@ -298,6 +319,8 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self._timer_at: float | None = None
         self._by_channel: dict[int, NoiseRemote] = {}
         self._client_remotes: dict[tuple[Any, ...], NoiseRemote] = {}
+        #: bad datagrams: counted (``dropped``), logged once per source per minute
+        self.bad_input = BadInputLog(logger, clock=loop.time, count=self.metrics.dropped)
         mman.on_retransmit = self._on_retransmit
 
     # -- construction ----------------------------------------------------------------
@@ -453,13 +476,13 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
 
     def _datagram_received(self, data: bytes, addr: Any) -> None:
         self.metrics.datagram("in", _datagram_kind(data), len(data))
+        source = normalize_address(addr)
         try:
-            events = self.endpoint.datagram_received(data, normalize_address(addr))
-        except Exception:
-            logger.exception("session layer raised on a datagram (bug); dropped")
-            self.metrics.dropped("internal_error")
+            events = self.endpoint.datagram_received(data, source)
+        except Exception as e:  # a bug, but the datagram is the sender's: no traceback flood
+            self.bad_input.report(source[0], "internal_error", e)
             return
-        self._process(events)
+        self._process(events, source[0])
 
     def _run(self, events: list[Any]) -> None:
         self._process(events)
@@ -532,7 +555,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self.metrics.datagram("out", _datagram_kind(data), len(data))
         self._transport.sendto(data, (target, port))
 
-    def _process(self, events: Sequence[Any]) -> None:
+    def _process(self, events: Sequence[Any], source: str | None = None) -> None:
         sessions_changed = False
         for ev in events:
             try:
@@ -553,8 +576,11 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                     self._ev_dropped(ev)
                 else:
                     logger.debug("unhandled session event %r", type(ev).__name__)
-            except Exception:
-                logger.exception("handling session event %s failed", type(ev).__name__)
+            except Exception as e:
+                if source is None:
+                    logger.exception("handling session event %s failed", type(ev).__name__)
+                else:  # caused by a datagram: the sender's, counted, no traceback flood
+                    self.bad_input.report(source, f"event_{type(ev).__name__}", e)
         if sessions_changed:
             self.metrics.sessions(self.endpoint.active_channels())
         self._reschedule()
@@ -600,14 +626,25 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             self.metrics.dropped("unknown_channel")
             return
         remote.addr = ev.addr
+        remote.address_validated = bool(getattr(ev, "validated", True))
         remote.last_received = self.loop.time()
         if self._mman is None:
             return
         try:
-            message = Message.decode(ev.plaintext, remote)
-        except coap_error.UnparsableMessage:
-            logger.warning("unparsable CoAP message in a record from %s; dropped", remote.hostinfo)
-            self.metrics.dropped("bad_coap")
+            message = decode_message(ev.plaintext, remote)
+        except MessageFormatError as e:  # incl. bad UTF-8 in a string option
+            self.bad_input.report(remote.addr[0], "bad_coap", e)
+            reset = reset_for(ev.plaintext)
+            if reset is not None and remote.channel is not None:
+                # RFC 7252 4.2: a malformed Confirmable message is rejected with a Reset
+                try:
+                    self._process(self.endpoint.send(remote.channel, reset))
+                except SynapseCoapError as send_error:
+                    logger.debug("Reset to %s not sent: %s", remote.hostinfo, send_error)
+            return
+        if not _code_fits_type(int(message.code), int(message.mtype)):
+            # aiocoap would log a WARNING for each such message
+            self.bad_input.report(remote.addr[0], "bad_coap_code")
             return
         message.direction = Direction.INCOMING
         self._mman.dispatch_message(message)

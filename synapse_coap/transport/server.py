@@ -5,8 +5,10 @@ handshake negotiated; a plain listener uses the base profile), handed to
 ``dispatcher.dispatch(HttpRequest, PeerInfo)`` in the exchange's own asyncio
 task, and the HttpResponse is encoded back. aiocoap does the message layer,
 tuned by :class:`LinkMessageManager`: a response ready before the peer's
-retransmission timer would fire rides on the ACK; a slow one (long-poll
-/sync) gets an empty ACK, then a separate confirmable response.
+retransmission timer would fire rides on the ACK; a slow one gets an empty
+ACK, then a separate confirmable response. A long-poll (``GET /sync?timeout=``,
+:attr:`HttpRequest.is_long_poll`) is acknowledged as soon as it is decoded:
+holding its ACK would hold the peer's next request (NSTART) and skew its RTT.
 
 * Block1 request bodies are reassembled here, in linear time and capped at
   ``ServerConfig.max_body_size`` (aiocoap's own reassembly is uncapped and
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,6 +43,8 @@ from synapse_coap.errors import (
     RemoteProtocolError,
     SynapseCoapError,
 )
+from synapse_coap.mapping import numbers as n
+from synapse_coap.mapping.codec import accepted_format
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
 from synapse_coap.mapping.redact import redact_target
@@ -75,6 +80,12 @@ logger = logging.getLogger(__name__)
 #: Options that belong to the transfer, not to the request the codec sees.
 _TRANSFER_OPTIONS = BLOCKWISE_OPTIONS | {int(OptionNumber.NO_RESPONSE), ABANDON_OPTION}
 
+#: Accept values a request may carry (RFC 7252 5.10.4): the compact body, plain JSON
+#: (a standard tool; the body the HTTP API gives), and the formats a Matrix resource
+#: may answer in (media). Any other value is answered 4.06 before dispatch; a 2.xx
+#: response in another format than the one accepted becomes 4.06 too.
+_ACCEPTABLE = frozenset({n.CF_COMPACT, n.CF_JSON, *n.CF_TO_MEDIA_TYPE})
+
 DEFAULT_RESOURCES: tuple[str, ...] = (
     "/_matrix/client",
     "/_matrix/federation",
@@ -108,6 +119,8 @@ class ServerConfig:
     ``listen`` is not empty). ``max_body_size`` caps reassembled (Block1)
     request bodies. ``payload_dump`` logs decrypted requests at DEBUG (never
     on in production). ``resources``: the paths ``/.well-known/core`` lists.
+    ``replay_state_path``: a small file where the 0-RTT anti-replay watermark is
+    kept across restarts (docs/security.md); None: a restart forgets it.
     """
 
     listen: tuple[tuple[str, int], ...] = attrs.field(
@@ -122,6 +135,7 @@ class ServerConfig:
     max_body_size: int = 50 * 1024 * 1024
     payload_dump: bool = False
     resources: tuple[str, ...] = DEFAULT_RESOURCES
+    replay_state_path: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.listen and self.static_key is None:
@@ -320,6 +334,35 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
         pipe.add_response(res, is_last=True)
 
 
+#: Seconds between writes of the 0-RTT anti-replay watermark.
+REPLAY_STATE_INTERVAL = 30.0
+
+
+def read_replay_state(path: str | None, *, now: float, window: float) -> float:
+    """``early_data_not_before`` for a starting responder: the watermark its previous run
+    wrote (0 if there was none). An unreadable file refuses 0-RTT for two windows."""
+    if path is None:
+        return 0.0
+    try:
+        with open(path, encoding="ascii") as f:
+            return float(f.read().strip())
+    except FileNotFoundError:
+        return 0.0
+    except (OSError, ValueError) as e:
+        logger.warning(
+            "0-RTT replay state %s unreadable (%s): no 0-RTT for %.0f s", path, e, 2 * window
+        )
+        return now + 2 * window
+
+
+def write_replay_state(path: str, value: float) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(f"{value:.0f}\n")
+    os.replace(tmp, path)
+
+
 class CoapServer:
     """A running CoAP server. Create with :meth:`start`; stop with :meth:`close`."""
 
@@ -337,10 +380,13 @@ class CoapServer:
         self._context: Any = None
         self._noise: list[NoiseMessageInterface] = []
         self._plain: list[Any] = []
+        self._mmans: list[LinkMessageManager] = []
         self._plain_sessions: OrderedDict[Any, _ServerSession] = OrderedDict()
         self._secure_addresses: list[tuple[str, int]] = []
         self._plain_addresses: list[tuple[str, int]] = []
         self._closed = False
+        self._replay_timer: asyncio.TimerHandle | None = None
+        self._replay_write_failed = False
 
     @classmethod
     async def start(
@@ -376,9 +422,10 @@ class CoapServer:
                         on_established=self._on_established,
                     )
 
-                _mman, iface = await attach_transport(
+                mman, iface = await attach_transport(
                     self._context, config.link, self.metrics, make_noise
                 )
+                self._mmans.append(mman)
                 self._noise.append(iface)
                 self._secure_addresses.append(iface.local_address)
             for bind in config.plain_listen:
@@ -388,15 +435,18 @@ class CoapServer:
                         mman, log=self._context.log, loop=loop, bind=bind, multicast=[]
                     )
 
-                _mman, iface = await attach_transport(
+                mman, iface = await attach_transport(
                     self._context, config.link, self.metrics, make_plain
                 )
+                self._mmans.append(mman)
                 self._plain.append(iface)
                 sockname = iface.transport.get_extra_info("socket").getsockname()
                 self._plain_addresses.append(normalize_address(sockname))
         except BaseException:
             await self.close()
             raise
+        if config.replay_state_path is not None and self._noise:
+            self._save_replay_state()
         logger.info(
             "CoAP server listening: noise %s, plain %s",
             self._secure_addresses,
@@ -425,9 +475,37 @@ class CoapServer:
         if self._closed:
             return
         self._closed = True
+        if self._replay_timer is not None:
+            self._replay_timer.cancel()
+            self._replay_timer = None
+            self._save_replay_state(horizon=0.0, again=False)
         if self._context is not None:
             await self._context.shutdown()
         self._plain_sessions.clear()
+
+    def _save_replay_state(
+        self, horizon: float = REPLAY_STATE_INTERVAL, again: bool = True
+    ) -> None:
+        """Write the 0-RTT watermark: valid until the next write (``horizon`` s) or a crash."""
+        path = self.config.replay_state_path
+        if path is None:
+            return
+        marks = [
+            mark(horizon)
+            for iface in self._noise
+            if callable(mark := getattr(iface.endpoint, "replay_watermark", None))
+        ]
+        if marks:
+            try:
+                write_replay_state(path, max(marks))
+                self._replay_write_failed = False
+            except OSError as e:
+                if not self._replay_write_failed:
+                    logger.warning("cannot write the 0-RTT replay state %s: %s", path, e)
+                self._replay_write_failed = True
+        if again:
+            loop = asyncio.get_running_loop()
+            self._replay_timer = loop.call_later(REPLAY_STATE_INTERVAL, self._save_replay_state)
 
     # -- sessions ------------------------------------------------------------------
 
@@ -447,8 +525,10 @@ class CoapServer:
                 self._on_established(remote)
             session: _ServerSession = remote.app_state
             host, port = remote.addr
-            if (session.peer.host, session.peer.port) != (host, port):
-                session.peer = attrs.evolve(session.peer, host=host, port=port)
+            validated = remote.address_validated
+            peer = session.peer
+            if (peer.host, peer.port, peer.address_validated) != (host, port, validated):
+                session.peer = attrs.evolve(peer, host=host, port=port, address_validated=validated)
             return session
         found = self._plain_sessions.get(remote)
         if found is None:
@@ -468,6 +548,11 @@ class CoapServer:
 
     # -- rendering -------------------------------------------------------------------
 
+    def _acknowledge_now(self, req: Message) -> None:
+        for mman in self._mmans:
+            if mman.acknowledge_now(req.remote, req.token):
+                return
+
     async def _render(self, req: Message) -> Message:
         started = time.monotonic()
         cm = from_aiocoap(req)
@@ -476,35 +561,67 @@ class CoapServer:
             tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS),
             cm.payload,
         )
+        method = cm.code
+        try:
+            accept = accepted_format(cm)
+        except RemoteProtocolError:
+            return Message(code=Code.BAD_REQUEST, payload=b"bad Accept option")
         uri_path = [o.value for o in cm.options if o.number == int(OptionNumber.URI_PATH)]
-        if uri_path == [b".well-known", b"core"]:
+        if uri_path == [b".well-known", b"core"] and not cm.get(n.OPT_TARGET):
             if cm.code != int(Code.GET):
                 return Message(code=Code.METHOD_NOT_ALLOWED)
+            if accept not in (None, n.CF_LINK_FORMAT):
+                return Message(code=Code.NOT_ACCEPTABLE)
             res = Message(code=Code.CONTENT, payload=_link_format(self.config.resources))
-            res.opt.content_format = 40
+            res.opt.content_format = n.CF_LINK_FORMAT
             return res
+        if accept is not None and accept not in _ACCEPTABLE:
+            return Message(code=Code.NOT_ACCEPTABLE)
         session = self._session(req.remote)
         codec = session.codec
         try:
             route = codec.route_name(cm)
         except Exception:
             route = "unknown"
-        want_json = False
+        want_json = accept == n.CF_JSON
         try:
-            want_json = codec.wants_json(cm)
             http_req = codec.decode_request(cm, tokens=session.tokens)
         except LimitExceeded as e:
             logger.info("request from %s over a limit: %s", session.peer.host, e)
             return self._finish(
-                codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json
+                codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json, method
             )
         except RemoteProtocolError as e:
             if type(e).__name__ in ("UnknownTokenReference", "UnknownStringReference"):
-                return self._unknown_token(codec, route, started, e, want_json)
+                return self._unknown_token(codec, route, started, e, want_json, method)
             logger.info("undecodable request from %s: %s", session.peer.host, e)
-            return self._finish(
-                codec, route, started, _json_error(400, "M_BAD_JSON", str(e)), want_json
+            coap_code: int | None = getattr(e, "coap_code", None)
+            if coap_code is None:
+                return self._finish(
+                    codec,
+                    route,
+                    started,
+                    _json_error(400, "M_BAD_JSON", str(e)),
+                    want_json,
+                    method,
+                )
+            # 4.02 (critical option), 4.05 (method), 5.05 (proxy): the code says it,
+            # and each reads back as the status given here (400, 405, 502)
+            status = n.code_to_status(coap_code, method)
+            out = self._finish(
+                codec,
+                route,
+                started,
+                _json_error(status, "M_UNRECOGNIZED", str(e)),
+                want_json,
+                method,
             )
+            out.code = Code(coap_code)
+            return out
+        if http_req.is_long_poll:
+            # it will wait: acknowledge now, so the peer's next request is not held
+            # behind this one's ACK (its NSTART slot) and its RTT sample stays honest
+            self._acknowledge_now(req)
         if self.config.payload_dump:
             logger.debug(
                 "request %s %s from %s: %r",
@@ -526,21 +643,42 @@ class CoapServer:
         except Exception:
             logger.exception("dispatcher raised on %s", route)
             response = _json_error(500, "M_UNKNOWN", "internal server error")
-        return self._finish(codec, route, started, response, want_json)
+        out = self._finish(codec, route, started, response, want_json, method)
+        if (
+            accept is not None
+            and out.code.is_successful()
+            and out.payload
+            and out.opt.content_format != accept
+        ):
+            # RFC 7252 5.10.4: the resource answered in another format than the one asked
+            return Message(code=Code.NOT_ACCEPTABLE)
+        return out
 
     def _finish(
-        self, codec: Codec, route: str, started: float, response: HttpResponse, want_json: bool
+        self,
+        codec: Codec,
+        route: str,
+        started: float,
+        response: HttpResponse,
+        want_json: bool,
+        method: int,
     ) -> Message:
         self.metrics.request(route, response.status, time.monotonic() - started)
         try:
-            out = to_aiocoap(codec.encode_response(response, want_json=want_json))
+            out = to_aiocoap(codec.encode_response(response, want_json=want_json, method=method))
         except SynapseCoapError as e:
             logger.error("cannot encode the response to %s: %s", route, e)
             return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
         return out
 
     def _unknown_token(
-        self, codec: Codec, route: str, started: float, error: Exception, want_json: bool
+        self,
+        codec: Codec,
+        route: str,
+        started: float,
+        error: Exception,
+        want_json: bool,
+        method: int,
     ) -> Message:
         """4.01 + Token-Reset (or 4.00 + String-Reset): the client resets and resends."""
         logger.info("unknown session reference on %s: asking the client to reset: %s", route, error)
@@ -559,6 +697,7 @@ class CoapServer:
             started,
             _json_error(401, "M_UNKNOWN_TOKEN", "unknown access token reference; resend"),
             want_json,
+            method,
         )
 
 
@@ -575,6 +714,11 @@ def _default_endpoint(config: ServerConfig, clock: Callable[[], float]) -> Sessi
         app_payload=server_name_payload(config.server_name),
         clock=clock,
         link_bandwidth_bps=config.link.bandwidth_bps,
+        early_data_not_before=read_replay_state(
+            config.replay_state_path,
+            now=time.time(),
+            window=float(getattr(config.limits, "early_data_window", 60.0)),
+        ),
     )
     return endpoint
 

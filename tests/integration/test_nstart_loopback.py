@@ -137,3 +137,70 @@ def test_max_nstart_one_keeps_one_request_in_flight() -> None:
     assert gate.seen_at_retransmission == 1
     assert gate.max_active == 1
     assert gate.held_seen == CONCURRENT
+
+
+class LongPollGate:
+    """A long-poll /sync that only returns once a send has completed behind it."""
+
+    def __init__(self) -> None:
+        self.sent = asyncio.Event()
+        self.poll_entered = asyncio.Event()
+
+    async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
+        if request.target.startswith(b"/_matrix/client/v3/sync"):
+            self.poll_entered.set()
+            await self.sent.wait()
+            return HttpResponse(
+                200, (("content-type", "application/json"),), b'{"next_batch":"s2"}'
+            )
+        return HttpResponse(200, (("content-type", "application/json"),), b'{"event_id":"$e"}')
+
+
+async def long_poll_then_send() -> list[str]:
+    server_key = generate_private_key()
+    gate = LongPollGate()
+    # the server would hold an ordinary request's ACK for a minute: only a long-poll's
+    # prompt ACK lets the send (NSTART 1) through while the long-poll waits
+    server = await CoapServer.start(
+        ServerConfig(
+            listen=(("127.0.0.1", 0),),
+            static_key=server_key,
+            link=LinkParameters(empty_ack_delay=60.0),
+            server_name="hs.test",
+        ),
+        gate,
+    )
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(pinned={"hs.test": public_key(server_key)}),
+        link=LinkParameters(max_nstart=1),
+        bind=("127.0.0.1", 0),
+    )
+    order: list[str] = []
+    try:
+        ep = Endpoint("127.0.0.1", server.addresses[0][1], "hs.test")
+        await asyncio.wait_for(
+            client.request(ep, HttpRequest("GET", b"/_matrix/client/versions")), 10
+        )
+
+        async def poll() -> None:
+            await client.request(ep, HttpRequest("GET", b"/_matrix/client/v3/sync?timeout=30000"))
+            order.append("poll")
+
+        task = asyncio.ensure_future(poll())
+        await asyncio.wait_for(gate.poll_entered.wait(), 10)
+        r = await asyncio.wait_for(
+            client.request(ep, HttpRequest("PUT", ROOM + b"t1", (), b"{}")), 10
+        )
+        assert r.status == 200
+        order.append("send")
+        gate.sent.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await client.close()
+        await server.close()
+    return order
+
+
+def test_send_is_not_held_behind_an_outstanding_long_poll() -> None:
+    assert asyncio.run(long_poll_then_send()) == ["send", "poll"]

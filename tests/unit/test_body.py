@@ -16,6 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synapse_coap.errors import LimitExceeded, LocalProtocolError, RemoteProtocolError
+from synapse_coap.wire import body as body_mod
+from synapse_coap.wire.body import (
+    DEFAULT_BODY_LIMITS as DEFAULT_LIMITS,
+)
 from synapse_coap.wire.body import (
     MARKER_DEFLATE,
     MARKER_DEFLATE_DICT,
@@ -421,3 +425,60 @@ def test_fuzz_mutated_bodies(value: Any, data: st.DataObject) -> None:
         decode_body(bytes(enc), p1, CTX)
     except RemoteProtocolError:
         pass
+
+
+# --- the fast decoder (cbor2 + one pass) agrees with the reference byte walk -------------
+
+
+def _both(data: bytes, limits: BodyLimits = DEFAULT_LIMITS) -> tuple[Any, Any]:
+    """(fast result or _FALLBACK, reference result or the exception type it raised)."""
+    p1 = load_profile(1)
+    fast = body_mod._decode_fast(data, p1, CTX, limits, None)
+    try:
+        ref = body_mod._Decoder(data, p1, CTX, limits, None).decode()
+    except RemoteProtocolError as e:
+        ref = type(e)
+    return fast, ref
+
+
+def _agree(data: bytes, limits: BodyLimits = DEFAULT_LIMITS) -> None:
+    fast, ref = _both(data, limits)
+    if fast is not body_mod._FALLBACK:
+        assert not isinstance(ref, type), (data, fast, ref)  # the reference accepts it too
+        assert same(fast, ref), (data, fast, ref)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values, st.data())
+def test_fast_decoder_agrees_with_reference(value: Any, data: st.DataObject) -> None:
+    p1 = load_profile(1)
+    raw = body_mod._encode_cbor(value, p1, CTX)
+    fast, ref = _both(raw)
+    assert fast is not body_mod._FALLBACK  # what we encode takes the fast path
+    assert same(fast, value) and same(ref, value)
+    mutated = bytearray(raw)
+    i = data.draw(st.integers(0, len(mutated) - 1))
+    mutated[i] = data.draw(st.integers(0, 255))
+    _agree(bytes(mutated))
+    _agree(raw, BodyLimits(max_depth=data.draw(st.integers(1, 6))))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=60))
+def test_fast_decoder_agrees_on_any_bytes(data: bytes) -> None:
+    _agree(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x00\x00",  # trailing bytes: cbor2.loads would ignore them
+        b"\x82\xd8\x1c\x81\x00\xd8\x1d\x00",  # cbor2's shared values (tags 28/29)
+        b"\xd9\x01\x00\x82\x63abc\xd8\x19\x00",  # cbor2's string references (tags 256/25)
+        b"\xc1\x00",  # cbor2's epoch date
+        b"\xa2\x00\x00\xe0\x00",  # key 0 and simple value 0: different strings, both keys
+        b"\x81" * 130 + b"\x00",  # deeper than the cap
+    ],
+)
+def test_fast_decoder_edge_cases(data: bytes) -> None:
+    _agree(data)

@@ -1,0 +1,252 @@
+"""ACK and RTT-sample handling of LinkMessageManager, sans-I/O (fake loop, injected clock).
+
+The head-of-line problem this guards against: a server that holds the empty ACK of
+a long-poll for its piggyback window keeps the client's only NSTART slot busy (the
+next request waits in the backlog), and the client, sampling the RTT at that late
+ACK, learns the server's think time instead of the link's, so NSTART never grows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiocoap.message import Message
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import ACK, CON
+
+from synapse_coap.transport.link import LinkParameters
+from synapse_coap.transport.manager import LinkMessageManager, LinkTuning
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Handle:
+    def __init__(self, at: float, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.at, self.fn, self.args, self.cancelled = at, fn, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeLoop:
+    """call_later on virtual time; run_until() fires what is due, in order."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.handles: list[Handle] = []
+
+    def time(self) -> float:
+        return self.clock.now
+
+    def call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> Handle:
+        h = Handle(self.clock.now + delay, fn, args)
+        self.handles.append(h)
+        return h
+
+    def run_until(self, t: float) -> None:
+        while True:
+            due = [h for h in self.handles if not h.cancelled and h.at <= t]
+            if not due:
+                break
+            h = min(due, key=lambda x: x.at)
+            self.handles.remove(h)
+            self.clock.now = max(self.clock.now, h.at)
+            h.fn(*h.args)
+        self.clock.now = max(self.clock.now, t)
+
+
+class Remote:
+    is_multicast = False
+    is_multicast_locally = False
+
+    def as_response_address(self) -> Remote:
+        return self
+
+
+class TokenManager:
+    def __init__(self, loop: FakeLoop) -> None:
+        self.loop = loop
+        self.log = logging.getLogger("test.manager")
+        self.requests: list[Message] = []
+        self.responses: list[Message] = []
+
+    def process_request(self, request: Message) -> None:
+        self.requests.append(request)
+
+    def process_response(self, response: Message) -> bool:
+        self.responses.append(response)
+        return True
+
+    def dispatch_error(self, error: Exception, remote: Any) -> None:
+        pass
+
+
+class Wire:
+    """The message interface: records (time, message) of everything sent."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.sent: list[tuple[float, Message]] = []
+
+    def send(self, message: Message) -> None:
+        self.sent.append((self.clock.now, message))
+
+
+def make(params: LinkParameters = LinkParameters()) -> tuple[LinkMessageManager, FakeLoop, Wire]:
+    clock = Clock()
+    loop = FakeLoop(clock)
+    mman = LinkMessageManager(TokenManager(loop), params, clock=clock)  # type: ignore[arg-type]
+    wire = Wire(clock)
+    mman.message_interface = wire
+    return mman, loop, wire
+
+
+def incoming_request(remote: Remote, mid: int, token: bytes) -> Message:
+    m = Message(code=Code.GET, mtype=CON, mid=mid, token=token)
+    m.remote = remote
+    return m
+
+
+def outgoing(remote: Remote, *, prompt_ack: bool = False, path: str = "x") -> Message:
+    m = Message(code=Code.GET, uri_path=[path])
+    m.remote = remote
+    m.transport_tuning = LinkTuning(LinkParameters(), prompt_ack=prompt_ack)
+    return m
+
+
+def ack_for(sent: Message, code: Code = Code.EMPTY, payload: bytes = b"") -> Message:
+    m = Message(code=code, mtype=ACK, mid=sent.mid, token=b"" if code is Code.EMPTY else sent.token)
+    m.payload = payload
+    m.remote = sent.remote
+    return m
+
+
+# -- server side: a long-poll is acknowledged at once ------------------------------------------
+
+
+def test_acknowledge_now_sends_the_empty_ack_at_once_and_the_response_goes_separately() -> None:
+    mman, loop, wire = make()
+    peer = Remote()
+    mman.dispatch_message(incoming_request(peer, 7, b"tk"))
+    assert wire.sent == []  # held, hoping to piggyback
+    assert mman.acknowledge_now(peer, b"tk") is True
+    ((at, ack),) = wire.sent
+    assert at == 1000.0 and ack.mtype == ACK and ack.code == Code.EMPTY and ack.mid == 7
+    # the hold timer is gone: nothing more is sent when it would have fired
+    loop.run_until(1010.0)
+    assert len(wire.sent) == 1
+    # the response is a separate confirmable message, not a piggyback on mid 7
+    res = Message(code=Code.CONTENT, token=b"tk", payload=b"{}")
+    res.remote = peer
+    mman.send_message(res, lambda: None)
+    _, sep = wire.sent[-1]
+    assert sep.mtype == CON and sep.mid != 7
+    # a second call has nothing left to acknowledge
+    assert mman.acknowledge_now(peer, b"tk") is False
+
+
+def test_without_acknowledge_now_the_ack_is_held_for_the_piggyback_window() -> None:
+    mman, loop, wire = make(LinkParameters(empty_ack_delay=0.4))
+    peer = Remote()
+    mman.dispatch_message(incoming_request(peer, 9, b"tk"))
+    loop.run_until(1000.39)
+    assert wire.sent == []
+    loop.run_until(1000.41)
+    ((at, ack),) = wire.sent
+    assert ack.code == Code.EMPTY and at == 1000.4
+
+
+# -- client side: samples only where the ACK's timing is the link's ----------------------------
+
+
+def test_held_empty_ack_gives_no_rtt_sample() -> None:
+    mman, loop, _wire = make()
+    peer = Remote()
+    req = outgoing(peer)
+    mman.send_message(req, lambda: None)
+    loop.run_until(1000.45)  # the server held the ACK 0.45 s, then answered separately
+    mman.dispatch_message(ack_for(req))
+    est = mman.estimator(peer)
+    assert est.samples == 0 and est.unmeasured == 1 and est.srtt is None
+
+
+def test_prompt_empty_ack_of_a_long_poll_is_a_sample() -> None:
+    mman, loop, _wire = make()
+    peer = Remote()
+    req = outgoing(peer, prompt_ack=True)
+    mman.send_message(req, lambda: None)
+    loop.run_until(1000.002)
+    mman.dispatch_message(ack_for(req))
+    est = mman.estimator(peer)
+    assert est.samples == 1 and est.srtt is not None and abs(est.srtt - 0.002) < 1e-9
+
+
+def test_piggybacked_response_is_a_sample() -> None:
+    mman, loop, _wire = make()
+    peer = Remote()
+    req = outgoing(peer)
+    mman.send_message(req, lambda: None)
+    loop.run_until(1000.03)
+    mman.dispatch_message(ack_for(req, Code.CONTENT, b"{}"))
+    est = mman.estimator(peer)
+    assert est.samples == 1 and est.srtt is not None and abs(est.srtt - 0.03) < 1e-9
+
+
+def test_a_held_ack_never_keeps_nstart_at_one_on_a_fast_link() -> None:
+    """Loopback-like peer: 2 ms round trips, one exchange in four answered by a held
+    empty ACK (0.45 s). Before the fix every held ACK fed a 0.45 s sample; now NSTART
+    reaches its ceiling and the SRTT stays the link's."""
+    mman, loop, _wire = make()
+    peer = Remote()
+    for i in range(16):
+        req = outgoing(peer, path=f"r{i}")
+        mman.send_message(req, lambda: None)
+        if i % 4 == 3:
+            loop.run_until(loop.time() + 0.45)
+            mman.dispatch_message(ack_for(req))
+        else:
+            loop.run_until(loop.time() + 0.002)
+            mman.dispatch_message(ack_for(req, Code.CONTENT, b"x" * 300))
+    est = mman.estimator(peer)
+    assert est.srtt is not None and est.srtt < 0.003
+    assert est.unmeasured == 4
+    assert mman.allowed_outstanding(peer) == LinkParameters().max_nstart
+
+
+def test_next_request_leaves_as_soon_as_the_long_poll_is_acknowledged() -> None:
+    """NSTART 1: the second request waits in the backlog only until the long-poll's
+    (prompt) empty ACK, not until its response."""
+    mman, loop, wire = make(LinkParameters(max_nstart=1))
+    peer = Remote()
+    poll = outgoing(peer, prompt_ack=True, path="sync")
+    mman.send_message(poll, lambda: None)
+    send = outgoing(peer, path="send")
+    mman.send_message(send, lambda: None)
+    assert [m.opt.uri_path for _, m in wire.sent] == [("sync",)]  # backlogged
+    loop.run_until(1000.001)
+    mman.dispatch_message(ack_for(poll))
+    assert [m.opt.uri_path for _, m in wire.sent] == [("sync",), ("send",)]
+    assert wire.sent[-1][0] == 1000.001
+
+
+def test_is_long_poll_is_a_get_with_a_positive_timeout() -> None:
+    from synapse_coap.mapping.messages import HttpRequest
+
+    def lp(method: str, target: bytes) -> bool:
+        return HttpRequest(method, target).is_long_poll
+
+    assert lp("GET", b"/_matrix/client/v3/sync?since=s1&timeout=30000")
+    assert lp("GET", b"/_matrix/client/v3/events?timeout=5.5")
+    assert not lp("GET", b"/_matrix/client/v3/sync?timeout=0")
+    assert not lp("GET", b"/_matrix/client/v3/sync")
+    assert not lp("GET", b"/_matrix/client/v3/sync?timeout=abc")
+    assert not lp("GET", b"/_matrix/client/v3/sync?timeout=nan")
+    assert not lp("PUT", b"/x?timeout=30000")
