@@ -132,6 +132,22 @@ def register(sub: Any) -> None:
         "--no-cache", action="store_true", help="do not answer any request from the response cache"
     )
     sidecar.add_argument(
+        "--keepalive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="send a keep-alive (one 50-byte datagram) after this long without sending "
+        "anything to the homeserver, so NAT mappings stay open while the client is idle; "
+        "0 turns it off (default: 110, below the 2-minute minimum NAT timeout of RFC 4787)",
+    )
+    sidecar.add_argument(
+        "--no-short-txn-ids",
+        action="store_true",
+        help="send the client's transaction ids as they are (default: long ids such as "
+        "matrix-nio's UUIDs go as 8-character digests of the access token and the id, "
+        "which keeps retries idempotent across sidecar restarts)",
+    )
+    sidecar.add_argument(
         "--max-body-size",
         type=int,
         default=50 * 1024 * 1024,
@@ -228,17 +244,29 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
             server_key=load_server_key(args.server_key) if args.server_key else None,
             state_dir=args.state_dir or default_state_dir(),
             server_name=args.server_name or f"{homeserver.host}:{homeserver.port}",
+            keepalive=_keepalive(args.keepalive),
             options=SidecarOptions(
                 request_timeout=args.request_timeout,
                 long_poll_slack=args.long_poll_slack,
                 max_body_size=args.max_body_size,
                 cache=not args.no_cache,
                 dump_payloads=dump_enabled(args.dump_payloads),
+                short_txn_ids=not args.no_short_txn_ids,
             ),
         )
     except ConfigValueError as e:
         return _fail(str(e))
     return _serve(run_sidecar(config))
+
+
+def _keepalive(value: float | None) -> float | None:
+    from synapse_coap.proxy.runner import DEFAULT_KEEPALIVE
+
+    if value is None:
+        return DEFAULT_KEEPALIVE
+    if not value >= 0 or value == float("inf"):
+        raise ConfigValueError("--keepalive", f"must be a number of seconds >= 0, got {value!r}")
+    return value or None
 
 
 def run_gateway_command(args: argparse.Namespace) -> int:

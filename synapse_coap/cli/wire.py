@@ -25,7 +25,7 @@ from synapse_coap.mapping.coap import decode_coap, encode_coap
 from synapse_coap.mapping.codec import WireCodec
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.wire.context import WireContext
-from synapse_coap.wire.profile import load_profile
+from synapse_coap.wire.profile import load_profile, profile_ids
 
 DESCRIPTION = """\
 Encode an HTTP request or response into the exact CoAP message synapse-coap
@@ -51,9 +51,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="wire profile id (default 1; 0 = without the compression dictionary)",
+        help="wire profile id (default: the highest installed, the one peers negotiate; "
+        "0 = without the compression dictionary)",
     )
 
 
@@ -174,7 +175,10 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _codec(args: argparse.Namespace) -> WireCodec:
-    return WireCodec(load_profile(args.profile), WireContext(tuple(args.server_name)))
+    return WireCodec(
+        load_profile(max(profile_ids()) if args.profile is None else args.profile),
+        WireContext(tuple(args.server_name)),
+    )
 
 
 def _headers(values: list[str]) -> list[tuple[str, str]]:

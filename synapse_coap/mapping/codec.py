@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -231,7 +232,9 @@ def _memo_size(key: Hashable, value: bytes) -> int:
 
 
 #: Shared by every WireCodec (the key names the profile and the session context).
-BODY_MEMO = BodyMemo()
+#: ``SYNAPSE_COAP_BODY_MEMO=0`` in the environment switches it off (bench/inbound.py
+#: does, so that every request pays for the codec, as distinct requests would).
+BODY_MEMO = BodyMemo(max_entries=0 if os.environ.get("SYNAPSE_COAP_BODY_MEMO") == "0" else 256)
 _NOT_PARSED: Any = object()
 
 

@@ -282,6 +282,7 @@ class _Session:
         self.recv: records.RecvKeys | None = None
         self.replay = records.ReplayWindow()
         self.last_recv = now
+        self.last_sent = now
         self.pn_floor = 0
         self.peer_echo = 0
         # path validation / anti-amplification
@@ -401,6 +402,7 @@ class NoiseEndpoint:
         link_bandwidth_bps: float | None = None,
         wall_clock: Callable[[], float] = time.time,
         early_data_not_before: float = 0.0,
+        keepalive_interval: float | None = None,
     ) -> None:
         """``seal_observer(key_id, packet_number)`` is called for every record
         sealed (key_id is a hash of the key, never the key): tests use it to
@@ -409,7 +411,16 @@ class NoiseEndpoint:
         ``wall_clock`` (seconds since the epoch) dates 0-RTT data;
         ``early_data_not_before``: 0-RTT data dated at or before this wall time is
         refused (a previous run of this responder may have accepted it: see
-        :meth:`replay_watermark`)."""
+        :meth:`replay_watermark`).
+
+        ``keepalive_interval`` (seconds, None = off): on every channel this
+        endpoint initiated, a session that has sent nothing for that long sends a
+        keep-alive (a control record, one-way, 22 bytes + UDP/IP). It keeps the
+        NAT mapping toward the peer open, refreshes the peer's idle timer, and
+        after a NAT rebinding it is what tells the peer the new address (the peer
+        validates it as for any record from a new address). While keep-alives run,
+        such a session is not closed for idleness on this side (the peer may be
+        silent because there is nothing to push)."""
         self._static = bytes(static_private)
         self.static_public = public_key(self._static)
         self.trust = trust
@@ -422,6 +433,11 @@ class NoiseEndpoint:
             if link_bandwidth_bps is not None and 0 < link_bandwidth_bps < float("inf")
             else None
         )
+        if keepalive_interval is not None and not 0 < keepalive_interval < float("inf"):
+            raise ConfigValueError(
+                "keepalive_interval", f"must be a number > 0 or null, got {keepalive_interval!r}"
+            )
+        self.keepalive_interval = keepalive_interval
         self.app_payload = bytes(app_payload)
         tags: list[bytes] = []
         self._tag_ids: dict[bytes, int] = {}
@@ -658,8 +674,26 @@ class NoiseEndpoint:
             elif s.state is State.XX_RECEIVED_1:
                 consider(s.hs_deadline)
             if s.send is not None:
-                consider(s.last_recv + self.limits.idle_timeout)
+                consider(self._idle_since(s) + self.limits.idle_timeout)
+            if self._keeps_alive(s):
+                assert self.keepalive_interval is not None
+                consider(s.last_sent + self.keepalive_interval)
         return best
+
+    def _keeps_alive(self, s: _Session) -> bool:
+        """True if ``s`` is the established current session of a channel we initiated
+        and keep-alives are on."""
+        if self.keepalive_interval is None or not s.initiator or s.send is None:
+            return False
+        if s.state is not State.ESTABLISHED or s.channel is None:
+            return False
+        ch = self._channels.get(s.channel)
+        return ch is not None and ch.session is s
+
+    def _idle_since(self, s: _Session) -> float:
+        if self._keeps_alive(s):
+            return max(s.last_recv, s.last_sent)
+        return s.last_recv
 
     def handle_timers(self) -> list[Event]:
         now = self._clock()
@@ -686,8 +720,14 @@ class NoiseEndpoint:
                 self._stats["handshakes.expired"] += 1
                 events += self._expire_session(s, "handshake not confirmed")
                 continue
-            if s.send is not None and now - s.last_recv >= self.limits.idle_timeout:
+            if s.send is not None and now >= self._idle_since(s) + self.limits.idle_timeout:
                 events += self._expire_session(s, "idle")
+                continue
+            if self._keeps_alive(s):
+                assert self.keepalive_interval is not None
+                if now >= s.last_sent + self.keepalive_interval:  # as in next_timer
+                    self._stats["keepalives"] += 1
+                    events += self._send_record(s, bytes([CTRL_PING]), control=True, now=now)
         while self._recent:
             key, (_sid, expiry) = next(iter(self._recent.items()))
             if expiry > now:
@@ -753,6 +793,7 @@ class NoiseEndpoint:
         """Account and emit one datagram (callers checked the budget)."""
         if not s.validated:
             s.budget_out += len(data)
+        s.last_sent = self._clock()
         self._stats["datagrams_out"] += 1
         self._stats["bytes_out"] += len(data)
         return [Transmit(to if to is not None else s.addr, data)]

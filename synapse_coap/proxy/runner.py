@@ -64,6 +64,13 @@ class HomeserverAddress:
         return f"{scheme}://{format_host_port(self.host, self.port)}"
 
 
+#: The sidecar's default keep-alive interval (s): below the 2 minutes that RFC 4787
+#: (REQ-5) requires a NAT to keep an idle UDP mapping, and Linux conntrack's 120 s.
+#: One keep-alive is a 50-byte IPv4 datagram (22-byte record), so an idle client
+#: costs 27 bytes a minute; behind a NAT with a shorter timeout, set it lower.
+DEFAULT_KEEPALIVE = 110.0
+
+
 @attrs.frozen
 class SidecarConfig:
     listen: tuple[str, int]
@@ -74,6 +81,9 @@ class SidecarConfig:
     #: The name the homeserver is known by in the trust store and the handshake.
     server_name: str
     options: SidecarOptions = attrs.field(factory=SidecarOptions)
+    #: Seconds without sending anything to the homeserver after which the sidecar sends
+    #: a keep-alive (None = never); see :data:`DEFAULT_KEEPALIVE`.
+    keepalive: float | None = DEFAULT_KEEPALIVE
 
 
 @attrs.frozen
@@ -164,7 +174,12 @@ async def start_sidecar(config: SidecarConfig, *, metrics: Any = None) -> Runnin
         trust = TrustPolicy(pinned={config.server_name: config.server_key})
     else:
         trust = TrustPolicy(store=FileTrustStore(config.state_dir / TRUST_STORE_FILE))
-    client = await CoapClient.create(static_key=static_key, trust=trust, metrics=metrics)
+    client = await CoapClient.create(
+        static_key=static_key,
+        trust=trust,
+        metrics=metrics,
+        keepalive_interval=config.keepalive if config.homeserver.secure else None,
+    )
     endpoint = Endpoint(
         host=config.homeserver.host,
         port=config.homeserver.port,

@@ -55,6 +55,7 @@ from synapse_coap.proxy.common import (
     redact_target,
     request_timeout,
 )
+from synapse_coap.proxy.txn import TxnShortener
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,9 @@ class SidecarOptions:
     dump_payloads: bool = False
     #: Seconds in-flight requests get to finish at shutdown before they are failed with 503.
     shutdown_grace: float = 5.0
+    #: Send long transaction ids (nio's UUIDs) as 8-character digests of (access token,
+    #: id); see :mod:`synapse_coap.proxy.txn`.
+    short_txn_ids: bool = True
 
 
 def _move_query_token(target: bytes, headers: list[tuple[str, str]]) -> bytes:
@@ -155,6 +159,11 @@ class Sidecar:
         self._shutting_down = False
         #: Coalesces identical concurrent cacheable GETs into one CoAP request.
         self._pending: dict[object, asyncio.Future[HttpResponse]] = {}
+        self._txn: TxnShortener | None = None
+        if options.short_txn_ids:
+            from synapse_coap.wire.profile import load_profile
+
+            self._txn = TxnShortener(load_profile(0).routes)
 
     # -- aiohttp glue ---------------------------------------------------------------------
 
@@ -219,6 +228,12 @@ class Sidecar:
 
     async def forward(self, request: HttpRequest) -> HttpResponse:
         """Send one request across the link (or answer from the cache); never raises for link trouble."""
+        if self._txn is None:
+            return await self._forward(request)
+        response = await self._forward(self._txn.shorten(request))
+        return self._txn.restore(response)
+
+    async def _forward(self, request: HttpRequest) -> HttpResponse:
         started = self._clock()
         cache = self.cache
         cached = cache.lookup(request) if cache is not None else None

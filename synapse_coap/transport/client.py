@@ -141,8 +141,10 @@ class CoapClient:
         codec_factory: CodecFactory,
         endpoint_factory: Callable[..., SessionEndpoint] | None,
         max_body_size: int,
+        keepalive_interval: float | None = None,
     ) -> None:
         self.static_key = static_key
+        self.keepalive_interval = keepalive_interval
         self.trust = trust
         self.link = link
         self.limits = limits
@@ -177,13 +179,17 @@ class CoapClient:
         codec_factory: CodecFactory | None = None,
         endpoint_factory: Callable[..., SessionEndpoint] | None = None,
         max_body_size: int = 50 * 1024 * 1024,
+        keepalive_interval: float | None = None,
     ) -> CoapClient:
         """A client bound to ``bind``. Without ``static_key`` only plain endpoints work.
 
         ``server_name`` (optional) is sent, encrypted, in our handshakes so the
         peer can shorten identifiers on our server; ``endpoint_factory(static_key,
         trust=, limits=, profiles=, app_payload=, clock=)`` replaces the
-        NoiseEndpoint (tests).
+        NoiseEndpoint (tests). ``keepalive_interval`` (seconds, None = off): a session
+        that has sent nothing for that long sends a one-way keep-alive record (NAT
+        mappings, the peer's idle timer, NAT rebinding); see
+        ``NoiseEndpoint(keepalive_interval=)``.
         """
         if limits is None:
             from synapse_coap.noise.endpoint import (  # type: ignore
@@ -202,6 +208,7 @@ class CoapClient:
             codec_factory=codec_factory or default_codec_factory,
             endpoint_factory=endpoint_factory,
             max_body_size=max_body_size,
+            keepalive_interval=keepalive_interval,
         )
         loop = asyncio.get_running_loop()
         self._context = Context(loop=loop, serversite=None, loggername=__name__ + ".coap")
@@ -237,6 +244,9 @@ class CoapClient:
             )
 
             factory = NoiseEndpoint
+        extra: dict[str, Any] = {}
+        if self.keepalive_interval is not None:
+            extra["keepalive_interval"] = self.keepalive_interval
         endpoint: SessionEndpoint = factory(
             self.static_key,
             trust=self.trust,
@@ -244,6 +254,7 @@ class CoapClient:
             profiles=supported_profile_offers(),
             app_payload=server_name_payload(self.server_name),
             clock=clock,
+            **extra,
         )
         return endpoint
 

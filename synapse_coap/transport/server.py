@@ -286,11 +286,40 @@ def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
     return HttpResponse(status, (("content-type", "application/json"),), body)
 
 
-def _link_format(resources: tuple[str, ...]) -> bytes:
-    parts = ["</.well-known/core>;ct=40"]
+def _links(resources: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
+    """(href, attributes) of what ``/.well-known/core`` lists."""
+    out = [("/.well-known/core", {"ct": "40"})]
     for path in resources:
-        name = path.strip("/").replace("/", ".").replace("_", "")
-        parts.append(f'<{path}>;rt="{name}"')
+        out.append((path, {"rt": path.strip("/").replace("/", ".").replace("_", "")}))
+    return out
+
+
+def _link_value(attrs: dict[str, str], name: str) -> str:
+    return f'{name}="{attrs[name]}"' if name == "rt" else f"{name}={attrs[name]}"
+
+
+def _filter_matches(href: str, attrs: dict[str, str], query: str) -> bool:
+    """RFC 6690 4.1: ``name=value``, a trailing ``*`` matching any suffix; for a
+    space-separated attribute (rt, if) any one of its values matches."""
+    name, _, want = query.partition("=")
+    prefix = want.endswith("*")
+    want = want[:-1] if prefix else want
+    if name == "href":
+        values = [href]
+    elif name in attrs:
+        values = attrs[name].split(" ") if name in ("rt", "if") else [attrs[name]]
+    else:
+        return False
+    return any(v.startswith(want) if prefix else v == want for v in values)
+
+
+def _link_format(resources: tuple[str, ...], queries: list[str] | None = None) -> bytes:
+    """The RFC 6690 document, filtered by its ``Uri-Query`` values (RFC 6690 4.1)."""
+    parts = []
+    for href, link_attrs in _links(resources):
+        if queries and not all(_filter_matches(href, link_attrs, q) for q in queries):
+            continue
+        parts.append(";".join([f"<{href}>", *(_link_value(link_attrs, k) for k in link_attrs)]))
     return ",".join(parts).encode()
 
 
@@ -326,7 +355,11 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
             return
 
         async def build() -> Message:
-            return await self._server._render(assembled)
+            full: Message = await self._server._render(assembled)
+            if assembled.opt.size2 is not None and full.payload:
+                # RFC 7959 4: Size2 asked for (usually 0): say the whole size (every block)
+                full.opt.size2 = len(full.payload)
+            return full
 
         res = await self._block2.extract_or_insert(assembled, build)
         if assembled.opt.block1 is not None:
@@ -572,7 +605,12 @@ class CoapServer:
                 return Message(code=Code.METHOD_NOT_ALLOWED)
             if accept not in (None, n.CF_LINK_FORMAT):
                 return Message(code=Code.NOT_ACCEPTABLE)
-            res = Message(code=Code.CONTENT, payload=_link_format(self.config.resources))
+            queries = [
+                o.value.decode("utf-8", "replace")
+                for o in cm.options
+                if o.number == int(OptionNumber.URI_QUERY)
+            ]
+            res = Message(code=Code.CONTENT, payload=_link_format(self.config.resources, queries))
             res.opt.content_format = n.CF_LINK_FORMAT
             return res
         if accept is not None and accept not in _ACCEPTABLE:

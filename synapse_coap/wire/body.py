@@ -44,7 +44,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
-import cbor2
+
+try:
+    import cbor2
+except ImportError:  # pragma: no cover - a declared dependency; without it the
+    cbor2 = None  # type: ignore[assignment]  # the reference decoder decodes everything
 
 from synapse_coap.errors import LimitExceeded, LocalProtocolError, RemoteProtocolError
 from synapse_coap.wire import cbor
@@ -712,12 +716,12 @@ class _Decoder:
                     raise _Fallback
                 d["hashes"] = {"sha256": h}
             return d
-        if t is cbor2.CBORTag:
+        if t is _CBOR_TAG:
             tag = x.tag
             if not self.tag_allowed(tag) or depth >= self.limits.max_depth:
                 raise _Fallback
             return self.apply_tag(tag, self.build(x.value, depth + 1))
-        if t is cbor2.CBORSimpleValue:
+        if t is _CBOR_SIMPLE:
             n = x.value
             if 20 <= n < 32:
                 raise _Fallback
@@ -948,6 +952,8 @@ _SEMANTIC = {
     **{t: _keep_tag(t) for t in _CBOR2_NATIVE_OURS},
     **{t: _refuse_tag for t in _CBOR2_NATIVE_FOREIGN},
 }
+_CBOR_TAG: Any = getattr(cbor2, "CBORTag", None)
+_CBOR_SIMPLE: Any = getattr(cbor2, "CBORSimpleValue", None)
 
 
 def _decode_fast(
@@ -958,6 +964,8 @@ def _decode_fast(
     resolve: StringResolver | None,
 ) -> Any:
     """The decoded value, or _FALLBACK when the reference decoder must decide."""
+    if cbor2 is None:  # pragma: no cover
+        return _FALLBACK
     fp = io.BytesIO(data)
     try:
         tree = cbor2.CBORDecoder(
