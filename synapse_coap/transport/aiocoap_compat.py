@@ -2,7 +2,7 @@
 
 aiocoap's public API has no way to plug in a message layer with other timers
 (CoCoA-like RTO, adaptive NSTART), to attach a custom transport under its
-token and message managers, or to size the Block2 response cache. Those are
+token and message managers, or to cut a Block2 response into blocks. Those are
 private in aiocoap, so they are reached **only here**
 (``tests/unit/test_private_access.py`` keeps the rest of the package off
 them), each listed in :data:`PIECES` with the release range it was checked
@@ -22,17 +22,19 @@ from collections.abc import Callable
 from typing import Any
 
 import aiocoap
+import aiocoap.blockwise
+import aiocoap.meta
 import attrs
-from aiocoap.blockwise import Block2Cache
+from aiocoap.blockwise import _extract_block_key
+from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
-from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from synapse_coap.errors import LibraryVersionError
 
 #: The running aiocoap's version.
-AIOCOAP_VERSION: str = str(getattr(getattr(aiocoap, "meta", None), "version", "unknown"))
+AIOCOAP_VERSION: str = str(getattr(aiocoap.meta, "version", "unknown"))
 #: The releases every entry of :data:`PIECES` was checked on (pyproject pins >=0.4.17,<0.5).
 CHECKED_RANGE = "0.4.17"
 
@@ -135,9 +137,14 @@ PIECES: tuple[Piece, ...] = (
         ),
     ),
     Piece(
-        "aiocoap.blockwise.Block2Cache._completes (a TimeoutDict)",
-        "a Block2 cache that lives as long as a slow link's exchanges",
-        lambda: _init_sets(Block2Cache, "_completes")() and callable(TimeoutDict),
+        "aiocoap.blockwise._extract_block_key(message)",
+        "the key of a Block2 transfer kept for the blocks after block 0",
+        lambda: callable(getattr(aiocoap.blockwise, "_extract_block_key", None)),
+    ),
+    Piece(
+        "aiocoap.message.Message._extract_block(number, size_exp, max_bert_size)",
+        "cutting one block of a large response",
+        _method(Message, "_extract_block", "number", "size_exp", "max_bert_size"),
     ),
 )
 
@@ -156,7 +163,8 @@ PRIVATE_NAMES = frozenset(
         "_backlogs",
         "_append_tokenmanaged_messagemanaged_transport",
         "_ctx",
-        "_completes",
+        "_extract_block_key",
+        "_extract_block",
     }
 )
 
@@ -286,12 +294,11 @@ class PlainUDPBase(MessageInterfaceUDP6):  # type: ignore[misc]
         return getattr(getattr(self, "_ctx", None), name, None)
 
 
-def block2_cache(lifetime: float) -> Block2Cache:
-    """aiocoap's Block2 response cache, keeping entries ``lifetime`` seconds.
+def block_key(request: Any) -> Any:
+    """aiocoap's key of a blockwise transfer (the request with its block options left out)."""
+    return _extract_block_key(request)
 
-    Its constructor takes no lifetime (aiocoap uses MAX_TRANSMIT_WAIT, too short on
-    a slow link), so the private dict behind it is replaced.
-    """
-    cache = Block2Cache()
-    cache._completes = TimeoutDict(lifetime)
-    return cache
+
+def extract_block(message: Any, number: int, size_exponent: int, limit: int) -> Any:
+    """Block ``number`` (of size 2**(size_exponent+4)) of ``message``, as aiocoap cuts it."""
+    return message._extract_block(number, size_exponent, limit)

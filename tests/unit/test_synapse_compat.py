@@ -57,5 +57,7 @@ def test_aiocoap_piece_monkeypatched_away_stops_parse_config(
     with pytest.raises(ConfigError) as e:
         CoapModule.parse_config({})
     message = str(e.value)
-    assert f"aiocoap {aiocoap_compat.AIOCOAP_VERSION}" in message
+    from importlib.metadata import version
+
+    assert f"aiocoap {version('aiocoap')}" in message
     assert "MessageManager._continue_backlog(remote)" in message
