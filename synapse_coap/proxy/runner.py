@@ -22,6 +22,7 @@ import attrs
 from aiohttp import web
 
 from synapse_coap.errors import ConfigValueError, SynapseCoapError
+from synapse_coap.mapping.push import PushConfig
 from synapse_coap.proxy.common import format_host_port, parse_host_port
 from synapse_coap.proxy.gateway import HttpDispatcher, parse_http_target
 from synapse_coap.proxy.sidecar import Sidecar, SidecarOptions
@@ -97,6 +98,7 @@ class GatewayConfig:
     request_timeout: float = 120.0
     long_poll_slack: float = 30.0
     verify_tls: bool = True
+    push: PushConfig = attrs.field(factory=PushConfig)
 
 
 def load_server_key(value: str, path: str = "--server-key") -> bytes:
@@ -282,6 +284,7 @@ async def start_gateway(config: GatewayConfig, *, metrics: Any = None) -> Runnin
         static_key=private,
         server_name=config.server_name,
         payload_dump=config.dump_payloads,
+        push=config.push,
         replay_state_path=f"{config.key_path}.replay",
     )
     try:

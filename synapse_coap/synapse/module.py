@@ -211,6 +211,7 @@ class CoapModule:
             server_name=hs.hostname,
             max_body_size=dispatcher.max_request_body_size,
             payload_dump=config.payload_dump,
+            push=config.push,
             replay_state_path=f"{self.key_path}.replay",
             transfers=config.transfers,
         )

@@ -68,6 +68,7 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         empty_ack_delay: float | None = None,
         early_data: bool = False,
         prompt_ack: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
     ) -> None:
         self.params = params
         self.ACK_TIMEOUT = params.ack_timeout if ack_timeout is None else ack_timeout
@@ -89,6 +90,10 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         #: set by the client for a request the server acknowledges at once (a
         #: long-poll): its empty ACK is then a valid RTT sample.
         self.prompt_ack = prompt_ack
+        #: set by the server on an Observe notification: called once with True when
+        #: the message is acknowledged (or went out piggybacked / non-confirmable),
+        #: False when it was rejected (RST) or its retransmissions ran out.
+        self.on_acknowledged = on_acknowledged
 
     @property
     def EXCHANGE_LIFETIME(self) -> float:
@@ -134,6 +139,8 @@ class LinkMessageManager(HookedMessageManager):
         self._held_ack: set[Hashable] = set()
         self.on_first_retransmit: RetransmitHook | None = None
         self.on_retransmit: EveryRetransmitHook | None = None
+        #: (remote, mid) -> callback of a confirmable message whose sender wants its outcome
+        self._ack_hooks: dict[Hashable, Callable[[bool], None]] = {}
 
     # -- per-peer state ---------------------------------------------------------
 
@@ -152,7 +159,12 @@ class LinkMessageManager(HookedMessageManager):
         self._estimators.pop(remote, None)
 
     def tuning_for(
-        self, remote: Hashable, *, early_data: bool = False, prompt_ack: bool = False
+        self,
+        remote: Hashable,
+        *,
+        early_data: bool = False,
+        prompt_ack: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
     ) -> LinkTuning:
         est = self.estimator(remote)
         return LinkTuning(
@@ -161,6 +173,7 @@ class LinkMessageManager(HookedMessageManager):
             empty_ack_delay=est.empty_ack_delay(),
             early_data=early_data,
             prompt_ack=prompt_ack,
+            on_acknowledged=on_acknowledged,
         )
 
     def allowed_outstanding(self, remote: Hashable) -> int:
@@ -190,6 +203,7 @@ class LinkMessageManager(HookedMessageManager):
             for r, mid in list(active):
                 if r == remote:
                     self._held_ack.discard((r, mid))
+                    self._ack_outcome((r, mid), False)
                     if est is not None:
                         est.forget((r, mid))
         super().dispatch_error(error, remote)
@@ -221,6 +235,9 @@ class LinkMessageManager(HookedMessageManager):
         active = self.active_exchanges
         if active is not None:
             active[key] = (messageerror_monitor, handle)
+        hook = getattr(message.transport_tuning, "on_acknowledged", None)
+        if hook is not None:
+            self._ack_hooks[key] = hook
 
     def schedule_retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> Any:
         if retransmission_counter > 0:
@@ -249,7 +266,16 @@ class LinkMessageManager(HookedMessageManager):
         else:
             est.gave_up(key)
             self._held_ack.discard(key)
+            self._ack_outcome(key, False)
         super().retransmit(message, timeout, retransmission_counter)
+
+    def _ack_outcome(self, key: Hashable, ok: bool) -> None:
+        hook = self._ack_hooks.pop(key, None)
+        if hook is not None:
+            try:
+                hook(ok)
+            except Exception:
+                logger.exception("acknowledgement hook failed")
 
     def remove_exchange(self, message: Any) -> None:
         key = (message.remote, message.mid)
@@ -262,6 +288,7 @@ class LinkMessageManager(HookedMessageManager):
             self.estimator(message.remote).acknowledged(
                 key, len(message.payload) + self.MESSAGE_OVERHEAD, measure=measure
             )
+            self._ack_outcome(key, message.mtype == ACK)
         super().remove_exchange(message)
 
     def continue_backlog(self, remote: Any) -> None:
@@ -279,14 +306,24 @@ class LinkMessageManager(HookedMessageManager):
 
     def send_message(self, message: Any, messageerror_monitor: Any) -> Any:
         tuning = message.transport_tuning
+        hook = None
         if message.remote is not None and not isinstance(tuning, LinkTuning):
             message.transport_tuning = self.tuning_for(message.remote)
         elif isinstance(tuning, LinkTuning) and message.remote is not None:
             # refresh the RTO from the estimator, keep the caller's flags
+            hook = tuning.on_acknowledged
             message.transport_tuning = self.tuning_for(
-                message.remote, early_data=tuning.early_data, prompt_ack=tuning.prompt_ack
+                message.remote,
+                early_data=tuning.early_data,
+                prompt_ack=tuning.prompt_ack,
+                on_acknowledged=hook,
             )
-        return super().send_message(message, messageerror_monitor)
+        result = super().send_message(message, messageerror_monitor)
+        if hook is not None and message.mtype != CON:
+            # piggybacked on the request's ACK (resent by deduplication if lost) or NON
+            message.transport_tuning.on_acknowledged = None
+            hook(True)
+        return result
 
     def is_confirmable(self, message: Any) -> bool:
         return bool(message.mtype == CON)
