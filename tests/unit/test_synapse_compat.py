@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import synapse
 import synapse.app._base
+import synapse.app.homeserver  # imported before a test deletes a name it imports
 from synapse.module_api.errors import ConfigError
 
 from synapse_coap.synapse import compat
