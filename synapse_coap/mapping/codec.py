@@ -45,7 +45,13 @@ from synapse_coap.mapping.tokens import (
     decode_uint,
     encode_uint,
 )
-from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits, decode_body, encode_body
+from synapse_coap.wire.body import (
+    DEFAULT_BODY_LIMITS,
+    REQUEST_BODY_LIMITS,
+    BodyLimits,
+    decode_body,
+    encode_body,
+)
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
 from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
@@ -445,7 +451,7 @@ class WireCodec:
         self,
         msg: CoapMessage,
         tokens: ReceiverTokens | None = None,
-        limits: BodyLimits = DEFAULT_BODY_LIMITS,
+        limits: BodyLimits = REQUEST_BODY_LIMITS,
     ) -> HttpRequest:
         """The HTTP request; RemoteProtocolError (or UnknownTokenReference) if it cannot be."""
         if msg.first(n.PROXY_URI) is not None or msg.first(n.PROXY_SCHEME) is not None:
