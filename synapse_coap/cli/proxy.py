@@ -256,6 +256,13 @@ def _fail(message: str) -> int:
 
 def _serve(service: Coroutine[Any, Any, int]) -> int:
     """Run a sidecar or gateway until it stops; its exit status."""
+    from synapse_coap.transport.aiocoap_compat import check as check_aiocoap
+
+    try:
+        check_aiocoap()  # aiocoap's private pieces are there (else: version and piece named)
+    except SynapseCoapError as e:
+        service.close()
+        return _fail(str(e))
     try:
         return asyncio.run(service)
     except (SynapseCoapError, OSError) as e:
