@@ -12,7 +12,11 @@ metrics are thread-safe.
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
-from synapse.metrics import SERVER_NAME_LABEL
+
+from synapse_coap.synapse.compat import server_name_label
+
+#: Synapse's own label for the homeserver name (``synapse.metrics.SERVER_NAME_LABEL``).
+SERVER_NAME_LABEL = server_name_label()
 
 DATAGRAMS = Counter(
     "synapse_coap_datagrams_total",

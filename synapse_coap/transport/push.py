@@ -58,6 +58,7 @@ from synapse_coap.mapping.push import (
     sync_counters,
     sync_has_updates,
 )
+from synapse_coap.transport.aiocoap_compat import extract_block
 from synapse_coap.transport.convert import Codec, to_aiocoap
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.manager import LinkTuning
@@ -287,7 +288,7 @@ class Observation:
                     fut.set_result(None)
 
             self._store_blocks(full, on_fetched)
-            message = full._extract_block(0, self.block_size_exp, size)
+            message = extract_block(full, 0, self.block_size_exp, size)
         else:
             message = full
         message.opt.observe = self.seq

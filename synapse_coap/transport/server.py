@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 from aiocoap import interfaces
-from aiocoap.blockwise import IncompleteException, _extract_block_key
+from aiocoap.blockwise import IncompleteException
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
@@ -57,6 +57,7 @@ from synapse_coap.mapping.push import (
 )
 from synapse_coap.mapping.redact import redact_target
 from synapse_coap.noise.trust import TrustPolicy
+from synapse_coap.transport.aiocoap_compat import block_key, extract_block
 from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
@@ -276,7 +277,7 @@ class Block2Responses:
         self._on_last: dict[Any, Callable[[], None]] = {}
 
     def put_pushed(self, request: Message, full: Message, on_last: Callable[[], None]) -> None:
-        key = ("b2", _extract_block_key(request))
+        key = ("b2", block_key(request))
         self._store.put(key, request.remote.blockwise_key, full, len(full.payload))
         self._on_last[key] = on_last
         while len(self._on_last) > self.MAX_PUSHED:
@@ -285,7 +286,7 @@ class Block2Responses:
     async def extract_or_insert(
         self, req: Message, build: Callable[[], Awaitable[Message]]
     ) -> Message:
-        key = ("b2", _extract_block_key(req))
+        key = ("b2", block_key(req))
         block2 = req.opt.block2
         if block2 is None or block2.block_number == 0:
             assembled = await build()
@@ -300,8 +301,8 @@ class Block2Responses:
         ):
             self._store.put(key, req.remote.blockwise_key, assembled, len(assembled.payload))
             block2 = block2 or BlockOption.BlockwiseTuple(0, 0, req.remote.maximum_block_size_exp)
-            part: Message = assembled._extract_block(
-                block2.block_number, block2.size_exponent, limit
+            part: Message = extract_block(
+                assembled, block2.block_number, block2.size_exponent, limit
             )
             if block2.block_number > 0 and part.opt.block2 is not None and not part.opt.block2.more:
                 hook = self._on_last.pop(key, None)
