@@ -55,6 +55,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from results_store import provenance, replace_block, write_dict_rows  # noqa: E402
+
 from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
 from tests.harness.synapse_proc import SynapseProcess, free_port  # noqa: E402
 
@@ -352,6 +356,10 @@ def main() -> None:
     parser.add_argument(
         "--profile-requests", type=int, default=2000, help="requests per endpoint under py-spy"
     )
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's block")
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench" / "results", help="results directory"
+    )
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
@@ -364,6 +372,54 @@ def main() -> None:
         "\nThe machine may be shared with other work; the ratio comes from the same rounds, "
         "the listeners taking turns."
     )
+    rows = []
+    for m, cells in results.items():
+        for (label, listener), values in cells.items():
+            for i, v in enumerate(values):
+                rows.append(
+                    {"mode": m, "endpoint": label, "listener": listener, "round": i, "cpu_ms": v}
+                )
+    meta = provenance("python bench/inbound.py " + " ".join(sys.argv[1:]))
+    meta["note"] = "machine shared with other work"
+    write_dict_rows(args.results / "inbound.csv", rows, meta)
+    print(f"wrote {args.results / 'inbound.csv'}")
+    if args.readme:
+        replace_block(
+            ROOT / "README.md", "inbound", readme_block(results, args, meta), "bench/inbound.py"
+        )
+        print("updated README.md")
+
+
+def readme_block(
+    results: dict[str, dict[tuple[str, str], list[float]]],
+    args: argparse.Namespace,
+    meta: dict[str, str],
+) -> str:
+    lines = [
+        "Synapse's own CPU time (user + system, `/proc/PID/stat`) per request into one "
+        "Synapse through the module's CoAP listener and through Synapse's own HTTP listener, "
+        f"same servlets, same run: {args.requests} distinct requests per cell (no body memo "
+        f"hit), median (min-max) of {args.rounds} rounds, the listeners taking turns; the "
+        "client pinned to the other core at lower priority.",
+        "",
+        "| reactor | endpoint | CoAP+Noise ms | plain CoAP ms | HTTP/1.1 ms | CoAP+Noise / HTTP |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for m, cells in results.items():
+        for label, _, _ in ENDPOINTS:
+            noise, http = cells[(label, "CoAP+Noise")], cells[(label, "HTTP/1.1")]
+            ratios = [a / b for a, b in zip(noise, http, strict=True) if b > 0]
+            lines.append(
+                f"| {m} | {label} | "
+                + " | ".join(spread(cells[(label, n)]) for n in LISTENERS)
+                + f" | {statistics.median(ratios):.2f}x |"
+            )
+    lines += [
+        "",
+        f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']} "
+        "(shared with other work); rounds in `bench/results/inbound.csv`._",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
