@@ -68,6 +68,7 @@ from lab_scenarios.common import (
     round_trips,
     synapse_config,
 )
+from lab_scenarios.day import day_suite, day_table, idle_table
 from lab_scenarios.federation import (
     FED_SCENARIOS,
     SlowDelivery,
@@ -103,7 +104,9 @@ SHARED_NOTE = (
 )
 MARK_START = "<!-- lab-results:start (written by bench/lab.py; do not edit by hand) -->"
 MARK_END = "<!-- lab-results:end -->"
-SUITES = ("client", "federation", "deliver", "lossy", "sweep")
+SUITES = ("client", "federation", "deliver", "lossy", "sweep", "day")
+#: what runs without --suite/--scenario ("day" takes an hour: asked for by name)
+DEFAULT_SUITES = ("client", "federation", "deliver", "lossy", "sweep")
 
 RATES = (100.0, 300.0, 1000.0, 9600.0, 64000.0, 1_000_000.0)
 LOSSES = (0.0, 0.1, 0.2, 0.3, 0.4)
@@ -114,7 +117,12 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "send": ("client", "send one m.room.message and get its event id"),
     "receive": ("client", "receive one message by incremental long-poll /sync"),
     "upload": ("client", "upload a 10 KiB PNG"),
-    "idle": ("client", "idle with sync keep-alive (--idle seconds; 600 with --full)"),
+    "idle": ("client", "idle with sync keep-alive (--idle seconds; an hour with --full)"),
+    "day": (
+        "day",
+        "log in, initial sync, 10 sent + 10 received over --day-seconds (an hour), idle "
+        "otherwise; both stacks, with the ratio (--suite day)",
+    ),
     "fed-first-contact": ("federation", "first contact: key fetch and a remote join"),
     "fed-1": ("federation", "one message delivered over federation"),
     "fed-10": ("federation", "10 messages over federation"),
@@ -553,6 +561,9 @@ def report(run: Run) -> str:
             )
         lines += ["", monotonic_note(run.by_loss), ""]
     lines += list(run.notes)
+    # issue 11: the day suite and the idle cost per minute (bench/lab_scenarios/day.py)
+    lines += ["", t] if (t := day_table(run.results)) else []
+    lines += ["", t] if (t := idle_table(run.results, dict(PROFILES))) else []
     return "\n".join(lines)
 
 
@@ -738,7 +749,9 @@ async def run_lab(args: argparse.Namespace) -> Run:
     lossy: Delivery | None = None
     by_rate: list[SweepPoint] = []
     by_loss: list[SweepPoint] = []
-    suites = args.suite or ([] if args.scenario else list(SUITES))
+    suites = args.suite or ([] if args.scenario else list(DEFAULT_SUITES))
+    if "day" in (args.scenario or []):
+        suites = [*suites, "day"]
     try:
         for name in args.scenario or []:
             if name == "udp-echo":
@@ -746,10 +759,8 @@ async def run_lab(args: argparse.Namespace) -> Run:
         client = tuple(s for s in args.scenario or CLIENT_SCENARIOS if s in CLIENT_SCENARIOS)
         fed = tuple(s for s in args.scenario or FED_SCENARIOS if s in FED_SCENARIOS)
         if ("client" in suites or (args.scenario and client)) and client:
-            if args.idle < 600 and "idle" in client:
-                notes.append(
-                    f"The idle scenario ran for {args.idle:g} s (`--full` runs the 10 minutes)."
-                )
+            if args.idle < 3600 and "idle" in client:
+                notes.append(f"The idle scenario ran for {args.idle:g} s (`--full` runs an hour).")
             progress(f"client scenarios at {profile.name}: {', '.join(client)}")
             results += await client_suite(
                 work / "client", profile, args.seed, stacks, client, args.idle
@@ -757,6 +768,17 @@ async def run_lab(args: argparse.Namespace) -> Run:
         if ("federation" in suites or (args.scenario and fed)) and fed:
             progress(f"federation scenarios at {profile.name}: {', '.join(fed)}")
             results += await federation_suite(work / "federation", profile, stacks, fed)
+        if "day" in suites:
+            if args.day_compress != 1:
+                notes.append(
+                    f"The day ran compressed {args.day_compress:g}x: {args.day_seconds:g} s in "
+                    f"{args.day_seconds / args.day_compress:g} s, with nio's long-poll timeout "
+                    "and the sidecar's keep-alive interval divided alike."
+                )
+            progress(f"day at {profile.name}: {args.day_seconds:g} s")
+            results += await day_suite(
+                work / "day", profile, args.seed, stacks, args.day_seconds, args.day_compress
+            )
         if "deliver" in suites:
             progress(f"must-show: one message at {args.deliver_profile} across federation")
             try:
@@ -836,7 +858,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--idle", type=float, default=60.0, help="idle scenario, seconds")
     parser.add_argument(
-        "--full", action="store_true", help="10 minutes idle, 9 messages per sweep point"
+        "--full", action="store_true", help="an hour idle, 9 messages per sweep point"
+    )
+    parser.add_argument(
+        "--day-seconds",
+        type=float,
+        default=3600.0,
+        help="the day suite's period (default: an hour)",
+    )
+    parser.add_argument(
+        "--day-compress",
+        type=float,
+        default=1.0,
+        metavar="K",
+        help="run the day K times faster (long-poll timeout and keep-alive interval divided "
+        "by K too; the report says so). Default 1: real time",
     )
     parser.add_argument("--deliver-profile", default="100bps")
     parser.add_argument("--lossy-messages", type=int, default=100)
@@ -863,7 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep homeserver directories")
     args = parser.parse_args(argv)
     if args.full:
-        args.idle = max(args.idle, 600.0)
+        args.idle = max(args.idle, 3600.0)
         args.sweep_messages = max(args.sweep_messages, 9)
 
     if args.list:

@@ -17,6 +17,7 @@ Example (every field, with its default)::
     allow_plain_on_public_interfaces: false
     limits: {}                  # see NoiseLimits
     link: {}                    # see LinkParameters
+    transfers: {}               # see TransferLimits (blockwise memory budget)
     worker: null                # instance name that binds the listener; null = main process
     payload_dump: false
     federation: {}              # outbound federation over CoAP (see docs/federation.md)
@@ -45,6 +46,7 @@ _TOP_KEYS = (
     "allow_plain_on_public_interfaces",
     "limits",
     "link",
+    "transfers",
     "worker",
     "payload_dump",
     "federation",
@@ -183,6 +185,10 @@ def _default_link() -> Any:
     return _sub_config("synapse_coap.transport.link", "LinkParameters", {}, "link")
 
 
+def _default_transfers() -> Any:
+    return _sub_config("synapse_coap.transport.transfers", "TransferLimits", {}, "transfers")
+
+
 def _default_federation() -> Any:
     return _federation_config(None)
 
@@ -204,6 +210,7 @@ class CoapModuleConfig:
     allow_plain_on_public_interfaces: bool = False
     limits: Any = attrs.field(factory=_default_limits)
     link: Any = attrs.field(factory=_default_link)
+    transfers: Any = attrs.field(factory=_default_transfers)
     worker: str | None = None
     payload_dump: bool = False
     federation: Any = attrs.field(factory=_default_federation)
@@ -251,6 +258,12 @@ class CoapModuleConfig:
             ),
             link=_sub_config(
                 "synapse_coap.transport.link", "LinkParameters", raw.get("link"), "link"
+            ),
+            transfers=_sub_config(
+                "synapse_coap.transport.transfers",
+                "TransferLimits",
+                raw.get("transfers"),
+                "transfers",
             ),
             worker=worker,
             payload_dump=_bool(raw.get("payload_dump"), "payload_dump", False),

@@ -207,6 +207,7 @@ class CoapModule:
             max_body_size=dispatcher.max_request_body_size,
             payload_dump=config.payload_dump,
             replay_state_path=f"{self.key_path}.replay",
+            transfers=config.transfers,
         )
         metrics = self.metrics
 

@@ -8,6 +8,7 @@ networks.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
@@ -54,7 +55,14 @@ class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
             self._bad_input.report(str(address[0]), "bad_coap", e)
             reset = reset_for(data)
             if reset is not None:
+                # RFC 7252 4.2: a malformed Confirmable message is rejected with a Reset,
+                # sent from the address it came to (the same ancillary data aiocoap uses)
+                pktinfo = [
+                    (level, kind, value)
+                    for level, kind, value in ancdata
+                    if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
+                ]
                 metrics.datagram("out", "plain", len(reset))
-                self.transport.sendto(reset, address)
+                self.transport.sendmsg(reset, pktinfo, 0, address)
             return
         super().datagram_msg_received(data, ancdata, flags, address)
