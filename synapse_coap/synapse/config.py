@@ -21,6 +21,7 @@ Example (every field, with its default)::
     worker: null                # instance name that binds the listener; null = main process
     payload_dump: false
     federation: {}              # outbound federation over CoAP (see docs/federation.md)
+    push: {}                    # /sync push over CoAP Observe (see PushConfig, docs/clients.md)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ _TOP_KEYS = (
     "worker",
     "payload_dump",
     "federation",
+    "push",
 )
 _TRUST_KEYS = ("peers", "tofu", "accept_unknown_clients")
 
@@ -189,6 +191,10 @@ def _default_transfers() -> Any:
     return _sub_config("synapse_coap.transport.transfers", "TransferLimits", {}, "transfers")
 
 
+def _default_push() -> Any:
+    return _sub_config("synapse_coap.mapping.push", "PushConfig", {}, "push")
+
+
 def _default_federation() -> Any:
     return _federation_config(None)
 
@@ -214,6 +220,7 @@ class CoapModuleConfig:
     worker: str | None = None
     payload_dump: bool = False
     federation: Any = attrs.field(factory=_default_federation)
+    push: Any = attrs.field(factory=_default_push)
 
     @classmethod
     def from_config(cls, raw: object) -> CoapModuleConfig:
@@ -268,6 +275,7 @@ class CoapModuleConfig:
             worker=worker,
             payload_dump=_bool(raw.get("payload_dump"), "payload_dump", False),
             federation=_federation_config(raw.get("federation")),
+            push=_sub_config("synapse_coap.mapping.push", "PushConfig", raw.get("push"), "push"),
         )
 
     def pinned_keys(self) -> dict[str, bytes]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 from aiocoap import interfaces
-from aiocoap.blockwise import IncompleteException, _extract_block_key
+from aiocoap.blockwise import IncompleteException
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
@@ -49,8 +49,15 @@ from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.codec import accepted_format
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
+from synapse_coap.mapping.push import (
+    VERSIONS_PATH,
+    PushConfig,
+    SyncQuery,
+    advertise_observe,
+)
 from synapse_coap.mapping.redact import redact_target
 from synapse_coap.noise.trust import TrustPolicy
+from synapse_coap.transport.aiocoap_compat import block_key, extract_block
 from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
@@ -74,6 +81,7 @@ from synapse_coap.transport.noise_udp import (
     normalize_address,
 )
 from synapse_coap.transport.plain import PlainUDP
+from synapse_coap.transport.push import Observation, Registration, Registrations
 from synapse_coap.transport.transfers import ENTRY_OVERHEAD, TransferLimits, TransferStore
 from synapse_coap.wire.context import WireContext
 
@@ -142,6 +150,7 @@ class ServerConfig:
     resources: tuple[str, ...] = DEFAULT_RESOURCES
     replay_state_path: str | None = None
     transfers: TransferLimits = attrs.field(factory=TransferLimits)
+    push: PushConfig = attrs.field(factory=PushConfig)
 
     def __attrs_post_init__(self) -> None:
         if self.listen and self.static_key is None:
@@ -254,15 +263,30 @@ class Block1Assembler:
 
 class Block2Responses:
     """RFC 7959 Block2 server side: a response too large for one message is kept (in the
-    shared :class:`TransferStore`) for the blocks that follow block 0."""
+    shared :class:`TransferStore`) for the blocks that follow block 0.
+
+    Pushed representations (Observe notifications larger than one block, see
+    :mod:`synapse_coap.transport.push`) are kept the same way under their
+    registration request's key; serving their last block is reported to the pusher.
+    """
+
+    MAX_PUSHED = 4096
 
     def __init__(self, store: TransferStore) -> None:
         self._store = store
+        self._on_last: dict[Any, Callable[[], None]] = {}
+
+    def put_pushed(self, request: Message, full: Message, on_last: Callable[[], None]) -> None:
+        key = ("b2", block_key(request))
+        self._store.put(key, request.remote.blockwise_key, full, len(full.payload))
+        self._on_last[key] = on_last
+        while len(self._on_last) > self.MAX_PUSHED:
+            self._on_last.pop(next(iter(self._on_last)))
 
     async def extract_or_insert(
         self, req: Message, build: Callable[[], Awaitable[Message]]
     ) -> Message:
-        key = ("b2", _extract_block_key(req))
+        key = ("b2", block_key(req))
         block2 = req.opt.block2
         if block2 is None or block2.block_number == 0:
             assembled = await build()
@@ -277,9 +301,14 @@ class Block2Responses:
         ):
             self._store.put(key, req.remote.blockwise_key, assembled, len(assembled.payload))
             block2 = block2 or BlockOption.BlockwiseTuple(0, 0, req.remote.maximum_block_size_exp)
-            return assembled._extract_block(  # type: ignore[no-any-return]
-                block2.block_number, block2.size_exponent, limit
+            part: Message = extract_block(
+                assembled, block2.block_number, block2.size_exponent, limit
             )
+            if block2.block_number > 0 and part.opt.block2 is not None and not part.opt.block2.more:
+                hook = self._on_last.pop(key, None)
+                if hook is not None:
+                    hook()
+            return part
         return assembled
 
 
@@ -310,16 +339,27 @@ def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
     return HttpResponse(status, (("content-type", "application/json"),), body)
 
 
-def _links(resources: tuple[str, ...]) -> list[tuple[str, dict[str, str]]]:
-    """(href, attributes) of what ``/.well-known/core`` lists."""
+#: The observable resource listed in ``/.well-known/core`` when push is enabled.
+OBSERVABLE_SYNC = "/_matrix/client/v3/sync"
+
+
+def _links(
+    resources: tuple[str, ...], observable: tuple[str, ...] = ()
+) -> list[tuple[str, dict[str, str]]]:
+    """(href, attributes) of what ``/.well-known/core`` lists (``obs``: RFC 7641 §6)."""
     out = [("/.well-known/core", {"ct": "40"})]
     for path in resources:
         out.append((path, {"rt": path.strip("/").replace("/", ".").replace("_", "")}))
+    for path in observable:
+        name = path.strip("/").replace("/", ".").replace("_", "")
+        out.append((path, {"rt": name, "obs": ""}))
     return out
 
 
 def _link_value(attrs: dict[str, str], name: str) -> str:
-    return f'{name}="{attrs[name]}"' if name == "rt" else f"{name}={attrs[name]}"
+    if name == "rt":
+        return f'{name}="{attrs[name]}"'
+    return f"{name}={attrs[name]}" if attrs[name] else name
 
 
 def _filter_matches(href: str, attrs: dict[str, str], query: str) -> bool:
@@ -337,10 +377,14 @@ def _filter_matches(href: str, attrs: dict[str, str], query: str) -> bool:
     return any(v.startswith(want) if prefix else v == want for v in values)
 
 
-def _link_format(resources: tuple[str, ...], queries: list[str] | None = None) -> bytes:
+def _link_format(
+    resources: tuple[str, ...],
+    queries: list[str] | None = None,
+    observable: tuple[str, ...] = (),
+) -> bytes:
     """The RFC 6690 document, filtered by its ``Uri-Query`` values (RFC 6690 4.1)."""
     parts = []
-    for href, link_attrs in _links(resources):
+    for href, link_attrs in _links(resources, observable):
         if queries and not all(_filter_matches(href, link_attrs, q) for q in queries):
             continue
         parts.append(";".join([f"<{href}>", *(_link_value(link_attrs, k) for k in link_attrs)]))
@@ -403,6 +447,13 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
                 assembled = self._block1.feed(req)
             except _Block1Reply as reply:
                 pipe.add_response(reply.message, is_last=True)
+                return
+            if (
+                assembled.opt.observe == 0
+                and assembled.opt.block2 is None
+                and self._server.config.push.enabled
+                and await self._server._observe(assembled, pipe, self._block2)
+            ):
                 return
 
             async def build() -> Message:
@@ -482,6 +533,7 @@ class CoapServer:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._evictions_counted: dict[str, int] = {}
         self._replay_write_failed = False
+        self.registrations = Registrations(config.push, self.metrics)
 
     @classmethod
     async def start(
@@ -700,7 +752,11 @@ class CoapServer:
                 for o in cm.options
                 if o.number == int(OptionNumber.URI_QUERY)
             ]
-            res = Message(code=Code.CONTENT, payload=_link_format(self.config.resources, queries))
+            observable = (OBSERVABLE_SYNC,) if self.config.push.enabled else ()
+            res = Message(
+                code=Code.CONTENT,
+                payload=_link_format(self.config.resources, queries, observable),
+            )
             res.opt.content_format = n.CF_LINK_FORMAT
             return res
         if accept is not None and accept not in _ACCEPTABLE:
@@ -771,6 +827,14 @@ class CoapServer:
         except Exception:
             logger.exception("dispatcher raised on %s", route)
             response = _json_error(500, "M_UNKNOWN", "internal server error")
+        if (
+            self.config.push.enabled
+            and response.status == 200
+            and http_req.target.partition(b"?")[0] == VERSIONS_PATH
+        ):
+            advertised = advertise_observe(response.body)
+            if advertised is not None:
+                response = attrs.evolve(response, body=advertised)
         out = self._finish(codec, route, started, response, want_json, method)
         if (
             accept is not None
@@ -781,6 +845,87 @@ class CoapServer:
             # RFC 7252 5.10.4: the resource answered in another format than the one asked
             return Message(code=Code.NOT_ACCEPTABLE)
         return out
+
+    async def _observe(self, req: Message, pipe: Any, block2: Block2Responses) -> bool:
+        """Serve an Observe registration of ``/sync``; False if ``req`` is not one (normal path)."""
+        cm = from_aiocoap(req)
+        cm = CoapMessage(
+            cm.code,
+            tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS),
+            cm.payload,
+        )
+        session = self._session(req.remote)
+        codec = session.codec
+        try:
+            want_json = codec.wants_json(cm)
+            http_req = codec.decode_request(cm, tokens=session.tokens)
+        except Exception:
+            return False  # the normal path answers (and logs) it
+        query = SyncQuery.parse(http_req.target) if http_req.method == "GET" else None
+        auth = http_req.header("authorization")
+        if query is None or auth is None:
+            return False
+        reg = Registration(
+            session=session,
+            source=session.peer.host,
+            auth=auth,
+            token=bytes(req.token),
+            observed=query.observed,
+            pipe=pipe,
+        )
+        refused = self.registrations.admit(reg)
+        try:
+            route = codec.route_name(cm)
+        except Exception:
+            route = "unknown"
+        if refused is not None:
+            limit = (
+                self.config.push.max_per_session
+                if refused == "session"
+                else self.config.push.max_per_source
+            )
+            logger.info(
+                "push registration from %s refused: over the per-%s limit of %d",
+                session.peer.host,
+                refused,
+                limit,
+            )
+            error = _json_error(
+                429,
+                "M_LIMIT_EXCEEDED",
+                f"too many /sync push registrations for this {refused} (limit {limit})",
+            )
+            pipe.add_response(
+                self._finish(codec, route, time.monotonic(), error, want_json, int(cm.code)),
+                is_last=True,
+            )
+            return True
+        # a registration waits for news like a long-poll: acknowledge it at once
+        self._acknowledge_now(req)
+        link = self.config.link
+        exp = min(link.block_size_exp, int(getattr(req.remote, "maximum_block_size_exp", 6)))
+        observation = Observation(
+            reg,
+            request=http_req,
+            query=query,
+            peer=session.peer,
+            codec=codec,
+            want_json=want_json,
+            dispatcher=self.dispatcher,
+            config=self.config.push,
+            link=link,
+            metrics=self.metrics,
+            block_size_exp=exp,
+            store_blocks=lambda full, on_last: block2.put_pushed(req, full, on_last),
+        )
+        logger.info(
+            "push registration from %s (%d live)", session.peer.host, len(self.registrations)
+        )
+        try:
+            await observation.run()
+        finally:
+            self.registrations.release(reg)
+        return True
 
     def _finish(
         self,

@@ -109,15 +109,38 @@ class BodyLimits:
     ``max_decoded_bytes``: CBOR bytes after inflating; a decompression bomb stops here.
     ``max_depth``: nesting of arrays, maps and tags.
     ``max_items``: data items in total (every key, value and element counts).
+
+    The output caps are also proportional to the input (a cheap body cannot
+    buy expensive decoding): a body of ``n`` bytes may inflate to at most
+    ``max(min_decoded_bytes, max_expansion * n)`` bytes and hold at most
+    ``max(min_items, max_items_per_byte * n)`` items. Real bodies stay far
+    below (DEFLATE with the dictionary gains well under 10x on Matrix JSON).
     """
 
     max_encoded_bytes: int = 16 * 1024 * 1024
     max_decoded_bytes: int = 64 * 1024 * 1024
     max_depth: int = 128
     max_items: int = 2_000_000
+    max_expansion: int = 32
+    max_items_per_byte: int = 8
+    min_decoded_bytes: int = 64 * 1024
+    min_items: int = 4096
+
+    def for_input(self, size: int) -> BodyLimits:
+        """The caps for one body of ``size`` bytes (the proportional ones applied)."""
+        decoded = min(
+            self.max_decoded_bytes, max(self.min_decoded_bytes, self.max_expansion * size)
+        )
+        items = min(self.max_items, max(self.min_items, self.max_items_per_byte * size))
+        if decoded == self.max_decoded_bytes and items == self.max_items:
+            return self
+        return attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
 
 
 DEFAULT_BODY_LIMITS = BodyLimits()
+#: What a listener accepts in a request body: decoding the worst body these caps
+#: accept stays within tens of milliseconds (docs/wire-body.md, "Caps").
+REQUEST_BODY_LIMITS = BodyLimits(max_decoded_bytes=8 * 1024 * 1024, max_items=16384)
 
 
 # =========================================================================================
@@ -934,6 +957,7 @@ def decode_body(
         raise LimitExceeded(f"body is larger than {limits.max_encoded_bytes} bytes")
     if not data:
         raise RemoteProtocolError("bad body: empty")
+    limits = limits.for_input(len(data))
     marker = data[0]
     if marker == MARKER_DEFLATE:
         data = _inflate(data[1:], b"", limits)
