@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import shutil
 import statistics
 import sys
@@ -67,6 +68,7 @@ from lab_scenarios.common import (
     round_trips,
     synapse_config,
 )
+from lab_scenarios.day import day_suite, day_table, idle_table
 from lab_scenarios.federation import (
     FED_SCENARIOS,
     SlowDelivery,
@@ -102,7 +104,9 @@ SHARED_NOTE = (
 )
 MARK_START = "<!-- lab-results:start (written by bench/lab.py; do not edit by hand) -->"
 MARK_END = "<!-- lab-results:end -->"
-SUITES = ("client", "federation", "deliver", "lossy", "sweep")
+SUITES = ("client", "federation", "deliver", "lossy", "sweep", "day")
+#: what runs without --suite/--scenario ("day" takes an hour: asked for by name)
+DEFAULT_SUITES = ("client", "federation", "deliver", "lossy", "sweep")
 
 RATES = (100.0, 300.0, 1000.0, 9600.0, 64000.0, 1_000_000.0)
 LOSSES = (0.0, 0.1, 0.2, 0.3, 0.4)
@@ -113,7 +117,12 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "send": ("client", "send one m.room.message and get its event id"),
     "receive": ("client", "receive one message by incremental long-poll /sync"),
     "upload": ("client", "upload a 10 KiB PNG"),
-    "idle": ("client", "idle with sync keep-alive (--idle seconds; 600 with --full)"),
+    "idle": ("client", "idle with sync keep-alive (--idle seconds; an hour with --full)"),
+    "day": (
+        "day",
+        "log in, initial sync, 10 sent + 10 received over --day-seconds (an hour), idle "
+        "otherwise; both stacks, with the ratio (--suite day)",
+    ),
     "fed-first-contact": ("federation", "first contact: key fetch and a remote join"),
     "fed-1": ("federation", "one message delivered over federation"),
     "fed-10": ("federation", "10 messages over federation"),
@@ -352,6 +361,9 @@ class SweepPoint:
     retransmissions: int
     ip_bytes_per_message: float
     ok: bool
+    median_seconds: float = float("nan")
+    min_seconds: float = float("nan")
+    max_seconds: float = float("nan")
 
 
 def _rate_profile(rate: float) -> LinkProfile:
@@ -380,7 +392,7 @@ async def sweep(
         for kind, x, profile in profiles:
             if profile is not profiles[0][2]:
                 await stack.reconfigure(profile)
-            n = 2 if (kind == "rate" and x < 1000) else per_point
+            n = per_point
             progress(f"[sweep] {profile.name}: {profile.describe()}; {n} message(s)")
             try:
                 d: Delivery = await deliver_messages(stack, n, f"sweep {profile.name} ")
@@ -391,12 +403,16 @@ async def sweep(
                     d.retransmissions,
                     d.ip_bytes / max(1, d.sent),
                     d.in_order_exactly_once,
+                    statistics.median(d.seconds),
+                    min(d.seconds),
+                    max(d.seconds),
                 )
             except Exception as exc:
                 progress(f"[sweep] {profile.name} FAILED: {type(exc).__name__}: {exc}")
                 point = SweepPoint(x, float("nan"), 0, 0, 0.0, False)
             progress(
-                f"[sweep] {profile.name}: {point.mean_seconds:.2f} s per message, "
+                f"[sweep] {profile.name}: median {point.median_seconds:.2f} s per message "
+                f"({point.min_seconds:.2f}-{point.max_seconds:.2f}, n={point.samples}), "
                 f"{point.ip_bytes_per_message:.0f} B/message, {point.retransmissions} retrans"
             )
             (by_rate if kind == "rate" else by_loss).append(point)
@@ -489,7 +505,10 @@ def report(run: Run) -> str:
             "tshark capture on loopback (TCP and TLS handshakes, ACK-only segments included). "
             "RTs: round trips. s: completion time (CoAP measured through the relay at the "
             "profile; HTTPS measured on loopback at lan, else modelled as a lower bound). "
-            "retrans: CoAP retransmissions (sidecar + homeservers).",
+            "retrans: CoAP retransmissions (sidecar + homeservers). The s columns are one "
+            "run of each scenario (a single sample, not a spread: byte counts are exact and "
+            "repeatable, times on a shared machine are not); the sweep and lossy figures below "
+            "give median, min and max over their messages.",
             "",
             ratio_table(run.results),
             "",
@@ -510,23 +529,41 @@ def report(run: Run) -> str:
             f"{d.retransmissions} retransmissions, "
             f"{d.client_retries} send(s) retried by the client after a 502/504 "
             "(same transaction id, as Element does), "
-            f"{sum(d.seconds) / max(1, len(d.seconds)):.2f} s per message on average.",
+            f"{sum(d.seconds) / max(1, len(d.seconds)):.2f} s per message on average "
+            f"(median {statistics.median(d.seconds or [0.0]):.2f} s, min "
+            f"{min(d.seconds, default=0.0):.2f}, max {max(d.seconds, default=0.0):.2f}, "
+            f"n={len(d.seconds)}).",
             "",
         ]
     if run.by_rate or run.by_loss:
-        lines += ["| link | s per message | B per message | retrans |", "|---|--:|--:|--:|"]
+        lines += [
+            "Sweep: time from alice's send to bob's /sync seeing the message, per message "
+            "(median, min-max, n messages at each point, one after the other on a warm session).",
+            "",
+            "| link | s per message: median (min-max) | n | mean s | B per message | retrans |",
+            "|---|--:|--:|--:|--:|--:|",
+        ]
+
+        def spread(p: SweepPoint) -> str:
+            if p.median_seconds != p.median_seconds:  # older results: mean only
+                return "—"
+            return f"{p.median_seconds:.2f} ({p.min_seconds:.2f}-{p.max_seconds:.2f})"
+
         for p in run.by_rate:
             lines.append(
-                f"| {_rate(p.x)}, 100 ms | {p.mean_seconds:.2f} | {p.ip_bytes_per_message:.0f} "
-                f"| {p.retransmissions} |"
+                f"| {_rate(p.x)}, 100 ms | {spread(p)} | {p.samples} | {p.mean_seconds:.2f} "
+                f"| {p.ip_bytes_per_message:.0f} | {p.retransmissions} |"
             )
         for p in run.by_loss:
             lines.append(
-                f"| 9.6 kbit/s, 300 ms, {p.x:.0%} loss | {p.mean_seconds:.2f} "
-                f"| {p.ip_bytes_per_message:.0f} | {p.retransmissions} |"
+                f"| 9.6 kbit/s, 300 ms, {p.x:.0%} loss | {spread(p)} | {p.samples} "
+                f"| {p.mean_seconds:.2f} | {p.ip_bytes_per_message:.0f} | {p.retransmissions} |"
             )
-        lines.append("")
+        lines += ["", monotonic_note(run.by_loss), ""]
     lines += list(run.notes)
+    # issue 11: the day suite and the idle cost per minute (bench/lab_scenarios/day.py)
+    lines += ["", t] if (t := day_table(run.results)) else []
+    lines += ["", t] if (t := idle_table(run.results, dict(PROFILES))) else []
     return "\n".join(lines)
 
 
@@ -548,6 +585,29 @@ def stamp(meta: dict[str, str]) -> str:
         f"`{meta.get('commit', '?')}`, {meta.get('machine', '?')}; command "
         f"`{meta.get('command', '?')}`; results: `bench/results/lab.csv`, `lab.json`. "
         f"{meta.get('note', '')}_"
+    )
+
+
+def monotonic_note(points: Sequence[SweepPoint]) -> str:
+    """Whether the loss sweep's time grows with loss within its spread, said plainly."""
+    pts = [p for p in points if p.ok and p.median_seconds == p.median_seconds]
+    if len(pts) < 2:
+        return ""
+    inversions = [(a, b) for a, b in itertools.pairwise(pts) if b.median_seconds < a.median_seconds]
+    outside = [(a, b) for a, b in inversions if b.max_seconds < a.min_seconds]
+    if not inversions:
+        return "The loss sweep's medians grow with the loss rate (monotonic)."
+    pairs = ", ".join(f"{a.x:.0%} -> {b.x:.0%}" for a, b in inversions)
+    if not outside:
+        return (
+            f"The loss sweep's medians dip at {pairs}, within the spread of the points "
+            "(their min-max ranges overlap): with this many messages per point the order of "
+            "neighbouring loss rates is not resolved; a lost datagram costs a retransmission "
+            "timeout (seconds), so per-message times are heavy-tailed."
+        )
+    return (
+        f"The loss sweep is NOT monotonic beyond its spread at {pairs}: the ranges do not "
+        "overlap; more messages per point (`--sweep-messages`) would be needed."
     )
 
 
@@ -580,10 +640,66 @@ def readme_table(results: Sequence[ScenarioResult]) -> str:
     return "\n".join(rows)
 
 
-def write_readme(path: Path, results: Sequence[ScenarioResult], meta: dict[str, str]) -> None:
+def _ratio_range(results: Sequence[ScenarioResult], baseline: str) -> str:
+    by = {(r.scenario, r.stack): r for r in results if r.profile == "lan" and r.ok}
+    ratios = []
+    for scenario, _ in README_ROWS:
+        c, h = by.get((scenario, "coap")), by.get((scenario, baseline))
+        if c is not None and h is not None and c.ip_bytes > 0 and scenario != "upload":
+            ratios.append(h.ip_bytes / c.ip_bytes)
+    if not ratios:
+        return ""
+    return f"{min(ratios):.1f}-{max(ratios):.1f}x"
+
+
+def readme_summary(run: Run) -> str:
+    """The README's prose figures, from the results (headline ratios name their baseline)."""
+    out = []
+    stock, front = _ratio_range(run.results, "https"), _ratio_range(run.results, "https-nginx")
+    if stock:
+        text = (
+            f"Headline: CoAP+Noise sends **{stock} fewer IP bytes than stock Synapse over "
+            "HTTPS** (TLS 1.3, HTTP/1.1 keep-alive, no compression: Synapse's defaults)"
+        )
+        if front:
+            text += (
+                f", and **{front} fewer than Synapse behind a tuned nginx front** (TLS 1.3, "
+                "HTTP/2 on, gzip; client scenarios)"
+            )
+        out.append(text + " on the scenarios above except the incompressible upload.")
+    if run.deliver is not None:
+        d = run.deliver
+        out.append(
+            f"At `{d.profile}` a message sent by matrix-nio through the sidecar "
+            + ("reached" if d.delivered else "did NOT reach")
+            + " the other homeserver's client over federation; the sender had its event id "
+            f"after {d.seconds_to_event_id:.1f} s and bob's /sync saw it after "
+            f"{d.seconds_to_delivery:.1f} s ({d.client_link_bytes:,} B in "
+            f"{d.client_link_datagrams} datagrams on the client link, "
+            f"{d.federation_link_bytes:,} B on the federation link, "
+            f"{d.sidecar_retransmissions} sidecar retransmissions; one run)."
+        )
+    if run.lossy is not None:
+        lo = run.lossy
+        out.append(
+            f"At `{lo.profile}` {lo.sent} messages were "
+            + (
+                "all delivered exactly once and in order"
+                if lo.in_order_exactly_once
+                else "NOT all delivered exactly once in order"
+            )
+            + f" ({lo.ip_bytes:,} B, {lo.retransmissions} retransmissions, median "
+            f"{statistics.median(lo.seconds or [0.0]):.1f} s per message, min "
+            f"{min(lo.seconds, default=0.0):.1f}, max {max(lo.seconds, default=0.0):.1f})."
+        )
+    return "\n\n".join(out)
+
+
+def write_readme(path: Path, run: Run, meta: dict[str, str]) -> None:
     if not path.exists():
         return
-    _replace_block(path, README_START, README_END, f"{readme_table(results)}\n\n{stamp(meta)}")
+    body = f"{readme_table(run.results)}\n\n{readme_summary(run)}\n\n{stamp(meta)}"
+    _replace_block(path, README_START, README_END, body)
 
 
 def save_results(run: Run, meta: dict[str, str], directory: Path = RESULTS) -> None:
@@ -633,7 +749,9 @@ async def run_lab(args: argparse.Namespace) -> Run:
     lossy: Delivery | None = None
     by_rate: list[SweepPoint] = []
     by_loss: list[SweepPoint] = []
-    suites = args.suite or ([] if args.scenario else list(SUITES))
+    suites = args.suite or ([] if args.scenario else list(DEFAULT_SUITES))
+    if "day" in (args.scenario or []):
+        suites = [*suites, "day"]
     try:
         for name in args.scenario or []:
             if name == "udp-echo":
@@ -641,10 +759,8 @@ async def run_lab(args: argparse.Namespace) -> Run:
         client = tuple(s for s in args.scenario or CLIENT_SCENARIOS if s in CLIENT_SCENARIOS)
         fed = tuple(s for s in args.scenario or FED_SCENARIOS if s in FED_SCENARIOS)
         if ("client" in suites or (args.scenario and client)) and client:
-            if args.idle < 600 and "idle" in client:
-                notes.append(
-                    f"The idle scenario ran for {args.idle:g} s (`--full` runs the 10 minutes)."
-                )
+            if args.idle < 3600 and "idle" in client:
+                notes.append(f"The idle scenario ran for {args.idle:g} s (`--full` runs an hour).")
             progress(f"client scenarios at {profile.name}: {', '.join(client)}")
             results += await client_suite(
                 work / "client", profile, args.seed, stacks, client, args.idle
@@ -652,6 +768,17 @@ async def run_lab(args: argparse.Namespace) -> Run:
         if ("federation" in suites or (args.scenario and fed)) and fed:
             progress(f"federation scenarios at {profile.name}: {', '.join(fed)}")
             results += await federation_suite(work / "federation", profile, stacks, fed)
+        if "day" in suites:
+            if args.day_compress != 1:
+                notes.append(
+                    f"The day ran compressed {args.day_compress:g}x: {args.day_seconds:g} s in "
+                    f"{args.day_seconds / args.day_compress:g} s, with nio's long-poll timeout "
+                    "and the sidecar's keep-alive interval divided alike."
+                )
+            progress(f"day at {profile.name}: {args.day_seconds:g} s")
+            results += await day_suite(
+                work / "day", profile, args.seed, stacks, args.day_seconds, args.day_compress
+            )
         if "deliver" in suites:
             progress(f"must-show: one message at {args.deliver_profile} across federation")
             try:
@@ -730,10 +857,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stack", action="append", choices=STACKS, help="default: all three")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--idle", type=float, default=60.0, help="idle scenario, seconds")
-    parser.add_argument("--full", action="store_true", help="10 minutes idle, 5 messages/point")
+    parser.add_argument(
+        "--full", action="store_true", help="an hour idle, 9 messages per sweep point"
+    )
+    parser.add_argument(
+        "--day-seconds",
+        type=float,
+        default=3600.0,
+        help="the day suite's period (default: an hour)",
+    )
+    parser.add_argument(
+        "--day-compress",
+        type=float,
+        default=1.0,
+        metavar="K",
+        help="run the day K times faster (long-poll timeout and keep-alive interval divided "
+        "by K too; the report says so). Default 1: real time",
+    )
     parser.add_argument("--deliver-profile", default="100bps")
     parser.add_argument("--lossy-messages", type=int, default=100)
-    parser.add_argument("--sweep-messages", type=int, default=3, help="messages per sweep point")
+    parser.add_argument(
+        "--sweep-messages", type=int, default=5, help="messages per sweep point (at least 5)"
+    )
     parser.add_argument("--rates", type=float, action="append", help="sweep rates (bit/s)")
     parser.add_argument(
         "--out", type=Path, default=Path(tempfile.gettempdir()) / "synapse-coap-lab"
@@ -754,8 +899,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep homeserver directories")
     args = parser.parse_args(argv)
     if args.full:
-        args.idle = max(args.idle, 600.0)
-        args.sweep_messages = max(args.sweep_messages, 5)
+        args.idle = max(args.idle, 3600.0)
+        args.sweep_messages = max(args.sweep_messages, 9)
 
     if args.list:
         for name, (kind, desc) in DESCRIPTIONS.items():
@@ -768,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render:
         run, meta = load_results(args.results)
         write_docs(args.docs, report(run), meta)
-        write_readme(args.readme, run.results, meta)
+        write_readme(args.readme, run, meta)
         print(
             f"rendered {args.docs} and {args.readme} from {args.results} (run {meta.get('time')})"
         )
@@ -791,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_results(run, meta, args.results)
         run, meta = load_results(args.results)  # the docs come from the committed files only
         write_docs(args.docs, report(run), meta)
-        write_readme(args.readme, run.results, meta)
+        write_readme(args.readme, run, meta)
         print(f"updated {args.results}, {args.docs} and {args.readme}")
     print(f"lab run took {time.monotonic() - t0:.0f} s")
     failed = [r for r in run.results if not r.ok]

@@ -227,11 +227,14 @@ async def start_sidecar(
     public_key: bytes,
     profile: LinkProfile,
     metrics: Any,
+    keepalive_scale: float = 1.0,
 ) -> tuple[web.AppRunner, Any, Any, int]:
     """An in-process sidecar (HTTP on 127.0.0.1, CoAP+Noise to ``address``) tuned for
-    ``profile``; returns (runner, Sidecar, CoAP client, HTTP port)."""
+    ``profile``, with the sidecar's default keep-alive (interval times ``keepalive_scale``);
+    returns (runner, Sidecar, CoAP client, HTTP port)."""
     from synapse_coap.noise.endpoint import NoiseLimits
     from synapse_coap.noise.trust import TrustPolicy
+    from synapse_coap.proxy.runner import DEFAULT_KEEPALIVE
     from synapse_coap.proxy.sidecar import Sidecar, SidecarOptions
     from synapse_coap.transport.client import CoapClient, Endpoint
     from synapse_coap.transport.link import LinkParameters
@@ -244,6 +247,7 @@ async def start_sidecar(
         limits=NoiseLimits.from_config(limits_config(profile), "limits"),
         metrics=metrics,
         bind=("127.0.0.1", 0),
+        keepalive_interval=DEFAULT_KEEPALIVE * keepalive_scale,
     )
     endpoint = Endpoint(address[0], address[1], server_name, public_key)
     slow = profile.uplink.rate is not None and profile.uplink.rate < 20000
@@ -264,6 +268,8 @@ class CoapStack(Stack):
     stack = "coap"
     method = "relay"
     server = "module"
+    #: the sidecar's keep-alive interval is DEFAULT_KEEPALIVE times this (day --day-compress)
+    keepalive_scale = 1.0
 
     def __init__(self, root: Path, profile: LinkProfile, seed: int) -> None:
         super().__init__(root, profile, seed)
@@ -328,7 +334,12 @@ class CoapStack(Stack):
         assert self.relay is not None
         self.metrics = CountingMetrics()
         self._runner, self._sidecar, self._client, self.sidecar_port = await start_sidecar(
-            self.relay.address, SERVER_NAME, self.public_key, self.profile, self.metrics
+            self.relay.address,
+            SERVER_NAME,
+            self.public_key,
+            self.profile,
+            self.metrics,
+            keepalive_scale=self.keepalive_scale,
         )
 
     async def stop_sidecar(self) -> None:

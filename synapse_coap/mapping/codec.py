@@ -45,7 +45,13 @@ from synapse_coap.mapping.tokens import (
     decode_uint,
     encode_uint,
 )
-from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits, decode_body, encode_body
+from synapse_coap.wire.body import (
+    DEFAULT_BODY_LIMITS,
+    REQUEST_BODY_LIMITS,
+    BodyLimits,
+    decode_body,
+    encode_body,
+)
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
 from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
@@ -143,6 +149,17 @@ def _strict_text(data: bytes, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RemoteProtocolError(f"{what} is not valid UTF-8") from e
+
+
+_HEADER_UNSAFE = frozenset("\r\n\x00")
+
+
+def _check_http_safe(headers: list[tuple[str, str]]) -> None:
+    """No CR, LF or NUL in a decoded header (header splitting; aiohttp would refuse it
+    with a 500): RemoteProtocolError, which a listener answers 4.00."""
+    for name, value in headers:
+        if not _HEADER_UNSAFE.isdisjoint(value) or not _HEADER_UNSAFE.isdisjoint(name):
+            raise RemoteProtocolError(f"header {name[:40]!r} holds CR, LF or NUL")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -445,7 +462,7 @@ class WireCodec:
         self,
         msg: CoapMessage,
         tokens: ReceiverTokens | None = None,
-        limits: BodyLimits = DEFAULT_BODY_LIMITS,
+        limits: BodyLimits = REQUEST_BODY_LIMITS,
     ) -> HttpRequest:
         """The HTTP request; RemoteProtocolError (or UnknownTokenReference) if it cannot be."""
         if msg.first(n.PROXY_URI) is not None or msg.first(n.PROXY_SCHEME) is not None:
@@ -474,6 +491,7 @@ class WireCodec:
         headers += content_headers
         headers += self._decode_request_auth(msg, tokens, routed, flags)
         headers += self._decode_headers(msg, response=False)
+        _check_http_safe(headers)
         return HttpRequest(method, target, significant_headers(headers), body)
 
     def _decode_target(self, msg: CoapMessage) -> tuple[bytes, bool, int]:
@@ -572,6 +590,7 @@ class WireCodec:
         content_headers, body = self._decode_content(msg, limits)
         headers += content_headers
         headers += self._decode_headers(msg, response=True)
+        _check_http_safe(headers)
         return HttpResponse(status, significant_headers(headers), body)
 
     def unknown_token_response(self, error: Exception | None = None) -> CoapMessage:

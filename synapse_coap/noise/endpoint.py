@@ -1412,8 +1412,9 @@ class NoiseEndpoint:
     def _make_room(self, prefix: str, *, half_open: bool) -> bool:
         """Room for one more responder session (``half_open``: an XX one, from ``prefix``)?
 
-        Only half-open XX sessions are ever evicted, oldest first: that prefix's
-        oldest when the prefix holds its share, else the oldest of all. Confirmed
+        Only half-open XX sessions are ever evicted, oldest first (those from an
+        address not validated by a retry cookie before the others): that prefix's
+        when the prefix holds its share, else any. Confirmed
         sessions and IK sessions (their initiator is authenticated; they may hold a
         0-RTT exchange) are never evicted for a new one."""
         limits = self.limits
@@ -1429,7 +1430,11 @@ class NoiseEndpoint:
         )
 
     def _evict_half_open(self, prefix: str | None) -> None:
-        sid = next((k for k, p in self._half_open.items() if prefix is None or p == prefix), None)
+        # Unvalidated ones first (a spoofed flood never evicts a cookie-validated handshake).
+        mine = [k for k, p in self._half_open.items() if prefix is None or p == prefix]
+        sid = next((k for k in mine if not self._sessions[k].validated), None)
+        if sid is None:
+            sid = mine[0] if mine else None
         if sid is None:  # pragma: no cover - the caller saw one
             return
         victim = self._sessions.get(sid)

@@ -32,9 +32,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 from synapse.logging.context import PreserveLoggingContext
-from synapse.metrics.background_process_metrics import run_as_background_process
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+from synapse_coap.synapse import compat
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def reactor_loop(reactor: Any) -> asyncio.AbstractEventLoop | None:
     except ImportError:  # pragma: no cover - always present in supported Twisted
         return None
     if isinstance(reactor, AsyncioSelectorReactor):
-        loop = reactor._asyncioEventloop
+        loop = compat.asyncio_loop_of(reactor)
         if isinstance(loop, asyncio.AbstractEventLoop):
             return loop
     return None
@@ -160,6 +161,13 @@ class Bridge:
         fut: asyncio.Future[T] = loop.create_future()
         started: list[defer.Deferred[None]] = []
         cancelled = False
+        # Shared loop: both sides are on this thread, so no thread-safe hop (each costs
+        # a wake-up write and an extra loop turn); the reactor's callLater is a plain timer.
+        shared = self.mode == "shared"
+        hop = loop.call_soon if shared else loop.call_soon_threadsafe
+        to_reactor = (
+            (lambda fn: self.reactor.callLater(0, fn)) if shared else self.reactor.callFromThread
+        )
 
         def deliver(ok: bool, value: Any) -> None:
             def set_value() -> None:
@@ -170,7 +178,7 @@ class Bridge:
                 else:
                     fut.set_exception(value)
 
-            loop.call_soon_threadsafe(set_value)
+            hop(set_value)
 
         async def wrapper() -> None:
             try:
@@ -186,8 +194,8 @@ class Bridge:
             if cancelled:
                 return
             with PreserveLoggingContext():
-                d = run_as_background_process(
-                    desc,  # type: ignore[arg-type]
+                d = compat.run_as_background_process(
+                    desc,
                     self.server_name,
                     wrapper,
                     bg_start_span=False,
@@ -199,12 +207,12 @@ class Bridge:
                 with PreserveLoggingContext():
                     d.cancel()
 
-        self.reactor.callFromThread(start)
+        to_reactor(start)
         try:
             return await fut
         except asyncio.CancelledError:
             cancelled = True
-            self.reactor.callFromThread(cancel)
+            to_reactor(cancel)
             raise
 
     # -- lifecycle ---------------------------------------------------------------------

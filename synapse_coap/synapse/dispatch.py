@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def build_resource_tree(hs: Any) -> Any:
     are reused: building a second ``ClientRestResource`` would build a second
     copy of its servlets' caches, whose metrics Prometheus refuses to register
     twice (an ERROR at every start). A name no listener serves is built with
-    ``hs._configure_named_resource`` on the main process (exactly what an HTTP
+    :func:`compat.configure_named_resource` on the main process (exactly what an HTTP
     listener with that name gets) and the equivalent construction on a worker.
     """
     from synapse.rest.health import HealthResource
@@ -73,14 +74,14 @@ def build_resource_tree(hs: Any) -> Any:
     live_names, live = live_listener_resources(hs)
     wanted = [name for name in ("client", "federation") if name not in live_names]
     resources: dict[str, Resource] = {"/health": HealthResource()}  # type: ignore[no-untyped-call]
-    configure = getattr(hs, "_configure_named_resource", None)
+    configure = compat.configure_named_resource(hs)
     if configure is not None:
         for name in wanted:
             resources.update(configure(name, False))
     else:
         resources.update(_worker_resources(hs, wanted))
     resources.update(live)
-    resources.update(getattr(hs, "_module_web_resources", {}))
+    resources.update(compat.module_web_resources(hs))
 
     from synapse.http.server import OptionsResource
 
@@ -110,7 +111,7 @@ def live_listener_resources(hs: Any) -> tuple[set[str], dict[str, Any]]:
         names_by_tag[tag] = names & prev if prev is not None else names
     served: set[str] = set()
     found: dict[str, Any] = {}
-    for port in list(getattr(hs, "_listening_services", ())):
+    for port in compat.listening_services(hs):
         site = getattr(port, "factory", None)
         while site is not None and not isinstance(site, SynapseSite):
             site = getattr(site, "wrappedFactory", None)
@@ -386,12 +387,12 @@ class InProcessDispatcher:
         max_request_body_size: int | None = None,
         local_address: tuple[str, int] = ("::", 0),
     ) -> None:
-        from synapse.app._base import max_request_body_size as synapse_max
-
-        self._hs = hs
+        self._homeserver = hs
         self._bridge = bridge
         self.max_request_body_size = (
-            max_request_body_size if max_request_body_size is not None else synapse_max(hs.config)
+            max_request_body_size
+            if max_request_body_size is not None
+            else compat.max_request_body_size(hs.config)
         )
         self._local = local_address
         self._site: SynapseSite | None = None
@@ -401,7 +402,7 @@ class InProcessDispatcher:
         """The SynapseSite (built on first use, on the reactor thread)."""
         if self._site is None:
             self._site = build_site(
-                self._hs, build_resource_tree(self._hs), self.max_request_body_size
+                self._homeserver, build_resource_tree(self._homeserver), self.max_request_body_size
             )
         return self._site
 
@@ -413,14 +414,13 @@ class InProcessDispatcher:
     async def dispatch_in_reactor(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         """Run one request through Synapse. Must be called on the reactor thread."""
         site = self.site
-        reactor = self._hs.get_reactor()
+        reactor = self._homeserver.get_reactor()
         channel = CoapChannel(site, reactor, peer, self._local)
-        req = site.request_class(
-            cast(Any, channel),
+        req = compat.make_request(
             site,
-            our_server_name=self._hs.hostname,
+            cast(Any, channel),
+            server_name=self._homeserver.hostname,
             max_request_body_size=self.max_request_body_size,
-            request_id_header=site.request_id_header,
         )
         channel.request = req
         for name, value in request.headers:

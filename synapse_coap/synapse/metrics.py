@@ -11,8 +11,14 @@ metrics are thread-safe.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
-from synapse.metrics import SERVER_NAME_LABEL
+
+from synapse_coap.synapse.compat import server_name_label
+
+#: Synapse's own label for the homeserver name (``synapse.metrics.SERVER_NAME_LABEL``).
+SERVER_NAME_LABEL = server_name_label()
 
 DATAGRAMS = Counter(
     "synapse_coap_datagrams_total",
@@ -55,31 +61,61 @@ REQUEST_SECONDS = Histogram(
     labelnames=["route", SERVER_NAME_LABEL],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
+PUSH = Counter(
+    "synapse_coap_push_total",
+    "/sync push (Observe) events: registered, replaced, refused_session, refused_source, "
+    "notification, dropped, ended",
+    labelnames=["event", SERVER_NAME_LABEL],
+)
+PUSH_REGISTRATIONS = Gauge(
+    "synapse_coap_push_registrations",
+    "Live /sync push (Observe) registrations",
+    labelnames=[SERVER_NAME_LABEL],
+)
 
 
 class SynapseCoapMetrics:
-    """``TransportMetrics`` backed by the Prometheus metrics above."""
+    """``TransportMetrics`` backed by the Prometheus metrics above.
+
+    The labelled children are looked up once and kept (``labels()`` costs several
+    microseconds, and every datagram and request touches two or three of them).
+    """
 
     def __init__(self, server_name: str) -> None:
         self.server_name = server_name
         self._labels = {SERVER_NAME_LABEL: server_name}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *values: str, **labels: str) -> Any:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(**labels, **self._labels)
+        return child
 
     def datagram(self, direction: str, kind: str, size: int) -> None:
-        DATAGRAMS.labels(direction=direction, kind=kind, **self._labels).inc()
-        BYTES.labels(direction=direction, kind=kind, **self._labels).inc(size)
+        self._child(DATAGRAMS, direction, kind, direction=direction, kind=kind).inc()
+        self._child(BYTES, direction, kind, direction=direction, kind=kind).inc(size)
 
     def handshake(self, outcome: str) -> None:
-        HANDSHAKES.labels(outcome=outcome, **self._labels).inc()
+        self._child(HANDSHAKES, outcome, outcome=outcome).inc()
 
     def retransmission(self) -> None:
-        RETRANSMISSIONS.labels(**self._labels).inc()
+        self._child(RETRANSMISSIONS).inc()
 
     def sessions(self, count: int) -> None:
-        SESSIONS.labels(**self._labels).set(count)
+        self._child(SESSIONS).set(count)
 
     def request(self, route: str, status: int, seconds: float) -> None:
-        REQUESTS.labels(route=route, status=str(status), **self._labels).inc()
-        REQUEST_SECONDS.labels(route=route, **self._labels).observe(seconds)
+        code = str(status)
+        self._child(REQUESTS, route, code, route=route, status=code).inc()
+        self._child(REQUEST_SECONDS, route, route=route).observe(seconds)
 
     def dropped(self, reason: str) -> None:
-        DROPPED.labels(reason=reason, **self._labels).inc()
+        self._child(DROPPED, reason, reason=reason).inc()
+
+    def push(self, event: str) -> None:
+        self._child(PUSH, event, event=event).inc()
+
+    def push_registrations(self, count: int) -> None:
+        self._child(PUSH_REGISTRATIONS).set(count)

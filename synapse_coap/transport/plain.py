@@ -11,9 +11,8 @@ import logging
 import socket
 from typing import Any
 
-from aiocoap.transports.udp6 import MessageInterfaceUDP6
-
 from synapse_coap.noise.badinput import BadInputLog
+from synapse_coap.transport.aiocoap_compat import PlainUDPBase
 from synapse_coap.transport.datagram import (
     MessageFormatError,
     decode_message,
@@ -24,7 +23,7 @@ from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
 logger = logging.getLogger(__name__)
 
 
-class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
+class PlainUDP(PlainUDPBase):
     """aiocoap's MessageInterfaceUDP6, counting datagrams as kind ``"plain"``.
 
     A datagram that is not a well-formed CoAP message (RFC 7252 3: token length
@@ -37,7 +36,7 @@ class PlainUDP(MessageInterfaceUDP6):  # type: ignore[misc]
     _bad_input: BadInputLog | None = None
 
     def _metrics(self) -> TransportMetrics:
-        metrics = getattr(getattr(self, "_ctx", None), "metrics", None)
+        metrics = self.context_attribute("metrics")
         return metrics if metrics is not None else NullMetrics()
 
     def send(self, message: Any) -> None:

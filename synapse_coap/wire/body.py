@@ -94,6 +94,11 @@ _ED25519 = "ed25519:"
 _TS_LOW = 1 << 32  # ints in [_TS_LOW, _TS_HIGH) take part in delta coding
 _TS_HIGH = 1 << 64
 _MAX_ENCODE_DEPTH = 400  # stays under Python's recursion limit
+#: the encoder remembers how it encoded short strings (keys that are not in the key table,
+#: event types, versions, identifiers...): per context, up to this many, then starts over
+_STRING_CACHE_ENTRIES = 4096
+_STRING_CACHE_MAX_LEN = 96
+_STRING_CACHE_CONTEXTS = 64
 
 
 @attrs.frozen
@@ -104,15 +109,38 @@ class BodyLimits:
     ``max_decoded_bytes``: CBOR bytes after inflating; a decompression bomb stops here.
     ``max_depth``: nesting of arrays, maps and tags.
     ``max_items``: data items in total (every key, value and element counts).
+
+    The output caps are also proportional to the input (a cheap body cannot
+    buy expensive decoding): a body of ``n`` bytes may inflate to at most
+    ``max(min_decoded_bytes, max_expansion * n)`` bytes and hold at most
+    ``max(min_items, max_items_per_byte * n)`` items. Real bodies stay far
+    below (DEFLATE with the dictionary gains well under 10x on Matrix JSON).
     """
 
     max_encoded_bytes: int = 16 * 1024 * 1024
     max_decoded_bytes: int = 64 * 1024 * 1024
     max_depth: int = 128
     max_items: int = 2_000_000
+    max_expansion: int = 32
+    max_items_per_byte: int = 8
+    min_decoded_bytes: int = 64 * 1024
+    min_items: int = 4096
+
+    def for_input(self, size: int) -> BodyLimits:
+        """The caps for one body of ``size`` bytes (the proportional ones applied)."""
+        decoded = min(
+            self.max_decoded_bytes, max(self.min_decoded_bytes, self.max_expansion * size)
+        )
+        items = min(self.max_items, max(self.min_items, self.max_items_per_byte * size))
+        if decoded == self.max_decoded_bytes and items == self.max_items:
+            return self
+        return attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
 
 
 DEFAULT_BODY_LIMITS = BodyLimits()
+#: What a listener accepts in a request body: decoding the worst body these caps
+#: accept stays within tens of milliseconds (docs/wire-body.md, "Caps").
+REQUEST_BODY_LIMITS = BodyLimits(max_decoded_bytes=8 * 1024 * 1024, max_items=16384)
 
 
 # =========================================================================================
@@ -177,6 +205,8 @@ class _Tables:
     key_bytes: dict[str, bytes]
     #: value-table string -> its encoded simple value (the strings ``string()`` replaces)
     value_bytes: dict[str, bytes]
+    #: per context (server names): string -> its encoding by ``string_uncached`` (bounded)
+    strings: dict[tuple[str, ...], dict[str, bytes]] = attrs.field(factory=dict)
 
 
 _TABLES: dict[tuple[int, bytes], _Tables] = {}
@@ -236,7 +266,14 @@ class _Encoder:
         t = _tables(profile)
         self.key_bytes = t.key_bytes
         self.value_bytes = t.value_bytes
-        self.servers = {name: i for i, name in enumerate(context.server_names[:MAX_SERVER_REFS])}
+        names = context.server_names[:MAX_SERVER_REFS]
+        self.servers = {name: i for i, name in enumerate(names)}
+        cache = t.strings.get(names)
+        if cache is None:
+            if len(t.strings) >= _STRING_CACHE_CONTEXTS:
+                t.strings.clear()
+            cache = t.strings[names] = {}
+        self.cache: dict[str, bytes] = cache
         self.out: list[bytes] = []
         self.prev_big: int | None = None  # last int in [_TS_LOW, _TS_HIGH) in value position
 
@@ -262,8 +299,7 @@ class _Encoder:
         if simple is not None:
             out.append(simple)
             return
-        n_len = len(s)
-        if n_len == 0:
+        if not s:
             out.append(b"\x60")
             return
         if self.refs is not None:
@@ -272,6 +308,26 @@ class _Encoder:
                 out.append(cbor.head(cbor.MAJOR_TAG, ref[0]))
                 out.append(cbor.head(cbor.MAJOR_UINT, ref[1]))
                 return
+        cache = self.cache
+        enc = cache.get(s)
+        if enc is not None:
+            out.append(enc)
+            return
+        mark = len(out)
+        self.string_uncached(s)
+        if len(s) <= _STRING_CACHE_MAX_LEN:
+            enc = b"".join(out[mark:])
+            del out[mark:]
+            out.append(enc)
+            if len(cache) >= _STRING_CACHE_ENTRIES:
+                cache.clear()
+            cache[s] = enc
+
+    def string_uncached(self, s: str) -> None:
+        """What ``string`` sends for ``s`` after the value table and references: a
+        function of ``s`` and the context's server names only (so it can be cached)."""
+        out = self.out
+        n_len = len(s)
         srv = self.servers.get(s)
         if srv is not None:
             out.append(cbor.head(cbor.MAJOR_TAG, TAG_SERVER))
@@ -901,6 +957,7 @@ def decode_body(
         raise LimitExceeded(f"body is larger than {limits.max_encoded_bytes} bytes")
     if not data:
         raise RemoteProtocolError("bad body: empty")
+    limits = limits.for_input(len(data))
     marker = data[0]
     if marker == MARKER_DEFLATE:
         data = _inflate(data[1:], b"", limits)
