@@ -1,30 +1,50 @@
 #!/usr/bin/env python3
-"""Inbound throughput: the module's CoAP listener vs Synapse's own HTTP listener.
+"""Inbound cost: Synapse's own CPU time per request, CoAP listener vs HTTP listener.
 
 Starts one real Synapse (SQLite, temp dir, loopback only) that has both an
 HTTP listener and the CoAP module, registers a user, then for each endpoint
-runs the same number of requests at the same concurrency through
+sends ``--requests`` *distinct* requests (a varying query parameter, so no two
+are alike) through
 
 * CoAP + Noise: the transport's CoapClient (one Noise session, multiplexed),
 * plain CoAP (the module's loopback plain listener),
-* HTTP/1.1: aiohttp with keep-alive (one connection per concurrent worker),
+* HTTP/1.1: aiohttp with keep-alive,
 
-and prints requests per second side by side, with the CoAP/HTTP ratio.
-Both paths end in the same servlets of the same process, so the difference is
-the listener: UDP + Noise + CoAP + the asyncio<->Twisted bridge against
-Twisted's HTTP channel.
+and reads the Synapse process's own CPU time (user + system of all its threads,
+``/proc/PID/stat``) before and after: CPU milliseconds per request, and the
+CoAP+Noise / HTTP ratio. The module's body memo is switched off in that Synapse
+(``SYNAPSE_COAP_BODY_MEMO=0``), so every response pays for the codec as
+distinct bodies would. The listeners take turns, ``--rounds`` times; each cell
+reports median (min-max) over the rounds.
+
+The client (this process) is pinned to the other core than Synapse where the
+machine has two or more, and runs at lower priority (nice 10), so it does not
+take Synapse's CPU; its own CPU does not enter the figures either way.
+
+Endpoints: client versions, federation version, server keys, whoami
+(authenticated). ``--modes default,asyncio`` runs both reactor modes (the
+asyncio reactor with ``SYNAPSE_ASYNC_IO_REACTOR=1``, aiocoap sharing its loop).
 
 Usage::
 
-    python bench/inbound.py [--requests 300] [--concurrency 8] [--nstart N] [--max-nstart M]
-                            [--asyncio-reactor]
+    python bench/inbound.py [--requests 400] [--rounds 5] [--concurrency 4]
+                            [--modes default,asyncio] [--profile-out FILE]
+
+``--profile-out FILE`` additionally samples Synapse with py-spy (every thread)
+during one more pass of every endpoint per listener and writes a text profile
+per mode and listener next to FILE (what bench/profiles/inbound-*.txt hold;
+needs ``pip install py-spy`` and ptrace rights).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +52,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from synapse_coap.mapping.messages import HttpRequest
-from tests.harness.synapse_proc import SynapseProcess, free_port
+from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
+from tests.harness.synapse_proc import SynapseProcess, free_port  # noqa: E402
 
 SERVER_NAME = "bench.test"
+LISTENERS = ("CoAP+Noise", "plain CoAP", "HTTP/1.1")
 
 ENDPOINTS: list[tuple[str, str, bool]] = [
     # (label, target, needs the access token)
@@ -47,49 +69,67 @@ ENDPOINTS: list[tuple[str, str, bool]] = [
     ("whoami (auth)", "/_matrix/client/v3/account/whoami", True),
 ]
 
+_TICK = os.sysconf("SC_CLK_TCK")
 
-async def measure(n: int, concurrency: int, one: Callable[[], Awaitable[int]]) -> float:
-    """Requests per second for ``n`` calls of ``one`` with ``concurrency`` in flight."""
-    for _ in range(min(5, n)):  # warm-up (sessions, caches)
-        await one()
-    remaining = n
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def pin(synapse_pid: int) -> str:
+    """Synapse's threads on core 0, this process on the last core, at nice 10."""
+    os.nice(10)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return "one core: client at nice 10, not pinned"
+    for tid in os.listdir(f"/proc/{synapse_pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cores[0]})
+        except OSError:
+            pass
+    os.sched_setaffinity(0, {cores[-1]})
+    return f"Synapse on core {cores[0]}, client on core {cores[-1]} at nice 10"
+
+
+async def run_n(n: int, concurrency: int, one: Callable[[int], Awaitable[int]], base: int) -> int:
+    """``n`` calls ``one(base + i)`` with ``concurrency`` in flight; the number of non-200s."""
+    nxt = 0
     errors = 0
 
     async def worker() -> None:
-        nonlocal remaining, errors
-        while remaining > 0:
-            remaining -= 1
-            if await one() != 200:
+        nonlocal nxt, errors
+        while nxt < n:
+            i = nxt
+            nxt += 1
+            if await one(base + i) != 200:
                 errors += 1
 
-    start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    if errors:
-        print(f"  warning: {errors} non-200 responses", file=sys.stderr)
-    return n / elapsed
+    return errors
 
 
-async def measure_or_nan(
-    args: argparse.Namespace, one: Callable[[], Awaitable[int]], what: str
-) -> float:
-    try:
-        return await measure(args.requests, args.concurrency, one)
-    except Exception as e:
-        print(f"  {what} failed: {e!r}", file=sys.stderr)
-        return float("nan")
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str], list[float]]:
     import aiohttp
 
     from synapse_coap.noise.keys import generate_private_key, public_key, read_key_file
     from synapse_coap.noise.trust import TrustPolicy
     from synapse_coap.transport.client import CoapClient, Endpoint
+    from synapse_coap.transport.link import LinkParameters
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
     http_port, coap_port, plain_port = free_port(), free_port("udp"), free_port("udp")
     key_path = workdir / "coap.key"
+    env = {"SYNAPSE_COAP_BODY_MEMO": "0"}
+    if mode == "asyncio":
+        env["SYNAPSE_ASYNC_IO_REACTOR"] = "1"
     proc = SynapseProcess(
         workdir,
         SERVER_NAME,
@@ -104,10 +144,14 @@ async def run(args: argparse.Namespace) -> None:
                 },
             }
         ],
-        env={"SYNAPSE_ASYNC_IO_REACTOR": "1"} if args.asyncio_reactor else {},
+        env=env,
     )
     proc.start(ready_log_pattern=r"CoAP listener ready")
+    cells: dict[tuple[str, str], list[float]] = {}
+    pid = proc.pid
+    assert pid is not None
     try:
+        placement = pin(pid)
         server_key = public_key(read_key_file(key_path))
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=args.concurrency)
@@ -121,10 +165,7 @@ async def run(args: argparse.Namespace) -> None:
                 },
             )
             token = (await reg.json())["access_token"]
-
-            from synapse_coap.transport.link import LinkParameters
-
-            link = LinkParameters(nstart=args.nstart, max_nstart=args.max_nstart)
+            link = LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency)
             coap = await CoapClient.create(
                 link=link,
                 static_key=generate_private_key(),
@@ -136,97 +177,193 @@ async def run(args: argparse.Namespace) -> None:
             )
             secure_ep = Endpoint("127.0.0.1", coap_port, SERVER_NAME, server_key, True)
             plain_ep = Endpoint("127.0.0.1", plain_port, SERVER_NAME, None, False)
-            rows: list[tuple[str, float, float, float]] = []
+            serial = 0
             try:
                 for label, target, auth in ENDPOINTS:
                     headers: tuple[tuple[str, str], ...] = (
                         (("authorization", f"Bearer {token}"),) if auth else ()
                     )
 
-                    async def via_coap(
-                        client: Any = coap,
-                        ep: Any = secure_ep,
-                        target: str = target,
-                        headers: Any = headers,
-                    ) -> int:
-                        r = await client.request(ep, HttpRequest("GET", target.encode(), headers))
-                        return int(r.status)
+                    def via(client: Any, ep: Any, target: str = target, headers: Any = headers):  # type: ignore[no-untyped-def]
+                        async def call(i: int) -> int:
+                            req = HttpRequest("GET", f"{target}?n={i}".encode(), headers)
+                            r = await client.request(ep, req)
+                            return int(r.status)
 
-                    async def via_plain() -> int:
-                        return await via_coap(plain, plain_ep)
+                        return call
 
-                    async def via_http(target: str = target, headers: Any = headers) -> int:
-                        async with http.get(proc.base_url + target, headers=dict(headers)) as r:
+                    async def via_http(i: int, target: str = target, headers: Any = headers) -> int:
+                        async with http.get(
+                            f"{proc.base_url}{target}?n={i}", headers=dict(headers)
+                        ) as r:
                             await r.read()
                             return r.status
 
-                    noise_rps = await measure_or_nan(args, via_coap, f"{label} over CoAP+Noise")
-                    plain_rps = await measure_or_nan(args, via_plain, f"{label} over plain CoAP")
-                    http_rps = await measure_or_nan(args, via_http, f"{label} over HTTP")
-                    rows.append((label, noise_rps, plain_rps, http_rps))
+                    runners = {
+                        "CoAP+Noise": via(coap, secure_ep),
+                        "plain CoAP": via(plain, plain_ep),
+                        "HTTP/1.1": via_http,
+                    }
+                    for one in runners.values():  # warm-up: sessions, caches, connections
+                        serial += 20
+                        await run_n(20, args.concurrency, one, serial)
+                    for _ in range(args.rounds):
+                        for name, one in runners.items():
+                            serial += args.requests
+                            before = cpu_seconds(pid)
+                            errors = await run_n(args.requests, args.concurrency, one, serial)
+                            after = cpu_seconds(pid)
+                            if errors:
+                                print(
+                                    f"  warning: {label} {name}: {errors} non-200", file=sys.stderr
+                                )
+                            ms = (after - before) * 1000 / args.requests
+                            cells.setdefault((label, name), []).append(ms)
+                    if args.profile_out:
+                        for name, one in runners.items():
+                            spy = start_spy(pid, workdir / f"spy-{name[:4]}.txt")
+                            serial += args.profile_requests
+                            await run_n(args.profile_requests, args.concurrency, one, serial)
+                            stop_spy(spy)
+                    print(
+                        f"  [{mode}] {label}: "
+                        + ", ".join(
+                            f"{n} {statistics.median(cells[(label, n)]):.3f}" for n in LISTENERS
+                        )
+                        + " ms/request",
+                        file=sys.stderr,
+                    )
             finally:
                 await coap.close()
                 await plain.close()
     finally:
         proc.stop()
+    print(f"  [{mode}] {placement}", file=sys.stderr)
+    if args.profile_out:
+        for name in LISTENERS:
+            write_profile(workdir / f"spy-{name[:4]}.txt", args.profile_out, mode, name)
+    return cells
 
-    mode = "asyncio (shared loop)" if args.asyncio_reactor else "default (loop in a thread)"
-    nstart = (
-        str(args.nstart)
-        if args.max_nstart == args.nstart
-        else f"{args.nstart}..{args.max_nstart} (adaptive)"
+
+def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling every thread of ``pid`` (collapsed stacks, appended per endpoint)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    part = out.with_suffix(f".{time.monotonic_ns()}")
+    proc = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "500",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--output",
+            str(part),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    time.sleep(1.0)  # py-spy attaches
+    proc.part = part  # type: ignore[attr-defined]
+    proc.out = out  # type: ignore[attr-defined]
+    return proc
+
+
+def stop_spy(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+    part: Path = proc.part  # type: ignore[attr-defined]
+    out: Path = proc.out  # type: ignore[attr-defined]
+    if part.exists():
+        with out.open("a") as f:
+            f.write(part.read_text())
+
+
+def write_profile(raw: Path, out: Path, mode: str, listener: str) -> None:
+    """Self and inclusive sample counts per function from py-spy's collapsed stacks."""
+    if not raw.exists():
+        print(f"  no profile at {raw}", file=sys.stderr)
+        return
+    self_n: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.replace(str(ROOT) + "/", "") for f in stack.split(";")]
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    lines = [
+        f"# py-spy samples (500/s, every thread) of the Synapse process while it served "
+        f"{listener} requests of the four endpoints; reactor {mode}",
+        "# command: python bench/inbound.py " + " ".join(sys.argv[1:]),
+        f"# {total} samples (idle threads included: epoll/select waits)",
+        "",
+        "## top 40 by self samples",
+    ]
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:40]:
+        lines.append(f"{n:>7} {100 * n / total:5.1f}%  {f}")
+    lines += ["", "## top 60 by inclusive samples"]
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:60]:
+        lines.append(f"{n:>7} {100 * n / total:5.1f}%  {f}")
+    slug = listener.lower().replace("/", "").replace("+", "-").replace(" ", "-").replace(".", "")
+    target = out.with_name(f"{out.stem}-{mode}-{slug}{out.suffix}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(lines) + "\n")
+    print(f"  profile written to {target}", file=sys.stderr)
+
+
+def report(mode: str, cells: dict[tuple[str, str], list[float]], args: argparse.Namespace) -> None:
     print(
-        f"\nInbound requests/s, {args.requests} requests per cell, CoAP NSTART {nstart}, "
-        f"concurrency {args.concurrency}, reactor {mode}"
+        f"\nSynapse CPU ms per request, reactor {mode}: {args.requests} distinct requests per "
+        f"cell, concurrency {args.concurrency}, median (min-max) of {args.rounds} rounds"
     )
-    print(f"{'endpoint':<22}{'CoAP+Noise':>12}{'plain CoAP':>12}{'HTTP/1.1':>12}{'Noise/HTTP':>12}")
-    for label, noise_rps, plain_rps, http_rps in rows:
+    print(f"{'endpoint':<20}" + "".join(f"{n:>22}" for n in LISTENERS) + f"{'Noise/HTTP':>14}")
+    for label, _, _ in ENDPOINTS:
+        noise, http = cells[(label, "CoAP+Noise")], cells[(label, "HTTP/1.1")]
+        ratios = [a / b for a, b in zip(noise, http, strict=True) if b > 0]
         print(
-            f"{label:<22}{noise_rps:>12.0f}{plain_rps:>12.0f}{http_rps:>12.0f}"
-            f"{noise_rps / http_rps:>11.2f}x"
+            f"{label:<20}"
+            + "".join(f"{spread(cells[(label, n)]):>22}" for n in LISTENERS)
+            + f"{statistics.median(ratios):>13.2f}x"
         )
-    if args.json:
-        print(json.dumps({"rows": rows}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=400, help="requests per cell and round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (n of each figure)")
+    parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument(
-        "--asyncio-reactor", action="store_true", help="run Synapse with SYNAPSE_ASYNC_IO_REACTOR=1"
+        "--modes", default="default,asyncio", help="reactor modes: default, asyncio or both"
     )
     parser.add_argument(
-        "--nstart",
-        type=int,
-        default=None,
-        help="the CoAP clients' NSTART (confirmable requests in flight per peer; RFC 7252: 1): "
-        "sets link.nstart, the floor, and unless --max-nstart is given also link.max_nstart, "
-        "the ceiling, so the window is fixed at N. Default: the concurrency, so CoAP gets as "
-        "many requests in flight as HTTP gets connections (with 1, the workers queue behind "
-        "each other and the table measures round-trip latency rather than the listener's "
-        "throughput)",
+        "--profile-out", type=Path, default=None, help="write Synapse's cProfile text here"
     )
     parser.add_argument(
-        "--max-nstart",
-        type=int,
-        default=None,
-        help="link.max_nstart, the ceiling of the adaptive per-peer NSTART (default: the same "
-        "as --nstart, i.e. fixed). E.g. --nstart 1 --max-nstart 4 measures the defaults' "
-        "adaptive window (docs/link-tuning.md)",
+        "--profile-requests", type=int, default=2000, help="requests per endpoint under py-spy"
     )
-    parser.add_argument("--json", action="store_true", help="also print the rows as JSON on stdout")
     args = parser.parse_args()
-    if args.nstart is None:
-        args.nstart = args.concurrency
-    if args.max_nstart is None:
-        args.max_nstart = args.nstart
-    if args.max_nstart < args.nstart:
-        parser.error("--max-nstart must not be below --nstart")
-    asyncio.run(run(args))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in ("default", "asyncio"):
+            parser.error(f"--modes: unknown mode {m!r} (allowed: default, asyncio)")
+    results = {m: asyncio.run(run_mode(args, m)) for m in modes}
+    for m, cells in results.items():
+        report(m, cells, args)
+    print(
+        "\nThe machine may be shared with other work; the ratio comes from the same rounds, "
+        "the listeners taking turns."
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import datetime
-import importlib.metadata
 import shutil
 import statistics
 import sys
@@ -58,6 +56,7 @@ from lab_scenarios.client import (
     Delivery,
     client_suite,
     deliver_messages,
+    nginx_path,
 )
 from lab_scenarios.common import (
     STACKS,
@@ -68,12 +67,14 @@ from lab_scenarios.common import (
     round_trips,
     synapse_config,
 )
+from lab_scenarios.day import day_suite, day_table, idle_table
 from lab_scenarios.federation import (
     FED_SCENARIOS,
     SlowDelivery,
     federation_suite,
     slow_federated_delivery,
 )
+from results_store import RESULTS, provenance, read_json, read_rows, write_json, write_rows
 
 from synapse_coap.lab.capture import tshark_path
 from synapse_coap.lab.model import PROFILES, LinkProfile, get_profile
@@ -81,9 +82,30 @@ from synapse_coap.lab.relay import Relay, RelayConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
+README = REPO / "README.md"
+README_START = (
+    "<!-- lab-readme:start (written by bench/lab.py from bench/results/; do not edit by hand) -->"
+)
+README_END = "<!-- lab-readme:end -->"
+#: the README's bandwidth table: (scenario, label), lan profile
+README_ROWS = (
+    ("login", "client login (fresh session)"),
+    ("initial-sync", "initial sync"),
+    ("send", "send a message"),
+    ("receive", "receive a message (incremental sync)"),
+    ("upload", "upload a 10 KiB PNG (incompressible)"),
+    ("fed-first-contact", "federation: first contact + remote join"),
+    ("fed-100", "federation: 100 messages"),
+)
+SHARED_NOTE = (
+    "The machine (2 cores) was shared with other work during the run: byte counts are "
+    "exact, times are noisy."
+)
 MARK_START = "<!-- lab-results:start (written by bench/lab.py; do not edit by hand) -->"
 MARK_END = "<!-- lab-results:end -->"
-SUITES = ("client", "federation", "deliver", "lossy", "sweep")
+SUITES = ("client", "federation", "deliver", "lossy", "sweep", "day")
+#: what runs without --suite/--scenario ("day" takes an hour: asked for by name)
+DEFAULT_SUITES = ("client", "federation", "deliver", "lossy", "sweep")
 
 RATES = (100.0, 300.0, 1000.0, 9600.0, 64000.0, 1_000_000.0)
 LOSSES = (0.0, 0.1, 0.2, 0.3, 0.4)
@@ -94,7 +116,12 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "send": ("client", "send one m.room.message and get its event id"),
     "receive": ("client", "receive one message by incremental long-poll /sync"),
     "upload": ("client", "upload a 10 KiB PNG"),
-    "idle": ("client", "idle with sync keep-alive (--idle seconds; 600 with --full)"),
+    "idle": ("client", "idle with sync keep-alive (--idle seconds; an hour with --full)"),
+    "day": (
+        "day",
+        "log in, initial sync, 10 sent + 10 received over --day-seconds (an hour), idle "
+        "otherwise; both stacks, with the ratio (--suite day)",
+    ),
     "fed-first-contact": ("federation", "first contact: key fetch and a remote join"),
     "fed-1": ("federation", "one message delivered over federation"),
     "fed-10": ("federation", "10 messages over federation"),
@@ -198,11 +225,13 @@ def _ratio(c: ScenarioResult | None, h: ScenarioResult | None) -> str:
 
 def ratio_table(results: Sequence[ScenarioResult]) -> str:
     """A Markdown table per scenario and profile: bytes, packets, round trips and time for
-    each stack, CoAP retransmissions, and the HTTPS/CoAP byte ratio."""
+    each stack (CoAP+Noise, stock HTTPS, HTTPS behind nginx), CoAP retransmissions, and the
+    HTTPS/CoAP byte ratio for both HTTPS baselines."""
     rows = [
-        "| scenario | profile | CoAP+Noise B | dgrams | RTs | s | retrans | HTTPS B | pkts | RTs "
-        "| s | HTTPS/CoAP |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| scenario | profile | CoAP+Noise B | dgrams | RTs | s | retrans "
+        "| HTTPS stock B | pkts | RTs | s | stock/CoAP "
+        "| HTTPS nginx B | pkts | RTs | s | nginx/CoAP |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     keyed: dict[tuple[str, str], dict[str, ScenarioResult]] = {}
     for r in results:
@@ -221,10 +250,20 @@ def ratio_table(results: Sequence[ScenarioResult]) -> str:
         return out
 
     for (name, profile), by_stack in keyed.items():
-        c, h = by_stack.get("coap"), by_stack.get("https")
+        c, h, n = by_stack.get("coap"), by_stack.get("https"), by_stack.get("https-nginx")
         rows.append(
             "| "
-            + " | ".join([name, profile, *cells(c, True), *cells(h, False), _ratio(c, h)])
+            + " | ".join(
+                [
+                    name,
+                    profile,
+                    *cells(c, True),
+                    *cells(h, False),
+                    _ratio(c, h),
+                    *cells(n, False),
+                    _ratio(c, n),
+                ]
+            )
             + " |"
         )
     return "\n".join(rows)
@@ -246,8 +285,12 @@ def plot_bytes_per_transaction(results: Sequence[ScenarioResult], path: Path) ->
         if r.scenario not in names and r.scenario != "udp-echo":
             names.append(r.scenario)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.4
-    labels = {"coap": "CoAP+Noise (synapse-coap)", "https": "HTTPS+JSON (stock)"}
+    width = 0.27
+    labels = {
+        "coap": "CoAP+Noise (synapse-coap)",
+        "https": "HTTPS+JSON (stock Synapse)",
+        "https-nginx": "HTTPS+JSON (nginx: TLS 1.3, HTTP/2, gzip)",
+    }
     for i, stack in enumerate(STACKS):
         values = [
             next((r.ip_bytes for r in results if r.scenario == n and r.stack == stack), 0)
@@ -492,28 +535,78 @@ def report(run: Run) -> str:
             )
         lines.append("")
     lines += list(run.notes)
+    # issue 11: the day suite and the idle cost per minute (bench/lab_scenarios/day.py)
+    lines += ["", t] if (t := day_table(run.results)) else []
+    lines += ["", t] if (t := idle_table(run.results, dict(PROFILES))) else []
     return "\n".join(lines)
 
 
-def write_docs(path: Path, text: str, command: str) -> None:
-    """Replace the block between the markers in docs/benchmarks.md."""
-    try:
-        version = importlib.metadata.version("matrix-synapse")
-    except importlib.metadata.PackageNotFoundError:
-        version = "?"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = (
-        f"{MARK_START}\n\n_Run {stamp}, Synapse {version}, command `{command}`._\n\n"
-        f"{text.strip()}\n\n{MARK_END}"
-    )
-    doc = path.read_text() if path.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
-    if MARK_START in doc and MARK_END in doc:
-        head, _, rest = doc.partition(MARK_START)
-        _, _, tail = rest.partition(MARK_END)
+def _replace_block(path: Path, start: str, end: str, body: str) -> None:
+    block = f"{start}\n\n{body.strip()}\n\n{end}"
+    doc = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start in doc and end in doc:
+        head, _, rest = doc.partition(start)
+        _, _, tail = rest.partition(end)
         doc = head + block + tail
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     path.write_text(doc)
+
+
+def stamp(meta: dict[str, str]) -> str:
+    return (
+        f"_Run {meta.get('time', '?')}, Synapse {meta.get('synapse', '?')}, commit "
+        f"`{meta.get('commit', '?')}`, {meta.get('machine', '?')}; command "
+        f"`{meta.get('command', '?')}`; results: `bench/results/lab.csv`, `lab.json`. "
+        f"{meta.get('note', '')}_"
+    )
+
+
+def write_docs(path: Path, text: str, meta: dict[str, str]) -> None:
+    """Replace the block between the markers in docs/benchmarks.md."""
+    _replace_block(path, MARK_START, MARK_END, f"{stamp(meta)}\n\n{text.strip()}")
+
+
+def readme_table(results: Sequence[ScenarioResult]) -> str:
+    """The README's bandwidth table (lan profile), from the results: both HTTPS baselines."""
+    by = {(r.scenario, r.stack): r for r in results if r.profile == "lan"}
+    rows = [
+        "| scenario (lan profile) | CoAP+Noise | HTTPS stock Synapse | HTTPS behind nginx "
+        "| stock/CoAP | nginx/CoAP |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+
+    def cell(r: ScenarioResult | None) -> str:
+        return "—" if r is None or not r.ok else f"{r.ip_bytes:,} B"
+
+    for scenario, label in README_ROWS:
+        c, h = by.get((scenario, "coap")), by.get((scenario, "https"))
+        n = by.get((scenario, "https-nginx"))
+        if c is None and h is None:
+            continue
+        rows.append(
+            f"| {label} | {cell(c)} | {cell(h)} | {cell(n)} "
+            f"| {_ratio(c, h).replace('x', '×')} | {_ratio(c, n).replace('x', '×')} |"
+        )
+    return "\n".join(rows)
+
+
+def write_readme(path: Path, results: Sequence[ScenarioResult], meta: dict[str, str]) -> None:
+    if not path.exists():
+        return
+    _replace_block(path, README_START, README_END, f"{readme_table(results)}\n\n{stamp(meta)}")
+
+
+def save_results(run: Run, meta: dict[str, str], directory: Path = RESULTS) -> None:
+    """The run's figures into the committed results directory (CSV + JSON)."""
+    write_rows(directory / "lab.csv", run.results, meta)
+    write_json(directory / "lab.json", attrs.evolve(run, results=()), meta)
+
+
+def load_results(directory: Path = RESULTS) -> tuple[Run, dict[str, str]]:
+    meta, run = read_json(directory / "lab.json", Run)
+    _, rows = read_rows(directory / "lab.csv", ScenarioResult)
+    return attrs.evolve(run, results=tuple(rows)), meta
 
 
 def _tuning(profile: LinkProfile) -> str:
@@ -528,14 +621,32 @@ def _tuning(profile: LinkProfile) -> str:
 async def run_lab(args: argparse.Namespace) -> Run:
     work = Path(tempfile.mkdtemp(prefix="synapse-coap-lab-"))
     profile = get_profile(args.profile)
+    notes: list[str] = []
     stacks = tuple(args.stack or STACKS)
+    if "https-nginx" in stacks and nginx_path() is None:
+        stacks = tuple(s for s in stacks if s != "https-nginx")
+        notes.append(
+            "The tuned HTTPS baseline was SKIPPED: nginx is not installed (scripts/setup "
+            "installs Debian's nginx-light when run as root)."
+        )
+        progress(notes[-1])
+    elif "https-nginx" in stacks:
+        notes.append(
+            "HTTPS behind nginx: Debian's nginx (TLS 1.3 only, HTTP/2 enabled, gzip level 6 "
+            "for JSON) in front of the same stock Synapse's plain listener, started and stopped "
+            "by the lab; client scenarios only (Synapse's own federation client speaks "
+            "HTTP/1.1 without compression, so a front changes little there, and it was not "
+            "measured). matrix-nio (aiohttp) offers only HTTP/1.1, so its requests use TLS 1.3 "
+            "and gzip'd responses, not HTTP/2's header compression."
+        )
     results: list[ScenarioResult] = []
     deliver: SlowDelivery | None = None
     lossy: Delivery | None = None
     by_rate: list[SweepPoint] = []
     by_loss: list[SweepPoint] = []
-    notes: list[str] = []
-    suites = args.suite or ([] if args.scenario else list(SUITES))
+    suites = args.suite or ([] if args.scenario else list(DEFAULT_SUITES))
+    if "day" in (args.scenario or []):
+        suites = [*suites, "day"]
     try:
         for name in args.scenario or []:
             if name == "udp-echo":
@@ -543,10 +654,8 @@ async def run_lab(args: argparse.Namespace) -> Run:
         client = tuple(s for s in args.scenario or CLIENT_SCENARIOS if s in CLIENT_SCENARIOS)
         fed = tuple(s for s in args.scenario or FED_SCENARIOS if s in FED_SCENARIOS)
         if ("client" in suites or (args.scenario and client)) and client:
-            if args.idle < 600 and "idle" in client:
-                notes.append(
-                    f"The idle scenario ran for {args.idle:g} s (`--full` runs the 10 minutes)."
-                )
+            if args.idle < 3600 and "idle" in client:
+                notes.append(f"The idle scenario ran for {args.idle:g} s (`--full` runs an hour).")
             progress(f"client scenarios at {profile.name}: {', '.join(client)}")
             results += await client_suite(
                 work / "client", profile, args.seed, stacks, client, args.idle
@@ -554,6 +663,17 @@ async def run_lab(args: argparse.Namespace) -> Run:
         if ("federation" in suites or (args.scenario and fed)) and fed:
             progress(f"federation scenarios at {profile.name}: {', '.join(fed)}")
             results += await federation_suite(work / "federation", profile, stacks, fed)
+        if "day" in suites:
+            if args.day_compress != 1:
+                notes.append(
+                    f"The day ran compressed {args.day_compress:g}x: {args.day_seconds:g} s in "
+                    f"{args.day_seconds / args.day_compress:g} s, with nio's long-poll timeout "
+                    "and the sidecar's keep-alive interval divided alike."
+                )
+            progress(f"day at {profile.name}: {args.day_seconds:g} s")
+            results += await day_suite(
+                work / "day", profile, args.seed, stacks, args.day_seconds, args.day_compress
+            )
         if "deliver" in suites:
             progress(f"must-show: one message at {args.deliver_profile} across federation")
             try:
@@ -629,10 +749,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--suite", action="append", choices=SUITES, help="default: all")
     parser.add_argument("--scenario", action="append", choices=sorted(DESCRIPTIONS))
     parser.add_argument("--profile", default="lan", help=f"one of {', '.join(PROFILES)}")
-    parser.add_argument("--stack", action="append", choices=STACKS, help="default: both")
+    parser.add_argument("--stack", action="append", choices=STACKS, help="default: all three")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--idle", type=float, default=60.0, help="idle scenario, seconds")
-    parser.add_argument("--full", action="store_true", help="10 minutes idle, 5 messages/point")
+    parser.add_argument("--full", action="store_true", help="an hour idle, 5 messages/point")
+    parser.add_argument(
+        "--day-seconds",
+        type=float,
+        default=3600.0,
+        help="the day suite's period (default: an hour)",
+    )
+    parser.add_argument(
+        "--day-compress",
+        type=float,
+        default=1.0,
+        metavar="K",
+        help="run the day K times faster (long-poll timeout and keep-alive interval divided "
+        "by K too; the report says so). Default 1: real time",
+    )
     parser.add_argument("--deliver-profile", default="100bps")
     parser.add_argument("--lossy-messages", type=int, default=100)
     parser.add_argument("--sweep-messages", type=int, default=3, help="messages per sweep point")
@@ -641,11 +775,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=Path(tempfile.gettempdir()) / "synapse-coap-lab"
     )
     parser.add_argument("--docs", type=Path, default=DOCS, help="the Markdown file to update")
-    parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="do not update bench/results/, docs/benchmarks.md or the README",
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="run nothing: re-render docs/benchmarks.md and the README from bench/results/",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--readme", type=Path, default=README, help="the README to update")
     parser.add_argument("--keep", action="store_true", help="keep homeserver directories")
     args = parser.parse_args(argv)
     if args.full:
-        args.idle = max(args.idle, 600.0)
+        args.idle = max(args.idle, 3600.0)
         args.sweep_messages = max(args.sweep_messages, 5)
 
     if args.list:
@@ -655,6 +800,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in PROFILES.values():
             print(f"{p.name:12} {p.describe()}")
         print(f"\nHTTPS byte counting: {'tshark' if tshark_path() else 'unavailable (no tshark)'}")
+        return 0
+    if args.render:
+        run, meta = load_results(args.results)
+        write_docs(args.docs, report(run), meta)
+        write_readme(args.readme, run.results, meta)
+        print(
+            f"rendered {args.docs} and {args.readme} from {args.results} (run {meta.get('time')})"
+        )
         return 0
     get_profile(args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -669,8 +822,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwritten: {args.out / 'results.csv'}; charts: {', '.join(str(p) for p in pngs)}")
     if not args.no_docs:
         command = "python bench/lab.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_docs(args.docs, text, command.strip())
-        print(f"updated {args.docs}")
+        meta = provenance(command.strip())
+        meta["note"] = SHARED_NOTE
+        save_results(run, meta, args.results)
+        run, meta = load_results(args.results)  # the docs come from the committed files only
+        write_docs(args.docs, report(run), meta)
+        write_readme(args.readme, run.results, meta)
+        print(f"updated {args.results}, {args.docs} and {args.readme}")
     print(f"lab run took {time.monotonic() - t0:.0f} s")
     failed = [r for r in run.results if not r.ok]
     bad = (

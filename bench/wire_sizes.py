@@ -1,8 +1,10 @@
 """Bytes per message over the corpus: HTTP/1.1 vs JSON vs each stage of the wire.
 
-    .venv/bin/python bench/wire_sizes.py [--out bench/results/] [--profile 1]
+    .venv/bin/python bench/wire_sizes.py [--out bench/results/] [--profile N] [--corpus heldout]
 
-For every request and response in tests/corpus/*.jsonl it prints, writes as CSV
+For every request and response of the held-out corpus (tests/corpus/heldout/*.jsonl,
+captured independently and never trained on; ``--corpus training`` reads
+tests/corpus/*.jsonl instead) it prints, writes as CSV
 (``wire_sizes.csv``) and plots (``wire_sizes.png``):
 
 * ``http``: the HTTP/1.1 message as clients and Synapse send it (request or
@@ -44,7 +46,7 @@ from synapse_coap.mapping.messages import HttpRequest, HttpResponse  # noqa: E40
 from synapse_coap.mapping.tokens import SenderTokens  # noqa: E402
 from synapse_coap.wire.body import encode_stages  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
-from synapse_coap.wire.profile import load_profile  # noqa: E402
+from synapse_coap.wire.profile import load_profile, profile_ids  # noqa: E402
 
 COLUMNS = ["http", "json", "cbor", "cbor_int", "deflate", "dict", "coap"]
 REMOTE = "remote.example.org"
@@ -65,10 +67,13 @@ def _http_size(first_line: str, headers: list[tuple[str, str]], body: bytes) -> 
     return len(head.encode()) + len(body)
 
 
-def rows(profile_id: int) -> list[dict[str, Any]]:
+CORPORA = {"heldout": ROOT / "tests" / "corpus" / "heldout", "training": ROOT / "tests" / "corpus"}
+
+
+def rows(profile_id: int, corpus: str = "heldout") -> list[dict[str, Any]]:
     profile = load_profile(profile_id)
     out: list[dict[str, Any]] = []
-    for path in sorted((ROOT / "tests" / "corpus").glob("*.jsonl")):
+    for path in sorted(CORPORA[corpus].glob("*.jsonl")):
         federation = path.stem == "federation"
         for i, line in enumerate(path.read_text().splitlines()):
             entry = json.loads(line)
@@ -190,9 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results", help="output directory"
     )
-    parser.add_argument("--profile", type=int, default=1, help="wire profile (default 1)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=None,
+        help="wire profile (default: the highest installed, the one peers negotiate)",
+    )
+    parser.add_argument(
+        "--corpus",
+        choices=sorted(CORPORA),
+        default="heldout",
+        help="heldout (default: never trained on) or training",
+    )
     args = parser.parse_args(argv)
-    data = rows(args.profile)
+    if args.profile is None:
+        args.profile = max(profile_ids())
+    print(
+        f"profile {args.profile}, corpus {args.corpus} ({CORPORA[args.corpus].relative_to(ROOT)})"
+    )
+    data = rows(args.profile, args.corpus)
     width = max(len(r["message"]) for r in data)
     print(f"{'message':<{width}} {'kind':<8} " + " ".join(f"{c:>8}" for c in COLUMNS))
     for r in data:

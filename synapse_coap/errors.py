@@ -61,6 +61,13 @@ class ConfigValueError(SynapseCoapError, ValueError):
         super().__init__(f"{path}: {message}")
 
 
+class LibraryVersionError(SynapseCoapError):
+    """An installed library lacks a private piece synapse-coap needs (checked at start).
+
+    The message names the library's version and the missing piece.
+    """
+
+
 class TransportError(SynapseCoapError):
     """A request could not be carried over the link."""
 

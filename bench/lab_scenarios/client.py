@@ -58,6 +58,7 @@ from synapse_coap.lab.demo import PASSWORD as DEMO_PASSWORD
 from synapse_coap.lab.demo import MatrixClient
 from synapse_coap.lab.homeserver import SynapseProcess, free_port, self_signed_certificate
 from synapse_coap.lab.model import LinkProfile
+from synapse_coap.lab.names import NAMES
 from synapse_coap.lab.relay import Relay, RelayConfig
 from synapse_coap.noise import keys as noise_keys
 
@@ -196,17 +197,17 @@ class Stack:
         transport = http_transport(self.session, f"http://127.0.0.1:{self.helper_port}")
         alice = MatrixClient(transport, SERVER_NAME)
         bob = MatrixClient(transport, SERVER_NAME)
-        await alice.register("alice")
-        await bob.register("bob")
+        await alice.register(NAMES.alice)
+        await bob.register(NAMES.bob)
         room = await bob.call(
             "POST",
             "/createRoom",
-            {"preset": "private_chat", "name": "lab", "invite": [alice.user_id]},
+            {"preset": "private_chat", "name": NAMES.room, "invite": [alice.user_id]},
         )
         self.room_id = str(room["room_id"])
         await alice.call("POST", f"/join/{urllib.parse.quote(self.room_id, safe='')}", {})
-        for i in range(3):
-            await bob.send(self.room_id, f"scene message {i}")
+        for _ in range(3):
+            await bob.send(self.room_id, NAMES.text(15))
         await bob.sync()
         self.alice_helper, self.bob, self.alice_user = alice, bob, alice.user_id
 
@@ -226,11 +227,14 @@ async def start_sidecar(
     public_key: bytes,
     profile: LinkProfile,
     metrics: Any,
+    keepalive_scale: float = 1.0,
 ) -> tuple[web.AppRunner, Any, Any, int]:
     """An in-process sidecar (HTTP on 127.0.0.1, CoAP+Noise to ``address``) tuned for
-    ``profile``; returns (runner, Sidecar, CoAP client, HTTP port)."""
+    ``profile``, with the sidecar's default keep-alive (interval times ``keepalive_scale``);
+    returns (runner, Sidecar, CoAP client, HTTP port)."""
     from synapse_coap.noise.endpoint import NoiseLimits
     from synapse_coap.noise.trust import TrustPolicy
+    from synapse_coap.proxy.runner import DEFAULT_KEEPALIVE
     from synapse_coap.proxy.sidecar import Sidecar, SidecarOptions
     from synapse_coap.transport.client import CoapClient, Endpoint
     from synapse_coap.transport.link import LinkParameters
@@ -243,6 +247,7 @@ async def start_sidecar(
         limits=NoiseLimits.from_config(limits_config(profile), "limits"),
         metrics=metrics,
         bind=("127.0.0.1", 0),
+        keepalive_interval=DEFAULT_KEEPALIVE * keepalive_scale,
     )
     endpoint = Endpoint(address[0], address[1], server_name, public_key)
     slow = profile.uplink.rate is not None and profile.uplink.rate < 20000
@@ -263,6 +268,8 @@ class CoapStack(Stack):
     stack = "coap"
     method = "relay"
     server = "module"
+    #: the sidecar's keep-alive interval is DEFAULT_KEEPALIVE times this (day --day-compress)
+    keepalive_scale = 1.0
 
     def __init__(self, root: Path, profile: LinkProfile, seed: int) -> None:
         super().__init__(root, profile, seed)
@@ -327,7 +334,12 @@ class CoapStack(Stack):
         assert self.relay is not None
         self.metrics = CountingMetrics()
         self._runner, self._sidecar, self._client, self.sidecar_port = await start_sidecar(
-            self.relay.address, SERVER_NAME, self.public_key, self.profile, self.metrics
+            self.relay.address,
+            SERVER_NAME,
+            self.public_key,
+            self.profile,
+            self.metrics,
+            keepalive_scale=self.keepalive_scale,
         )
 
     async def stop_sidecar(self) -> None:
@@ -500,11 +512,149 @@ class HttpsStack(Stack):
         await super().close()
 
 
+def nginx_path() -> str | None:
+    """Debian's nginx (``scripts/setup`` installs nginx-light as root), or None."""
+    import shutil
+
+    found = shutil.which("nginx")
+    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
+        found = "/usr/sbin/nginx"
+    return found
+
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    gzip on;
+    gzip_comp_level 6;
+    gzip_min_length 20;
+    gzip_proxied any;
+    gzip_vary off;
+    gzip_types application/json text/plain;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        ssl_session_cache shared:tls:1m;
+        client_max_body_size 64m;
+        location / {{
+            proxy_pass http://127.0.0.1:{backend};
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_read_timeout 300s;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class NginxStack(HttpsStack):
+    """The tuned HTTPS baseline: Debian's nginx (TLS 1.3, HTTP/2, gzip) in front of stock
+    Synapse's plain client listener; the lab starts and stops it; counted like HTTPS.
+
+    matrix-nio (aiohttp) offers only HTTP/1.1 in ALPN, so its requests use TLS 1.3 and
+    gzip'd responses; HTTP/2 is on for clients that speak it (browsers).
+    """
+
+    stack = "https-nginx"
+    server = "nginx (TLS 1.3, HTTP/2, gzip) in front of stock Synapse"
+
+    def __init__(self, root: Path, profile: LinkProfile, seed: int) -> None:
+        super().__init__(root, profile, seed)
+        self.nginx: Any = None
+
+    async def start(self) -> None:
+        if tshark_path() is None:
+            raise CaptureError("tshark is not installed: cannot count the HTTPS stack")
+        nginx = nginx_path()
+        if nginx is None:
+            raise CaptureError("nginx is not installed (scripts/setup installs it as root)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tls_port = free_port()
+        self.helper_port = free_port()
+        backend = free_port()
+        hs_dir = self.root / "hs"
+        cert, key = self_signed_certificate(hs_dir)
+        plain = {"type": "http", "tls": False, "bind_addresses": ["127.0.0.1"]}
+        listeners = [
+            {**plain, "port": self.helper_port, "resources": [{"names": ["client"]}]},
+            {
+                **plain,
+                "port": backend,
+                "x_forwarded": True,
+                "resources": [{"names": ["client"], "compress": False}],
+            },
+        ]
+        self.syn = SynapseProcess(
+            hs_dir,
+            SERVER_NAME,
+            http_port=self.helper_port,
+            extra_config={**_COMMON, "listeners": listeners},
+        )
+        progress(f"{self.tag} starting stock Synapse behind nginx (HTTPS on tcp/{self.tls_port})")
+        await asyncio.to_thread(self.syn.start, 120.0)
+        ngx_dir = self.root / "nginx"
+        ngx_dir.mkdir(parents=True, exist_ok=True)
+        conf = ngx_dir / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(root=ngx_dir, port=self.tls_port, cert=cert, key=key, backend=backend)
+        )
+        import subprocess
+
+        self.nginx = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(ngx_dir), "-e", str(ngx_dir / "nginx-error.log")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.tls_port), timeout=1):
+                    break
+            except OSError:
+                if self.nginx.poll() is not None or time.monotonic() > deadline:
+                    err = (ngx_dir / "nginx-error.log").read_text()[-500:]
+                    raise CaptureError(f"nginx did not start: {err}") from None
+                await asyncio.sleep(0.1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        self.marker, self.marker_port = sock, sock.getsockname()[1]
+        self.capture = LoopbackCapture(
+            f"tcp port {self.tls_port} or udp dst port {self.marker_port}", directory=self.root
+        )
+        await asyncio.to_thread(self.capture.start)
+        await self.set_scene()
+
+    async def close(self) -> None:
+        await super().close()
+        if self.nginx is not None and self.nginx.poll() is None:
+            self.nginx.terminate()
+            try:
+                await asyncio.to_thread(self.nginx.wait, 10)
+            except Exception:
+                self.nginx.kill()
+
+
 def make_stack(stack: str, root: Path, profile: LinkProfile, seed: int) -> Stack:
     if stack == "coap":
         return CoapStack(root / "coap", profile, seed)
     if stack == "https":
         return HttpsStack(root / "https", profile, seed)
+    if stack == "https-nginx":
+        return NginxStack(root / "https-nginx", profile, seed)
     raise ValueError(f"unknown stack {stack!r}")
 
 
@@ -572,19 +722,20 @@ async def run_client_suite(
                     )
                     note = f"{len(r.rooms.join)} room(s)"
                 elif name == "send":
+                    hello = NAMES.text(14)
                     r = await _expect(
                         "send",
                         alice.room_send(
                             room_id,
                             "m.room.message",
-                            {"msgtype": "m.text", "body": "hello from lab"},
+                            {"msgtype": "m.text", "body": hello},
                         ),
                         "RoomSendResponse",
                     )
                     note = f"event id {r.event_id}"
-                    await bob.wait_for_message(room_id, "hello from lab", 600)
+                    await bob.wait_for_message(room_id, hello, 600)
                 elif name == "receive":
-                    text = "a message for alice"
+                    text = NAMES.text(19)
                     task = asyncio.ensure_future(alice.sync(timeout=30000))
                     await asyncio.sleep(0.2)
                     t0 = time.monotonic()  # time from bob's send to alice's sync returning it
@@ -644,7 +795,7 @@ async def run_client_suite(
             continue
         w = windows[i] if i < len(windows) else Window(0, 0, 0, 0, 0, 0)
         secs, time_method = seconds[i], "measured"
-        if stack.stack == "https" and stack.profile.name != "lan":
+        if stack.stack.startswith("https") and stack.profile.name != "lan":
             secs, time_method = (
                 modelled_seconds(stack.profile, w.up_bytes, w.down_bytes, w.round_trips),
                 "model",

@@ -15,7 +15,8 @@ from synapse_coap.lab.capture import Packet, summarize
 from synapse_coap.lab.model import LinkProfile, TraceRecord
 from synapse_coap.lab.relay import Relay
 
-STACKS = ("coap", "https")
+#: "https-nginx": the tuned HTTPS baseline (client suite; skipped where nginx is missing)
+STACKS = ("coap", "https", "https-nginx")
 
 _T0 = time.monotonic()
 

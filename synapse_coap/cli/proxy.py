@@ -132,6 +132,36 @@ def register(sub: Any) -> None:
         "--no-cache", action="store_true", help="do not answer any request from the response cache"
     )
     sidecar.add_argument(
+        "--no-push",
+        action="store_true",
+        help="carry every /sync long-poll over the link instead of answering it from a push "
+        "registration (docs/clients.md)",
+    )
+    sidecar.add_argument(
+        "--push-refresh",
+        type=float,
+        default=240.0,
+        metavar="SECONDS",
+        help="renew the push registration after this long without a notification, so one the "
+        "homeserver lost comes back (default: %(default)s)",
+    )
+    sidecar.add_argument(
+        "--keepalive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="send a keep-alive (one 50-byte datagram) after this long without sending "
+        "anything to the homeserver, so NAT mappings stay open while the client is idle; "
+        "0 turns it off (default: 110, below the 2-minute minimum NAT timeout of RFC 4787)",
+    )
+    sidecar.add_argument(
+        "--no-short-txn-ids",
+        action="store_true",
+        help="send the client's transaction ids as they are (default: long ids such as "
+        "matrix-nio's UUIDs go as 8-character digests of the access token and the id, "
+        "which keeps retries idempotent across sidecar restarts)",
+    )
+    sidecar.add_argument(
         "--max-body-size",
         type=int,
         default=50 * 1024 * 1024,
@@ -179,6 +209,39 @@ def register(sub: Any) -> None:
         help="also serve plain CoAP without encryption (for loopback tooling like coap-client); repeatable",
     )
     gateway.add_argument(
+        "--no-push",
+        action="store_true",
+        help="do not accept /sync push (Observe) registrations",
+    )
+    gateway.add_argument(
+        "--push-max-per-session",
+        type=int,
+        default=4,
+        metavar="N",
+        help="push registrations one client session may hold (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--push-max-per-source",
+        type=int,
+        default=16,
+        metavar="N",
+        help="push registrations one source address may hold (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--client-key",
+        action="append",
+        default=[],
+        metavar="NAME=KEY",
+        help="pin a client's Noise public key (base64, or a file holding it) under NAME; "
+        "repeatable",
+    )
+    gateway.add_argument(
+        "--only-pinned-clients",
+        action="store_true",
+        help="refuse handshakes from any client key not given with --client-key "
+        "(like the module's trust.accept_unknown_clients: false)",
+    )
+    gateway.add_argument(
         "--insecure-upstream",
         action="store_true",
         help="do not verify the TLS certificate of an https:// --http-target",
@@ -193,6 +256,13 @@ def _fail(message: str) -> int:
 
 def _serve(service: Coroutine[Any, Any, int]) -> int:
     """Run a sidecar or gateway until it stops; its exit status."""
+    from synapse_coap.transport.aiocoap_compat import check as check_aiocoap
+
+    try:
+        check_aiocoap()  # aiocoap's private pieces are there (else: version and piece named)
+    except SynapseCoapError as e:
+        service.close()
+        return _fail(str(e))
     try:
         return asyncio.run(service)
     except (SynapseCoapError, OSError) as e:
@@ -203,6 +273,7 @@ def _serve(service: Coroutine[Any, Any, int]) -> int:
 
 def run_sidecar_command(args: argparse.Namespace) -> int:
     from synapse_coap.proxy.common import configure_logging, dump_enabled, parse_host_port
+    from synapse_coap.proxy.push import PushOptions
     from synapse_coap.proxy.runner import (
         HomeserverAddress,
         SidecarConfig,
@@ -221,12 +292,15 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
             server_key=load_server_key(args.server_key) if args.server_key else None,
             state_dir=args.state_dir or default_state_dir(),
             server_name=args.server_name or f"{homeserver.host}:{homeserver.port}",
+            keepalive=_keepalive(args.keepalive),
             options=SidecarOptions(
                 request_timeout=args.request_timeout,
                 long_poll_slack=args.long_poll_slack,
                 max_body_size=args.max_body_size,
                 cache=not args.no_cache,
                 dump_payloads=dump_enabled(args.dump_payloads),
+                push=PushOptions(enabled=not args.no_push, refresh=args.push_refresh),
+                short_txn_ids=not args.no_short_txn_ids,
             ),
         )
     except ConfigValueError as e:
@@ -234,7 +308,18 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
     return _serve(run_sidecar(config))
 
 
+def _keepalive(value: float | None) -> float | None:
+    from synapse_coap.proxy.runner import DEFAULT_KEEPALIVE
+
+    if value is None:
+        return DEFAULT_KEEPALIVE
+    if not value >= 0 or value == float("inf"):
+        raise ConfigValueError("--keepalive", f"must be a number of seconds >= 0, got {value!r}")
+    return value or None
+
+
 def run_gateway_command(args: argparse.Namespace) -> int:
+    from synapse_coap.mapping.push import PushConfig
     from synapse_coap.proxy.common import configure_logging, dump_enabled, parse_host_port
     from synapse_coap.proxy.gateway import parse_http_target
     from synapse_coap.proxy.runner import GatewayConfig, run_gateway
@@ -257,7 +342,23 @@ def run_gateway_command(args: argparse.Namespace) -> int:
             request_timeout=args.request_timeout,
             long_poll_slack=args.long_poll_slack,
             verify_tls=not args.insecure_upstream,
+            push=PushConfig(
+                enabled=not args.no_push,
+                max_per_session=args.push_max_per_session,
+                max_per_source=args.push_max_per_source,
+            ),
+            client_keys=tuple(_client_key(v) for v in args.client_key),
+            only_pinned_clients=args.only_pinned_clients,
         )
     except ConfigValueError as e:
         return _fail(str(e))
     return _serve(run_gateway(config))
+
+
+def _client_key(value: str) -> tuple[str, bytes]:
+    from synapse_coap.proxy.runner import load_server_key
+
+    name, sep, key = value.partition("=")
+    if not sep or not name or not key:
+        raise ConfigValueError("--client-key", f"expected NAME=KEY, got {value!r}")
+    return name, load_server_key(key, "--client-key")

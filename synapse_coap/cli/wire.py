@@ -20,11 +20,12 @@ from typing import Any
 
 from synapse_coap.cli.common import add_command
 from synapse_coap.errors import SynapseCoapError
+from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.coap import decode_coap, encode_coap
 from synapse_coap.mapping.codec import WireCodec
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.wire.context import WireContext
-from synapse_coap.wire.profile import load_profile
+from synapse_coap.wire.profile import load_profile, profile_ids
 
 DESCRIPTION = """\
 Encode an HTTP request or response into the exact CoAP message synapse-coap
@@ -50,9 +51,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="wire profile id (default 1; 0 = without the compression dictionary)",
+        help="wire profile id (default: the highest installed, the one peers negotiate; "
+        "0 = without the compression dictionary)",
     )
 
 
@@ -147,14 +149,36 @@ def _response_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="encode as for a standard CoAP client that sent Accept: 50 (plain JSON)",
     )
+    _answered_method(p)
+
+
+def _answered_method(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method",
+        default="GET",
+        help="the HTTP method of the request this response answers (default GET): "
+        "200 is 2.05 for GET, 2.04 for POST/PUT/PATCH, 2.02 for DELETE",
+    )
+
+
+def _method_code(args: argparse.Namespace) -> int:
+    return n.HTTP_TO_COAP_METHOD.get(str(args.method).upper(), n.POST)
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--response", action="store_true", help="the message is a response")
+    p.add_argument(
+        "--method",
+        default="GET",
+        help="with --response: the HTTP method of the request it answers (default GET)",
+    )
 
 
 def _codec(args: argparse.Namespace) -> WireCodec:
-    return WireCodec(load_profile(args.profile), WireContext(tuple(args.server_name)))
+    return WireCodec(
+        load_profile(max(profile_ids()) if args.profile is None else args.profile),
+        WireContext(tuple(args.server_name)),
+    )
 
 
 def _headers(values: list[str]) -> list[tuple[str, str]]:
@@ -197,7 +221,9 @@ def _encode_request(args: argparse.Namespace) -> int:
 def _encode_response(args: argparse.Namespace) -> int:
     try:
         resp = HttpResponse(args.status, _headers(args.header), _body(args.body))
-        msg = _codec(args).encode_response(resp, want_json=args.want_json)
+        msg = _codec(args).encode_response(
+            resp, want_json=args.want_json, method=_method_code(args)
+        )
         _write(encode_coap(msg, mtype=2, token=bytes.fromhex(args.token)))
     except (SynapseCoapError, ValueError, OSError) as e:
         print(f"synapse-coap wire: {e}", file=sys.stderr)
@@ -221,7 +247,7 @@ def _decode(args: argparse.Namespace) -> int:
         codec = _codec(args)
         out: dict[str, Any]
         if args.response:
-            resp = codec.decode_response(msg)
+            resp = codec.decode_response(msg, method=_method_code(args))
             out = {"status": resp.status, "headers": [list(h) for h in resp.headers]}
             out.update(_body_json(resp.body, resp.header("content-type")))
         else:

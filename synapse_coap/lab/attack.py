@@ -51,6 +51,7 @@ class RawPeer:
         self.received: asyncio.Queue[bytes] = asyncio.Queue()
         self.established = asyncio.Event()
         self.raw_in: list[bytes] = []
+        self.raw_out: list[bytes] = []
         self._transport: asyncio.DatagramTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -61,8 +62,18 @@ class RawPeer:
         self._transport = transport
         return self
 
-    async def connect(self, *, peer_name: str = "server", timeout: float = 10.0) -> None:
-        cid, events = self.endpoint.connect(self.server, peer_name=peer_name, peer_static=None)
+    async def connect(
+        self,
+        *,
+        peer_name: str = "server",
+        peer_static: bytes | None = None,
+        early_data: bytes | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        """Handshake (IK with 0-RTT ``early_data`` when ``peer_static`` is given, else XX)."""
+        cid, events = self.endpoint.connect(
+            self.server, peer_name=peer_name, peer_static=peer_static, early_data=early_data
+        )
         self.channel = cid
         self._run(events)
         await asyncio.wait_for(self.established.wait(), timeout)
@@ -72,9 +83,9 @@ class RawPeer:
         assert self.channel is not None
         self._run(self.endpoint.send(self.channel, plaintext))
 
-    def send_raw(self, data: bytes) -> None:
+    def send_raw(self, data: bytes, to: Address | None = None) -> None:
         assert self._transport is not None
-        self._transport.sendto(data, self.server)
+        self._transport.sendto(data, to or self.server)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -94,6 +105,7 @@ class RawPeer:
     def _run(self, events: Sequence[Any]) -> None:
         for ev in events:
             if isinstance(ev, Transmit) and self._transport is not None:
+                self.raw_out.append(ev.data)
                 self._transport.sendto(ev.data, ev.addr)
             elif isinstance(ev, ChannelEstablished):
                 self.established.set()

@@ -69,6 +69,7 @@ from synapse_coap.lab.capture import (
 )
 from synapse_coap.lab.homeserver import SynapseProcess, free_port
 from synapse_coap.lab.model import get_profile
+from synapse_coap.lab.names import NAMES
 from synapse_coap.lab.relay import Relay, RelayConfig
 from synapse_coap.mapping.messages import HttpRequest
 from synapse_coap.noise import keys as noise_keys
@@ -959,10 +960,12 @@ async def _run_scenario(
     """Run the scenario on a started pair; returns (sent, delivered, seconds per step)."""
     tag = f"[{pair.stack:<5}]"
     alice, bob = await pair.clients()
-    await alice.register("alice")
-    await bob.register("bob")
-    await bob.call("PUT", f"/profile/{_q(bob.user_id)}/displayname", {"displayname": "Bob"})
-    room = await bob.call("POST", "/createRoom", {"preset": "public_chat", "name": "demo"})
+    await alice.register(NAMES.alice)
+    await bob.register(NAMES.bob)
+    await bob.call(
+        "PUT", f"/profile/{_q(bob.user_id)}/displayname", {"displayname": NAMES.bob_display}
+    )
+    room = await bob.call("POST", "/createRoom", {"preset": "public_chat", "name": NAMES.room_demo})
     room_id = str(room["room_id"])
     await alice.sync()
     await bob.sync()
@@ -980,7 +983,7 @@ async def _run_scenario(
     index = 1
     for sender, receiver, label in ((alice, bob, "alice -> bob"), (bob, alice, "bob -> alice")):
         for i in range(1, messages + 1):
-            text = f"demo message {i} {label}"
+            text = NAMES.text(len(f"demo message {i} {label}"))
             t0 = time.monotonic()
             await sender.send(room_id, text)
             sent += 1
@@ -995,7 +998,7 @@ async def _run_scenario(
     t0 = time.monotonic()
     profile = await alice.call("GET", f"/profile/{_q(bob.user_id)}")
     t = time.monotonic() - t0
-    if profile.get("displayname") != "Bob":
+    if profile.get("displayname") != NAMES.bob_display:
         raise DemoError(f"the profile lookup returned {profile!r}")
     seconds.append(t)
     await pair.quiet()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import ipaddress
 import os
 import re
@@ -58,10 +59,37 @@ __all__ = [
     "SynapseProcess",
     "free_port",
     "self_signed_certificate",
+    "synapse_version",
 ]
 
 #: The Python that runs Synapse (the project venv's, i.e. the one running the tests).
 SYNAPSE_PYTHON = os.environ.get("SYNAPSE_COAP_TEST_PYTHON", sys.executable)
+
+
+@functools.cache
+def synapse_version() -> str:
+    """The version of the Synapse that :data:`SYNAPSE_PYTHON` runs (``synapse.__version__``)."""
+    out = subprocess.run(
+        [SYNAPSE_PYTHON, "-c", "import synapse; print(synapse.__version__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def started_log_pattern() -> str:
+    """A log line Synapse writes once ``start()`` has loaded the modules.
+
+    From 1.150 (checked; not 1.140) the end of ``synapse.app._base.start()``
+    logs "garbage collector: Freezing"; older releases do not log there, and
+    the pusher pool's start (just after the modules) is the last line they write.
+    """
+    release = tuple(int(p) for p in re.findall(r"\d+", synapse_version())[:2])
+    if release >= (1, 150):
+        return r"garbage collector: Freezing"
+    return r"garbage collector: Freezing|Started pushers|Not starting pushers"
+
 
 _HIGH_RATE = {"per_second": 10000, "burst_count": 100000}
 
@@ -360,8 +388,7 @@ class SynapseProcess:
         )
         pattern = re.compile(ready_log_pattern) if ready_log_pattern else None
         if pattern is None and self.http_port is None:
-            # Logged at the very end of synapse.app._base.start(): modules are loaded by then.
-            pattern = re.compile(r"garbage collector: Freezing")
+            pattern = re.compile(started_log_pattern())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -44,7 +45,13 @@ from synapse_coap.mapping.tokens import (
     decode_uint,
     encode_uint,
 )
-from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits, decode_body, encode_body
+from synapse_coap.wire.body import (
+    DEFAULT_BODY_LIMITS,
+    REQUEST_BODY_LIMITS,
+    BodyLimits,
+    decode_body,
+    encode_body,
+)
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
 from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
@@ -105,6 +112,20 @@ _MAX_FIELD = 0xDF
 class UnsupportedCriticalOption(RemoteProtocolError):
     """A request carries a critical option we do not implement (answer 4.02 Bad Option)."""
 
+    coap_code = n.BAD_OPTION
+
+
+class UnsupportedMethod(RemoteProtocolError):
+    """A request's method code names no method we know (answer 4.05, RFC 7252 5.8)."""
+
+    coap_code = n.METHOD_NOT_ALLOWED
+
+
+class ProxyingNotSupported(RemoteProtocolError):
+    """A request carries Proxy-Uri or Proxy-Scheme: we are not a proxy (answer 5.05)."""
+
+    coap_code = n.PROXYING_NOT_SUPPORTED
+
 
 def significant_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The headers the wire carries, in the order a decoded message has them."""
@@ -128,6 +149,17 @@ def _strict_text(data: bytes, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RemoteProtocolError(f"{what} is not valid UTF-8") from e
+
+
+_HEADER_UNSAFE = frozenset("\r\n\x00")
+
+
+def _check_http_safe(headers: list[tuple[str, str]]) -> None:
+    """No CR, LF or NUL in a decoded header (header splitting; aiohttp would refuse it
+    with a 500): RemoteProtocolError, which a listener answers 4.00."""
+    for name, value in headers:
+        if not _HEADER_UNSAFE.isdisjoint(value) or not _HEADER_UNSAFE.isdisjoint(name):
+            raise RemoteProtocolError(f"header {name[:40]!r} holds CR, LF or NUL")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -217,7 +249,9 @@ def _memo_size(key: Hashable, value: bytes) -> int:
 
 
 #: Shared by every WireCodec (the key names the profile and the session context).
-BODY_MEMO = BodyMemo()
+#: ``SYNAPSE_COAP_BODY_MEMO=0`` in the environment switches it off (bench/inbound.py
+#: does, so that every request pays for the codec, as distinct requests would).
+BODY_MEMO = BodyMemo(max_entries=0 if os.environ.get("SYNAPSE_COAP_BODY_MEMO") == "0" else 256)
 _NOT_PARSED: Any = object()
 
 
@@ -445,9 +479,11 @@ class WireCodec:
         self,
         msg: CoapMessage,
         tokens: ReceiverTokens | None = None,
-        limits: BodyLimits = DEFAULT_BODY_LIMITS,
+        limits: BodyLimits = REQUEST_BODY_LIMITS,
     ) -> HttpRequest:
         """The HTTP request; RemoteProtocolError (or UnknownTokenReference) if it cannot be."""
+        if msg.first(n.PROXY_URI) is not None or msg.first(n.PROXY_SCHEME) is not None:
+            raise ProxyingNotSupported("Proxy-Uri / Proxy-Scheme: this endpoint is not a proxy")
         _check_critical(msg)
         if msg.code == n.EMPTY or msg.code >= 32:
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a request")
@@ -459,7 +495,7 @@ class WireCodec:
         else:
             method = n.COAP_TO_HTTP_METHOD.get(msg.code, "")
             if not method:
-                raise RemoteProtocolError(f"unknown CoAP method code {msg.code}")
+                raise UnsupportedMethod(f"unknown CoAP method code {n.code_str(msg.code)}")
         target, routed, flags = self._decode_target(msg)
         headers: list[tuple[str, str]] = []
         # Content-Type first, then Authorization (significant_headers order).
@@ -472,6 +508,7 @@ class WireCodec:
         headers += content_headers
         headers += self._decode_request_auth(msg, tokens, routed, flags)
         headers += self._decode_headers(msg, response=False)
+        _check_http_safe(headers)
         return HttpRequest(method, target, significant_headers(headers), body)
 
     def _decode_target(self, msg: CoapMessage) -> tuple[bytes, bool, int]:
@@ -528,24 +565,34 @@ class WireCodec:
         return out
 
     # --------------------------------------------------------------- responses
-    def encode_response(self, resp: HttpResponse, *, want_json: bool = False) -> CoapMessage:
+    def encode_response(
+        self, resp: HttpResponse, *, want_json: bool = False, method: int = n.GET
+    ) -> CoapMessage:
+        """The response to a request with CoAP method code ``method``.
+
+        The code follows the method (200 is 2.05 for GET, 2.04 for POST/PUT/PATCH,
+        2.02 for DELETE); ``HTTP-Status`` travels only when the code alone, read
+        for that method, would not give back the exact status.
+        """
         status = resp.status
         if not 100 <= status <= 599:
             raise LocalProtocolError(f"HTTP status {status} out of range 100-599")
         options: list[CoapOption] = []
-        code = n.HTTP_TO_COAP_STATUS.get(status)
-        if code is None:
-            code = n.code(2 if status < 400 else status // 100, 0)
+        code = n.status_to_code(status, method)
+        if n.code_to_status(code, method) != status:
             options.append(CoapOption(n.OPT_HTTP_STATUS, encode_uint(status)))
         headers = significant_headers(resp.headers)
         options += self._encode_headers(headers, response=True)
-        content_opts, payload = self._encode_content(headers, resp.body, want_json=want_json)
+        content_opts, payload = self._encode_content(
+            headers, resp.body, want_json=want_json, label=True
+        )
         options += content_opts
         return CoapMessage(code, sort_options(options), payload)
 
     def decode_response(
-        self, msg: CoapMessage, limits: BodyLimits = DEFAULT_BODY_LIMITS
+        self, msg: CoapMessage, limits: BodyLimits = DEFAULT_BODY_LIMITS, *, method: int = n.GET
     ) -> HttpResponse:
+        """The HTTP response in ``msg``, which answers a request with CoAP method ``method``."""
         _check_critical(msg)
         if not n.code(2, 0) <= msg.code < n.code(6, 0):
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a response")
@@ -555,11 +602,12 @@ class WireCodec:
             if len(status_opts) != 1 or not 100 <= status <= 599:
                 raise RemoteProtocolError("bad HTTP-Status option")
         else:
-            status = n.COAP_TO_HTTP_STATUS.get(msg.code, (msg.code >> 5) * 100)
+            status = n.code_to_status(msg.code, method)
         headers: list[tuple[str, str]] = []
         content_headers, body = self._decode_content(msg, limits)
         headers += content_headers
         headers += self._decode_headers(msg, response=True)
+        _check_http_safe(headers)
         return HttpResponse(status, significant_headers(headers), body)
 
     def unknown_token_response(self, error: Exception | None = None) -> CoapMessage:
@@ -637,7 +685,11 @@ class WireCodec:
         *,
         want_json: bool,
         strings: SenderStrings | None = None,
+        label: bool = False,
     ) -> tuple[list[CoapOption], bytes]:
+        """Content options and payload. ``label``: name the compact body with
+        Content-Format :data:`~synapse_coap.mapping.numbers.CF_COMPACT` (responses
+        always do; requests leave it out, it is the default)."""
         cts = [v for k, v in headers if k == "content-type"]
         if len(cts) > 1:
             return [CoapOption(n.OPT_CONTENT_TYPE, _utf8(ct) or CT_EMPTY) for ct in cts], body
@@ -649,15 +701,18 @@ class WireCodec:
         if ct == n.JSON_MEDIA_TYPE:
             if body and not want_json:
                 try:
+                    compact = (
+                        [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))] if label else []
+                    )
                     if strings is None:
-                        return [], self._encode_json_body(body)
+                        return compact, self._encode_json_body(body)
                     value = parse_json_exact(body)
                     begun = strings.begin(identifiers(value))
                     if begun is not None:
                         seq, refs = begun
                         payload = encode_body(value, self.profile, self.context, refs)
                         return [CoapOption(n.OPT_STRING_SEQ, encode_uint(seq))], payload
-                    return [], self._encode_json_body(body, value)
+                    return compact, self._encode_json_body(body, value)
                 except (ValueError, LocalProtocolError, RecursionError) as e:
                     logger.debug("JSON body sent raw: %s", type(e).__name__)
             return [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_JSON))], body
@@ -688,6 +743,9 @@ class WireCodec:
             ], msg.payload
         if cfs:
             cf = decode_uint(cfs[0], 2)
+            if cf == n.CF_COMPACT:
+                cfs = []
+        if cfs:
             media = n.CF_TO_MEDIA_TYPE.get(cf)
             if media is None:
                 raise RemoteProtocolError(f"unsupported Content-Format {cf}")
@@ -762,8 +820,20 @@ class WireCodec:
 
     def wants_json(self, msg: CoapMessage) -> bool:
         """The request carried ``Accept: 50`` (a standard CoAP tool wanting plain JSON)."""
-        accept = msg.first(n.ACCEPT)
-        return accept is not None and len(accept) <= 2 and decode_uint(accept) == n.CF_JSON
+        return accepted_format(msg) == n.CF_JSON
+
+
+def accepted_format(msg: CoapMessage) -> int | None:
+    """The request's Accept option (a Content-Format number), or None without one.
+
+    Raises RemoteProtocolError for a repeated Accept or a value over two bytes.
+    """
+    accepts = msg.get(n.ACCEPT)
+    if not accepts:
+        return None
+    if len(accepts) > 1:
+        raise RemoteProtocolError("repeated Accept option")
+    return decode_uint(accepts[0], 2)
 
 
 def _dump_decoded(value: Any) -> bytes:

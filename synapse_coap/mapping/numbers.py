@@ -120,6 +120,49 @@ COAP_TO_HTTP_STATUS.update(
 )
 COAP_TO_HTTP_STATUS[REQUEST_ENTITY_INCOMPLETE] = 400
 
+
+def success_code(method: int) -> int:
+    """The code an HTTP 200 gets, by the request's CoAP method (RFC 7252 5.8, RFC 8075 7).
+
+    GET (and FETCH, and any unknown method) -> 2.05 Content; POST, PUT, PATCH,
+    iPATCH -> 2.04 Changed; DELETE -> 2.02 Deleted.
+    """
+    if method in (POST, PUT, PATCH, IPATCH):
+        return CHANGED
+    if method == DELETE:
+        return DELETED
+    return CONTENT
+
+
+def status_to_code(status: int, method: int = GET) -> int:
+    """The CoAP response code for an HTTP ``status`` answering a ``method`` request.
+
+    200 -> the method's :func:`success_code`; a status in :data:`HTTP_TO_COAP_STATUS`
+    -> its code; any other 1xx-3xx -> the method's success code; other 4xx/5xx ->
+    4.00/5.00. Whether the exact status must travel too: see :func:`code_to_status`.
+    """
+    if status == 200:
+        return success_code(method)
+    found = HTTP_TO_COAP_STATUS.get(status)
+    if found is not None:
+        return found
+    if status < 400:
+        return success_code(method)
+    return code(status // 100, 0)
+
+
+def code_to_status(value: int, method: int = GET) -> int:
+    """The HTTP status a response code stands for when no ``HTTP-Status`` option says
+    otherwise: the inverse of :func:`status_to_code` on every status it maps alone.
+
+    The method's success code -> 200; a code in :data:`COAP_TO_HTTP_STATUS` -> its
+    status; any other code -> its class times 100.
+    """
+    if value == success_code(method):
+        return 200
+    return COAP_TO_HTTP_STATUS.get(value, (value >> 5) * 100)
+
+
 # --- IANA option numbers (RFC 7252 5.10, RFC 7959, RFC 7641) ---------------
 IF_MATCH = 1
 URI_HOST = 3
@@ -234,6 +277,11 @@ CF_CBOR = 60
 CF_IMAGE_GIF = 21
 CF_IMAGE_JPEG = 22
 CF_IMAGE_PNG = 23
+#: The project's compact JSON body (CBOR with integer keys, then raw DEFLATE with the
+#: profile's dictionary when smaller; docs/wire-body.md). A number of the Content-Formats
+#: registry's *experimental use* range 65000-65535 (RFC 7252 12.3). Every response in
+#: the compact body carries it; a request in the compact body may omit it (the default).
+CF_COMPACT = 65300
 
 #: Exact HTTP ``Content-Type`` strings with a registered Content-Format.
 #: ``application/json`` is *not* here: it is the default (no option, body in

@@ -26,6 +26,7 @@ import hashlib
 import heapq
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -91,6 +92,8 @@ AMPLIFICATION_FACTOR = 3
 XX1_MIN_SIZE = 64
 #: Retry cookies an initiator follows per handshake (a forged retry costs a round trip).
 MAX_RETRIES = 3
+#: 0-RTT messages remembered for anti-replay, per ``max_sessions``.
+MAX_EARLY_SEEN_PER_SESSION = 4
 #: Plaintexts queued per session while waiting for address validation.
 MAX_QUEUED = 64
 #: Largest number of 16-bit session ids we hand out (half the space, to keep allocation fast).
@@ -191,6 +194,9 @@ class NoiseLimits:
       bit rate the endpoint was given (``link_bandwidth_bps``) it is raised to
       0.15 of a bare IK2's serialization time, at most 1 s (0.97 s at
       100 bit/s, unchanged from 1 kbit/s up); 0 always sends IK2 at once.
+    - ``early_data_window``: 0-RTT data (IK1) is accepted only if the
+      initiator's clock in it is within this many seconds of ours, and only
+      once (docs/security.md, "0-RTT anti-replay").
     """
 
     max_sessions: int = attrs.field(
@@ -222,6 +228,9 @@ class NoiseLimits:
         default=120.0, validator=_positive_float("old_key_lifetime")
     )
     reply_wait: float = attrs.field(default=0.05, validator=_non_negative_float("reply_wait"))
+    early_data_window: float = attrs.field(
+        default=60.0, validator=_positive_float("early_data_window")
+    )
     max_half_open_per_prefix: int = attrs.field(
         default=32, validator=_positive_int("max_half_open_per_prefix", 1, MAX_SESSIONS_CEILING)
     )
@@ -280,6 +289,7 @@ class _Session:
         "hs_retransmits",
         "initiator",
         "last_recv",
+        "last_sent",
         "local_sid",
         "pattern",
         "peer_app",
@@ -334,6 +344,7 @@ class _Session:
         self.recv: records.RecvKeys | None = None
         self.replay = records.ReplayWindow()
         self.last_recv = now
+        self.last_sent = now
         self.pn_floor = 0
         self.peer_echo = 0
         # path validation / anti-amplification
@@ -531,11 +542,27 @@ class NoiseEndpoint:
         rng: Callable[[int], bytes] = os.urandom,
         seal_observer: Callable[[bytes, int], None] | None = None,
         link_bandwidth_bps: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        early_data_not_before: float = 0.0,
+        keepalive_interval: float | None = None,
     ) -> None:
         """``seal_observer(key_id, packet_number)`` is called for every record
         sealed (key_id is a hash of the key, never the key): tests use it to
         prove that no nonce is ever reused. ``link_bandwidth_bps`` is the bit
-        rate of the endpoint's link, if known (see ``NoiseLimits.reply_wait``)."""
+        rate of the endpoint's link, if known (see ``NoiseLimits.reply_wait``).
+        ``wall_clock`` (seconds since the epoch) dates 0-RTT data;
+        ``early_data_not_before``: 0-RTT data dated at or before this wall time is
+        refused (a previous run of this responder may have accepted it: see
+        :meth:`replay_watermark`).
+
+        ``keepalive_interval`` (seconds, None = off): on every channel this
+        endpoint initiated, a session that has sent nothing for that long sends a
+        keep-alive (a control record, one-way, 22 bytes + UDP/IP). It keeps the
+        NAT mapping toward the peer open, refreshes the peer's idle timer, and
+        after a NAT rebinding it is what tells the peer the new address (the peer
+        validates it as for any record from a new address). While keep-alives run,
+        such a session is not closed for idleness on this side (the peer may be
+        silent because there is nothing to push)."""
         self._static = bytes(static_private)
         self.static_public = public_key(self._static)
         self.trust = trust
@@ -548,6 +575,11 @@ class NoiseEndpoint:
             if link_bandwidth_bps is not None and 0 < link_bandwidth_bps < float("inf")
             else None
         )
+        if keepalive_interval is not None and not 0 < keepalive_interval < float("inf"):
+            raise ConfigValueError(
+                "keepalive_interval", f"must be a number > 0 or null, got {keepalive_interval!r}"
+            )
+        self.keepalive_interval = keepalive_interval
         self.app_payload = bytes(app_payload)
         tags: list[bytes] = []
         self._tag_ids: dict[bytes, int] = {}
@@ -573,6 +605,10 @@ class NoiseEndpoint:
         self._unvalidated_ik: set[int] = set()
         self._retry_secret = os.urandom(32)
         self._bad_input = BadInputLog(logger, clock=clock)
+        self._wall = wall_clock
+        self._early_not_before = float(early_data_not_before)
+        # 0-RTT anti-replay: initiator ephemeral -> wall time after which its date is stale
+        self._early_seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._stats: collections.Counter[str] = collections.Counter()
         # timers: a heap of (time, session serial, sid), each at or before that session's
         # next deadline (stale entries are dropped or pushed back when they come up); the
@@ -593,6 +629,12 @@ class NoiseEndpoint:
     def max_plaintext(self) -> int:
         """The largest plaintext :meth:`send` accepts."""
         return self.limits.max_datagram_size - records.MAX_OVERHEAD
+
+    def replay_watermark(self, horizon: float = 0.0) -> float:
+        """The latest wall time a 0-RTT message this endpoint may have accepted (or may
+        accept within ``horizon`` seconds) can be dated. A restarted responder passes
+        it as ``early_data_not_before``, so nothing it accepted before is accepted again."""
+        return self._wall() + horizon + self.limits.early_data_window
 
     def half_open(self) -> int:
         """Half-open handshakes held (XX responder sessions waiting for XX3)."""
@@ -809,9 +851,14 @@ class NoiseEndpoint:
         elif s.state is State.XX_RECEIVED_1:
             best = s.hs_deadline
         if s.send is not None:
-            idle = s.last_recv + self.limits.idle_timeout
+            idle = self._idle_since(s) + self.limits.idle_timeout
             if best is None or idle < best:
                 best = idle
+            if self._keeps_alive(s):
+                assert self.keepalive_interval is not None
+                ping = s.last_sent + self.keepalive_interval
+                if ping < best:
+                    best = ping
         recv = s.recv
         if (
             recv is not None
@@ -832,6 +879,21 @@ class NoiseEndpoint:
             if due is not None:
                 heapq.heappush(self._timers, (due, s.serial, sid))
         self._dirty.clear()
+
+    def _keeps_alive(self, s: _Session) -> bool:
+        """True if ``s`` is the established current session of a channel we initiated
+        and keep-alives are on."""
+        if self.keepalive_interval is None or not s.initiator or s.send is None:
+            return False
+        if s.state is not State.ESTABLISHED or s.channel is None:
+            return False
+        ch = self._channels.get(s.channel)
+        return ch is not None and ch.session is s
+
+    def _idle_since(self, s: _Session) -> float:
+        if self._keeps_alive(s):
+            return max(s.last_recv, s.last_sent)
+        return s.last_recv
 
     def handle_timers(self) -> list[Event]:
         now = self._clock()
@@ -880,8 +942,14 @@ class NoiseEndpoint:
             self._stats["handshakes.expired"] += 1
             events += self._expire_session(s, "handshake not confirmed")
             return events
-        if s.send is not None and now >= s.last_recv + self.limits.idle_timeout:
+        if s.send is not None and now >= self._idle_since(s) + self.limits.idle_timeout:
             events += self._expire_session(s, "idle")
+            return events
+        if self._keeps_alive(s):
+            assert self.keepalive_interval is not None
+            if now >= s.last_sent + self.keepalive_interval:  # as in _session_deadline
+                self._stats["keepalives"] += 1
+                events += self._send_record(s, bytes([CTRL_PING]), control=True, now=now)
         return events
 
     def datagram_received(self, data: bytes, addr: Address) -> list[Event]:
@@ -942,6 +1010,7 @@ class NoiseEndpoint:
         """Account and emit one datagram (callers checked the budget)."""
         if not s.validated:
             s.budget_out += len(data)
+        s.last_sent = self._clock()
         self._stats["datagrams_out"] += 1
         self._stats["bytes_out"] += len(data)
         return [Transmit(to if to is not None else s.addr, data)]
@@ -1040,7 +1109,7 @@ class NoiseEndpoint:
             early = ch.early_data
             payload = Payload(offers=self._tags, app=self.app_payload, replaces=replaces)
             if early is not None:
-                with_early = attrs.evolve(payload, early=early)
+                with_early = attrs.evolve(payload, early=early, time=int(self._wall()))
                 if FIXED_LEN[mtype] + len(with_early.encode()) <= self.limits.max_datagram_size:
                     payload = with_early
                 else:
@@ -1194,6 +1263,11 @@ class NoiseEndpoint:
             events += self._complete_initiator(ch, s, now)
             if payload.early is not None:
                 events.append(Received(ch.id, s.addr, payload.early))
+            if payload.early_refused and ch.early_data is not None:
+                # the responder did not take our 0-RTT request: it goes again, in a record
+                self._stats["early_data.resent"] += 1
+                events += self._send_record(s, ch.early_data, control=False, now=now)
+                ch.early_data = None
             events += self._flush_channel_queue(ch, s, now)
             events += self._finish_rehandshake(ch, s, old_alive, now)
             if payload.confirm and not any(isinstance(e, Transmit) for e in events):
@@ -1489,14 +1563,49 @@ class NoiseEndpoint:
             # Tell the initiator its old session was alive here (the re-handshake was
             # not needed): it backs off its next ones. Older initiators ignore it.
             s.reply_payload = attrs.evolve(s.reply_payload, replaces=payload.replaces)
+        early = payload.early
+        if early is not None and not self._accept_early(payload.time, eph):
+            early = None
+            s.reply_payload = attrs.evolve(s.reply_payload, early_refused=True)
         events = self._attach_responder_channel(s, payload.replaces, now)
-        if payload.early is not None:
-            events.append(Received(s.channel or 0, s.addr, payload.early))
-        wait = self.reply_wait()
+        if early is not None:
+            events.append(Received(s.channel or 0, s.addr, early, validated=s.validated))
+        wait = self.reply_wait() if early is not None or payload.early is None else 0.0
         s.reply_due = now + wait
         if wait <= 0:
             events += self._flush_ik_reply(s, now)
         return events
+
+    def _accept_early(self, dated: int | None, eph: bytes) -> bool:
+        """0-RTT anti-replay: the date must be recent, after ``early_data_not_before``,
+        and the message never seen; refused (not evicted) when the cache is full."""
+        reason = None
+        now = self._wall()
+        window = self.limits.early_data_window
+        while self._early_seen:
+            first, expiry = next(iter(self._early_seen.items()))
+            if expiry > now:
+                break
+            del self._early_seen[first]
+        if dated is None:
+            reason = "undated"
+        else:
+            delta = ((dated - int(now) + (1 << 31)) % (1 << 32)) - (1 << 31)
+            when = int(now) + delta
+            if abs(delta) > window:
+                reason = "stale"
+            elif when <= self._early_not_before:
+                reason = "before_restart"
+            elif eph in self._early_seen:
+                reason = "replay"
+            elif len(self._early_seen) >= MAX_EARLY_SEEN_PER_SESSION * self.limits.max_sessions:
+                reason = "replay_cache_full"
+            else:
+                self._early_seen[eph] = when + window
+                return True
+        self._stats["early_data.refused"] += 1
+        self._stats[f"early_data.refused.{reason}"] += 1
+        return False
 
     def reply_wait(self) -> float:
         """How long an IK responder holds message 2 for the first reply (seconds)."""
@@ -1520,8 +1629,9 @@ class NoiseEndpoint:
     def _make_room(self, prefix: str, *, half_open: bool) -> bool:
         """Room for one more responder session (``half_open``: an XX one, from ``prefix``)?
 
-        Only half-open XX sessions are ever evicted, oldest first: that prefix's
-        oldest when the prefix holds its share, else the oldest of all. Confirmed
+        Only half-open XX sessions are ever evicted, oldest first (those from an
+        address not validated by a retry cookie before the others): that prefix's
+        when the prefix holds its share, else any. Confirmed
         sessions and IK sessions (their initiator is authenticated; they may hold a
         0-RTT exchange) are never evicted for a new one."""
         limits = self.limits
@@ -1537,7 +1647,11 @@ class NoiseEndpoint:
         )
 
     def _evict_half_open(self, prefix: str | None) -> None:
-        sid = next((k for k, p in self._half_open.items() if prefix is None or p == prefix), None)
+        # Unvalidated ones first (a spoofed flood never evicts a cookie-validated handshake).
+        mine = [k for k, p in self._half_open.items() if prefix is None or p == prefix]
+        sid = next((k for k in mine if not self._sessions[k].validated), None)
+        if sid is None:
+            sid = mine[0] if mine else None
         if sid is None:  # pragma: no cover - the caller saw one
             return
         victim = self._sessions.get(sid)
@@ -1695,7 +1809,7 @@ class NoiseEndpoint:
             s.budget_out = 0
         events = self._attach_responder_channel(s, payload.replaces, now)
         if payload.early is not None:
-            events.append(Received(s.channel or 0, s.addr, payload.early))
+            events.append(Received(s.channel or 0, s.addr, payload.early, validated=s.validated))
         else:
             events += self._send_record(s, bytes([CTRL_PING]), control=True, now=now)
         events += self._flush_session_queue(s, now)
@@ -1810,7 +1924,14 @@ class NoiseEndpoint:
         if hdr.control:
             events += self._on_control(s, plaintext, addr, now)
         elif ch is not None:
-            events.append(Received(ch.id, s.addr if current else addr, plaintext))
+            events.append(
+                Received(
+                    ch.id,
+                    s.addr if current else addr,
+                    plaintext,
+                    validated=s.validated and addr == s.addr,
+                )
+            )
         events += self._flush_session_queue(s, now)
         return events
 

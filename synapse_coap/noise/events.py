@@ -36,11 +36,17 @@ class ChannelEstablished:
 
 @attrs.frozen
 class Received:
-    """An authentic, never-before-seen plaintext (a CoAP message) on ``channel``."""
+    """An authentic, never-before-seen plaintext (a CoAP message) on ``channel``.
+
+    ``validated``: ``addr`` has proved it receives our datagrams (False for 0-RTT
+    data from an address not yet validated, and after a move until the path
+    challenge is answered): the layer above must not use the address as the
+    sender's identity while False (it may be spoofed)."""
 
     channel: int
     addr: Address
     plaintext: bytes
+    validated: bool = True
 
 
 @attrs.frozen

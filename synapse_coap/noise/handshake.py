@@ -1,7 +1,12 @@
-"""Handshakes: the state machine, the payload format and the noiseprotocol driver.
+"""Handshakes: the state machine, the payload format and the Noise handshake itself.
 
-noiseprotocol 0.3.1 runs the handshake only. After the final message we take
-the two split keys and the handshake hash; records are then sealed by
+:class:`Driver` is a small implementation of the Noise Protocol Framework's
+handshake (revision 34) for exactly the two protocols used here,
+``Noise_IK_25519_ChaChaPoly_BLAKE2s`` and ``Noise_XX_25519_ChaChaPoly_BLAKE2s``,
+over ``cryptography``; it is checked against the cacophony and snow test
+vectors and against noiseprotocol 0.3.1 (tests/unit/test_noise_vectors.py,
+test_noise_differential.py). After the final message we take the two split
+keys and the handshake hash; records are then sealed by
 :mod:`synapse_coap.noise.records` with explicit nonces.
 
 Handshake datagrams (byte 0 = ``0x80 | type``)::
@@ -20,11 +25,15 @@ id of the session they answer). Payloads are a tiny TLV list, see
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
+import hmac
 from collections.abc import Sequence
 
 import attrs
-from noise.backends.default.keypairs import KeyPair25519
-from noise.connection import Keypair, NoiseConnection
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from synapse_coap.errors import HandshakeError, LocalProtocolError
 
@@ -129,6 +138,8 @@ T_APP = 3
 T_EARLY = 4
 T_CONFIRM = 5
 T_REPLACES = 6
+T_TIME = 7
+T_EARLY_REFUSED = 8
 MAX_OFFERS = 16
 
 
@@ -152,6 +163,8 @@ class Payload:
     early: bytes | None = None
     confirm: bool = False  # responder asks for an immediate record (queued replies)
     replaces: int | None = None  # initiator: the responder sid this session replaces
+    time: int | None = None  # initiator: its wall clock (s, mod 2^32) when early data rides
+    early_refused: bool = False  # responder: the early data was not accepted: send it again
 
     def encode(self) -> bytes:
         out = bytearray()
@@ -179,6 +192,10 @@ class Payload:
             tlv(T_CONFIRM, b"")
         if self.replaces is not None:
             tlv(T_REPLACES, self.replaces.to_bytes(2, "big"))
+        if self.time is not None:
+            tlv(T_TIME, (self.time & 0xFFFFFFFF).to_bytes(4, "big"))
+        if self.early_refused:
+            tlv(T_EARLY_REFUSED, b"")
         return bytes(out)
 
     @classmethod
@@ -189,6 +206,8 @@ class Payload:
         early: bytes | None = None
         confirm = False
         replaces: int | None = None
+        when: int | None = None
+        early_refused = False
         seen: set[int] = set()
         i = 0
         n = len(data)
@@ -228,6 +247,12 @@ class Payload:
                 if length != 2:
                     raise HandshakeError("handshake payload: bad replaced session id")
                 replaces = int.from_bytes(value, "big")
+            elif kind == T_TIME:
+                if length != 4:
+                    raise HandshakeError("handshake payload: bad time")
+                when = int.from_bytes(value, "big")
+            elif kind == T_EARLY_REFUSED:
+                early_refused = True
         return cls(
             offers=offers,
             selected=selected,
@@ -235,6 +260,8 @@ class Payload:
             early=early,
             confirm=confirm,
             replaces=replaces,
+            time=when,
+            early_refused=early_refused,
         )
 
 
@@ -248,6 +275,92 @@ def negotiate(offers: Sequence[bytes], ours: Sequence[bytes]) -> bytes | None:
 
 # --------------------------------------------------------------------------- driver
 
+#: The two handshake patterns, as the Noise spec writes them (section 7):
+#: IK's pre-message ``<- s`` and the tokens of each message, in order.
+PATTERNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "IK": (("e", "es", "s", "ss"), ("e", "ee", "se")),
+    "XX": (("e",), ("e", "ee", "s", "es"), ("s", "se")),
+}
+#: Noise's limit on one handshake message (section 3).
+MAX_MESSAGE_LEN = 65535
+_DHLEN = 32
+_TAGLEN = 16
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def _hkdf2(chaining_key: bytes, ikm: bytes) -> tuple[bytes, bytes]:
+    """HKDF with two outputs (Noise spec section 4.3), over HMAC-BLAKE2s."""
+    temp = _hmac(chaining_key, ikm)
+    out1 = _hmac(temp, b"\x01")
+    return out1, _hmac(temp, out1 + b"\x02")
+
+
+@functools.lru_cache(maxsize=16)
+def _static_key(private: bytes) -> tuple[X25519PrivateKey, bytes]:
+    """A static key loaded once (loading derives the public key: one X25519 operation)."""
+    key = X25519PrivateKey.from_private_bytes(private)
+    return key, key.public_key().public_bytes_raw()
+
+
+def _load(private: bytes) -> tuple[X25519PrivateKey, bytes]:
+    key = X25519PrivateKey.from_private_bytes(private)
+    return key, key.public_key().public_bytes_raw()
+
+
+def _dh(key: X25519PrivateKey, public: bytes) -> bytes:
+    # cryptography refuses an all-zero shared secret (a low-order point) with ValueError
+    return key.exchange(X25519PublicKey.from_public_bytes(public))
+
+
+@attrs.frozen
+class _Symmetric:
+    """Noise's SymmetricState and CipherState (spec sections 5.1, 5.2), immutable.
+
+    Every operation returns a new value, so a message that fails half way
+    leaves the handshake it was read into exactly as it was.
+    """
+
+    ck: bytes
+    h: bytes
+    k: bytes | None = None
+    n: int = 0
+
+    @classmethod
+    def initialize(cls, protocol_name: bytes, prologue: bytes) -> _Symmetric:
+        if len(protocol_name) <= 32:
+            h = protocol_name.ljust(32, b"\x00")
+        else:
+            h = hashlib.blake2s(protocol_name).digest()
+        return cls(ck=h, h=h).mix_hash(prologue)
+
+    def mix_hash(self, data: bytes) -> _Symmetric:
+        return attrs.evolve(self, h=hashlib.blake2s(self.h + data).digest())
+
+    def mix_key(self, ikm: bytes) -> _Symmetric:
+        ck, k = _hkdf2(self.ck, ikm)
+        return attrs.evolve(self, ck=ck, k=k, n=0)
+
+    def _nonce(self) -> bytes:
+        return b"\x00\x00\x00\x00" + self.n.to_bytes(8, "little")
+
+    def encrypt_and_hash(self, plaintext: bytes) -> tuple[_Symmetric, bytes]:
+        if self.k is None:
+            return self.mix_hash(plaintext), plaintext
+        sealed = ChaCha20Poly1305(self.k).encrypt(self._nonce(), plaintext, self.h)
+        return attrs.evolve(self, n=self.n + 1).mix_hash(sealed), sealed
+
+    def decrypt_and_hash(self, data: bytes) -> tuple[_Symmetric, bytes]:
+        if self.k is None:
+            return self.mix_hash(data), data
+        opened = ChaCha20Poly1305(self.k).decrypt(self._nonce(), data, self.h)
+        return attrs.evolve(self, n=self.n + 1).mix_hash(data), opened
+
+    def split(self) -> tuple[bytes, bytes]:
+        return _hkdf2(self.ck, b"")
+
 
 @attrs.frozen
 class SplitResult:
@@ -258,14 +371,19 @@ class SplitResult:
 
 
 class Driver:
-    """One side of one Noise handshake, made retry-safe.
+    """One side of one Noise handshake (IK or XX, 25519, ChaChaPoly, BLAKE2s), retry-safe.
 
-    noiseprotocol mutates its state even when reading a message fails, and
-    deletes it after split(). This driver keeps the transcript (our ephemeral
-    private key and every message) and rebuilds a fresh NoiseConnection for
-    each operation, so a forged or corrupted message never changes state:
-    ``read`` returns a *new* Driver on success and raises HandshakeError
-    otherwise, leaving ``self`` untouched.
+    A small implementation of the Noise spec's HandshakeState over
+    ``cryptography`` (X25519, ChaCha20-Poly1305) and ``hashlib`` (BLAKE2s).
+    Its state is immutable: ``write`` and ``read`` return a *new* Driver, and
+    a forged or corrupted message raises HandshakeError and leaves ``self``
+    untouched, so the endpoint keeps one Driver per half-open session and
+    each message costs only its own tokens' X25519 operations (IK: 3 to write
+    the first message, 2 to read it; 3 to write the reply, 2 to read it; the
+    static public key is derived once per key and cached).
+
+    ``transcript`` keeps the messages read and written (for duplicate
+    detection); it is never replayed.
     """
 
     def __init__(
@@ -279,8 +397,12 @@ class Driver:
         prologue: bytes = PROLOGUE,
         transcript: tuple[tuple[str, bytes], ...] = (),
     ) -> None:
-        if pattern not in ("IK", "XX"):
+        if pattern not in PATTERNS:
             raise LocalProtocolError(f"unsupported handshake pattern {pattern!r}")
+        if transcript:
+            raise LocalProtocolError("a Driver starts with an empty transcript")
+        if pattern == "IK" and initiator and remote_static is None:
+            raise LocalProtocolError("an IK initiator needs the responder's static key")
         self.pattern = pattern
         self.initiator = initiator
         self.static_private = static_private
@@ -289,83 +411,142 @@ class Driver:
         self.prologue = prologue
         self.transcript = transcript
         self.split: SplitResult | None = None
+        self._remote_ephemeral: bytes | None = None
+        #: our ephemeral key, loaded when first used (an X25519 operation) and kept
+        self._e_key: tuple[X25519PrivateKey, bytes] | None = None
+        sym = _Symmetric.initialize(self.protocol_name, prologue)
+        if pattern == "IK":  # pre-message "<- s": the responder's static key
+            sym = sym.mix_hash(
+                remote_static if initiator and remote_static else _static_key(static_private)[1]
+            )
+        self._sym = sym
 
     @property
     def protocol_name(self) -> bytes:
         return IK_NAME if self.pattern == "IK" else XX_NAME
 
-    def _replay(self) -> tuple[NoiseConnection, object]:
-        conn = NoiseConnection.from_name(self.protocol_name)
-        conn.set_prologue(self.prologue)
-        if self.initiator:
-            conn.set_as_initiator()
-        else:
-            conn.set_as_responder()
-        conn.set_keypair_from_private_bytes(Keypair.STATIC, self.static_private)
-        if self.remote_static is not None and self.initiator and self.pattern == "IK":
-            conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, self.remote_static)
-        conn.start_handshake()
-        hs = conn.noise_protocol.handshake_state
-        hs.e = KeyPair25519.from_private_bytes(self.ephemeral_private)
-        for op, data in self.transcript:
-            if op == "w":
-                conn.write_message(data)
-            else:
-                conn.read_message(data)
-        return conn, hs
+    def _our_turn(self) -> bool:
+        return (len(self.transcript) % 2 == 0) == self.initiator
 
-    def _finish(self, conn: NoiseConnection, hs: object) -> SplitResult:
-        proto = conn.noise_protocol
-        rs = getattr(hs, "rs", None)
-        remote = getattr(rs, "public_bytes", None)
-        if not isinstance(remote, bytes):
-            raise HandshakeError("handshake finished without a remote static key")
-        return SplitResult(
-            send_key=bytes(proto.cipher_state_encrypt.k),
-            recv_key=bytes(proto.cipher_state_decrypt.k),
-            handshake_hash=bytes(conn.get_handshake_hash()),
-            remote_static=remote,
-        )
+    def _tokens(self) -> tuple[str, ...]:
+        messages = PATTERNS[self.pattern]
+        if self.split is not None or len(self.transcript) >= len(messages):
+            raise LocalProtocolError("handshake already finished")
+        return messages[len(self.transcript)]
+
+    def _ephemeral(self) -> tuple[X25519PrivateKey, bytes]:
+        if self._e_key is None:
+            return _load(self.ephemeral_private)
+        return self._e_key
+
+    def _mix_dh(
+        self,
+        sym: _Symmetric,
+        token: str,
+        e_key: tuple[X25519PrivateKey, bytes] | None,
+        re: bytes | None,
+        rs: bytes | None,
+    ) -> tuple[_Symmetric, tuple[X25519PrivateKey, bytes] | None]:
+        # the local key of each side of a DH token (spec section 5.3)
+        ours, theirs = token[0], token[1]
+        if not self.initiator:
+            ours, theirs = theirs, ours
+        if ours == "e":
+            e_key = e_key or self._ephemeral()
+            local = e_key[0]
+        else:
+            local = _static_key(self.static_private)[0]
+        remote = re if theirs == "e" else rs
+        if remote is None:
+            raise LocalProtocolError(f"handshake token {token!r} before the remote key")
+        return sym.mix_key(_dh(local, remote)), e_key
+
+    def _next(
+        self,
+        op: str,
+        data: bytes,
+        sym: _Symmetric,
+        e_key: tuple[X25519PrivateKey, bytes] | None,
+        re: bytes | None,
+        rs: bytes | None,
+    ) -> Driver:
+        new = object.__new__(Driver)
+        new.__dict__.update(self.__dict__)
+        new.transcript = (*self.transcript, (op, data))
+        new._sym = sym
+        new._e_key = e_key
+        new._remote_ephemeral = re
+        new.remote_static = rs
+        if len(new.transcript) == len(PATTERNS[self.pattern]):
+            if rs is None:  # pragma: no cover - both patterns transmit or pre-share s
+                raise HandshakeError("handshake finished without a remote static key")
+            k1, k2 = sym.split()
+            send, recv = (k1, k2) if self.initiator else (k2, k1)
+            new.split = SplitResult(
+                send_key=send, recv_key=recv, handshake_hash=sym.h, remote_static=rs
+            )
+        return new
 
     def write(self, payload: bytes) -> tuple[Driver, bytes]:
         """Write the next message. Returns (new driver, noise message bytes)."""
+        tokens = self._tokens()
+        if not self._our_turn():
+            raise LocalProtocolError("handshake write out of turn")
+        sym, re, rs = self._sym, self._remote_ephemeral, self.remote_static
+        e_key = self._e_key
+        out = bytearray()
         try:
-            conn, hs = self._replay()
-            message = bytes(conn.write_message(payload))
-        except Exception as exc:  # noiseprotocol raises assorted exception types
+            for token in tokens:
+                if token == "e":
+                    e_key = e_key or self._ephemeral()
+                    out += e_key[1]
+                    sym = sym.mix_hash(e_key[1])
+                elif token == "s":
+                    sym, sealed = sym.encrypt_and_hash(_static_key(self.static_private)[1])
+                    out += sealed
+                else:
+                    sym, e_key = self._mix_dh(sym, token, e_key, re, rs)
+            sym, sealed = sym.encrypt_and_hash(payload)
+        except (ValueError, TypeError) as exc:
             raise LocalProtocolError(f"handshake write failed: {exc!r}") from None
-        new = self._next(("w", payload))
-        if conn.handshake_finished:
-            new.split = self._finish(conn, hs)
-        return new, message
+        out += sealed
+        if len(out) > MAX_MESSAGE_LEN:
+            raise LocalProtocolError("handshake message longer than 65535 bytes")
+        return self._next("w", payload, sym, e_key, re, rs), bytes(out)
 
     def read(self, message: bytes) -> tuple[Driver, bytes]:
         """Read the peer's next message. Returns (new driver, payload)."""
+        tokens = self._tokens()
+        if self._our_turn():
+            raise LocalProtocolError("handshake read out of turn")
+        message = bytes(message)
+        if len(message) > MAX_MESSAGE_LEN:
+            raise HandshakeError("handshake message rejected: too long")
+        sym, re, rs = self._sym, self._remote_ephemeral, self.remote_static
+        e_key = self._e_key
+        i = 0
         try:
-            conn, hs = self._replay()
-            payload = bytes(conn.read_message(message))
-        except Exception as exc:  # forged, corrupted or low-order input
+            for token in tokens:
+                if token == "e":
+                    if len(message) - i < _DHLEN:
+                        raise ValueError("truncated")
+                    re = message[i : i + _DHLEN]
+                    i += _DHLEN
+                    sym = sym.mix_hash(re)
+                elif token == "s":
+                    n = _DHLEN + (_TAGLEN if sym.k is not None else 0)
+                    if len(message) - i < n:
+                        raise ValueError("truncated")
+                    sym, rs = sym.decrypt_and_hash(message[i : i + n])
+                    i += n
+                else:
+                    sym, e_key = self._mix_dh(sym, token, e_key, re, rs)
+            if sym.k is not None and len(message) - i < _TAGLEN:
+                raise ValueError("truncated")
+            sym, payload = sym.decrypt_and_hash(message[i:])
+        except (ValueError, InvalidTag) as exc:  # forged, corrupted, truncated or low-order
             raise HandshakeError(f"handshake message rejected: {type(exc).__name__}") from None
-        new = self._next(("r", bytes(message)))
-        if conn.handshake_finished:
-            new.split = self._finish(conn, hs)
-        elif self.remote_static is None:
-            rs = getattr(hs, "rs", None)
-            remote = getattr(rs, "public_bytes", None)
-            if isinstance(remote, bytes):
-                new.remote_static = remote
-        return new, payload
-
-    def _next(self, step: tuple[str, bytes]) -> Driver:
-        return Driver(
-            pattern=self.pattern,
-            initiator=self.initiator,
-            static_private=self.static_private,
-            remote_static=self.remote_static,
-            ephemeral_private=self.ephemeral_private,
-            prologue=self.prologue,
-            transcript=(*self.transcript, step),
-        )
+        return self._next("r", message, sym, e_key, re, rs), payload
 
     def peer_static_seen(self) -> bytes | None:
         """The peer's static key once a message carrying it has been read."""

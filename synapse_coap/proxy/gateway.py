@@ -11,7 +11,9 @@ Conduit...). It carries client-server and federation traffic alike:
   the Authorization header (Bearer or X-Matrix) passes through untouched;
 - ``X-Forwarded-For`` is set to the CoAP peer's address, so the homeserver
   can log and rate-limit the real client (enable ``x_forwarded: true`` on its
-  listener);
+  listener) -- but only once the address is validated: a 0-RTT request from
+  an address that has not yet proved it receives our datagrams (it may be
+  spoofed) goes without one;
 - upstream timeout -> 504, upstream unreachable -> 502, both with Matrix JSON
   error bodies; long-polls (``timeout`` query parameter) wait long enough.
 """
@@ -142,7 +144,8 @@ class HttpDispatcher:
         headers = [
             (k, v) for k, v in forwardable_headers(request.headers) if k != "x-forwarded-for"
         ]
-        headers.append(("X-Forwarded-For", peer.host))
+        if peer.identity_host is not None:  # never a spoofable (unvalidated) address
+            headers.append(("X-Forwarded-For", peer.identity_host))
         timeout = request_timeout(request.target, self._timeout, self._slack)
         if self._dump:
             dump_request("CoAP->gateway", request)

@@ -22,6 +22,7 @@ import attrs
 from aiohttp import web
 
 from synapse_coap.errors import ConfigValueError, SynapseCoapError
+from synapse_coap.mapping.push import PushConfig
 from synapse_coap.proxy.common import format_host_port, parse_host_port
 from synapse_coap.proxy.gateway import HttpDispatcher, parse_http_target
 from synapse_coap.proxy.sidecar import Sidecar, SidecarOptions
@@ -64,6 +65,13 @@ class HomeserverAddress:
         return f"{scheme}://{format_host_port(self.host, self.port)}"
 
 
+#: The sidecar's default keep-alive interval (s): below the 2 minutes that RFC 4787
+#: (REQ-5) requires a NAT to keep an idle UDP mapping, and Linux conntrack's 120 s.
+#: One keep-alive is a 50-byte IPv4 datagram (22-byte record), so an idle client
+#: costs 27 bytes a minute; behind a NAT with a shorter timeout, set it lower.
+DEFAULT_KEEPALIVE = 110.0
+
+
 @attrs.frozen
 class SidecarConfig:
     listen: tuple[str, int]
@@ -74,6 +82,9 @@ class SidecarConfig:
     #: The name the homeserver is known by in the trust store and the handshake.
     server_name: str
     options: SidecarOptions = attrs.field(factory=SidecarOptions)
+    #: Seconds without sending anything to the homeserver after which the sidecar sends
+    #: a keep-alive (None = never); see :data:`DEFAULT_KEEPALIVE`.
+    keepalive: float | None = DEFAULT_KEEPALIVE
 
 
 @attrs.frozen
@@ -87,6 +98,17 @@ class GatewayConfig:
     request_timeout: float = 120.0
     long_poll_slack: float = 30.0
     verify_tls: bool = True
+    push: PushConfig = attrs.field(factory=PushConfig)
+    #: Pinned client (initiator) keys by name; with ``only_pinned_clients`` no other
+    #: key may open a session (as the module's ``trust.accept_unknown_clients: false``).
+    client_keys: tuple[tuple[str, bytes], ...] = ()
+    only_pinned_clients: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.only_pinned_clients and not self.client_keys:
+            raise ConfigValueError(
+                "--only-pinned-clients", "needs at least one --client-key NAME=KEY"
+            )
 
 
 def load_server_key(value: str, path: str = "--server-key") -> bytes:
@@ -164,7 +186,12 @@ async def start_sidecar(config: SidecarConfig, *, metrics: Any = None) -> Runnin
         trust = TrustPolicy(pinned={config.server_name: config.server_key})
     else:
         trust = TrustPolicy(store=FileTrustStore(config.state_dir / TRUST_STORE_FILE))
-    client = await CoapClient.create(static_key=static_key, trust=trust, metrics=metrics)
+    client = await CoapClient.create(
+        static_key=static_key,
+        trust=trust,
+        metrics=metrics,
+        keepalive_interval=config.keepalive if config.homeserver.secure else None,
+    )
     endpoint = Endpoint(
         host=config.homeserver.host,
         port=config.homeserver.port,
@@ -248,6 +275,7 @@ class RunningGateway:
 
 async def start_gateway(config: GatewayConfig, *, metrics: Any = None) -> RunningGateway:
     from synapse_coap.noise.keys import public_key, read_key_file
+    from synapse_coap.noise.trust import TrustPolicy
     from synapse_coap.transport.server import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
         CoapServer,
         ServerConfig,
@@ -267,6 +295,12 @@ async def start_gateway(config: GatewayConfig, *, metrics: Any = None) -> Runnin
         static_key=private,
         server_name=config.server_name,
         payload_dump=config.dump_payloads,
+        push=config.push,
+        replay_state_path=f"{config.key_path}.replay",
+        trust=TrustPolicy(
+            pinned=dict(config.client_keys),
+            accept_any_initiator=not config.only_pinned_clients,
+        ),
     )
     try:
         server = await CoapServer.start(server_config, dispatcher, metrics=metrics)

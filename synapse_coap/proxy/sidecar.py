@@ -27,6 +27,7 @@ Browser clients (Element Web) need CORS: the sidecar answers preflight
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import urllib.parse
@@ -55,6 +56,8 @@ from synapse_coap.proxy.common import (
     redact_target,
     request_timeout,
 )
+from synapse_coap.proxy.push import PushOptions, PushSync
+from synapse_coap.proxy.txn import TxnShortener
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,22 @@ class SidecarOptions:
     dump_payloads: bool = False
     #: Seconds in-flight requests get to finish at shutdown before they are failed with 503.
     shutdown_grace: float = 5.0
+    #: Send long transaction ids (nio's UUIDs) as 8-character digests of (access token,
+    #: id); see :mod:`synapse_coap.proxy.txn`.
+    short_txn_ids: bool = True
+    #: Seconds an idempotent exchange whose asker went away is kept for a retry to join.
+    rejoin_grace: float = 10.0
+    #: Answer /sync long-polls from push registrations (see ``synapse_coap.proxy.push``).
+    push: PushOptions = attrs.field(factory=PushOptions)
+
+
+@attrs.define
+class _Shared:
+    """One exchange over the link and how many local requests wait for it."""
+
+    task: asyncio.Task[HttpResponse]
+    waiters: int = 0
+    abandon: asyncio.TimerHandle | None = None
 
 
 def _move_query_token(target: bytes, headers: list[tuple[str, str]]) -> bytes:
@@ -153,8 +172,20 @@ class Sidecar:
         self.cache: ResponseCache | None = ResponseCache(clock) if options.cache else None
         self._inflight: set[asyncio.Task[HttpResponse]] = set()
         self._shutting_down = False
-        #: Coalesces identical concurrent cacheable GETs into one CoAP request.
-        self._pending: dict[object, asyncio.Future[HttpResponse]] = {}
+        #: Identical idempotent requests in flight over the link, shared by their askers.
+        self._pending: dict[object, _Shared] = {}
+        observe = getattr(client, "observe", None)
+        #: Answers /sync long-polls from push registrations (None: push off).
+        self.push: PushSync | None = (
+            PushSync(lambda req: observe(endpoint, req), options.push, clock=clock)
+            if options.push.enabled and observe is not None
+            else None
+        )
+        self._txn: TxnShortener | None = None
+        if options.short_txn_ids:
+            from synapse_coap.wire.profile import load_profile
+
+            self._txn = TxnShortener(load_profile(0).routes)
 
     # -- aiohttp glue ---------------------------------------------------------------------
 
@@ -218,43 +249,82 @@ class Sidecar:
         return HttpRequest(method=method.upper(), target=target, headers=tuple(kept), body=body)
 
     async def forward(self, request: HttpRequest) -> HttpResponse:
-        """Send one request across the link (or answer from the cache); never raises for link trouble."""
+        """Send one request across the link (or answer from the push or the cache); never raises for link trouble."""
+        if self._txn is None:
+            return await self._forward(request)
+        response = await self._forward(self._txn.shorten(request))
+        return self._txn.restore(response)
+
+    async def _forward(self, request: HttpRequest) -> HttpResponse:
         started = self._clock()
+        if self.push is not None:
+            pushed = await self.push.answer(request)
+            if pushed is not None:
+                self._log(request, pushed, started, "push")
+                return pushed
         cache = self.cache
         cached = cache.lookup(request) if cache is not None else None
         if cached is not None:
             self._log(request, cached, started, "cache")
             return cached
-        if cache is not None and cache.is_candidate(request):
-            key = (cache.key(request), request.method)
-            pending = self._pending.get(key)
-            if pending is not None:
-                # An identical GET is already on the link: share its answer.
-                try:
-                    response = await asyncio.shield(pending)
-                except asyncio.CancelledError:
-                    if not pending.cancelled():
-                        raise  # we ourselves were cancelled
-                    response = await self._send(request)  # the first asker went away
-                self._log(request, response, started, "shared")
-                return response
-            fut: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
-            self._pending[key] = fut
-            try:
-                response = await self._send(request)
-                fut.set_result(response)
-            except BaseException:
-                fut.cancel()
-                raise
-            finally:
-                del self._pending[key]
+        if request.method in ("GET", "HEAD") and not request.body:
+            response, via = await self._shared(request)
         else:
-            response = await self._send(request)
+            response = await self._send_and_store(request)
+            via = "link"
+        self._log(request, response, started, via)
+        return response
+
+    async def _shared(self, request: HttpRequest) -> tuple[HttpResponse, str]:
+        """Identical idempotent requests share one exchange over the link.
+
+        When its last asker goes away the exchange is abandoned only after
+        ``rejoin_grace`` seconds: a client that timed out and asks again joins
+        it instead of sending the request over the link a second time.
+        """
+        key = (request.method, request.target, request.header("authorization"))
+        shared = self._pending.get(key)
+        via = "shared"
+        if shared is None:
+            via = "link"
+            shared = _Shared(asyncio.ensure_future(self._send_and_store(request)))
+            self._pending[key] = shared
+            shared.task.add_done_callback(functools.partial(self._exchange_done, key, shared))
+        if shared.abandon is not None:
+            shared.abandon.cancel()
+            shared.abandon = None
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task), via
+        except asyncio.CancelledError:
+            if not shared.task.done() and shared.waiters == 1:
+                grace = self._options.rejoin_grace
+                if grace > 0:
+                    loop = asyncio.get_running_loop()
+                    shared.abandon = loop.call_later(grace, shared.task.cancel)
+                else:
+                    shared.task.cancel()
+            raise
+        finally:
+            shared.waiters -= 1
+
+    def _exchange_done(
+        self, key: object, shared: _Shared, task: asyncio.Task[HttpResponse]
+    ) -> None:
+        if self._pending.get(key) is shared:
+            del self._pending[key]
+        if shared.abandon is not None:
+            shared.abandon.cancel()
+        if not task.cancelled():
+            task.exception()  # (retrieved: every asker already got the answer)
+
+    async def _send_and_store(self, request: HttpRequest) -> HttpResponse:
+        response = await self._send(request)
+        cache = self.cache
         if cache is not None:
             if 200 <= response.status < 300:
                 cache.invalidate(request)
             cache.store(request, response)
-        self._log(request, response, started, "link")
         return response
 
     async def _send(self, request: HttpRequest) -> HttpResponse:
@@ -332,6 +402,8 @@ class Sidecar:
     async def drain(self) -> None:
         """Graceful shutdown: new requests get 503; in-flight ones get ``shutdown_grace`` seconds, then 503."""
         self._shutting_down = True
+        if self.push is not None:
+            await self.push.close()
         pending = set(self._inflight)
         if pending:
             logger.info(

@@ -47,6 +47,7 @@ from zope.interface import implementer  # type: ignore[import-untyped]
 from synapse_coap.errors import LinkDown, RequestTimeout, TransportError, TrustError
 from synapse_coap.mapping.codec import WireCodec
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.synapse import compat
 from synapse_coap.synapse.discovery import (
     CoapTarget,
     Discovery,
@@ -287,13 +288,13 @@ class CoapResponse:
 
 def _make_prometheus_counter(name: str, doc: str, labels: list[str]) -> Any:
     try:
-        from prometheus_client import REGISTRY, Counter
+        from prometheus_client import Counter
     except ImportError:  # pragma: no cover - Synapse always has it
         return None
     try:
         return Counter(name, doc, labels)
     except ValueError:  # registered twice (module reloaded): use the existing one
-        return REGISTRY._names_to_collectors.get(name)
+        return compat.registered_collector(name)
 
 
 #: Every request Synapse handed to the agent, counted on entry (compare with Synapse's
@@ -604,8 +605,8 @@ def install_federation_agent(
     The old agent stays as the HTTPS fallback. Returns the agent (its ``stats``
     count requests by route).
     """
-    hs = api._hs
-    http_client = hs.get_federation_http_client()
+    hs = compat.homeserver(api)
+    http_client = compat.federation_http_client(hs)
     old = http_client.agent
     if isinstance(old, CoapFederationAgent):
         logger.warning("synapse-coap: federation agent already installed; keeping it")

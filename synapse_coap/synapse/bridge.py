@@ -32,9 +32,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
 from synapse.logging.context import PreserveLoggingContext
-from synapse.metrics.background_process_metrics import run_as_background_process
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+from synapse_coap.synapse import compat
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def reactor_loop(reactor: Any) -> asyncio.AbstractEventLoop | None:
     except ImportError:  # pragma: no cover - always present in supported Twisted
         return None
     if isinstance(reactor, AsyncioSelectorReactor):
-        loop = reactor._asyncioEventloop
+        loop = compat.asyncio_loop_of(reactor)
         if isinstance(loop, asyncio.AbstractEventLoop):
             return loop
     return None
@@ -186,8 +187,8 @@ class Bridge:
             if cancelled:
                 return
             with PreserveLoggingContext():
-                d = run_as_background_process(
-                    desc,  # type: ignore[arg-type]
+                d = compat.run_as_background_process(
+                    desc,
                     self.server_name,
                     wrapper,
                     bg_start_span=False,

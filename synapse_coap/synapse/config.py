@@ -17,9 +17,11 @@ Example (every field, with its default)::
     allow_plain_on_public_interfaces: false
     limits: {}                  # see NoiseLimits
     link: {}                    # see LinkParameters
+    transfers: {}               # see TransferLimits (blockwise memory budget)
     worker: null                # instance name that binds the listener; null = main process
     payload_dump: false
     federation: {}              # outbound federation over CoAP (see docs/federation.md)
+    push: {}                    # /sync push over CoAP Observe (see PushConfig, docs/clients.md)
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ _TOP_KEYS = (
     "allow_plain_on_public_interfaces",
     "limits",
     "link",
+    "transfers",
     "worker",
     "payload_dump",
     "federation",
+    "push",
 )
 _TRUST_KEYS = ("peers", "tofu", "accept_unknown_clients")
 
@@ -183,6 +187,14 @@ def _default_link() -> Any:
     return _sub_config("synapse_coap.transport.link", "LinkParameters", {}, "link")
 
 
+def _default_transfers() -> Any:
+    return _sub_config("synapse_coap.transport.transfers", "TransferLimits", {}, "transfers")
+
+
+def _default_push() -> Any:
+    return _sub_config("synapse_coap.mapping.push", "PushConfig", {}, "push")
+
+
 def _default_federation() -> Any:
     return _federation_config(None)
 
@@ -204,9 +216,11 @@ class CoapModuleConfig:
     allow_plain_on_public_interfaces: bool = False
     limits: Any = attrs.field(factory=_default_limits)
     link: Any = attrs.field(factory=_default_link)
+    transfers: Any = attrs.field(factory=_default_transfers)
     worker: str | None = None
     payload_dump: bool = False
     federation: Any = attrs.field(factory=_default_federation)
+    push: Any = attrs.field(factory=_default_push)
 
     @classmethod
     def from_config(cls, raw: object) -> CoapModuleConfig:
@@ -252,9 +266,16 @@ class CoapModuleConfig:
             link=_sub_config(
                 "synapse_coap.transport.link", "LinkParameters", raw.get("link"), "link"
             ),
+            transfers=_sub_config(
+                "synapse_coap.transport.transfers",
+                "TransferLimits",
+                raw.get("transfers"),
+                "transfers",
+            ),
             worker=worker,
             payload_dump=_bool(raw.get("payload_dump"), "payload_dump", False),
             federation=_federation_config(raw.get("federation")),
+            push=_sub_config("synapse_coap.mapping.push", "PushConfig", raw.get("push"), "push"),
         )
 
     def pinned_keys(self) -> dict[str, bytes]:

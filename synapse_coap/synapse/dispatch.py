@@ -9,7 +9,8 @@ copy of Synapse's resource trees (client, federation, keys, media,
 * the exact request target is passed to ``requestReceived`` unmodified, so
   X-Matrix signatures over it verify;
 * ``getPeer()`` is the real UDP peer, so Synapse logs and rate-limits the
-  client's real IP;
+  client's real IP (once validated: a 0-RTT request from an address that has
+  not yet proved it receives our datagrams shows as ``0.0.0.0``);
 * ``Content-Length`` is set from the body, and Synapse's own
   ``max_request_body_size`` check applies;
 * the response (status, headers, body, including bodies streamed by a
@@ -43,6 +44,7 @@ except ImportError:  # pragma: no cover
 
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
 
 logger = logging.getLogger(__name__)
@@ -57,30 +59,84 @@ ACCESS_LOGGER = "synapse.access.coap"
 def build_resource_tree(hs: Any) -> Any:
     """Synapse's client, federation, key, media and .well-known resources in one tree.
 
-    Uses ``hs._configure_named_resource`` on the main process (exactly what
-    an HTTP listener with ``names: [client, federation]`` gets) and the
-    equivalent construction on a worker.
+    Where a running HTTP listener of this process already serves ``client`` or
+    ``federation`` (as ``sample_homeserver.yaml``'s does), its live resources
+    are reused: building a second ``ClientRestResource`` would build a second
+    copy of its servlets' caches, whose metrics Prometheus refuses to register
+    twice (an ERROR at every start). A name no listener serves is built with
+    :func:`compat.configure_named_resource` on the main process (exactly what an HTTP
+    listener with that name gets) and the equivalent construction on a worker.
     """
     from synapse.rest.health import HealthResource
     from synapse.util.httpresourcetree import create_resource_tree
     from twisted.web.resource import Resource
 
+    live_names, live = live_listener_resources(hs)
+    wanted = [name for name in ("client", "federation") if name not in live_names]
     resources: dict[str, Resource] = {"/health": HealthResource()}  # type: ignore[no-untyped-call]
-    configure = getattr(hs, "_configure_named_resource", None)
+    configure = compat.configure_named_resource(hs)
     if configure is not None:
-        for name in ("client", "federation"):
+        for name in wanted:
             resources.update(configure(name, False))
     else:
-        resources.update(_worker_resources(hs))
-    resources.update(getattr(hs, "_module_web_resources", {}))
+        resources.update(_worker_resources(hs, wanted))
+    resources.update(live)
+    resources.update(compat.module_web_resources(hs))
 
     from synapse.http.server import OptionsResource
 
     return create_resource_tree(resources, OptionsResource())  # type: ignore[no-untyped-call]
 
 
-def _worker_resources(hs: Any) -> dict[str, Any]:
-    """Mirror of GenericWorkerServer._listen_http for names [client, federation]."""
+#: Paths of a live listener's tree the CoAP listener may reuse (never replication,
+#: metrics or anything else a listener may also carry).
+_REUSABLE_PREFIXES = ("/_matrix/", "/.well-known", "/_synapse/admin", "/_synapse/client")
+
+
+def live_listener_resources(hs: Any) -> tuple[set[str], dict[str, Any]]:
+    """The resource names (of ``client``, ``federation``) the process's running HTTP
+    listeners serve in full, and their resources by path (only under
+    :data:`_REUSABLE_PREFIXES`)."""
+    from synapse.http.server import UnrecognizedRequestResource
+    from synapse.http.site import SynapseSite
+
+    names_by_tag: dict[str, set[str] | None] = {}
+    for listener in getattr(hs.config.server, "listeners", ()):
+        if listener.type != "http" or listener.http_options is None:
+            continue
+        names = {n for res in listener.http_options.resources for n in res.names}
+        tag = listener.get_site_tag()
+        # two listeners with one tag: only what both serve counts
+        prev = names_by_tag.get(tag, names)
+        names_by_tag[tag] = names & prev if prev is not None else names
+    served: set[str] = set()
+    found: dict[str, Any] = {}
+    for port in compat.listening_services(hs):
+        site = getattr(port, "factory", None)
+        while site is not None and not isinstance(site, SynapseSite):
+            site = getattr(site, "wrappedFactory", None)
+        if site is None:
+            continue
+        names = names_by_tag.get(site.site_tag) or set()
+        full = {n for n in ("client", "federation") if n in names}
+        if not full:
+            continue
+        served |= full
+
+        def walk(node: Any, prefix: str) -> None:
+            for seg, child in list(node.children.items()):
+                path = prefix + "/" + seg.decode("utf-8", "replace")
+                if type(child) is UnrecognizedRequestResource:
+                    walk(child, path)
+                elif path.startswith(_REUSABLE_PREFIXES):
+                    found.setdefault(path, child)
+
+        walk(site.resource, "")
+    return served, found
+
+
+def _worker_resources(hs: Any, names: list[str]) -> dict[str, Any]:
+    """Mirror of GenericWorkerServer._listen_http for ``names`` (of client, federation)."""
     from synapse.api.urls import (
         CLIENT_API_PREFIX,
         FEDERATION_PREFIX,
@@ -96,17 +152,22 @@ def _worker_resources(hs: Any) -> dict[str, Any]:
     from synapse.rest.synapse.client import build_synapse_client_resource_tree
     from synapse.rest.well_known import well_known_resource
 
-    admin_resource = JsonResource(hs, canonical_json=False)
-    admin.register_servlets(hs, admin_resource)
-    resources: dict[str, Any] = {
-        "/_synapse/admin": admin_resource,
-        CLIENT_API_PREFIX: ClientRestResource(hs),
-        "/.well-known": well_known_resource(hs),
-        FEDERATION_PREFIX: TransportLayerServer(hs),
-        SERVER_KEY_PREFIX: KeyResource(hs),
-    }
-    resources.update(build_synapse_client_resource_tree(hs))
-    if hs.config.media.can_load_media_repo:
+    resources: dict[str, Any] = {}
+    if "client" in names:
+        admin_resource = JsonResource(hs, canonical_json=False)
+        admin.register_servlets(hs, admin_resource)
+        resources.update(
+            {
+                "/_synapse/admin": admin_resource,
+                CLIENT_API_PREFIX: ClientRestResource(hs),
+                "/.well-known": well_known_resource(hs),
+            }
+        )
+        resources.update(build_synapse_client_resource_tree(hs))
+    if "federation" in names:
+        resources[FEDERATION_PREFIX] = TransportLayerServer(hs)
+        resources[SERVER_KEY_PREFIX] = KeyResource(hs)
+    if names and hs.config.media.can_load_media_repo:
         media_repo = hs.get_media_repository_resource()
         resources.update(
             {
@@ -144,6 +205,11 @@ def _failure(exc: BaseException) -> Failure:
     return Failure(exc)  # type: ignore[no-untyped-call]
 
 
+#: The client address Synapse sees for a request from an address not yet validated
+#: (0-RTT from a new address): no one's identity.
+UNVALIDATED_HOST = "0.0.0.0"
+
+
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
     if ":" in host:
         return IPv6Address("UDP", host, port)
@@ -163,7 +229,12 @@ class CoapChannel:
         self.site = site
         self.factory = site
         self._reactor = reactor
-        self._peer = _address(peer.host, peer.port)
+        # an unvalidated (possibly spoofed) address is not the client's identity
+        self._peer = (
+            _address(peer.host, peer.port)
+            if peer.identity_host is not None
+            else _address(UNVALIDATED_HOST, 0)
+        )
         self._host = _address(*local)
         self._secure = peer.secure
         self.transport = self
@@ -310,12 +381,12 @@ class InProcessDispatcher:
         max_request_body_size: int | None = None,
         local_address: tuple[str, int] = ("::", 0),
     ) -> None:
-        from synapse.app._base import max_request_body_size as synapse_max
-
-        self._hs = hs
+        self._homeserver = hs
         self._bridge = bridge
         self.max_request_body_size = (
-            max_request_body_size if max_request_body_size is not None else synapse_max(hs.config)
+            max_request_body_size
+            if max_request_body_size is not None
+            else compat.max_request_body_size(hs.config)
         )
         self._local = local_address
         self._site: SynapseSite | None = None
@@ -325,7 +396,7 @@ class InProcessDispatcher:
         """The SynapseSite (built on first use, on the reactor thread)."""
         if self._site is None:
             self._site = build_site(
-                self._hs, build_resource_tree(self._hs), self.max_request_body_size
+                self._homeserver, build_resource_tree(self._homeserver), self.max_request_body_size
             )
         return self._site
 
@@ -337,14 +408,13 @@ class InProcessDispatcher:
     async def dispatch_in_reactor(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         """Run one request through Synapse. Must be called on the reactor thread."""
         site = self.site
-        reactor = self._hs.get_reactor()
+        reactor = self._homeserver.get_reactor()
         channel = CoapChannel(site, reactor, peer, self._local)
-        req = site.request_class(
-            cast(Any, channel),
+        req = compat.make_request(
             site,
-            our_server_name=self._hs.hostname,
+            cast(Any, channel),
+            server_name=self._homeserver.hostname,
             max_request_body_size=self.max_request_body_size,
-            request_id_header=site.request_id_header,
         )
         channel.request = req
         for name, value in request.headers:

@@ -12,7 +12,11 @@ metrics are thread-safe.
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
-from synapse.metrics import SERVER_NAME_LABEL
+
+from synapse_coap.synapse.compat import server_name_label
+
+#: Synapse's own label for the homeserver name (``synapse.metrics.SERVER_NAME_LABEL``).
+SERVER_NAME_LABEL = server_name_label()
 
 DATAGRAMS = Counter(
     "synapse_coap_datagrams_total",
@@ -55,6 +59,17 @@ REQUEST_SECONDS = Histogram(
     labelnames=["route", SERVER_NAME_LABEL],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
 )
+PUSH = Counter(
+    "synapse_coap_push_total",
+    "/sync push (Observe) events: registered, replaced, refused_session, refused_source, "
+    "notification, dropped, ended",
+    labelnames=["event", SERVER_NAME_LABEL],
+)
+PUSH_REGISTRATIONS = Gauge(
+    "synapse_coap_push_registrations",
+    "Live /sync push (Observe) registrations",
+    labelnames=[SERVER_NAME_LABEL],
+)
 
 
 class SynapseCoapMetrics:
@@ -83,3 +98,9 @@ class SynapseCoapMetrics:
 
     def dropped(self, reason: str) -> None:
         DROPPED.labels(reason=reason, **self._labels).inc()
+
+    def push(self, event: str) -> None:
+        PUSH.labels(event=event, **self._labels).inc()
+
+    def push_registrations(self, count: int) -> None:
+        PUSH_REGISTRATIONS.labels(**self._labels).set(count)

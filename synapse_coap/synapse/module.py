@@ -21,12 +21,12 @@ import logging
 import os
 from typing import Any
 
-from synapse.config._base import ConfigError
 from synapse.logging.context import make_deferred_yieldable
-from synapse.metrics.background_process_metrics import run_as_background_process
+from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
 from synapse_coap.errors import ConfigValueError
+from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
 from synapse_coap.synapse.config import CoapModuleConfig, format_address
 from synapse_coap.synapse.dispatch import InProcessDispatcher
@@ -59,8 +59,11 @@ class CoapModule:
     def __init__(self, config: CoapModuleConfig, api: Any) -> None:
         self._config = config
         self._api = api
-        hs = api._hs
-        self._hs = hs
+        # Every private Synapse piece this module reaches through the HomeServer is
+        # there, or Synapse stops here with a ConfigError naming its version and it.
+        compat.check_homeserver(api, tofu=config.trust.tofu)
+        hs = compat.homeserver(api)
+        self._homeserver = hs
         self.server: Any = None
         self.bridge: Bridge | None = None
         self.dispatcher: InProcessDispatcher | None = None
@@ -110,7 +113,7 @@ class CoapModule:
         self._install_federation_agent()
         # __init__ is synchronous and runs with the reactor already running:
         # schedule the (asynchronous) start.
-        run_as_background_process("synapse_coap_start", hs.hostname, self._start)
+        compat.run_as_background_process("synapse_coap_start", hs.hostname, self._start)
 
     def _install_federation_agent(self) -> None:
         from synapse_coap.synapse.agent import install_federation_agent
@@ -124,7 +127,7 @@ class CoapModule:
         metrics = self.metrics
 
         trust_loaded = self._trust_loaded
-        server_name = self._hs.hostname
+        server_name = self._homeserver.hostname
 
         async def make_client() -> Any:
             import asyncio
@@ -151,6 +154,8 @@ class CoapModule:
 
     @staticmethod
     def parse_config(config: Any) -> CoapModuleConfig:
+        # Synapse's private pieces this module needs exist in this release (else ConfigError).
+        compat.check_static()
         try:
             return CoapModuleConfig.from_config(config)
         except ConfigValueError as e:
@@ -166,7 +171,7 @@ class CoapModule:
         # Let Synapse's start() finish first (other modules register their web
         # resources, the listeners start): we serve the same resource trees.
         later: defer.Deferred[None] = defer.Deferred()
-        self._hs.get_reactor().callLater(0, later.callback, None)
+        self._homeserver.get_reactor().callLater(0, later.callback, None)
         await make_deferred_yieldable(later)
         try:
             try:
@@ -182,13 +187,13 @@ class CoapModule:
                 "synapse-coap: the CoAP listener could not start; stopping Synapse",
                 exc_info=True,
             )
-            self._hs.get_reactor().stop()
+            self._homeserver.get_reactor().stop()
 
     async def _start_server(self) -> None:
         from synapse_coap.transport.server import CoapServer, ServerConfig
 
         config = self._config
-        hs = self._hs
+        hs = self._homeserver
         bridge = self.bridge
         if bridge is None:  # pragma: no cover - only called when binding here
             raise RuntimeError("bridge not running")
@@ -206,6 +211,9 @@ class CoapModule:
             server_name=hs.hostname,
             max_body_size=dispatcher.max_request_body_size,
             payload_dump=config.payload_dump,
+            push=config.push,
+            replay_state_path=f"{self.key_path}.replay",
+            transfers=config.transfers,
         )
         metrics = self.metrics
 

@@ -34,8 +34,9 @@ import threading
 import time
 from typing import Any
 
-from synapse.metrics.background_process_metrics import run_as_background_process
 from twisted.internet import defer
+
+from synapse_coap.synapse import compat
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class DatabaseTrustStore:
 
     @classmethod
     def for_homeserver(cls, hs: Any) -> DatabaseTrustStore:
-        return cls(hs.get_datastores().main.db_pool, hs.get_reactor(), hs.hostname)
+        return cls(compat.database_pool(hs), hs.get_reactor(), hs.hostname)
 
     async def load(self) -> None:
         """Create the table if needed and read it. Call on the reactor, in a logcontext."""
@@ -132,8 +133,8 @@ class DatabaseTrustStore:
     # -- write-through (reactor thread) -----------------------------------------------
 
     def _start_write(self, peer: str, key: bytes) -> None:
-        d: defer.Deferred[None] = run_as_background_process(
-            "synapse_coap_trust_put",  # type: ignore[arg-type]
+        d: defer.Deferred[None] = compat.run_as_background_process(
+            "synapse_coap_trust_put",
             self._server_name,
             self._write,
             peer,

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -39,6 +39,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import NON
 from aiocoap.optiontypes import BlockOption
+from aiocoap.pipe import Pipe
 from aiocoap.protocol import Context
 from aiocoap.util import hostportjoin
 
@@ -107,6 +108,24 @@ class _ClientSession:
     established_profile: int | None = None
 
 
+@attrs.frozen
+class PushEvent:
+    """One event of an Observe registration: a notification, or the ``final`` response.
+
+    A final response carries no Observe option: the server did not accept the
+    registration (not observable, refused, an error), or ended it. An event
+    with ``response`` None says the server acknowledged the registration
+    request (it has it; notifications follow when there is something to push).
+    """
+
+    response: HttpResponse | None
+    final: bool
+
+
+#: Queued by the registration request's acknowledgement hook.
+_ACKED = object()
+
+
 def _sender_tokens(*, strings: bool = False) -> Any:
     """Per-session sticky-token state; with ``strings`` also the session string table."""
     try:
@@ -141,8 +160,10 @@ class CoapClient:
         codec_factory: CodecFactory,
         endpoint_factory: Callable[..., SessionEndpoint] | None,
         max_body_size: int,
+        keepalive_interval: float | None = None,
     ) -> None:
         self.static_key = static_key
+        self.keepalive_interval = keepalive_interval
         self.trust = trust
         self.link = link
         self.limits = limits
@@ -177,13 +198,17 @@ class CoapClient:
         codec_factory: CodecFactory | None = None,
         endpoint_factory: Callable[..., SessionEndpoint] | None = None,
         max_body_size: int = 50 * 1024 * 1024,
+        keepalive_interval: float | None = None,
     ) -> CoapClient:
         """A client bound to ``bind``. Without ``static_key`` only plain endpoints work.
 
         ``server_name`` (optional) is sent, encrypted, in our handshakes so the
         peer can shorten identifiers on our server; ``endpoint_factory(static_key,
         trust=, limits=, profiles=, app_payload=, clock=)`` replaces the
-        NoiseEndpoint (tests).
+        NoiseEndpoint (tests). ``keepalive_interval`` (seconds, None = off): a session
+        that has sent nothing for that long sends a one-way keep-alive record (NAT
+        mappings, the peer's idle timer, NAT rebinding); see
+        ``NoiseEndpoint(keepalive_interval=)``.
         """
         if limits is None:
             from synapse_coap.noise.endpoint import (  # type: ignore
@@ -202,6 +227,7 @@ class CoapClient:
             codec_factory=codec_factory or default_codec_factory,
             endpoint_factory=endpoint_factory,
             max_body_size=max_body_size,
+            keepalive_interval=keepalive_interval,
         )
         loop = asyncio.get_running_loop()
         self._context = Context(loop=loop, serversite=None, loggername=__name__ + ".coap")
@@ -237,6 +263,9 @@ class CoapClient:
             )
 
             factory = NoiseEndpoint
+        extra: dict[str, Any] = {}
+        if self.keepalive_interval is not None:
+            extra["keepalive_interval"] = self.keepalive_interval
         endpoint: SessionEndpoint = factory(
             self.static_key,
             trust=self.trust,
@@ -244,6 +273,7 @@ class CoapClient:
             profiles=supported_profile_offers(),
             app_payload=server_name_payload(self.server_name),
             clock=clock,
+            **extra,
         )
         return endpoint
 
@@ -405,13 +435,113 @@ class CoapClient:
             # new session was encoded before the handshake told us the peer's server
             # name, but the response was encoded with the established context.
             try:
-                response = session.codec.decode_response(resp_cm)
+                response = session.codec.decode_response(resp_cm, method=cm.code)
             except RemoteProtocolError:
                 raise
             except SynapseCoapError as e:
                 raise RemoteProtocolError(f"undecodable response: {e}") from e
             self.metrics.request(route, response.status, time.monotonic() - started)
             return response
+
+    async def observe(self, endpoint: Endpoint, request: HttpRequest) -> AsyncIterator[PushEvent]:
+        """Register an Observe (RFC 7641) on ``request`` and yield what the server pushes.
+
+        Each notification is yielded as it arrives (duplicates, i.e. a repeated
+        Observe value, are dropped; notifications larger than one block are
+        fetched whole, RFC 7959), in order; the generator ends after a final
+        event. Closing the generator forgets the registration locally (a later
+        notification is answered with RST, which ends it at the server).
+        Raises LinkDown when the registration cannot be sent or the link fails.
+        """
+        session = await self._session(endpoint)
+        retried = False
+        while True:
+            codec = session.codec
+            tokens = session.tokens
+            cm = codec.encode_request(request, tokens)
+            m = to_aiocoap(cm)
+            m.opt.observe = 0
+            m.remote = session.remote
+            events: asyncio.Queue[Any] = asyncio.Queue()
+
+            def acknowledged(ok: bool, events: asyncio.Queue[Any] = events) -> None:
+                if ok:
+                    events.put_nowait(_ACKED)
+
+            # the server acknowledges a registration at once (it waits for news)
+            m.transport_tuning = LinkTuning(
+                self.link, prompt_ack=True, on_acknowledged=acknowledged
+            )
+
+            def on_event(ev: Any, events: asyncio.Queue[Any] = events) -> bool:
+                events.put_nowait(ev)
+                return not ev.is_last
+
+            pipe = Pipe(m, self._context.log)
+            stop = pipe.on_event(on_event)
+            try:
+                try:
+                    interface = await self._context.find_remote_and_interface(m)
+                    interface.request(pipe)
+                except coap_error.Error as e:
+                    raise LinkDown(
+                        f"cannot register at {endpoint.host}:{endpoint.port}: {e}"
+                    ) from e
+                last_seq: int | None = None
+                while True:
+                    ev = await events.get()
+                    if ev is _ACKED:
+                        yield PushEvent(None, False)
+                        continue
+                    if ev.exception is not None:
+                        raise self._link_error(session, ev.exception)
+                    if ev.message is None:
+                        raise LinkDown("the registration ended without a response")
+                    resp = ev.message
+                    seq = resp.opt.observe
+                    final = ev.is_last or seq is None
+                    if not final and seq == last_seq:
+                        continue  # a retransmitted notification whose ACK was lost
+                    last_seq = seq
+                    resp = await asyncio.wait_for(
+                        self._complete_block2(session, cm, None, resp), self.link.request_timeout
+                    )
+                    resp_cm = _strip_transfer(from_aiocoap(resp))
+                    resp_cm = CoapMessage(
+                        resp_cm.code,
+                        tuple(o for o in resp_cm.options if o.number != int(OptionNumber.OBSERVE)),
+                        resp_cm.payload,
+                    )
+                    rebind = tokens is not None and _on_response(tokens, cm, resp_cm)
+                    if rebind and final and not retried:
+                        break  # the server forgot our token binding: register again
+                    try:
+                        response = session.codec.decode_response(resp_cm)
+                    except RemoteProtocolError:
+                        raise
+                    except SynapseCoapError as e:
+                        raise RemoteProtocolError(f"undecodable notification: {e}") from e
+                    self.metrics.request(_safe_route(codec, cm), response.status, 0.0)
+                    yield PushEvent(response, final)
+                    if final:
+                        return
+            except asyncio.TimeoutError:
+                raise LinkDown("a notification's blocks did not arrive in time") from None
+            finally:
+                stop()
+            retried = True
+            logger.info("peer forgot our access token binding: registering again")
+
+    def _link_error(self, session: _ClientSession, e: BaseException) -> SynapseCoapError:
+        if isinstance(e, NoiseLinkError):
+            err: SynapseCoapError = LinkDown(
+                f"link to {session.endpoint.host}:{session.endpoint.port} failed: {e}"
+            )
+            err.__cause__ = e.cause
+            return err
+        if isinstance(e, SynapseCoapError):
+            return e
+        return LinkDown(f"no answer from {session.endpoint.host}:{session.endpoint.port}: {e}")
 
     async def _exchange(
         self, session: _ClientSession, cm: CoapMessage, *, early: bool, long_poll: bool = False
@@ -453,6 +583,13 @@ class CoapClient:
                     num = (start + len(chunk)) // size
                 else:
                     num += 1
+        resp = await self._complete_block2(session, cm, last_request, resp)
+        return _strip_transfer(from_aiocoap(resp))
+
+    async def _complete_block2(
+        self, session: _ClientSession, cm: CoapMessage, last_request: Message | None, resp: Any
+    ) -> Any:
+        """Fetch the remaining blocks of a Block2 response (RFC 7959), ETag checked."""
         b2 = resp.opt.block2
         if b2 is not None and b2.more:
             if b2.block_number != 0:
@@ -491,7 +628,7 @@ class CoapClient:
             resp.payload = bytes(body)
         elif len(resp.payload) > self.max_body_size:
             raise RemoteProtocolError(f"response body over {self.max_body_size} bytes")
-        return _strip_transfer(from_aiocoap(resp))
+        return resp
 
     async def _send_one(
         self, session: _ClientSession, m: Message, *, early: bool, prompt_ack: bool = False
@@ -545,4 +682,4 @@ def _on_response(tokens: Any, request: CoapMessage, response: CoapMessage) -> bo
         return False
 
 
-__all__ = ["CoapClient", "Endpoint"]
+__all__ = ["CoapClient", "Endpoint", "PushEvent"]

@@ -27,8 +27,8 @@ decisions:
 * the first retransmission of an exchange is reported to the transport
   (the Noise transport uses it to detect a peer that lost its session).
 
-It is attached with :func:`attach_transport`, which mirrors the private
-``Context._append_tokenmanaged_messagemanaged_transport`` of aiocoap 0.4.x.
+It is attached with :func:`attach_transport`. aiocoap's private steps are
+reached through :mod:`synapse_coap.transport.aiocoap_compat` only.
 """
 
 from __future__ import annotations
@@ -36,15 +36,14 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
 from aiocoap import interfaces
-from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.codes import EMPTY
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.types import ACK, CON
-from aiocoap.tokenmanager import TokenManager
 
+from synapse_coap.transport.aiocoap_compat import HookedMessageManager, attach_message_interface
 from synapse_coap.transport.link import LinkParameters, RttEstimator
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
 
@@ -69,6 +68,7 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         empty_ack_delay: float | None = None,
         early_data: bool = False,
         prompt_ack: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
     ) -> None:
         self.params = params
         self.ACK_TIMEOUT = params.ack_timeout if ack_timeout is None else ack_timeout
@@ -90,6 +90,10 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         #: set by the client for a request the server acknowledges at once (a
         #: long-poll): its empty ACK is then a valid RTT sample.
         self.prompt_ack = prompt_ack
+        #: set by the server on an Observe notification: called once with True when
+        #: the message is acknowledged (or went out piggybacked / non-confirmable),
+        #: False when it was rejected (RST) or its retransmissions ran out.
+        self.on_acknowledged = on_acknowledged
 
     @property
     def EXCHANGE_LIFETIME(self) -> float:
@@ -113,14 +117,14 @@ class _Backlogs(dict):  # type: ignore[type-arg]
         return manager.active_count(remote) >= manager.allowed_outstanding(remote)
 
 
-class LinkMessageManager(MessageManager):  # type: ignore[misc]
+class LinkMessageManager(HookedMessageManager):
     MAX_ESTIMATORS = 4096
     #: bytes a message adds to its payload in the size estimates fed to the estimator
     MESSAGE_OVERHEAD = 32
 
     def __init__(
         self,
-        token_manager: TokenManager,
+        token_manager: Any,
         params: LinkParameters,
         metrics: TransportMetrics | None = None,
         clock: Callable[[], float] | None = None,
@@ -130,11 +134,13 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         self.metrics: TransportMetrics = metrics or NullMetrics()
         self._clock = clock or self.loop.time
         self._estimators: OrderedDict[Hashable, RttEstimator] = OrderedDict()
-        self._backlogs = _Backlogs(self)
+        self.backlogs = _Backlogs(self)
         # exchanges of our requests whose empty ACK the peer may have held: no RTT sample
         self._held_ack: set[Hashable] = set()
         self.on_first_retransmit: RetransmitHook | None = None
         self.on_retransmit: EveryRetransmitHook | None = None
+        #: (remote, mid) -> callback of a confirmable message whose sender wants its outcome
+        self._ack_hooks: dict[Hashable, Callable[[bool], None]] = {}
 
     # -- per-peer state ---------------------------------------------------------
 
@@ -153,7 +159,12 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         self._estimators.pop(remote, None)
 
     def tuning_for(
-        self, remote: Hashable, *, early_data: bool = False, prompt_ack: bool = False
+        self,
+        remote: Hashable,
+        *,
+        early_data: bool = False,
+        prompt_ack: bool = False,
+        on_acknowledged: Callable[[bool], None] | None = None,
     ) -> LinkTuning:
         est = self.estimator(remote)
         return LinkTuning(
@@ -162,6 +173,7 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             empty_ack_delay=est.empty_ack_delay(),
             early_data=early_data,
             prompt_ack=prompt_ack,
+            on_acknowledged=on_acknowledged,
         )
 
     def allowed_outstanding(self, remote: Hashable) -> int:
@@ -172,9 +184,10 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         return est.allowed_outstanding()
 
     def active_count(self, remote: object) -> int:
-        if self._active_exchanges is None:
+        active = self.active_exchanges
+        if active is None:
             return 0
-        return sum(1 for (r, _mid) in self._active_exchanges if r == remote)
+        return sum(1 for (r, _mid) in active if r == remote)
 
     # -- incoming ------------------------------------------------------------------
 
@@ -184,11 +197,13 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         super().dispatch_message(message)
 
     def dispatch_error(self, error: Exception, remote: Any) -> None:
-        if self._active_exchanges is not None:
+        active = self.active_exchanges
+        if active is not None:
             est = self._estimators.get(remote)
-            for r, mid in list(self._active_exchanges):
+            for r, mid in list(active):
                 if r == remote:
                     self._held_ack.discard((r, mid))
+                    self._ack_outcome((r, mid), False)
                     if est is not None:
                         est.forget((r, mid))
         super().dispatch_error(error, remote)
@@ -199,20 +214,14 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         that knows it cannot answer soon, such as a long-poll, acknowledges at once).
         The response then goes as a separate confirmable message. False if there is
         nothing to acknowledge (NON request, already acknowledged or answered)."""
-        found = self._piggyback_opportunities.pop((remote, token), None)
-        if found is None:
-            return False
-        mid, handle = found
-        handle.cancel()
-        self._send_empty_ack(remote, mid, "the request will wait (long-poll)")
-        return True
+        return self.send_empty_ack_now(remote, token, "the request will wait (long-poll)")
 
     # -- timers ----------------------------------------------------------------------
 
-    def _add_exchange(self, message: Any, messageerror_monitor: Callable[[], None]) -> None:
+    def add_exchange(self, message: Any, messageerror_monitor: Callable[[], None]) -> None:
         key = (message.remote, message.mid)
-        if not dict.__contains__(self._backlogs, message.remote):
-            dict.__setitem__(self._backlogs, message.remote, [])
+        if not dict.__contains__(self.backlogs, message.remote):
+            dict.__setitem__(self.backlogs, message.remote, [])
         est = self.estimator(message.remote)
         size = len(message.payload) + self.MESSAGE_OVERHEAD
         est.started(key, size)
@@ -222,19 +231,22 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         else:
             self._held_ack.discard(key)
         timeout = est.first_timeout(size)
-        handle = self._schedule_retransmit(message, timeout, 0)
-        self._active_exchanges[key] = (messageerror_monitor, handle)
+        handle = self.schedule_retransmit(message, timeout, 0)
+        active = self.active_exchanges
+        if active is not None:
+            active[key] = (messageerror_monitor, handle)
+        hook = getattr(message.transport_tuning, "on_acknowledged", None)
+        if hook is not None:
+            self._ack_hooks[key] = hook
 
-    def _schedule_retransmit(
-        self, message: Any, timeout: float, retransmission_counter: int
-    ) -> Any:
+    def schedule_retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> Any:
         if retransmission_counter > 0:
             # aiocoap doubled it; bound it (the first wait may exceed max_rto only
             # by the message's serialization time on a known slow link)
             timeout = max(min(timeout, self.params.max_rto), timeout / 2)
-        return super()._schedule_retransmit(message, timeout, retransmission_counter)
+        return super().schedule_retransmit(message, timeout, retransmission_counter)
 
-    def _retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> None:
+    def retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> None:
         key = (message.remote, message.mid)
         est = self.estimator(message.remote)
         if retransmission_counter < message.transport_tuning.MAX_RETRANSMIT:
@@ -254,11 +266,21 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
         else:
             est.gave_up(key)
             self._held_ack.discard(key)
-        super()._retransmit(message, timeout, retransmission_counter)
+            self._ack_outcome(key, False)
+        super().retransmit(message, timeout, retransmission_counter)
 
-    def _remove_exchange(self, message: Any) -> None:
+    def _ack_outcome(self, key: Hashable, ok: bool) -> None:
+        hook = self._ack_hooks.pop(key, None)
+        if hook is not None:
+            try:
+                hook(ok)
+            except Exception:
+                logger.exception("acknowledgement hook failed")
+
+    def remove_exchange(self, message: Any) -> None:
         key = (message.remote, message.mid)
-        if self._active_exchanges is not None and key in self._active_exchanges:
+        active = self.active_exchanges
+        if active is not None and key in active:
             held = key in self._held_ack
             self._held_ack.discard(key)
             # an empty ACK to a request the peer may have held is its think time, not the link's
@@ -266,31 +288,42 @@ class LinkMessageManager(MessageManager):  # type: ignore[misc]
             self.estimator(message.remote).acknowledged(
                 key, len(message.payload) + self.MESSAGE_OVERHEAD, measure=measure
             )
-        super()._remove_exchange(message)
+            self._ack_outcome(key, message.mtype == ACK)
+        super().remove_exchange(message)
 
-    def _continue_backlog(self, remote: Any) -> None:
-        if not dict.__contains__(self._backlogs, remote):
+    def continue_backlog(self, remote: Any) -> None:
+        if not dict.__contains__(self.backlogs, remote):
             return
-        backlog = dict.__getitem__(self._backlogs, remote)
+        backlog = dict.__getitem__(self.backlogs, remote)
         allowed = self.allowed_outstanding(remote)
         while backlog and self.active_count(remote) < allowed:
             next_message, monitor = backlog.pop(0)
-            self._send_initially(next_message, monitor)
+            self.send_initially(next_message, monitor)
         if not backlog and self.active_count(remote) == 0:
-            dict.__delitem__(self._backlogs, remote)
+            dict.__delitem__(self.backlogs, remote)
 
     # -- outgoing ------------------------------------------------------------------
 
     def send_message(self, message: Any, messageerror_monitor: Any) -> Any:
         tuning = message.transport_tuning
+        hook = None
         if message.remote is not None and not isinstance(tuning, LinkTuning):
             message.transport_tuning = self.tuning_for(message.remote)
         elif isinstance(tuning, LinkTuning) and message.remote is not None:
             # refresh the RTO from the estimator, keep the caller's flags
+            hook = tuning.on_acknowledged
             message.transport_tuning = self.tuning_for(
-                message.remote, early_data=tuning.early_data, prompt_ack=tuning.prompt_ack
+                message.remote,
+                early_data=tuning.early_data,
+                prompt_ack=tuning.prompt_ack,
+                on_acknowledged=hook,
             )
-        return super().send_message(message, messageerror_monitor)
+        result = super().send_message(message, messageerror_monitor)
+        if hook is not None and message.mtype != CON:
+            # piggybacked on the request's ACK (resent by deduplication if lost) or NON
+            message.transport_tuning.on_acknowledged = None
+            hook(True)
+        return result
 
     def is_confirmable(self, message: Any) -> bool:
         return bool(message.mtype == CON)
@@ -302,15 +335,8 @@ async def attach_transport(
     metrics: TransportMetrics | None,
     constructor: Callable[[LinkMessageManager], Awaitable[interfaces.MessageInterface]],
 ) -> tuple[LinkMessageManager, Any]:
-    """Add a message interface to an aiocoap Context under a LinkMessageManager.
-
-    Mirrors ``Context._append_tokenmanaged_messagemanaged_transport`` (aiocoap
-    >=0.4.17,<0.5), which hard-codes aiocoap's own MessageManager.
-    """
-    tman = TokenManager(context)
-    mman = LinkMessageManager(tman, params, metrics)
-    transport = await constructor(mman)
-    mman.message_interface = transport
-    tman.token_interface = mman
-    context.request_interfaces.append(tman)
-    return mman, transport
+    """Add a message interface to an aiocoap Context under a LinkMessageManager."""
+    mman, transport = await attach_message_interface(
+        context, lambda tman: LinkMessageManager(tman, params, metrics), constructor
+    )
+    return cast(LinkMessageManager, mman), transport

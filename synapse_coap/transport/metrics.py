@@ -65,6 +65,8 @@ class CountingMetrics:
         self.session_count = 0
         self.requests: list[tuple[str, int, float]] = []
         self.drops: Counter[str] = Counter()
+        self.pushes: Counter[str] = Counter()
+        self.push_live = 0
 
     def datagram(self, direction: str, kind: str, size: int) -> None:
         key = (direction, kind)
@@ -89,6 +91,13 @@ class CountingMetrics:
 
     def dropped(self, reason: str) -> None:
         self.drops[reason] += 1
+
+    def push(self, event: str) -> None:
+        """Optional (see ``synapse_coap.transport.push.push_metric``): a /sync push event."""
+        self.pushes[event] += 1
+
+    def push_registrations(self, count: int) -> None:
+        self.push_live = count
 
     def total(self, direction: str | None = None, kind: str | None = None) -> int:
         """Datagrams counted, optionally filtered by direction and/or kind."""

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import attrs
 from aiocoap import error as coap_error
 from aiocoap import interfaces
-from aiocoap.message import Direction, Message
+from aiocoap.message import Direction
 from aiocoap.util import hostportjoin
 
 from synapse_coap.errors import LinkDown, SynapseCoapError, TrustError
@@ -42,6 +42,11 @@ from synapse_coap.noise.events import (
     HandshakeFailed,
     Received,
     Transmit,
+)
+from synapse_coap.transport.datagram import (
+    MessageFormatError,
+    decode_message,
+    reset_for,
 )
 from synapse_coap.transport.manager import LinkMessageManager, LinkTuning
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
@@ -154,6 +159,9 @@ class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
         self.channel = channel
         self.maximum_block_size_exp = block_size_exp
         self.established = False
+        #: False while the latest message came from an address not yet validated
+        #: (0-RTT from a new address, a move): the address may be spoofed
+        self.address_validated = True
         #: how many handshakes completed on this remote (re-handshakes included)
         self.establishments = 0
         self.peer_static: bytes | None = None
@@ -664,13 +672,21 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             self.metrics.dropped("unknown_channel")
             return
         remote.addr = ev.addr
+        remote.address_validated = bool(getattr(ev, "validated", True))
         remote.last_received = self.loop.time()
         if self._mman is None:
             return
         try:
-            message = Message.decode(ev.plaintext, remote)
-        except Exception as e:  # UnparsableMessage, and bad UTF-8 in a string option
+            message = decode_message(ev.plaintext, remote)
+        except MessageFormatError as e:  # incl. bad UTF-8 in a string option
             self.bad_input.report(remote.addr[0], "bad_coap", e)
+            reset = reset_for(ev.plaintext)
+            if reset is not None and remote.channel is not None:
+                # RFC 7252 4.2: a malformed Confirmable message is rejected with a Reset
+                try:
+                    self._process(self.endpoint.send(remote.channel, reset))
+                except SynapseCoapError as send_error:
+                    logger.debug("Reset to %s not sent: %s", remote.hostinfo, send_error)
             return
         if not _code_fits_type(int(message.code), int(message.mtype)):
             # aiocoap would log a WARNING for each such message

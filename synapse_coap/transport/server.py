@@ -24,19 +24,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 from aiocoap import interfaces
-from aiocoap.blockwise import Block2Cache
+from aiocoap.blockwise import IncompleteException
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.optiontypes import BlockOption
 from aiocoap.protocol import Context
-from aiocoap.util.asyncio.timeoutdict import TimeoutDict
 
 from synapse_coap.errors import (
     ConfigValueError,
@@ -44,10 +45,19 @@ from synapse_coap.errors import (
     RemoteProtocolError,
     SynapseCoapError,
 )
+from synapse_coap.mapping import numbers as n
+from synapse_coap.mapping.codec import accepted_format
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
+from synapse_coap.mapping.push import (
+    VERSIONS_PATH,
+    PushConfig,
+    SyncQuery,
+    advertise_observe,
+)
 from synapse_coap.mapping.redact import redact_target
 from synapse_coap.noise.trust import TrustPolicy
+from synapse_coap.transport.aiocoap_compat import block_key, extract_block
 from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
@@ -71,12 +81,20 @@ from synapse_coap.transport.noise_udp import (
     normalize_address,
 )
 from synapse_coap.transport.plain import PlainUDP
+from synapse_coap.transport.push import Observation, Registration, Registrations
+from synapse_coap.transport.transfers import ENTRY_OVERHEAD, TransferLimits, TransferStore
 from synapse_coap.wire.context import WireContext
 
 logger = logging.getLogger(__name__)
 
 #: Options that belong to the transfer, not to the request the codec sees.
 _TRANSFER_OPTIONS = BLOCKWISE_OPTIONS | {int(OptionNumber.NO_RESPONSE), ABANDON_OPTION}
+
+#: Accept values a request may carry (RFC 7252 5.10.4): the compact body, plain JSON
+#: (a standard tool; the body the HTTP API gives), and the formats a Matrix resource
+#: may answer in (media). Any other value is answered 4.06 before dispatch; a 2.xx
+#: response in another format than the one accepted becomes 4.06 too.
+_ACCEPTABLE = frozenset({n.CF_COMPACT, n.CF_JSON, *n.CF_TO_MEDIA_TYPE})
 
 DEFAULT_RESOURCES: tuple[str, ...] = (
     "/_matrix/client",
@@ -111,6 +129,11 @@ class ServerConfig:
     ``listen`` is not empty). ``max_body_size`` caps reassembled (Block1)
     request bodies. ``payload_dump`` logs decrypted requests at DEBUG (never
     on in production). ``resources``: the paths ``/.well-known/core`` lists.
+    ``replay_state_path``: a small file where the 0-RTT anti-replay watermark is
+    kept across restarts (docs/security.md); None: a restart forgets it.
+
+    ``transfers``: the byte budget of blockwise transfer state and the
+    per-session limits (:class:`TransferLimits`).
     """
 
     listen: tuple[tuple[str, int], ...] = attrs.field(
@@ -125,6 +148,9 @@ class ServerConfig:
     max_body_size: int = 50 * 1024 * 1024
     payload_dump: bool = False
     resources: tuple[str, ...] = DEFAULT_RESOURCES
+    replay_state_path: str | None = None
+    transfers: TransferLimits = attrs.field(factory=TransferLimits)
+    push: PushConfig = attrs.field(factory=PushConfig)
 
     def __attrs_post_init__(self) -> None:
         if self.listen and self.static_key is None:
@@ -133,6 +159,7 @@ class ServerConfig:
             raise ConfigValueError("static_key", "must be a 32-byte X25519 private key")
         if self.max_body_size < 1024:
             raise ConfigValueError("max_body_size", "must be at least 1024 bytes")
+
         for i, (_host, port) in enumerate(self.listen + self.plain_listen):
             if not 0 <= port <= 65535:
                 raise ConfigValueError(f"listen[{i}]", f"port {port} out of range 0..65535")
@@ -147,30 +174,31 @@ class _Block1Reply(Exception):
 
 
 class _Assembly:
-    __slots__ = ("body", "request", "touched")
+    __slots__ = ("body", "request")
 
-    def __init__(self, request: Message, now: float) -> None:
+    def __init__(self, request: Message) -> None:
         self.request = request
         self.body = bytearray()
-        self.touched = now
 
 
 class Block1Assembler:
-    """RFC 7959 Block1 server side: O(n) reassembly, capped size, bounded count and age."""
+    """RFC 7959 Block1 server side: O(n) reassembly, capped size; partial bodies live in
+    a :class:`TransferStore` (one byte budget with cached Block2 responses, a count
+    per session, a timeout)."""
 
-    MAX_ASSEMBLIES = 256
-
-    def __init__(
-        self, max_body_size: int, lifetime: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, max_body_size: int, store: TransferStore) -> None:
         self.max_body_size = max_body_size
-        self.lifetime = lifetime
-        self._clock = clock
-        self._assemblies: OrderedDict[Any, _Assembly] = OrderedDict()
+        self._store = store
+
+    @property
+    def effective_max(self) -> int:
+        """The largest body that can be reassembled (the size cap, within the budget)."""
+        return min(self.max_body_size, self._store.budget - ENTRY_OVERHEAD)
 
     @staticmethod
     def _key(req: Message) -> Any:
         return (
+            "b1",
             req.remote.blockwise_key,
             req.code,
             req.get_cache_key(
@@ -185,18 +213,8 @@ class Block1Assembler:
 
     def _too_large(self) -> _Block1Reply:
         m = Message(code=Code.REQUEST_ENTITY_TOO_LARGE)
-        m.opt.size1 = self.max_body_size
+        m.opt.size1 = self.effective_max
         return _Block1Reply(m)
-
-    def _expire(self, now: float) -> None:
-        while self._assemblies:
-            key, first = next(iter(self._assemblies.items()))
-            if (
-                now - first.touched <= self.lifetime
-                and len(self._assemblies) <= self.MAX_ASSEMBLIES
-            ):
-                break
-            self._assemblies.pop(key)
 
     def feed(self, req: Message) -> Message:
         """The complete request, or raise _Block1Reply with 2.31 / 4.08 / 4.13."""
@@ -205,9 +223,7 @@ class Block1Assembler:
             if len(req.payload) > self.max_body_size:
                 raise self._too_large()
             return req
-        now = self._clock()
-        self._expire(now)
-        if req.opt.size1 is not None and req.opt.size1 > self.max_body_size:
+        if req.opt.size1 is not None and req.opt.size1 > self.effective_max:
             raise self._too_large()
         key = self._key(req)
         size = 2 ** (block1.size_exponent + 4) if block1.size_exponent < 7 else 1024
@@ -216,29 +232,26 @@ class Block1Assembler:
             m = Message(code=Code.BAD_REQUEST, payload=b"Block1 payload not a block multiple")
             raise _Block1Reply(m)
         if block1.block_number == 0:
-            asm = _Assembly(req, now)
-            self._assemblies[key] = asm
-            self._assemblies.move_to_end(key)
+            asm = _Assembly(req)
         else:
-            found = self._assemblies.get(key)
-            if found is None or offset > len(found.body):
-                self._assemblies.pop(key, None)
+            found = self._store.get(key)
+            if not isinstance(found, _Assembly) or offset > len(found.body):
+                self._store.pop(key)
                 raise _Block1Reply(Message(code=Code.REQUEST_ENTITY_INCOMPLETE))
             asm = found
             if offset < len(asm.body):
                 # a repeated block (its ACK was lost after dedup expired): restart from it
                 del asm.body[offset:]
-            asm.touched = now
-            self._assemblies.move_to_end(key)
-        if offset + len(req.payload) > self.max_body_size:
-            self._assemblies.pop(key, None)
+        if offset + len(req.payload) > self.effective_max:
+            self._store.pop(key)
             raise self._too_large()
         asm.body += req.payload
         if block1.more:
+            self._store.put(key, req.remote.blockwise_key, asm, len(asm.body))
             m = Message(code=Code.CONTINUE)
             m.opt.block1 = block1
             raise _Block1Reply(m)
-        self._assemblies.pop(key, None)
+        self._store.pop(key)
         full = asm.request.copy(payload=bytes(asm.body))
         full.opt.block1 = block1
         full.remote = req.remote
@@ -248,10 +261,55 @@ class Block1Assembler:
         return full
 
 
-class _Block2Cache(Block2Cache):  # type: ignore[misc]
-    def __init__(self, lifetime: float) -> None:
-        super().__init__()
-        self._completes = TimeoutDict(lifetime)
+class Block2Responses:
+    """RFC 7959 Block2 server side: a response too large for one message is kept (in the
+    shared :class:`TransferStore`) for the blocks that follow block 0.
+
+    Pushed representations (Observe notifications larger than one block, see
+    :mod:`synapse_coap.transport.push`) are kept the same way under their
+    registration request's key; serving their last block is reported to the pusher.
+    """
+
+    MAX_PUSHED = 4096
+
+    def __init__(self, store: TransferStore) -> None:
+        self._store = store
+        self._on_last: dict[Any, Callable[[], None]] = {}
+
+    def put_pushed(self, request: Message, full: Message, on_last: Callable[[], None]) -> None:
+        key = ("b2", block_key(request))
+        self._store.put(key, request.remote.blockwise_key, full, len(full.payload))
+        self._on_last[key] = on_last
+        while len(self._on_last) > self.MAX_PUSHED:
+            self._on_last.pop(next(iter(self._on_last)))
+
+    async def extract_or_insert(
+        self, req: Message, build: Callable[[], Awaitable[Message]]
+    ) -> Message:
+        key = ("b2", block_key(req))
+        block2 = req.opt.block2
+        if block2 is None or block2.block_number == 0:
+            assembled = await build()
+        else:
+            found = self._store.get(key)
+            if not isinstance(found, Message):
+                raise IncompleteException
+            assembled = found
+        limit = req.remote.maximum_payload_size
+        if len(assembled.payload) > limit or (
+            block2 is not None and len(assembled.payload) > block2.size
+        ):
+            self._store.put(key, req.remote.blockwise_key, assembled, len(assembled.payload))
+            block2 = block2 or BlockOption.BlockwiseTuple(0, 0, req.remote.maximum_block_size_exp)
+            part: Message = extract_block(
+                assembled, block2.block_number, block2.size_exponent, limit
+            )
+            if block2.block_number > 0 and part.opt.block2 is not None and not part.opt.block2.more:
+                hook = self._on_last.pop(key, None)
+                if hook is not None:
+                    hook()
+            return part
+        return assembled
 
 
 # -- sessions ----------------------------------------------------------------------
@@ -281,11 +339,55 @@ def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
     return HttpResponse(status, (("content-type", "application/json"),), body)
 
 
-def _link_format(resources: tuple[str, ...]) -> bytes:
-    parts = ["</.well-known/core>;ct=40"]
+#: The observable resource listed in ``/.well-known/core`` when push is enabled.
+OBSERVABLE_SYNC = "/_matrix/client/v3/sync"
+
+
+def _links(
+    resources: tuple[str, ...], observable: tuple[str, ...] = ()
+) -> list[tuple[str, dict[str, str]]]:
+    """(href, attributes) of what ``/.well-known/core`` lists (``obs``: RFC 7641 §6)."""
+    out = [("/.well-known/core", {"ct": "40"})]
     for path in resources:
+        out.append((path, {"rt": path.strip("/").replace("/", ".").replace("_", "")}))
+    for path in observable:
         name = path.strip("/").replace("/", ".").replace("_", "")
-        parts.append(f'<{path}>;rt="{name}"')
+        out.append((path, {"rt": name, "obs": ""}))
+    return out
+
+
+def _link_value(attrs: dict[str, str], name: str) -> str:
+    if name == "rt":
+        return f'{name}="{attrs[name]}"'
+    return f"{name}={attrs[name]}" if attrs[name] else name
+
+
+def _filter_matches(href: str, attrs: dict[str, str], query: str) -> bool:
+    """RFC 6690 4.1: ``name=value``, a trailing ``*`` matching any suffix; for a
+    space-separated attribute (rt, if) any one of its values matches."""
+    name, _, want = query.partition("=")
+    prefix = want.endswith("*")
+    want = want[:-1] if prefix else want
+    if name == "href":
+        values = [href]
+    elif name in attrs:
+        values = attrs[name].split(" ") if name in ("rt", "if") else [attrs[name]]
+    else:
+        return False
+    return any(v.startswith(want) if prefix else v == want for v in values)
+
+
+def _link_format(
+    resources: tuple[str, ...],
+    queries: list[str] | None = None,
+    observable: tuple[str, ...] = (),
+) -> bytes:
+    """The RFC 6690 document, filtered by its ``Uri-Query`` values (RFC 6690 4.1)."""
+    parts = []
+    for href, link_attrs in _links(resources, observable):
+        if queries and not all(_filter_matches(href, link_attrs, q) for q in queries):
+            continue
+        parts.append(";".join([f"<{href}>", *(_link_value(link_attrs, k) for k in link_attrs)]))
     return ",".join(parts).encode()
 
 
@@ -295,10 +397,15 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
     def __init__(self, server: CoapServer) -> None:
         super().__init__()
         self._server = server
-        link = server.config.link
-        lifetime = max(link.exchange_lifetime, 120.0)
-        self._block1 = Block1Assembler(server.config.max_body_size, lifetime)
-        self._block2 = _Block2Cache(lifetime)
+        config = server.config
+        limits = config.transfers
+        timeout = limits.timeout
+        if timeout is None:
+            timeout = max(config.link.exchange_lifetime, 120.0)
+        self.transfers = TransferStore(limits.budget, limits.per_session, timeout)
+        self._block1 = Block1Assembler(config.max_body_size, self.transfers)
+        self._block2 = Block2Responses(self.transfers)
+        self._in_flight: dict[Any, int] = {}
 
     async def render(self, request: Any) -> Any:  # pragma: no cover - not used
         raise NotImplementedError
@@ -314,19 +421,89 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
             res.opt.no_response = 26
             pipe.add_response(res, is_last=True)
             return
-        try:
-            assembled = self._block1.feed(req)
-        except _Block1Reply as reply:
-            pipe.add_response(reply.message, is_last=True)
+        session = req.remote.blockwise_key
+        in_flight = self._in_flight.get(session, 0)
+        if in_flight >= self._server.config.transfers.requests_per_session:
+            # RFC 7252 5.03 with Max-Age: come back later
+            self._server.metrics.dropped("session_request_limit")
+            res = Message(code=Code.SERVICE_UNAVAILABLE, payload=b"too many requests in flight")
+            res.opt.max_age = 1
+            pipe.add_response(res, is_last=True)
             return
+        self._in_flight[session] = in_flight + 1
+        try:
+            await self._render_to_pipe(pipe, req)
+        finally:
+            left = self._in_flight[session] - 1
+            if left:
+                self._in_flight[session] = left
+            else:
+                del self._in_flight[session]
 
-        async def build() -> Message:
-            return await self._server._render(assembled)
+    async def _render_to_pipe(self, pipe: Any, req: Any) -> None:
+        evicted = sum(self.transfers.evictions.values())
+        try:
+            try:
+                assembled = self._block1.feed(req)
+            except _Block1Reply as reply:
+                pipe.add_response(reply.message, is_last=True)
+                return
+            if (
+                assembled.opt.observe == 0
+                and assembled.opt.block2 is None
+                and self._server.config.push.enabled
+                and await self._server._observe(assembled, pipe, self._block2)
+            ):
+                return
 
-        res = await self._block2.extract_or_insert(assembled, build)
+            async def build() -> Message:
+                full: Message = await self._server._render(assembled)
+                if assembled.opt.size2 is not None and full.payload:
+                    # RFC 7959 4: Size2 asked for (usually 0): say the whole size (every block)
+                    full.opt.size2 = len(full.payload)
+                return full
+
+            res = await self._block2.extract_or_insert(assembled, build)
+        finally:
+            if sum(self.transfers.evictions.values()) != evicted:
+                self._server._count_evictions()
         if assembled.opt.block1 is not None:
             res.opt.block1 = assembled.opt.block1
         pipe.add_response(res, is_last=True)
+
+    def expire(self) -> None:
+        """Forget stalled transfers (a timer calls this)."""
+        if self.transfers.expire():
+            self._server._count_evictions()
+
+
+#: Seconds between writes of the 0-RTT anti-replay watermark.
+REPLAY_STATE_INTERVAL = 30.0
+
+
+def read_replay_state(path: str | None, *, now: float, window: float) -> float:
+    """``early_data_not_before`` for a starting responder: the watermark its previous run
+    wrote (0 if there was none). An unreadable file refuses 0-RTT for two windows."""
+    if path is None:
+        return 0.0
+    try:
+        with open(path, encoding="ascii") as f:
+            return float(f.read().strip())
+    except FileNotFoundError:
+        return 0.0
+    except (OSError, ValueError) as e:
+        logger.warning(
+            "0-RTT replay state %s unreadable (%s): no 0-RTT for %.0f s", path, e, 2 * window
+        )
+        return now + 2 * window
+
+
+def write_replay_state(path: str, value: float) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(f"{value:.0f}\n")
+    os.replace(tmp, path)
 
 
 class CoapServer:
@@ -351,6 +528,12 @@ class CoapServer:
         self._secure_addresses: list[tuple[str, int]] = []
         self._plain_addresses: list[tuple[str, int]] = []
         self._closed = False
+        self._replay_timer: asyncio.TimerHandle | None = None
+        self._root: _Root | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._evictions_counted: dict[str, int] = {}
+        self._replay_write_failed = False
+        self.registrations = Registrations(config.push, self.metrics)
 
     @classmethod
     async def start(
@@ -368,7 +551,9 @@ class CoapServer:
             config, dispatcher, metrics or NullMetrics(), codec_factory or default_codec_factory
         )
         loop = asyncio.get_running_loop()
-        self._context = Context(loop=loop, serversite=_Root(self), loggername=__name__ + ".coap")
+        self._root = _Root(self)
+        self._context = Context(loop=loop, serversite=self._root, loggername=__name__ + ".coap")
+        self._schedule_expiry()
         make_endpoint = endpoint_factory or _default_endpoint
         try:
             for bind in config.listen:
@@ -409,6 +594,8 @@ class CoapServer:
         except BaseException:
             await self.close()
             raise
+        if config.replay_state_path is not None and self._noise:
+            self._save_replay_state()
         logger.info(
             "CoAP server listening: noise %s, plain %s",
             self._secure_addresses,
@@ -437,9 +624,63 @@ class CoapServer:
         if self._closed:
             return
         self._closed = True
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self._replay_timer is not None:
+            self._replay_timer.cancel()
+            self._replay_timer = None
+            self._save_replay_state(horizon=0.0, again=False)
         if self._context is not None:
             await self._context.shutdown()
         self._plain_sessions.clear()
+
+    @property
+    def transfers(self) -> TransferStore:
+        """Blockwise transfer state (partial uploads, cached responses) and its budget."""
+        assert self._root is not None
+        return self._root.transfers
+
+    def _schedule_expiry(self) -> None:
+        if self._closed or self._root is None:
+            return
+        if self._expiry_timer is not None:
+            self._root.expire()
+        interval = max(0.05, self._root.transfers.timeout / 4)
+        self._expiry_timer = asyncio.get_running_loop().call_later(interval, self._schedule_expiry)
+
+    def _count_evictions(self) -> None:
+        """Count transfer state given up (metrics ``dropped``: ``transfer_<reason>``)."""
+        if self._root is None:
+            return
+        for reason, total in self._root.transfers.evictions.items():
+            for _ in range(total - self._evictions_counted.get(reason, 0)):
+                self.metrics.dropped(f"transfer_{reason}")
+            self._evictions_counted[reason] = total
+
+    def _save_replay_state(
+        self, horizon: float = REPLAY_STATE_INTERVAL, again: bool = True
+    ) -> None:
+        """Write the 0-RTT watermark: valid until the next write (``horizon`` s) or a crash."""
+        path = self.config.replay_state_path
+        if path is None:
+            return
+        marks = [
+            mark(horizon)
+            for iface in self._noise
+            if callable(mark := getattr(iface.endpoint, "replay_watermark", None))
+        ]
+        if marks:
+            try:
+                write_replay_state(path, max(marks))
+                self._replay_write_failed = False
+            except OSError as e:
+                if not self._replay_write_failed:
+                    logger.warning("cannot write the 0-RTT replay state %s: %s", path, e)
+                self._replay_write_failed = True
+        if again:
+            loop = asyncio.get_running_loop()
+            self._replay_timer = loop.call_later(REPLAY_STATE_INTERVAL, self._save_replay_state)
 
     # -- sessions ------------------------------------------------------------------
 
@@ -459,8 +700,10 @@ class CoapServer:
                 self._on_established(remote)
             session: _ServerSession = remote.app_state
             host, port = remote.addr
-            if (session.peer.host, session.peer.port) != (host, port):
-                session.peer = attrs.evolve(session.peer, host=host, port=port)
+            validated = remote.address_validated
+            peer = session.peer
+            if (peer.host, peer.port, peer.address_validated) != (host, port, validated):
+                session.peer = attrs.evolve(peer, host=host, port=port, address_validated=validated)
             return session
         found = self._plain_sessions.get(remote)
         if found is None:
@@ -493,35 +736,72 @@ class CoapServer:
             tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS),
             cm.payload,
         )
+        method = cm.code
+        try:
+            accept = accepted_format(cm)
+        except RemoteProtocolError:
+            return Message(code=Code.BAD_REQUEST, payload=b"bad Accept option")
         uri_path = [o.value for o in cm.options if o.number == int(OptionNumber.URI_PATH)]
-        if uri_path == [b".well-known", b"core"]:
+        if uri_path == [b".well-known", b"core"] and not cm.get(n.OPT_TARGET):
             if cm.code != int(Code.GET):
                 return Message(code=Code.METHOD_NOT_ALLOWED)
-            res = Message(code=Code.CONTENT, payload=_link_format(self.config.resources))
-            res.opt.content_format = 40
+            if accept not in (None, n.CF_LINK_FORMAT):
+                return Message(code=Code.NOT_ACCEPTABLE)
+            queries = [
+                o.value.decode("utf-8", "replace")
+                for o in cm.options
+                if o.number == int(OptionNumber.URI_QUERY)
+            ]
+            observable = (OBSERVABLE_SYNC,) if self.config.push.enabled else ()
+            res = Message(
+                code=Code.CONTENT,
+                payload=_link_format(self.config.resources, queries, observable),
+            )
+            res.opt.content_format = n.CF_LINK_FORMAT
             return res
+        if accept is not None and accept not in _ACCEPTABLE:
+            return Message(code=Code.NOT_ACCEPTABLE)
         session = self._session(req.remote)
         codec = session.codec
         try:
             route = codec.route_name(cm)
         except Exception:
             route = "unknown"
-        want_json = False
+        want_json = accept == n.CF_JSON
         try:
-            want_json = codec.wants_json(cm)
             http_req = codec.decode_request(cm, tokens=session.tokens)
         except LimitExceeded as e:
             logger.info("request from %s over a limit: %s", session.peer.host, e)
             return self._finish(
-                codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json
+                codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json, method
             )
         except RemoteProtocolError as e:
             if type(e).__name__ in ("UnknownTokenReference", "UnknownStringReference"):
-                return self._unknown_token(codec, route, started, e, want_json)
+                return self._unknown_token(codec, route, started, e, want_json, method)
             logger.info("undecodable request from %s: %s", session.peer.host, e)
-            return self._finish(
-                codec, route, started, _json_error(400, "M_BAD_JSON", str(e)), want_json
+            coap_code: int | None = getattr(e, "coap_code", None)
+            if coap_code is None:
+                return self._finish(
+                    codec,
+                    route,
+                    started,
+                    _json_error(400, "M_BAD_JSON", str(e)),
+                    want_json,
+                    method,
+                )
+            # 4.02 (critical option), 4.05 (method), 5.05 (proxy): the code says it,
+            # and each reads back as the status given here (400, 405, 502)
+            status = n.code_to_status(coap_code, method)
+            out = self._finish(
+                codec,
+                route,
+                started,
+                _json_error(status, "M_UNRECOGNIZED", str(e)),
+                want_json,
+                method,
             )
+            out.code = Code(coap_code)
+            return out
         if http_req.is_long_poll:
             # it will wait: acknowledge now, so the peer's next request is not held
             # behind this one's ACK (its NSTART slot) and its RTT sample stays honest
@@ -547,21 +827,131 @@ class CoapServer:
         except Exception:
             logger.exception("dispatcher raised on %s", route)
             response = _json_error(500, "M_UNKNOWN", "internal server error")
-        return self._finish(codec, route, started, response, want_json)
+        if (
+            self.config.push.enabled
+            and response.status == 200
+            and http_req.target.partition(b"?")[0] == VERSIONS_PATH
+        ):
+            advertised = advertise_observe(response.body)
+            if advertised is not None:
+                response = attrs.evolve(response, body=advertised)
+        out = self._finish(codec, route, started, response, want_json, method)
+        if (
+            accept is not None
+            and out.code.is_successful()
+            and out.payload
+            and out.opt.content_format != accept
+        ):
+            # RFC 7252 5.10.4: the resource answered in another format than the one asked
+            return Message(code=Code.NOT_ACCEPTABLE)
+        return out
+
+    async def _observe(self, req: Message, pipe: Any, block2: Block2Responses) -> bool:
+        """Serve an Observe registration of ``/sync``; False if ``req`` is not one (normal path)."""
+        cm = from_aiocoap(req)
+        cm = CoapMessage(
+            cm.code,
+            tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS),
+            cm.payload,
+        )
+        session = self._session(req.remote)
+        codec = session.codec
+        try:
+            want_json = codec.wants_json(cm)
+            http_req = codec.decode_request(cm, tokens=session.tokens)
+        except Exception:
+            return False  # the normal path answers (and logs) it
+        query = SyncQuery.parse(http_req.target) if http_req.method == "GET" else None
+        auth = http_req.header("authorization")
+        if query is None or auth is None:
+            return False
+        reg = Registration(
+            session=session,
+            source=session.peer.host,
+            auth=auth,
+            token=bytes(req.token),
+            observed=query.observed,
+            pipe=pipe,
+        )
+        refused = self.registrations.admit(reg)
+        try:
+            route = codec.route_name(cm)
+        except Exception:
+            route = "unknown"
+        if refused is not None:
+            limit = (
+                self.config.push.max_per_session
+                if refused == "session"
+                else self.config.push.max_per_source
+            )
+            logger.info(
+                "push registration from %s refused: over the per-%s limit of %d",
+                session.peer.host,
+                refused,
+                limit,
+            )
+            error = _json_error(
+                429,
+                "M_LIMIT_EXCEEDED",
+                f"too many /sync push registrations for this {refused} (limit {limit})",
+            )
+            pipe.add_response(
+                self._finish(codec, route, time.monotonic(), error, want_json, int(cm.code)),
+                is_last=True,
+            )
+            return True
+        # a registration waits for news like a long-poll: acknowledge it at once
+        self._acknowledge_now(req)
+        link = self.config.link
+        exp = min(link.block_size_exp, int(getattr(req.remote, "maximum_block_size_exp", 6)))
+        observation = Observation(
+            reg,
+            request=http_req,
+            query=query,
+            peer=session.peer,
+            codec=codec,
+            want_json=want_json,
+            dispatcher=self.dispatcher,
+            config=self.config.push,
+            link=link,
+            metrics=self.metrics,
+            block_size_exp=exp,
+            store_blocks=lambda full, on_last: block2.put_pushed(req, full, on_last),
+        )
+        logger.info(
+            "push registration from %s (%d live)", session.peer.host, len(self.registrations)
+        )
+        try:
+            await observation.run()
+        finally:
+            self.registrations.release(reg)
+        return True
 
     def _finish(
-        self, codec: Codec, route: str, started: float, response: HttpResponse, want_json: bool
+        self,
+        codec: Codec,
+        route: str,
+        started: float,
+        response: HttpResponse,
+        want_json: bool,
+        method: int,
     ) -> Message:
         self.metrics.request(route, response.status, time.monotonic() - started)
         try:
-            out = to_aiocoap(codec.encode_response(response, want_json=want_json))
+            out = to_aiocoap(codec.encode_response(response, want_json=want_json, method=method))
         except SynapseCoapError as e:
             logger.error("cannot encode the response to %s: %s", route, e)
             return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
         return out
 
     def _unknown_token(
-        self, codec: Codec, route: str, started: float, error: Exception, want_json: bool
+        self,
+        codec: Codec,
+        route: str,
+        started: float,
+        error: Exception,
+        want_json: bool,
+        method: int,
     ) -> Message:
         """4.01 + Token-Reset (or 4.00 + String-Reset): the client resets and resends."""
         logger.info("unknown session reference on %s: asking the client to reset: %s", route, error)
@@ -580,6 +970,7 @@ class CoapServer:
             started,
             _json_error(401, "M_UNKNOWN_TOKEN", "unknown access token reference; resend"),
             want_json,
+            method,
         )
 
 
@@ -596,6 +987,11 @@ def _default_endpoint(config: ServerConfig, clock: Callable[[], float]) -> Sessi
         app_payload=server_name_payload(config.server_name),
         clock=clock,
         link_bandwidth_bps=config.link.bandwidth_bps,
+        early_data_not_before=read_replay_state(
+            config.replay_state_path,
+            now=time.time(),
+            window=float(getattr(config.limits, "early_data_window", 60.0)),
+        ),
     )
     return endpoint
 

@@ -44,7 +44,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
-import cbor2
+
+try:
+    import cbor2
+except ImportError:  # pragma: no cover - a declared dependency; without it the
+    cbor2 = None  # type: ignore[assignment]  # the reference decoder decodes everything
 
 from synapse_coap.errors import LimitExceeded, LocalProtocolError, RemoteProtocolError
 from synapse_coap.wire import cbor
@@ -100,15 +104,38 @@ class BodyLimits:
     ``max_decoded_bytes``: CBOR bytes after inflating; a decompression bomb stops here.
     ``max_depth``: nesting of arrays, maps and tags.
     ``max_items``: data items in total (every key, value and element counts).
+
+    The output caps are also proportional to the input (a cheap body cannot
+    buy expensive decoding): a body of ``n`` bytes may inflate to at most
+    ``max(min_decoded_bytes, max_expansion * n)`` bytes and hold at most
+    ``max(min_items, max_items_per_byte * n)`` items. Real bodies stay far
+    below (DEFLATE with the dictionary gains well under 10x on Matrix JSON).
     """
 
     max_encoded_bytes: int = 16 * 1024 * 1024
     max_decoded_bytes: int = 64 * 1024 * 1024
     max_depth: int = 128
     max_items: int = 2_000_000
+    max_expansion: int = 32
+    max_items_per_byte: int = 8
+    min_decoded_bytes: int = 64 * 1024
+    min_items: int = 4096
+
+    def for_input(self, size: int) -> BodyLimits:
+        """The caps for one body of ``size`` bytes (the proportional ones applied)."""
+        decoded = min(
+            self.max_decoded_bytes, max(self.min_decoded_bytes, self.max_expansion * size)
+        )
+        items = min(self.max_items, max(self.min_items, self.max_items_per_byte * size))
+        if decoded == self.max_decoded_bytes and items == self.max_items:
+            return self
+        return attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
 
 
 DEFAULT_BODY_LIMITS = BodyLimits()
+#: What a listener accepts in a request body: decoding the worst body these caps
+#: accept stays within tens of milliseconds (docs/wire-body.md, "Caps").
+REQUEST_BODY_LIMITS = BodyLimits(max_decoded_bytes=8 * 1024 * 1024, max_items=16384)
 
 
 # =========================================================================================
@@ -712,12 +739,12 @@ class _Decoder:
                     raise _Fallback
                 d["hashes"] = {"sha256": h}
             return d
-        if t is cbor2.CBORTag:
+        if t is _CBOR_TAG:
             tag = x.tag
             if not self.tag_allowed(tag) or depth >= self.limits.max_depth:
                 raise _Fallback
             return self.apply_tag(tag, self.build(x.value, depth + 1))
-        if t is cbor2.CBORSimpleValue:
+        if t is _CBOR_SIMPLE:
             n = x.value
             if 20 <= n < 32:
                 raise _Fallback
@@ -897,6 +924,7 @@ def decode_body(
         raise LimitExceeded(f"body is larger than {limits.max_encoded_bytes} bytes")
     if not data:
         raise RemoteProtocolError("bad body: empty")
+    limits = limits.for_input(len(data))
     marker = data[0]
     if marker == MARKER_DEFLATE:
         data = _inflate(data[1:], b"", limits)
@@ -948,6 +976,8 @@ _SEMANTIC = {
     **{t: _keep_tag(t) for t in _CBOR2_NATIVE_OURS},
     **{t: _refuse_tag for t in _CBOR2_NATIVE_FOREIGN},
 }
+_CBOR_TAG: Any = getattr(cbor2, "CBORTag", None)
+_CBOR_SIMPLE: Any = getattr(cbor2, "CBORSimpleValue", None)
 
 
 def _decode_fast(
@@ -958,6 +988,8 @@ def _decode_fast(
     resolve: StringResolver | None,
 ) -> Any:
     """The decoded value, or _FALLBACK when the reference decoder must decide."""
+    if cbor2 is None:  # pragma: no cover
+        return _FALLBACK
     fp = io.BytesIO(data)
     try:
         tree = cbor2.CBORDecoder(

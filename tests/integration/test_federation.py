@@ -218,12 +218,29 @@ def coap_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             "bob": bob,
             "room_id": room_id,
             "clients": (c1, c2),
+            # what a node's metrics said just before a test restarted it (see counts())
+            "before_restart": {},
         }
     finally:
         for n in started:
             if n.proc is not None:
                 n.proc.stop()
         loop.loop.close()
+
+
+def counts(coap_pair: dict[str, Any], n: Node) -> Counter[tuple[str, str, str]]:
+    """The node's agent counts since the fixture started it, across a restart by a test
+    (so every test passes in any order)."""
+    before: Counter[tuple[str, str, str]] = coap_pair["before_restart"].get(
+        n.server_name, (Counter(), set())
+    )[0]
+    return before + n.agent_counts()
+
+
+def served(coap_pair: dict[str, Any], n: Node) -> set[str]:
+    """Routes the node's listener served since the fixture started it, across a restart."""
+    before: set[str] = coap_pair["before_restart"].get(n.server_name, (Counter(), set()))[1]
+    return before | n.listener_routes()
 
 
 class TestCoapOnly:
@@ -253,7 +270,7 @@ class TestCoapOnly:
 
     def test_signing_keys_were_fetched_over_coap(self, coap_pair: dict[str, Any]) -> None:
         for n in (coap_pair["hs1"], coap_pair["hs2"]):
-            m = n.agent_counts()
+            m = counts(coap_pair, n)
             fetched = sum(
                 v
                 for (r, via, o), v in m.items()
@@ -319,6 +336,12 @@ class TestCoapOnly:
         assert "federation.v1.media.download" in routes, routes
 
     def test_every_outbound_request_went_over_coap(self, coap_pair: dict[str, Any]) -> None:
+        loop, alice, bob, room_id = (coap_pair[k] for k in ("loop", "alice", "bob", "room_id"))
+        # a message each way, so that both ends sent a transaction whatever ran before
+        loop.run(alice.send(room_id, "outbound check a"))
+        loop.run(bob.send(room_id, "outbound check b"))
+        loop.run(bob.wait_for(room_id, {"outbound check a"}))
+        loop.run(alice.wait_for(room_id, {"outbound check b"}))
         for n in (coap_pair["hs1"], coap_pair["hs2"]):
             # Synapse's own count of federation requests it sent == what the agent received
             # (scraped again if a request happened to start during the scrape)
@@ -332,7 +355,7 @@ class TestCoapOnly:
                     break
                 time.sleep(0.5)
             assert synapse_sent == agent_got > 0, (synapse_sent, agent_got)
-            m = n.agent_counts(text)
+            m = counts(coap_pair, n)
             by_via: Counter[str] = Counter()
             by_route: Counter[str] = Counter()
             for (route, via, _outcome), v in m.items():
@@ -351,11 +374,11 @@ class TestCoapOnly:
             (coap_pair["hs2"], coap_pair["hs1"]),
         ):
             sent = {
-                r for (r, via, o), v in me.agent_counts().items() if via == "coap" and o == "ok"
+                r for (r, via, o), v in counts(coap_pair, me).items() if via == "coap" and o == "ok"
             }
-            served = other.listener_routes()
-            assert sent and sent <= served, (me.server_name, sent - served, served)
-        hs1_routes = {r for (r, via, _), v in coap_pair["hs1"].agent_counts().items() if v}
+            by_other = served(coap_pair, other)
+            assert sent and sent <= by_other, (me.server_name, sent - by_other, by_other)
+        hs1_routes = {r for (r, via, _), v in counts(coap_pair, coap_pair["hs1"]).items() if v}
         # the remote join went over CoAP too
         assert {"federation.v1.make_join"} <= hs1_routes
         assert hs1_routes & {"federation.v1.send_join", "federation.v2.send_join"}
@@ -366,6 +389,12 @@ class TestCoapOnly:
         )
         loop.run(alice.send(room_id, "before restart"))
         loop.run(bob.wait_for(room_id, {"before restart"}))
+        # the counters restart with hs2: keep what they said for the other tests
+        before_c, before_r = coap_pair["before_restart"].get(hs2.server_name, (Counter(), set()))
+        coap_pair["before_restart"][hs2.server_name] = (
+            before_c + hs2.agent_counts(),
+            before_r | hs2.listener_routes(),
+        )
         hs2.proc.stop()
         offline = {f"while hs2 was down #{i}" for i in range(3)}
         for text in sorted(offline):

@@ -43,11 +43,10 @@ class TrustProbe:
     """A test-only Synapse module: exercises DatabaseTrustStore inside Synapse."""
 
     def __init__(self, config: dict[str, Any], api: Any) -> None:
-        from synapse.metrics.background_process_metrics import run_as_background_process
-
+        from synapse_coap.synapse import compat
         from synapse_coap.synapse.store import DatabaseTrustStore
 
-        hs = api._hs
+        hs = compat.homeserver(api)
 
         async def run() -> None:
             try:
@@ -65,7 +64,7 @@ class TrustProbe:
                 logger.exception("TRUSTPROBE failed")
                 logger.info("TRUSTPROBE %s", json.dumps({"error": repr(e)}))
 
-        run_as_background_process("trust_probe", hs.hostname, run)  # type: ignore[arg-type]
+        compat.run_as_background_process("trust_probe", hs.hostname, run)
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> dict[str, Any]:

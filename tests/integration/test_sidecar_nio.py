@@ -585,7 +585,9 @@ def test_outage_of_gateway_while_client_syncs(
         str(tmp_path / "gateway.key"),
     ]
     gateway = Proc(gateway_args, tmp_path / "gateway.log")
-    fast = ("--request-timeout", "8", "--long-poll-slack", "3")
+    # the long-poll path (push off): its errors must reach the client (test_push_nio.py
+    # covers outages with push)
+    fast = ("--request-timeout", "8", "--long-poll-slack", "3", "--no-push")
     side_a = sidecar_proc(tmp_path, "a", coap_port, pub, *fast)
     side_b = sidecar_proc(tmp_path, "b", coap_port, pub, *fast)
     try:
@@ -616,7 +618,9 @@ def test_outage_of_module_homeserver_while_client_syncs(tmp_path: Path) -> None:
     coap_port = free_port("udp")
     syn, pub = module_synapse(tmp_path, coap_port)
     syn.start()
-    fast = ("--request-timeout", "8", "--long-poll-slack", "3")
+    # the long-poll path (push off): its errors must reach the client (test_push_nio.py
+    # covers outages with push)
+    fast = ("--request-timeout", "8", "--long-poll-slack", "3", "--no-push")
     side_a = sidecar_proc(tmp_path, "a", coap_port, pub, *fast)
     side_b = sidecar_proc(tmp_path, "b", coap_port, pub, *fast)
     try:

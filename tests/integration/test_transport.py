@@ -50,12 +50,14 @@ class EchoCodec:
         method = {v: k for k, v in self.METHODS.items()}[msg.code]
         return HttpRequest(method, b"/" + b"/".join(msg.get(11)), (), msg.payload)
 
-    def encode_response(self, resp: HttpResponse, *, want_json: bool = False) -> CoapMessage:
+    def encode_response(
+        self, resp: HttpResponse, *, want_json: bool = False, method: int = 1
+    ) -> CoapMessage:
         return CoapMessage(
             69, (CoapOption(STATUS_OPTION, resp.status.to_bytes(2, "big")),), resp.body
         )
 
-    def decode_response(self, msg: CoapMessage) -> HttpResponse:
+    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
         status = msg.first(STATUS_OPTION)
         return HttpResponse(int.from_bytes(status, "big") if status else 599, (), msg.payload)
 

@@ -26,7 +26,7 @@ from synapse_coap.noise.trust import MemoryTrustStore, TrustPolicy
 from synapse_coap.transport.client import CoapClient, Endpoint
 from synapse_coap.transport.server import CoapServer, ServerConfig
 from synapse_coap.wire.context import WireContext
-from synapse_coap.wire.profile import load_profile
+from synapse_coap.wire.profile import load_profile, profile_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -84,7 +84,7 @@ async def test_federation_requests_shrink_and_survive_server_restart(
     txns = _room_transactions()
     assert len(txns) >= 8
     origin = json.loads(txns[0].body)["origin"]
-    codec = WireCodec(load_profile(1), WireContext(("hs.test", origin)))
+    codec = WireCodec(load_profile(max(profile_ids())), WireContext(("hs.test", origin)))
     cold = [len(encode_coap(codec.encode_request(r), token=b"\0\0")) for r in txns]
 
     server, d = await start()
@@ -109,9 +109,13 @@ async def test_federation_requests_shrink_and_survive_server_restart(
         assert len(sizes) == 3
         for size, plain in zip(sizes, cold[1:4], strict=True):
             # Noise adds <= 22 bytes; the room id and shared auth events are references
-            assert size < plain + NOISE_OVERHEAD - 60, (sizes, cold)
-        # even the whole encrypted datagram is under 45% of the JSON body
-        assert all(s <= 0.45 * len(t.body) for s, t in zip(sizes, txns[1:4], strict=True))
+            # (under profile 2, whose dictionary holds no names, the first saves 58 B)
+            assert size < plain + NOISE_OVERHEAD - 50, (sizes, cold)
+        # even the whole encrypted datagram is about half of the JSON body (these
+        # transactions are the training corpus's: profile 1, trained on them with their
+        # names, made them 45 % or less; profile 2 holds no name of them)
+        ratios = [s / len(t.body) for s, t in zip(sizes, txns[1:4], strict=True)]
+        assert all(r <= 0.55 for r in ratios), ratios  # measured: 0.50, 0.47, 0.44
 
         # restart the server mid-stream: its table is gone
         await server.close()

@@ -12,7 +12,7 @@ from synapse_coap.mapping import samples
 from synapse_coap.mapping.coap import encode_coap
 from synapse_coap.mapping.codec import WireCodec
 from synapse_coap.wire.context import WireContext
-from synapse_coap.wire.profile import load_profile
+from synapse_coap.wire.profile import load_profile, profile_ids
 
 # The installed console script (the real command), next to this interpreter.
 _SCRIPT = Path(sys.executable).parent / "synapse-coap"
@@ -56,7 +56,7 @@ def test_request_round_trip_through_the_command(tmp_path: Path) -> None:
         ]
     )
     assert enc.returncode == 0, enc.stderr
-    codec = WireCodec(load_profile(1), WireContext((samples.SERVER,)))
+    codec = WireCodec(load_profile(max(profile_ids())), WireContext((samples.SERVER,)))
     expected = codec.encode_request(samples.send_request(5))
     assert enc.stdout == encode_coap(expected, token=bytes.fromhex("abcd"))
     dec = run(["decode", "--server-name", samples.SERVER], enc.stdout)

@@ -82,6 +82,56 @@ def test_every_status_round_trips_with_standard_codes_where_they_exist(codec: Wi
 
 
 @pytest.mark.parametrize(
+    ("method", "success"),
+    [
+        (n.GET, n.CONTENT),
+        (n.FETCH, n.CONTENT),
+        (n.POST, n.CHANGED),
+        (n.PUT, n.CHANGED),
+        (n.PATCH, n.CHANGED),
+        (n.DELETE, n.DELETED),
+    ],
+)
+def test_success_codes_follow_the_method_and_every_status_round_trips(
+    codec: WireCodec, method: int, success: int
+) -> None:
+    """RFC 7252 5.9 / RFC 8075 7: 200 is 2.05 for GET, 2.04 for POST/PUT/PATCH, 2.02 for
+    DELETE, with no HTTP-Status option; every status still comes back exactly."""
+    ok = codec.encode_response(HttpResponse(200), method=method)
+    assert (ok.code, ok.options) == (success, ())
+    with_body = codec.encode_response(
+        HttpResponse(200, [("content-type", "application/json")], b'{"event_id":"$x"}'),
+        method=method,
+    )
+    assert [o.number for o in with_body.options] == [n.CONTENT_FORMAT]
+    assert with_body.first(n.CONTENT_FORMAT) == n.CF_COMPACT.to_bytes(2, "big")
+    for status in range(100, 600):
+        msg = codec.encode_response(HttpResponse(status), method=method)
+        assert codec.decode_response(msg, method=method).status == status
+        assert msg.code >> 5 == (2 if status < 400 else status // 100)
+        if msg.get(n.OPT_HTTP_STATUS):
+            assert status not in (200, 201, 400, 404, 500)
+    assert codec.encode_response(HttpResponse(201), method=method).code == n.CREATED
+
+
+def test_compact_body_response_is_labelled_and_request_is_not(codec: WireCodec) -> None:
+    body = b'{"a":1}'
+    resp = codec.encode_response(HttpResponse(200, [("content-type", "application/json")], body))
+    assert resp.first(n.CONTENT_FORMAT) == n.CF_COMPACT.to_bytes(2, "big")
+    assert json.loads(codec.decode_response(resp).body) == {"a": 1}
+    req = codec.encode_request(
+        HttpRequest(
+            "POST", b"/_matrix/client/v3/login", [("content-type", "application/json")], body
+        )
+    )
+    assert req.first(n.CONTENT_FORMAT) is None
+    labelled = CoapMessage(
+        req.code, (*req.options, CoapOption(n.CONTENT_FORMAT, b"\xff\x14")), req.payload
+    )
+    assert codec.decode_request(labelled).body == codec.decode_request(req).body
+
+
+@pytest.mark.parametrize(
     "method", ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "M-SEARCH"]
 )
 def test_methods_round_trip(codec: WireCodec, method: str) -> None:
@@ -474,3 +524,20 @@ def _table_receiver_with(codec: WireCodec, previous: HttpRequest) -> ReceiverTok
     sender = SenderTokens(strings=SenderStrings(first_seq=0x5A5A5A))
     codec.decode_request(codec.encode_request(previous, sender), receiver)
     return receiver
+
+
+def test_cr_lf_nul_in_header_values_are_refused_by_the_codec() -> None:
+    # issue 14: CR/LF in a header value reached aiohttp, which refused it with a 500.
+    from synapse_coap.errors import RemoteProtocolError
+    from synapse_coap.mapping.codec import WireCodec
+    from synapse_coap.mapping.messages import HttpRequest
+    from synapse_coap.wire.context import WireContext
+    from synapse_coap.wire.profile import load_profile
+
+    codec = WireCodec(load_profile(0), WireContext())
+    for bad in ("a\r\nX-Injected: 1", "a\nb", "a\x00b"):
+        msg = codec.encode_request(
+            HttpRequest("GET", b"/_matrix/client/versions", (("content-disposition", bad),))
+        )
+        with pytest.raises(RemoteProtocolError, match="CR, LF or NUL"):
+            codec.decode_request(msg)

@@ -246,3 +246,127 @@ def test_replies_to_unvalidated_sources_stay_within_3x_under_flood() -> None:
             io[0] += len(t.data)
             io[1] += sum(len(o.data) for o in tx(net.server.datagram_received(t.data, addr)))
     assert max(out / inp for inp, out in per_source.values()) <= 3.0
+
+
+# --------------------------------------------------------------------------- 0-RTT
+
+
+def _ik_server(clock: Clock, wall: list[float], **kw: object) -> NoiseEndpoint:
+    return NoiseEndpoint(
+        key(1),
+        trust=TrustPolicy(accept_any_initiator=True),
+        limits=kw.pop("limits", NoiseLimits()),  # type: ignore[arg-type]
+        clock=clock,
+        rng=random.Random(1).randbytes,
+        wall_clock=lambda: wall[0],
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _ik_client(clock: Clock, wall: list[float], seed: int) -> NoiseEndpoint:
+    return NoiseEndpoint(
+        key(seed),
+        trust=TrustPolicy(pinned={"s": public_key(key(1))}),
+        clock=clock,
+        rng=random.Random(seed).randbytes,
+        wall_clock=lambda: wall[0],
+    )
+
+
+def test_0rtt_from_an_unvalidated_address_is_marked_until_validated() -> None:
+    # issue 14: a request riding in IK1 was forwarded with its (spoofable) source
+    # address as the client's identity before the address was validated.
+    net = Net(NoiseLimits())
+    client = net.client(7, pinned=True)
+    addr = ("198.51.100.1", 4000)
+    ch, ev = client.connect(SERVER, peer_name="s", peer_static=None, early_data=b"Q0")
+    (ik1,) = tx(ev)
+    (early,) = of(net.server.datagram_received(ik1.data, addr), Received)
+    assert early.plaintext == b"Q0" and early.validated is False
+    net.clock.now += 0.1  # no reply: a bare IK2 goes after reply_wait
+    for t in tx(net.server.handle_timers()):
+        assert of(client.datagram_received(t.data, SERVER), ChannelEstablished)
+    got = [
+        e for t in tx(client.send(ch, b"Q1")) for e in net.server.datagram_received(t.data, addr)
+    ]
+    (later,) = of(got, Received)
+    assert later.plaintext == b"Q1" and later.validated is True
+    # Under pressure the retry cookie validates the address before the 0-RTT data.
+    net2 = Net(NoiseLimits(retry="always"))
+    client2 = net2.client(8, pinned=True)
+    _ch, ev = client2.connect(SERVER, peer_name="s", peer_static=None, early_data=b"Q0")
+    net2.run(client2, addr, ev)
+    (early2,) = of(net2.received, Received)
+    assert early2.plaintext == b"Q0" and early2.validated is True
+
+
+def test_captured_0rtt_is_refused_after_a_restart_and_the_client_resends() -> None:
+    # issue 14: a captured 0-RTT PUT replayed once after a gateway restart.
+    clock, wall = Clock(), [1_700_000_000.0]
+    server = _ik_server(clock, wall)
+    client = _ik_client(clock, wall, 7)
+    addr = ("198.51.100.1", 4000)
+    _ch, ev = client.connect(SERVER, peer_name="s", peer_static=None, early_data=b"PUT-txn")
+    (ik1,) = tx(ev)
+    assert [e.plaintext for e in of(server.datagram_received(ik1.data, addr), Received)] == [
+        b"PUT-txn"
+    ]
+    # Restart 5 s later with the same key; the old run's watermark was persisted.
+    watermark = server.replay_watermark(horizon=30.0)
+    wall[0] += 5
+    restarted = _ik_server(clock, wall, early_data_not_before=watermark)
+    out = restarted.datagram_received(ik1.data, ("203.0.113.5", 4000))
+    assert not of(out, Received)
+    assert restarted.stats["early_data.refused.before_restart"] == 1
+    # Without the watermark it would have been delivered again.
+    naive = _ik_server(clock, wall)
+    assert of(naive.datagram_received(ik1.data, ("203.0.113.5", 4000)), Received)
+    # An honest client whose 0-RTT is refused sends the request again at once, in a record.
+    client2 = _ik_client(clock, wall, 8)
+    _ch2, ev = client2.connect(SERVER, peer_name="s", peer_static=None, early_data=b"GET-1")
+    s_ev = [e for t in tx(ev) for e in restarted.datagram_received(t.data, addr)]
+    assert not of(s_ev, Received)
+    c_ev = [e for t in tx(s_ev) for e in client2.datagram_received(t.data, SERVER)]
+    assert client2.stats["early_data.resent"] == 1
+    s_ev = [e for t in tx(c_ev) for e in restarted.datagram_received(t.data, addr)]
+    assert [e.plaintext for e in of(s_ev, Received)] == [b"GET-1"]
+    # Once the watermark has passed, 0-RTT is accepted again.
+    wall[0] = watermark + 1
+    client3 = _ik_client(clock, wall, 9)
+    _ch3, ev = client3.connect(SERVER, peer_name="s", peer_static=None, early_data=b"GET-2")
+    s_ev = [e for t in tx(ev) for e in restarted.datagram_received(t.data, addr)]
+    assert [e.plaintext for e in of(s_ev, Received)] == [b"GET-2"]
+
+
+def test_stale_0rtt_is_refused() -> None:
+    clock, wall = Clock(), [1_700_000_000.0]
+    server = _ik_server(clock, wall)
+    client = _ik_client(clock, wall, 7)
+    _ch, ev = client.connect(SERVER, peer_name="s", peer_static=None, early_data=b"GET")
+    wall[0] += NoiseLimits().early_data_window + 1
+    out = [e for t in tx(ev) for e in server.datagram_received(t.data, ("198.51.100.1", 1))]
+    assert not of(out, Received) and server.stats["early_data.refused.stale"] == 1
+
+
+def test_replay_cache_cannot_be_flushed_by_fresh_handshakes() -> None:
+    # issue 14: the 0-RTT replay cache (4 x max_sessions, oldest dropped) could be
+    # flushed by fresh handshakes from many addresses, after which a captured 0-RTT
+    # request replayed.
+    clock, wall = Clock(), [1_700_000_000.0]
+    limits = NoiseLimits(max_sessions=8, handshakes_per_second=1e6, handshake_burst=10**6)
+    server = _ik_server(clock, wall, limits=limits)
+    victim = _ik_client(clock, wall, 7)
+    _ch, ev = victim.connect(SERVER, peer_name="s", peer_static=None, early_data=b"PUT-txn")
+    (captured,) = tx(ev)
+    assert of(server.datagram_received(captured.data, ("198.51.100.1", 1)), Received)
+    delivered = 1
+    for i in range(100):  # fresh 0-RTT handshakes from many addresses
+        c = _ik_client(clock, wall, 100 + i)
+        _c, ev = c.connect(SERVER, peer_name="s", peer_static=None, early_data=b"GET")
+        for t in tx(ev):
+            server.datagram_received(t.data, (f"10.9.{i}.1", 1000))
+        clock.now += 0.01
+        server.handle_timers()
+    replay = server.datagram_received(captured.data, ("203.0.113.9", 2))
+    delivered += len(of(replay, Received))
+    assert delivered == 1

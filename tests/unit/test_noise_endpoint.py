@@ -232,7 +232,7 @@ def test_ik_early_data_is_delivered_exactly_once_and_answer_rides_in_ik2() -> No
     late = p.server.datagram_received(ik1.data, ("127.0.0.1", 41234))
     assert not of(late, Received) and of(late, Dropped)
     # 2 datagrams for a full 0-RTT exchange; sizes are exact.
-    assert len(ik1.data) == 99 + (2 + 2 * 9) + (2 + 5)
+    assert len(ik1.data) == 99 + (2 + 2 * 9) + (2 + 5) + (2 + 4)  # offers, early, its date
     assert len(ik2.data) == 53 + (2 + 9) + (2 + len(b"example.org")) + (2 + 5)
 
 

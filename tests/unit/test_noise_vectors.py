@@ -1,7 +1,7 @@
 """The public Noise test vectors (cacophony, snow) for the two protocol names we use.
 
 The vectors' fixed ephemeral keys and prologue are fed to our handshake driver
-(:class:`synapse_coap.noise.handshake.Driver`, which drives noiseprotocol), and
+(:class:`synapse_coap.noise.handshake.Driver`, our Noise handshake), and
 the transport messages are sealed with our explicit-nonce record primitives.
 """
 

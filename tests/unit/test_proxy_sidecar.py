@@ -337,7 +337,8 @@ def test_drain_fails_unfinished_requests_with_503_and_refuses_new_ones() -> None
         task = asyncio.ensure_future(
             sidecar.forward(HttpRequest("GET", b"/_matrix/client/v3/sync?timeout=30000"))
         )
-        await asyncio.sleep(0)
+        while not client.calls:
+            await asyncio.sleep(0)
         await sidecar.drain()
         failed = await task
         late = await sidecar.forward(HttpRequest("GET", b"/_matrix/client/versions"))
@@ -354,7 +355,7 @@ def test_client_going_away_cancels_the_link_request() -> None:
 
     async def scenario() -> bool:
         client.gate = asyncio.Event()
-        sidecar = Sidecar(client, None, options=SidecarOptions(cache=False))
+        sidecar = Sidecar(client, None, options=SidecarOptions(cache=False, rejoin_grace=0))
         task = asyncio.ensure_future(
             sidecar.forward(HttpRequest("GET", b"/_matrix/client/v3/sync"))
         )

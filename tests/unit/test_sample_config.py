@@ -35,6 +35,7 @@ def test_sample_shows_the_real_defaults() -> None:
     defaults = CoapModuleConfig.from_config({})
     assert sample.limits == defaults.limits
     assert sample.link == defaults.link
+    assert sample.transfers == defaults.transfers
     assert sample.trust == defaults.trust
     assert sample.worker == defaults.worker
     assert sample.allow_plain_on_public_interfaces == defaults.allow_plain_on_public_interfaces

@@ -1,0 +1,152 @@
+"""Committed bench results: CSV (+ JSON for what is not a table row) and their provenance.
+
+A bench run writes its results into ``bench/results/`` (committed) with the command,
+commit, machine and Synapse version that produced them; the Markdown tables in
+docs/benchmarks.md and the README are rendered from these files only, by the bench
+(``bench/lab.py --render`` re-renders from the committed files without running
+anything).  Generic over attrs classes: a new result type or a new field of the
+run flows into the files and back without changes here.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def provenance(command: str) -> dict[str, str]:
+    """Command, commit, machine, Synapse version and time of a run."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    try:
+        synapse = importlib.metadata.version("matrix-synapse")
+    except importlib.metadata.PackageNotFoundError:
+        synapse = "?"
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "command": command,
+        "commit": commit or "?",
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}".strip(
+            ", "
+        ),
+        "python": platform.python_version(),
+        "synapse": synapse,
+        "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def write_rows(path: Path, rows: Sequence[Any], meta: dict[str, str]) -> None:
+    """attrs instances as CSV rows, preceded by ``# key: value`` provenance lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        for k, v in meta.items():
+            fh.write(f"# {k}: {v}\n")
+        if not rows:
+            return
+        fields = [f.name for f in attrs.fields(type(rows[0]))]
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow(attrs.asdict(r))
+
+
+def read_rows(path: Path, cls: type[Any]) -> tuple[dict[str, str], list[Any]]:
+    """(provenance, rows as ``cls``) from a file written by :func:`write_rows`."""
+    meta: dict[str, str] = {}
+    lines = path.read_text().splitlines()
+    body = []
+    for line in lines:
+        if line.startswith("# ") and ": " in line and not body:
+            k, _, v = line[2:].partition(": ")
+            meta[k] = v
+        else:
+            body.append(line)
+    hints = typing.get_type_hints(cls)
+    rows = [
+        cls(**{k: _convert(hints[k], v) for k, v in rec.items()}) for rec in csv.DictReader(body)
+    ]
+    return meta, rows
+
+
+def _convert(tp: Any, text: str) -> Any:
+    if tp is bool:
+        return text == "True"
+    if tp is int:
+        return int(text)
+    if tp is float:
+        return float(text)
+    return text
+
+
+def to_json(obj: Any) -> Any:
+    if attrs.has(type(obj)):
+        return {f.name: to_json(getattr(obj, f.name)) for f in attrs.fields(type(obj))}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    return obj
+
+
+def from_json(tp: Any, data: Any) -> Any:
+    """Rebuild a value of type ``tp`` (attrs classes, tuples, lists, Optional) from JSON."""
+    if data is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return from_json(arg, data)
+            except (TypeError, ValueError, KeyError):
+                continue
+        return data
+    if attrs.has(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: from_json(hints[k], v) for k, v in data.items() if k in hints})
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = args[0] if args else Any
+        seq = [from_json(item, x) for x in data]
+        return tuple(seq) if origin is tuple else seq
+    return data
+
+
+def write_json(path: Path, obj: Any, meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"provenance": meta, "run": to_json(obj)}, indent=1) + "\n")
+
+
+def read_json(path: Path, tp: Any) -> tuple[dict[str, str], Any]:
+    data = json.loads(path.read_text())
+    return data["provenance"], from_json(tp, data["run"])

@@ -1,0 +1,278 @@
+"""The sidecar's side of push: one Observe registration per access token, long-polls answered locally.
+
+An unmodified client long-polls ``/sync?since=S&timeout=30000`` again and
+again. Instead of carrying each poll over the link, the sidecar holds one
+Observe registration of ``/sync`` per access token at the homeserver (the
+module or a gateway, :mod:`synapse_coap.transport.push`) and answers the
+client's polls from what is pushed:
+
+* a poll whose ``since`` is the start of a pushed response gets that response
+  at once (the pushed responses form a chain: each one's ``next_batch`` is
+  the next one's ``since``; the last few are kept, so a client that lost an
+  answer and asks again gets the same one);
+* a poll at the head of the chain waits for the next push, up to the client's
+  own ``timeout``; when it runs out the client gets a valid empty response
+  whose ``next_batch`` is its own ``since`` (the one-time key counts of the
+  last real response included), so its next poll resumes at the same place;
+* nothing crosses the link for either.
+
+A poll the push cannot answer goes over the link as before: no ``since``
+(initial sync), ``full_state=true``, or other parameters (filter,
+``set_presence``...) than the registration's while that registration is in
+use. A poll with the registration's parameters but a ``since`` the sidecar
+does not hold (the first incremental sync, or after the client went back)
+starts a new registration at that ``since``; a poll with other parameters
+takes the registration over once the old parameters went unused for
+``switch_after`` seconds.
+
+The registration is renewed (a new registration from the head, which the
+server treats as replacing the old one) when nothing was pushed for
+``refresh`` seconds, so a registration the server lost (the homeserver
+restarted, or dropped it after a link outage) comes back without the client
+noticing; after a link error it is retried with back-off. A final answer from
+the server (an error such as 401 after a logout) is handed to the client's
+waiting poll; a server without push (a normal response without Observe, or
+4.29 when it is over its limit) turns push off for that token and polls go
+over the link as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import attrs
+
+from synapse_coap.errors import ConfigValueError, SynapseCoapError
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.mapping.push import (
+    SyncQuery,
+    empty_sync_body,
+    parse_sync_body,
+    sync_counters,
+)
+
+logger = logging.getLogger(__name__)
+
+#: How the sidecar registers: ``observe(request)`` yields PushEvent-like objects
+#: (``.response``, ``.final``), as ``CoapClient.observe`` bound to the homeserver does.
+Observer = Callable[[HttpRequest], AsyncIterator[Any]]
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigValueError(f"push.{attribute.name}", f"must be a number > 0, got {value!r}")
+
+
+@attrs.frozen
+class PushOptions:
+    """How the sidecar uses push (``--no-push``, ``--push-refresh``)."""
+
+    enabled: bool = True
+    #: Seconds without a notification after which the registration is renewed.
+    refresh: float = attrs.field(default=240.0, validator=_positive)
+    #: First wait (s) after a failed registration; doubles up to ``max_retry``.
+    retry: float = attrs.field(default=5.0, validator=_positive)
+    max_retry: float = attrs.field(default=60.0, validator=_positive)
+    #: Seconds a registration's parameters must go unused before another set takes over.
+    switch_after: float = attrs.field(default=90.0, validator=_positive)
+    #: Pushed responses kept per token for polls that ask again.
+    keep: int = 8
+    #: The ``timeout`` (ms) the registration asks the server to long-poll with.
+    server_timeout_ms: int = 30000
+
+
+class _Feed:
+    """The push state of one access token."""
+
+    def __init__(self, auth: str, query: SyncQuery, since: str, headers: Any, now: float) -> None:
+        self.auth = auth
+        self.query = query
+        self.observed = query.observed
+        self.headers = headers
+        self.head = since
+        self.chain: OrderedDict[str, HttpResponse] = OrderedDict()
+        self.counters: dict[str, Any] = {}
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.last_used = now
+        #: the server does not push for us: polls go over the link
+        self.unsupported = False
+        #: a final error answer for the poll at ``head`` (the feed is over)
+        self.final: HttpResponse | None = None
+        self.registered = 0
+        #: the last registration attempt failed (link down): polls go over the link
+        self.failing = False
+
+    def holds(self, since: str) -> bool:
+        return since in self.chain or since == self.head
+
+    def pushed(self, response: HttpResponse, next_batch: str, keep: int) -> None:
+        self.chain[self.head] = response
+        while len(self.chain) > keep:
+            self.chain.popitem(last=False)
+        self.head = next_batch
+        self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class PushSync:
+    """Answers ``/sync`` long-polls from push registrations (see the module docstring)."""
+
+    def __init__(
+        self,
+        observe: Observer,
+        options: PushOptions = PushOptions(),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._observe = observe
+        self.options = options
+        self._clock = clock
+        self._feeds: dict[str, _Feed] = {}
+        #: counts for tests and logs: registrations made, polls answered locally
+        self.registrations = 0
+        self.answered = 0
+
+    # -- the long-poll side ---------------------------------------------------------------
+
+    async def answer(self, request: HttpRequest) -> HttpResponse | None:
+        """The response to a client's ``/sync``, or None when it must go over the link."""
+        if request.method != "GET":
+            return None
+        query = SyncQuery.parse(request.target)
+        auth = request.header("authorization")
+        if query is None or auth is None or query.full_state:
+            return None
+        since = query.since
+        if since is None:
+            return None
+        now = self._clock()
+        feed = self._feeds.get(auth)
+        if feed is not None and feed.observed != query.observed:
+            if now - feed.last_used < self.options.switch_after:
+                return None  # another filter while the registration is in use
+            self._drop(feed)
+            feed = None
+        if feed is not None and (feed.unsupported or (feed.failing and since == feed.head)):
+            return None  # (while the link is down the client sees what it saw before push)
+        if feed is None or not feed.holds(since):
+            if feed is not None:
+                self._drop(feed)
+            feed = self._start(auth, query, since, request.headers, now)
+        feed.last_used = now
+        pushed = feed.chain.get(since)
+        if pushed is None and since == feed.head and feed.final is None:
+            changed = feed.changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), query.timeout_ms / 1000)
+            feed.last_used = self._clock()
+            pushed = feed.chain.get(since)
+        if pushed is not None:
+            self.answered += 1
+            return pushed
+        if feed.final is not None and since == feed.head:
+            final = feed.final
+            self._drop(feed)
+            return final
+        if feed.unsupported:
+            return None
+        self.answered += 1
+        return HttpResponse(
+            200,
+            (("content-type", "application/json"),),
+            empty_sync_body(since, feed.counters),
+        )
+
+    # -- the registration side --------------------------------------------------------------
+
+    def _start(self, auth: str, query: SyncQuery, since: str, headers: Any, now: float) -> _Feed:
+        feed = _Feed(auth, query, since, headers, now)
+        self._feeds[auth] = feed
+        feed.task = asyncio.ensure_future(self._run(feed))
+        return feed
+
+    def _drop(self, feed: _Feed) -> None:
+        if self._feeds.get(feed.auth) is feed:
+            del self._feeds[feed.auth]
+        if feed.task is not None:
+            feed.task.cancel()
+        feed._wake()
+
+    async def _run(self, feed: _Feed) -> None:
+        delay = self.options.retry
+        while True:
+            target = feed.query.target(since=feed.head, timeout_ms=self.options.server_timeout_ms)
+            request = HttpRequest("GET", target, feed.headers)
+            events = self._observe(request)
+            self.registrations += 1
+            feed.registered += 1
+            logger.info("push: registering /sync (registration %d)", feed.registered)
+            try:
+                while True:
+                    event = await asyncio.wait_for(events.__anext__(), self.options.refresh)
+                    delay = self.options.retry
+                    feed.failing = False
+                    if event.response is None:
+                        continue  # the server has the registration
+                    if not event.final:
+                        self._on_push(feed, event.response)
+                        continue
+                    self._on_final(feed, event.response)
+                    return
+            except StopAsyncIteration:
+                pass
+            except asyncio.TimeoutError:
+                logger.info("push: nothing pushed for %.0f s: renewing", self.options.refresh)
+                continue
+            except SynapseCoapError as e:
+                logger.warning("push: registration failed (%s); again in %.0f s", e, delay)
+                feed.failing = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.options.max_retry)
+            finally:
+                with contextlib.suppress(Exception):
+                    await events.aclose()  # type: ignore[attr-defined]
+
+    def _on_push(self, feed: _Feed, response: HttpResponse) -> None:
+        body = parse_sync_body(response.body) if response.status == 200 else None
+        if body is None:
+            logger.warning("push: a notification is not a /sync response; ignored")
+            return
+        feed.counters = sync_counters(body)
+        feed.pushed(response, body["next_batch"], self.options.keep)
+
+    def _on_final(self, feed: _Feed, response: HttpResponse) -> None:
+        body = parse_sync_body(response.body) if response.status == 200 else None
+        if body is not None or response.status == 429:
+            # no push here (a normal long-poll answer) or no room for us: as before
+            logger.info("push: the homeserver does not push to us (%d)", response.status)
+            feed.unsupported = True
+            if body is not None:
+                feed.counters = sync_counters(body)
+                feed.pushed(response, body["next_batch"], self.options.keep)
+            else:
+                feed._wake()
+            return
+        logger.info("push: registration ended by the homeserver (%d)", response.status)
+        feed.final = response
+        feed._wake()
+
+    async def close(self) -> None:
+        tasks = [f.task for f in self._feeds.values() if f.task is not None]
+        for feed in list(self._feeds.values()):
+            self._drop(feed)
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+__all__ = ["Observer", "PushOptions", "PushSync"]

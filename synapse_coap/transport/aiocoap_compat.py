@@ -1,0 +1,304 @@
+"""Every private piece of aiocoap that synapse-coap reaches, in one place.
+
+aiocoap's public API has no way to plug in a message layer with other timers
+(CoCoA-like RTO, adaptive NSTART), to attach a custom transport under its
+token and message managers, or to cut a Block2 response into blocks. Those are
+private in aiocoap, so they are reached **only here**
+(``tests/unit/test_private_access.py`` keeps the rest of the package off
+them), each listed in :data:`PIECES` with the release range it was checked
+on. :func:`check` runs at start (module, sidecar, gateway) and raises
+:class:`~synapse_coap.errors.LibraryVersionError` naming the aiocoap version
+and the missing piece, instead of an AttributeError in the middle of an
+exchange.
+
+Everything else in :mod:`synapse_coap.transport` uses aiocoap's public names
+(Context, Message, the numbers, ``interfaces.MessageInterface``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import aiocoap
+import aiocoap.blockwise
+import aiocoap.meta
+import attrs
+from aiocoap.blockwise import _extract_block_key
+from aiocoap.message import Message
+from aiocoap.messagemanager import MessageManager
+from aiocoap.tokenmanager import TokenManager
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+from synapse_coap.errors import LibraryVersionError
+
+#: The running aiocoap's version.
+AIOCOAP_VERSION: str = str(getattr(aiocoap.meta, "version", "unknown"))
+#: The releases every entry of :data:`PIECES` was checked on (pyproject pins >=0.4.17,<0.5).
+CHECKED_RANGE = "0.4.17"
+
+
+@attrs.frozen
+class Piece:
+    name: str
+    why: str
+    probe: Callable[[], bool]
+    checked: str = CHECKED_RANGE
+
+
+def _method(cls: type, name: str, *params: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        fn = getattr(cls, name, None)
+        if not callable(fn):
+            return False
+        return set(params) <= set(inspect.signature(fn).parameters)
+
+    return probe
+
+
+def _init_sets(cls: type, *names: str) -> Callable[[], bool]:
+    # instance attributes set in __init__: checked in its source (no instance at start)
+    def probe() -> bool:
+        try:
+            source = inspect.getsource(vars(cls)["__init__"])
+        except (OSError, TypeError):
+            return False
+        return all(f"self.{n}" in source for n in names)
+
+    return probe
+
+
+_MM = MessageManager
+
+#: Everything private of aiocoap that the package uses. ``check`` probes each one.
+PIECES: tuple[Piece, ...] = (
+    Piece(
+        "aiocoap.messagemanager.MessageManager._add_exchange(message, messageerror_monitor)",
+        "the first retransmission timeout from the peer's RTT estimate",
+        _method(_MM, "_add_exchange", "message", "messageerror_monitor"),
+    ),
+    Piece(
+        "aiocoap.messagemanager.MessageManager._schedule_retransmit"
+        "(message, timeout, retransmission_counter)",
+        "bounded exponential backoff",
+        _method(_MM, "_schedule_retransmit", "message", "timeout", "retransmission_counter"),
+    ),
+    Piece(
+        "aiocoap.messagemanager.MessageManager._retransmit"
+        "(message, timeout, retransmission_counter)",
+        "RTT samples (Karn's rule) and the retransmission hooks",
+        _method(_MM, "_retransmit", "message", "timeout", "retransmission_counter"),
+    ),
+    Piece(
+        "aiocoap.messagemanager.MessageManager._remove_exchange(message)",
+        "RTT samples from acknowledgements",
+        _method(_MM, "_remove_exchange", "message"),
+    ),
+    Piece(
+        "aiocoap.messagemanager.MessageManager._continue_backlog(remote)",
+        "adaptive NSTART per peer",
+        _method(_MM, "_continue_backlog", "remote"),
+    ),
+    Piece(
+        "aiocoap.messagemanager.MessageManager._send_initially(message, messageerror_monitor)",
+        "sending from the per-peer backlog",
+        _method(_MM, "_send_initially", "message", "messageerror_monitor"),
+    ),
+    Piece(
+        "aiocoap.messagemanager.MessageManager._active_exchanges / _backlogs",
+        "outstanding exchanges per peer, and the backlog that holds the rest",
+        _init_sets(_MM, "_active_exchanges", "_backlogs"),
+    ),
+    Piece(
+        "aiocoap.messagemanager.MessageManager._piggyback_opportunities / "
+        "_send_empty_ack(remote, mid, reason)",
+        "acknowledging a long-poll at once instead of holding its ACK",
+        lambda: (
+            _init_sets(_MM, "_piggyback_opportunities")()
+            and _method(_MM, "_send_empty_ack", "remote", "mid", "reason")()
+        ),
+    ),
+    Piece(
+        "aiocoap.tokenmanager.TokenManager(context) and Context.request_interfaces "
+        "(as Context._append_tokenmanaged_messagemanaged_transport uses them)",
+        "attaching the Noise transport under a LinkMessageManager",
+        lambda: (
+            _method(TokenManager, "__init__", "context")()
+            and hasattr(aiocoap.Context, "_append_tokenmanaged_messagemanaged_transport")
+        ),
+    ),
+    Piece(
+        "aiocoap.transports.udp6.MessageInterfaceUDP6._ctx / datagram_msg_received",
+        "datagram metrics of plain CoAP",
+        lambda: (
+            _init_sets(MessageInterfaceUDP6, "_ctx")()
+            and _method(MessageInterfaceUDP6, "datagram_msg_received", "data", "address")()
+        ),
+    ),
+    Piece(
+        "aiocoap.blockwise._extract_block_key(message)",
+        "the key of a Block2 transfer kept for the blocks after block 0",
+        lambda: callable(getattr(aiocoap.blockwise, "_extract_block_key", None)),
+    ),
+    Piece(
+        "aiocoap.message.Message._extract_block(number, size_exp, max_bert_size)",
+        "cutting one block of a large response",
+        _method(Message, "_extract_block", "number", "size_exp", "max_bert_size"),
+    ),
+)
+
+#: The private names above: the rest of the package never uses them.
+PRIVATE_NAMES = frozenset(
+    {
+        "_add_exchange",
+        "_schedule_retransmit",
+        "_retransmit",
+        "_remove_exchange",
+        "_continue_backlog",
+        "_send_initially",
+        "_piggyback_opportunities",
+        "_send_empty_ack",
+        "_active_exchanges",
+        "_backlogs",
+        "_append_tokenmanaged_messagemanaged_transport",
+        "_ctx",
+        "_extract_block_key",
+        "_extract_block",
+    }
+)
+
+
+def check() -> None:
+    """Raise LibraryVersionError naming aiocoap's version and the first missing piece."""
+    for piece in PIECES:
+        try:
+            ok = bool(piece.probe())
+        except Exception:
+            ok = False
+        if not ok:
+            raise LibraryVersionError(
+                f"synapse-coap cannot run on aiocoap {AIOCOAP_VERSION}: it lacks {piece.name} "
+                f"(used for {piece.why}; checked on aiocoap {piece.checked}). Install "
+                "aiocoap>=0.4.17,<0.5 as synapse-coap's requirements say."
+            )
+
+
+# --------------------------------------------------------------------------- message layer
+
+
+class HookedMessageManager(MessageManager):  # type: ignore[misc]
+    """aiocoap's MessageManager with its private timer and backlog steps as public hooks.
+
+    Each private step calls the hook of the same name without the underscore;
+    the hooks' defaults are aiocoap's own steps. A subclass overrides the hooks
+    (see :class:`synapse_coap.transport.manager.LinkMessageManager`).
+    """
+
+    # -- aiocoap's private steps, forwarded to the hooks -------------------------------
+
+    def _add_exchange(self, message: Any, messageerror_monitor: Callable[[], None]) -> None:
+        self.add_exchange(message, messageerror_monitor)
+
+    def _schedule_retransmit(
+        self, message: Any, timeout: float, retransmission_counter: int
+    ) -> Any:
+        return self.schedule_retransmit(message, timeout, retransmission_counter)
+
+    def _retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> None:
+        self.retransmit(message, timeout, retransmission_counter)
+
+    def _remove_exchange(self, message: Any) -> None:
+        self.remove_exchange(message)
+
+    def _continue_backlog(self, remote: Any) -> None:
+        self.continue_backlog(remote)
+
+    # -- the hooks (defaults: aiocoap's behaviour) ---------------------------------------
+
+    def add_exchange(self, message: Any, messageerror_monitor: Callable[[], None]) -> None:
+        super()._add_exchange(message, messageerror_monitor)
+
+    def schedule_retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> Any:
+        return super()._schedule_retransmit(message, timeout, retransmission_counter)
+
+    def retransmit(self, message: Any, timeout: float, retransmission_counter: int) -> None:
+        super()._retransmit(message, timeout, retransmission_counter)
+
+    def remove_exchange(self, message: Any) -> None:
+        super()._remove_exchange(message)
+
+    def continue_backlog(self, remote: Any) -> None:
+        super()._continue_backlog(remote)
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def active_exchanges(self) -> dict[Any, Any] | None:
+        """``{(remote, mid): (messageerror_monitor, retransmission handle)}``; None once closed."""
+        return self._active_exchanges  # type: ignore[no-any-return]
+
+    @property
+    def backlogs(self) -> dict[Any, Any]:
+        """``{remote: [(message, messageerror_monitor), ...]}``, aiocoap's per-peer backlog."""
+        return self._backlogs  # type: ignore[no-any-return]
+
+    @backlogs.setter
+    def backlogs(self, value: dict[Any, Any]) -> None:
+        self._backlogs = value
+
+    def send_initially(self, message: Any, messageerror_monitor: Any) -> None:
+        self._send_initially(message, messageerror_monitor)
+
+    def send_empty_ack_now(self, remote: Any, token: bytes, reason: str) -> bool:
+        """Send the empty ACK aiocoap is holding for request ``(remote, token)`` now.
+
+        False if it holds none (NON request, already acknowledged or answered).
+        """
+        found = self._piggyback_opportunities.pop((remote, token), None)
+        if found is None:
+            return False
+        mid, handle = found
+        handle.cancel()
+        self._send_empty_ack(remote, mid, reason)
+        return True
+
+
+async def attach_message_interface(
+    context: Any,
+    make_manager: Callable[[TokenManager], HookedMessageManager],
+    constructor: Callable[[Any], Any],
+) -> tuple[Any, Any]:
+    """Add a message interface to ``context`` under a manager built by ``make_manager``.
+
+    Mirrors ``Context._append_tokenmanaged_messagemanaged_transport`` (aiocoap
+    0.4.17), which hard-codes aiocoap's own MessageManager.
+    """
+    tman = TokenManager(context)
+    mman = make_manager(tman)
+    transport = await constructor(mman)
+    mman.message_interface = transport
+    tman.token_interface = mman
+    context.request_interfaces.append(tman)
+    return mman, transport
+
+
+# --------------------------------------------------------------------------- transports, caches
+
+
+class PlainUDPBase(MessageInterfaceUDP6):  # type: ignore[misc]
+    """aiocoap's udp6 transport, with its context (for metrics) and receive step exposed."""
+
+    def context_attribute(self, name: str) -> Any:
+        """An attribute of the context this transport delivers to (None if absent)."""
+        return getattr(getattr(self, "_ctx", None), name, None)
+
+
+def block_key(request: Any) -> Any:
+    """aiocoap's key of a blockwise transfer (the request with its block options left out)."""
+    return _extract_block_key(request)
+
+
+def extract_block(message: Any, number: int, size_exponent: int, limit: int) -> Any:
+    """Block ``number`` (of size 2**(size_exponent+4)) of ``message``, as aiocoap cuts it."""
+    return message._extract_block(number, size_exponent, limit)

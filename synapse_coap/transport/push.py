@@ -1,0 +1,308 @@
+"""Server push of ``/sync`` over CoAP Observe (RFC 7641), for the module and the gateway alike.
+
+A GET of ``/sync`` with ``Observe: 0`` is a *registration*. The server then
+issues ``/sync`` itself through the listener's dispatcher (in-process into
+Synapse for the module, HTTP to the homeserver for the gateway), starting at
+the registration's ``since`` and continuing at each response's
+``next_batch``. A result with something in it (see
+:func:`synapse_coap.mapping.push.sync_has_updates`) is *pushed*: a
+Confirmable notification whose payload is exactly that ``/sync`` response in
+the session's compact body codec, with the Observe option counting up. Empty
+results are not sent; the server simply polls on from their ``next_batch``
+(the long-poll stays local, on the homeserver's side of the link).
+
+* **Lossless.** The next ``/sync`` is issued only once the previous
+  notification was acknowledged (and, when it was larger than one block,
+  fully fetched), so a client that re-registers with the ``next_batch`` of the
+  last notification it got resumes with nothing lost and nothing repeated.
+* **Blockwise** (RFC 7641 §4 with RFC 7959): a notification larger than one
+  block carries its first block, ``Block2`` and an ``ETag``; the client
+  fetches the other blocks with GETs of the registration request (without
+  Observe) and is served from the very representation that was pushed.
+* **Dropped and freed** when a notification is rejected (RST) or its
+  retransmissions run out (the link's ``max_retransmit``), when the peer
+  abandons it, when its session closes, and when the homeserver answers
+  ``/sync`` with a client error (e.g. 401 after a logout: that response ends
+  the observation, without Observe).
+* **Keyed** by (access token, CoAP token) within a session; a new registration
+  from the same session with the same token and the same parameters (filter,
+  ``set_presence``, ...) replaces the older one (the client moved on),
+  silently. ``max_per_session`` and ``max_per_source`` bound the rest: more
+  are refused with 4.29 (HTTP 429, ``M_LIMIT_EXCEEDED``).
+* **Semantics.** The client's query is kept (filter, ``set_presence``,
+  lazy-loading, ...); ``full_state`` applies to the first ``/sync`` only, as
+  it would for a client that long-polls. Because the server keeps a
+  ``/sync`` outstanding with the client's ``set_presence`` the whole time, the
+  homeserver keeps the user's presence as if the client were long-polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from aiocoap.message import Message
+from aiocoap.numbers.codes import Code
+
+from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.mapping.push import (
+    PushConfig,
+    SyncQuery,
+    parse_sync_body,
+    sync_counters,
+    sync_has_updates,
+)
+from synapse_coap.transport.aiocoap_compat import extract_block
+from synapse_coap.transport.convert import Codec, to_aiocoap
+from synapse_coap.transport.link import LinkParameters
+from synapse_coap.transport.manager import LinkTuning
+
+logger = logging.getLogger(__name__)
+
+#: Observe option values are 24-bit (RFC 7641 §4.4).
+OBSERVE_MODULUS = 1 << 24
+
+#: No-Response value suppressing every response class (RFC 7967): ends a pipe silently.
+_SILENT = 26
+
+
+def push_metric(metrics: Any, event: str) -> None:
+    """Count a push event (``registered``, ``refused_session``, ``refused_source``,
+    ``notification``, ``dropped``, ``replaced``, ``ended``) if the metrics object
+    implements ``push(event)``; the active count goes to ``push_registrations(n)``."""
+    fn = getattr(metrics, "push", None)
+    if fn is not None:
+        try:
+            fn(event)
+        except Exception:
+            logger.debug("push metric failed", exc_info=True)
+
+
+def _gauge(metrics: Any, count: int) -> None:
+    fn = getattr(metrics, "push_registrations", None)
+    if fn is not None:
+        try:
+            fn(count)
+        except Exception:
+            logger.debug("push metric failed", exc_info=True)
+
+
+@attrs.define(eq=False)
+class Registration:
+    session: object
+    source: str
+    auth: str
+    token: bytes
+    observed: tuple[tuple[str, str], ...]
+    pipe: Any
+    ended: bool = False
+
+    def end_silently(self) -> None:
+        """Finish the observation without sending anything (the pipe's task is cancelled)."""
+        if self.ended:
+            return
+        self.ended = True
+        m = Message(code=Code.CONTENT)
+        m.opt.no_response = _SILENT
+        try:
+            self.pipe.add_response(m, is_last=True)
+        except Exception:
+            logger.debug("ending an observation failed", exc_info=True)
+
+
+class Registrations:
+    """The live registrations of one server: limits, replacement, counts."""
+
+    def __init__(self, config: PushConfig, metrics: Any) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._live: list[Registration] = []
+        self._per_source: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def admit(self, reg: Registration) -> str | None:
+        """Add ``reg``; None when admitted, else the refusal reason (``session`` / ``source``)."""
+        for old in list(self._live):
+            if old.session is reg.session and old.auth == reg.auth and old.observed == reg.observed:
+                self.release(old)
+                push_metric(self.metrics, "replaced")
+                old.end_silently()
+        per_session = sum(1 for r in self._live if r.session is reg.session)
+        if per_session >= self.config.max_per_session:
+            push_metric(self.metrics, "refused_session")
+            return "session"
+        if self._per_source[reg.source] >= self.config.max_per_source:
+            push_metric(self.metrics, "refused_source")
+            return "source"
+        self._live.append(reg)
+        self._per_source[reg.source] += 1
+        push_metric(self.metrics, "registered")
+        _gauge(self.metrics, len(self._live))
+        return None
+
+    def release(self, reg: Registration) -> None:
+        if reg in self._live:
+            self._live.remove(reg)
+            self._per_source[reg.source] -= 1
+            if self._per_source[reg.source] <= 0:
+                del self._per_source[reg.source]
+            _gauge(self.metrics, len(self._live))
+
+
+class Observation:
+    """Serves one admitted registration until it ends (runs in the exchange's task)."""
+
+    def __init__(
+        self,
+        reg: Registration,
+        *,
+        request: HttpRequest,
+        query: SyncQuery,
+        peer: PeerInfo,
+        codec: Codec,
+        want_json: bool,
+        dispatcher: Dispatcher,
+        config: PushConfig,
+        link: LinkParameters,
+        metrics: Any,
+        block_size_exp: int,
+        store_blocks: Callable[[Message, Callable[[], None]], None],
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self.reg = reg
+        self.request = request
+        self.query = query
+        self.peer = peer
+        self.codec = codec
+        self.want_json = want_json
+        self.dispatcher = dispatcher
+        self.config = config
+        self.link = link
+        self.metrics = metrics
+        self.block_size_exp = block_size_exp
+        self._store_blocks = store_blocks
+        self._sleep = sleep
+        self.seq = 0
+
+    async def run(self) -> None:
+        since = self.query.since
+        first = True
+        counters: dict[str, Any] | None = None
+        delay = self.config.retry_delay
+        headers = self.request.headers
+        while True:
+            timeout_ms = (
+                min(self.query.timeout_ms, int(self.config.poll_timeout * 1000))
+                if first
+                else int(self.config.poll_timeout * 1000)
+            )
+            target = self.query.target(
+                since=since, timeout_ms=timeout_ms, full_state=first and self.query.full_state
+            )
+            try:
+                resp = await self.dispatcher.dispatch(
+                    HttpRequest("GET", target, headers), self.peer
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("push: /sync for %s failed: %s", self.peer.host, e)
+                resp = HttpResponse(502)
+            if resp.status >= 500 or resp.status == 429:
+                # the homeserver is restarting or overloaded: keep the registration, retry
+                await self._sleep(delay)
+                delay = min(delay * 2, self.config.max_retry_delay)
+                continue
+            delay = self.config.retry_delay
+            body = parse_sync_body(resp.body) if resp.status == 200 else None
+            if body is None:
+                # a client error (401 after logout, 400 bad filter...): end with that response
+                self._final(resp)
+                push_metric(self.metrics, "ended")
+                return
+            if sync_has_updates(body, counters):
+                try:
+                    delivered = await self._notify(resp)
+                except asyncio.CancelledError:
+                    # the exchange ended under an outstanding notification: the peer
+                    # rejected it or stopped acknowledging (aiocoap stops the pipe)
+                    if not self.reg.ended:
+                        push_metric(self.metrics, "dropped")
+                        logger.info(
+                            "push: notification %d to %s not delivered: registration dropped",
+                            self.seq,
+                            self.peer.host,
+                        )
+                    raise
+                if not delivered:
+                    push_metric(self.metrics, "dropped")
+                    logger.info(
+                        "push: notification %d to %s not acknowledged: registration dropped",
+                        self.seq,
+                        self.peer.host,
+                    )
+                    self.reg.end_silently()
+                    return
+                counters = sync_counters(body)
+            elif counters is None:
+                counters = sync_counters(body)
+            since = body["next_batch"]
+            first = False
+
+    def _final(self, resp: HttpResponse) -> None:
+        if self.reg.ended:
+            return
+        self.reg.ended = True
+        self.reg.pipe.add_response(self._encode(resp), is_last=True)
+
+    def _encode(self, resp: HttpResponse) -> Message:
+        return to_aiocoap(self.codec.encode_response(resp, want_json=self.want_json))
+
+    async def _notify(self, resp: HttpResponse) -> bool:
+        """Push one notification; True once it was acknowledged (and fully fetched)."""
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[bool] = loop.create_future()
+
+        def on_ack(ok: bool) -> None:
+            if not acked.done():
+                acked.set_result(ok)
+
+        full = self._encode(resp)
+        self.seq = (self.seq + 1) % OBSERVE_MODULUS
+        size = 2 ** (self.block_size_exp + 4)
+        fetched: asyncio.Future[None] | None = None
+        if len(full.payload) > size:
+            fetched = loop.create_future()
+            full.opt.etag = zlib.crc32(full.payload).to_bytes(4, "big")
+
+            def on_fetched(fut: asyncio.Future[None] = fetched) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            self._store_blocks(full, on_fetched)
+            message = extract_block(full, 0, self.block_size_exp, size)
+        else:
+            message = full
+        message.opt.observe = self.seq
+        message.transport_tuning = LinkTuning(self.link, on_acknowledged=on_ack)
+        self.reg.pipe.add_response(message, is_last=False)
+        push_metric(self.metrics, "notification")
+        if not await acked:
+            return False
+        if fetched is not None:
+            try:
+                await asyncio.wait_for(fetched, self.config.fetch_timeout)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+
+__all__ = ["OBSERVE_MODULUS", "Observation", "Registration", "Registrations", "push_metric"]

@@ -1,0 +1,261 @@
+"""Observe push of /sync between a real CoapServer and CoapClient (loopback UDP, Noise, WireCodec).
+
+The dispatcher is a small in-memory /sync (a list of events, ``since`` = an
+index, long-polls wake on a new event): what the server does with it is what
+is tested. No sleeps for synchronisation; timeouts only bound a failing test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from synapse_coap.mapping.dispatch import PeerInfo
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.mapping.push import LOW_BANDWIDTH_KEY, PushConfig
+from synapse_coap.noise.keys import generate_private_key
+from synapse_coap.noise.trust import MemoryTrustStore, TrustPolicy
+from synapse_coap.transport.client import CoapClient, Endpoint, PushEvent
+from synapse_coap.transport.link import LinkParameters
+from synapse_coap.transport.metrics import CountingMetrics
+from synapse_coap.transport.server import CoapServer, ServerConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+FAST = LinkParameters(ack_timeout=0.3, min_rto=0.2, empty_ack_delay=0.05, max_retransmit=2)
+AUTH = (("authorization", "Bearer syt_push_test_token"),)
+
+
+class PushMetrics(CountingMetrics):
+    def __init__(self) -> None:
+        super().__init__()
+        self.push_events: dict[str, int] = {}
+        self.live = 0
+        self.changed = asyncio.Event()
+
+    def push(self, event: str) -> None:
+        self.push_events[event] = self.push_events.get(event, 0) + 1
+        self.changed.set()
+
+    def push_registrations(self, count: int) -> None:
+        self.live = count
+        self.changed.set()
+
+    async def until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 20)
+
+
+class FakeSync:
+    """/sync over a list of events; ``since`` is the index; a long-poll waits for news."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.news = asyncio.Condition()
+        self.targets: list[bytes] = []
+
+    async def add(self, event: dict[str, Any]) -> None:
+        async with self.news:
+            self.events.append(event)
+            self.news.notify_all()
+
+    async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
+        path, _, query = request.target.partition(b"?")
+        if path == b"/_matrix/client/versions":
+            return HttpResponse(200, (("content-type", "application/json"),), b'{"versions":[]}')
+        if not path.endswith(b"/sync"):
+            return HttpResponse(404, (("content-type", "application/json"),), b"{}")
+        self.targets.append(request.target)
+        params = dict(urllib.parse.parse_qsl(query.decode()))
+        since = int(params.get("since", "0"))
+        timeout = int(params.get("timeout", "0")) / 1000
+        async with self.news:
+            if len(self.events) <= since and timeout:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        self.news.wait_for(lambda: len(self.events) > since), timeout
+                    )
+        new = self.events[since:]
+        body: dict[str, Any] = {"next_batch": str(len(self.events))}
+        if new:
+            body["rooms"] = {"join": {"!r:hs.test": {"timeline": {"events": new}}}}
+        return HttpResponse(200, (("content-type", "application/json"),), json.dumps(body).encode())
+
+
+def aio(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+@contextlib.asynccontextmanager
+async def pair(
+    push: PushConfig = PushConfig(poll_timeout=5.0),
+) -> AsyncIterator[tuple[FakeSync, CoapClient, Endpoint, PushMetrics]]:
+    sync = FakeSync()
+    metrics = PushMetrics()
+    server = await CoapServer.start(
+        ServerConfig(
+            listen=(("::1", 0),),
+            static_key=generate_private_key(),
+            link=FAST,
+            server_name="hs.test",
+            push=push,
+        ),
+        sync,
+        metrics=metrics,
+    )
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        link=FAST,
+        bind=("::1", 0),
+    )
+    endpoint = Endpoint("::1", server.addresses[0][1], "hs.test")
+    try:
+        yield sync, client, endpoint, metrics
+    finally:
+        await client.close()
+        await server.close()
+
+
+def sync_request(since: str, **extra: str) -> HttpRequest:
+    query = urllib.parse.urlencode({"since": since, "timeout": "30000", **extra})
+    return HttpRequest("GET", f"/_matrix/client/v3/sync?{query}".encode(), AUTH)
+
+
+async def next_event(it: AsyncIterator[PushEvent]) -> PushEvent:
+    """The next response (skipping the event that says the registration was acknowledged)."""
+    while True:
+        ev = await asyncio.wait_for(it.__anext__(), 20)
+        if ev.response is not None:
+            return ev
+
+
+@aio
+async def test_notifications_are_sync_responses_pushed_in_order_and_resumable() -> None:
+    async with pair() as (sync, client, endpoint, metrics):
+        it = client.observe(endpoint, sync_request("0", filter="7", set_presence="online"))
+        first = asyncio.ensure_future(next_event(it))
+        await metrics.until(lambda: metrics.live == 1)
+        await sync.add({"event_id": "$1", "body": "one"})
+        ev = await first
+        assert not ev.final and ev.response.status == 200
+        body = json.loads(ev.response.body)
+        assert body["next_batch"] == "1"
+        assert body["rooms"]["join"]["!r:hs.test"]["timeline"]["events"] == [
+            {"event_id": "$1", "body": "one"}
+        ]
+        # the filter and set_presence of the registration stay on every /sync it issues
+        assert all(b"filter=7" in t and b"set_presence=online" in t for t in sync.targets)
+        await sync.add({"event_id": "$2"})
+        await sync.add({"event_id": "$3"})
+        seen: list[str] = []
+        while len(seen) < 2:
+            ev = await next_event(it)
+            seen += [
+                e["event_id"]
+                for e in json.loads(ev.response.body)["rooms"]["join"]["!r:hs.test"]["timeline"][
+                    "events"
+                ]
+            ]
+        assert seen == ["$2", "$3"]
+        last = json.loads(ev.response.body)["next_batch"]
+        await it.aclose()
+        # re-registering from the last next_batch: nothing repeated, the next event arrives
+        it2 = client.observe(endpoint, sync_request(last))
+        pending = asyncio.ensure_future(next_event(it2))
+        await sync.add({"event_id": "$4"})
+        ev = await pending
+        events = json.loads(ev.response.body)["rooms"]["join"]["!r:hs.test"]["timeline"]["events"]
+        assert [e["event_id"] for e in events] == ["$4"]
+        # the new registration (same session, token and parameters) replaced the old one
+        await metrics.until(lambda: metrics.live == 1)
+        await it2.aclose()
+
+
+@aio
+async def test_large_notification_goes_blockwise_with_etag() -> None:
+    async with pair() as (sync, client, endpoint, metrics):
+        it = client.observe(endpoint, sync_request("0"))
+        pending = asyncio.ensure_future(next_event(it))
+        await metrics.until(lambda: metrics.live == 1)
+        # incompressible text: several 1 KiB blocks even after DEFLATE
+        big = {
+            "event_id": "$big",
+            "body": "".join(hashlib.sha256(bytes([i])).hexdigest() for i in range(100)),
+        }
+        before = metrics.datagrams[("out", "record")]
+        await sync.add(big)
+        ev = await pending
+        assert metrics.datagrams[("out", "record")] - before >= 3
+        events = json.loads(ev.response.body)["rooms"]["join"]["!r:hs.test"]["timeline"]["events"]
+        assert events == [big]
+        # the next one still arrives: the server waited for the last block to be fetched
+        pending = asyncio.ensure_future(next_event(it))
+        await sync.add({"event_id": "$after"})
+        ev = await pending
+        assert b"$after" in ev.response.body
+        await it.aclose()
+
+
+@aio
+async def test_observe_on_a_resource_that_is_not_observable_gets_a_normal_response() -> None:
+    async with pair() as (_sync, client, endpoint, metrics):
+        req = HttpRequest("GET", b"/_matrix/client/versions", AUTH)
+        events = [ev async for ev in client.observe(endpoint, req) if ev.response is not None]
+        assert len(events) == 1 and events[0].final and events[0].response.status == 200
+        # and /versions advertises push as MSC3079 does
+        assert json.loads(events[0].response.body)[LOW_BANDWIDTH_KEY] == {"observe": 1}
+        assert metrics.live == 0 and "registered" not in metrics.push_events
+
+
+@aio
+async def test_too_many_registrations_per_session_are_refused_and_counted() -> None:
+    async with pair(PushConfig(max_per_session=1, poll_timeout=5.0)) as (
+        _sync,
+        client,
+        endpoint,
+        metrics,
+    ):
+        first = client.observe(endpoint, sync_request("0", filter="a"))
+        pending = asyncio.ensure_future(next_event(first))
+        await metrics.until(lambda: metrics.live == 1)
+        second = client.observe(endpoint, sync_request("0", filter="b"))
+        ev = await next_event(second)
+        assert ev.final and ev.response.status == 429
+        error = json.loads(ev.response.body)
+        assert error["errcode"] == "M_LIMIT_EXCEEDED"
+        assert "per-session" not in error["error"] and "session (limit 1)" in error["error"]
+        assert metrics.push_events["refused_session"] == 1
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        await first.aclose()
+
+
+@aio
+async def test_unacknowledged_notification_drops_the_registration() -> None:
+    async with pair() as (sync, client, endpoint, metrics):
+        it = client.observe(endpoint, sync_request("0"))
+        pending = asyncio.ensure_future(next_event(it))
+        await metrics.until(lambda: metrics.live == 1)
+        await sync.add({"event_id": "$got"})
+        assert b"$got" in (await pending).response.body
+        # the client goes away without a word: the next notification is never acknowledged
+        await client.close()
+        await sync.add({"event_id": "$lost"})
+        await metrics.until(lambda: metrics.live == 0)
+        assert metrics.push_events.get("dropped") == 1
+        assert metrics.retransmissions >= FAST.max_retransmit
