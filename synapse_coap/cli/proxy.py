@@ -228,6 +228,20 @@ def register(sub: Any) -> None:
         help="push registrations one source address may hold (default: %(default)s)",
     )
     gateway.add_argument(
+        "--client-key",
+        action="append",
+        default=[],
+        metavar="NAME=KEY",
+        help="pin a client's Noise public key (base64, or a file holding it) under NAME; "
+        "repeatable",
+    )
+    gateway.add_argument(
+        "--only-pinned-clients",
+        action="store_true",
+        help="refuse handshakes from any client key not given with --client-key "
+        "(like the module's trust.accept_unknown_clients: false)",
+    )
+    gateway.add_argument(
         "--insecure-upstream",
         action="store_true",
         help="do not verify the TLS certificate of an https:// --http-target",
@@ -333,7 +347,18 @@ def run_gateway_command(args: argparse.Namespace) -> int:
                 max_per_session=args.push_max_per_session,
                 max_per_source=args.push_max_per_source,
             ),
+            client_keys=tuple(_client_key(v) for v in args.client_key),
+            only_pinned_clients=args.only_pinned_clients,
         )
     except ConfigValueError as e:
         return _fail(str(e))
     return _serve(run_gateway(config))
+
+
+def _client_key(value: str) -> tuple[str, bytes]:
+    from synapse_coap.proxy.runner import load_server_key
+
+    name, sep, key = value.partition("=")
+    if not sep or not name or not key:
+        raise ConfigValueError("--client-key", f"expected NAME=KEY, got {value!r}")
+    return name, load_server_key(key, "--client-key")

@@ -151,6 +151,17 @@ def _strict_text(data: bytes, what: str) -> str:
         raise RemoteProtocolError(f"{what} is not valid UTF-8") from e
 
 
+_HEADER_UNSAFE = frozenset("\r\n\x00")
+
+
+def _check_http_safe(headers: list[tuple[str, str]]) -> None:
+    """No CR, LF or NUL in a decoded header (header splitting; aiohttp would refuse it
+    with a 500): RemoteProtocolError, which a listener answers 4.00."""
+    for name, value in headers:
+        if not _HEADER_UNSAFE.isdisjoint(value) or not _HEADER_UNSAFE.isdisjoint(name):
+            raise RemoteProtocolError(f"header {name[:40]!r} holds CR, LF or NUL")
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
@@ -480,6 +491,7 @@ class WireCodec:
         headers += content_headers
         headers += self._decode_request_auth(msg, tokens, routed, flags)
         headers += self._decode_headers(msg, response=False)
+        _check_http_safe(headers)
         return HttpRequest(method, target, significant_headers(headers), body)
 
     def _decode_target(self, msg: CoapMessage) -> tuple[bytes, bool, int]:
@@ -578,6 +590,7 @@ class WireCodec:
         content_headers, body = self._decode_content(msg, limits)
         headers += content_headers
         headers += self._decode_headers(msg, response=True)
+        _check_http_safe(headers)
         return HttpResponse(status, significant_headers(headers), body)
 
     def unknown_token_response(self, error: Exception | None = None) -> CoapMessage:

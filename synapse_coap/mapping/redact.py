@@ -9,8 +9,25 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Iterable
 
-#: Query parameters that carry credentials: never logged.
-SECRET_QUERY_KEYS = frozenset({"access_token", "loginToken", "token"})
+#: Query parameters that carry credentials or secrets: never logged. (Matrix: access and
+#: refresh tokens, login tokens, 3PID validation's client_secret / sid / token, the
+#: user-interactive auth session, SSO/OIDC callback codes and state.)
+SECRET_QUERY_KEYS = frozenset(
+    {
+        "access_token",
+        "refresh_token",
+        "loginToken",
+        "token",
+        "client_secret",
+        "sid",
+        "session",
+        "id_access_token",
+        "code",
+        "state",
+        "mac",
+        "nonce",
+    }
+)
 
 #: Headers whose value is never logged, even in a payload dump.
 SECRET_HEADERS = frozenset({"authorization", "cookie", "set-cookie"})

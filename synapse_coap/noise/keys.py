@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import logging
 import os
 import stat
@@ -82,7 +83,7 @@ def write_key_file(path: str | os.PathLike[str], private: bytes) -> None:
     )
     target = Path(path)
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         raise ConfigValueError(
             str(target), "refusing to overwrite an existing key file; remove it first"
@@ -98,24 +99,45 @@ def write_key_file(path: str | os.PathLike[str], private: bytes) -> None:
 def read_key_file(path: str | os.PathLike[str]) -> bytes:
     """Read a private key file written by :func:`write_key_file`.
 
-    Refuses (ConfigValueError naming the file) a file readable or writable by
-    group or others, a missing file, or one that does not hold exactly one
-    32-byte key.
+    Refuses (ConfigValueError naming the file) a symbolic link (it is not
+    followed), anything but a regular file, a file owned by another user than
+    the one running, a file readable or writable by group or others, a missing
+    file, or one that does not hold exactly one 32-byte key.
     """
     target = Path(path)
     try:
-        st = target.stat()
-        raw_text = target.read_text("ascii")
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigValueError(
+                str(target), "key file is a symbolic link; give the real path"
+            ) from None
         raise ConfigValueError(str(target), f"cannot read key file: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigValueError(str(target), "key file is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ConfigValueError(
+                str(target),
+                f"key file is owned by uid {st.st_uid}, not by the user running (uid "
+                f"{os.geteuid()}); run: chown {os.geteuid()} {target}",
+            )
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise ConfigValueError(
+                str(target),
+                f"key file is accessible by group/others (mode {mode:04o}); "
+                f"run: chmod 600 {target}",
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(65536)
+    finally:
+        os.close(fd)
+    try:
+        raw_text = raw.decode("ascii")
     except UnicodeDecodeError:
         raise ConfigValueError(str(target), "key file is not ASCII text") from None
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise ConfigValueError(
-            str(target),
-            f"key file is accessible by group/others (mode {mode:04o}); run: chmod 600 {target}",
-        )
     lines = [
         line.strip() for line in raw_text.splitlines() if line.strip() and not line.startswith("#")
     ]

@@ -99,6 +99,16 @@ class GatewayConfig:
     long_poll_slack: float = 30.0
     verify_tls: bool = True
     push: PushConfig = attrs.field(factory=PushConfig)
+    #: Pinned client (initiator) keys by name; with ``only_pinned_clients`` no other
+    #: key may open a session (as the module's ``trust.accept_unknown_clients: false``).
+    client_keys: tuple[tuple[str, bytes], ...] = ()
+    only_pinned_clients: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.only_pinned_clients and not self.client_keys:
+            raise ConfigValueError(
+                "--only-pinned-clients", "needs at least one --client-key NAME=KEY"
+            )
 
 
 def load_server_key(value: str, path: str = "--server-key") -> bytes:
@@ -265,6 +275,7 @@ class RunningGateway:
 
 async def start_gateway(config: GatewayConfig, *, metrics: Any = None) -> RunningGateway:
     from synapse_coap.noise.keys import public_key, read_key_file
+    from synapse_coap.noise.trust import TrustPolicy
     from synapse_coap.transport.server import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
         CoapServer,
         ServerConfig,
@@ -286,6 +297,10 @@ async def start_gateway(config: GatewayConfig, *, metrics: Any = None) -> Runnin
         payload_dump=config.dump_payloads,
         push=config.push,
         replay_state_path=f"{config.key_path}.replay",
+        trust=TrustPolicy(
+            pinned=dict(config.client_keys),
+            accept_any_initiator=not config.only_pinned_clients,
+        ),
     )
     try:
         server = await CoapServer.start(server_config, dispatcher, metrics=metrics)

@@ -79,3 +79,21 @@ def test_cli_keygen_and_pubkey(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["keygen", "--out", str(path)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_key_file_symlink_and_foreign_owner_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 14: the key file check tested the mode but not the owner, and followed symlinks.
+    real = tmp_path / "real.key"
+    write_key_file(real, generate_private_key())
+    link = tmp_path / "link.key"
+    link.symlink_to(real)
+    with pytest.raises(ConfigValueError, match="symbolic link"):
+        read_key_file(link)
+    with pytest.raises(ConfigValueError, match="refusing to overwrite"):
+        write_key_file(link, generate_private_key())
+    assert len(read_key_file(real)) == 32
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(real).st_uid + 1)
+    with pytest.raises(ConfigValueError, match="owned by uid"):
+        read_key_file(real)

@@ -524,3 +524,20 @@ def _table_receiver_with(codec: WireCodec, previous: HttpRequest) -> ReceiverTok
     sender = SenderTokens(strings=SenderStrings(first_seq=0x5A5A5A))
     codec.decode_request(codec.encode_request(previous, sender), receiver)
     return receiver
+
+
+def test_cr_lf_nul_in_header_values_are_refused_by_the_codec() -> None:
+    # issue 14: CR/LF in a header value reached aiohttp, which refused it with a 500.
+    from synapse_coap.errors import RemoteProtocolError
+    from synapse_coap.mapping.codec import WireCodec
+    from synapse_coap.mapping.messages import HttpRequest
+    from synapse_coap.wire.context import WireContext
+    from synapse_coap.wire.profile import load_profile
+
+    codec = WireCodec(load_profile(0), WireContext())
+    for bad in ("a\r\nX-Injected: 1", "a\nb", "a\x00b"):
+        msg = codec.encode_request(
+            HttpRequest("GET", b"/_matrix/client/versions", (("content-disposition", bad),))
+        )
+        with pytest.raises(RemoteProtocolError, match="CR, LF or NUL"):
+            codec.decode_request(msg)

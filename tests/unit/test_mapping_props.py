@@ -105,7 +105,8 @@ json_values = st.recursive(
 )
 
 header_values = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=40
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"),
+    max_size=40,
 )
 content_types = st.sampled_from(
     [

@@ -31,3 +31,15 @@ def test_headers() -> None:
 def test_proxy_uses_the_same_implementation() -> None:
     assert common.redact_target is redact_target
     assert common.redact_headers is redact_headers
+
+
+def test_every_secret_bearing_query_parameter_is_redacted() -> None:
+    # issue 14: client_secret and sid were logged in query strings.
+    target = (
+        b"/_matrix/client/v3/validate/email/submitToken?token=T1&client_secret=C1&sid=S1"
+        b"&session=U1&code=O1&state=O2&refresh_token=R1&id_access_token=I1&next_link=ok"
+    )
+    out = redact_target(target)
+    for secret in ("T1", "C1", "S1", "U1", "O1", "O2", "R1", "I1"):
+        assert secret not in out
+    assert out.endswith("&next_link=ok")
