@@ -91,7 +91,9 @@ class SessionEndpoint(Protocol):
     def active_channels(self) -> int: ...
 
 
-#: the sessions gauge is recounted at most this often (seconds)
+#: the sessions gauge is recounted at every change up to this many channels, and
+#: beyond at most every SESSIONS_GAUGE_INTERVAL seconds
+SESSIONS_GAUGE_EXACT = 256
 SESSIONS_GAUGE_INTERVAL = 1.0
 
 
@@ -613,11 +615,15 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self._reschedule()
 
     def _sessions_changed(self) -> None:
-        """Update the sessions gauge: at once if it was last updated over a second ago,
-        else once a second is up (counting is a pass over every session: a listener
-        taking thousands of handshakes must not do it per handshake)."""
+        """Update the sessions gauge: at once with few channels or if it was last
+        updated over a second ago, else once a second is up (counting is a pass over
+        every session: a listener taking thousands of handshakes must not do it per
+        handshake)."""
         now = self.loop.time()
-        if now - self._gauge_at >= SESSIONS_GAUGE_INTERVAL:
+        if (
+            len(self._by_channel) <= SESSIONS_GAUGE_EXACT
+            or now - self._gauge_at >= SESSIONS_GAUGE_INTERVAL
+        ):
             self._update_gauge()
         elif self._gauge_timer is None:
             self._gauge_timer = self.loop.call_at(
