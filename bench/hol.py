@@ -15,6 +15,8 @@ transaction id), and prints their distributions and the overhead (client − Syn
 The target (issue 11): overhead within 20 ms for every send, no 0.45 s waits.
 
     .venv/bin/python bench/hol.py [--sends 100] [--max-delay 0.5] [--out DIR]
+    .venv/bin/python bench/hol.py --save      # also bench/results/hol-<label>.json, .csv
+    .venv/bin/python bench/hol.py --render    # docs/benchmarks.md from bench/results/hol-*.json
 
 To compare with the code before the fix, run the same file against an older tree (its
 ``synapse_coap`` shadows the installed one, in the Synapse process too)::
@@ -202,6 +204,7 @@ def report(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
         "label": label,
         "n": len(rows),
         "client_median": statistics.median(client) if client else None,
+        "synapse_median": statistics.median(synapse) if synapse else None,
         "client_max": max(client) if client else None,
         "overhead_median": statistics.median(over) if over else None,
         "overhead_p90": _pct(over, 90) if over else None,
@@ -209,6 +212,80 @@ def report(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
         "overhead_over_20ms": late,
         "waits_over_0_2s": held,
     }
+
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs" / "benchmarks.md"
+MARK_START = "<!-- hol-results:start (written by bench/hol.py --render; do not edit by hand) -->"
+MARK_END = "<!-- hol-results:end -->"
+
+
+def _provenance(command: str) -> dict[str, Any]:
+    import datetime
+    import os
+    import subprocess
+
+    try:
+        import synapse_coap  # the tree that ran (PYTHONPATH may point at an older one)
+
+        tree = Path(synapse_coap.__file__).resolve().parents[1]
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {
+        "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or "?",
+        "command": command,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+    }
+
+
+def render(results: Path = RESULTS, docs: Path = DOCS) -> str:
+    """The docs block from every saved run (one row per run)."""
+    runs = [json.loads(p.read_text()) for p in sorted(results.glob("hol-*.json"))]
+    lines = [
+        "### Sends during an outstanding long-poll (head-of-line blocking)",
+        "",
+        "`bench/hol.py`: real Synapse with the module, the sidecar on loopback, n sends each "
+        "issued 0-0.5 s after the client's long-poll `/sync` started (the baseline row: the "
+        "same sends with no long-poll outstanding). Overhead = the client's wait minus "
+        "Synapse's own time for that request (its access log). Seconds. The machine (2 cores) "
+        "was shared with other work; the load average at the end of each run is given.",
+        "",
+        "| run | code | n | client median | Synapse median | overhead median | p90 | max "
+        "| > 20 ms | waits >= 0.2 s | load | when |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in runs:
+
+        def f(key: str, r: dict[str, Any] = r) -> str:
+            v = r.get(key)
+            return "—" if v is None else f"{v:.3f}"
+
+        meta = r.get("meta", {})
+        lines.append(
+            f"| {r['label']} | `{meta.get('commit', '?')}` | {r['n']} | {f('client_median')} "
+            f"| {f('synapse_median')} | {f('overhead_median')} | {f('overhead_p90')} "
+            f"| {f('overhead_max')} | {r['overhead_over_20ms']} | {r['waits_over_0_2s']} "
+            f"| {meta.get('load_average', '?')} | {meta.get('time', '?')} |"
+        )
+    block = "\n".join(lines)
+    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        head, _, rest = text.partition(MARK_START)
+        _, _, tail = rest.partition(MARK_END)
+        text = f"{head}{MARK_START}\n\n{block}\n\n{MARK_END}{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n{MARK_START}\n\n{block}\n\n{MARK_END}\n"
+    docs.write_text(text)
+    return block
 
 
 def main() -> int:
@@ -228,7 +305,18 @@ def main() -> int:
         help="the same sends with no long-poll outstanding (the stack's own overhead)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write hol-<label>.csv/.json here")
+    parser.add_argument(
+        "--save", action="store_true", help="write the run into bench/results/ (committed)"
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite docs/benchmarks.md's block from bench/results/hol-*.json",
+    )
     args = parser.parse_args()
+    if args.render:
+        print(render())
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-hol-") as tmp:
         rows = asyncio.run(run(args.sends, args.max_delay, Path(tmp), not args.baseline))
     label = args.label + (
@@ -237,9 +325,12 @@ def main() -> int:
         else ", each issued during an outstanding long-poll /sync"
     )
     summary = report(rows, label)
-    if args.out is not None:
+    summary["meta"] = _provenance("python bench/hol.py " + " ".join(sys.argv[1:]))
+    out = RESULTS if args.save else args.out
+    if out is not None:
+        args.out = out
         args.out.mkdir(parents=True, exist_ok=True)
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", args.label)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.label + ("-baseline" if args.baseline else ""))
         with (args.out / f"hol-{safe}.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["i", "delay", "status", "client_s", "synapse_s"])
             w.writeheader()

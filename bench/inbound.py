@@ -30,6 +30,9 @@ Usage::
     python bench/inbound.py [--requests 400] [--rounds 5] [--concurrency 4]
                             [--modes default,asyncio] [--profile-out FILE]
 
+``--cprofile-out FILE`` (asyncio mode, one thread) runs Synapse under cProfile
+(``bench/profiling/sitecustomize.py``) and writes the internal-time and
+cumulative tables of one more pass per listener next to FILE.
 ``--profile-out FILE`` additionally samples Synapse with py-spy (every thread)
 during one more pass of every endpoint per listener and writes a text profile
 per mode and listener next to FILE (what bench/profiles/inbound-*.txt hold;
@@ -54,6 +57,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from results_store import provenance, replace_block, write_dict_rows  # noqa: E402
 
 from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
 from tests.harness.synapse_proc import SynapseProcess, free_port  # noqa: E402
@@ -128,6 +135,10 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
     http_port, coap_port, plain_port = free_port(), free_port("udp"), free_port("udp")
     key_path = workdir / "coap.key"
     env = {"SYNAPSE_COAP_BODY_MEMO": "0"}
+    cprofile_parts: dict[str, list[Path]] = {}
+    if args.cprofile_out and mode == "asyncio":
+        env["SYNAPSE_COAP_CPROFILE"] = str(workdir / "synapse.prof")
+        env["PYTHONPATH"] = str(ROOT / "bench" / "profiling")
     if mode == "asyncio":
         env["SYNAPSE_ASYNC_IO_REACTOR"] = "1"
     proc = SynapseProcess(
@@ -219,6 +230,12 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 )
                             ms = (after - before) * 1000 / args.requests
                             cells.setdefault((label, name), []).append(ms)
+                    if args.cprofile_out and mode == "asyncio":
+                        for name, one in runners.items():
+                            cut(pid, workdir)  # what came before: discarded
+                            serial += args.profile_requests
+                            await run_n(args.profile_requests, args.concurrency, one, serial)
+                            cprofile_parts.setdefault(name, []).append(cut(pid, workdir))
                     if args.profile_out:
                         for name, one in runners.items():
                             spy = start_spy(pid, workdir / f"spy-{name[:4]}.txt")
@@ -239,10 +256,60 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
     finally:
         proc.stop()
     print(f"  [{mode}] {placement}", file=sys.stderr)
+    if args.cprofile_out and mode == "asyncio":
+        for name, parts in cprofile_parts.items():
+            write_cprofile(parts, args.cprofile_out, name, args)
     if args.profile_out:
         for name in LISTENERS:
             write_profile(workdir / f"spy-{name[:4]}.txt", args.profile_out, mode, name)
     return cells
+
+
+_CUTS: dict[int, int] = {}
+
+
+def cut(pid: int, workdir: Path) -> Path:
+    """Ask the profiled Synapse to write its profile so far (bench/profiling/sitecustomize.py)."""
+    n = _CUTS.get(pid, 0)
+    _CUTS[pid] = n + 1
+    os.kill(pid, signal.SIGUSR2)
+    path = workdir / f"synapse.prof.{n}"
+    for _ in range(100):
+        if path.exists():
+            time.sleep(0.1)
+            break
+        time.sleep(0.05)
+    return path
+
+
+def write_cprofile(parts: list[Path], out: Path, listener: str, args: argparse.Namespace) -> None:
+    """cProfile text (internal time and cumulative) over one listener's requests."""
+    import io
+    import pstats
+
+    parts = [p for p in parts if p.exists()]
+    if not parts:
+        return
+    stats = pstats.Stats(str(parts[0]))
+    for p in parts[1:]:
+        stats.add(str(p))
+    buf = io.StringIO()
+    buf.write(
+        f"# cProfile (wall time, main thread) of Synapse with the asyncio reactor serving "
+        f"{args.profile_requests} distinct {listener} requests of each of the four endpoints\n"
+        "# command: python bench/inbound.py " + " ".join(sys.argv[1:]) + "\n"
+        "# (machine shared with other work: wall times include waiting for the CPU)\n\n"
+    )
+    stats.stream = buf  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(70)
+    slug = listener.lower().replace("/", "").replace("+", "-").replace(" ", "-").replace(".", "")
+    target = out.with_name(f"{out.stem}-asyncio-{slug}{out.suffix}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = buf.getvalue().replace(str(ROOT) + "/", "")
+    text = text.replace(str(Path(sys.executable).resolve().parents[1]) + "/", "")
+    target.write_text(text)
+    print(f"  cProfile written to {target}", file=sys.stderr)
 
 
 def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -352,6 +419,17 @@ def main() -> None:
     parser.add_argument(
         "--profile-requests", type=int, default=2000, help="requests per endpoint under py-spy"
     )
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's block")
+    parser.add_argument(
+        "--cprofile-out",
+        type=Path,
+        default=None,
+        help="asyncio mode: profile Synapse with cProfile during one more pass per listener "
+        "and write FILE-asyncio-LISTENER.txt (bench/profiling/sitecustomize.py)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench" / "results", help="results directory"
+    )
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
@@ -364,6 +442,54 @@ def main() -> None:
         "\nThe machine may be shared with other work; the ratio comes from the same rounds, "
         "the listeners taking turns."
     )
+    rows = []
+    for m, cells in results.items():
+        for (label, listener), values in cells.items():
+            for i, v in enumerate(values):
+                rows.append(
+                    {"mode": m, "endpoint": label, "listener": listener, "round": i, "cpu_ms": v}
+                )
+    meta = provenance("python bench/inbound.py " + " ".join(sys.argv[1:]))
+    meta["note"] = "machine shared with other work"
+    write_dict_rows(args.results / "inbound.csv", rows, meta)
+    print(f"wrote {args.results / 'inbound.csv'}")
+    if args.readme:
+        replace_block(
+            ROOT / "README.md", "inbound", readme_block(results, args, meta), "bench/inbound.py"
+        )
+        print("updated README.md")
+
+
+def readme_block(
+    results: dict[str, dict[tuple[str, str], list[float]]],
+    args: argparse.Namespace,
+    meta: dict[str, str],
+) -> str:
+    lines = [
+        "Synapse's own CPU time (user + system, `/proc/PID/stat`) per request into one "
+        "Synapse through the module's CoAP listener and through Synapse's own HTTP listener, "
+        f"same servlets, same run: {args.requests} distinct requests per cell (no body memo "
+        f"hit), median (min-max) of {args.rounds} rounds, the listeners taking turns; the "
+        "client pinned to the other core at lower priority.",
+        "",
+        "| reactor | endpoint | CoAP+Noise ms | plain CoAP ms | HTTP/1.1 ms | CoAP+Noise / HTTP |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for m, cells in results.items():
+        for label, _, _ in ENDPOINTS:
+            noise, http = cells[(label, "CoAP+Noise")], cells[(label, "HTTP/1.1")]
+            ratios = [a / b for a, b in zip(noise, http, strict=True) if b > 0]
+            lines.append(
+                f"| {m} | {label} | "
+                + " | ".join(spread(cells[(label, n)]) for n in LISTENERS)
+                + f" | {statistics.median(ratios):.2f}x |"
+            )
+    lines += [
+        "",
+        f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']} "
+        "(shared with other work); rounds in `bench/results/inbound.csv`._",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import shutil
 import statistics
 import sys
@@ -360,6 +361,9 @@ class SweepPoint:
     retransmissions: int
     ip_bytes_per_message: float
     ok: bool
+    median_seconds: float = float("nan")
+    min_seconds: float = float("nan")
+    max_seconds: float = float("nan")
 
 
 def _rate_profile(rate: float) -> LinkProfile:
@@ -388,7 +392,7 @@ async def sweep(
         for kind, x, profile in profiles:
             if profile is not profiles[0][2]:
                 await stack.reconfigure(profile)
-            n = 2 if (kind == "rate" and x < 1000) else per_point
+            n = per_point
             progress(f"[sweep] {profile.name}: {profile.describe()}; {n} message(s)")
             try:
                 d: Delivery = await deliver_messages(stack, n, f"sweep {profile.name} ")
@@ -399,12 +403,16 @@ async def sweep(
                     d.retransmissions,
                     d.ip_bytes / max(1, d.sent),
                     d.in_order_exactly_once,
+                    statistics.median(d.seconds),
+                    min(d.seconds),
+                    max(d.seconds),
                 )
             except Exception as exc:
                 progress(f"[sweep] {profile.name} FAILED: {type(exc).__name__}: {exc}")
                 point = SweepPoint(x, float("nan"), 0, 0, 0.0, False)
             progress(
-                f"[sweep] {profile.name}: {point.mean_seconds:.2f} s per message, "
+                f"[sweep] {profile.name}: median {point.median_seconds:.2f} s per message "
+                f"({point.min_seconds:.2f}-{point.max_seconds:.2f}, n={point.samples}), "
                 f"{point.ip_bytes_per_message:.0f} B/message, {point.retransmissions} retrans"
             )
             (by_rate if kind == "rate" else by_loss).append(point)
@@ -497,7 +505,10 @@ def report(run: Run) -> str:
             "tshark capture on loopback (TCP and TLS handshakes, ACK-only segments included). "
             "RTs: round trips. s: completion time (CoAP measured through the relay at the "
             "profile; HTTPS measured on loopback at lan, else modelled as a lower bound). "
-            "retrans: CoAP retransmissions (sidecar + homeservers).",
+            "retrans: CoAP retransmissions (sidecar + homeservers). The s columns are one "
+            "run of each scenario (a single sample, not a spread: byte counts are exact and "
+            "repeatable, times on a shared machine are not); the sweep and lossy figures below "
+            "give median, min and max over their messages.",
             "",
             ratio_table(run.results),
             "",
@@ -518,22 +529,37 @@ def report(run: Run) -> str:
             f"{d.retransmissions} retransmissions, "
             f"{d.client_retries} send(s) retried by the client after a 502/504 "
             "(same transaction id, as Element does), "
-            f"{sum(d.seconds) / max(1, len(d.seconds)):.2f} s per message on average.",
+            f"{sum(d.seconds) / max(1, len(d.seconds)):.2f} s per message on average "
+            f"(median {statistics.median(d.seconds or [0.0]):.2f} s, min "
+            f"{min(d.seconds, default=0.0):.2f}, max {max(d.seconds, default=0.0):.2f}, "
+            f"n={len(d.seconds)}).",
             "",
         ]
     if run.by_rate or run.by_loss:
-        lines += ["| link | s per message | B per message | retrans |", "|---|--:|--:|--:|"]
+        lines += [
+            "Sweep: time from alice's send to bob's /sync seeing the message, per message "
+            "(median, min-max, n messages at each point, one after the other on a warm session).",
+            "",
+            "| link | s per message: median (min-max) | n | mean s | B per message | retrans |",
+            "|---|--:|--:|--:|--:|--:|",
+        ]
+
+        def spread(p: SweepPoint) -> str:
+            if p.median_seconds != p.median_seconds:  # older results: mean only
+                return "—"
+            return f"{p.median_seconds:.2f} ({p.min_seconds:.2f}-{p.max_seconds:.2f})"
+
         for p in run.by_rate:
             lines.append(
-                f"| {_rate(p.x)}, 100 ms | {p.mean_seconds:.2f} | {p.ip_bytes_per_message:.0f} "
-                f"| {p.retransmissions} |"
+                f"| {_rate(p.x)}, 100 ms | {spread(p)} | {p.samples} | {p.mean_seconds:.2f} "
+                f"| {p.ip_bytes_per_message:.0f} | {p.retransmissions} |"
             )
         for p in run.by_loss:
             lines.append(
-                f"| 9.6 kbit/s, 300 ms, {p.x:.0%} loss | {p.mean_seconds:.2f} "
-                f"| {p.ip_bytes_per_message:.0f} | {p.retransmissions} |"
+                f"| 9.6 kbit/s, 300 ms, {p.x:.0%} loss | {spread(p)} | {p.samples} "
+                f"| {p.mean_seconds:.2f} | {p.ip_bytes_per_message:.0f} | {p.retransmissions} |"
             )
-        lines.append("")
+        lines += ["", monotonic_note(run.by_loss), ""]
     lines += list(run.notes)
     # issue 11: the day suite and the idle cost per minute (bench/lab_scenarios/day.py)
     lines += ["", t] if (t := day_table(run.results)) else []
@@ -559,6 +585,29 @@ def stamp(meta: dict[str, str]) -> str:
         f"`{meta.get('commit', '?')}`, {meta.get('machine', '?')}; command "
         f"`{meta.get('command', '?')}`; results: `bench/results/lab.csv`, `lab.json`. "
         f"{meta.get('note', '')}_"
+    )
+
+
+def monotonic_note(points: Sequence[SweepPoint]) -> str:
+    """Whether the loss sweep's time grows with loss within its spread, said plainly."""
+    pts = [p for p in points if p.ok and p.median_seconds == p.median_seconds]
+    if len(pts) < 2:
+        return ""
+    inversions = [(a, b) for a, b in itertools.pairwise(pts) if b.median_seconds < a.median_seconds]
+    outside = [(a, b) for a, b in inversions if b.max_seconds < a.min_seconds]
+    if not inversions:
+        return "The loss sweep's medians grow with the loss rate (monotonic)."
+    pairs = ", ".join(f"{a.x:.0%} -> {b.x:.0%}" for a, b in inversions)
+    if not outside:
+        return (
+            f"The loss sweep's medians dip at {pairs}, within the spread of the points "
+            "(their min-max ranges overlap): with this many messages per point the order of "
+            "neighbouring loss rates is not resolved; a lost datagram costs a retransmission "
+            "timeout (seconds), so per-message times are heavy-tailed."
+        )
+    return (
+        f"The loss sweep is NOT monotonic beyond its spread at {pairs}: the ranges do not "
+        "overlap; more messages per point (`--sweep-messages`) would be needed."
     )
 
 
@@ -591,10 +640,66 @@ def readme_table(results: Sequence[ScenarioResult]) -> str:
     return "\n".join(rows)
 
 
-def write_readme(path: Path, results: Sequence[ScenarioResult], meta: dict[str, str]) -> None:
+def _ratio_range(results: Sequence[ScenarioResult], baseline: str) -> str:
+    by = {(r.scenario, r.stack): r for r in results if r.profile == "lan" and r.ok}
+    ratios = []
+    for scenario, _ in README_ROWS:
+        c, h = by.get((scenario, "coap")), by.get((scenario, baseline))
+        if c is not None and h is not None and c.ip_bytes > 0 and scenario != "upload":
+            ratios.append(h.ip_bytes / c.ip_bytes)
+    if not ratios:
+        return ""
+    return f"{min(ratios):.1f}-{max(ratios):.1f}x"
+
+
+def readme_summary(run: Run) -> str:
+    """The README's prose figures, from the results (headline ratios name their baseline)."""
+    out = []
+    stock, front = _ratio_range(run.results, "https"), _ratio_range(run.results, "https-nginx")
+    if stock:
+        text = (
+            f"Headline: CoAP+Noise sends **{stock} fewer IP bytes than stock Synapse over "
+            "HTTPS** (TLS 1.3, HTTP/1.1 keep-alive, no compression: Synapse's defaults)"
+        )
+        if front:
+            text += (
+                f", and **{front} fewer than Synapse behind a tuned nginx front** (TLS 1.3, "
+                "HTTP/2 on, gzip; client scenarios)"
+            )
+        out.append(text + " on the scenarios above except the incompressible upload.")
+    if run.deliver is not None:
+        d = run.deliver
+        out.append(
+            f"At `{d.profile}` a message sent by matrix-nio through the sidecar "
+            + ("reached" if d.delivered else "did NOT reach")
+            + " the other homeserver's client over federation; the sender had its event id "
+            f"after {d.seconds_to_event_id:.1f} s and bob's /sync saw it after "
+            f"{d.seconds_to_delivery:.1f} s ({d.client_link_bytes:,} B in "
+            f"{d.client_link_datagrams} datagrams on the client link, "
+            f"{d.federation_link_bytes:,} B on the federation link, "
+            f"{d.sidecar_retransmissions} sidecar retransmissions; one run)."
+        )
+    if run.lossy is not None:
+        lo = run.lossy
+        out.append(
+            f"At `{lo.profile}` {lo.sent} messages were "
+            + (
+                "all delivered exactly once and in order"
+                if lo.in_order_exactly_once
+                else "NOT all delivered exactly once in order"
+            )
+            + f" ({lo.ip_bytes:,} B, {lo.retransmissions} retransmissions, median "
+            f"{statistics.median(lo.seconds or [0.0]):.1f} s per message, min "
+            f"{min(lo.seconds, default=0.0):.1f}, max {max(lo.seconds, default=0.0):.1f})."
+        )
+    return "\n\n".join(out)
+
+
+def write_readme(path: Path, run: Run, meta: dict[str, str]) -> None:
     if not path.exists():
         return
-    _replace_block(path, README_START, README_END, f"{readme_table(results)}\n\n{stamp(meta)}")
+    body = f"{readme_table(run.results)}\n\n{readme_summary(run)}\n\n{stamp(meta)}"
+    _replace_block(path, README_START, README_END, body)
 
 
 def save_results(run: Run, meta: dict[str, str], directory: Path = RESULTS) -> None:
@@ -752,7 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stack", action="append", choices=STACKS, help="default: all three")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--idle", type=float, default=60.0, help="idle scenario, seconds")
-    parser.add_argument("--full", action="store_true", help="an hour idle, 5 messages/point")
+    parser.add_argument(
+        "--full", action="store_true", help="an hour idle, 9 messages per sweep point"
+    )
     parser.add_argument(
         "--day-seconds",
         type=float,
@@ -769,7 +876,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--deliver-profile", default="100bps")
     parser.add_argument("--lossy-messages", type=int, default=100)
-    parser.add_argument("--sweep-messages", type=int, default=3, help="messages per sweep point")
+    parser.add_argument(
+        "--sweep-messages", type=int, default=5, help="messages per sweep point (at least 5)"
+    )
     parser.add_argument("--rates", type=float, action="append", help="sweep rates (bit/s)")
     parser.add_argument(
         "--out", type=Path, default=Path(tempfile.gettempdir()) / "synapse-coap-lab"
@@ -791,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.full:
         args.idle = max(args.idle, 3600.0)
-        args.sweep_messages = max(args.sweep_messages, 5)
+        args.sweep_messages = max(args.sweep_messages, 9)
 
     if args.list:
         for name, (kind, desc) in DESCRIPTIONS.items():
@@ -804,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render:
         run, meta = load_results(args.results)
         write_docs(args.docs, report(run), meta)
-        write_readme(args.readme, run.results, meta)
+        write_readme(args.readme, run, meta)
         print(
             f"rendered {args.docs} and {args.readme} from {args.results} (run {meta.get('time')})"
         )
@@ -827,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_results(run, meta, args.results)
         run, meta = load_results(args.results)  # the docs come from the committed files only
         write_docs(args.docs, report(run), meta)
-        write_readme(args.readme, run.results, meta)
+        write_readme(args.readme, run, meta)
         print(f"updated {args.results}, {args.docs} and {args.readme}")
     print(f"lab run took {time.monotonic() - t0:.0f} s")
     failed = [r for r in run.results if not r.ok]

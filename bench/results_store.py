@@ -150,3 +150,27 @@ def write_json(path: Path, obj: Any, meta: dict[str, str]) -> None:
 def read_json(path: Path, tp: Any) -> tuple[dict[str, str], Any]:
     data = json.loads(path.read_text())
     return data["provenance"], from_json(tp, data["run"])
+
+
+def replace_block(path: Path, name: str, body: str, writer: str) -> None:
+    """Replace ``<!-- NAME:start ... -->`` .. ``<!-- NAME:end -->`` in ``path`` with ``body``."""
+    start = f"<!-- {name}:start (written by {writer}; do not edit by hand) -->"
+    end = f"<!-- {name}:end -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path}: no {name} markers")
+    head, _, rest = doc.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n\n{body.strip()}\n\n{end}{tail}")
+
+
+def write_dict_rows(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, str]) -> None:
+    """Plain dict rows as CSV, preceded by ``# key: value`` provenance lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        for k, v in meta.items():
+            fh.write(f"# {k}: {v}\n")
+        if rows:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)

@@ -30,7 +30,6 @@ its JSON body).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -39,6 +38,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from results_store import provenance, replace_block, write_dict_rows  # noqa: E402
 
 from synapse_coap.mapping import samples  # noqa: E402
 from synapse_coap.mapping.codec import WireCodec  # noqa: E402
@@ -207,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         default="heldout",
         help="heldout (default: never trained on) or training",
     )
+    parser.add_argument(
+        "--readme", action="store_true", help="rewrite the README's wire-size block"
+    )
     args = parser.parse_args(argv)
     if args.profile is None:
         args.profile = max(profile_ids())
@@ -248,13 +253,135 @@ def main(argv: list[str] | None = None) -> int:
             f"{f['warm'] / f['json']:.1%} (previous txn in the room acknowledged: string table)"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "wire_sizes.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["message", "kind", *COLUMNS])
-        w.writeheader()
-        w.writerows(data)
+    meta = provenance("python bench/wire_sizes.py " + " ".join(argv or sys.argv[1:]))
+    meta["profile"] = str(args.profile)
+    meta["corpus"] = str(CORPORA[args.corpus].relative_to(ROOT))
+    write_dict_rows(args.out / "wire_sizes.csv", data, meta)
+    if args.readme:
+        base = {
+            k: statistics.median(
+                r["dict"] for r in rows(1, args.corpus) if r["kind"] == k and r["json"] > 0
+            )
+            for k in ("request", "response")
+        }
+        t1 = targets(1)
+        replace_block(
+            ROOT / "README.md",
+            "wire-sizes",
+            readme_block(args, medians, t, base, t1, meta),
+            "bench/wire_sizes.py --readme",
+        )
+        print("updated README.md")
     _plot(data, medians, t, args.out / "wire_sizes.png")
     print(f"\nwrote {args.out / 'wire_sizes.csv'} and {args.out / 'wire_sizes.png'}")
     return 0
+
+
+def renamed_totals(corpus: str, profiles: tuple[int, ...]) -> dict[str, dict[int, int]]:
+    """Bytes ``encode_body`` sends over the corpus's bodies per profile: as captured, and with
+    every user, server, alias, key id and device id renamed (one consistent mapping, seeded),
+    as another deployment's traffic would be: the fair test of a dictionary."""
+    import importlib.machinery
+    import importlib.util
+    import random
+
+    from synapse_coap.wire.body import encode_body
+
+    loader = importlib.machinery.SourceFileLoader(
+        "build_maps", str(ROOT / "scripts" / "build-maps")
+    )
+    spec = importlib.util.spec_from_loader("build_maps", loader)
+    assert spec is not None
+    bm = importlib.util.module_from_spec(spec)
+    loader.exec_module(bm)
+    samples_ = bm.corpus_samples(CORPORA[corpus])
+    names = sorted(bm.corpus_names(samples_), key=lambda n: (-len(n), n))
+    rng = random.Random(7)
+    fresh: dict[str, str] = {}
+    out: dict[str, dict[int, int]] = {"as captured": {}, "renamed": {}}
+    for variant, tot in out.items():
+        for pid in profiles:
+            tot[pid] = 0
+        for _, body, servers in samples_:
+            if variant == "renamed":
+                body = bm.neutralise(body, names, rng, "", fresh)
+                servers = tuple(bm.neutralise(x, names, rng, "", fresh) for x in servers)
+            for pid in profiles:
+                tot[pid] += len(encode_body(body, load_profile(pid), WireContext(servers)))
+    return out
+
+
+def readme_block(
+    args: argparse.Namespace,
+    medians: dict[str, dict[str, float]],
+    t: dict[str, Any],
+    base: dict[str, float],
+    t1: dict[str, Any],
+    meta: dict[str, str],
+) -> str:
+    """The README's wire-size table and size targets (held-out corpus, negotiated profile)."""
+    corpus = CORPORA[args.corpus].relative_to(ROOT)
+    head = (
+        "| | HTTP/1.1 | JSON body | CBOR | CBOR, integer keys | + DEFLATE | + dictionary "
+        "| whole CoAP message | + dictionary, profile 1 |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+    )
+    lines = [
+        f"Over `{corpus}/*.jsonl` ({'captured independently, never trained on' if args.corpus == 'heldout' else 'the training run'}), "
+        f"profile {args.profile}, median bytes per message with a JSON body (the last column: "
+        "profile 1's dictionary, which held the corpus's user names and key id, on the same "
+        "messages; the held-out run uses the same user names as the training run, so profile 1 "
+        "looks better on it than on anyone else's traffic):",
+        "",
+        head,
+    ]
+    for kind in ("request", "response"):
+        m = medians[kind]
+        lines.append(
+            f"| {kind}s | "
+            + " | ".join(f"{m[c]:,.0f}" for c in COLUMNS)
+            + f" | {base[kind]:,.0f} |"
+        )
+    f, f1 = t["federation"], t1["federation"]
+    lines += [
+        "",
+        f"Size targets (profile {args.profile}; profile 1 in brackets): the client message send "
+        '(`PUT …/send/m.room.message/…`, body `{"msgtype":"m.text","body":"Hello world"}`, '
+        f"sticky token) is a **{t['send_request']}-byte** CoAP message ({t1['send_request']}); its "
+        f"200 response is **{t['send_response']} bytes** ({t1['send_response']}).",
+    ]
+    if f:
+        lines[-1] += (
+            f" A federation transaction with one real signed m.room.message PDU (from the "
+            f"training corpus: profile 1 was trained on it) has a **{f['payload']}-byte body = "
+            f"{f['payload'] / f['json']:.1%}** of its {f['json']}-byte JSON "
+            f"({f1['payload']} B = {f1['payload'] / f1['json']:.1%}); the whole CoAP message is "
+            f"{f['coap']} B = {f['coap'] / f['json']:.1%} on a cold session"
+        )
+        if "warm" in f:
+            lines[-1] += (
+                f" and **{f['warm']} B = {f['warm'] / f['json']:.1%}** "
+                f"({f1.get('warm', 0)} B) once a previous transaction in the room was acknowledged"
+            )
+        lines[-1] += "."
+    totals = renamed_totals(args.corpus, (1, args.profile))
+    cap, ren = totals["as captured"], totals["renamed"]
+    lines += [
+        "",
+        f"Total bytes `encode_body` sends over the {sum(1 for _ in CORPORA[args.corpus].glob('*.jsonl'))} "
+        f"files' bodies: as captured, profile {args.profile} {cap[args.profile]:,} B against "
+        f"profile 1 {cap[1]:,} B ({cap[args.profile] / cap[1] - 1:+.1%}: profile 1 knew these "
+        "user names and key id); with every user, server, alias and key id renamed, as another "
+        f"deployment's traffic would be, {ren[args.profile]:,} B against {ren[1]:,} B "
+        f"({ren[args.profile] / ren[1] - 1:+.1%}). The message send above is larger under "
+        f'profile {args.profile} because its text ("Hello world") is not in the dictionary: '
+        "profile 2 holds no message text of the corpus.",
+    ]
+    lines += [
+        "",
+        f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}; rows in "
+        "`bench/results/wire_sizes.csv`._",
+    ]
+    return "\n".join(lines)
 
 
 def _plot(

@@ -161,6 +161,13 @@ class Bridge:
         fut: asyncio.Future[T] = loop.create_future()
         started: list[defer.Deferred[None]] = []
         cancelled = False
+        # Shared loop: both sides are on this thread, so no thread-safe hop (each costs
+        # a wake-up write and an extra loop turn); the reactor's callLater is a plain timer.
+        shared = self.mode == "shared"
+        hop = loop.call_soon if shared else loop.call_soon_threadsafe
+        to_reactor = (
+            (lambda fn: self.reactor.callLater(0, fn)) if shared else self.reactor.callFromThread
+        )
 
         def deliver(ok: bool, value: Any) -> None:
             def set_value() -> None:
@@ -171,7 +178,7 @@ class Bridge:
                 else:
                     fut.set_exception(value)
 
-            loop.call_soon_threadsafe(set_value)
+            hop(set_value)
 
         async def wrapper() -> None:
             try:
@@ -200,12 +207,12 @@ class Bridge:
                 with PreserveLoggingContext():
                     d.cancel()
 
-        self.reactor.callFromThread(start)
+        to_reactor(start)
         try:
             return await fut
         except asyncio.CancelledError:
             cancelled = True
-            self.reactor.callFromThread(cancel)
+            to_reactor(cancel)
             raise
 
     # -- lifecycle ---------------------------------------------------------------------

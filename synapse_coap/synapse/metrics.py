@@ -11,6 +11,8 @@ metrics are thread-safe.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from synapse_coap.synapse.compat import server_name_label
@@ -73,34 +75,47 @@ PUSH_REGISTRATIONS = Gauge(
 
 
 class SynapseCoapMetrics:
-    """``TransportMetrics`` backed by the Prometheus metrics above."""
+    """``TransportMetrics`` backed by the Prometheus metrics above.
+
+    The labelled children are looked up once and kept (``labels()`` costs several
+    microseconds, and every datagram and request touches two or three of them).
+    """
 
     def __init__(self, server_name: str) -> None:
         self.server_name = server_name
         self._labels = {SERVER_NAME_LABEL: server_name}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *values: str, **labels: str) -> Any:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(**labels, **self._labels)
+        return child
 
     def datagram(self, direction: str, kind: str, size: int) -> None:
-        DATAGRAMS.labels(direction=direction, kind=kind, **self._labels).inc()
-        BYTES.labels(direction=direction, kind=kind, **self._labels).inc(size)
+        self._child(DATAGRAMS, direction, kind, direction=direction, kind=kind).inc()
+        self._child(BYTES, direction, kind, direction=direction, kind=kind).inc(size)
 
     def handshake(self, outcome: str) -> None:
-        HANDSHAKES.labels(outcome=outcome, **self._labels).inc()
+        self._child(HANDSHAKES, outcome, outcome=outcome).inc()
 
     def retransmission(self) -> None:
-        RETRANSMISSIONS.labels(**self._labels).inc()
+        self._child(RETRANSMISSIONS).inc()
 
     def sessions(self, count: int) -> None:
-        SESSIONS.labels(**self._labels).set(count)
+        self._child(SESSIONS).set(count)
 
     def request(self, route: str, status: int, seconds: float) -> None:
-        REQUESTS.labels(route=route, status=str(status), **self._labels).inc()
-        REQUEST_SECONDS.labels(route=route, **self._labels).observe(seconds)
+        code = str(status)
+        self._child(REQUESTS, route, code, route=route, status=code).inc()
+        self._child(REQUEST_SECONDS, route, route=route).observe(seconds)
 
     def dropped(self, reason: str) -> None:
-        DROPPED.labels(reason=reason, **self._labels).inc()
+        self._child(DROPPED, reason, reason=reason).inc()
 
     def push(self, event: str) -> None:
-        PUSH.labels(event=event, **self._labels).inc()
+        self._child(PUSH, event, event=event).inc()
 
     def push_registrations(self, count: int) -> None:
-        PUSH_REGISTRATIONS.labels(**self._labels).set(count)
+        self._child(PUSH_REGISTRATIONS).set(count)

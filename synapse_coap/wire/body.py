@@ -94,6 +94,11 @@ _ED25519 = "ed25519:"
 _TS_LOW = 1 << 32  # ints in [_TS_LOW, _TS_HIGH) take part in delta coding
 _TS_HIGH = 1 << 64
 _MAX_ENCODE_DEPTH = 400  # stays under Python's recursion limit
+#: the encoder remembers how it encoded short strings (keys that are not in the key table,
+#: event types, versions, identifiers...): per context, up to this many, then starts over
+_STRING_CACHE_ENTRIES = 4096
+_STRING_CACHE_MAX_LEN = 96
+_STRING_CACHE_CONTEXTS = 64
 
 
 @attrs.frozen
@@ -200,6 +205,8 @@ class _Tables:
     key_bytes: dict[str, bytes]
     #: value-table string -> its encoded simple value (the strings ``string()`` replaces)
     value_bytes: dict[str, bytes]
+    #: per context (server names): string -> its encoding by ``string_uncached`` (bounded)
+    strings: dict[tuple[str, ...], dict[str, bytes]] = attrs.field(factory=dict)
 
 
 _TABLES: dict[tuple[int, bytes], _Tables] = {}
@@ -259,7 +266,14 @@ class _Encoder:
         t = _tables(profile)
         self.key_bytes = t.key_bytes
         self.value_bytes = t.value_bytes
-        self.servers = {name: i for i, name in enumerate(context.server_names[:MAX_SERVER_REFS])}
+        names = context.server_names[:MAX_SERVER_REFS]
+        self.servers = {name: i for i, name in enumerate(names)}
+        cache = t.strings.get(names)
+        if cache is None:
+            if len(t.strings) >= _STRING_CACHE_CONTEXTS:
+                t.strings.clear()
+            cache = t.strings[names] = {}
+        self.cache: dict[str, bytes] = cache
         self.out: list[bytes] = []
         self.prev_big: int | None = None  # last int in [_TS_LOW, _TS_HIGH) in value position
 
@@ -285,8 +299,7 @@ class _Encoder:
         if simple is not None:
             out.append(simple)
             return
-        n_len = len(s)
-        if n_len == 0:
+        if not s:
             out.append(b"\x60")
             return
         if self.refs is not None:
@@ -295,6 +308,26 @@ class _Encoder:
                 out.append(cbor.head(cbor.MAJOR_TAG, ref[0]))
                 out.append(cbor.head(cbor.MAJOR_UINT, ref[1]))
                 return
+        cache = self.cache
+        enc = cache.get(s)
+        if enc is not None:
+            out.append(enc)
+            return
+        mark = len(out)
+        self.string_uncached(s)
+        if len(s) <= _STRING_CACHE_MAX_LEN:
+            enc = b"".join(out[mark:])
+            del out[mark:]
+            out.append(enc)
+            if len(cache) >= _STRING_CACHE_ENTRIES:
+                cache.clear()
+            cache[s] = enc
+
+    def string_uncached(self, s: str) -> None:
+        """What ``string`` sends for ``s`` after the value table and references: a
+        function of ``s`` and the context's server names only (so it can be cached)."""
+        out = self.out
+        n_len = len(s)
         srv = self.servers.get(s)
         if srv is not None:
             out.append(cbor.head(cbor.MAJOR_TAG, TAG_SERVER))

@@ -482,3 +482,13 @@ def test_fast_decoder_agrees_on_any_bytes(data: bytes) -> None:
 )
 def test_fast_decoder_edge_cases(data: bytes) -> None:
     _agree(data)
+
+
+def test_string_cache_gives_the_bytes_of_a_fresh_encoder(p1: Profile) -> None:
+    values = [r["request"]["body"] for r in corpus_records("federation.jsonl")]
+    warm = [encode_body(v, p1, CTX) for v in values] + [encode_body(v, p1) for v in values]
+    body_mod._TABLES.clear()  # the per-context string caches go with the tables
+    fresh = [encode_body(v, p1, CTX) for v in values]
+    body_mod._TABLES.clear()
+    fresh += [encode_body(v, p1) for v in values]
+    assert warm == fresh

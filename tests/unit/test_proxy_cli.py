@@ -104,3 +104,18 @@ def test_listen_options_and_verbatim_descriptions(capsys: pytest.CaptureFixture[
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         assert line in capsys.readouterr().out.splitlines(), command
+
+
+def test_sidecar_keepalive_option() -> None:
+    from synapse_coap.cli.proxy import _keepalive
+    from synapse_coap.proxy.runner import DEFAULT_KEEPALIVE
+
+    base = ["sidecar", "--homeserver", "coap://127.0.0.1", "--trust-on-first-use"]
+    assert _keepalive(build_parser().parse_args(base).keepalive) == DEFAULT_KEEPALIVE == 110.0
+    assert _keepalive(build_parser().parse_args([*base, "--keepalive", "25"]).keepalive) == 25.0
+    assert _keepalive(build_parser().parse_args([*base, "--keepalive", "0"]).keepalive) is None
+    with pytest.raises(ConfigValueError) as e:
+        _keepalive(-1.0)
+    assert e.value.path == "--keepalive"
+    args = build_parser().parse_args([*base, "--no-short-txn-ids"])
+    assert args.no_short_txn_ids
