@@ -368,8 +368,9 @@ def test_push_with_nio_through_module_and_gateway(tmp_path: Path) -> None:
         # ACK, the response and its ACK on the link. With push none of it crosses;
         # a renewal (every REFRESH s without news) costs a request and its ACK, and
         # real news (presence changes Synapse reports) a notification and its ACK.
-        # (the sidecar's NAT keep-alive only goes out after 110 s without sending)
-        allowed = 2 * (f["idle_renewals"] + f["idle_pushes"]) + IDLE_SECONDS // 110
+        # (+ 2: an exchange may straddle either edge of the window; the sidecar's NAT
+        # keep-alive goes out only after 110 s without sending, so not between renewals)
+        allowed = 2 * (f["idle_renewals"] + f["idle_pushes"]) + 2
         assert f["idle_datagrams"] <= allowed, (s.name, f)
         assert f["presence_after_idle"] == "online", (s.name, f)
         assert f["push_datagrams"] <= 6, (s.name, f)

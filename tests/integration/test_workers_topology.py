@@ -1,0 +1,194 @@
+"""A worker deployment on PostgreSQL and Redis: the main process and a generic worker,
+each with its own CoAP listener; the client talks only to the worker's listener.
+
+What the worker's routes claim (here /sync and /messages, as a reverse proxy would
+send them to a generic worker) runs in-process on the worker; everything else
+(register, createRoom, send) is forwarded over HTTP to the main process. Synapse's
+access logs of both processes tell where each request ran.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.harness.synapse_proc import SynapseProcess, free_port
+from tests.integration.test_module import Client, Homeserver, run
+from tests.integration.test_module_store import PG_HOST, PG_PORT, PG_USER, fresh_pg_database
+
+pytestmark = pytest.mark.integration
+
+SERVER_NAME = "workers.test"  # also the Redis channel prefix: unique to this test
+READY = r"synapse-coap: CoAP listener ready"
+REDIS = ("127.0.0.1", 6379)
+
+
+def _redis_or_skip() -> None:
+    try:
+        with socket.create_connection(REDIS, timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                raise OSError("no PONG")
+    except OSError as e:
+        pytest.skip(f"Redis is not reachable on {REDIS[0]}:{REDIS[1]} ({e}): worker test skipped")
+
+
+class Deployment:
+    def __init__(self, main: SynapseProcess, worker: SynapseProcess, coap: Homeserver) -> None:
+        self.main = main
+        self.worker = worker
+        self.coap = coap  # the worker's CoAP listener
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    _redis_or_skip()
+    root = tmp_path_factory.mktemp("workers")
+    main_http, replication, worker_http = free_port(), free_port(), free_port()
+    main_coap, worker_coap = free_port("udp"), free_port("udp")
+    key_path = root / "coap_noise.key"  # one key for every instance
+    module_config: dict[str, Any] = {
+        "private_key_path": str(key_path),
+        "workers": {
+            "instances": {
+                "main": {
+                    "listen": [f"127.0.0.1:{main_coap}"],
+                    "http": f"http://127.0.0.1:{main_http}",
+                },
+                "generic1": {
+                    "listen": [f"127.0.0.1:{worker_coap}"],
+                    "http": f"http://127.0.0.1:{worker_http}",
+                },
+            },
+            "routes": {
+                "generic1": [
+                    "^/_matrix/client/(r0|v3|unstable)/sync$",
+                    "^/_matrix/client/(r0|v3|unstable)/rooms/.*/messages$",
+                ],
+            },
+            "default": "main",
+        },
+    }
+    with fresh_pg_database() as dbname:
+        main = SynapseProcess(
+            root / "main",
+            SERVER_NAME,
+            http_port=main_http,
+            http_resources=("client",),
+            modules=[{"module": "synapse_coap.CoapModule", "config": module_config}],
+            extra_config={
+                "database": {
+                    "name": "psycopg2",
+                    "args": {
+                        "user": PG_USER,
+                        "host": PG_HOST,
+                        "port": PG_PORT,
+                        "database": dbname,
+                        "cp_min": 1,
+                        "cp_max": 5,
+                    },
+                },
+                "redis": {"enabled": True, "host": REDIS[0], "port": REDIS[1]},
+                "instance_map": {"main": {"host": "127.0.0.1", "port": replication}},
+            },
+        )
+        main.extra_config["listeners"] = [
+            *main.build_config()["listeners"],
+            {
+                "port": replication,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "resources": [{"names": ["replication"]}],
+            },
+        ]
+        main.start(ready_log_pattern=READY)
+        worker = SynapseProcess(
+            root / "generic1",
+            SERVER_NAME,
+            http_port=worker_http,
+            worker_of=main,
+            worker={
+                "worker_name": "generic1",
+                "worker_listeners": [
+                    {
+                        "type": "http",
+                        "port": worker_http,
+                        "bind_addresses": ["127.0.0.1"],
+                        "x_forwarded": True,
+                        "resources": [{"names": ["client", "federation"]}],
+                    }
+                ],
+            },
+        )
+        try:
+            worker.start(ready_log_pattern=READY)
+            yield Deployment(main, worker, Homeserver(worker, worker_coap, 0, key_path))
+        finally:
+            worker.stop()
+            main.stop()
+
+
+def _ran(proc: SynapseProcess, method: str, path_start: str, tag: str) -> bool:
+    """Whether ``proc``'s access log shows ``method path_start...`` under ``tag``."""
+    return any(
+        tag in line and f"{method} {path_start}" in line
+        for line in proc.log_text().splitlines()
+        if "synapse.access." in line
+    )
+
+
+def test_client_on_the_workers_listener_reaches_everything_each_served_where_http_would(
+    deployment: Deployment,
+) -> None:
+    import secrets
+
+    user = f"w{secrets.token_hex(4)}"
+
+    async def scenario(c: Client) -> tuple[str, list[str]]:
+        reg = await c.json(
+            "POST",
+            "/_matrix/client/v3/register",
+            {"username": user, "password": "pw-123456", "auth": {"type": "m.login.dummy"}},
+        )
+        c.token = reg["access_token"]
+        room = (await c.json("POST", "/_matrix/client/v3/createRoom", {}))["room_id"]
+        for i in range(3):
+            await c.json(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/t{i}",
+                {"msgtype": "m.text", "body": f"hello {i}"},
+            )
+        sync = await c.json("GET", "/_matrix/client/v3/sync?timeout=0")
+        events = sync["rooms"]["join"][room]["timeline"]["events"]
+        msgs = await c.json("GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10")
+        bodies = [e["content"]["body"] for e in events if e["type"] == "m.room.message"]
+        assert [e["content"].get("body") for e in msgs["chunk"] if e["type"] == "m.room.message"]
+        return room, bodies
+
+    room, bodies = run(deployment.coap, scenario)
+    assert bodies == ["hello 0", "hello 1", "hello 2"], bodies
+    main, worker = deployment.main, deployment.worker
+    # routed to generic1: in-process on the worker (its CoAP listener received them)
+    assert _ran(worker, "GET", "/_matrix/client/v3/sync", "synapse.access.coap")
+    assert _ran(worker, "GET", f"/_matrix/client/v3/rooms/{room}/messages", "synapse.access.coap")
+    # everything else: forwarded over HTTP to the main process's listener
+    for method, path in [
+        ("POST", "/_matrix/client/v3/register"),
+        ("POST", "/_matrix/client/v3/createRoom"),
+        ("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/t0"),
+    ]:
+        assert _ran(main, method, path, "synapse.access.http"), (method, path)
+        assert not _ran(worker, method, path, "synapse.access"), (method, path)
+    assert not _ran(main, "GET", "/_matrix/client/v3/sync", "synapse.access")
+    log = json.dumps(worker.log_text()[-200:])
+    assert "Traceback" not in worker.log_text(), log
+
+
+def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
+    for proc, name in [(deployment.main, "main"), (deployment.worker, "generic1")]:
+        line = next((x for x in proc.log_text().splitlines() if "CoAP listener ready" in x), "")
+        assert f"instance {name}, routing by workers.routes" in line, line
