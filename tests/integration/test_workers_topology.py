@@ -48,7 +48,9 @@ class Deployment:
         coap: Homeserver,
         front: SynapseProcess,
         front_coap: int,
+        media: SynapseProcess,
     ) -> None:
+        self.media = media  # media1: the media repository, no CoAP listener
         self.main = main
         self.worker = worker  # generic2: serves /sync and /messages
         self.coap = coap  # generic2's CoAP listener
@@ -60,7 +62,7 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     _redis_or_skip()
     root = tmp_path_factory.mktemp("workers")
-    main_http, replication, worker_http, front_http = (free_port() for _ in range(4))
+    main_http, replication, worker_http, front_http, media_http = (free_port() for _ in range(5))
     main_coap, worker_coap, front_coap = (free_port("udp") for _ in range(3))
     key_path = root / "coap_noise.key"  # one key for every instance
     module_config: dict[str, Any] = {
@@ -79,8 +81,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                     "listen": [f"127.0.0.1:{worker_coap}"],
                     "http": f"http://127.0.0.1:{worker_http}",
                 },
+                "media1": {"http": f"http://127.0.0.1:{media_http}"},
             },
             "routes": {
+                "media1": ["^/_matrix/media/", "^/_matrix/client/v1/media/"],
                 "generic2": [
                     "^/_matrix/client/(r0|v3|unstable)/sync$",
                     "^/_matrix/client/(r0|v3|unstable)/rooms/.*/messages$",
@@ -110,6 +114,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 },
                 "redis": {"enabled": True, "host": REDIS[0], "port": REDIS[1]},
                 "instance_map": {"main": {"host": "127.0.0.1", "port": replication}},
+                "enable_media_repo": False,
+                "media_instance_running_background_jobs": "media1",
             },
         )
         main.extra_config["listeners"] = [
@@ -124,19 +130,34 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         main.start(ready_log_pattern=READY)
         worker = _worker(root, main, "generic2", worker_http)
         front = _worker(root, main, "generic1", front_http)
+        media = _worker(root, main, "media1", media_http, ["client", "media"])
+        media.worker["enable_media_repo"] = True  # type: ignore[index]
         try:
             worker.start(ready_log_pattern=READY)
             front.start(ready_log_pattern=READY)
+            media.start()
             yield Deployment(
-                main, worker, Homeserver(worker, worker_coap, 0, key_path), front, front_coap
+                main,
+                worker,
+                Homeserver(worker, worker_coap, 0, key_path),
+                front,
+                front_coap,
+                media,
             )
         finally:
+            media.stop()
             front.stop()
             worker.stop()
             main.stop()
 
 
-def _worker(root: Path, main: SynapseProcess, name: str, http_port: int) -> SynapseProcess:
+def _worker(
+    root: Path,
+    main: SynapseProcess,
+    name: str,
+    http_port: int,
+    resources: list[str] | None = None,
+) -> SynapseProcess:
     return SynapseProcess(
         root / name,
         SERVER_NAME,
@@ -150,7 +171,7 @@ def _worker(root: Path, main: SynapseProcess, name: str, http_port: int) -> Syna
                     "port": http_port,
                     "bind_addresses": ["127.0.0.1"],
                     "x_forwarded": True,
-                    "resources": [{"names": ["client", "federation"]}],
+                    "resources": [{"names": resources or ["client", "federation"]}],
                 }
             ],
         },
@@ -230,6 +251,7 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     generic1 is killed while messages are being sent; the client carries on through
     generic2 with one new handshake, and every message is in the room exactly once."""
     import asyncio
+    import io
 
     from synapse_coap.noise.keys import encode_public
     from tests.integration.test_sidecar_nio import Proc, nio, sidecar_url
@@ -270,6 +292,15 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
             assert isinstance(r, nio.RoomCreateResponse), r
             room = r.room_id
             await client.sync(timeout=0)
+            # media goes to the media instance (forwarded from the listener over HTTP)
+            data = bytes(range(256)) * 40
+            up, _ = await client.upload(
+                io.BytesIO(data), content_type="application/octet-stream", filesize=len(data)
+            )
+            assert isinstance(up, nio.UploadResponse), up
+            dl = await client.download(mxc=up.content_uri)
+            assert isinstance(dl, nio.DownloadResponse), dl
+            assert dl.body == data
             for i in range(n_before):
                 r = await client.room_send(
                     room, "m.room.message", {"msgtype": "m.text", "body": f"m{i}"}
@@ -305,5 +336,7 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     finally:
         sidecar.stop()
     assert bodies == [f"m{i}" for i in range(n_before + n_after)], bodies  # none lost, none twice
+    assert _ran(deployment.media, "POST", "/_matrix/media/v3/upload", "synapse.access.http")
+    assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
     log = (tmp_path / "sidecar.log").read_text()
     assert "stopped answering" in log and "moving to" in log, log[-2000:]
