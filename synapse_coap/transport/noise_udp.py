@@ -121,6 +121,10 @@ def _datagram_kind(data: bytes) -> str:
     return {0b11: "record", 0b10: "handshake", 0b01: "plain"}.get(top, "reserved")
 
 
+def _is_retry(ev: Any) -> bool:
+    return isinstance(ev, Transmit) and ev.data[:1] == b"\x86"
+
+
 def _code_fits_type(code: int, mtype: int) -> bool:
     """RFC 7252: Empty is CON (ping), ACK or RST; requests are CON/NON; responses
     CON/NON/ACK. Anything else (reserved classes, mismatches) is dropped here."""
@@ -591,7 +595,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                 if isinstance(ev, Transmit):
                     # a responder's keys exist once IK2 is written (maybe after the
                     # ChannelEstablished event): recount sessions after handshake datagrams
-                    sessions_changed = sessions_changed or _datagram_kind(ev.data) == "handshake"
+                    sessions_changed = sessions_changed or (
+                        _datagram_kind(ev.data) == "handshake" and not _is_retry(ev)
+                    )
                     self._ev_transmit(ev)
                 elif isinstance(ev, Received):
                     self._ev_received(ev)
@@ -612,7 +618,10 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                     self.bad_input.report(source, f"event_{type(ev).__name__}", e)
         if sessions_changed:
             self._sessions_changed()
-        self._reschedule()
+        if not all(isinstance(ev, Dropped) or _is_retry(ev) for ev in events):
+            # (a dropped datagram or a stateless retry changes no timer: under a flood
+            # this skips a walk over every session per datagram)
+            self._reschedule()
 
     def _sessions_changed(self) -> None:
         """Update the sessions gauge: at once with few channels or if it was last
@@ -638,6 +647,8 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self.metrics.sessions(self.endpoint.active_channels())
 
     def _ev_transmit(self, ev: Transmit) -> None:
+        if ev.data[:1] == b"\x86":  # a stateless retry cookie (half-open state under pressure)
+            self.metrics.handshake("retry")
         self._sendto(ev.data, ev.addr)
 
     def _ev_established(self, ev: ChannelEstablished) -> None:
