@@ -1,10 +1,12 @@
-"""A worker deployment on PostgreSQL and Redis: the main process and a generic worker,
-each with its own CoAP listener; the client talks only to the worker's listener.
+"""A worker deployment on PostgreSQL and Redis: the main process and two generic
+workers, each with its own CoAP listener; clients talk only to the workers' listeners.
 
-What the worker's routes claim (here /sync and /messages, as a reverse proxy would
-send them to a generic worker) runs in-process on the worker; everything else
+What generic2's routes claim (here /sync and /messages, as a reverse proxy would
+send them to a generic worker) runs in-process on generic2; everything else
 (register, createRoom, send) is forwarded over HTTP to the main process. Synapse's
-access logs of both processes tell where each request ran.
+access logs tell where each request ran. generic1 only listens (it forwards
+everything): matrix-nio through the sidecar, given both workers' listeners, keeps
+going when generic1 is killed mid-stream.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,18 +41,29 @@ def _redis_or_skip() -> None:
 
 
 class Deployment:
-    def __init__(self, main: SynapseProcess, worker: SynapseProcess, coap: Homeserver) -> None:
+    def __init__(
+        self,
+        main: SynapseProcess,
+        worker: SynapseProcess,
+        coap: Homeserver,
+        front: SynapseProcess,
+        front_coap: int,
+        media: SynapseProcess,
+    ) -> None:
+        self.media = media  # media1: the media repository, no CoAP listener
         self.main = main
-        self.worker = worker
-        self.coap = coap  # the worker's CoAP listener
+        self.worker = worker  # generic2: serves /sync and /messages
+        self.coap = coap  # generic2's CoAP listener
+        self.front = front  # generic1: a listener only (killed by a test)
+        self.front_coap = front_coap
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     _redis_or_skip()
     root = tmp_path_factory.mktemp("workers")
-    main_http, replication, worker_http = free_port(), free_port(), free_port()
-    main_coap, worker_coap = free_port("udp"), free_port("udp")
+    main_http, replication, worker_http, front_http, media_http = (free_port() for _ in range(5))
+    main_coap, worker_coap, front_coap = (free_port("udp") for _ in range(3))
     key_path = root / "coap_noise.key"  # one key for every instance
     module_config: dict[str, Any] = {
         "private_key_path": str(key_path),
@@ -60,12 +74,18 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                     "http": f"http://127.0.0.1:{main_http}",
                 },
                 "generic1": {
+                    "listen": [f"127.0.0.1:{front_coap}"],
+                    "http": f"http://127.0.0.1:{front_http}",
+                },
+                "generic2": {
                     "listen": [f"127.0.0.1:{worker_coap}"],
                     "http": f"http://127.0.0.1:{worker_http}",
                 },
+                "media1": {"http": f"http://127.0.0.1:{media_http}"},
             },
             "routes": {
-                "generic1": [
+                "media1": ["^/_matrix/media/", "^/_matrix/client/v1/media/"],
+                "generic2": [
                     "^/_matrix/client/(r0|v3|unstable)/sync$",
                     "^/_matrix/client/(r0|v3|unstable)/rooms/.*/messages$",
                 ],
@@ -94,6 +114,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 },
                 "redis": {"enabled": True, "host": REDIS[0], "port": REDIS[1]},
                 "instance_map": {"main": {"host": "127.0.0.1", "port": replication}},
+                "enable_media_repo": False,
+                "media_instance_running_background_jobs": "media1",
             },
         )
         main.extra_config["listeners"] = [
@@ -106,30 +128,54 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             },
         ]
         main.start(ready_log_pattern=READY)
-        worker = SynapseProcess(
-            root / "generic1",
-            SERVER_NAME,
-            http_port=worker_http,
-            worker_of=main,
-            worker={
-                "worker_name": "generic1",
-                "worker_listeners": [
-                    {
-                        "type": "http",
-                        "port": worker_http,
-                        "bind_addresses": ["127.0.0.1"],
-                        "x_forwarded": True,
-                        "resources": [{"names": ["client", "federation"]}],
-                    }
-                ],
-            },
-        )
+        worker = _worker(root, main, "generic2", worker_http)
+        front = _worker(root, main, "generic1", front_http)
+        media = _worker(root, main, "media1", media_http, ["client", "media"])
+        media.worker["enable_media_repo"] = True  # type: ignore[index]
         try:
             worker.start(ready_log_pattern=READY)
-            yield Deployment(main, worker, Homeserver(worker, worker_coap, 0, key_path))
+            front.start(ready_log_pattern=READY)
+            media.start()
+            yield Deployment(
+                main,
+                worker,
+                Homeserver(worker, worker_coap, 0, key_path),
+                front,
+                front_coap,
+                media,
+            )
         finally:
+            media.stop()
+            front.stop()
             worker.stop()
             main.stop()
+
+
+def _worker(
+    root: Path,
+    main: SynapseProcess,
+    name: str,
+    http_port: int,
+    resources: list[str] | None = None,
+) -> SynapseProcess:
+    return SynapseProcess(
+        root / name,
+        SERVER_NAME,
+        http_port=http_port,
+        worker_of=main,
+        worker={
+            "worker_name": name,
+            "worker_listeners": [
+                {
+                    "type": "http",
+                    "port": http_port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "x_forwarded": True,
+                    "resources": [{"names": resources or ["client", "federation"]}],
+                }
+            ],
+        },
+    )
 
 
 def _ran(proc: SynapseProcess, method: str, path_start: str, tag: str) -> bool:
@@ -189,6 +235,108 @@ def test_client_on_the_workers_listener_reaches_everything_each_served_where_htt
 
 
 def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
-    for proc, name in [(deployment.main, "main"), (deployment.worker, "generic1")]:
+    for proc, name in [
+        (deployment.main, "main"),
+        (deployment.worker, "generic2"),
+        (deployment.front, "generic1"),
+    ]:
         line = next((x for x in proc.log_text().splitlines() if "CoAP listener ready" in x), "")
         assert f"instance {name}, routing by workers.routes" in line, line
+
+
+def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """matrix-nio -> sidecar (given generic1's and generic2's listeners) -> generic1;
+    generic1 is killed while messages are being sent; the client carries on through
+    generic2 with one new handshake, and every message is in the room exactly once."""
+    import asyncio
+    import io
+
+    from synapse_coap.noise.keys import encode_public
+    from tests.integration.test_sidecar_nio import Proc, nio, sidecar_url
+
+    key = encode_public(deployment.coap.public_key)
+    sidecar = Proc(
+        [
+            "sidecar",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--homeserver",
+            f"coap://127.0.0.1:{deployment.front_coap}",
+            "--homeserver",
+            f"coap://127.0.0.1:{deployment.coap.port}",
+            "--server-key",
+            key,
+            "--server-name",
+            SERVER_NAME,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--failover-after",
+            "3",
+            "--no-push",
+        ],
+        tmp_path / "sidecar.log",
+    )
+    sidecar.start()
+    n_before, n_after = 4, 4
+
+    async def scenario() -> tuple[list[str], str]:
+        import secrets
+
+        client = nio.AsyncClient(sidecar_url(sidecar), f"k{secrets.token_hex(4)}")
+        try:
+            r = await client.register(client.user, "kill-password-1")
+            assert isinstance(r, nio.RegisterResponse), r
+            r = await client.room_create(name="across a dying listener")
+            assert isinstance(r, nio.RoomCreateResponse), r
+            room = r.room_id
+            await client.sync(timeout=0)
+            # media goes to the media instance (forwarded from the listener over HTTP)
+            data = bytes(range(256)) * 40
+            up, _ = await client.upload(
+                io.BytesIO(data), content_type="application/octet-stream", filesize=len(data)
+            )
+            assert isinstance(up, nio.UploadResponse), up
+            dl = await client.download(mxc=up.content_uri)
+            assert isinstance(dl, nio.DownloadResponse), dl
+            assert dl.body == data
+            for i in range(n_before):
+                r = await client.room_send(
+                    room, "m.room.message", {"msgtype": "m.text", "body": f"m{i}"}
+                )
+                assert isinstance(r, nio.RoomSendResponse), r
+            # generic1 dies mid-stream: a send is in flight while it goes
+            send = asyncio.ensure_future(
+                client.room_send(
+                    room, "m.room.message", {"msgtype": "m.text", "body": f"m{n_before}"}
+                )
+            )
+            await asyncio.sleep(0)
+            await asyncio.to_thread(deployment.front.kill)
+            results = [await send]
+            for i in range(n_before + 1, n_before + n_after):
+                results.append(
+                    await client.room_send(
+                        room, "m.room.message", {"msgtype": "m.text", "body": f"m{i}"}
+                    )
+                )
+            assert all(isinstance(r, nio.RoomSendResponse) for r in results), results
+            sync = await client.sync(timeout=0, full_state=True)
+            assert isinstance(sync, nio.SyncResponse), sync
+            r = await client.room_messages(room, start=sync.next_batch, limit=50)
+            assert isinstance(r, nio.RoomMessagesResponse), r
+            bodies = [getattr(e, "body", None) for e in reversed(r.chunk)]
+            return [b for b in bodies if b is not None], room
+        finally:
+            await client.close()
+
+    try:
+        bodies, _room = asyncio.run(scenario())
+    finally:
+        sidecar.stop()
+    assert bodies == [f"m{i}" for i in range(n_before + n_after)], bodies  # none lost, none twice
+    assert _ran(deployment.media, "POST", "/_matrix/media/v3/upload", "synapse.access.http")
+    assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "stopped answering" in log and "moving to" in log, log[-2000:]
