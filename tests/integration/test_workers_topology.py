@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import socket
+import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.harness.synapse_proc import SynapseProcess, free_port
 from tests.integration.test_module import Client, Homeserver, run
@@ -71,51 +73,36 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     from tests.harness.federation import Homeserver as FedServer
     from tests.integration.test_federation import Node
 
-    main_http, replication, worker_http, front_http, media_http, sender_http = (
-        free_port() for _ in range(6)
-    )
+    main_http, replication, worker_http, front_http, media_http = (free_port() for _ in range(5))
     main_coap, worker_coap, front_coap = (free_port("udp") for _ in range(3))
     # this homeserver as federation peers see it: generic2's listener, one key for all
     local = FedServer(root / "keys", SERVER_NAME, coap_port=worker_coap)
     key_path = local.key_path
     remote = Node(root, "remote.test")
-    module_config: dict[str, Any] = {
-        "private_key_path": str(key_path),
-        "trust": {"peers": {remote.server_name: remote.public_b64}},
-        "federation": {
-            "fallback": "never",
-            "discovery": False,
-            "peers": {
-                remote.server_name: {
-                    "endpoints": [f"127.0.0.1:{remote.coap_port}"],
-                    "public_key": remote.public_b64,
-                }
-            },
-        },
-        "workers": {
-            "instances": {
-                "main": {
-                    "listen": [f"127.0.0.1:{main_coap}"],
-                    "http": f"http://127.0.0.1:{main_http}",
-                },
-                "generic1": {
-                    "listen": [f"127.0.0.1:{front_coap}"],
-                    "http": f"http://127.0.0.1:{front_http}",
-                },
-                "generic2": {
-                    "listen": [f"127.0.0.1:{worker_coap}"],
-                    "http": f"http://127.0.0.1:{worker_http}",
-                },
-                "media1": {"http": f"http://127.0.0.1:{media_http}"},
-            },
-            "routes": {
-                "media1": ["^/_matrix/media/", "^/_matrix/client/v1/media/"],
-                "generic2": [
-                    "^/_matrix/client/(r0|v3|unstable)/sync$",
-                    "^/_matrix/client/(r0|v3|unstable)/rooms/.*/messages$",
-                ],
-            },
-            "default": "main",
+    ports = {
+        "KEY_PATH": key_path,
+        "REDIS_HOST": REDIS[0],
+        "REDIS_PORT": REDIS[1],
+        "MAIN_REPLICATION_PORT": replication,
+        "MAIN_COAP_PORT": main_coap,
+        "MAIN_HTTP_PORT": main_http,
+        "GENERIC1_COAP_PORT": front_coap,
+        "GENERIC1_HTTP_PORT": front_http,
+        "GENERIC2_COAP_PORT": worker_coap,
+        "GENERIC2_HTTP_PORT": worker_http,
+        "MEDIA1_HTTP_PORT": media_http,
+    }
+    # the module entry and worker files of docs/deployment.md, verbatim (but the ports)
+    module = example("coap_module.yaml", **ports)
+    module["config"]["trust"] = {"peers": {remote.server_name: remote.public_b64}}
+    module["config"]["federation"] = {
+        "fallback": "never",
+        "discovery": False,
+        "peers": {
+            remote.server_name: {
+                "endpoints": [f"127.0.0.1:{remote.coap_port}"],
+                "public_key": remote.public_b64,
+            }
         },
     }
     with fresh_pg_database() as dbname:
@@ -124,7 +111,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             SERVER_NAME,
             http_port=main_http,
             http_resources=("client", "federation"),
-            modules=[{"module": "synapse_coap.CoapModule", "config": module_config}],
+            modules=[module],
             extra_config={
                 "database": {
                     "name": "psycopg2",
@@ -137,11 +124,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                         "cp_max": 5,
                     },
                 },
-                "redis": {"enabled": True, "host": REDIS[0], "port": REDIS[1]},
-                "instance_map": {"main": {"host": "127.0.0.1", "port": replication}},
-                "enable_media_repo": False,
-                "media_instance_running_background_jobs": "media1",
-                "federation_sender_instances": ["fedsender1"],
+                **example("homeserver.yaml", **ports),
             },
         )
         main.extra_config["listeners"] = [
@@ -154,11 +137,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             },
         ]
         main.start(ready_log_pattern=READY)
-        worker = _worker(root, main, "generic2", worker_http)
-        front = _worker(root, main, "generic1", front_http)
-        media = _worker(root, main, "media1", media_http, ["client", "media"])
-        media.worker["enable_media_repo"] = True  # type: ignore[index]
-        sender = _worker(root, main, "fedsender1", sender_http, ["client"])
+        worker = _worker(root, main, "generic_worker.yaml", "generic2", worker_http)
+        front = _worker(root, main, "generic_worker.yaml", "generic1", front_http)
+        media = _worker(root, main, "media_worker.yaml", "media1", media_http)
+        sender = _worker(root, main, "federation_sender.yaml", "fedsender1", None)
         remote.make(
             {
                 "fallback": "never",
@@ -199,30 +181,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             main.stop()
 
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "workers"
+
+
+def example(name: str, **values: Any) -> Any:
+    """A file of docs/examples/workers with its ``${...}`` placeholders filled in."""
+    text = (EXAMPLES / name).read_text()
+    # (safe_substitute: a regex's "$" is not a placeholder)
+    filled = string.Template(text).safe_substitute({k: str(v) for k, v in values.items()})
+    assert "${" not in filled, f"{name}: a placeholder was not given"
+    return yaml.safe_load(filled)
+
+
 def _worker(
-    root: Path,
-    main: SynapseProcess,
-    name: str,
-    http_port: int,
-    resources: list[str] | None = None,
+    root: Path, main: SynapseProcess, example_file: str, name: str, http_port: int | None
 ) -> SynapseProcess:
     return SynapseProcess(
         root / name,
         SERVER_NAME,
         http_port=http_port,
         worker_of=main,
-        worker={
-            "worker_name": name,
-            "worker_listeners": [
-                {
-                    "type": "http",
-                    "port": http_port,
-                    "bind_addresses": ["127.0.0.1"],
-                    "x_forwarded": True,
-                    "resources": [{"names": resources or ["client", "federation"]}],
-                }
-            ],
-        },
+        worker=example(example_file, WORKER_NAME=name, WORKER_HTTP_PORT=http_port),
     )
 
 
@@ -278,8 +257,11 @@ def test_client_on_the_workers_listener_reaches_everything_each_served_where_htt
         assert _ran(main, method, path, "synapse.access.http"), (method, path)
         assert not _ran(worker, method, path, "synapse.access"), (method, path)
     assert not _ran(main, "GET", "/_matrix/client/v3/sync", "synapse.access")
-    log = json.dumps(worker.log_text()[-200:])
-    assert "Traceback" not in worker.log_text(), log
+    for proc in (main, worker):
+        text = proc.log_text()
+        assert "Traceback" not in text, json.dumps(text[-2000:])
+        # forwarded requests keep Synapse's logcontext rules
+        assert "Expected logging context" not in text, json.dumps(text[-2000:])
 
 
 def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
