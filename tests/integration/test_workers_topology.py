@@ -49,7 +49,13 @@ class Deployment:
         front: SynapseProcess,
         front_coap: int,
         media: SynapseProcess,
+        sender: SynapseProcess,
+        local: Any,
+        remote: Any,
     ) -> None:
+        self.sender = sender  # fedsender1: the federation sender
+        self.local = local  # this homeserver as the federation harness sees it (generic2)
+        self.remote = remote  # remote.test: a second homeserver with the module
         self.media = media  # media1: the media repository, no CoAP listener
         self.main = main
         self.worker = worker  # generic2: serves /sync and /messages
@@ -62,11 +68,30 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     _redis_or_skip()
     root = tmp_path_factory.mktemp("workers")
-    main_http, replication, worker_http, front_http, media_http = (free_port() for _ in range(5))
+    from tests.harness.federation import Homeserver as FedServer
+    from tests.integration.test_federation import Node
+
+    main_http, replication, worker_http, front_http, media_http, sender_http = (
+        free_port() for _ in range(6)
+    )
     main_coap, worker_coap, front_coap = (free_port("udp") for _ in range(3))
-    key_path = root / "coap_noise.key"  # one key for every instance
+    # this homeserver as federation peers see it: generic2's listener, one key for all
+    local = FedServer(root / "keys", SERVER_NAME, coap_port=worker_coap)
+    key_path = local.key_path
+    remote = Node(root, "remote.test")
     module_config: dict[str, Any] = {
         "private_key_path": str(key_path),
+        "trust": {"peers": {remote.server_name: remote.public_b64}},
+        "federation": {
+            "fallback": "never",
+            "discovery": False,
+            "peers": {
+                remote.server_name: {
+                    "endpoints": [f"127.0.0.1:{remote.coap_port}"],
+                    "public_key": remote.public_b64,
+                }
+            },
+        },
         "workers": {
             "instances": {
                 "main": {
@@ -98,7 +123,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             root / "main",
             SERVER_NAME,
             http_port=main_http,
-            http_resources=("client",),
+            http_resources=("client", "federation"),
             modules=[{"module": "synapse_coap.CoapModule", "config": module_config}],
             extra_config={
                 "database": {
@@ -116,6 +141,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 "instance_map": {"main": {"host": "127.0.0.1", "port": replication}},
                 "enable_media_repo": False,
                 "media_instance_running_background_jobs": "media1",
+                "federation_sender_instances": ["fedsender1"],
             },
         )
         main.extra_config["listeners"] = [
@@ -132,10 +158,26 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         front = _worker(root, main, "generic1", front_http)
         media = _worker(root, main, "media1", media_http, ["client", "media"])
         media.worker["enable_media_repo"] = True  # type: ignore[index]
+        sender = _worker(root, main, "fedsender1", sender_http, ["client"])
+        remote.make(
+            {
+                "fallback": "never",
+                "discovery": False,
+                "peers": {
+                    SERVER_NAME: {
+                        "endpoints": [f"127.0.0.1:{worker_coap}"],
+                        "public_key": local.public_b64,
+                    }
+                },
+            },
+            {SERVER_NAME: local.public_b64},
+        )
         try:
             worker.start(ready_log_pattern=READY)
             front.start(ready_log_pattern=READY)
             media.start()
+            sender.start(ready_log_pattern=r"federation over CoAP installed")
+            remote.start()
             yield Deployment(
                 main,
                 worker,
@@ -143,8 +185,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 front,
                 front_coap,
                 media,
+                sender,
+                local,
+                remote,
             )
         finally:
+            if remote.proc is not None:
+                remote.proc.stop()
+            sender.stop()
             media.stop()
             front.stop()
             worker.stop()
@@ -340,3 +388,44 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
     log = (tmp_path / "sidecar.log").read_text()
     assert "stopped answering" in log and "moving to" in log, log[-2000:]
+
+
+def test_federation_over_coap_both_ways_exactly_once_outbound_from_the_federation_sender(
+    deployment: Deployment,
+) -> None:
+    import asyncio
+    from collections import Counter
+
+    from tests.harness.federation import CoapMatrix, new_coap_client, q
+
+    async def scenario() -> tuple[Counter[str], Counter[str]]:
+        c1, c2 = await new_coap_client(), await new_coap_client()
+        try:
+            here, there = CoapMatrix(c1, deployment.local), CoapMatrix(c2, deployment.remote)
+            await here.register("fedlocal")
+            await there.register("fedremote")
+            room = await here.call("POST", "/createRoom", {"preset": "public_chat"})
+            room_id = room["room_id"]
+            await there.call("POST", f"/join/{q(room_id)}?server_name={SERVER_NAME}", {})
+            await here.send(room_id, "from workers")
+            await there.send(room_id, "from remote")
+            want = {"from workers", "from remote"}
+            return await here.wait_for(room_id, want), await there.wait_for(room_id, want)
+        finally:
+            await c1.close()
+            await c2.close()
+
+    seen_here, seen_there = asyncio.run(scenario())
+    for seen in (seen_here, seen_there):
+        assert seen["from workers"] == 1 and seen["from remote"] == 1, seen
+    # outbound federation left from the federation sender (its transactions), over
+    # CoAP (fallback "never"; remote.test has no HTTP federation listener at all)
+    sent = "PUT matrix-federation://remote.test/_matrix/federation/v1/send/"
+    assert sent in _log_lines(deployment.sender, "federation_transaction_transmission_loop")
+    for proc in (deployment.main, deployment.worker, deployment.front):
+        assert sent not in proc.log_text()
+    assert any("send" in route for route in deployment.remote.listener_routes())
+
+
+def _log_lines(proc: SynapseProcess, needle: str) -> str:
+    return "\n".join(line for line in proc.log_text().splitlines() if needle in line)
