@@ -20,6 +20,7 @@ import json
 import logging
 from typing import Any
 
+from synapse.logging.context import make_deferred_yieldable
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -104,8 +105,9 @@ class HttpForwarder:
         d = self._agent.request(request.method.encode("ascii"), url, headers, body)
 
         async def response() -> HttpResponse:
-            resp = await d
-            data = await readBody(resp)
+            # (Twisted's deferreds know no logcontexts: await them as Synapse's rules say)
+            resp = await make_deferred_yieldable(d)
+            data = await make_deferred_yieldable(readBody(resp))
             out = []
             for name, values in resp.headers.getAllRawHeaders():
                 text = name.decode("latin-1").lower()
