@@ -158,7 +158,7 @@ class RoutingDispatcher:
 
     def target_for(self, request: HttpRequest) -> str:
         path = request.target.split(b"?", 1)[0].decode("utf-8", "replace")
-        return self.workers.instance_for(path)
+        return self.workers.instance_for(path, self.instance)
 
     async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         target = self.target_for(request)
