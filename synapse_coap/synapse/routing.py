@@ -116,11 +116,21 @@ class HttpForwarder:
                 out += [(text, v.decode("latin-1")) for v in values]
             return HttpResponse(resp.code, tuple(out), data)
 
+        timed_out: list[bool] = []
+
+        def on_timeout(result: Any, _timeout: float) -> Any:
+            timed_out.append(True)
+            return result
+
         whole = defer.ensureDeferred(response())
-        whole.addTimeout(self._timeout, self._reactor)
+        whole.addTimeout(self._timeout, self._reactor, onTimeoutCancel=on_timeout)
         try:
             return await whole
-        except (defer.TimeoutError, TimeoutError):
+        except Exception as e:
+            if isinstance(e, defer.CancelledError) and not timed_out:
+                raise  # the CoAP exchange was abandoned: cancel the forwarded request too
+            if not timed_out and not isinstance(e, (defer.TimeoutError, TimeoutError)):
+                return self._failed(instance, base_url, e)
             logger.warning(
                 "forwarded %s to %s (%s): no response within %g s",
                 request.method,
@@ -129,12 +139,15 @@ class HttpForwarder:
                 self._timeout,
             )
             return matrix_error(504, f"Timed out waiting for the {instance} instance")
-        except (ConnectError, DNSLookupError) as e:
+
+    @staticmethod
+    def _failed(instance: str, base_url: str, e: Exception) -> HttpResponse:
+        if isinstance(e, (ConnectError, DNSLookupError)):
             logger.warning("cannot forward to %s (%s): %s", instance, base_url, e)
             return matrix_error(502, f"The {instance} instance is unreachable")
-        except Exception as e:  # a broken connection mid-response
-            logger.warning("forwarding to %s (%s) failed: %r", instance, base_url, e)
-            return matrix_error(502, f"Bad response from the {instance} instance")
+        # a broken connection mid-response
+        logger.warning("forwarding to %s (%s) failed: %r", instance, base_url, e)
+        return matrix_error(502, f"Bad response from the {instance} instance")
 
 
 class RoutingDispatcher:
@@ -158,7 +171,7 @@ class RoutingDispatcher:
 
     def target_for(self, request: HttpRequest) -> str:
         path = request.target.split(b"?", 1)[0].decode("utf-8", "replace")
-        return self.workers.instance_for(path)
+        return self.workers.instance_for(path, self.instance)
 
     async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         target = self.target_for(request)
