@@ -396,14 +396,29 @@ def with_block(message: bytes, option: int, num: int, more: bool, payload: bytes
 
 
 async def exchange(peer: RawPeer, messages: list[bytes], timeout: float = 30.0) -> list[int]:
-    """Send CON requests; the response codes, in order (matched by token)."""
+    """Send CON requests; the response codes, in order (matched by token). Requests
+    not answered within 2 s are sent again (as a CoAP client retransmits)."""
+    loop = asyncio.get_running_loop()
     want = {m[4 : 4 + (m[0] & 0x0F)]: i for i, m in enumerate(messages)}
     out = [0] * len(messages)
     for m in messages:
         peer.send(m)
     left = len(messages)
+    deadline = loop.time() + timeout
+    resend_at = loop.time() + 2.0
     while left:
-        got = await asyncio.wait_for(peer.received.get(), timeout)
+        now = loop.time()
+        if now >= deadline:
+            raise TimeoutError(f"{left} of {len(messages)} requests unanswered")
+        if now >= resend_at:
+            for i, m in enumerate(messages):
+                if out[i] == 0:
+                    peer.send(m)
+            resend_at = now + 2.0
+        try:
+            got = await asyncio.wait_for(peer.received.get(), min(resend_at, deadline) - now)
+        except TimeoutError:
+            continue
         i = want.get(got[4 : 4 + (got[0] & 0x0F)])
         if i is not None and out[i] == 0 and got[1] != 0:
             out[i] = got[1]
@@ -464,7 +479,7 @@ async def in_session(target: Target, count: int) -> tuple[int, str, float]:
             coap_message(1, 5, b"\x07", [(11, b"\xff\xfe"), (15, b"\xc3\x28")]),
         ]
         rnd = random.Random(15)
-        n = 0
+        n = stalled = 0
         replies: list[int] = []
         batch: list[bytes] = []
         for pt in mutations(seeds, count, rnd):
@@ -475,9 +490,17 @@ async def in_session(target: Target, count: int) -> tuple[int, str, float]:
             batch.append(pt)
             if n % 200 == 0:
                 ping = request_bytes("GET", b"/_matrix/client/versions", 900_000 + n)
-                replies += await exchange(peer, [ping])
+                try:
+                    replies += await exchange(peer, [ping], timeout=10.0)
+                except TimeoutError:
+                    # this session stopped answering: note it, go on in a new one
+                    stalled += 1
+                    peer.close()
+                    peer = await RawPeer(target.address).open()
+                    await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
                 await asyncio.sleep(0)
-        return n, f"listener answered every ping ({codes(replies)})", 0.0
+        verdict = "answered every ping" if not stalled else f"{stalled} sessions stopped answering"
+        return n, f"{verdict} ({codes(replies)})", 0.0
     finally:
         peer.close()
 
@@ -640,7 +663,28 @@ async def campaign(
         for name, attack, settle in cases:
             if only and only not in name:
                 continue
-            rows.append(await case(target, name, attack, quiet, settle=settle))
+            try:
+                rows.append(await case(target, name, attack, quiet, settle=settle))
+            except Exception as e:  # a failed case is a result too
+                print(f"{name}: failed: {e!r}", flush=True)
+                rows.append(
+                    AttackRow(
+                        name,
+                        0,
+                        f"case failed: {type(e).__name__}: {e}",
+                        "-",
+                        not target.alive(),
+                        target.tracebacks(),
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    )
+                )
     finally:
         await target.client.close()
         target.stop()

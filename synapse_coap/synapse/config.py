@@ -201,7 +201,9 @@ class WorkersConfig:
     instance; any number of instances may bind) and ``http`` (its HTTP listener's
     base URL, ``http://host:port``, where requests routed to it are forwarded).
     ``routes``: instance -> path regexes, Synapse's worker routing as a reverse
-    proxy states it; instances in order, the first matching regex wins.
+    proxy states it. A listener serves a request itself when one of its own
+    regexes matches (so a pool of workers may list the same ones); otherwise
+    the first instance, in order, with a matching regex serves it.
     ``default``: the instance for paths no regex matches.
     ``forward_timeout``: seconds a forwarded request may take before it is
     answered 504 (long-poll /sync waits up to its own timeout first).
@@ -313,12 +315,22 @@ class WorkersConfig:
             forward_timeout=float(timeout),
         )
 
-    def instance_for(self, path: str) -> str:
-        """The instance that serves ``path`` (the request target without its query)."""
+    def instance_for(self, path: str, receiving: str | None = None) -> str:
+        """The instance that serves ``path`` (the request target without its query).
+
+        ``receiving``: the instance the request arrived on. If one of its own
+        regexes matches, it serves the request itself (several instances may
+        list the same regexes, as a pool of generic workers does); otherwise the
+        first instance with a matching regex; otherwise ``default``."""
+        first: str | None = None
         for name, patterns in self.routes:
-            for pattern in patterns:
-                if pattern.search(path):
+            if any(pattern.search(path) for pattern in patterns):
+                if name == receiving:
                     return name
+                if first is None:
+                    first = name
+        if first is not None:
+            return first
         return self.default
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 from typing import Any
 
+from synapse.logging.context import make_deferred_yieldable
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -104,8 +105,9 @@ class HttpForwarder:
         d = self._agent.request(request.method.encode("ascii"), url, headers, body)
 
         async def response() -> HttpResponse:
-            resp = await d
-            data = await readBody(resp)
+            # (Twisted's deferreds know no logcontexts: await them as Synapse's rules say)
+            resp = await make_deferred_yieldable(d)
+            data = await make_deferred_yieldable(readBody(resp))
             out = []
             for name, values in resp.headers.getAllRawHeaders():
                 text = name.decode("latin-1").lower()
@@ -114,11 +116,21 @@ class HttpForwarder:
                 out += [(text, v.decode("latin-1")) for v in values]
             return HttpResponse(resp.code, tuple(out), data)
 
+        timed_out: list[bool] = []
+
+        def on_timeout(result: Any, _timeout: float) -> Any:
+            timed_out.append(True)
+            return result
+
         whole = defer.ensureDeferred(response())
-        whole.addTimeout(self._timeout, self._reactor)
+        whole.addTimeout(self._timeout, self._reactor, onTimeoutCancel=on_timeout)
         try:
             return await whole
-        except (defer.TimeoutError, TimeoutError):
+        except Exception as e:
+            if isinstance(e, defer.CancelledError) and not timed_out:
+                raise  # the CoAP exchange was abandoned: cancel the forwarded request too
+            if not timed_out and not isinstance(e, (defer.TimeoutError, TimeoutError)):
+                return self._failed(instance, base_url, e)
             logger.warning(
                 "forwarded %s to %s (%s): no response within %g s",
                 request.method,
@@ -127,12 +139,15 @@ class HttpForwarder:
                 self._timeout,
             )
             return matrix_error(504, f"Timed out waiting for the {instance} instance")
-        except (ConnectError, DNSLookupError) as e:
+
+    @staticmethod
+    def _failed(instance: str, base_url: str, e: Exception) -> HttpResponse:
+        if isinstance(e, (ConnectError, DNSLookupError)):
             logger.warning("cannot forward to %s (%s): %s", instance, base_url, e)
             return matrix_error(502, f"The {instance} instance is unreachable")
-        except Exception as e:  # a broken connection mid-response
-            logger.warning("forwarding to %s (%s) failed: %r", instance, base_url, e)
-            return matrix_error(502, f"Bad response from the {instance} instance")
+        # a broken connection mid-response
+        logger.warning("forwarding to %s (%s) failed: %r", instance, base_url, e)
+        return matrix_error(502, f"Bad response from the {instance} instance")
 
 
 class RoutingDispatcher:
@@ -156,7 +171,7 @@ class RoutingDispatcher:
 
     def target_for(self, request: HttpRequest) -> str:
         path = request.target.split(b"?", 1)[0].decode("utf-8", "replace")
-        return self.workers.instance_for(path)
+        return self.workers.instance_for(path, self.instance)
 
     async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         target = self.target_for(request)

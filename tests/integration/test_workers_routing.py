@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,11 @@ pytestmark = pytest.mark.integration
 def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]:
     workdir = tmp_path_factory.mktemp("routed")
     port, http_port, dead_port = free_port("udp"), free_port(), free_port()
+    # an instance that takes the connection and never answers (a hung worker)
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(16)
+    stuck_port = stuck.getsockname()[1]
     key_path = workdir / "keys" / "coap_noise.key"
     key_path.parent.mkdir()
     proc = SynapseProcess(
@@ -48,12 +54,14 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]:
                             },
                             "front": {"http": f"http://127.0.0.1:{http_port}"},
                             "gone": {"http": f"http://127.0.0.1:{dead_port}"},
+                            "stuck": {"http": f"http://127.0.0.1:{stuck_port}"},
                         },
                         "routes": {
                             "front": ["^/_matrix/client/versions$"],
                             "gone": ["^/_matrix/client/v3/voip/turnServer$"],
+                            "stuck": ["^/_matrix/client/v3/thirdparty/protocols$"],
                         },
-                        "forward_timeout": 20,
+                        "forward_timeout": 4,
                     },
                 },
             }
@@ -64,6 +72,7 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homeserver]:
         yield Homeserver(proc, port, 0, key_path)
     finally:
         proc.stop()
+        stuck.close()
 
 
 def _access_lines(hs: Homeserver, path: str) -> list[str]:
@@ -126,3 +135,15 @@ def test_config_naming_an_unknown_instance_stops_synapse_naming_the_field(
     text = str(failed.value) + (tmp_path / "console.log").read_text(errors="replace")
     assert "exited" in str(failed.value)
     assert "workers.routes.generic9" in text and "unknown instance" in text, text[-2000:]
+
+
+def test_request_routed_to_an_instance_that_never_answers_gets_504_matrix_json(
+    routed: Homeserver,
+) -> None:
+    async def scenario(c: Client) -> tuple[int, dict[str, str]]:
+        resp = await c.request("GET", "/_matrix/client/v3/thirdparty/protocols", timeout=60)
+        return resp.status, json.loads(resp.body)
+
+    status, body = run(routed, scenario)
+    assert status == 504
+    assert body["errcode"] == "M_UNKNOWN" and "stuck" in body["error"], body

@@ -116,3 +116,21 @@ def test_without_workers_the_single_worker_option_still_works() -> None:
     assert cfg.binds_here("generic1") and not cfg.binds_here(None)
     assert cfg.addresses_for("generic1") == ((("::", 5683),), ())
     assert cfg.addresses_for(None) == ((), ())
+
+
+def test_a_pool_member_serves_what_its_own_routes_claim_others_go_to_the_first() -> None:
+    pool = {
+        **BASE,
+        "routes": {
+            "generic1": ["^/_matrix/client/(r0|v3)/sync$"],
+            "main": ["^/_matrix/client/(r0|v3)/sync$", "^/_matrix/client/v3/login$"],
+        },
+    }
+    workers = parse(pool).workers
+    assert workers is not None
+    sync = "/_matrix/client/v3/sync"
+    assert workers.instance_for(sync, "main") == "main"  # served where it arrived
+    assert workers.instance_for(sync, "generic1") == "generic1"
+    assert workers.instance_for(sync, "media1") == "generic1"  # the first in order
+    assert workers.instance_for("/_matrix/client/v3/login", "generic1") == "main"
+    assert workers.instance_for("/_matrix/client/v3/createRoom", "generic1") == "main"
