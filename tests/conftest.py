@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 _unexpected: list[str] = []
+_skipped: list[str] = []
 _expected: list[tuple[str, str]] = []
 
 
@@ -122,6 +123,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else ""
     reason = reason.removeprefix("Skipped: ")
+    _skipped.append(report.nodeid)
     if not _matches(report.nodeid, reason, _expected):
         _unexpected.append(f"{report.nodeid}: {reason}")
 
@@ -141,6 +143,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     terminalreporter.write_line(pytest_report_header(config))
+    if _expected_active():
+        terminalreporter.write_line(
+            f"skips: {len(_skipped)} ({len(_skipped) - len(_unexpected)} expected, "
+            f"{len(_unexpected)} unexpected; expected ones: --expected-skips, reasons: -rs)"
+        )
     if _unexpected:
         terminalreporter.section("unexpected skips (not in --expected-skips)", sep="=", red=True)
         for line in _unexpected:

@@ -67,6 +67,9 @@ PASSWORD = DEMO_PASSWORD  # what MatrixClient.register sets
 MODULE = "synapse_coap.CoapModule"
 COAP_READY = r"CoAP listener ready"
 CLIENT_SCENARIOS = ("login", "initial-sync", "send", "receive", "upload", "idle")
+#: How long after the idle period an outstanding idle sync may still take before the
+#: scenario fails (no scenario may hang: nio retries a timed-out sync for ever).
+IDLE_GRACE = 120.0
 #: Quiet time (no datagram crossing the relay) that closes a window.
 QUIET = 1.0
 SETTLE_MAX = 30.0
@@ -764,11 +767,21 @@ async def run_client_suite(
                     polls = 0
                     while time.monotonic() - t0 < idle_seconds - 1.0:
                         left = idle_seconds - (time.monotonic() - t0)
-                        await _expect(
-                            "idle sync",
-                            alice.sync(timeout=int(min(30.0, max(1.0, left)) * 1000)),
-                            "SyncResponse",
-                        )
+                        try:
+                            # nio retries a timed-out sync on its own, for ever: bound it
+                            await asyncio.wait_for(
+                                _expect(
+                                    "idle sync",
+                                    alice.sync(timeout=int(min(30.0, max(1.0, left)) * 1000)),
+                                    "SyncResponse",
+                                ),
+                                left + IDLE_GRACE,
+                            )
+                        except asyncio.TimeoutError:
+                            raise ScenarioFailed(
+                                f"idle: a sync did not return within {IDLE_GRACE:g} s after "
+                                f"the {idle_seconds:g} s idle period ({polls} returned)"
+                            ) from None
                         polls += 1
                     note = f"{idle_seconds:g} s, {polls} long-poll /sync of <= 30 s"
                 else:

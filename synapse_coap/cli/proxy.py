@@ -100,9 +100,20 @@ def register(sub: Any) -> None:
     sidecar.add_argument(
         "--homeserver",
         required=True,
+        action="append",
         metavar="coap://HOST[:PORT]",
         help="the homeserver's CoAP listener (module or gateway); port defaults to 5683; "
-        "coap+plain:// sends without encryption (loopback tests only)",
+        "coap+plain:// sends without encryption (loopback tests only). Repeat it for a "
+        "homeserver with several listeners (workers): the first is used, and the next "
+        "takes over when the current one stops answering",
+    )
+    sidecar.add_argument(
+        "--failover-after",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="with several --homeserver listeners: how long an ordinary request waits on "
+        "one before it is sent to the next (default: %(default)s)",
     )
     trust = sidecar.add_mutually_exclusive_group(required=True)
     trust.add_argument(
@@ -285,10 +296,15 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
 
     configure_logging(args.debug_log)
     try:
-        homeserver = HomeserverAddress.parse(args.homeserver)
+        if not args.failover_after > 0:
+            raise ConfigValueError("--failover-after", "must be a number of seconds > 0")
+        addresses = [HomeserverAddress.parse(text) for text in args.homeserver]
+        homeserver = addresses[0]
         config = SidecarConfig(
             listen=parse_host_port(args.listen, "--listen"),
             homeserver=homeserver,
+            alternates=tuple(addresses[1:]),
+            failover_after=args.failover_after,
             server_key=load_server_key(args.server_key) if args.server_key else None,
             state_dir=args.state_dir or default_state_dir(),
             server_name=args.server_name or f"{homeserver.host}:{homeserver.port}",

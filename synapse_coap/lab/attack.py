@@ -83,6 +83,12 @@ class RawPeer:
         assert self.channel is not None
         self._run(self.endpoint.send(self.channel, plaintext))
 
+    def endpoint_send(self, plaintext: bytes) -> None:
+        assert self.channel is not None
+        for ev in self.endpoint.send(self.channel, plaintext):
+            if isinstance(ev, Transmit) and self._transport is not None:
+                self._transport.sendto(ev.data, ev.addr)
+
     def send_raw(self, data: bytes, to: Address | None = None) -> None:
         assert self._transport is not None
         self._transport.sendto(data, to or self.server)
@@ -110,7 +116,11 @@ class RawPeer:
             elif isinstance(ev, ChannelEstablished):
                 self.established.set()
             elif isinstance(ev, Received):
-                self.received.put_nowait(ev.plaintext)
+                pt = ev.plaintext
+                if len(pt) >= 4 and pt[0] >> 4 == 0x4 and pt[1] >= 64 and self.channel is not None:
+                    # a confirmable (separate) response: acknowledge it, as a CoAP client would
+                    self.endpoint_send(bytes([0x60, 0]) + pt[2:4])
+                self.received.put_nowait(pt)
         at = self.endpoint.next_timer()
         if self._timer is not None:
             self._timer.cancel()
@@ -219,3 +229,160 @@ class Flood:
         for s in self.socks:
             s.close()
         self.socks = []
+
+
+# --------------------------------------------------------------------------- campaigns
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of a process in bytes (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")  # pragma: no cover
+
+
+def handshake_seeds(server_public: bytes, count: int = 8) -> list[bytes]:
+    """Real first handshake messages (XX1, IK1 with and without 0-RTT data) for mutation."""
+    ep = NoiseEndpoint(
+        os.urandom(32),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        limits=NoiseLimits(max_sessions=32768),
+        clock=lambda: 0.0,
+    )
+    out: list[bytes] = []
+    for i in range(count):
+        key = server_public if i % 2 else None
+        early = coap_message(1, i, b"\x01", [(11, b"x")]) if i % 4 == 3 else None
+        _cid, events = ep.connect(
+            ("192.0.2.1", 5683), peer_name="s", peer_static=key, early_data=early
+        )
+        out += [e.data for e in events if isinstance(e, Transmit)]
+    return out
+
+
+def record_seeds(count: int = 8) -> list[bytes]:
+    """Header-valid transport records (random session ids and contents)."""
+    rnd = random.Random(7)
+    return [
+        bytes([0xC4 | (i & 0x22)]) + rnd.randbytes(2) + rnd.randbytes(2) + rnd.randbytes(40)
+        for i in range(count)
+    ]
+
+
+async def blast(
+    target: Address,
+    datagrams: Iterator[bytes],
+    *,
+    bind: str = "127.0.0.1",
+    rate: float = 20_000.0,
+) -> tuple[int, int]:
+    """Send every datagram to ``target`` at about ``rate`` per second from one socket
+    (replies are read and discarded). Returns (datagrams, bytes) sent."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind((bind, 0))
+    sent = nbytes = 0
+    started = loop.time()
+    try:
+        for data in datagrams:
+            while True:
+                try:
+                    sock.sendto(data, target)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            sent += 1
+            nbytes += len(data)
+            if sent % 200 == 0:
+                try:
+                    while True:
+                        sock.recv(65535)
+                except (BlockingIOError, OSError):
+                    pass
+                ahead = sent / rate - (loop.time() - started)
+                await asyncio.sleep(max(0.0, ahead))
+    finally:
+        sock.close()
+    return sent, nbytes
+
+
+class HandshakeFlood:
+    """First handshake messages (XX1) from many sockets; a socket answers the retry
+    cookies it gets (it owns its address) when ``answer_retry``. Per source address:
+    bytes sent and bytes received, for the amplification factor."""
+
+    def __init__(self, target: Address, flood: Flood, *, answer_retry: bool = True) -> None:
+        self.target = target
+        self.flood = flood
+        self.answer_retry = answer_retry
+        self.ep = NoiseEndpoint(
+            os.urandom(32),
+            trust=TrustPolicy(store=MemoryTrustStore()),
+            limits=NoiseLimits(max_sessions=32768),
+            clock=lambda: 0.0,
+        )
+        self.sent: dict[Address, int] = {}
+        self.received: dict[Address, int] = {}
+        self.messages = 0
+
+    def _xx1(self) -> bytes:
+        if len(self.ep._sessions) > 30000:
+            self.ep = NoiseEndpoint(
+                os.urandom(32),
+                trust=TrustPolicy(store=MemoryTrustStore()),
+                limits=NoiseLimits(max_sessions=32768),
+                clock=lambda: 0.0,
+            )
+        _cid, events = self.ep.connect(self.target, peer_name="s", peer_static=None)
+        return next(e.data for e in events if isinstance(e, Transmit))
+
+    async def run(self, rounds: int, *, rate: float = 5000.0) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(rounds):
+            for sock in self.flood.socks:
+                addr = sock.getsockname()
+                data = self._xx1()
+                self._send(sock, data, addr)
+                self.messages += 1
+                if self.messages % 100 == 0:
+                    self._answer()
+                    ahead = self.messages / rate - (loop.time() - started)
+                    await asyncio.sleep(max(0.0, ahead))
+        await asyncio.sleep(0.2)
+        self._answer()
+
+    def _send(self, sock: socket.socket, data: bytes, addr: Address) -> None:
+        try:
+            sock.sendto(data, self.target)
+            self.sent[addr] = self.sent.get(addr, 0) + len(data)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _answer(self) -> None:
+        for sock in self.flood.socks:
+            addr = sock.getsockname()
+            while True:
+                try:
+                    data = sock.recv(65535)
+                except (BlockingIOError, OSError):
+                    break
+                self.received[addr] = self.received.get(addr, 0) + len(data)
+                if self.answer_retry and data[:1] == b"\x86":
+                    events = self.ep.datagram_received(data, self.target)
+                    for ev in events:
+                        if isinstance(ev, Transmit):
+                            self._send(sock, ev.data, addr)
+
+    def amplification(self) -> float:
+        """The largest bytes-received / bytes-sent ratio over the source addresses."""
+        by_host_in: dict[str, int] = {}
+        by_host_out: dict[str, int] = {}
+        for (host, _port), n in self.sent.items():
+            by_host_out[host] = by_host_out.get(host, 0) + n
+        for (host, _port), n in self.received.items():
+            by_host_in[host] = by_host_in.get(host, 0) + n
+        return max((by_host_in.get(h, 0) / n for h, n in by_host_out.items() if n), default=0.0)

@@ -193,7 +193,15 @@ class SynapseProcess:
         env: dict[str, str] | None = None,
         http_resources: Sequence[str] = ("client", "federation"),
         tls_federation_port: int | None = None,
+        worker_of: SynapseProcess | None = None,
+        worker: dict[str, Any] | None = None,
     ) -> None:
+        """``worker_of`` / ``worker``: run a Synapse worker (``synapse.app.generic_worker``)
+        with the main process's homeserver.yaml plus ``worker`` (worker_name,
+        worker_listeners, ...; its log config is added). ``http_port`` is then the
+        worker listener that /health is polled on."""
+        self.worker_of = worker_of
+        self.worker = dict(worker) if worker is not None else None
         self.workdir = Path(workdir)
         self.server_name = server_name
         self.http_port = http_port
@@ -343,7 +351,31 @@ class SynapseProcess:
         if self.tls_federation_port is not None and not self.tls_certificate_path.exists():
             self_signed_certificate(self.workdir)
         (self.workdir / "log.yaml").write_text(yaml.safe_dump(self._log_config()))
+        if self.worker is not None:
+            worker = {
+                "worker_app": "synapse.app.generic_worker",
+                "worker_log_config": str(self.workdir / "log.yaml"),
+                "worker_pid_file": str(self.workdir / "worker.pid"),
+                **self.worker,
+            }
+            self.config_path.write_text(yaml.safe_dump(worker, sort_keys=False))
+            return
         self.config_path.write_text(yaml.safe_dump(self.build_config(), sort_keys=False))
+
+    def command(self) -> list[str]:
+        if self.worker is None:
+            return [SYNAPSE_PYTHON, "-m", "synapse.app.homeserver", "-c", str(self.config_path)]
+        if self.worker_of is None:
+            raise SynapseError("a worker needs the main process (worker_of)")
+        return [
+            SYNAPSE_PYTHON,
+            "-m",
+            "synapse.app.generic_worker",
+            "-c",
+            str(self.worker_of.config_path),
+            "-c",
+            str(self.config_path),
+        ]
 
     # -- process control -------------------------------------------------------------
 
@@ -379,7 +411,7 @@ class SynapseProcess:
         env = {**os.environ, "SYNAPSE_CACHE_FACTOR": "1.0", **self.env}
         self._console = open(self.workdir / "console.log", "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [SYNAPSE_PYTHON, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
+            self.command(),
             cwd=self.workdir,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -360,15 +360,32 @@ def decode_authorization(data: bytes, context: WireContext) -> str:
 # --- the codec ------------------------------------------------------------------------
 
 
+#: (profile id, content hash) -> (profile, its query keys, key -> index): one copy per
+#: profile, not per session (a listener holds a codec per session)
+_KEY_TABLES: dict[tuple[int, bytes], tuple[Profile, list[str], dict[str, int]]] = {}
+
+
+def _query_key_tables(profile: Profile) -> tuple[list[str], dict[str, int]]:
+    cached = _KEY_TABLES.get((profile.id, profile.content_hash))
+    if cached is not None and cached[0] is profile:
+        return cached[1], cached[2]
+    keys = list(profile.query_keys[: len(KEY_ALPHABET)])
+    index = {k: i for i, k in enumerate(keys)}
+    if len(_KEY_TABLES) < 64:
+        _KEY_TABLES[(profile.id, profile.content_hash)] = (profile, keys, index)
+    return keys, index
+
+
 class WireCodec:
     """Encode and decode HTTP messages for one session (profile + shared context)."""
+
+    __slots__ = ("_key_index", "_memo_key", "_query_keys", "context", "profile", "routes")
 
     def __init__(self, profile: Profile, context: WireContext = WireContext()) -> None:
         self.profile = profile
         self.context = context
         self.routes = profile.routes
-        self._query_keys = profile.query_keys[: len(KEY_ALPHABET)]
-        self._key_index = {k: i for i, k in enumerate(self._query_keys)}
+        self._query_keys, self._key_index = _query_key_tables(profile)
         # (a Profile's tables are too large to hash per call: its identity stands in)
         self._memo_key = (id(profile), profile.id, profile.content_hash, context.server_names)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import logging
 import os
 import time
@@ -158,7 +159,9 @@ class NoiseLimits:
     """Limits of one endpoint. Every field is configurable; the defaults are safe.
 
     - ``max_sessions``: sessions held at once (established, pending and
-      retired). New handshakes are refused beyond it; established sessions
+      retired). The default, 10,000, is sized from ``bench/sessions.py``: about
+      4 KB of listener memory per session (40 MB in all) and no slower requests
+      for the sessions that are active (docs/benchmarks.md, "Sessions"). New handshakes are refused beyond it; established sessions
       are never evicted to make room. At most a quarter (>= 8) may be
       half-open (responder side of an XX handshake waiting for XX3); past
       that the oldest half-open one is evicted.
@@ -197,7 +200,7 @@ class NoiseLimits:
     """
 
     max_sessions: int = attrs.field(
-        default=1024, validator=_positive_int("max_sessions", 1, MAX_SESSIONS_CEILING)
+        default=10_000, validator=_positive_int("max_sessions", 1, MAX_SESSIONS_CEILING)
     )
     handshakes_per_second: float = attrs.field(
         default=20.0, validator=_positive_float("handshakes_per_second")
@@ -257,10 +260,69 @@ class NoiseLimits:
 
 
 class _Session:
-    """Keys, record state and handshake progress of one session id."""
+    """Keys, record state and handshake progress of one session id.
 
-    def __init__(self, *, local_sid: int, initiator: bool, pattern: str, addr: Address, now: float):
+    Slotted (a listener holds thousands). Setting a field that can bring the
+    session's next timer earlier (``state``, ``send``, ``hs_next``,
+    ``hs_deadline``, ``reply_due``, ``retired_until``) puts its id in the
+    endpoint's ``dirty`` set, so the endpoint's timer heap needs no full scan.
+    """
+
+    __slots__ = (
+        "_dirty",
+        "_hs_deadline",
+        "_hs_next",
+        "_reply_due",
+        "_retired_until",
+        "_send",
+        "_state",
+        "addr",
+        "budget_in",
+        "budget_out",
+        "challenge",
+        "channel",
+        "created",
+        "driver",
+        "ephemeral_id",
+        "hs_interval",
+        "hs_message",
+        "hs_retransmits",
+        "initiator",
+        "last_recv",
+        "last_sent",
+        "local_sid",
+        "pattern",
+        "peer_app",
+        "peer_echo",
+        "peer_name",
+        "peer_static",
+        "pn_floor",
+        "profile_id",
+        "queue",
+        "recv",
+        "remote_sid",
+        "replaces",
+        "replay",
+        "reply_payload",
+        "retries",
+        "serial",
+        "validated",
+    )
+
+    def __init__(
+        self,
+        *,
+        local_sid: int,
+        initiator: bool,
+        pattern: str,
+        addr: Address,
+        now: float,
+        dirty: set[int] | None = None,
+        serial: int = 0,
+    ):
         self.local_sid = local_sid
+        self._dirty: set[int] = set() if dirty is None else dirty
+        self.serial = serial
         self.remote_sid: int | None = None
         self.initiator = initiator
         self.pattern = pattern
@@ -290,7 +352,8 @@ class _Session:
         self.budget_in = 0
         self.budget_out = 0
         self.challenge: bytes | None = None
-        self.queue: collections.deque[tuple[bool, bytes]] = collections.deque()
+        # (a list, not a deque: it is nearly always empty, and an empty deque is 600 bytes)
+        self.queue: list[tuple[bool, bytes]] = []
         # outcome
         self.peer_static: bytes | None = None
         self.peer_name: str | None = None
@@ -300,6 +363,62 @@ class _Session:
         self.replaces: int | None = None  # initiator: the responder sid this session replaces
         self.hs_retransmits = 0
         self.retries = 0  # initiator: retry cookies received for this handshake
+
+    # -- fields that move the session's next timer: setting one marks it dirty
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        self._state = value
+        self._dirty.add(self.local_sid)
+
+    @property
+    def send(self) -> records.SendKeys | None:
+        return self._send
+
+    @send.setter
+    def send(self, value: records.SendKeys | None) -> None:
+        self._send = value
+        self._dirty.add(self.local_sid)
+
+    @property
+    def hs_next(self) -> float | None:
+        return self._hs_next
+
+    @hs_next.setter
+    def hs_next(self, value: float | None) -> None:
+        self._hs_next = value
+        self._dirty.add(self.local_sid)
+
+    @property
+    def hs_deadline(self) -> float:
+        return self._hs_deadline
+
+    @hs_deadline.setter
+    def hs_deadline(self, value: float) -> None:
+        self._hs_deadline = value
+        self._dirty.add(self.local_sid)
+
+    @property
+    def reply_due(self) -> float | None:
+        return self._reply_due
+
+    @reply_due.setter
+    def reply_due(self, value: float | None) -> None:
+        self._reply_due = value
+        self._dirty.add(self.local_sid)
+
+    @property
+    def retired_until(self) -> float | None:
+        return self._retired_until
+
+    @retired_until.setter
+    def retired_until(self, value: float | None) -> None:
+        self._retired_until = value
+        self._dirty.add(self.local_sid)
 
     def budget_left(self) -> int:
         if self.validated:
@@ -334,6 +453,29 @@ class _Session:
 
 
 class _Channel:
+    __slots__ = (
+        "addr",
+        "bandwidth_hint",
+        "early_data",
+        "established",
+        "explicit_key",
+        "id",
+        "initiator",
+        "peer_app",
+        "peer_name",
+        "peer_static",
+        "pending",
+        "profile_id",
+        "queue",
+        "rehandshake_after",
+        "rehandshake_started",
+        "resend",
+        "retired",
+        "rto_hint",
+        "session",
+        "useless_rehandshakes",
+    )
+
     def __init__(
         self,
         *,
@@ -468,6 +610,13 @@ class NoiseEndpoint:
         # 0-RTT anti-replay: initiator ephemeral -> wall time after which its date is stale
         self._early_seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._stats: collections.Counter[str] = collections.Counter()
+        # timers: a heap of (time, session serial, sid), each at or before that session's
+        # next deadline (stale entries are dropped or pushed back when they come up); the
+        # sids whose deadline may have moved earlier since (see _Session) are re-pushed
+        # first. No timer question scans all sessions.
+        self._timers: list[tuple[float, int, int]] = []
+        self._dirty: set[int] = set()
+        self._serial = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -655,30 +804,81 @@ class NoiseEndpoint:
         return [ChannelClosed(channel, "closed")]
 
     def next_timer(self) -> float | None:
-        best: float | None = None
-
-        def consider(t: float | None) -> None:
-            nonlocal best
-            if t is not None and (best is None or t < best):
-                best = t
-
-        for s in self._sessions.values():
-            if s.retired_until is not None:
-                consider(s.retired_until)
+        """When :meth:`handle_timers` should next be called (None: no timer)."""
+        self._flush_dirty()
+        heap = self._timers
+        while heap:
+            at, serial, sid = heap[0]
+            s = self._sessions.get(sid)
+            if s is None or s.serial != serial:
+                heapq.heappop(heap)
                 continue
-            if s.state in (State.IK_SENT_1, State.XX_SENT_1, State.XX_SENT_3):
-                consider(s.hs_next)
-                consider(s.hs_deadline)
-            elif s.state is State.IK_RECEIVED_1:
-                consider(s.reply_due)
-            elif s.state is State.XX_RECEIVED_1:
-                consider(s.hs_deadline)
-            if s.send is not None:
-                consider(self._idle_since(s) + self.limits.idle_timeout)
+            due = self._session_deadline(s)
+            if due == at:
+                return at
+            # the session's deadline moved (or went away): fix the entry
+            if due is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (due, serial, sid))
+        return None
+
+    def _new_session(
+        self, sid: int, *, initiator: bool, pattern: str, addr: Address, now: float
+    ) -> _Session:
+        self._serial += 1
+        return _Session(
+            local_sid=sid,
+            initiator=initiator,
+            pattern=pattern,
+            addr=addr,
+            now=now,
+            dirty=self._dirty,
+            serial=self._serial,
+        )
+
+    def _session_deadline(self, s: _Session) -> float | None:
+        """The earliest time :meth:`_session_timers` has something to do for ``s``."""
+        if s.retired_until is not None:
+            return s.retired_until
+        best: float | None = None
+        if s.state in (State.IK_SENT_1, State.XX_SENT_1, State.XX_SENT_3):
+            best = s.hs_deadline
+            if s.hs_next is not None and s.hs_next < best:
+                best = s.hs_next
+        elif s.state is State.IK_RECEIVED_1:
+            best = s.reply_due
+        elif s.state is State.XX_RECEIVED_1:
+            best = s.hs_deadline
+        if s.send is not None:
+            idle = self._idle_since(s) + self.limits.idle_timeout
+            if best is None or idle < best:
+                best = idle
             if self._keeps_alive(s):
                 assert self.keepalive_interval is not None
-                consider(s.last_sent + self.keepalive_interval)
+                ping = s.last_sent + self.keepalive_interval
+                if ping < best:
+                    best = ping
+        recv = s.recv
+        if (
+            recv is not None
+            and recv.previous is not None
+            and (best is None or recv.previous_expires < best)
+        ):
+            best = recv.previous_expires
         return best
+
+    def _flush_dirty(self) -> None:
+        if not self._dirty:
+            return
+        for sid in self._dirty:
+            s = self._sessions.get(sid)
+            if s is None:
+                continue
+            due = self._session_deadline(s)
+            if due is not None:
+                heapq.heappush(self._timers, (due, s.serial, sid))
+        self._dirty.clear()
 
     def _keeps_alive(self, s: _Session) -> bool:
         """True if ``s`` is the established current session of a channel we initiated
@@ -698,41 +898,58 @@ class NoiseEndpoint:
     def handle_timers(self) -> list[Event]:
         now = self._clock()
         events: list[Event] = []
-        for s in list(self._sessions.values()):
+        self._flush_dirty()
+        heap = self._timers
+        due: dict[int, _Session] = {}
+        while heap and heap[0][0] <= now:
+            _at, serial, sid = heapq.heappop(heap)
+            s = self._sessions.get(sid)
+            if s is not None and s.serial == serial:
+                due[serial] = s
+        # in creation order, as a scan of all sessions would visit them
+        for serial in sorted(due):
+            s = due[serial]
             if self._sessions.get(s.local_sid) is not s:
                 continue
-            if s.retired_until is not None:
-                if now >= s.retired_until:
-                    self._forget_session(s)
-                continue
-            if s.recv is not None:
-                s.recv.expire(now)
-            if s.state in (State.IK_SENT_1, State.XX_SENT_1, State.XX_SENT_3):
-                if now >= s.hs_deadline:
-                    events += self._initiator_timeout(s, now)
-                    continue
-                if s.hs_next is not None and now >= s.hs_next:
-                    events += self._retransmit_handshake(s, now)
-            elif s.state is State.IK_RECEIVED_1:
-                if s.reply_due is not None and now >= s.reply_due:
-                    events += self._flush_ik_reply(s, now)
-            elif s.state is State.XX_RECEIVED_1 and now >= s.hs_deadline:
-                self._stats["handshakes.expired"] += 1
-                events += self._expire_session(s, "handshake not confirmed")
-                continue
-            if s.send is not None and now >= self._idle_since(s) + self.limits.idle_timeout:
-                events += self._expire_session(s, "idle")
-                continue
-            if self._keeps_alive(s):
-                assert self.keepalive_interval is not None
-                if now >= s.last_sent + self.keepalive_interval:  # as in next_timer
-                    self._stats["keepalives"] += 1
-                    events += self._send_record(s, bytes([CTRL_PING]), control=True, now=now)
+            events += self._session_timers(s, now)
+            if self._sessions.get(s.local_sid) is s:
+                self._dirty.add(s.local_sid)  # its next deadline goes back on the heap
         while self._recent:
             key, (_sid, expiry) = next(iter(self._recent.items()))
             if expiry > now:
                 break
             del self._recent[key]
+        return events
+
+    def _session_timers(self, s: _Session, now: float) -> list[Event]:
+        events: list[Event] = []
+        if s.retired_until is not None:
+            if now >= s.retired_until:
+                self._forget_session(s)
+            return events
+        if s.recv is not None:
+            s.recv.expire(now)
+        if s.state in (State.IK_SENT_1, State.XX_SENT_1, State.XX_SENT_3):
+            if now >= s.hs_deadline:
+                events += self._initiator_timeout(s, now)
+                return events
+            if s.hs_next is not None and now >= s.hs_next:
+                events += self._retransmit_handshake(s, now)
+        elif s.state is State.IK_RECEIVED_1:
+            if s.reply_due is not None and now >= s.reply_due:
+                events += self._flush_ik_reply(s, now)
+        elif s.state is State.XX_RECEIVED_1 and now >= s.hs_deadline:
+            self._stats["handshakes.expired"] += 1
+            events += self._expire_session(s, "handshake not confirmed")
+            return events
+        if s.send is not None and now >= self._idle_since(s) + self.limits.idle_timeout:
+            events += self._expire_session(s, "idle")
+            return events
+        if self._keeps_alive(s):
+            assert self.keepalive_interval is not None
+            if now >= s.last_sent + self.keepalive_interval:  # as in _session_deadline
+                self._stats["keepalives"] += 1
+                events += self._send_record(s, bytes([CTRL_PING]), control=True, now=now)
         return events
 
     def datagram_received(self, data: bytes, addr: Address) -> list[Event]:
@@ -878,7 +1095,7 @@ class NoiseEndpoint:
                 events.append(ChannelClosed(ch.id, "handshake failed"))
             return events
         pattern = "IK" if ch.peer_static is not None and not force_xx else "XX"
-        s = _Session(local_sid=sid, initiator=True, pattern=pattern, addr=ch.addr, now=now)
+        s = self._new_session(sid, initiator=True, pattern=pattern, addr=ch.addr, now=now)
         s.channel = ch.id
         driver = Driver(
             pattern=pattern,
@@ -1304,7 +1521,7 @@ class NoiseEndpoint:
         sid = self._alloc_sid()
         if sid is None:
             return self._drop(addr, "max_sessions", len(data))
-        s = _Session(local_sid=sid, initiator=False, pattern=pattern, addr=addr, now=now)
+        s = self._new_session(sid, initiator=False, pattern=pattern, addr=addr, now=now)
         s.remote_sid = remote_sid
         s.ephemeral_id = eph
         s.budget_in = len(data)
@@ -1504,6 +1721,7 @@ class NoiseEndpoint:
             return []
         s.reply_due = None
         base = s.reply_payload
+        s.reply_payload = None  # (IK2 is written once; its datagram is kept for repeats)
         fixed = FIXED_LEN[MsgType.IK2]
         payload = base
         if s.queue and not s.queue[0][0]:
@@ -1511,7 +1729,7 @@ class NoiseEndpoint:
             size = fixed + len(candidate.encode())
             if size <= self.limits.max_datagram_size and size <= s.budget_left():
                 payload = candidate
-                s.queue.popleft()
+                s.queue.pop(0)
         size = fixed + len(payload.encode())
         rest = sum(len(pt) + records.DATA_OVERHEAD for _, pt in s.queue)
         if s.queue and size + rest > s.budget_left():
@@ -1610,7 +1828,7 @@ class NoiseEndpoint:
         if not s.validated and (s.queue or size > s.budget_left()):
             if len(s.queue) >= MAX_QUEUED:
                 self._stats["amplification_queue_overflow"] += 1
-                s.queue.popleft()
+                s.queue.pop(0)
             s.queue.append((control, plaintext))
             self._stats["amplification_limited"] += 1
             return []
@@ -1651,7 +1869,7 @@ class NoiseEndpoint:
             control, pt = s.queue[0]
             if not s.validated and records.DATA_OVERHEAD + len(pt) > s.budget_left():
                 break
-            s.queue.popleft()
+            s.queue.pop(0)
             events += self._seal(s, pt, control=control, now=now)
         return events
 
@@ -1680,6 +1898,8 @@ class NoiseEndpoint:
         newest = pn > s.replay.highest
         s.replay.mark(pn)
         s.recv.commit(generation, new_key, pn, now, self.limits.old_key_lifetime)
+        if new_key is not None:
+            self._dirty.add(s.local_sid)  # a previous key to expire
         s.last_recv = now
         if s.send is not None:
             s.pn_floor = s.send.next_pn

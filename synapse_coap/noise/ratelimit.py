@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 
@@ -12,6 +13,13 @@ MAX_BUCKETS = 4096
 
 def source_key(host: str) -> str:
     """The rate-limit key for a source host: the IPv4 address, or the IPv6 /64."""
+    if host.count(".") == 3 and ":" not in host:  # a dotted IPv4 address: itself
+        return host
+    return _source_key(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _source_key(host: str) -> str:
     bare = host.split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(bare)

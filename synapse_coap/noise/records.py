@@ -177,19 +177,27 @@ class ReplayWindow:
 
 
 class SendKeys:
-    """Outbound direction: current key, key generation and next packet number."""
+    """Outbound direction: current key, key generation and next packet number.
+
+    The AEAD object is made per record (under 2 us) rather than kept: an OpenSSL
+    ChaCha20-Poly1305 context is about 2 KB, and a listener holds thousands of
+    sessions."""
+
+    __slots__ = ("generation", "generation_first_pn", "generation_started", "key", "next_pn")
 
     def __init__(self, key: bytes, now: float) -> None:
         self.key = key
-        self.aead = ChaCha20Poly1305(key)
         self.generation = 0
         self.next_pn = 0
         self.generation_started = now
         self.generation_first_pn = 0
 
+    @property
+    def aead(self) -> ChaCha20Poly1305:
+        return ChaCha20Poly1305(self.key)
+
     def update(self, now: float) -> None:
         self.key = rekey(self.key)
-        self.aead = ChaCha20Poly1305(self.key)
         self.generation += 1
         self.generation_started = now
         self.generation_first_pn = self.next_pn
@@ -199,27 +207,34 @@ class SendKeys:
 
 
 class RecvKeys:
-    """Inbound direction: current generation, the previous one (briefly), the next on demand."""
+    """Inbound direction: current generation, the previous one (briefly), the next on demand.
+
+    Keys are kept, AEAD objects made per record (see :class:`SendKeys`)."""
+
+    __slots__ = ("first_pn", "generation", "key", "previous", "previous_expires")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
-        self.aead = ChaCha20Poly1305(key)
         self.generation = 0
         self.first_pn: int | None = None  # lowest packet number seen in this generation
-        self.previous: ChaCha20Poly1305 | None = None
+        self.previous: bytes | None = None  # the previous generation's key, briefly
         self.previous_expires = 0.0
+
+    @property
+    def aead(self) -> ChaCha20Poly1305:
+        return ChaCha20Poly1305(self.key)
 
     def select(self, phase: int, pn: int, now: float) -> tuple[ChaCha20Poly1305, int, bytes | None]:
         """The AEAD for a record: (aead, generation, new key if it is the next generation)."""
         if phase == self.generation & 1:
-            return self.aead, self.generation, None
+            return ChaCha20Poly1305(self.key), self.generation, None
         if (
             self.first_pn is not None
             and pn < self.first_pn
             and self.previous is not None
             and now < self.previous_expires
         ):
-            return self.previous, self.generation - 1, None
+            return ChaCha20Poly1305(self.previous), self.generation - 1, None
         if (
             self.first_pn is None
             and self.generation > 0
@@ -227,7 +242,7 @@ class RecvKeys:
             and now < self.previous_expires
         ):
             # Nothing seen in the current generation yet: an old-phase record.
-            return self.previous, self.generation - 1, None
+            return ChaCha20Poly1305(self.previous), self.generation - 1, None
         nxt = rekey(self.key)
         return ChaCha20Poly1305(nxt), self.generation + 1, nxt
 
@@ -236,10 +251,9 @@ class RecvKeys:
     ) -> None:
         """Record a successfully opened record (may advance the generation)."""
         if new_key is not None and generation == self.generation + 1:
-            self.previous = self.aead
+            self.previous = self.key
             self.previous_expires = now + keep
             self.key = new_key
-            self.aead = ChaCha20Poly1305(new_key)
             self.generation = generation
             self.first_pn = pn
             return

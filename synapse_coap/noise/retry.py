@@ -20,6 +20,7 @@ restart invalidates outstanding cookies (the initiator then gets a new one).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -65,6 +66,13 @@ def retry_datagram(initiator_sid: bytes, cookie: bytes) -> bytes:
 
 def prefix_key(host: str) -> str:
     """The half-open accounting key of a source: its IPv4 /24 or IPv6 /48."""
+    if host.count(".") == 3 and ":" not in host:  # a dotted IPv4 address: no parsing
+        return host.rpartition(".")[0] + ".0/24"
+    return _prefix_key(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefix_key(host: str) -> str:
     bare = host.split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(bare)

@@ -85,6 +85,11 @@ class SidecarConfig:
     #: Seconds without sending anything to the homeserver after which the sidecar sends
     #: a keep-alive (None = never); see :data:`DEFAULT_KEEPALIVE`.
     keepalive: float | None = DEFAULT_KEEPALIVE
+    #: More listeners of the same homeserver (``--homeserver`` repeated): the sidecar
+    #: moves to the next one when its current one stops answering.
+    alternates: tuple[HomeserverAddress, ...] = ()
+    #: Seconds an ordinary request waits on one listener before the next is tried.
+    failover_after: float = 15.0
 
 
 @attrs.frozen
@@ -192,14 +197,30 @@ async def start_sidecar(config: SidecarConfig, *, metrics: Any = None) -> Runnin
         metrics=metrics,
         keepalive_interval=config.keepalive if config.homeserver.secure else None,
     )
-    endpoint = Endpoint(
-        host=config.homeserver.host,
-        port=config.homeserver.port,
-        peer_name=config.server_name,
-        static_key=config.server_key,
-        secure=config.homeserver.secure,
-    )
-    sidecar = Sidecar(client, endpoint, options=config.options)
+    endpoints = [
+        Endpoint(
+            host=address.host,
+            port=address.port,
+            peer_name=config.server_name,
+            static_key=config.server_key,
+            secure=address.secure,
+        )
+        for address in (config.homeserver, *config.alternates)
+    ]
+    endpoint = endpoints[0]
+    sender: Any = client
+    if len(endpoints) > 1:
+        from synapse_coap.proxy.failover import FailoverSender
+        from synapse_coap.transport.convert import default_codec_factory
+        from synapse_coap.wire.context import WireContext
+
+        sender = FailoverSender(
+            client,
+            endpoints,
+            replay_safe=default_codec_factory(0, WireContext()).is_replay_safe,
+            failover_after=config.failover_after,
+        )
+    sidecar = Sidecar(sender, endpoint, options=config.options)
     runner = web.AppRunner(
         sidecar.make_app(), access_log=None, handler_cancellation=True, shutdown_timeout=2.0
     )

@@ -300,9 +300,9 @@ PRIVATE_NAMES = frozenset(
 def _missing(piece: Piece) -> ConfigError:
     return ConfigError(
         f"synapse-coap cannot run on Synapse {SYNAPSE_VERSION}: it lacks {piece.name} "
-        f"(used for {piece.why}; checked on {piece.checked}). Install a Synapse release "
-        f"in the supported range ({CHECKED_RANGE} and later, see synapse-coap's README), "
-        "or a synapse-coap release that supports this Synapse."
+        f"(used for {piece.why}; checked on {piece.checked}). This synapse-coap was "
+        f"checked on Synapse {CHECKED_RANGE}: run one of those, or a synapse-coap "
+        f"release that supports Synapse {SYNAPSE_VERSION}."
     )
 
 

@@ -19,6 +19,7 @@ Example (every field, with its default)::
     link: {}                    # see LinkParameters
     transfers: {}               # see TransferLimits (blockwise memory budget)
     worker: null                # instance name that binds the listener; null = main process
+    workers: null               # several listener instances + request routing (WorkersConfig)
     payload_dump: false
     federation: {}              # outbound federation over CoAP (see docs/federation.md)
     push: {}                    # /sync push over CoAP Observe (see PushConfig, docs/clients.md)
@@ -30,6 +31,7 @@ import base64
 import binascii
 import importlib
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +51,7 @@ _TOP_KEYS = (
     "link",
     "transfers",
     "worker",
+    "workers",
     "payload_dump",
     "federation",
     "push",
@@ -169,6 +172,168 @@ class TrustConfig:
         )
 
 
+MAIN_INSTANCE = "main"
+_WORKERS_KEYS = ("instances", "routes", "default", "forward_timeout")
+_INSTANCE_KEYS = ("listen", "plain_listen", "http")
+
+
+@attrs.frozen
+class InstanceConfig:
+    """One Synapse instance as the module sees it: its CoAP addresses (none: it binds
+    no listener) and the base URL of its HTTP listener (for forwarded requests)."""
+
+    name: str
+    listen: tuple[tuple[str, int], ...] = ()
+    plain_listen: tuple[tuple[str, int], ...] = ()
+    http: str | None = None
+
+    @property
+    def binds(self) -> bool:
+        return bool(self.listen or self.plain_listen)
+
+
+@attrs.frozen
+class WorkersConfig:
+    """A worker deployment (docs/deployment.md, "Workers").
+
+    ``instances``: Synapse instance name (``main`` for the main process, else a
+    ``worker_name``) -> ``listen`` / ``plain_listen`` (CoAP listeners on that
+    instance; any number of instances may bind) and ``http`` (its HTTP listener's
+    base URL, ``http://host:port``, where requests routed to it are forwarded).
+    ``routes``: instance -> path regexes, Synapse's worker routing as a reverse
+    proxy states it. A listener serves a request itself when one of its own
+    regexes matches (so a pool of workers may list the same ones); otherwise
+    the first instance, in order, with a matching regex serves it.
+    ``default``: the instance for paths no regex matches.
+    ``forward_timeout``: seconds a forwarded request may take before it is
+    answered 504 (long-poll /sync waits up to its own timeout first).
+    """
+
+    instances: Mapping[str, InstanceConfig]
+    routes: tuple[tuple[str, tuple[re.Pattern[str], ...]], ...] = ()
+    default: str = MAIN_INSTANCE
+    forward_timeout: float = 90.0
+
+    @classmethod
+    def from_config(cls, raw: object, path: str = "workers") -> WorkersConfig:
+        if not isinstance(raw, Mapping):
+            raise ConfigValueError(path, f"expected a mapping with keys {', '.join(_WORKERS_KEYS)}")
+        _check_keys(raw, _WORKERS_KEYS, path)
+        inst_raw = raw.get("instances")
+        if not isinstance(inst_raw, Mapping) or not inst_raw:
+            raise ConfigValueError(
+                f"{path}.instances",
+                "expected a mapping of instance name (main or a worker_name) -> "
+                "{listen, plain_listen, http}",
+            )
+        instances: dict[str, InstanceConfig] = {}
+        for name, body in inst_raw.items():
+            where = f"{path}.instances.{name}"
+            if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+                raise ConfigValueError(f"{path}.instances", f"bad instance name {name!r}")
+            body = {} if body is None else body
+            if not isinstance(body, Mapping):
+                raise ConfigValueError(
+                    where, "expected a mapping with keys listen, plain_listen, http"
+                )
+            _check_keys(body, _INSTANCE_KEYS, where)
+            http = body.get("http")
+            if http is not None and (
+                not isinstance(http, str) or not re.fullmatch(r"https?://[^/\s]+/?", http)
+            ):
+                raise ConfigValueError(
+                    f"{where}.http",
+                    f"expected a base URL such as http://127.0.0.1:8008, got {http!r}",
+                )
+            instances[name] = InstanceConfig(
+                name=name,
+                listen=_address_list(body.get("listen"), f"{where}.listen", ()),
+                plain_listen=_address_list(body.get("plain_listen"), f"{where}.plain_listen", ()),
+                http=http.rstrip("/") if isinstance(http, str) else None,
+            )
+        known = ", ".join(instances)
+
+        def instance(name: object, where: str) -> str:
+            if not isinstance(name, str) or name not in instances:
+                raise ConfigValueError(
+                    where, f"unknown instance {name!r}; the instances are: {known}"
+                )
+            return name
+
+        routes_raw = raw.get("routes") or {}
+        if not isinstance(routes_raw, Mapping):
+            raise ConfigValueError(
+                f"{path}.routes", "expected a mapping of instance -> [path regex]"
+            )
+        routes: list[tuple[str, tuple[re.Pattern[str], ...]]] = []
+        for name, patterns in routes_raw.items():
+            where = f"{path}.routes.{name}"
+            instance(name, where)
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            if not isinstance(patterns, list):
+                raise ConfigValueError(where, "expected a list of path regexes")
+            compiled = []
+            for i, pattern in enumerate(patterns):
+                try:
+                    if not isinstance(pattern, str):
+                        raise TypeError
+                    compiled.append(re.compile(pattern))
+                except (re.error, TypeError):
+                    raise ConfigValueError(
+                        f"{where}[{i}]", f"not a regular expression: {pattern!r}"
+                    ) from None
+            routes.append((name, tuple(compiled)))
+        default = instance(raw.get("default", MAIN_INSTANCE), f"{path}.default")
+        timeout = raw.get("forward_timeout", 90.0)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= 3600
+        ):
+            raise ConfigValueError(
+                f"{path}.forward_timeout", f"expected seconds, 0 < t <= 3600, got {timeout!r}"
+            )
+        if not any(i.binds for i in instances.values()):
+            raise ConfigValueError(
+                f"{path}.instances", "no instance has a listen or plain_listen address"
+            )
+        # every instance a listener may forward to needs an HTTP address
+        targets = {default} | {name for name, _ in routes}
+        for name in sorted(targets):
+            listeners_elsewhere = any(i.binds and i.name != name for i in instances.values())
+            if listeners_elsewhere and instances[name].http is None:
+                raise ConfigValueError(
+                    f"{path}.instances.{name}.http",
+                    "requests are routed to this instance from listeners on other "
+                    "instances: give its HTTP listener's base URL, e.g. http://10.0.0.2:8008",
+                )
+        return cls(
+            instances=instances,
+            routes=tuple(routes),
+            default=default,
+            forward_timeout=float(timeout),
+        )
+
+    def instance_for(self, path: str, receiving: str | None = None) -> str:
+        """The instance that serves ``path`` (the request target without its query).
+
+        ``receiving``: the instance the request arrived on. If one of its own
+        regexes matches, it serves the request itself (several instances may
+        list the same regexes, as a pool of generic workers does); otherwise the
+        first instance with a matching regex; otherwise ``default``."""
+        first: str | None = None
+        for name, patterns in self.routes:
+            if any(pattern.search(path) for pattern in patterns):
+                if name == receiving:
+                    return name
+                if first is None:
+                    first = name
+        if first is not None:
+            return first
+        return self.default
+
+
 def _sub_config(module: str, cls_name: str, raw: object, path: str) -> Any:
     """``cls.from_config(raw or {}, path)`` for a class owned by a lower layer."""
     if raw is None:
@@ -218,6 +383,7 @@ class CoapModuleConfig:
     link: Any = attrs.field(factory=_default_link)
     transfers: Any = attrs.field(factory=_default_transfers)
     worker: str | None = None
+    workers: WorkersConfig | None = None
     payload_dump: bool = False
     federation: Any = attrs.field(factory=_default_federation)
     push: Any = attrs.field(factory=_default_push)
@@ -252,7 +418,27 @@ class CoapModuleConfig:
             raise ConfigValueError(
                 "worker", "expected a worker instance name (string) or null for the main process"
             )
-        if not listen and not plain:
+        workers = None
+        if raw.get("workers") is not None:
+            workers = WorkersConfig.from_config(raw.get("workers"))
+            for key in ("worker", "listen", "plain_listen"):
+                if raw.get(key) is not None:
+                    raise ConfigValueError(
+                        key,
+                        "with workers, each instance's addresses go in workers.instances "
+                        "(leave this out)",
+                    )
+            listen, plain = (), ()
+            for inst in workers.instances.values():
+                for i, (host, _port) in enumerate(inst.plain_listen):
+                    if not allow_public and not ipaddress.ip_address(host).is_loopback:
+                        raise ConfigValueError(
+                            f"workers.instances.{inst.name}.plain_listen[{i}]",
+                            f"{host} is not a loopback address: plain (unencrypted) CoAP is "
+                            "allowed only on 127.0.0.0/8 or ::1 unless "
+                            "allow_plain_on_public_interfaces is true",
+                        )
+        elif not listen and not plain:
             raise ConfigValueError("listen", "at least one of listen / plain_listen is needed")
         return cls(
             listen=listen,
@@ -273,6 +459,7 @@ class CoapModuleConfig:
                 "transfers",
             ),
             worker=worker,
+            workers=workers,
             payload_dump=_bool(raw.get("payload_dump"), "payload_dump", False),
             federation=_federation_config(raw.get("federation")),
             push=_sub_config("synapse_coap.mapping.push", "PushConfig", raw.get("push"), "push"),
@@ -287,5 +474,19 @@ class CoapModuleConfig:
         return pinned
 
     def binds_here(self, worker_name: str | None) -> bool:
-        """Whether the process called ``worker_name`` (None = main) binds the listener."""
+        """Whether the process called ``worker_name`` (None = main) binds a listener."""
+        if self.workers is not None:
+            inst = self.workers.instances.get(worker_name or MAIN_INSTANCE)
+            return inst is not None and inst.binds
         return self.worker == worker_name
+
+    def addresses_for(
+        self, worker_name: str | None
+    ) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """(listen, plain_listen) of the process called ``worker_name`` (None = main)."""
+        if self.workers is not None:
+            inst = self.workers.instances.get(worker_name or MAIN_INSTANCE)
+            return (inst.listen, inst.plain_listen) if inst is not None else ((), ())
+        if self.worker == worker_name:
+            return self.listen, self.plain_listen
+        return (), ()

@@ -132,6 +132,12 @@ def live_listener_resources(hs: Any) -> tuple[set[str], dict[str, Any]]:
                     found.setdefault(path, child)
 
         walk(site.resource, "")
+    if served:
+        logger.info(
+            "synapse-coap: serving %s from the running HTTP listener's resources (%s)",
+            "/".join(sorted(served)),
+            ", ".join(sorted(found)),
+        )
     return served, found
 
 

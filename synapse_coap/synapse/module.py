@@ -28,7 +28,7 @@ from twisted.internet import defer
 from synapse_coap.errors import ConfigValueError
 from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
-from synapse_coap.synapse.config import CoapModuleConfig, format_address
+from synapse_coap.synapse.config import MAIN_INSTANCE, CoapModuleConfig, format_address
 from synapse_coap.synapse.dispatch import InProcessDispatcher
 from synapse_coap.synapse.metrics import SynapseCoapMetrics
 from synapse_coap.synapse.store import DatabaseTrustStore
@@ -88,10 +88,12 @@ class CoapModule:
             self._private_key = keys.read_key_file(key_path)
         else:
             logger.warning(
-                "synapse-coap: %s does not bind the CoAP listener (configured for %s) and "
+                "synapse-coap: %s does not bind a CoAP listener (configured for %s) and "
                 "cannot read the Noise key at %s: federation over CoAP is off in this process",
                 worker or "the main process",
-                config.worker or "the main process",
+                ", ".join(n for n, i in config.workers.instances.items() if i.binds)
+                if config.workers is not None
+                else config.worker or "the main process",
                 key_path,
             )
             return
@@ -201,9 +203,22 @@ class CoapModule:
         dispatcher = InProcessDispatcher(hs, bridge)
         self.dispatcher = dispatcher
         _ = dispatcher.site  # build the resource tree now, on the reactor thread
+        serving: Any = dispatcher
+        instance = self._api.worker_name or MAIN_INSTANCE
+        if config.workers is not None:
+            from synapse_coap.synapse.routing import HttpForwarder, RoutingDispatcher
+
+            serving = RoutingDispatcher(
+                local=dispatcher,
+                workers=config.workers,
+                instance=instance,
+                bridge=bridge,
+                forwarder=HttpForwarder(hs.get_reactor(), config.workers.forward_timeout),
+            )
+        listen, plain_listen = config.addresses_for(self._api.worker_name)
         server_config = ServerConfig(
-            listen=config.listen,
-            plain_listen=config.plain_listen,
+            listen=listen,
+            plain_listen=plain_listen,
             static_key=self._private_key,
             trust=self.trust,
             limits=config.limits,
@@ -218,7 +233,7 @@ class CoapModule:
         metrics = self.metrics
 
         async def start() -> Any:
-            return await CoapServer.start(server_config, dispatcher, metrics=metrics)
+            return await CoapServer.start(server_config, serving, metrics=metrics)
 
         server = await make_deferred_yieldable(bridge.submit(start))
         self.server = server
@@ -229,11 +244,13 @@ class CoapModule:
         addresses = [format_address(tuple(a)) for a in server.addresses]
         logger.info(
             "synapse-coap: CoAP listener ready on %s (Noise on %s, plain on %s; %s reactor "
-            "mode); Noise public key %s (from %s)",
+            "mode; instance %s%s); Noise public key %s (from %s)",
             ", ".join(addresses),
-            ", ".join(format_address(a) for a in config.listen) or "-",
-            ", ".join(format_address(a) for a in config.plain_listen) or "-",
+            ", ".join(format_address(a) for a in listen) or "-",
+            ", ".join(format_address(a) for a in plain_listen) or "-",
             bridge.mode,
+            instance,
+            ", routing by workers.routes" if config.workers is not None else "",
             encode_public(self.public_key or b""),
             self.key_path,
         )

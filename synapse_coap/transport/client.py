@@ -67,6 +67,7 @@ from synapse_coap.transport.convert import (
     to_aiocoap,
 )
 from synapse_coap.transport.link import LinkParameters
+from synapse_coap.transport.link import keepalive_interval as effective_keepalive
 from synapse_coap.transport.manager import LinkMessageManager, LinkTuning, attach_transport
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
 from synapse_coap.transport.noise_udp import (
@@ -208,7 +209,9 @@ class CoapClient:
         NoiseEndpoint (tests). ``keepalive_interval`` (seconds, None = off): a session
         that has sent nothing for that long sends a one-way keep-alive record (NAT
         mappings, the peer's idle timer, NAT rebinding); see
-        ``NoiseEndpoint(keepalive_interval=)``.
+        ``NoiseEndpoint(keepalive_interval=)``. On a link of known ``bandwidth_bps`` it
+        is raised so keep-alives take at most 0.5 % of the link
+        (:func:`~synapse_coap.transport.link.keepalive_interval`).
         """
         if limits is None:
             from synapse_coap.noise.endpoint import (  # type: ignore
@@ -265,7 +268,9 @@ class CoapClient:
             factory = NoiseEndpoint
         extra: dict[str, Any] = {}
         if self.keepalive_interval is not None:
-            extra["keepalive_interval"] = self.keepalive_interval
+            extra["keepalive_interval"] = effective_keepalive(
+                self.keepalive_interval, self.link.bandwidth_bps
+            )
         endpoint: SessionEndpoint = factory(
             self.static_key,
             trust=self.trust,

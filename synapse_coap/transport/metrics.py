@@ -8,7 +8,7 @@ Datagram ``kind`` values: ``"handshake"`` (Noise handshake messages),
 ``"record"`` (Noise data records), ``"plain"`` (unencrypted CoAP),
 ``"control"`` (any other Noise record kind the session layer reports).
 Directions: ``"in"`` / ``"out"``. Handshake outcomes: ``"ok"``, ``"failed"``,
-``"refused"`` (trust), ``"timeout"``.
+``"refused"`` (trust), ``"timeout"``, ``"retry"`` (a stateless retry cookie sent).
 """
 
 from __future__ import annotations

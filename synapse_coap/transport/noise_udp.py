@@ -91,6 +91,12 @@ class SessionEndpoint(Protocol):
     def active_channels(self) -> int: ...
 
 
+#: the sessions gauge is recounted at every change up to this many channels, and
+#: beyond at most every SESSIONS_GAUGE_INTERVAL seconds
+SESSIONS_GAUGE_EXACT = 256
+SESSIONS_GAUGE_INTERVAL = 1.0
+
+
 class NoiseLinkError(coap_error.NetworkError):  # type: ignore[misc]
     """Reported to aiocoap for a channel that failed; ``cause`` is our exception."""
 
@@ -113,6 +119,10 @@ def _datagram_kind(data: bytes) -> str:
         return "reserved"
     top = data[0] >> 6
     return {0b11: "record", 0b10: "handshake", 0b01: "plain"}.get(top, "reserved")
+
+
+def _is_retry(ev: Any) -> bool:
+    return isinstance(ev, Transmit) and ev.data[:1] == b"\x86"
 
 
 def _code_fits_type(code: int, mtype: int) -> bool:
@@ -168,9 +178,27 @@ class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
         #: the first messages wait for the handshake (no 0-RTT): their RTT
         #: samples must not include it
         self.queued_behind_handshake = False
-        self.established_event = asyncio.Event()
+        self._established_event: asyncio.Event | None = None
         #: free slot for the layer above (server: per-session codec and tokens)
         self.app_state: Any = None
+
+    @property
+    def established_event(self) -> asyncio.Event:
+        """Set while the channel is established. Made on first use: a listener holds
+        thousands of remotes, and an Event with its waiter deque is about 1 KB."""
+        if self._established_event is None:
+            self._established_event = asyncio.Event()
+            if self.established:
+                self._established_event.set()
+        return self._established_event
+
+    def _signal_established(self, established: bool) -> None:
+        event = self._established_event
+        if event is not None:
+            if established:
+                event.set()
+            else:
+                event.clear()
 
     def __repr__(self) -> str:
         return f"<NoiseRemote channel={self.channel} {self.hostinfo} peer={self.peer_name!r}>"
@@ -317,6 +345,8 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self._family = socket.AF_INET6
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._gauge_at = float("-inf")
+        self._gauge_timer: asyncio.TimerHandle | None = None
         self._by_channel: dict[int, NoiseRemote] = {}
         self._client_remotes: dict[tuple[Any, ...], NoiseRemote] = {}
         #: bad datagrams: counted (``dropped``), logged once per source per minute
@@ -434,7 +464,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                 return
             remote.channel = channel
             remote.established = False
-            remote.established_event.clear()
+            remote._signal_established(False)
             self._by_channel[channel] = remote
             remote.queued_behind_handshake = early is None
             self._process(events)
@@ -459,6 +489,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+            self._gauge_timer = None
         self._mman = None  # the message manager is shutting down: no more callbacks
         for remote in list(self._by_channel.values()):
             if remote.channel is not None:
@@ -562,7 +595,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                 if isinstance(ev, Transmit):
                     # a responder's keys exist once IK2 is written (maybe after the
                     # ChannelEstablished event): recount sessions after handshake datagrams
-                    sessions_changed = sessions_changed or _datagram_kind(ev.data) == "handshake"
+                    sessions_changed = sessions_changed or (
+                        _datagram_kind(ev.data) == "handshake" and not _is_retry(ev)
+                    )
                     self._ev_transmit(ev)
                 elif isinstance(ev, Received):
                     self._ev_received(ev)
@@ -582,10 +617,38 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                 else:  # caused by a datagram: the sender's, counted, no traceback flood
                     self.bad_input.report(source, f"event_{type(ev).__name__}", e)
         if sessions_changed:
-            self.metrics.sessions(self.endpoint.active_channels())
-        self._reschedule()
+            self._sessions_changed()
+        if not all(isinstance(ev, Dropped) or _is_retry(ev) for ev in events):
+            # (a dropped datagram or a stateless retry changes no timer: under a flood
+            # this skips a walk over every session per datagram)
+            self._reschedule()
+
+    def _sessions_changed(self) -> None:
+        """Update the sessions gauge: at once with few channels or if it was last
+        updated over a second ago, else once a second is up (counting is a pass over
+        every session: a listener taking thousands of handshakes must not do it per
+        handshake)."""
+        now = self.loop.time()
+        if (
+            len(self._by_channel) <= SESSIONS_GAUGE_EXACT
+            or now - self._gauge_at >= SESSIONS_GAUGE_INTERVAL
+        ):
+            self._update_gauge()
+        elif self._gauge_timer is None:
+            self._gauge_timer = self.loop.call_at(
+                self._gauge_at + SESSIONS_GAUGE_INTERVAL, self._update_gauge
+            )
+
+    def _update_gauge(self) -> None:
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+            self._gauge_timer = None
+        self._gauge_at = self.loop.time()
+        self.metrics.sessions(self.endpoint.active_channels())
 
     def _ev_transmit(self, ev: Transmit) -> None:
+        if ev.data[:1] == b"\x86":  # a stateless retry cookie (half-open state under pressure)
+            self.metrics.handshake("retry")
         self._sendto(ev.data, ev.addr)
 
     def _ev_established(self, ev: ChannelEstablished) -> None:
@@ -614,9 +677,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         if remote.queued_behind_handshake and self._mman is not None:
             remote.queued_behind_handshake = False
             self._mman.estimator(remote).restamp()
-        remote.established_event.set()
+        remote._signal_established(True)
         self.metrics.handshake("ok")
-        self.metrics.sessions(self.endpoint.active_channels())
+        self._sessions_changed()
         if self.on_established is not None:
             self.on_established(remote)
 
@@ -655,12 +718,12 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
 
     def _ev_closed(self, ev: ChannelClosed) -> None:
         remote = self._by_channel.pop(ev.channel, None)
-        self.metrics.sessions(self.endpoint.active_channels())
+        self._sessions_changed()
         if remote is None:
             return
         remote.channel = None
         remote.established = False
-        remote.established_event.clear()
+        remote._signal_established(False)
         err = remote.last_error or LinkDown(f"session with {remote.hostinfo} closed: {ev.reason}")
         if self.on_closed is not None:
             self.on_closed(remote)

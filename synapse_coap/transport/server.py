@@ -56,6 +56,7 @@ from synapse_coap.mapping.push import (
     advertise_observe,
 )
 from synapse_coap.mapping.redact import redact_target
+from synapse_coap.mapping.tokens import ReceiverTokens, UnknownTokenReference
 from synapse_coap.noise.trust import TrustPolicy
 from synapse_coap.transport.aiocoap_compat import block_key, extract_block
 from synapse_coap.transport.convert import (
@@ -84,6 +85,7 @@ from synapse_coap.transport.plain import PlainUDP
 from synapse_coap.transport.push import Observation, Registration, Registrations
 from synapse_coap.transport.transfers import ENTRY_OVERHEAD, TransferLimits, TransferStore
 from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.strings import ReceiverStrings, UnknownStringReference
 
 logger = logging.getLogger(__name__)
 
@@ -324,13 +326,6 @@ class _ServerSession:
 
 def _receiver_tokens(*, strings: bool = False) -> Any:
     """Per-session token bindings; with ``strings`` also the session string table."""
-    try:
-        from synapse_coap.mapping.tokens import (  # type: ignore
-            ReceiverTokens,
-        )
-        from synapse_coap.wire.strings import ReceiverStrings
-    except ImportError:
-        return None
     return ReceiverTokens(strings=ReceiverStrings() if strings else None)
 
 
@@ -775,9 +770,9 @@ class CoapServer:
             return self._finish(
                 codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json, method
             )
+        except (UnknownTokenReference, UnknownStringReference) as e:
+            return self._unknown_token(codec, route, started, e, want_json, method)
         except RemoteProtocolError as e:
-            if type(e).__name__ in ("UnknownTokenReference", "UnknownStringReference"):
-                return self._unknown_token(codec, route, started, e, want_json, method)
             logger.info("undecodable request from %s: %s", session.peer.host, e)
             coap_code: int | None = getattr(e, "coap_code", None)
             if coap_code is None:
@@ -959,7 +954,7 @@ class CoapServer:
         if callable(builder):
             try:
                 cm = builder(error)
-                status = 400 if type(error).__name__ == "UnknownStringReference" else 401
+                status = 400 if isinstance(error, UnknownStringReference) else 401
                 self.metrics.request(route, status, time.monotonic() - started)
                 return to_aiocoap(cm)
             except Exception:

@@ -88,7 +88,8 @@ def test_no_error_and_no_traceback_at_start_and_shutdown(
             with urllib.request.urlopen(
                 proc.base_url + "/_matrix/client/versions", timeout=10
             ) as r:
-                assert json.loads(r.read()) == over_coap
+                # (the module may add its own unstable features over CoAP)
+                assert json.loads(r.read())["versions"] == over_coap["versions"]
         assert "v1.1" in over_coap["versions"]
     finally:
         proc.stop()

@@ -37,7 +37,7 @@ from tests.harness.federation import (
     new_coap_client,
     q,
 )
-from tests.harness.synapse_proc import SynapseProcess, free_port
+from tests.harness.synapse_proc import AUTHENTICATED_MEDIA, SynapseProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -313,6 +313,7 @@ class TestCoapOnly:
         resp = loop.run(raw.raw("GET", other, headers=(("authorization", auth),)))
         assert resp.status == 401, resp.body
 
+    @AUTHENTICATED_MEDIA
     def test_remote_media_download_over_coap(self, coap_pair: dict[str, Any]) -> None:
         """Non-JSON, multipart and blockwise: hs1 fetches bob's upload from hs2 over CoAP."""
         loop, alice, bob = (coap_pair[k] for k in ("loop", "alice", "bob"))

@@ -26,7 +26,12 @@ from urllib.parse import quote
 import pytest
 
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
-from tests.harness.synapse_proc import SynapseProcess, free_port, synapse_version
+from tests.harness.synapse_proc import (
+    AUTHENTICATED_MEDIA,
+    SynapseProcess,
+    free_port,
+    synapse_version,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -298,6 +303,7 @@ async def wait_for_parked_sync(hs: Homeserver, poll: asyncio.Future[Any]) -> Non
     raise AssertionError("the long-poll /sync never reached Synapse")
 
 
+@AUTHENTICATED_MEDIA
 def test_media_upload_download_256k(homeserver: Homeserver) -> None:
     data = os.urandom(256 * 1024)
 

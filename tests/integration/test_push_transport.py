@@ -259,3 +259,34 @@ async def test_unacknowledged_notification_drops_the_registration() -> None:
         await metrics.until(lambda: metrics.live == 0)
         assert metrics.push_events.get("dropped") == 1
         assert metrics.retransmissions >= FAST.max_retransmit
+
+
+@aio
+async def test_too_many_registrations_per_source_are_refused_and_counted() -> None:
+    async with pair(PushConfig(max_per_source=1, poll_timeout=5.0)) as (
+        _sync,
+        client,
+        endpoint,
+        metrics,
+    ):
+        first = client.observe(endpoint, sync_request("0"))
+        pending = asyncio.ensure_future(next_event(first))
+        await metrics.until(lambda: metrics.live == 1)
+        # another session (another client) from the same address
+        other = await CoapClient.create(
+            static_key=generate_private_key(),
+            trust=TrustPolicy(store=MemoryTrustStore()),
+            link=FAST,
+            bind=("::1", 0),
+        )
+        try:
+            ev = await next_event(other.observe(endpoint, sync_request("0")))
+        finally:
+            await other.close()
+        assert ev.final and ev.response.status == 429
+        assert "source (limit 1)" in json.loads(ev.response.body)["error"]
+        assert metrics.push_events["refused_source"] == 1
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        await first.aclose()

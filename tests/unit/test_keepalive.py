@@ -141,3 +141,14 @@ def test_keepalive_interval_must_be_positive() -> None:
             generate_private_key(), trust=TrustPolicy(), clock=Clock(), keepalive_interval=0
         )
     assert e.value.path == "keepalive_interval"
+
+
+def test_on_a_link_of_known_rate_keepalives_take_at_most_half_a_percent() -> None:
+    from synapse_coap.transport.link import KEEPALIVE_IP_BYTES, keepalive_interval
+
+    assert keepalive_interval(110.0, None) == 110.0
+    assert keepalive_interval(110.0, 1_000_000.0) == 110.0
+    slow = keepalive_interval(110.0, 100.0)
+    assert slow == 800.0
+    assert 8 * KEEPALIVE_IP_BYTES / (slow * 100.0) == 0.005
+    assert keepalive_interval(1000.0, 100.0) == 1000.0  # a longer request stands

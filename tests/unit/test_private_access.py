@@ -117,3 +117,24 @@ def test_the_grep_finds_a_private_access(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def _line_of(source: str, text: str) -> int:
     return next(i for i, line in enumerate(source.splitlines(), 1) if text in line)
+
+
+def _is_class_name(node: ast.AST) -> bool:
+    # type(x).__name__ or x.__class__.__name__
+    if not (isinstance(node, ast.Attribute) and node.attr == "__name__"):
+        return False
+    inner = node.value
+    if isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name):
+        return inner.func.id == "type"
+    return isinstance(inner, ast.Attribute) and inner.attr == "__class__"
+
+
+def test_exceptions_are_matched_by_class_not_by_name() -> None:
+    found = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(
+                _is_class_name(x) for x in (node.left, *node.comparators)
+            ):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert found == []

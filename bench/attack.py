@@ -1,0 +1,768 @@
+"""The attack suite (issue 14): the module's listener inside a real Synapse, under attack.
+
+Starts Synapse with the module (SQLite, its own directory), then:
+
+1. **fuzz**: random and mutated datagrams (random bytes, bit flips, truncations,
+   header-valid records, real handshake messages mutated) at the listener, while
+   an honest client keeps sending requests;
+2. **in-session fuzz**: mutated CoAP messages inside an authenticated session;
+3. **handshake floods**: first handshake messages from many source ports of one
+   address, and from 256 addresses of a /24 (loopback aliases 127.0.x.y work
+   without setup on Linux), answering retry cookies; a client connected before
+   and a new client are timed meanwhile;
+4. **valid-session attacks**: a DEFLATE bomb, CBOR nested 10,000 deep, a 2^32
+   length prefix, abandoned Block1 uploads and Block2 fetches (memory, then
+   again after the transfer timeout), more requests in flight than the
+   per-session limit.
+
+Every case reports what was sent, what the listener answered and what its
+Prometheus metrics counted, the Synapse process's memory (RSS) before, at its
+peak and after, tracebacks in Synapse's log, and the honest client's median
+latency quiet and under attack (n >= 5 each, with spread). The figures go to
+``bench/results/attack.csv`` and the generated section of docs/benchmarks.md
+(``--write``); ``--render`` re-renders the section from the committed CSV.
+
+    python bench/attack.py --quick            # a few seconds per case, prints only
+    python bench/attack.py --write            # 1,000,000 datagrams; writes the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.results_store import RESULTS, provenance, read_rows, write_rows  # noqa: E402
+from synapse_coap.lab.attack import (  # noqa: E402
+    Flood,
+    HandshakeFlood,
+    RawPeer,
+    blast,
+    coap_message,
+    handshake_seeds,
+    mutations,
+    process_rss,
+    record_seeds,
+)
+from synapse_coap.lab.homeserver import SynapseProcess, free_port  # noqa: E402
+from synapse_coap.mapping.codec import WireCodec  # noqa: E402
+from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
+from synapse_coap.wire.context import WireContext  # noqa: E402
+from synapse_coap.wire.profile import load_profile  # noqa: E402
+
+SERVER_NAME = "attack.test"
+READY = r"synapse-coap: CoAP listener ready"
+CSV = RESULTS / "attack.csv"
+DOC = REPO / "docs" / "benchmarks.md"
+START = "<!-- attack-results:start (written by bench/attack.py; do not edit by hand) -->"
+END = "<!-- attack-results:end -->"
+MB = 1024 * 1024
+TRANSFER_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class AttackRow:
+    case: str
+    sent: int
+    answered: str
+    counted: str
+    crashed: bool
+    tracebacks: int
+    rss_before_mb: float
+    rss_peak_mb: float
+    rss_after_mb: float
+    honest_quiet_ms: float
+    honest_attack_ms: float
+    honest_ratio: float
+    honest_max_ms: float
+    amplification: float
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class Target:
+    """Synapse with the module, an honest client, and what the cases need."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port("udp")
+        self.key_path = workdir / "keys" / "coap.key"
+        self.key_path.parent.mkdir(parents=True)
+        self.proc = SynapseProcess(
+            workdir,
+            SERVER_NAME,
+            http_port=None,
+            metrics_port=free_port(),
+            modules=[
+                {
+                    "module": "synapse_coap.CoapModule",
+                    "config": {
+                        "listen": [f"127.0.0.1:{self.port}"],
+                        "private_key_path": str(self.key_path),
+                        "transfers": {"timeout": TRANSFER_TIMEOUT},
+                    },
+                }
+            ],
+            extra_config={
+                "enable_registration": True,
+                "enable_registration_without_verification": True,
+                "rc_registration": {"per_second": 1000, "burst_count": 1000},
+                "rc_login": {"address": {"per_second": 1000, "burst_count": 1000}},
+                "rc_message": {"per_second": 1000, "burst_count": 1000},
+            },
+        )
+        self.public_key = b""
+        self.client: Any = None
+        self.endpoint: Any = None
+        self.token = ""
+        self.media_path = b""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def start(self) -> None:
+        from synapse_coap.noise.keys import public_key, read_key_file
+
+        await asyncio.to_thread(self.proc.start, 90.0, READY)
+        self.public_key = public_key(read_key_file(self.key_path))
+        self.client, self.endpoint = await self.new_client()
+        self.token = await self.register(self.client, self.endpoint, "honest")
+        resp = await self.client.request(
+            self.endpoint,
+            HttpRequest(
+                "POST",
+                b"/_matrix/media/v3/upload?filename=blob",
+                (
+                    ("authorization", f"Bearer {self.token}"),
+                    ("content-type", "application/octet-stream"),
+                ),
+                random.randbytes(8192),
+            ),
+            timeout=60,
+        )
+        if resp.status != 200:
+            raise RuntimeError(f"media upload: {resp.status}")
+        mxc = json.loads(resp.body)["content_uri"][len("mxc://") :]
+        self.media_path = f"/_matrix/client/v1/media/download/{mxc}".encode()
+
+    async def new_client(self) -> tuple[Any, Any]:
+        from synapse_coap.noise.keys import generate_private_key
+        from synapse_coap.noise.trust import TrustPolicy
+        from synapse_coap.transport.client import CoapClient, Endpoint
+
+        client = await CoapClient.create(
+            static_key=generate_private_key(),
+            trust=TrustPolicy(pinned={SERVER_NAME: self.public_key}),
+            bind=("127.0.0.1", 0),
+        )
+        ep = Endpoint(
+            "127.0.0.1", self.port, peer_name=SERVER_NAME, static_key=self.public_key, secure=True
+        )
+        return client, ep
+
+    async def register(self, client: Any, ep: Any, prefix: str) -> str:
+        name = f"{prefix}{random.randrange(10**9)}"
+        body = {"username": name, "password": "pw-" + name, "auth": {"type": "m.login.dummy"}}
+        resp = await client.request(
+            ep,
+            HttpRequest(
+                "POST",
+                b"/_matrix/client/v3/register",
+                (("content-type", "application/json"),),
+                json.dumps(body).encode(),
+            ),
+            timeout=60,
+        )
+        if resp.status != 200:
+            raise RuntimeError(f"register: {resp.status} {resp.body[:200]!r}")
+        return str(json.loads(resp.body)["access_token"])
+
+    async def honest_request(self, client: Any = None, ep: Any = None) -> float:
+        """One authenticated request (GET /account/whoami); seconds."""
+        started = time.perf_counter()
+        resp = await (client or self.client).request(
+            ep or self.endpoint,
+            HttpRequest(
+                "GET",
+                b"/_matrix/client/v3/account/whoami",
+                (("authorization", f"Bearer {self.token}"),),
+                b"",
+            ),
+            timeout=30,
+        )
+        if resp.status != 200:
+            raise RuntimeError(f"honest request: {resp.status}")
+        return time.perf_counter() - started
+
+    async def quiet_latency(self, n: int) -> list[float]:
+        return [await self.honest_request() for _ in range(n)]
+
+    def rss(self) -> int:
+        pid = self.proc.pid
+        if pid is None:
+            raise RuntimeError("Synapse is not running")
+        return process_rss(pid)
+
+    def alive(self) -> bool:
+        return self.proc.is_running
+
+    def tracebacks(self) -> int:
+        return self.proc.log_text().count("Traceback")
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.proc.metrics_port}/_synapse/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line.startswith("synapse_coap_"):
+                continue
+            head, _, value = line.rpartition(" ")
+            m = re.match(r"(\w+)\{(.*)\}", head)
+            if m is None:
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            labels.pop("server_name", None)
+            key = m.group(1) + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+            out[key] = out.get(key, 0.0) + float(value)
+        return out
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def counted_delta(before: dict[str, float], after: dict[str, float], *prefixes: str) -> str:
+    """The metric samples that moved (dropped reasons, handshake outcomes, statuses)."""
+    moved = []
+    for key, value in sorted(after.items()):
+        d = value - before.get(key, 0.0)
+        if d >= 1 and key.startswith(prefixes) and "_bucket" not in key:
+            moved.append(f"{key.split('{', 1)[1].rstrip('}').split('=', 1)[1]}: {d:.0f}")
+    return "; ".join(moved) or "-"
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class Observer:
+    """While a case runs: the honest client's latency and the server's peak RSS."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.latencies: list[float] = []
+        self.peak = 0
+        self._stop = asyncio.Event()
+
+    async def _honest(self) -> None:
+        while not self._stop.is_set():
+            self.latencies.append(await self.target.honest_request())
+            await asyncio.sleep(0.05)
+
+    async def _memory(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.target.rss())
+            await asyncio.sleep(0.2)
+
+    async def run(self, attack: Awaitable[Any]) -> Any:
+        tasks = [asyncio.ensure_future(self._honest()), asyncio.ensure_future(self._memory())]
+        try:
+            return await attack
+        finally:
+            self._stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def case(
+    target: Target,
+    name: str,
+    attack: Callable[[], Awaitable[tuple[int, str, float]]],
+    quiet: list[float],
+    *,
+    settle: float = 3.0,
+    prefixes: tuple[str, ...] = (
+        "synapse_coap_dropped_total",
+        "synapse_coap_handshakes_total",
+        "synapse_coap_requests_total",
+    ),
+) -> AttackRow:
+    before_metrics = target.metrics()
+    before_tb = target.tracebacks()
+    rss_before = target.rss()
+    obs = Observer(target)
+    obs.peak = rss_before
+    sent, answered, amplification = await obs.run(attack())
+    await asyncio.sleep(settle)
+    alive = target.alive()
+    rss_after = target.rss() if alive else 0
+    q = statistics.median(quiet)
+    a = statistics.median(obs.latencies) if obs.latencies else float("nan")
+    row = AttackRow(
+        case=name,
+        sent=sent,
+        answered=answered,
+        counted=counted_delta(before_metrics, target.metrics(), *prefixes) if alive else "-",
+        crashed=not alive,
+        tracebacks=target.tracebacks() - before_tb,
+        rss_before_mb=round(rss_before / MB, 1),
+        rss_peak_mb=round(obs.peak / MB, 1),
+        rss_after_mb=round(rss_after / MB, 1),
+        honest_quiet_ms=round(q * 1000, 1),
+        honest_attack_ms=round(a * 1000, 1),
+        honest_ratio=round(a / q, 2),
+        honest_max_ms=round(max(obs.latencies, default=0.0) * 1000, 1),
+        amplification=round(amplification, 2),
+    )
+    print(format_row(row), flush=True)
+    return row
+
+
+def format_row(r: AttackRow) -> str:
+    return (
+        f"{r.case}: sent {r.sent:,}; answered {r.answered}; counted {r.counted}; "
+        f"crashed {r.crashed}; tracebacks {r.tracebacks}; RSS {r.rss_before_mb} -> peak "
+        f"{r.rss_peak_mb} -> {r.rss_after_mb} MB; honest median {r.honest_quiet_ms} ms quiet, "
+        f"{r.honest_attack_ms} ms under attack ({r.honest_ratio}x, max {r.honest_max_ms} ms); "
+        f"amplification {r.amplification}x"
+    )
+
+
+# --------------------------------------------------------------------------- the cases
+
+
+def _codec() -> WireCodec:
+    return WireCodec(load_profile(0), WireContext())
+
+
+def request_bytes(
+    method: str, target: bytes, mid: int, *, token: str = "", body: bytes = b"", ctype: str = ""
+) -> bytes:
+    """A request as the client codec puts it on the wire (profile 0), CON, token = mid."""
+    from aiocoap.numbers.types import CON
+
+    from synapse_coap.transport.convert import to_aiocoap
+
+    headers = []
+    if token:
+        headers.append(("authorization", f"Bearer {token}"))
+    if ctype:
+        headers.append(("content-type", ctype))
+    m = to_aiocoap(_codec().encode_request(HttpRequest(method, target, tuple(headers), body)))
+    m.mid, m.token, m.mtype = mid & 0xFFFF, mid.to_bytes(4, "big"), CON
+    return bytes(m.encode())
+
+
+def with_body(message: bytes, payload: bytes, content_format: int | None = None) -> bytes:
+    from aiocoap.message import Direction, Message
+
+    m = Message.decode(message)
+    m.payload = payload
+    if content_format is not None:
+        m.opt.content_format = content_format
+    m.direction = Direction.OUTGOING
+    return bytes(m.encode())
+
+
+def with_block(message: bytes, option: int, num: int, more: bool, payload: bytes) -> bytes:
+    from aiocoap.message import Direction, Message
+    from aiocoap.optiontypes import BlockOption
+
+    m = Message.decode(message)
+    value = BlockOption.BlockwiseTuple(num, more, 6)
+    if option == 27:
+        m.opt.block1 = value
+    else:
+        m.opt.block2 = value
+    m.payload = payload
+    m.direction = Direction.OUTGOING
+    return bytes(m.encode())
+
+
+async def exchange(peer: RawPeer, messages: list[bytes], timeout: float = 30.0) -> list[int]:
+    """Send CON requests; the response codes, in order (matched by token). Requests
+    not answered within 2 s are sent again (as a CoAP client retransmits)."""
+    loop = asyncio.get_running_loop()
+    want = {m[4 : 4 + (m[0] & 0x0F)]: i for i, m in enumerate(messages)}
+    out = [0] * len(messages)
+    for m in messages:
+        peer.send(m)
+    left = len(messages)
+    deadline = loop.time() + timeout
+    resend_at = loop.time() + 2.0
+    while left:
+        now = loop.time()
+        if now >= deadline:
+            raise TimeoutError(f"{left} of {len(messages)} requests unanswered")
+        if now >= resend_at:
+            for i, m in enumerate(messages):
+                if out[i] == 0:
+                    peer.send(m)
+            resend_at = now + 2.0
+        try:
+            got = await asyncio.wait_for(peer.received.get(), min(resend_at, deadline) - now)
+        except TimeoutError:
+            continue
+        i = want.get(got[4 : 4 + (got[0] & 0x0F)])
+        if i is not None and out[i] == 0 and got[1] != 0:
+            out[i] = got[1]
+            left -= 1
+    return out
+
+
+async def send_blockwise(peer: RawPeer, message: bytes, mid: int) -> int:
+    """Send a request with Block1 when it does not fit one datagram; the final code."""
+    from aiocoap.message import Message
+
+    if len(message) <= peer.endpoint.max_plaintext():
+        return (await exchange(peer, [message]))[0]
+    payload = Message.decode(message).payload
+    head = with_body(message, b"")
+    code = 0
+    for num in range(0, (len(payload) + 1023) // 1024):
+        chunk = payload[num * 1024 : (num + 1) * 1024]
+        more = (num + 1) * 1024 < len(payload)
+        m = with_block(head, 27, num, more, chunk)
+        m = m[:2] + ((mid + num) & 0xFFFF).to_bytes(2, "big") + m[4:]
+        code = (await exchange(peer, [m]))[0]
+        if code != 95:  # not 2.31 Continue: the answer
+            return code
+    return code
+
+
+def code_str(code: int) -> str:
+    return f"{code >> 5}.{code & 0x1F:02d}"
+
+
+def codes(values: list[int]) -> str:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[code_str(v)] = counts.get(code_str(v), 0) + 1
+    return ", ".join(f"{k} x{v:,}" for k, v in sorted(counts.items()))
+
+
+def datagram_mix(target: Target, count: int, seed: int) -> Iterator[bytes]:
+    rnd = random.Random(seed)
+    plain = [coap_message(1, i, b"\x01", [(11, b"_matrix"), (11, b"client")]) for i in range(4)]
+    seeds = handshake_seeds(target.public_key) + record_seeds() + plain
+    return mutations(seeds, count, rnd)
+
+
+async def fuzz(target: Target, count: int, rate: float) -> tuple[int, str, float]:
+    sent, _bytes = await blast(target.address, datagram_mix(target, count, 14), rate=rate)
+    return sent, f"at {rate:,.0f}/s: dropped, or a stateless retry", 0.0
+
+
+async def in_session(target: Target, count: int) -> tuple[int, str, float]:
+    peer = await RawPeer(target.address).open()
+    try:
+        await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
+        seeds = [
+            request_bytes("GET", b"/_matrix/client/versions", 1),
+            request_bytes("PUT", b"/_matrix/client/v3/rooms/!r:x/send/m.room.message/t", 2),
+            coap_message(1, 5, b"\x07", [(11, b"\xff\xfe"), (15, b"\xc3\x28")]),
+        ]
+        rnd = random.Random(15)
+        n = stalled = 0
+        replies: list[int] = []
+        batch: list[bytes] = []
+        for pt in mutations(seeds, count, rnd):
+            if len(pt) > peer.endpoint.max_plaintext():
+                continue
+            peer.send(pt)
+            n += 1
+            batch.append(pt)
+            if n % 200 == 0:
+                ping = request_bytes("GET", b"/_matrix/client/versions", 900_000 + n)
+                try:
+                    replies += await exchange(peer, [ping], timeout=10.0)
+                except TimeoutError:
+                    # this session stopped answering: note it, go on in a new one
+                    stalled += 1
+                    peer.close()
+                    peer = await RawPeer(target.address).open()
+                    await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
+                await asyncio.sleep(0)
+        verdict = "answered every ping" if not stalled else f"{stalled} sessions stopped answering"
+        return n, f"{verdict} ({codes(replies)})", 0.0
+    finally:
+        peer.close()
+
+
+async def handshake_flood(
+    target: Target, hosts: list[str], ports: int, rounds: int
+) -> tuple[int, str, float]:
+    flood = Flood(hosts, ports)
+    hf = HandshakeFlood(target.address, flood)
+    try:
+        attack = asyncio.ensure_future(hf.run(rounds, rate=4000))
+        await asyncio.sleep(1.0)
+        # a client connected before the flood, and a new one, while it runs
+        old = await target.honest_request()
+        client, ep = await target.new_client()
+        started = time.perf_counter()
+        try:
+            await target.honest_request(client, ep)
+        finally:
+            await client.close()
+        new = time.perf_counter() - started
+        await attack
+        return (
+            hf.messages,
+            f"connected client {old * 1000:.0f} ms, new client {new * 1000:.0f} ms "
+            "(handshake + request)",
+            hf.amplification(),
+        )
+    finally:
+        flood.close()
+
+
+async def session_attacks(target: Target) -> tuple[int, str, float]:
+    peer = await RawPeer(target.address).open()
+    try:
+        await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
+        put = request_bytes(
+            "PUT",
+            b"/_matrix/client/v3/rooms/!r:x/send/m.room.message/bomb",
+            1,
+            token=target.token,
+            body=b"{}",
+            ctype="application/json",
+        )
+        z = zlib.compressobj(9, zlib.DEFLATED, -15)
+        bomb = b"\xfc" + z.compress(b"\x00" * MB) + z.flush()  # 1 MiB in about 1 KB
+        deep = b"\x81" * 10_000 + b"\x00"
+        huge = b"\x5b" + (1 << 32).to_bytes(8, "big") + b"x"
+        results = []
+        for i, body in enumerate((bomb, deep, huge)):
+            m = with_body(put, body)
+            m = m[:2] + (10 + i).to_bytes(2, "big") + (10 + i).to_bytes(4, "big") + m[8:]
+            results.append(await send_blockwise(peer, m, 100 + 20 * i))
+        answered = (
+            f"bomb ({len(bomb):,} B -> 1 MiB) {code_str(results[0])}, nested "
+            f"{code_str(results[1])}, 2^32 prefix {code_str(results[2])}"
+        )
+        return 3, answered, 0.0
+    finally:
+        peer.close()
+
+
+async def abandoned_transfers(target: Target, count: int) -> tuple[int, str, float]:
+    peers = [await RawPeer(target.address, bind=f"127.15.{i}.1").open() for i in range(20)]
+    try:
+        await asyncio.gather(
+            *(p.connect(peer_name=SERVER_NAME, peer_static=target.public_key) for p in peers)
+        )
+        answers: list[int] = []
+        for i in range(count):
+            peer = peers[i % len(peers)]
+            put = request_bytes(
+                "POST",
+                b"/_matrix/media/v3/upload?filename=f%d" % i,
+                2 * i + 1,
+                token=target.token,
+                body=b"x",
+                ctype="application/octet-stream",
+            )
+            get = request_bytes("GET", target.media_path, 2 * i + 2, token=target.token)
+            answers += await exchange(
+                peer,
+                [
+                    with_block(put, 27, 0, True, b"x" * 1024),
+                    with_block(get, 23, 0, False, b""),
+                ],
+            )
+        return 2 * count, f"{codes(answers)}; held until the transfer timeout", 0.0
+    finally:
+        for p in peers:
+            p.close()
+
+
+async def over_limit(target: Target, count: int) -> tuple[int, str, float]:
+    peer = await RawPeer(target.address).open()
+    try:
+        await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
+        msgs = [
+            request_bytes(
+                "GET",
+                b"/_matrix/client/v3/sync?timeout=2000&set_presence=offline&x=%d" % i,
+                50 + i,
+                token=target.token,
+            )
+            for i in range(count)
+        ]
+        got = await exchange(peer, msgs, timeout=60)
+        return count, codes(got), 0.0
+    finally:
+        peer.close()
+
+
+# --------------------------------------------------------------------------- running
+
+
+async def campaign(
+    workdir: Path, *, datagrams: int, quick: bool, only: str = "", rate: float = 3000.0
+) -> list[AttackRow]:
+    target = Target(workdir)
+    await target.start()
+    rows: list[AttackRow] = []
+    n = 2_000 if quick else 20_000
+    ports = 200 if quick else 2_000
+    hosts = [f"127.0.2.{i}" for i in range(1, 33 if quick else 256)] + (
+        [] if quick else ["127.0.2.0"]
+    )
+    k = 100 if quick else 1_000
+    cases: list[tuple[str, Callable[[], Awaitable[tuple[int, str, float]]], float]] = [
+        (
+            f"{datagrams:,} random/mutated datagrams",
+            lambda: fuzz(target, datagrams, rate),
+            10.0,
+        ),
+        (f"{n:,} mutated CoAP messages in a session", lambda: in_session(target, n), 3.0),
+        (
+            f"handshake flood: {ports:,} ports of one address",
+            lambda: handshake_flood(target, ["127.0.3.1"], ports, 2),
+            3.0,
+        ),
+        (
+            f"handshake flood: {len(hosts)} addresses of a /24, 4 ports each",
+            lambda: handshake_flood(target, hosts, 4, 2),
+            3.0,
+        ),
+        ("DEFLATE bomb, CBOR 10,000 deep, 2^32 length", lambda: session_attacks(target), 3.0),
+        (
+            f"{k:,} abandoned Block1 uploads + {k:,} Block2 fetches",
+            lambda: abandoned_transfers(target, k),
+            TRANSFER_TIMEOUT * 1.5,
+        ),
+        ("40 requests in flight on one session (limit 32)", lambda: over_limit(target, 40), 3.0),
+    ]
+    try:
+        quiet = await target.quiet_latency(10 if quick else 30)
+        print(
+            f"honest client quiet: median {statistics.median(quiet) * 1000:.1f} ms "
+            f"(min {min(quiet) * 1000:.1f}, max {max(quiet) * 1000:.1f}, n={len(quiet)})",
+            flush=True,
+        )
+        for name, attack, settle in cases:
+            if only and only not in name:
+                continue
+            try:
+                rows.append(await case(target, name, attack, quiet, settle=settle))
+            except Exception as e:  # a failed case is a result too
+                print(f"{name}: failed: {e!r}", flush=True)
+                rows.append(
+                    AttackRow(
+                        name,
+                        0,
+                        f"case failed: {type(e).__name__}: {e}",
+                        "-",
+                        not target.alive(),
+                        target.tracebacks(),
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    )
+                )
+    finally:
+        await target.client.close()
+        target.stop()
+    return rows
+
+
+def render(rows: list[AttackRow], meta: dict[str, str]) -> str:
+    lines = [
+        START,
+        "",
+        f"`{meta.get('command', '')}` at {meta.get('commit', '?')}, {meta.get('time', '')}; "
+        f"{meta.get('machine', '')}; Synapse {meta.get('synapse', '?')}. The machine was shared "
+        "with other work: latencies are medians of the honest client's requests during each "
+        "case against its quiet median measured in the same run.",
+        "",
+        "| case | sent | answered | counted (metrics) | crashed | tracebacks | RSS before / peak / after (MB) | honest median quiet / attack (ms) | ratio | amplification |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.case} | {r.sent:,} | {r.answered} | {r.counted} | {'yes' if r.crashed else 'no'} "
+            f"| {r.tracebacks} | {r.rss_before_mb} / {r.rss_peak_mb} / {r.rss_after_mb} "
+            f"| {r.honest_quiet_ms} / {r.honest_attack_ms} | {r.honest_ratio}x "
+            f"| {r.amplification if r.amplification else '-'} |"
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_doc(rows: list[AttackRow], meta: dict[str, str]) -> None:
+    text = DOC.read_text()
+    block = render(rows, meta)
+    if START in text:
+        head, _, rest = text.partition(START)
+        _, _, tail = rest.partition(END)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Under attack (bench/attack.py)\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datagrams", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="small numbers; prints only")
+    parser.add_argument("--only", default="", help="run only the cases whose name has this text")
+    parser.add_argument(
+        "--rate", type=float, default=2500.0, help="datagrams per second of the fuzz case"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write bench/results/attack.csv and docs"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="re-render docs from the committed CSV"
+    )
+    args = parser.parse_args(argv)
+    if args.render:
+        meta, rows = read_rows(CSV, AttackRow)
+        write_doc(rows, meta)
+        return 0
+    datagrams = 20_000 if args.quick and args.datagrams == 1_000_000 else args.datagrams
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
+    with tempfile.TemporaryDirectory(prefix="attack-") as tmp:
+        rows = asyncio.run(
+            campaign(
+                Path(tmp), datagrams=datagrams, quick=args.quick, only=args.only, rate=args.rate
+            )
+        )
+    if args.write:
+        meta = provenance("python bench/attack.py " + " ".join(argv or sys.argv[1:]))
+        write_rows(CSV, rows, meta)
+        write_doc(rows, meta)
+    bad = [r for r in rows if r.crashed or r.tracebacks]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

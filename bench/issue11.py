@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Render issue 11's figures (a client's day on the link) into docs/benchmarks.md.
+
+Reads the ``results.csv`` of the lab runs kept under ``bench/results/issue11/<run>/``
+(each written by ``bench/lab.py ... --no-docs --out bench/results/issue11/<run>``; the
+commands are in the block) and rewrites the block between the issue-11 markers of
+docs/benchmarks.md: the idle cost per minute and airtime, the bytes of a send and of a
+pushed message, the receive latency, and the day's HTTPS/CoAP ratio.
+
+    .venv/bin/python bench/issue11.py
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from synapse_coap.lab.model import PROFILES  # noqa: E402
+
+RUNS = REPO / "bench" / "results" / "issue11"
+DOCS = REPO / "docs" / "benchmarks.md"
+MARK_START = "<!-- issue11:start (written by bench/issue11.py; do not edit by hand) -->"
+MARK_END = "<!-- issue11:end -->"
+
+
+def _rows() -> list[dict[str, str]]:
+    out = []
+    for path in sorted(RUNS.glob("*/results.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                row["run"] = path.parent.name
+                out.append(row)
+    return out
+
+
+def _airtime(nbytes: int, rate: float | None, seconds: float) -> str:
+    if not rate or seconds <= 0:
+        return "—"
+    return f"{100.0 * 8.0 * nbytes / (rate * seconds):.2f} %"
+
+
+def render() -> str:
+    rows = _rows()
+    lines = [
+        "### A client's day on the link (issue 11)",
+        "",
+        "Lab runs kept in `bench/results/issue11/<run>/results.csv` (commands: "
+        "`bench/lab.py --scenario login --scenario initial-sync --scenario send --scenario "
+        "receive --scenario idle --profile P --idle 600 --no-docs --out "
+        "bench/results/issue11/P`, and `bench/lab.py --suite day --day-compress 30 --no-docs "
+        "--out bench/results/issue11/day-lan`). IP-level bytes; the CoAP client is matrix-nio "
+        "through the sidecar with push and its default keep-alive (110 s). The machine was "
+        "shared: times are noisy, bytes are exact.",
+        "",
+        "| run | scenario | stack | bytes | dgrams/pkts | s | B/min | up airtime | down airtime "
+        "| ok | note |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for r in rows:
+        ip, secs = int(r["ip_bytes"] or 0), float(r["seconds"] or 0)
+        prof = PROFILES.get(r["profile"])
+        per_min = f"{ip * 60.0 / secs:,.1f}" if r["scenario"] == "idle" and secs > 0 else ""
+        up = down = ""
+        if r["scenario"] == "idle" and prof is not None:
+            up = _airtime(int(r["up_bytes"] or 0), prof.uplink.rate, secs)
+            down = _airtime(int(r["down_bytes"] or 0), prof.downlink.rate, secs)
+        lines.append(
+            f"| {r['run']} | {r['scenario']} | {r['stack']} | {ip:,} | {r['packets']} "
+            f"| {secs:.2f} | {per_min} | {up} | {down} | {r['ok']} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    block = render()
+    text = DOCS.read_text()
+    if MARK_START in text and MARK_END in text:
+        head, _, rest = text.partition(MARK_START)
+        _, _, tail = rest.partition(MARK_END)
+        text = f"{head}{MARK_START}\n\n{block}\n\n{MARK_END}{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n{MARK_START}\n\n{block}\n\n{MARK_END}\n"
+    DOCS.write_text(text)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

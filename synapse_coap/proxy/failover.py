@@ -1,0 +1,113 @@
+"""Several listeners of one homeserver: the sidecar moves to another when its own goes quiet.
+
+A homeserver in a worker deployment may run CoAP listeners on several
+instances (docs/deployment.md, "Workers"), each of which serves every request
+(in-process, or forwarded to the instance that serves it). The sidecar is given
+all of them (``--homeserver`` repeated). :class:`FailoverSender` sends every
+request to the current listener; when that listener stops answering (the CoAP
+link reports it down, or an ordinary request gets no answer within
+``failover_after`` seconds) the next listener becomes current, which costs one
+new handshake there, and a request that is safe to repeat (GET, HEAD, or PUT
+with a transaction id, which Synapse deduplicates) is sent again to it at once.
+Other requests get the error and the client retries them, as it would after
+any lost connection. Long-polls wait for their own timeout first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from synapse_coap.errors import LinkDown, RequestTimeout
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+
+logger = logging.getLogger(__name__)
+
+#: Default seconds an ordinary request waits on one listener before the next one is tried.
+DEFAULT_FAILOVER_AFTER = 15.0
+
+
+class FailoverSender:
+    """A request sender over several endpoints of one homeserver (see the module doc).
+
+    ``client``: the CoAP client (``request(endpoint, HttpRequest, timeout=...)``);
+    ``endpoints``: the listeners, the first one current at start; ``replay_safe``:
+    whether a request may be sent twice.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        endpoints: Sequence[Any],
+        *,
+        replay_safe: Callable[[HttpRequest], bool],
+        failover_after: float = DEFAULT_FAILOVER_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        self._client = client
+        self.endpoints = tuple(endpoints)
+        self._replay_safe = replay_safe
+        self.failover_after = failover_after
+        self._clock = clock
+        self._current = 0
+        #: how many times the current listener changed
+        self.failovers = 0
+
+    @property
+    def current(self) -> Any:
+        return self.endpoints[self._current]
+
+    def _give_up_on(self, endpoint: Any, error: Exception) -> None:
+        if self.current is not endpoint or len(self.endpoints) == 1:
+            return  # another request already moved on
+        self._current = (self._current + 1) % len(self.endpoints)
+        self.failovers += 1
+        logger.warning(
+            "homeserver listener %s stopped answering (%s); moving to %s",
+            _name(endpoint),
+            error,
+            _name(self.current),
+        )
+
+    async def request(
+        self, endpoint: Any, request: HttpRequest, *, timeout: float | None = None
+    ) -> HttpResponse:
+        """Send ``request`` (``endpoint`` is ignored: the current listener is used)."""
+        total = 120.0 if timeout is None else timeout
+        started = self._clock()
+        tries = len(self.endpoints)
+        for attempt in range(tries):
+            target = self.current
+            remaining = total - (self._clock() - started)
+            per_try = remaining
+            if tries > 1 and not request.is_long_poll:
+                per_try = min(remaining, self.failover_after)
+            try:
+                response: HttpResponse = await self._client.request(
+                    target, request, timeout=per_try
+                )
+                return response
+            except (LinkDown, RequestTimeout) as e:
+                self._give_up_on(target, e)
+                left = total - (self._clock() - started)
+                if attempt == tries - 1 or left <= 0 or not self._replay_safe(request):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def observe(self, endpoint: Any, request: HttpRequest) -> AsyncIterator[Any]:
+        """Push registrations go to the current listener."""
+        result: AsyncIterator[Any] = self._client.observe(self.current, request)
+        return result
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _name(endpoint: Any) -> str:
+    host = getattr(endpoint, "host", "?")
+    port = getattr(endpoint, "port", "?")
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,0 +1,413 @@
+"""A worker deployment on PostgreSQL and Redis: the main process and two generic
+workers, each with its own CoAP listener; clients talk only to the workers' listeners.
+
+What generic2's routes claim (here /sync and /messages, as a reverse proxy would
+send them to a generic worker) runs in-process on generic2; everything else
+(register, createRoom, send) is forwarded over HTTP to the main process. Synapse's
+access logs tell where each request ran. generic1 only listens (it forwards
+everything): matrix-nio through the sidecar, given both workers' listeners, keeps
+going when generic1 is killed mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import string
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness.synapse_proc import SynapseProcess, free_port
+from tests.integration.test_module import Client, Homeserver, run
+from tests.integration.test_module_store import PG_HOST, PG_PORT, PG_USER, fresh_pg_database
+
+pytestmark = pytest.mark.integration
+
+SERVER_NAME = "workers.test"  # also the Redis channel prefix: unique to this test
+READY = r"synapse-coap: CoAP listener ready"
+REDIS = ("127.0.0.1", 6379)
+
+
+def _redis_or_skip() -> None:
+    try:
+        with socket.create_connection(REDIS, timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                raise OSError("no PONG")
+    except OSError as e:
+        pytest.skip(f"Redis is not reachable on {REDIS[0]}:{REDIS[1]} ({e}): worker test skipped")
+
+
+class Deployment:
+    def __init__(
+        self,
+        main: SynapseProcess,
+        worker: SynapseProcess,
+        coap: Homeserver,
+        front: SynapseProcess,
+        front_coap: int,
+        media: SynapseProcess,
+        sender: SynapseProcess,
+        local: Any,
+        remote: Any,
+    ) -> None:
+        self.sender = sender  # fedsender1: the federation sender
+        self.local = local  # this homeserver as the federation harness sees it (generic2)
+        self.remote = remote  # remote.test: a second homeserver with the module
+        self.media = media  # media1: the media repository, no CoAP listener
+        self.main = main
+        self.worker = worker  # generic2: serves /sync and /messages
+        self.coap = coap  # generic2's CoAP listener
+        self.front = front  # generic1: a listener only (killed by a test)
+        self.front_coap = front_coap
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    _redis_or_skip()
+    root = tmp_path_factory.mktemp("workers")
+    from tests.harness.federation import Homeserver as FedServer
+    from tests.integration.test_federation import Node
+
+    main_http, replication, worker_http, front_http, media_http = (free_port() for _ in range(5))
+    main_coap, worker_coap, front_coap = (free_port("udp") for _ in range(3))
+    # this homeserver as federation peers see it: generic2's listener, one key for all
+    local = FedServer(root / "keys", SERVER_NAME, coap_port=worker_coap)
+    key_path = local.key_path
+    remote = Node(root, "remote.test")
+    ports = {
+        "KEY_PATH": key_path,
+        "REDIS_HOST": REDIS[0],
+        "REDIS_PORT": REDIS[1],
+        "MAIN_REPLICATION_PORT": replication,
+        "MAIN_COAP_PORT": main_coap,
+        "MAIN_HTTP_PORT": main_http,
+        "GENERIC1_COAP_PORT": front_coap,
+        "GENERIC1_HTTP_PORT": front_http,
+        "GENERIC2_COAP_PORT": worker_coap,
+        "GENERIC2_HTTP_PORT": worker_http,
+        "MEDIA1_HTTP_PORT": media_http,
+    }
+    # the module entry and worker files of docs/deployment.md, verbatim (but the ports)
+    module = example("coap_module.yaml", **ports)
+    module["config"]["trust"] = {"peers": {remote.server_name: remote.public_b64}}
+    module["config"]["federation"] = {
+        "fallback": "never",
+        "discovery": False,
+        "peers": {
+            remote.server_name: {
+                "endpoints": [f"127.0.0.1:{remote.coap_port}"],
+                "public_key": remote.public_b64,
+            }
+        },
+    }
+    with fresh_pg_database() as dbname:
+        main = SynapseProcess(
+            root / "main",
+            SERVER_NAME,
+            http_port=main_http,
+            http_resources=("client", "federation"),
+            modules=[module],
+            extra_config={
+                "database": {
+                    "name": "psycopg2",
+                    "args": {
+                        "user": PG_USER,
+                        "host": PG_HOST,
+                        "port": PG_PORT,
+                        "database": dbname,
+                        "cp_min": 1,
+                        "cp_max": 5,
+                    },
+                },
+                **example("homeserver.yaml", **ports),
+            },
+        )
+        main.extra_config["listeners"] = [
+            *main.build_config()["listeners"],
+            {
+                "port": replication,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "resources": [{"names": ["replication"]}],
+            },
+        ]
+        main.start(ready_log_pattern=READY)
+        worker = _worker(root, main, "generic_worker.yaml", "generic2", worker_http)
+        front = _worker(root, main, "generic_worker.yaml", "generic1", front_http)
+        media = _worker(root, main, "media_worker.yaml", "media1", media_http)
+        sender = _worker(root, main, "federation_sender.yaml", "fedsender1", None)
+        remote.make(
+            {
+                "fallback": "never",
+                "discovery": False,
+                "peers": {
+                    SERVER_NAME: {
+                        "endpoints": [f"127.0.0.1:{worker_coap}"],
+                        "public_key": local.public_b64,
+                    }
+                },
+            },
+            {SERVER_NAME: local.public_b64},
+        )
+        try:
+            worker.start(ready_log_pattern=READY)
+            front.start(ready_log_pattern=READY)
+            media.start()
+            sender.start(ready_log_pattern=r"federation over CoAP installed")
+            remote.start()
+            yield Deployment(
+                main,
+                worker,
+                Homeserver(worker, worker_coap, 0, key_path),
+                front,
+                front_coap,
+                media,
+                sender,
+                local,
+                remote,
+            )
+        finally:
+            if remote.proc is not None:
+                remote.proc.stop()
+            sender.stop()
+            media.stop()
+            front.stop()
+            worker.stop()
+            main.stop()
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "workers"
+
+
+def example(name: str, **values: Any) -> Any:
+    """A file of docs/examples/workers with its ``${...}`` placeholders filled in."""
+    text = (EXAMPLES / name).read_text()
+    # (safe_substitute: a regex's "$" is not a placeholder)
+    filled = string.Template(text).safe_substitute({k: str(v) for k, v in values.items()})
+    assert "${" not in filled, f"{name}: a placeholder was not given"
+    return yaml.safe_load(filled)
+
+
+def _worker(
+    root: Path, main: SynapseProcess, example_file: str, name: str, http_port: int | None
+) -> SynapseProcess:
+    return SynapseProcess(
+        root / name,
+        SERVER_NAME,
+        http_port=http_port,
+        worker_of=main,
+        worker=example(example_file, WORKER_NAME=name, WORKER_HTTP_PORT=http_port),
+    )
+
+
+def _ran(proc: SynapseProcess, method: str, path_start: str, tag: str) -> bool:
+    """Whether ``proc``'s access log shows ``method path_start...`` under ``tag``."""
+    return any(
+        tag in line and f"{method} {path_start}" in line
+        for line in proc.log_text().splitlines()
+        if "synapse.access." in line
+    )
+
+
+def test_client_on_the_workers_listener_reaches_everything_each_served_where_http_would(
+    deployment: Deployment,
+) -> None:
+    import secrets
+
+    user = f"w{secrets.token_hex(4)}"
+
+    async def scenario(c: Client) -> tuple[str, list[str]]:
+        reg = await c.json(
+            "POST",
+            "/_matrix/client/v3/register",
+            {"username": user, "password": "pw-123456", "auth": {"type": "m.login.dummy"}},
+        )
+        c.token = reg["access_token"]
+        room = (await c.json("POST", "/_matrix/client/v3/createRoom", {}))["room_id"]
+        for i in range(3):
+            await c.json(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/t{i}",
+                {"msgtype": "m.text", "body": f"hello {i}"},
+            )
+        sync = await c.json("GET", "/_matrix/client/v3/sync?timeout=0")
+        events = sync["rooms"]["join"][room]["timeline"]["events"]
+        msgs = await c.json("GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10")
+        bodies = [e["content"]["body"] for e in events if e["type"] == "m.room.message"]
+        assert [e["content"].get("body") for e in msgs["chunk"] if e["type"] == "m.room.message"]
+        return room, bodies
+
+    room, bodies = run(deployment.coap, scenario)
+    assert bodies == ["hello 0", "hello 1", "hello 2"], bodies
+    main, worker = deployment.main, deployment.worker
+    # routed to generic1: in-process on the worker (its CoAP listener received them)
+    assert _ran(worker, "GET", "/_matrix/client/v3/sync", "synapse.access.coap")
+    assert _ran(worker, "GET", f"/_matrix/client/v3/rooms/{room}/messages", "synapse.access.coap")
+    # everything else: forwarded over HTTP to the main process's listener
+    for method, path in [
+        ("POST", "/_matrix/client/v3/register"),
+        ("POST", "/_matrix/client/v3/createRoom"),
+        ("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/t0"),
+    ]:
+        assert _ran(main, method, path, "synapse.access.http"), (method, path)
+        assert not _ran(worker, method, path, "synapse.access"), (method, path)
+    assert not _ran(main, "GET", "/_matrix/client/v3/sync", "synapse.access")
+    for proc in (main, worker):
+        text = proc.log_text()
+        assert "Traceback" not in text, json.dumps(text[-2000:])
+        # forwarded requests keep Synapse's logcontext rules
+        assert "Expected logging context" not in text, json.dumps(text[-2000:])
+
+
+def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
+    for proc, name in [
+        (deployment.main, "main"),
+        (deployment.worker, "generic2"),
+        (deployment.front, "generic1"),
+    ]:
+        line = next((x for x in proc.log_text().splitlines() if "CoAP listener ready" in x), "")
+        assert f"instance {name}, routing by workers.routes" in line, line
+
+
+def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """matrix-nio -> sidecar (given generic1's and generic2's listeners) -> generic1;
+    generic1 is killed while messages are being sent; the client carries on through
+    generic2 with one new handshake, and every message is in the room exactly once."""
+    import asyncio
+    import io
+
+    from synapse_coap.noise.keys import encode_public
+    from tests.integration.test_sidecar_nio import Proc, nio, sidecar_url
+
+    key = encode_public(deployment.coap.public_key)
+    sidecar = Proc(
+        [
+            "sidecar",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--homeserver",
+            f"coap://127.0.0.1:{deployment.front_coap}",
+            "--homeserver",
+            f"coap://127.0.0.1:{deployment.coap.port}",
+            "--server-key",
+            key,
+            "--server-name",
+            SERVER_NAME,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--failover-after",
+            "3",
+            "--no-push",
+        ],
+        tmp_path / "sidecar.log",
+    )
+    sidecar.start()
+    n_before, n_after = 4, 4
+
+    async def scenario() -> tuple[list[str], str]:
+        import secrets
+
+        client = nio.AsyncClient(sidecar_url(sidecar), f"k{secrets.token_hex(4)}")
+        try:
+            r = await client.register(client.user, "kill-password-1")
+            assert isinstance(r, nio.RegisterResponse), r
+            r = await client.room_create(name="across a dying listener")
+            assert isinstance(r, nio.RoomCreateResponse), r
+            room = r.room_id
+            await client.sync(timeout=0)
+            # media goes to the media instance (forwarded from the listener over HTTP)
+            data = bytes(range(256)) * 40
+            up, _ = await client.upload(
+                io.BytesIO(data), content_type="application/octet-stream", filesize=len(data)
+            )
+            assert isinstance(up, nio.UploadResponse), up
+            dl = await client.download(mxc=up.content_uri)
+            assert isinstance(dl, nio.DownloadResponse), dl
+            assert dl.body == data
+            for i in range(n_before):
+                r = await client.room_send(
+                    room, "m.room.message", {"msgtype": "m.text", "body": f"m{i}"}
+                )
+                assert isinstance(r, nio.RoomSendResponse), r
+            # generic1 dies mid-stream: a send is in flight while it goes
+            send = asyncio.ensure_future(
+                client.room_send(
+                    room, "m.room.message", {"msgtype": "m.text", "body": f"m{n_before}"}
+                )
+            )
+            await asyncio.sleep(0)
+            await asyncio.to_thread(deployment.front.kill)
+            results = [await send]
+            for i in range(n_before + 1, n_before + n_after):
+                results.append(
+                    await client.room_send(
+                        room, "m.room.message", {"msgtype": "m.text", "body": f"m{i}"}
+                    )
+                )
+            assert all(isinstance(r, nio.RoomSendResponse) for r in results), results
+            sync = await client.sync(timeout=0, full_state=True)
+            assert isinstance(sync, nio.SyncResponse), sync
+            r = await client.room_messages(room, start=sync.next_batch, limit=50)
+            assert isinstance(r, nio.RoomMessagesResponse), r
+            bodies = [getattr(e, "body", None) for e in reversed(r.chunk)]
+            return [b for b in bodies if b is not None], room
+        finally:
+            await client.close()
+
+    try:
+        bodies, _room = asyncio.run(scenario())
+    finally:
+        sidecar.stop()
+    assert bodies == [f"m{i}" for i in range(n_before + n_after)], bodies  # none lost, none twice
+    assert _ran(deployment.media, "POST", "/_matrix/media/v3/upload", "synapse.access.http")
+    assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "stopped answering" in log and "moving to" in log, log[-2000:]
+
+
+def test_federation_over_coap_both_ways_exactly_once_outbound_from_the_federation_sender(
+    deployment: Deployment,
+) -> None:
+    import asyncio
+    from collections import Counter
+
+    from tests.harness.federation import CoapMatrix, new_coap_client, q
+
+    async def scenario() -> tuple[Counter[str], Counter[str]]:
+        c1, c2 = await new_coap_client(), await new_coap_client()
+        try:
+            here, there = CoapMatrix(c1, deployment.local), CoapMatrix(c2, deployment.remote)
+            await here.register("fedlocal")
+            await there.register("fedremote")
+            room = await here.call("POST", "/createRoom", {"preset": "public_chat"})
+            room_id = room["room_id"]
+            await there.call("POST", f"/join/{q(room_id)}?server_name={SERVER_NAME}", {})
+            await here.send(room_id, "from workers")
+            await there.send(room_id, "from remote")
+            want = {"from workers", "from remote"}
+            return await here.wait_for(room_id, want), await there.wait_for(room_id, want)
+        finally:
+            await c1.close()
+            await c2.close()
+
+    seen_here, seen_there = asyncio.run(scenario())
+    for seen in (seen_here, seen_there):
+        assert seen["from workers"] == 1 and seen["from remote"] == 1, seen
+    # outbound federation left from the federation sender (its transactions), over
+    # CoAP (fallback "never"; remote.test has no HTTP federation listener at all)
+    sent = "PUT matrix-federation://remote.test/_matrix/federation/v1/send/"
+    assert sent in _log_lines(deployment.sender, "federation_transaction_transmission_loop")
+    for proc in (deployment.main, deployment.worker, deployment.front):
+        assert sent not in proc.log_text()
+    assert any("send" in route for route in deployment.remote.listener_routes())
+
+
+def _log_lines(proc: SynapseProcess, needle: str) -> str:
+    return "\n".join(line for line in proc.log_text().splitlines() if needle in line)
