@@ -232,7 +232,8 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             cells.setdefault((label, name), []).append(ms)
                     if args.cprofile_out and mode == "asyncio":
                         for name, one in runners.items():
-                            cut(pid, workdir)  # what came before: discarded
+                            os.kill(pid, signal.SIGUSR2)  # start profiling
+                            await asyncio.sleep(0.2)
                             serial += args.profile_requests
                             await run_n(args.profile_requests, args.concurrency, one, serial)
                             cprofile_parts.setdefault(name, []).append(cut(pid, workdir))
@@ -269,7 +270,7 @@ _CUTS: dict[int, int] = {}
 
 
 def cut(pid: int, workdir: Path) -> Path:
-    """Ask the profiled Synapse to write its profile so far (bench/profiling/sitecustomize.py)."""
+    """Ask the profiled Synapse to write and stop its profile (bench/profiling/sitecustomize.py)."""
     n = _CUTS.get(pid, 0)
     _CUTS[pid] = n + 1
     os.kill(pid, signal.SIGUSR2)

@@ -1,8 +1,9 @@
 """cProfile for a Synapse process started by bench/inbound.py --cprofile-out (only then).
 
 Put on PYTHONPATH with SYNAPSE_COAP_CPROFILE=PREFIX in the environment: the process
-profiles itself from start; each SIGUSR2 writes the profile so far to PREFIX.N
-(N = 0, 1, ...) and starts a fresh one, so the bench can cut the run into phases.
+does not profile until told; each SIGUSR2 toggles: the first starts a profile, the
+next writes it to PREFIX.N (N = 0, 1, ...) and stops, so the measured rounds run
+without the profiler's overhead and the bench profiles only the passes it chooses.
 cProfile sees the main thread only: use it with the asyncio reactor (one thread).
 """
 
@@ -13,16 +14,19 @@ if os.environ.get("SYNAPSE_COAP_CPROFILE"):
     import signal
 
     _prefix = os.environ["SYNAPSE_COAP_CPROFILE"]
-    _state = {"n": 0, "prof": cProfile.Profile()}
-    _state["prof"].enable()
+    _state: dict[str, object] = {"n": 0, "prof": None}
 
-    def _cut(signum: int, frame: object) -> None:
+    def _toggle(signum: int, frame: object) -> None:
         prof = _state["prof"]
+        if prof is None:
+            fresh = cProfile.Profile()
+            _state["prof"] = fresh
+            fresh.enable()
+            return
+        assert isinstance(prof, cProfile.Profile)
         prof.disable()
         prof.dump_stats(f"{_prefix}.{_state['n']}")
-        _state["n"] += 1
-        fresh = cProfile.Profile()
-        _state["prof"] = fresh
-        fresh.enable()
+        _state["n"] = int(str(_state["n"])) + 1
+        _state["prof"] = None
 
-    signal.signal(signal.SIGUSR2, _cut)
+    signal.signal(signal.SIGUSR2, _toggle)
