@@ -32,6 +32,7 @@ from typing import Any
 
 import attrs
 
+from synapse_coap.confmap import from_mapping
 from synapse_coap.errors import (
     ConfigValueError,
     HandshakeError,
@@ -243,20 +244,7 @@ class NoiseLimits:
     @classmethod
     def from_config(cls, config: Mapping[str, object] | None, path: str) -> NoiseLimits:
         """Build from a config mapping; ConfigValueError names ``path.field``."""
-        if config is None:
-            return cls()
-        if not isinstance(config, Mapping):
-            raise ConfigValueError(path, "must be a mapping")
-        fields = {f.name for f in attrs.fields(cls)}
-        for key in config:
-            if key not in fields:
-                raise ConfigValueError(
-                    f"{path}.{key}", f"unknown field; allowed: {', '.join(sorted(fields))}"
-                )
-        try:
-            return cls(**{str(k): v for k, v in config.items()})  # type: ignore[arg-type]
-        except ConfigValueError as exc:
-            raise ConfigValueError(f"{path}.{exc.path}", str(exc).split(": ", 1)[1]) from None
+        return from_mapping(cls, config, path)
 
 
 class _Session:
