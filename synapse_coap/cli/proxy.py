@@ -239,6 +239,22 @@ def register(sub: Any) -> None:
         help="push registrations one source address may hold (default: %(default)s)",
     )
     gateway.add_argument(
+        "--push-poll-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="each /sync long-poll the gateway issues to the homeserver for a push "
+        "registration (local, never on the link) (default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--link",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a CoAP link parameter, as the module's link: settings (docs/link-tuning.md), "
+        "e.g. --link ack_timeout=4 --link max_retransmit=6; repeatable",
+    )
+    gateway.add_argument(
         "--client-key",
         action="append",
         default=[],
@@ -362,13 +378,36 @@ def run_gateway_command(args: argparse.Namespace) -> int:
                 enabled=not args.no_push,
                 max_per_session=args.push_max_per_session,
                 max_per_source=args.push_max_per_source,
+                poll_timeout=args.push_poll_timeout,
             ),
+            link=_link_parameters(args.link),
             client_keys=tuple(_client_key(v) for v in args.client_key),
             only_pinned_clients=args.only_pinned_clients,
         )
     except ConfigValueError as e:
         return _fail(str(e))
     return _serve(run_gateway(config))
+
+
+def _link_parameters(values: list[str]) -> Any:
+    """``--link NAME=VALUE`` options as LinkParameters (numbers parsed; ConfigValueError
+    naming ``--link.NAME`` and the allowed values otherwise)."""
+    from synapse_coap.transport.link import LinkParameters
+
+    settings: dict[str, Any] = {}
+    for value in values:
+        name, sep, raw = value.partition("=")
+        if not sep or not name or not raw:
+            raise ConfigValueError("--link", f"expected NAME=VALUE, got {value!r}")
+        parsed: Any = raw
+        for kind in (int, float):
+            try:
+                parsed = kind(raw)
+                break
+            except ValueError:
+                continue
+        settings[name.strip()] = parsed
+    return LinkParameters.from_config(settings, path="--link")
 
 
 def _client_key(value: str) -> tuple[str, bytes]:

@@ -66,6 +66,13 @@ __all__ = [
 SYNAPSE_PYTHON = os.environ.get("SYNAPSE_COAP_TEST_PYTHON", sys.executable)
 
 
+#: Synapse appends ``git describe`` output to its version string when its package sits
+#: inside a git work tree (as a venv inside this checkout does): the string would then
+#: change with every commit. Synapse processes started here, and :func:`synapse_version`,
+#: run git with no repository, so the string is the release's own, stable during a run.
+NO_GIT_ENV = {"GIT_DIR": os.path.join(os.sep, "nonexistent", "synapse-coap-no-git")}
+
+
 @functools.cache
 def synapse_version() -> str:
     """The version of the Synapse that :data:`SYNAPSE_PYTHON` runs (``synapse.__version__``)."""
@@ -74,6 +81,7 @@ def synapse_version() -> str:
         check=True,
         capture_output=True,
         text=True,
+        env={**os.environ, **NO_GIT_ENV},
     )
     return out.stdout.strip()
 
@@ -408,7 +416,7 @@ class SynapseProcess:
             raise SynapseError("already running")
         self.write_config()
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        env = {**os.environ, "SYNAPSE_CACHE_FACTOR": "1.0", **self.env}
+        env = {**os.environ, "SYNAPSE_CACHE_FACTOR": "1.0", **NO_GIT_ENV, **self.env}
         self._console = open(self.workdir / "console.log", "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(
             self.command(),

@@ -26,6 +26,7 @@ from synapse_coap.mapping.push import PushConfig
 from synapse_coap.proxy.common import format_host_port, parse_host_port
 from synapse_coap.proxy.gateway import HttpDispatcher, parse_http_target
 from synapse_coap.proxy.sidecar import Sidecar, SidecarOptions
+from synapse_coap.transport.link import LinkParameters
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class GatewayConfig:
     long_poll_slack: float = 30.0
     verify_tls: bool = True
     push: PushConfig = attrs.field(factory=PushConfig)
+    #: The CoAP link's parameters (``--link NAME=VALUE``; the module's ``link:``).
+    link: LinkParameters = attrs.field(factory=LinkParameters)
     #: Pinned client (initiator) keys by name; with ``only_pinned_clients`` no other
     #: key may open a session (as the module's ``trust.accept_unknown_clients: false``).
     client_keys: tuple[tuple[str, bytes], ...] = ()
@@ -317,6 +320,7 @@ async def start_gateway(config: GatewayConfig, *, metrics: Any = None) -> Runnin
         server_name=config.server_name,
         payload_dump=config.dump_payloads,
         push=config.push,
+        link=config.link,
         replay_state_path=f"{config.key_path}.replay",
         trust=TrustPolicy(
             pinned=dict(config.client_keys),

@@ -28,6 +28,8 @@ import attrs
 from aiocoap.blockwise import _extract_block_key
 from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
+from aiocoap.numbers.codes import EMPTY
+from aiocoap.numbers.types import RST
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
@@ -249,6 +251,14 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
 
     def send_initially(self, message: Any, messageerror_monitor: Any) -> None:
         self._send_initially(message, messageerror_monitor)
+
+    def reset_now(self, remote: Any, mid: int, reason: str) -> None:
+        """Reject the message ``mid`` from ``remote`` with a Reset (RFC 7252 4.3), as
+        aiocoap answers a CoAP ping: straight to the wire, no exchange kept."""
+        self.log.debug("Sending Reset: %s", reason)
+        rst = Message(_mtype=RST, _mid=mid, code=EMPTY, payload=b"")
+        rst.remote = remote.as_response_address()
+        self._send_initially(rst)
 
     def send_empty_ack_now(self, remote: Any, token: bytes, reason: str) -> bool:
         """Send the empty ACK aiocoap is holding for request ``(remote, token)`` now.

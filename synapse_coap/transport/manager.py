@@ -69,8 +69,12 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         early_data: bool = False,
         prompt_ack: bool = False,
         on_acknowledged: Callable[[bool], None] | None = None,
+        confirmable: bool | None = None,
     ) -> None:
         self.params = params
+        #: aiocoap's message type choice: True sends CON (an Observe notification,
+        #: whatever the registration's type), False NON, None follows the request.
+        self.reliability = confirmable
         self.ACK_TIMEOUT = params.ack_timeout if ack_timeout is None else ack_timeout
         self.ACK_RANDOM_FACTOR = params.ack_random_factor
         self.MAX_RETRANSMIT = params.max_retransmit
@@ -165,6 +169,7 @@ class LinkMessageManager(HookedMessageManager):
         early_data: bool = False,
         prompt_ack: bool = False,
         on_acknowledged: Callable[[bool], None] | None = None,
+        confirmable: bool | None = None,
     ) -> LinkTuning:
         est = self.estimator(remote)
         return LinkTuning(
@@ -174,6 +179,7 @@ class LinkMessageManager(HookedMessageManager):
             early_data=early_data,
             prompt_ack=prompt_ack,
             on_acknowledged=on_acknowledged,
+            confirmable=confirmable,
         )
 
     def allowed_outstanding(self, remote: Hashable) -> int:
@@ -317,6 +323,7 @@ class LinkMessageManager(HookedMessageManager):
                 early_data=tuning.early_data,
                 prompt_ack=tuning.prompt_ack,
                 on_acknowledged=hook,
+                confirmable=tuning.reliability,
             )
         result = super().send_message(message, messageerror_monitor)
         if hook is not None and message.mtype != CON:

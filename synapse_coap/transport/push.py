@@ -292,7 +292,8 @@ class Observation:
         else:
             message = full
         message.opt.observe = self.seq
-        message.transport_tuning = LinkTuning(self.link, on_acknowledged=on_ack)
+        # Confirmable even for a NON registration: the next /sync waits for this ACK
+        message.transport_tuning = LinkTuning(self.link, on_acknowledged=on_ack, confirmable=True)
         self.reg.pipe.add_response(message, is_last=False)
         push_metric(self.metrics, "notification")
         if not await acked:

@@ -36,6 +36,7 @@ from aiocoap.blockwise import IncompleteException
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.numbers.types import Type
 from aiocoap.optiontypes import BlockOption
 from aiocoap.protocol import Context
 
@@ -62,6 +63,7 @@ from synapse_coap.transport.aiocoap_compat import block_key, extract_block
 from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
+    NO_RESPONSE_ALL,
     Codec,
     CodecFactory,
     default_codec_factory,
@@ -718,6 +720,18 @@ class CoapServer:
 
     # -- rendering -------------------------------------------------------------------
 
+    def _reject_non(self, req: Message, reason: str) -> Message:
+        """Reject the Non-confirmable request ``req`` (RFC 7252 4.3): a Reset with its
+        Message ID goes out now; the returned response is suppressed (No-Response)."""
+        self.metrics.dropped("non_bad_option")
+        for mman in self._mmans:
+            if mman.message_interface is getattr(req.remote, "interface", None):
+                mman.reset_now(req.remote, req.mid, reason)
+                break
+        out = Message(code=Code.BAD_OPTION)
+        out.opt.no_response = NO_RESPONSE_ALL
+        return out
+
     def _acknowledge_now(self, req: Message) -> None:
         for mman in self._mmans:
             if mman.acknowledge_now(req.remote, req.token):
@@ -775,6 +789,10 @@ class CoapServer:
         except RemoteProtocolError as e:
             logger.info("undecodable request from %s: %s", session.peer.host, e)
             coap_code: int | None = getattr(e, "coap_code", None)
+            if coap_code == n.BAD_OPTION and req.mtype == Type.NON:
+                # RFC 7252 5.4.1: an unrecognized critical option in a NON rejects the
+                # message (4.3): no response, a matching Reset
+                return self._reject_non(req, str(e))
             if coap_code is None:
                 return self._finish(
                     codec,

@@ -1,11 +1,12 @@
 """CoAP conformance of every listener, from the ETSI CoAP plugtest test descriptions.
 
 Each case is named by the TD id it was written from (the public CoAP#4 plugtest
-descriptions: TD_COAP_CORE, TD_COAP_BLOCK, TD_COAP_LINK), or by the RFC section
+descriptions: TD_COAP_CORE, TD_COAP_BLOCK, TD_COAP_OBS, TD_COAP_LINK), or by the RFC section
 it checks; docs/wire.md has the table of every TD, applicable or not, and why.
 The cases are ours: the TDs' stimuli adapted to Matrix resources (``/test``
 becomes ``/_matrix/client/versions``, a PUT is a message send, a DELETE removes
-a room alias), checked byte-level with a raw socket.
+a room alias, the observable resource is a push registration of ``/sync``), checked
+byte-level with a raw socket.
 
 Every case runs against four listeners of one real Synapse:
 
@@ -23,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -47,6 +49,12 @@ TARGETS = ("module-plain", "module-noise", "gateway-plain", "gateway-noise")
 CON, NON, ACK, RST = 0, 1, 2, 3
 JSON_CF = b"\x32"
 VERSIONS = "/_matrix/client/versions"
+#: The listeners' link: two retransmissions (RFC 7252's default is 4), so that an
+#: unacknowledged notification ends its registration in seconds (TD_COAP_OBS_05).
+LINK = {"max_retransmit": 2}
+#: Each /sync the server issues for a push registration waits at most this long, so
+#: a logout ends an observation quickly (TD_COAP_OBS_07).
+PUSH_POLL = 2.0
 
 
 # -- a raw CoAP peer, plain or inside a Noise session -------------------------------------
@@ -135,6 +143,8 @@ class Reply:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.mtype, self.mid, self.token, self.msg = decode_coap(data)
+        #: the whole payload (a notification's other blocks appended, see Observer)
+        self.full: bytes = self.msg.payload
 
     @property
     def code(self) -> str:
@@ -231,6 +241,8 @@ class World:
                         "listen": [f"127.0.0.1:{self.ports['module-noise']}"],
                         "plain_listen": [f"127.0.0.1:{self.ports['module-plain']}"],
                         "private_key_path": str(key_path),
+                        "link": LINK,
+                        "push": {"poll_timeout": PUSH_POLL},
                     },
                 }
             ],
@@ -253,6 +265,9 @@ class World:
             str(gw_key),
             "--server-name",
             SERVER,
+            "--push-poll-timeout",
+            str(PUSH_POLL),
+            *(arg for k, v in LINK.items() for arg in ("--link", f"{k}={v}")),
         ]
         self.gateway: subprocess.Popen[bytes] | None = None
         self.gateway_log = root / "gateway.log"
@@ -652,6 +667,299 @@ def test_TD_COAP_BLOCK_04_post_block1(world: World, target: str, peer: Peer) -> 
     assert reply.json()["room_id"].startswith("!")
 
 
+# -- TD_COAP_OBS: push of /sync (RFC 7641) ----------------------------------------------------
+
+
+class Observer:
+    """One registration for push of ``/sync`` on a fresh room, with a second peer sending."""
+
+    def __init__(self, world: World, target: str, peer: Peer, tok: bytes = b"\x0b\x5e") -> None:
+        self.world, self.target, self.peer, self.tok = world, target, peer, tok
+        self.token, _room = world.account(target)
+        self.sender = world.peer(target)
+        created = self.sender.exchange(
+            request(n.POST, f"/_matrix/client/v3/createRoom?access_token={self.token}", payload={})
+        )
+        assert created.code == "2.04", created
+        self.room = created.json()["room_id"]
+        since = _since(peer, self.token)
+        only_this_room = json.dumps(
+            {
+                "room": {
+                    "rooms": [self.room],
+                    "state": {"types": []},
+                    "ephemeral": {"types": []},
+                    "account_data": {"not_types": ["*"]},
+                },
+                "presence": {"not_types": ["*"]},
+                "account_data": {"not_types": ["*"]},
+            },
+            separators=(",", ":"),
+        )
+        self.target_url = f"/_matrix/client/v3/sync?since={since}&filter={only_this_room}"
+        self.auth = bytes([0x80]) + f"Bearer {self.token}".encode()  # literal Authorization
+
+    def register(self, observe: bytes = b"", mtype: int = CON) -> bytes:
+        data = request(
+            n.GET,
+            self.target_url,
+            mtype=mtype,
+            token=self.tok,
+            options=((n.OBSERVE, observe), (n.OPT_AUTHORIZATION, self.auth)),
+        )
+        self.peer.send(data)
+        return data
+
+    def registered(self, mtype: int = CON) -> None:
+        """Register; a CON registration is acknowledged at once with an empty ACK."""
+        data = self.register(mtype=mtype)
+        if mtype == CON:
+            first = Reply(self.peer.recv() or b"")
+            assert (first.mtype, first.msg.code, first.mid) == (ACK, 0, decode_coap(data)[1]), first
+
+    def say(self, text: str) -> None:
+        txn = f"obs{random.randrange(10**9)}"
+        sent = self.sender.exchange(
+            request(
+                n.PUT,
+                f"/_matrix/client/v3/rooms/{self.room}/send/m.room.message/{txn}"
+                f"?access_token={self.token}",
+                payload={"msgtype": "m.text", "body": text},
+            )
+        )
+        assert sent.code == "2.04", sent
+
+    def notification(self, timeout: float = 15.0, *, acknowledge: bool = True) -> Reply:
+        """The next notification: CON 2.05, the registration's token, JSON, Observe. One
+        larger than a block is acknowledged and its other blocks fetched (RFC 7641 with
+        RFC 7959: GETs of the registration without Observe, served from the pushed
+        representation, the ETag on every block); ``full`` holds the whole payload."""
+        got = self.peer.recv(timeout)
+        assert got is not None, "no notification"
+        note = Reply(got)
+        assert note.mtype == CON and note.code == "2.05" and note.token == self.tok, note
+        assert note.uint(n.CONTENT_FORMAT) == n.CF_JSON, note
+        assert note.msg.first(n.OBSERVE) is not None, note
+        b2 = note.msg.first(n.BLOCK2)
+        if acknowledge:
+            self.peer.send(ack(note))
+        if acknowledge and b2 is not None:
+            etag = note.msg.first(n.ETAG)
+            assert etag, note
+            num, more, szx = parse_block(b2)
+            base = request(
+                n.GET,
+                self.target_url,
+                token=b"\x0b\x5f",
+                options=((n.OPT_AUTHORIZATION, self.auth),),
+            )
+            while more:
+                num += 1
+                part = self.peer.exchange(with_option(base, n.BLOCK2, block(num, False, szx)))
+                assert part.code == "2.05" and part.msg.first(n.ETAG) == etag, part
+                assert part.msg.first(n.OBSERVE) is None, part
+                got_num, more, _ = parse_block(part.msg.first(n.BLOCK2) or b"")
+                assert got_num == num, part
+                note.full += part.msg.payload
+        return note
+
+    def texts(self, note: Reply) -> list[str]:
+        body = json.loads(note.full)
+        room = body.get("rooms", {}).get("join", {}).get(self.room)
+        if room is None:
+            return []
+        events = room["timeline"]["events"]
+        return [e["content"]["body"] for e in events if e["type"] == "m.room.message"]
+
+    def wait_for(self, text: str) -> Reply:
+        """Acknowledge notifications until one carries ``text`` (the first may carry
+        other news, such as the user's own new device)."""
+        while True:
+            note = self.notification()
+            found = self.texts(note)
+            if found:
+                assert found == [text], found
+                return note
+
+    def settled(self) -> None:
+        """Registered, with the news of the moment (own devices ...) already pushed."""
+        self.registered()
+        self.say("ready")
+        self.wait_for("ready")
+
+    def quiet(self, seconds: float) -> bool:
+        """Nothing arrives for ``seconds`` (a retransmission would)."""
+        return self.peer.recv(timeout=seconds) is None
+
+    def cancel(self) -> Reply:
+        """TD_COAP_OBS_12: GET with Observe 1 and the registration's token."""
+        self.register(observe=b"\x01")
+        while True:
+            got = self.peer.recv()
+            assert got is not None, "no answer to the cancelling GET"
+            reply = Reply(got)
+            if reply.mtype == CON and reply.msg.first(n.OBSERVE) is not None:
+                self.peer.send(ack(reply))  # a notification already under way
+                continue
+            if reply.mtype == ACK and reply.msg.code == 0:
+                continue  # acknowledged; the response follows
+            if reply.mtype == CON:
+                self.peer.send(ack(reply))
+            return reply
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+@pytest.fixture
+def observer(world: World, target: str, peer: Peer) -> Iterator[Observer]:
+    obs = Observer(world, target, peer)
+    try:
+        yield obs
+    finally:
+        obs.close()
+
+
+def test_TD_COAP_OBS_01_09_confirmable_notifications(observer: Observer) -> None:
+    """Register (empty ACK at once), then each change of the resource (a new message) is a
+    CON 2.05 with the registration's token, the same Content-Format, a growing Observe
+    number and the new value; each is acknowledged."""
+    observer.settled()
+    observer.say("TD_COAP_OBS_01 first")
+    first = observer.wait_for("TD_COAP_OBS_01 first")
+    observer.say("TD_COAP_OBS_09 second")
+    second = observer.wait_for("TD_COAP_OBS_09 second")
+    assert (second.uint(n.OBSERVE) or 0) > (first.uint(n.OBSERVE) or 0), (first, second)
+    assert observer.cancel().msg.first(n.OBSERVE) is None
+
+
+def test_TD_COAP_OBS_02_non_registration_gets_confirmable_notifications(
+    observer: Observer,
+) -> None:
+    """A NON registration is served too; its notifications are Confirmable all the same
+    (RFC 7641 4.5 lets the server choose; a notification here is never lost on the link,
+    and the next /sync waits for its ACK)."""
+    observer.registered(mtype=NON)
+    observer.say("TD_COAP_OBS_02")
+    observer.wait_for("TD_COAP_OBS_02")
+    assert observer.cancel().msg.first(n.OBSERVE) is None
+
+
+def test_TD_COAP_OBS_06_reset_deregisters(observer: Observer) -> None:
+    """A Reset in answer to a notification ends the registration: nothing further is sent."""
+    observer.settled()
+    observer.say("TD_COAP_OBS_06 before")
+    note = observer.notification(acknowledge=False)
+    observer.peer.send(bytes([0x70, 0]) + note.mid.to_bytes(2, "big"))
+    observer.say("TD_COAP_OBS_06 after")
+    assert observer.quiet(2.0)
+
+
+def test_TD_COAP_OBS_10_get_does_not_cancel(observer: Observer) -> None:
+    """A GET of the resource without Observe (another token) is answered without Observe;
+    the registration goes on."""
+    observer.settled()
+    plain = observer.peer.exchange(
+        request(n.GET, _sync(observer.token, None, 0), token=b"\x7e\x10")
+    )
+    assert plain.code == "2.05" and plain.msg.first(n.OBSERVE) is None, plain
+    observer.say("TD_COAP_OBS_10")
+    observer.wait_for("TD_COAP_OBS_10")
+    observer.cancel()
+
+
+def test_TD_COAP_OBS_11_one_notification_in_flight_when_lossy(observer: Observer) -> None:
+    """A notification that is not acknowledged is retransmitted (same MID, same bytes); no
+    newer notification is sent while it is outstanding; once it is acknowledged, the next
+    one carries what happened meanwhile."""
+    observer.settled()
+    observer.say("TD_COAP_OBS_11 one")
+    lost = observer.notification(acknowledge=False)
+    observer.say("TD_COAP_OBS_11 two")
+    again = Reply(observer.peer.recv(15.0) or b"")
+    assert again.mid == lost.mid and again.msg.payload == lost.msg.payload, (lost, again)
+    # acknowledged now (and its other blocks fetched, if any)
+    observer.peer.inbox.appendleft(again.data)
+    assert observer.texts(observer.notification()) == ["TD_COAP_OBS_11 one"]
+    observer.wait_for("TD_COAP_OBS_11 two")
+    observer.cancel()
+
+
+def test_TD_COAP_OBS_12_observe_1_cancels(observer: Observer) -> None:
+    """GET with Observe 1 and the registration's token: an ordinary response without
+    Observe, and no further notifications."""
+    observer.settled()
+    reply = observer.cancel()
+    assert reply.code == "2.05" and reply.msg.first(n.OBSERVE) is None, reply
+    observer.say("TD_COAP_OBS_12 after")
+    assert observer.quiet(2.0)
+
+
+def test_TD_COAP_OBS_07_logout_ends_the_observation(observer: Observer) -> None:
+    """Adapted from "server cleans the observers list on DELETE": /sync cannot be deleted,
+    but its access token can. After a logout the server's next /sync fails, and that error
+    is the last notification: a CON 4.01 without Observe; nothing follows."""
+    observer.settled()
+    out = observer.sender.exchange(
+        request(n.POST, f"/_matrix/client/v3/logout?access_token={observer.token}", payload={})
+    )
+    assert out.code == "2.04", out
+    observer.world.accounts.pop(observer.target, None)  # the token is gone for other tests
+    while True:
+        got = observer.peer.recv(timeout=15.0)
+        assert got is not None, "no final notification"
+        last = Reply(got)
+        observer.peer.send(ack(last))
+        if last.code != "2.05":  # news of the logout itself may come first
+            break
+    assert last.mtype == CON and last.code == "4.01" and last.token == observer.tok, last
+    assert last.msg.first(n.OBSERVE) is None, last
+    assert observer.quiet(2.0)
+
+
+def test_TD_COAP_OBS_05_unacknowledged_notifications_end_the_registration(
+    world: World,
+) -> None:
+    """The client is switched off: the server retransmits its notification up to the link's
+    max_retransmit (2 here), then drops the registration and sends nothing more. The four
+    listeners run side by side (each waits out its retransmissions)."""
+    peers = {t: world.peer(t) for t in TARGETS}
+    observers = {t: Observer(world, t, peers[t]) for t in TARGETS}
+    errors: list[str] = []
+
+    def run(t: str) -> None:
+        obs = observers[t]
+        try:
+            obs.settled()
+            obs.say("TD_COAP_OBS_05")
+            first = obs.notification(acknowledge=False)
+            sent = 1
+            while True:
+                got = obs.peer.recv(timeout=12.0)
+                if got is None:
+                    break
+                again = Reply(got)
+                assert again.mid == first.mid, (t, again)
+                sent += 1
+            assert sent == 3, f"{t}: {sent} transmissions (1 + max_retransmit 2)"
+            obs.say("TD_COAP_OBS_05 after")
+            assert obs.quiet(2.0), t
+        except AssertionError as e:
+            errors.append(f"{t}: {e}")
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in TARGETS]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(90)
+    finally:
+        for t in TARGETS:
+            observers[t].close()
+            peers[t].close()
+    assert not errors, errors
+
+
 # -- RFC 7252 / 7959 / 7641 rules -------------------------------------------------------------
 
 
@@ -660,6 +968,22 @@ def test_RFC7252_5_4_1_unknown_critical_option_is_4_02_elective_ignored(peer: Pe
     assert bad.code == "4.02", bad
     fine = peer.exchange(request(n.GET, VERSIONS, options=((65100, b"x"),)))
     assert fine.code == "2.05", fine
+
+
+def test_RFC7252_5_4_1_unknown_critical_option_in_a_non_is_rejected(peer: Peer) -> None:
+    """A NON with an unrecognized critical option is rejected (RFC 7252 5.4.1, 4.3): no
+    response, a matching Reset (same MID); an elective one is ignored and answered."""
+    mid = next(_mids)
+    peer.send(request(n.GET, VERSIONS, mtype=NON, mid=mid, options=((65001, b"x"),)))
+    got = peer.recv()
+    assert got is not None, "no Reset"
+    reply = Reply(got)
+    assert reply.mtype == RST and reply.mid == mid and len(reply.data) == 4, reply
+    assert peer.recv(timeout=0.3) is None, "a response followed the Reset"
+    fine = request(n.GET, VERSIONS, mtype=NON, mid=next(_mids), options=((65100, b"x"),))
+    peer.send(fine)
+    got = peer.recv()
+    assert got is not None and Reply(got).code == "2.05" and Reply(got).mtype == NON, got
 
 
 def test_RFC7252_5_8_unknown_method_is_4_05(peer: Peer) -> None:
