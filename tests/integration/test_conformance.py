@@ -667,6 +667,59 @@ def test_TD_COAP_BLOCK_04_post_block1(world: World, target: str, peer: Peer) -> 
     assert reply.json()["room_id"].startswith("!")
 
 
+def test_TD_COAP_BLOCK_05_post_block1_with_a_block2_response(
+    world: World, target: str, peer: Peer
+) -> None:
+    """A POST sent in Block1 blocks whose response is larger than a block: the last
+    Block1 exchange answers 2.04 with the first Block2 block; the client fetches the
+    others with the same POST (same options, no payload, no Block1) and Block2."""
+    token, room = world.account(target)
+    term = f"blk{random.randrange(10**9)}"
+    for i in range(4):
+        txn = f"b5{random.randrange(10**9)}"
+        sent = peer.exchange(
+            request(
+                n.PUT,
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}?access_token={token}",
+                payload={"msgtype": "m.text", "body": f"{term} {i} " + "TD_COAP_BLOCK_05 " * 12},
+            )
+        )
+        assert sent.code == "2.04", sent
+    search = f"/_matrix/client/v3/search?access_token={token}"
+    query = {
+        "search_categories": {
+            "room_events": {
+                "search_term": term,
+                "keys": ["content.body"],
+                "filter": {"rooms": [room]},
+            }
+        }
+    }
+    first = _put_blocks(peer, n.POST, search, json.dumps(query).encode(), szx=2)
+    assert first.code == "2.04", first
+    assert parse_block(first.msg.first(n.BLOCK1) or b"")[1] is False, first
+    b2 = first.msg.first(n.BLOCK2)
+    assert b2 is not None, first
+    num, more, szx = parse_block(b2)
+    assert (num, more) == (0, True), first
+    body = first.msg.payload
+    again = request(n.POST, search, options=((n.CONTENT_FORMAT, JSON_CF),))
+    while more:
+        num += 1
+        part = peer.exchange(with_option(again, n.BLOCK2, block(num, False, szx)))
+        assert part.code == "2.04", part
+        got, more, _ = parse_block(part.msg.first(n.BLOCK2) or b"")
+        assert got == num, part
+        body += part.msg.payload
+    results = json.loads(body)["search_categories"]["room_events"]["results"]
+    assert sorted(r["result"]["content"]["body"].split()[1] for r in results) == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
+
+
 # -- TD_COAP_OBS: push of /sync (RFC 7641) ----------------------------------------------------
 
 
