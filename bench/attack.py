@@ -50,7 +50,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.results_store import RESULTS, provenance, read_rows, write_rows  # noqa: E402
-from synapse_coap.lab.attack import (  # noqa: E402
+from synapse_coap.mapping.codec import WireCodec  # noqa: E402
+from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
+from synapse_coap.wire.context import WireContext  # noqa: E402
+from synapse_coap.wire.profile import load_profile  # noqa: E402
+from synapse_coap_lab.attack import (  # noqa: E402
     Flood,
     HandshakeFlood,
     RawPeer,
@@ -61,11 +65,7 @@ from synapse_coap.lab.attack import (  # noqa: E402
     process_rss,
     record_seeds,
 )
-from synapse_coap.lab.homeserver import SynapseProcess, free_port  # noqa: E402
-from synapse_coap.mapping.codec import WireCodec  # noqa: E402
-from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
-from synapse_coap.wire.context import WireContext  # noqa: E402
-from synapse_coap.wire.profile import load_profile  # noqa: E402
+from synapse_coap_lab.homeserver import SynapseProcess, free_port  # noqa: E402
 
 SERVER_NAME = "attack.test"
 READY = r"synapse-coap: CoAP listener ready"

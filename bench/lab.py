@@ -77,9 +77,9 @@ from lab_scenarios.federation import (
 )
 from results_store import RESULTS, provenance, read_json, read_rows, write_json, write_rows
 
-from synapse_coap.lab.capture import tshark_path
 from synapse_coap.lab.model import PROFILES, LinkProfile, get_profile
 from synapse_coap.lab.relay import Relay, RelayConfig
+from synapse_coap_lab.capture import tshark_path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"

@@ -11,9 +11,9 @@ from typing import Any
 
 import attrs
 
-from synapse_coap.lab.capture import Packet, summarize
 from synapse_coap.lab.model import LinkProfile, TraceRecord
 from synapse_coap.lab.relay import Relay
+from synapse_coap_lab.capture import Packet, summarize
 
 #: "https-nginx": the tuned HTTPS baseline (client suite; skipped where nginx is missing)
 STACKS = ("coap", "https", "https-nginx")

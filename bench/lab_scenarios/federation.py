@@ -1,6 +1,6 @@
 """Federation scenarios, and the must-show delivery at 100 bit/s, on the demo's pairs.
 
-The pairs come from :mod:`synapse_coap.lab.demo` (reused, not duplicated):
+The pairs come from :mod:`synapse_coap_lab.demo` (reused, not duplicated):
 
 - ``CoapPair``: two Synapses with the module and no HTTP listener; every datagram
   between them crosses a lab relay (counted exactly there).
@@ -32,11 +32,11 @@ from lab_scenarios.common import (
     scrape_retransmissions,
     synapse_config,
 )
-from synapse_coap.lab import demo
-from synapse_coap.lab.homeserver import free_port
 from synapse_coap.lab.model import LinkProfile, get_profile
-from synapse_coap.lab.names import NAMES
 from synapse_coap.lab.relay import Relay, RelayConfig
+from synapse_coap_lab import demo
+from synapse_coap_lab.homeserver import free_port
+from synapse_coap_lab.names import NAMES
 
 FED_SCENARIOS = ("fed-first-contact", "fed-1", "fed-10", "fed-100")
 _COUNTS = {"fed-1": 1, "fed-10": 10, "fed-100": 100}

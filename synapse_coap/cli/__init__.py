@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from synapse_coap.cli import demo, keys, lab, proxy, wire
+from synapse_coap.cli import keys, lab, proxy, wire
 
 DESCRIPTION = """\
 Matrix over CoAP + CBOR + DEFLATE + Noise, for links as slow as 100 bit/s.
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (keys, wire, proxy, lab, demo):
+    for module in (keys, wire, proxy, lab):
         module.register(sub)
     return parser
 

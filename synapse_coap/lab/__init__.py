@@ -6,7 +6,7 @@
   accounting at the IP level.
 - :mod:`synapse_coap.lab.relay`: the asyncio UDP relay built on it, and the
   ``relay`` command line.
-- :mod:`synapse_coap.lab.capture`: IP-level byte counting of loopback traffic
+- :mod:`synapse_coap_lab.capture`: IP-level byte counting of loopback traffic
   with tshark, for comparing with HTTPS.
 
 See docs/lab.md.

@@ -23,6 +23,7 @@ from typing import Any
 
 import attrs
 
+from synapse_coap.confmap import from_mapping
 from synapse_coap.errors import ConfigValueError
 
 #: The observable resource: the client-server ``/sync`` (GET).
@@ -55,6 +56,11 @@ def _positive_number(_inst: Any, attribute: attrs.Attribute[Any], value: Any) ->
         raise ConfigValueError(f"push.{attribute.name}", f"must be a number > 0, got {value!r}")
 
 
+def _boolean(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigValueError(f"push.{attribute.name}", f"must be true or false, got {value!r}")
+
+
 @attrs.frozen
 class PushConfig:
     """How a CoAP server serves Observe registrations of ``/sync``.
@@ -78,7 +84,7 @@ class PushConfig:
             dropped (the client re-registers).
     """
 
-    enabled: bool = True
+    enabled: bool = attrs.field(default=True, validator=_boolean)
     max_per_session: int = attrs.field(default=4, validator=_non_negative_int)
     max_per_source: int = attrs.field(default=16, validator=_non_negative_int)
     poll_timeout: float = attrs.field(default=30.0, validator=_positive_number)
@@ -89,23 +95,7 @@ class PushConfig:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, path: str = "push") -> PushConfig:
         """Build from a config mapping; unknown keys and bad values raise ConfigValueError."""
-        if config is None:
-            return cls()
-        if not isinstance(config, Mapping):
-            raise ConfigValueError(path, f"must be a mapping, got {type(config).__name__}")
-        names = [a.name for a in attrs.fields(cls)]
-        for key in config:
-            if key not in names:
-                raise ConfigValueError(
-                    f"{path}.{key}", f"unknown setting; allowed: {', '.join(sorted(names))}"
-                )
-        enabled = config.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ConfigValueError(f"{path}.enabled", f"must be true or false, got {enabled!r}")
-        try:
-            return cls(**dict(config))
-        except ConfigValueError as e:
-            raise ConfigValueError(path + e.path[len("push") :], str(e).split(": ", 1)[1]) from None
+        return from_mapping(cls, config, path)
 
 
 @attrs.frozen

@@ -36,6 +36,7 @@ from typing import Any
 
 import attrs
 
+from synapse_coap.confmap import from_mapping
 from synapse_coap.errors import ConfigValueError
 
 
@@ -209,38 +210,7 @@ class LinkParameters:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, path: str = "link") -> LinkParameters:
         """Build from a config mapping; unknown keys and bad values raise ConfigValueError."""
-        if config is None:
-            return cls()
-        if not isinstance(config, Mapping):
-            raise ConfigValueError(path, f"must be a mapping, got {type(config).__name__}")
-        names = {a.name for a in attrs.fields(cls)}
-        unknown = sorted(str(k) for k in config if k not in names)
-        if unknown:
-            raise ConfigValueError(
-                f"{path}.{unknown[0]}",
-                f"unknown setting; allowed: {', '.join(sorted(names))}",
-            )
-        kwargs: dict[str, Any] = {}
-        for a in attrs.fields(cls):
-            if a.name not in config:
-                continue
-            value = config[a.name]
-            if a.type in ("int",) and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            if (
-                a.type in ("float", "float | None")
-                and isinstance(value, int)
-                and not isinstance(value, bool)
-            ):
-                value = float(value)
-            kwargs[a.name] = value
-        try:
-            return cls(**kwargs)
-        except ConfigValueError as e:
-            # re-root the field path under the caller's path
-            field = e.path.split(".", 1)[1] if "." in e.path else e.path
-            msg = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
-            raise ConfigValueError(f"{path}.{field}", msg) from None
+        return from_mapping(cls, config, path)
 
     # -- derived values -------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """What the federation integration tests share: module homeservers, their metrics, clients.
 
 ``tests/integration/test_federation.py`` and ``test_federation_mixed.py`` run
-real Synapse processes (:class:`~synapse_coap.lab.homeserver.SynapseProcess`);
+real Synapse processes (:class:`~synapse_coap_lab.homeserver.SynapseProcess`);
 this module holds the pieces both need:
 
 * :class:`Homeserver`: a homeserver's directory, its Noise key, CoAP and

@@ -1,6 +1,6 @@
 """Run a real Synapse homeserver process for tests: a re-export.
 
-The harness lives in the package (:mod:`synapse_coap.lab.homeserver`) because
+The harness lives in the package (:mod:`synapse_coap_lab.homeserver`) because
 the demo ships in the wheel; tests keep importing it from here::
 
     from tests.harness.synapse_proc import SynapseProcess, free_port
@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from synapse_coap.lab.homeserver import *  # noqa: F403 (exactly the names in its __all__)
-from synapse_coap.lab.homeserver import __all__ as _lab_all
-from synapse_coap.lab.homeserver import synapse_version
+from synapse_coap_lab.homeserver import *  # noqa: F403 (exactly the names in its __all__)
+from synapse_coap_lab.homeserver import __all__ as _lab_all
+from synapse_coap_lab.homeserver import synapse_version
 
 __all__ = [*_lab_all, "AUTHENTICATED_MEDIA", "requires_synapse"]
 

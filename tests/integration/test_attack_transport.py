@@ -19,7 +19,6 @@ from aiocoap.numbers.types import CON
 from aiocoap.optiontypes import BlockOption
 
 from synapse_coap.errors import ConfigValueError
-from synapse_coap.lab.attack import RawPeer, coap_message, mutations
 from synapse_coap.mapping.codec import WireCodec
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
@@ -31,6 +30,7 @@ from synapse_coap.transport.server import CoapServer, ServerConfig
 from synapse_coap.transport.transfers import TransferLimits
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import load_profile
+from synapse_coap_lab.attack import RawPeer, coap_message, mutations
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

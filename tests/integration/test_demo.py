@@ -1,6 +1,6 @@
 """The demo (issue 5, "Demo"): CoAP+Noise federation beside stock HTTPS, bytes per transaction.
 
-One run of :func:`synapse_coap.lab.demo.run_demo` with 2 messages each way
+One run of :func:`synapse_coap_lab.demo.run_demo` with 2 messages each way
 (four real Synapse processes) is shared by the tests below. The HTTPS half and
 the CoAP half are checked separately, so a broken CoAP stack does not hide a
 working HTTPS baseline (and the other way round). A second, HTTPS-only run
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from synapse_coap.lab import demo
-from synapse_coap.lab.capture import Packet
+from synapse_coap_lab import demo
+from synapse_coap_lab.capture import Packet
 
 pytestmark = pytest.mark.integration
 

@@ -24,8 +24,8 @@ pytest.importorskip("nio")
 from lab_scenarios.client import CoapStack, client_suite, deliver_messages  # noqa: E402
 from lab_scenarios.common import link_config  # noqa: E402
 
-from synapse_coap.lab.capture import CaptureError, LoopbackCapture, tshark_path  # noqa: E402
 from synapse_coap.lab.model import get_profile  # noqa: E402
+from synapse_coap_lab.capture import CaptureError, LoopbackCapture, tshark_path  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

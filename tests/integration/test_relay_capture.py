@@ -9,9 +9,9 @@ from typing import Any, cast
 
 import pytest
 
-from synapse_coap.lab.capture import CaptureError, LoopbackCapture, estimate_tcp, tshark_path
 from synapse_coap.lab.model import Impairment, LinkProfile
 from synapse_coap.lab.relay import Relay, RelayConfig
+from synapse_coap_lab.capture import CaptureError, LoopbackCapture, estimate_tcp, tshark_path
 
 pytestmark = [
     pytest.mark.integration,

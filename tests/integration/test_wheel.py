@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from synapse_coap.lab import homeserver
+from synapse_coap_lab import homeserver
 from tests.harness import synapse_proc
 
 pytestmark = pytest.mark.integration
@@ -42,6 +42,29 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_wheel_holds_the_runtime_only(wheel: Path) -> None:
+    """What a homeserver, sidecar or gateway runs, and no tooling: no demo, capture,
+    homeserver harness or attack generator (they live in synapse_coap_lab, beside the
+    package), no tests, no benches."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"synapse_coap"}, sorted(tops)
+    tooling = {
+        f"synapse_coap/{m}.py"
+        for m in (
+            "lab/demo",
+            "lab/capture",
+            "lab/homeserver",
+            "lab/attack",
+            "lab/names",
+            "cli/demo",
+        )
+    }
+    assert tooling.isdisjoint(names), sorted(tooling & set(names))
+    assert any(name.startswith("synapse_coap/maps/") for name in names)
 
 
 def test_wheel_declares_exactly_what_its_code_imports(wheel: Path) -> None:

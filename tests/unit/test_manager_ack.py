@@ -110,7 +110,7 @@ def make(params: LinkParameters = LinkParameters()) -> tuple[LinkMessageManager,
 
 
 def incoming_request(remote: Remote, mid: int, token: bytes) -> Message:
-    m = Message(code=Code.GET, mtype=CON, mid=mid, token=token)
+    m = Message(code=Code.GET, _mtype=CON, _mid=mid, _token=token)  # as decoded off the wire
     m.remote = remote
     return m
 
@@ -123,7 +123,9 @@ def outgoing(remote: Remote, *, prompt_ack: bool = False, path: str = "x") -> Me
 
 
 def ack_for(sent: Message, code: Code = Code.EMPTY, payload: bytes = b"") -> Message:
-    m = Message(code=code, mtype=ACK, mid=sent.mid, token=b"" if code is Code.EMPTY else sent.token)
+    m = Message(
+        code=code, _mtype=ACK, _mid=sent.mid, _token=b"" if code is Code.EMPTY else sent.token
+    )
     m.payload = payload
     m.remote = sent.remote
     return m
@@ -144,7 +146,7 @@ def test_acknowledge_now_sends_the_empty_ack_at_once_and_the_response_goes_separ
     loop.run_until(1010.0)
     assert len(wire.sent) == 1
     # the response is a separate confirmable message, not a piggyback on mid 7
-    res = Message(code=Code.CONTENT, token=b"tk", payload=b"{}")
+    res = Message(code=Code.CONTENT, _token=b"tk", payload=b"{}")
     res.remote = peer
     mman.send_message(res, lambda: None)
     _, sep = wire.sent[-1]

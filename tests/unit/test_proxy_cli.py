@@ -94,16 +94,30 @@ def test_listen_options_and_verbatim_descriptions(capsys: pytest.CaptureFixture[
     assert args.listen is None and args.plain_listen == []  # the runner defaults to [::]:5683
     args = build_parser().parse_args([*gw, "--listen", "[::1]:1", "--listen", "127.0.0.1:2"])
     assert args.listen == ["[::1]:1", "127.0.0.1:2"]
-    assert build_parser().parse_args(["demo"]).func.__name__ == "_demo"
+    # the demo is tooling outside the wheel (scripts/demo, python -m synapse_coap_lab)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo"])
+    capsys.readouterr()
     # descriptions keep their line breaks (the examples stay copy-pasteable)
     for command, line in {
         "sidecar": "Point the client's homeserver URL at http://LISTEN (e.g. http://127.0.0.1:8008).",
         "gateway": "  synapse-coap gateway --listen [::]:5683 --http-target http://127.0.0.1:8008 \\",
-        "demo": "  synapse-coap demo --messages 20 --workdir ./demo-out --keep",
     }.items():
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         assert line in capsys.readouterr().out.splitlines(), command
+
+
+def test_demo_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from synapse_coap_lab.__main__ import build_parser as demo_parser
+    from synapse_coap_lab.__main__ import main as demo_main
+
+    assert demo_parser().parse_args([]).messages == 5
+    with pytest.raises(SystemExit):
+        demo_parser().parse_args(["--help"])
+    out = capsys.readouterr().out.splitlines()
+    assert "  scripts/demo --messages 20 --workdir ./demo-out --keep" in out
+    assert demo_main(["--messages", "0"]) == 2
 
 
 def test_sidecar_keepalive_option() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synapse_coap.lab.capture import Packet, estimate_tcp, parse_fields, summarize
+from synapse_coap_lab.capture import Packet, estimate_tcp, parse_fields, summarize
 
 # frame.time_relative, ip.len, ipv6.plen, tcp.srcport, tcp.dstport, tcp.len,
 # tcp.flags.syn, tcp.flags.fin, tcp.flags.reset, udp.srcport, udp.dstport

@@ -1,6 +1,6 @@
 """The demo: two homeservers federating over CoAP+Noise, beside two over stock HTTPS.
 
-``synapse-coap demo`` (and ``scripts/demo``) runs this on loopback. Four real
+``scripts/demo`` (``python -m synapse_coap_lab``) runs this on loopback. Four real
 Synapse processes, in two pairs, play the same scenario:
 
 - **CoAP pair** (hs1, hs2): Synapse with the synapse-coap module, with *no*
@@ -21,7 +21,7 @@ Synapse processes, in two pairs, play the same scenario:
   included). Without tshark (or without capture rights), a counting TCP
   proxy sits in front of each federation listener and the IP-level traffic
   is estimated from its socket accounting with
-  :func:`~synapse_coap.lab.capture.estimate_tcp`; the report says so.
+  :func:`~synapse_coap_lab.capture.estimate_tcp`; the report says so.
 
 The scenario, the same on both pairs: register @alice on server A and @bob
 on server B; bob sets a display name and creates a public room; alice joins
@@ -58,7 +58,11 @@ from typing import Any, Protocol
 
 import attrs
 
-from synapse_coap.lab.capture import (
+from synapse_coap.lab.model import get_profile
+from synapse_coap.lab.relay import Relay, RelayConfig
+from synapse_coap.mapping.messages import HttpRequest
+from synapse_coap.noise import keys as noise_keys
+from synapse_coap_lab.capture import (
     CaptureCounts,
     CaptureError,
     LoopbackCapture,
@@ -67,12 +71,8 @@ from synapse_coap.lab.capture import (
     summarize,
     tshark_path,
 )
-from synapse_coap.lab.homeserver import SynapseProcess, free_port
-from synapse_coap.lab.model import get_profile
-from synapse_coap.lab.names import NAMES
-from synapse_coap.lab.relay import Relay, RelayConfig
-from synapse_coap.mapping.messages import HttpRequest
-from synapse_coap.noise import keys as noise_keys
+from synapse_coap_lab.homeserver import SynapseProcess, free_port
+from synapse_coap_lab.names import NAMES
 
 logger = logging.getLogger(__name__)
 

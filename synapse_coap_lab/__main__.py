@@ -1,4 +1,10 @@
-"""Subcommand: ``demo`` (two homeservers over CoAP+Noise beside two over stock HTTPS)."""
+"""``python -m synapse_coap_lab`` (what ``scripts/demo`` runs): the federation demo, two
+homeservers over CoAP+Noise beside two over stock HTTPS.
+
+The demo is tooling, not product: it lives beside the package, outside the
+runtime wheel (it needs a checkout: ``scripts/setup`` installs it in develop
+mode).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,9 @@ import logging
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
-
-from synapse_coap.cli.common import add_command
 
 DESCRIPTION = """\
 Run two Synapse homeservers that federate over CoAP+Noise (the synapse-coap
@@ -39,19 +43,17 @@ See docs/demo.md.
 
 EPILOG = """\
 examples:
-  synapse-coap demo                     # 5 messages each way, temporary directory
-  synapse-coap demo --messages 20 --workdir ./demo-out --keep
+  scripts/demo                     # 5 messages each way, temporary directory
+  scripts/demo --messages 20 --workdir ./demo-out --keep
 """
 
 
-def register(sub: Any) -> None:
-    parser = add_command(
-        sub,
-        "demo",
-        help="federate two homeservers over CoAP and two over HTTPS; compare the bytes",
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo",
         description=DESCRIPTION,
         epilog=EPILOG,
-        func=_demo,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--workdir",
@@ -84,6 +86,7 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log the demo's own debug messages"
     )
+    return parser
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -91,10 +94,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from synapse_coap.lab.demo import run_demo
+    from synapse_coap_lab.demo import run_demo
 
     if args.messages < 1:
-        print("synapse-coap demo: --messages must be at least 1", file=sys.stderr)
+        print("demo: --messages must be at least 1", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -118,8 +121,16 @@ def _demo(args: argparse.Namespace) -> int:
             )
         )
     except KeyboardInterrupt:
-        print("synapse-coap demo: interrupted; every process was stopped", file=sys.stderr)
+        print("demo: interrupted; every process was stopped", file=sys.stderr)
         return 130
     print()
     print(report.format_table())
     return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _demo(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,13 +1,13 @@
 """Run a real Synapse homeserver process (SQLite, its own directory, loopback only).
 
-Used by the demo (:mod:`synapse_coap.lab.demo`), the benchmarks and the
+Used by the demo (:mod:`synapse_coap_lab.demo`), the benchmarks and the
 integration tests (``tests/harness/synapse_proc.py`` re-exports it). It only
 starts ``python -m synapse.app.homeserver`` as a child process: this module
 imports neither synapse nor Twisted.
 
 Example::
 
-    from synapse_coap.lab.homeserver import SynapseProcess, free_port
+    from synapse_coap_lab.homeserver import SynapseProcess, free_port
 
     syn = SynapseProcess(tmp_path / "hs1", "hs1.test", http_port=free_port())
     syn.start()
