@@ -11,15 +11,20 @@ from collections import OrderedDict
 MAX_BUCKETS = 4096
 
 
-def source_key(host: str) -> str:
-    """The rate-limit key for a source host: the IPv4 address, or the IPv6 /64."""
-    if host.count(".") == 3 and ":" not in host:  # a dotted IPv4 address: itself
-        return host
-    return _source_key(host)
+def address_key(host: str, v4_bits: int, v6_bits: int) -> str:
+    """The network of ``host`` at the given prefix lengths (IPv4, IPv6): the key a
+    source is counted under. An IPv4-mapped IPv6 address counts as its IPv4 address;
+    a name that is not an address is its own key."""
+    if host.count(".") == 3 and ":" not in host:  # a dotted IPv4 address: no parsing
+        if v4_bits == 32:
+            return host
+        if v4_bits == 24:
+            return host.rpartition(".")[0] + ".0/24"
+    return _address_key(host, v4_bits, v6_bits)
 
 
 @functools.lru_cache(maxsize=4096)
-def _source_key(host: str) -> str:
+def _address_key(host: str, v4_bits: int, v6_bits: int) -> str:
     bare = host.split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(bare)
@@ -27,10 +32,17 @@ def _source_key(host: str) -> str:
         return bare
     if isinstance(ip, ipaddress.IPv6Address):
         mapped = ip.ipv4_mapped
-        if mapped is not None:
-            return str(mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
+        if mapped is None:
+            return str(ipaddress.IPv6Network((ip, v6_bits), strict=False))
+        ip = mapped
+    if v4_bits == 32:
+        return str(ip)
+    return str(ipaddress.IPv4Network((ip, v4_bits), strict=False))
+
+
+def source_key(host: str) -> str:
+    """The rate-limit key for a source host: the IPv4 address, or the IPv6 /64."""
+    return address_key(host, 32, 64)
 
 
 class HandshakeRateLimiter:

@@ -20,10 +20,10 @@ restart invalidates outstanding cookies (the initiator then gets a new one).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
-import ipaddress
+
+from synapse_coap.noise.ratelimit import address_key
 
 RETRY = 0x86
 COOKIE_ECHO = 0x87
@@ -66,21 +66,4 @@ def retry_datagram(initiator_sid: bytes, cookie: bytes) -> bytes:
 
 def prefix_key(host: str) -> str:
     """The half-open accounting key of a source: its IPv4 /24 or IPv6 /48."""
-    if host.count(".") == 3 and ":" not in host:  # a dotted IPv4 address: no parsing
-        return host.rpartition(".")[0] + ".0/24"
-    return _prefix_key(host)
-
-
-@functools.lru_cache(maxsize=4096)
-def _prefix_key(host: str) -> str:
-    bare = host.split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(bare)
-    except ValueError:
-        return bare
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped
-        if mapped is None:
-            return str(ipaddress.IPv6Network((ip, 48), strict=False))
-        ip = mapped
-    return str(ipaddress.IPv4Network((ip, 24), strict=False))
+    return address_key(host, 24, 48)

@@ -33,7 +33,10 @@ noticing; after a link error it is retried with back-off. A final answer from
 the server (an error such as 401 after a logout) is handed to the client's
 waiting poll; a server without push (a normal response without Observe, or
 4.29 when it is over its limit) turns push off for that token and polls go
-over the link as before.
+over the link as before, until push is tried again: after ``refused_retry``
+seconds for a 4.29, doubled on each refusal in a row up to ``unsupported_retry``,
+and after ``unsupported_retry`` seconds for a server that answered without
+Observe (it may be upgraded, or the poll may reach another listener).
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ class PushOptions:
     #: First wait (s) after a failed registration; doubles up to ``max_retry``.
     retry: float = attrs.field(default=5.0, validator=_positive)
     max_retry: float = attrs.field(default=60.0, validator=_positive)
+    #: First wait (s) before push is tried again for a token the server refused (4.29);
+    #: doubled on each refusal in a row, up to ``unsupported_retry``.
+    refused_retry: float = attrs.field(default=60.0, validator=_positive)
+    #: Wait (s) before push is tried again after the server answered without Observe.
+    unsupported_retry: float = attrs.field(default=3600.0, validator=_positive)
     #: Seconds a registration's parameters must go unused before another set takes over.
     switch_after: float = attrs.field(default=90.0, validator=_positive)
     #: Pushed responses kept per token for polls that ask again.
@@ -101,8 +109,9 @@ class _Feed:
         self.changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.last_used = now
-        #: the server does not push for us: polls go over the link
+        #: the server does not push for us: polls go over the link (until ``retry_at``)
         self.unsupported = False
+        self.retry_at = float("inf")
         #: a final error answer for the poll at ``head`` (the feed is over)
         self.final: HttpResponse | None = None
         self.registered = 0
@@ -138,6 +147,8 @@ class PushSync:
         self.options = options
         self._clock = clock
         self._feeds: dict[str, _Feed] = {}
+        #: per token: the wait before push is tried again after the last refusal
+        self._refused_wait: dict[str, float] = {}
         #: counts for tests and logs: registrations made, polls answered locally
         self.registrations = 0
         self.answered = 0
@@ -160,6 +171,10 @@ class PushSync:
         if feed is not None and feed.observed != query.observed:
             if now - feed.last_used < self.options.switch_after:
                 return None  # another filter while the registration is in use
+            self._drop(feed)
+            feed = None
+        if feed is not None and feed.unsupported and now >= feed.retry_at:
+            logger.info("push: trying push again for a token the server did not push to")
             self._drop(feed)
             feed = None
         if feed is not None and (feed.unsupported or (feed.failing and since == feed.head)):
@@ -221,6 +236,8 @@ class PushSync:
                     event = await asyncio.wait_for(events.__anext__(), self.options.refresh)
                     delay = self.options.retry
                     feed.failing = False
+                    if event.response is None or not event.final:
+                        self._refused_wait.pop(feed.auth, None)  # registered: push works
                     if event.response is None:
                         continue  # the server has the registration
                     if not event.final:
@@ -254,8 +271,19 @@ class PushSync:
         body = parse_sync_body(response.body) if response.status == 200 else None
         if body is not None or response.status == 429:
             # no push here (a normal long-poll answer) or no room for us: as before
-            logger.info("push: the homeserver does not push to us (%d)", response.status)
+            if response.status == 429:
+                wait = self._refused_wait.get(feed.auth, self.options.refused_retry / 2) * 2
+                wait = min(wait, self.options.unsupported_retry)
+                self._refused_wait[feed.auth] = wait
+            else:
+                wait = self.options.unsupported_retry
+            logger.info(
+                "push: the homeserver does not push to us (%d); trying again in %.0f s",
+                response.status,
+                wait,
+            )
             feed.unsupported = True
+            feed.retry_at = self._clock() + wait
             if body is not None:
                 feed.counters = sync_counters(body)
                 feed.pushed(response, body["next_batch"], self.options.keep)

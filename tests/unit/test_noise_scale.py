@@ -36,7 +36,7 @@ def _key(seed: int) -> bytes:
 
 
 def _brute_force_next_timer(ep: NoiseEndpoint) -> float | None:
-    times = [ep._session_deadline(s) for s in ep._sessions.values()]
+    times = [ep._deadlines._session_deadline(s) for s in ep._sessions.values()]
     found = [t for t in times if t is not None]
     return min(found) if found else None
 
@@ -79,13 +79,13 @@ def test_a_record_on_a_full_endpoint_looks_at_one_session_for_the_next_timer() -
     _clock, server, clients = _open_many(N)
     assert server.active_channels() == N
     looked: list[int] = []
-    real = server._session_deadline
+    real = server._deadlines._session_deadline
 
     def counting(s):  # type: ignore[no-untyped-def]
         looked.append(s.local_sid)
         return real(s)
 
-    server._session_deadline = counting  # type: ignore[method-assign]
+    server._deadlines._session_deadline = counting  # type: ignore[method-assign]
     server.next_timer()
     looked.clear()
     got = []
@@ -96,7 +96,7 @@ def test_a_record_on_a_full_endpoint_looks_at_one_session_for_the_next_timer() -
     assert [type(e) for e in got if not isinstance(e, Transmit)] == [Received]
     at = server.next_timer()
     assert len(looked) <= 3, looked  # the touched session (and the heap's top), not all N
-    server._session_deadline = real  # type: ignore[method-assign]
+    server._deadlines._session_deadline = real  # type: ignore[method-assign]
     assert at == _brute_force_next_timer(server)
 
 

@@ -201,6 +201,67 @@ def test_a_server_without_push_turns_it_off_for_the_token() -> None:
     run(scenario())
 
 
+def test_a_refusing_server_is_asked_again_after_a_back_off() -> None:
+    """A 4.29 turns push off for the token, not for good: after ``refused_retry`` seconds
+    the next poll registers again (doubling on refusals in a row); a registration that
+    works resets the wait; a server without push is asked again after an hour."""
+
+    async def scenario() -> None:
+        now = [1000.0]
+        hs = Homeserver()
+        push = PushSync(hs.observe, PushOptions(refused_retry=60.0), clock=lambda: now[0])
+        refused = HttpResponse(429, (("content-type", "application/json"),), b"{}")
+
+        async def refuse(since: str) -> None:
+            hs.registered.clear()
+            task = asyncio.ensure_future(push.answer(poll(since)))
+            await hs.registered.wait()
+            await hs.push(Ev(refused, final=True))
+            assert await task is None  # over the link, as before push
+
+        await refuse("s1")
+        assert len(hs.registrations) == 1
+        now[0] += 59.0
+        assert await push.answer(poll("s1", timeout=0)) is None
+        assert len(hs.registrations) == 1  # still refused: no new registration yet
+        now[0] += 1.0
+        await refuse("s1")  # 60 s later: asked again, refused again
+        assert len(hs.registrations) == 2
+        now[0] += 119.0
+        assert await push.answer(poll("s1", timeout=0)) is None
+        assert len(hs.registrations) == 2  # the wait doubled to 120 s
+        now[0] += 1.0
+        hs.registered.clear()
+        task = asyncio.ensure_future(push.answer(poll("s1")))
+        await hs.registered.wait()
+        assert len(hs.registrations) == 3
+        await hs.push(Ev(sync_response("s2", rooms={"join": {"!r": {}}})))
+        assert json.loads((await task).body)["next_batch"] == "s2"  # push works again
+        assert push._refused_wait == {}
+        await push.close()
+
+        plain = PushSync(hs.observe, clock=lambda: now[0])
+        hs.registered.clear()
+        task = asyncio.ensure_future(plain.answer(poll("t1")))
+        await hs.registered.wait()
+        await hs.push(Ev(sync_response("t2", rooms={"join": {"!r": {}}}), final=True))
+        await task
+        count = len(hs.registrations)
+        now[0] += 3599.0
+        assert await plain.answer(poll("t2", timeout=0)) is None
+        assert len(hs.registrations) == count
+        now[0] += 1.0
+        hs.registered.clear()
+        task = asyncio.ensure_future(plain.answer(poll("t2")))
+        await hs.registered.wait()
+        assert len(hs.registrations) == count + 1  # an hour later: push is tried again
+        await hs.push(Ev(sync_response("t3"), final=True), index=-1)
+        await task
+        await plain.close()
+
+    run(scenario())
+
+
 class SlowLink:
     def __init__(self) -> None:
         self.calls = 0
