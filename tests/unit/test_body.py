@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synapse_coap.errors import LimitExceeded, LocalProtocolError, RemoteProtocolError
-from synapse_coap.wire import body as body_mod
+from synapse_coap.wire import body_decode, body_encode, body_tables
 from synapse_coap.wire.body import (
     DEFAULT_BODY_LIMITS as DEFAULT_LIMITS,
 )
@@ -433,9 +433,9 @@ def test_fuzz_mutated_bodies(value: Any, data: st.DataObject) -> None:
 def _both(data: bytes, limits: BodyLimits = DEFAULT_LIMITS) -> tuple[Any, Any]:
     """(fast result or _FALLBACK, reference result or the exception type it raised)."""
     p1 = load_profile(1)
-    fast = body_mod._decode_fast(data, p1, CTX, limits, None)
+    fast = body_decode._decode_fast(data, p1, CTX, limits, None)
     try:
-        ref = body_mod._Decoder(data, p1, CTX, limits, None).decode()
+        ref = body_decode._Decoder(data, p1, CTX, limits, None).decode()
     except RemoteProtocolError as e:
         ref = type(e)
     return fast, ref
@@ -443,7 +443,7 @@ def _both(data: bytes, limits: BodyLimits = DEFAULT_LIMITS) -> tuple[Any, Any]:
 
 def _agree(data: bytes, limits: BodyLimits = DEFAULT_LIMITS) -> None:
     fast, ref = _both(data, limits)
-    if fast is not body_mod._FALLBACK:
+    if fast is not body_decode._FALLBACK:
         assert not isinstance(ref, type), (data, fast, ref)  # the reference accepts it too
         assert same(fast, ref), (data, fast, ref)
 
@@ -452,9 +452,9 @@ def _agree(data: bytes, limits: BodyLimits = DEFAULT_LIMITS) -> None:
 @given(json_values, st.data())
 def test_fast_decoder_agrees_with_reference(value: Any, data: st.DataObject) -> None:
     p1 = load_profile(1)
-    raw = body_mod._encode_cbor(value, p1, CTX)
+    raw = body_encode._encode_cbor(value, p1, CTX)
     fast, ref = _both(raw)
-    assert fast is not body_mod._FALLBACK  # what we encode takes the fast path
+    assert fast is not body_decode._FALLBACK  # what we encode takes the fast path
     assert same(fast, value) and same(ref, value)
     mutated = bytearray(raw)
     i = data.draw(st.integers(0, len(mutated) - 1))
@@ -487,8 +487,8 @@ def test_fast_decoder_edge_cases(data: bytes) -> None:
 def test_string_cache_gives_the_bytes_of_a_fresh_encoder(p1: Profile) -> None:
     values = [r["request"]["body"] for r in corpus_records("federation.jsonl")]
     warm = [encode_body(v, p1, CTX) for v in values] + [encode_body(v, p1) for v in values]
-    body_mod._TABLES.clear()  # the per-context string caches go with the tables
+    body_tables._TABLES.clear()  # the per-context string caches go with the tables
     fresh = [encode_body(v, p1, CTX) for v in values]
-    body_mod._TABLES.clear()
+    body_tables._TABLES.clear()
     fresh += [encode_body(v, p1) for v in values]
     assert warm == fresh

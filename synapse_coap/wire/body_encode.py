@@ -1,0 +1,374 @@
+"""The body codec's encoder: a JSON value to CBOR with the profile's keys, values and
+tags, then the smallest of its DEFLATE forms (see :mod:`synapse_coap.wire.body`)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import cbor2
+except ImportError:  # pragma: no cover - a declared dependency; without it the
+    cbor2 = None  # type: ignore[assignment]  # the reference decoder decodes everything
+
+from synapse_coap.errors import LocalProtocolError
+from synapse_coap.wire import cbor
+from synapse_coap.wire.body_tables import (
+    _B64_MIN_LEN,
+    _B64_STD,
+    _B64_URL,
+    _ED25519,
+    _MAX_ENCODE_DEPTH,
+    _STRING_CACHE_CONTEXTS,
+    _STRING_CACHE_ENTRIES,
+    _STRING_CACHE_MAX_LEN,
+    _TS_HIGH,
+    _TS_LOW,
+    MARKER_DEFLATE,
+    MARKER_DEFLATE_DICT,
+    MAX_SERVER_REFS,
+    SIGILS,
+    TAG_B64,
+    TAG_B64URL,
+    TAG_BIGNUM_NEG,
+    TAG_BIGNUM_POS,
+    TAG_DERIVED_SHA256,
+    TAG_ED25519_KEY_ID,
+    TAG_EVENT_ID,
+    TAG_EVENT_ID_LIST,
+    TAG_MXC_0,
+    TAG_MXC_BASE,
+    TAG_ROOM_HASH_ID,
+    TAG_SERVER,
+    TAG_SIGIL_0,
+    TAG_SIGIL_BASE,
+    TAG_TS_DELTA,
+    JSONValue,
+    StringRefs,
+    _b64_decode_exact,
+    _tables,
+    content_hash,
+)
+from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.profile import Profile
+
+
+class _Encoder:
+    def __init__(
+        self, profile: Profile, context: WireContext, refs: StringRefs | None = None
+    ) -> None:
+        self.refs = refs or None
+        t = _tables(profile)
+        self.key_bytes = t.key_bytes
+        self.value_bytes = t.value_bytes
+        names = context.server_names[:MAX_SERVER_REFS]
+        self.servers = {name: i for i, name in enumerate(names)}
+        cache = t.strings.get(names)
+        if cache is None:
+            if len(t.strings) >= _STRING_CACHE_CONTEXTS:
+                t.strings.clear()
+            cache = t.strings[names] = {}
+        self.cache: dict[str, bytes] = cache
+        self.out: list[bytes] = []
+        self.prev_big: int | None = None  # last int in [_TS_LOW, _TS_HIGH) in value position
+
+    # -- strings ---------------------------------------------------------------------------
+    def text(self, s: str) -> None:
+        try:
+            raw = s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise LocalProtocolError(
+                "string is not valid Unicode (lone surrogate); carry the body as raw JSON"
+            ) from e
+        self.out.append(cbor.head(cbor.MAJOR_TEXT, len(raw)))
+        self.out.append(raw)
+
+    def tagged_bytes(self, tag: int, raw: bytes) -> None:
+        self.out.append(cbor.head(cbor.MAJOR_TAG, tag))
+        self.out.append(cbor.head(cbor.MAJOR_BYTES, len(raw)))
+        self.out.append(raw)
+
+    def string(self, s: str) -> None:
+        out = self.out
+        simple = self.value_bytes.get(s)
+        if simple is not None:
+            out.append(simple)
+            return
+        if not s:
+            out.append(b"\x60")
+            return
+        if self.refs is not None:
+            ref = self.refs.get(s)
+            if ref is not None:
+                out.append(cbor.head(cbor.MAJOR_TAG, ref[0]))
+                out.append(cbor.head(cbor.MAJOR_UINT, ref[1]))
+                return
+        cache = self.cache
+        enc = cache.get(s)
+        if enc is not None:
+            out.append(enc)
+            return
+        mark = len(out)
+        self.string_uncached(s)
+        if len(s) <= _STRING_CACHE_MAX_LEN:
+            enc = b"".join(out[mark:])
+            del out[mark:]
+            out.append(enc)
+            if len(cache) >= _STRING_CACHE_ENTRIES:
+                cache.clear()
+            cache[s] = enc
+
+    def string_uncached(self, s: str) -> None:
+        """What ``string`` sends for ``s`` after the value table and references: a
+        function of ``s`` and the context's server names only (so it can be cached)."""
+        out = self.out
+        n_len = len(s)
+        srv = self.servers.get(s)
+        if srv is not None:
+            out.append(cbor.head(cbor.MAJOR_TAG, TAG_SERVER))
+            out.append(cbor.head(cbor.MAJOR_UINT, srv))
+            return
+        first = s[0]
+        if n_len == 44 and first in "$!":
+            raw = _b64_decode_exact(s[1:], url=True)
+            if raw is not None:
+                self.tagged_bytes(TAG_EVENT_ID if first == "$" else TAG_ROOM_HASH_ID, raw)
+                return
+        if first in SIGILS:
+            colon = s.find(":")
+            if colon > 0:
+                k = self.servers.get(s[colon + 1 :])
+                if k is not None:
+                    sig = SIGILS.index(first)
+                    tag = TAG_SIGIL_0 + 4 * k + sig if k < 2 else TAG_SIGIL_BASE + 4 * k + sig
+                    out.append(cbor.head(cbor.MAJOR_TAG, tag))
+                    self.text(s[1:colon])
+                    return
+        if s.startswith(_ED25519) and n_len > len(_ED25519):
+            out.append(cbor.head(cbor.MAJOR_TAG, TAG_ED25519_KEY_ID))
+            self.text(s[len(_ED25519) :])
+            return
+        if s.startswith("mxc://"):
+            slash = s.find("/", 6)
+            if slash > 0:
+                k = self.servers.get(s[6:slash])
+                if k is not None:
+                    out.append(cbor.head(cbor.MAJOR_TAG, TAG_MXC_0 if k == 0 else TAG_MXC_BASE + k))
+                    self.text(s[slash + 1 :])
+                    return
+        if n_len >= _B64_MIN_LEN:
+            chars = set(s)
+            for url, alphabet, tag in ((False, _B64_STD, TAG_B64), (True, _B64_URL, TAG_B64URL)):
+                if chars <= alphabet:
+                    raw = _b64_decode_exact(s, url)
+                    if raw is not None:
+                        self.tagged_bytes(tag, raw)
+                        return
+        self.text(s)
+
+    def key(self, k: object) -> None:
+        enc = self.key_bytes.get(k) if isinstance(k, str) else None
+        if enc is not None:
+            self.out.append(enc)
+            return
+        if not isinstance(k, str):
+            raise LocalProtocolError(f"JSON object key must be a string, not {type(k).__name__}")
+        self.string(k)
+
+    # -- values ----------------------------------------------------------------------------
+    def value(self, v: object, depth: int) -> None:
+        out = self.out
+        if isinstance(v, str):
+            self.string(v)
+        elif v is None:
+            out.append(cbor.NULL)
+        elif v is True:
+            out.append(cbor.TRUE)
+        elif v is False:
+            out.append(cbor.FALSE)
+        elif isinstance(v, int):
+            self.integer(v)
+        elif isinstance(v, float):
+            out.append(cbor.encode_float(v))
+        elif isinstance(v, dict):
+            if depth >= _MAX_ENCODE_DEPTH:
+                raise LocalProtocolError("JSON value nested too deeply to encode")
+            derived = self.derived_hash(v)
+            out.append(cbor.head(cbor.MAJOR_MAP, len(v)))
+            for k, item in v.items():
+                self.key(k)
+                if derived and k == "hashes":
+                    out.append(cbor.head(cbor.MAJOR_TAG, TAG_DERIVED_SHA256))
+                    out.append(cbor.NULL)
+                else:
+                    self.value(item, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            if depth >= _MAX_ENCODE_DEPTH:
+                raise LocalProtocolError("JSON value nested too deeply to encode")
+            if v and self.event_id_list(v):
+                return
+            out.append(cbor.head(cbor.MAJOR_ARRAY, len(v)))
+            for item in v:
+                self.value(item, depth + 1)
+        else:
+            raise LocalProtocolError(f"not a JSON value: {type(v).__name__}")
+
+    def integer(self, v: int) -> None:
+        out = self.out
+        if v >= 0:
+            if v < _TS_HIGH:
+                if v >= _TS_LOW:
+                    prev = self.prev_big
+                    self.prev_big = v
+                    if prev is not None and -_TS_LOW < v - prev < _TS_LOW:
+                        delta = v - prev
+                        out.append(cbor.head(cbor.MAJOR_TAG, TAG_TS_DELTA))
+                        if delta >= 0:
+                            out.append(cbor.head(cbor.MAJOR_UINT, delta))
+                        else:
+                            out.append(cbor.head(cbor.MAJOR_NEGINT, -1 - delta))
+                        return
+                out.append(cbor.head(cbor.MAJOR_UINT, v))
+            else:
+                self.tagged_bytes(TAG_BIGNUM_POS, v.to_bytes((v.bit_length() + 7) // 8, "big"))
+        else:
+            n = -1 - v
+            if n < (1 << 64):
+                out.append(cbor.head(cbor.MAJOR_NEGINT, n))
+            else:
+                self.tagged_bytes(TAG_BIGNUM_NEG, n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+    def event_id_list(self, v: list[Any] | tuple[Any, ...]) -> bool:
+        parts = []
+        refs = self.refs
+        for item in v:
+            if not (isinstance(item, str) and len(item) == 44 and item[0] == "$"):
+                return False
+            if refs is not None and item in refs:
+                return False  # an array of references is shorter
+            raw = _b64_decode_exact(item[1:], url=True)
+            if raw is None or len(raw) != 32:
+                return False
+            parts.append(raw)
+        self.tagged_bytes(TAG_EVENT_ID_LIST, b"".join(parts))
+        return True
+
+    @staticmethod
+    def derived_hash(d: dict[Any, Any]) -> bool:
+        hashes = d.get("hashes")
+        if not (isinstance(hashes, dict) and len(hashes) == 1):
+            return False
+        given = hashes.get("sha256")
+        if not isinstance(given, str):
+            return False
+        return content_hash(d) == given
+
+
+def _encode_cbor(
+    value: JSONValue, profile: Profile, context: WireContext, refs: StringRefs | None = None
+) -> bytes:
+    enc = _Encoder(profile, context, refs)
+    try:
+        enc.value(value, 0)
+    except RecursionError as e:  # pragma: no cover - guarded by _MAX_ENCODE_DEPTH
+        raise LocalProtocolError("JSON value nested too deeply to encode") from e
+    return b"".join(enc.out)
+
+
+#: primed (de)compressors per dictionary, copied for each body: priming a 32 KiB window
+#: with the dictionary costs more than compressing a small body
+_PRIMED_COMPRESS: dict[bytes, Any] = {}
+_PRIMED_DECOMPRESS: dict[bytes, Any] = {}
+_PRIMED_MAX = 8
+#: bodies up to this size get one DEFLATE attempt, with the dictionary when the profile has
+#: one: on every body of the corpora (876 bodies up to 3.5 KB) the dictionary form was the
+#: smaller; larger bodies try both
+ONE_ATTEMPT_MAX = 16 * 1024
+
+
+def _primed(cache: dict[bytes, Any], zdict: bytes, make: Callable[[], Any]) -> Any:
+    obj = cache.get(zdict)
+    if obj is None:
+        if len(cache) >= _PRIMED_MAX:
+            cache.clear()
+        obj = cache[zdict] = make()
+    return obj
+
+
+def _deflate(data: bytes, zdict: bytes) -> bytes:
+    if zdict:
+        base = _primed(
+            _PRIMED_COMPRESS,
+            zdict,
+            lambda: zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict),
+        )
+    else:
+        base = _primed(_PRIMED_COMPRESS, b"", lambda: zlib.compressobj(9, zlib.DEFLATED, -15, 9))
+    c = base.copy()
+    out: bytes = c.compress(data) + c.flush()
+    return out
+
+
+def encode_body(
+    value: JSONValue,
+    profile: Profile,
+    context: WireContext = WireContext(),
+    refs: StringRefs | None = None,
+) -> bytes:
+    """Encode a JSON value; the result's first byte says which encoding was used.
+
+    ``refs``: strings the receiver's session string table holds, as
+    (tag, uint) references (:class:`synapse_coap.wire.strings.SenderStrings`);
+    without it the output is the same as before the table existed.
+
+    Raises LocalProtocolError if the value cannot be represented exactly
+    (lone surrogates, non-string keys, non-JSON types); callers then carry raw JSON.
+    """
+    raw = _encode_cbor(value, profile, context, refs)
+    best = raw
+    if len(raw) > 4:
+        if profile.dictionary and len(raw) <= ONE_ATTEMPT_MAX:
+            with_dict = _deflate(raw, profile.dictionary)
+            if len(with_dict) + 1 < len(best):
+                best = bytes((MARKER_DEFLATE_DICT,)) + with_dict
+            return best
+        plain = _deflate(raw, b"")
+        if len(plain) + 1 < len(best):
+            best = bytes((MARKER_DEFLATE,)) + plain
+        if profile.dictionary:
+            with_dict = _deflate(raw, profile.dictionary)
+            if len(with_dict) + 1 < len(best):
+                best = bytes((MARKER_DEFLATE_DICT,)) + with_dict
+    return best
+
+
+def encode_stages(
+    value: JSONValue, profile: Profile, context: WireContext = WireContext()
+) -> dict[str, bytes]:
+    """Each stage of the pipeline, for the benchmark.
+
+    ``cbor``: generic CBOR with text keys (cbor2); ``cbor_int_keys``: the profile's
+    CBOR (integer keys, value table, binary identifiers); ``deflate``: that, raw
+    DEFLATE without dictionary; ``dictionary``: with the profile dictionary;
+    ``final``: what :func:`encode_body` sends.
+    """
+    import cbor2
+
+    try:
+        generic = cbor2.dumps(value)
+    except (UnicodeEncodeError, cbor2.CBOREncodeError, TypeError, ValueError) as e:
+        raise LocalProtocolError(f"cannot encode as CBOR: {e}") from e
+    raw = _encode_cbor(value, profile, context)
+    return {
+        "cbor": generic,
+        "cbor_int_keys": raw,
+        "deflate": _deflate(raw, b""),
+        "dictionary": _deflate(raw, profile.dictionary),
+        "final": encode_body(value, profile, context),
+    }
+
+
+# =========================================================================================
+# decoder
+# =========================================================================================

@@ -1,0 +1,222 @@
+"""What the body codec's encoder and decoder share: markers, private tags, limits, the
+profile's tables and the small exact conversions (see :mod:`synapse_coap.wire.body`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+import attrs
+
+try:
+    import cbor2
+except ImportError:  # pragma: no cover - a declared dependency; without it the
+    cbor2 = None  # type: ignore[assignment]  # the reference decoder decodes everything
+
+from synapse_coap.wire import cbor
+from synapse_coap.wire.profile import Profile
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+#: identifier -> (tag, uint) of a session string table reference (see wire/strings.py)
+StringRefs: TypeAlias = Mapping[str, tuple[int, int]]
+#: (tag, uint) -> the referenced string; raises UnknownStringReference
+StringResolver: TypeAlias = Callable[[int, int], str]
+
+# --- markers (first byte of an encoded body) --------------------------------------------
+MARKER_DEFLATE = 0xFC
+MARKER_DEFLATE_DICT = 0xFD
+# 0xFE and 0xFF are reserved (0xff is also never a valid first CBOR byte here).
+
+# --- private CBOR tags ---------------------------------------------------------------------
+TAG_BIGNUM_POS = 2  # RFC 8949 bignums, for ints outside +-2**64
+TAG_BIGNUM_NEG = 3
+# 4, 5: session string table references (synapse_coap.wire.strings.TAG_REF, TAG_REF_WIDE)
+TAG_EVENT_ID = 6  # "$" + 43 url-safe unpadded base64 chars  <- 32 bytes
+TAG_ROOM_HASH_ID = 7  # "!" + 43 url-safe unpadded base64 chars (room v12) <- 32 bytes
+TAG_B64 = 8  # unpadded standard base64 <- bytes
+TAG_B64URL = 9  # unpadded url-safe base64 <- bytes
+TAG_SIGIL_0 = 10  # 10-13: "@", "!", "#", "$" + local + ":" + server_names[0]; 14-17 server 1
+TAG_SERVER = 18  # server_names[uint]
+TAG_EVENT_ID_LIST = 19  # list of n >= 1 event ids <- 32*n bytes
+TAG_ED25519_KEY_ID = 20  # "ed25519:" + text
+TAG_TS_DELTA = 21  # big int (2**32 <= n < 2**64) as delta from the previous one (timestamps)
+TAG_MXC_0 = 22  # "mxc://" + server_names[0] + "/" + text
+TAG_DERIVED_SHA256 = 23  # {"sha256": content hash of the enclosing PDU}, content null
+TAG_SIGIL_BASE = 32  # 32 + 4*k + sigil for server index k (2-byte tag)
+TAG_MXC_BASE = 224  # 224 + k for server index k (2-byte tag)
+MAX_SERVER_REFS = 32  # server indices >= this are sent as text
+
+SIGILS = "@!#$"
+_B64_MIN_LEN = 20  # shorter strings are more likely words; they stay text
+_B64_STD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+_B64_URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_ED25519 = "ed25519:"
+_TS_LOW = 1 << 32  # ints in [_TS_LOW, _TS_HIGH) take part in delta coding
+_TS_HIGH = 1 << 64
+_MAX_ENCODE_DEPTH = 400  # stays under Python's recursion limit
+#: the encoder remembers how it encoded short strings (keys that are not in the key table,
+#: event types, versions, identifiers...): per context, up to this many, then starts over
+_STRING_CACHE_ENTRIES = 4096
+_STRING_CACHE_MAX_LEN = 96
+_STRING_CACHE_CONTEXTS = 64
+
+
+@attrs.frozen
+class BodyLimits:
+    """Caps applied when decoding a body from the network.
+
+    ``max_encoded_bytes``: the body as received (compressed or not).
+    ``max_decoded_bytes``: CBOR bytes after inflating; a decompression bomb stops here.
+    ``max_depth``: nesting of arrays, maps and tags.
+    ``max_items``: data items in total (every key, value and element counts).
+
+    The output caps are also proportional to the input (a cheap body cannot
+    buy expensive decoding): a body of ``n`` bytes may inflate to at most
+    ``max(min_decoded_bytes, max_expansion * n)`` bytes and hold at most
+    ``max(min_items, max_items_per_byte * n)`` items. Real bodies stay far
+    below (DEFLATE with the dictionary gains well under 10x on Matrix JSON).
+    """
+
+    max_encoded_bytes: int = 16 * 1024 * 1024
+    max_decoded_bytes: int = 64 * 1024 * 1024
+    max_depth: int = 128
+    max_items: int = 2_000_000
+    max_expansion: int = 32
+    max_items_per_byte: int = 8
+    min_decoded_bytes: int = 64 * 1024
+    min_items: int = 4096
+
+    def for_input(self, size: int) -> BodyLimits:
+        """The caps for one body of ``size`` bytes (the proportional ones applied)."""
+        decoded = min(
+            self.max_decoded_bytes, max(self.min_decoded_bytes, self.max_expansion * size)
+        )
+        items = min(self.max_items, max(self.min_items, self.max_items_per_byte * size))
+        if decoded == self.max_decoded_bytes and items == self.max_items:
+            return self
+        return attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
+
+
+DEFAULT_BODY_LIMITS = BodyLimits()
+#: What a listener accepts in a request body: decoding the worst body these caps
+#: accept stays within tens of milliseconds (docs/wire-body.md, "Caps").
+REQUEST_BODY_LIMITS = BodyLimits(max_decoded_bytes=8 * 1024 * 1024, max_items=16384)
+
+
+# =========================================================================================
+# helpers shared by both directions
+# =========================================================================================
+
+
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64_unpadded(raw: bytes, url: bool) -> str:
+    enc = binascii.b2a_base64(raw, newline=False).rstrip(b"=")
+    return (enc.translate(_URL_SAFE) if url else enc).decode("ascii")
+
+
+def _b64_decode_exact(text: str, url: bool) -> bytes | None:
+    """The bytes whose unpadded base64 is exactly ``text``, or None."""
+    if len(text) % 4 == 1:
+        return None
+    try:
+        padded = text + "=" * (-len(text) % 4)
+        raw = base64.urlsafe_b64decode(padded) if url else base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if _b64_unpadded(raw, url) != text:
+        return None
+    return raw
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), sort_keys=True
+    ).encode("utf-8")
+
+
+def content_hash(pdu: dict[str, Any]) -> str | None:
+    """Matrix content hash of an event (spec: without unsigned, signatures, hashes).
+
+    None when the event cannot be put in canonical JSON.
+    """
+    stripped = {k: v for k, v in pdu.items() if k not in ("unsigned", "signatures", "hashes")}
+    try:
+        data = _canonical_json(stripped)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return _b64_unpadded(hashlib.sha256(data).digest(), url=False)
+
+
+def _zigzag(index: int) -> int:
+    return index // 2 if index % 2 == 0 else -(index + 1) // 2
+
+
+def _unzigzag(n: int) -> int:
+    return 2 * n if n >= 0 else -2 * n - 1
+
+
+@attrs.frozen
+class _Tables:
+    key_index: dict[str, int]
+    value_index: dict[str, int]
+    #: key -> its encoded integer key, only where that is not longer than the text key
+    key_bytes: dict[str, bytes]
+    #: value-table string -> its encoded simple value (the strings ``string()`` replaces)
+    value_bytes: dict[str, bytes]
+    #: per context (server names): string -> its encoding by ``string_uncached`` (bounded)
+    strings: dict[tuple[str, ...], dict[str, bytes]] = attrs.field(factory=dict)
+
+
+_TABLES: dict[tuple[int, bytes], _Tables] = {}
+
+
+def _tables(profile: Profile) -> _Tables:
+    cache_key = (profile.id, profile.content_hash)
+    t = _TABLES.get(cache_key)
+    if t is None or len(_TABLES) > 16:
+        if len(_TABLES) > 16:
+            _TABLES.clear()
+        key_index = {k: i for i, k in enumerate(profile.keys)}
+        value_index = {v: i for i, v in enumerate(profile.values) if i < 244}
+        t = _Tables(
+            key_index=key_index,
+            value_index=value_index,
+            key_bytes={k: enc for k, i in key_index.items() if (enc := _key_head(k, i))},
+            value_bytes={
+                v: _simple_head(i) for v, i in value_index.items() if i < 20 or len(v) >= 2
+            },
+        )
+        _TABLES[cache_key] = t
+    return t
+
+
+def _key_head(k: str, idx: int) -> bytes:
+    """The integer key for table index ``idx``, or b"" when the text key is not longer."""
+    z = _zigzag(idx)
+    enc = cbor.head(cbor.MAJOR_UINT, z) if z >= 0 else cbor.head(cbor.MAJOR_NEGINT, -1 - z)
+    return enc if len(enc) <= 1 + len(k.encode("utf-8", "surrogatepass")) else b""
+
+
+def _simple_head(idx: int) -> bytes:
+    n = _simple_index(idx)
+    return bytes((0xE0 | n,)) if n < 20 else bytes((0xF8, n))
+
+
+def _simple_index(i: int) -> int:
+    """Value-table index -> CBOR simple value number (skipping 20-31)."""
+    return i if i < 20 else i + 12
+
+
+def _value_from_simple(n: int) -> int:
+    return n if n < 20 else n - 12
+
+
+# =========================================================================================
+# encoder
+# =========================================================================================
