@@ -18,26 +18,49 @@ In a Noise session the token objects also carry the session string table
 (:mod:`synapse_coap.wire.strings`): a request whose JSON body has identifiers
 gets a ``String-Seq`` option and may reference identifiers of earlier,
 acknowledged requests.  Without a table the bytes are exactly as before.
+
+Beside it: the Authorization option's compact form (``authorization``), exact
+JSON bodies and their memo (``jsonbody``), the listener's CoAP rules
+(``coap_rules``) and strict text (``text``).
+
+Size: about 650 lines, most of them :class:`WireCodec`, one class because the
+request and response mappings in both directions share the route table, the
+profile's key and value tables, the session context and the body memo.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
-import os
 import re
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from synapse_coap.errors import LocalProtocolError, RemoteProtocolError
 from synapse_coap.mapping import numbers as n
+from synapse_coap.mapping.authorization import (
+    AUTH_LITERAL,
+    decode_authorization,
+    encode_authorization,
+)
 from synapse_coap.mapping.coap import sort_options
+from synapse_coap.mapping.coap_rules import (
+    ProxyingNotSupported,
+    UnsupportedMethod,
+    _check_critical,
+    accepted_format,
+)
+from synapse_coap.mapping.jsonbody import (
+    BODY_MEMO,
+    dump_json,
+    parse_json_exact,
+)
 from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
+from synapse_coap.mapping.text import (
+    _strict_text,
+    _text,
+    _utf8,
+)
 from synapse_coap.mapping.tokens import (
     ReceiverTokens,
     SenderTokens,
@@ -97,58 +120,11 @@ CT_EMPTY = b"\xff"
 _PCHAR_SAFE = "!$&'()*+,;=:@"
 _QUERY_SAFE = "!$'()*+,;=:@/?"
 
-_XMATRIX = re.compile(
-    r'X-Matrix origin="([^"\\]*)",key="([^"\\]*)",sig="([^"\\]*)"(?:,destination="([^"\\]*)")?\Z'
-)
-# Authorization option forms (first byte).
-AUTH_LITERAL = 0x80
-AUTH_HAS_DEST = 0x01
-AUTH_ED25519 = 0x02
-AUTH_SIG64 = 0x04
-_SERVER_REF = 0xE0  # field length bytes 0xe0-0xfe = server_names[b - 0xe0]
-_MAX_FIELD = 0xDF
-
-
-class UnsupportedCriticalOption(RemoteProtocolError):
-    """A request carries a critical option we do not implement (answer 4.02 Bad Option)."""
-
-    coap_code = n.BAD_OPTION
-
-
-class UnsupportedMethod(RemoteProtocolError):
-    """A request's method code names no method we know (answer 4.05, RFC 7252 5.8)."""
-
-    coap_code = n.METHOD_NOT_ALLOWED
-
-
-class ProxyingNotSupported(RemoteProtocolError):
-    """A request carries Proxy-Uri or Proxy-Scheme: we are not a proxy (answer 5.05)."""
-
-    coap_code = n.PROXYING_NOT_SUPPORTED
-
 
 def significant_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The headers the wire carries, in the order a decoded message has them."""
     kept = [(k.lower(), v) for k, v in headers if k.lower() in _HEADER_INDEX]
     return tuple(sorted(kept, key=lambda kv: _HEADER_INDEX[kv[0]]))
-
-
-def _utf8(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
-
-
-def _text(data: bytes, what: str) -> str:
-    try:
-        return data.decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError as e:
-        raise RemoteProtocolError(f"{what} is not valid UTF-8") from e
-
-
-def _strict_text(data: bytes, what: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RemoteProtocolError(f"{what} is not valid UTF-8") from e
 
 
 _HEADER_UNSAFE = frozenset("\r\n\x00")
@@ -162,199 +138,10 @@ def _check_http_safe(headers: list[tuple[str, str]]) -> None:
             raise RemoteProtocolError(f"header {name[:40]!r} holds CR, LF or NUL")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate key")
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-JSON constant {name}")
-
-
-def parse_json_exact(body: bytes) -> Any:
-    """The JSON value of ``body``, or raise ValueError if it is not plain, exact JSON.
-
-    Refused: invalid UTF-8, NaN/Infinity, duplicate keys, anything json rejects,
-    and nesting deep enough to hit the recursion limit.
-    """
-    try:
-        text = body.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(str(e)) from e
-
-
-def dump_json(value: Any) -> bytes:
-    """How a JSON value from the body codec is serialised on the HTTP side."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
-        "utf-8", "surrogatepass"
-    )
-
-
-class BodyMemo:
-    """A small LRU of finished body conversions: (profile, context, bytes) -> bytes.
-
-    The body codec is pure Python and costs about 3 us per JSON item each way
-    (a 1.5 KB ``/versions`` response: ~0.5 ms to encode, ~0.5 ms to decode), while
-    many bodies repeat exactly (``/versions``, server keys, capabilities, push
-    rules, ``{}``). Both conversions are deterministic functions of the key, so
-    a hit gives exactly the bytes a fresh run would (decoded bodies only after
-    they passed every cap under the same limits: the limits are part of the
-    key). Conversions that depend on session state (string table references)
-    are never memoised. Bounded by entry size, count and total bytes.
-    """
-
-    def __init__(self, max_entries: int = 256, max_item: int = 8192, max_total: int = 2 << 20):
-        self.max_entries = max_entries
-        self.max_item = max_item
-        self.max_total = max_total
-        self._items: OrderedDict[Hashable, bytes] = OrderedDict()
-        self._total = 0
-        self._lock = threading.Lock()
-
-    def convert(self, key: Hashable, data: bytes, fn: Callable[[], bytes]) -> bytes:
-        """``fn()`` (which converts ``data``, part of ``key``), or its remembered result."""
-        if len(data) > self.max_item or self.max_entries <= 0:
-            return fn()
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-                return found
-        out = fn()
-        size = len(data) + len(out)
-        if len(out) <= 8 * self.max_item:
-            with self._lock:
-                if key not in self._items:
-                    self._items[key] = out
-                    self._total += size
-                    while self._items and (
-                        len(self._items) > self.max_entries or self._total > self.max_total
-                    ):
-                        old_key, old = self._items.popitem(last=False)
-                        self._total -= _memo_size(old_key, old)
-        return out
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._total = 0
-
-
-def _memo_size(key: Hashable, value: bytes) -> int:
-    data = key[-1] if isinstance(key, tuple) and key and isinstance(key[-1], bytes) else b""
-    return len(data) + len(value)
-
-
-#: Shared by every WireCodec (the key names the profile and the session context).
-#: ``SYNAPSE_COAP_BODY_MEMO=0`` in the environment switches it off (bench/inbound.py
-#: does, so that every request pays for the codec, as distinct requests would).
-BODY_MEMO = BodyMemo(max_entries=0 if os.environ.get("SYNAPSE_COAP_BODY_MEMO") == "0" else 256)
 _NOT_PARSED: Any = object()
 
 
 # --- X-Matrix ----------------------------------------------------------------------
-
-
-def _put_field(out: bytearray, text: str, context: WireContext | None) -> bool:
-    if context is not None:
-        ref = context.server_index(text)
-        if ref is not None and ref < 0xFF - _SERVER_REF:
-            out.append(_SERVER_REF + ref)
-            return True
-    raw = _utf8(text)
-    if len(raw) > _MAX_FIELD:
-        return False
-    out.append(len(raw))
-    out += raw
-    return True
-
-
-def _get_field(data: bytes, pos: int, context: WireContext | None) -> tuple[str, int]:
-    if pos >= len(data):
-        raise RemoteProtocolError("Authorization option truncated")
-    b = data[pos]
-    if b >= _SERVER_REF:
-        names = context.server_names if context is not None else ()
-        if b == 0xFF or b - _SERVER_REF >= len(names):
-            raise RemoteProtocolError("unknown server reference in Authorization option")
-        return names[b - _SERVER_REF], pos + 1
-    end = pos + 1 + b
-    if end > len(data):
-        raise RemoteProtocolError("Authorization option truncated")
-    return _text(data[pos + 1 : end], "Authorization field"), end
-
-
-def encode_authorization(value: str, context: WireContext) -> bytes:
-    """An Authorization header as the option value: compact X-Matrix when exact, else literal."""
-    m = _XMATRIX.match(value)
-    if m:
-        origin, key, sig, dest = m.groups()
-        form = 0
-        out = bytearray(b"\0")
-        ok = _put_field(out, origin, context)
-        if dest is not None:
-            form |= AUTH_HAS_DEST
-            ok = ok and _put_field(out, dest, context)
-        if key.startswith("ed25519:"):
-            form |= AUTH_ED25519
-            key = key[len("ed25519:") :]
-        ok = ok and _put_field(out, key, None)
-        raw_sig = _b64_exact(sig)
-        if raw_sig is not None and len(raw_sig) == 64:
-            form |= AUTH_SIG64
-            out += raw_sig
-        else:
-            out += _utf8(sig)
-        out[0] = form
-        if ok:
-            compact = bytes(out)
-            try:
-                if decode_authorization(compact, context) == value:
-                    return compact
-            except RemoteProtocolError:
-                pass
-    return bytes([AUTH_LITERAL]) + _utf8(value)
-
-
-def _b64_exact(text: str) -> bytes | None:
-    try:
-        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if base64.b64encode(raw).decode().rstrip("=") != text:
-        return None
-    return raw
-
-
-def decode_authorization(data: bytes, context: WireContext) -> str:
-    if not data:
-        raise RemoteProtocolError("empty Authorization option")
-    form = data[0]
-    if form == AUTH_LITERAL:
-        return _text(data[1:], "Authorization option")
-    if form & ~(AUTH_HAS_DEST | AUTH_ED25519 | AUTH_SIG64):
-        raise RemoteProtocolError(f"unknown Authorization option form {form:#x}")
-    origin, pos = _get_field(data, 1, context)
-    dest = None
-    if form & AUTH_HAS_DEST:
-        dest, pos = _get_field(data, pos, context)
-    key, pos = _get_field(data, pos, None)
-    if form & AUTH_ED25519:
-        key = "ed25519:" + key
-    rest = data[pos:]
-    if form & AUTH_SIG64:
-        if len(rest) != 64:
-            raise RemoteProtocolError("X-Matrix signature is not 64 bytes")
-        sig = base64.b64encode(rest).decode().rstrip("=")
-    else:
-        sig = _text(rest, "X-Matrix signature")
-    header = f'X-Matrix origin="{origin}",key="{key}",sig="{sig}"'
-    if dest is not None:
-        header += f',destination="{dest}"'
-    return header
 
 
 # --- the codec ------------------------------------------------------------------------
@@ -823,19 +610,6 @@ class WireCodec:
         return accepted_format(msg) == n.CF_JSON
 
 
-def accepted_format(msg: CoapMessage) -> int | None:
-    """The request's Accept option (a Content-Format number), or None without one.
-
-    Raises RemoteProtocolError for a repeated Accept or a value over two bytes.
-    """
-    accepts = msg.get(n.ACCEPT)
-    if not accepts:
-        return None
-    if len(accepts) > 1:
-        raise RemoteProtocolError("repeated Accept option")
-    return decode_uint(accepts[0], 2)
-
-
 def _dump_decoded(value: Any) -> bytes:
     try:
         return dump_json(value)
@@ -877,9 +651,3 @@ def _etag_text(raw: bytes) -> str:
     if raw and all(0x21 <= b <= 0x7E and b != 0x22 for b in raw):
         return '"' + raw.decode("ascii") + '"'
     return '"' + raw.hex() + '"'
-
-
-def _check_critical(msg: CoapMessage) -> None:
-    for opt in msg.options:
-        if n.is_critical(opt.number) and opt.number not in n.KNOWN_OPTIONS:
-            raise UnsupportedCriticalOption(f"unsupported critical option {opt.number}")

@@ -17,6 +17,16 @@ holding its ACK would hold the peer's next request (NSTART) and skew its RTT.
   request's token, or sends the private Abandon option) cancels the dispatch
   task.
 * ``/.well-known/core`` lists what the listener serves (RFC 6690).
+
+The server's parts live beside it: its configuration (``server_config``), the
+one aiocoap resource every request passes (``root``), blockwise transfer state
+(``blocks``), the link-format document (``linkformat``) and the 0-RTT
+watermark file (``replay_state``).
+
+Size: about 620 lines, nearly all of them :class:`CoapServer`, whose listener
+start-up and shutdown, per-session codecs, request rendering and push
+registrations share one state (sessions, message managers, the dispatcher);
+split further it would pass that state between modules instead of holding it.
 """
 
 from __future__ import annotations
@@ -24,42 +34,38 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
-from aiocoap import interfaces
-from aiocoap.blockwise import IncompleteException
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import Type
-from aiocoap.optiontypes import BlockOption
 from aiocoap.protocol import Context
 
 from synapse_coap.errors import (
-    ConfigValueError,
     LimitExceeded,
     RemoteProtocolError,
     SynapseCoapError,
 )
 from synapse_coap.mapping import numbers as n
-from synapse_coap.mapping.codec import accepted_format
+from synapse_coap.mapping.coap_rules import accepted_format
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
 from synapse_coap.mapping.push import (
     VERSIONS_PATH,
-    PushConfig,
     SyncQuery,
     advertise_observe,
 )
 from synapse_coap.mapping.redact import redact_target
 from synapse_coap.mapping.tokens import ReceiverTokens, UnknownTokenReference
-from synapse_coap.noise.trust import TrustPolicy
-from synapse_coap.transport.aiocoap_compat import block_key, extract_block
+from synapse_coap.transport.blocks import (
+    Block1Assembler,
+    Block2Responses,
+)
 from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
@@ -69,12 +75,13 @@ from synapse_coap.transport.convert import (
     default_codec_factory,
     from_aiocoap,
     parse_server_name,
-    server_name_payload,
     session_context,
-    supported_profile_offers,
     to_aiocoap,
 )
-from synapse_coap.transport.link import LinkParameters
+from synapse_coap.transport.linkformat import (
+    OBSERVABLE_SYNC,
+    _link_format,
+)
 from synapse_coap.transport.manager import LinkMessageManager, attach_transport
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
 from synapse_coap.transport.noise_udp import (
@@ -85,7 +92,19 @@ from synapse_coap.transport.noise_udp import (
 )
 from synapse_coap.transport.plain import PlainUDP
 from synapse_coap.transport.push import Observation, Registration, Registrations
-from synapse_coap.transport.transfers import ENTRY_OVERHEAD, TransferLimits, TransferStore
+from synapse_coap.transport.replay_state import (
+    REPLAY_STATE_INTERVAL,
+    write_replay_state,
+)
+from synapse_coap.transport.root import (
+    _Root,
+)
+from synapse_coap.transport.server_config import (
+    DEFAULT_RESOURCES,
+    ServerConfig,
+    _default_endpoint,
+)
+from synapse_coap.transport.transfers import TransferStore
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.strings import ReceiverStrings, UnknownStringReference
 
@@ -100,220 +119,8 @@ _TRANSFER_OPTIONS = BLOCKWISE_OPTIONS | {int(OptionNumber.NO_RESPONSE), ABANDON_
 #: response in another format than the one accepted becomes 4.06 too.
 _ACCEPTABLE = frozenset({n.CF_COMPACT, n.CF_JSON, *n.CF_TO_MEDIA_TYPE})
 
-DEFAULT_RESOURCES: tuple[str, ...] = (
-    "/_matrix/client",
-    "/_matrix/federation",
-    "/_matrix/key",
-    "/_matrix/media",
-    "/.well-known/matrix",
-)
-
-
-def _limits_default() -> Any:
-    from synapse_coap.noise.endpoint import NoiseLimits  # type: ignore
-
-    return NoiseLimits()
-
-
-def _address_list(value: Any) -> tuple[tuple[str, int], ...]:
-    out = []
-    for item in value:
-        host, port = item
-        out.append((str(host), int(port)))
-    return tuple(out)
-
-
-@attrs.frozen
-class ServerConfig:
-    """Where and how to listen.
-
-    ``listen``: Noise/UDP sockets (``::`` is dual-stack); ``plain_listen``:
-    unencrypted CoAP sockets (opt-in, for loopback tooling and private
-    networks). ``static_key``: our X25519 private key (required when
-    ``listen`` is not empty). ``max_body_size`` caps reassembled (Block1)
-    request bodies. ``payload_dump`` logs decrypted requests at DEBUG (never
-    on in production). ``resources``: the paths ``/.well-known/core`` lists.
-    ``replay_state_path``: a small file where the 0-RTT anti-replay watermark is
-    kept across restarts (docs/security.md); None: a restart forgets it.
-
-    ``transfers``: the byte budget of blockwise transfer state and the
-    per-session limits (:class:`TransferLimits`).
-    """
-
-    listen: tuple[tuple[str, int], ...] = attrs.field(
-        default=(("::", 5683),), converter=_address_list
-    )
-    plain_listen: tuple[tuple[str, int], ...] = attrs.field(default=(), converter=_address_list)
-    static_key: bytes | None = None
-    trust: TrustPolicy = attrs.field(factory=lambda: TrustPolicy(accept_any_initiator=True))
-    limits: Any = attrs.field(factory=_limits_default)
-    link: LinkParameters = attrs.field(factory=LinkParameters)
-    server_name: str | None = None
-    max_body_size: int = 50 * 1024 * 1024
-    payload_dump: bool = False
-    resources: tuple[str, ...] = DEFAULT_RESOURCES
-    replay_state_path: str | None = None
-    transfers: TransferLimits = attrs.field(factory=TransferLimits)
-    push: PushConfig = attrs.field(factory=PushConfig)
-
-    def __attrs_post_init__(self) -> None:
-        if self.listen and self.static_key is None:
-            raise ConfigValueError("static_key", "a static key is required for Noise listeners")
-        if self.static_key is not None and len(self.static_key) != 32:
-            raise ConfigValueError("static_key", "must be a 32-byte X25519 private key")
-        if self.max_body_size < 1024:
-            raise ConfigValueError("max_body_size", "must be at least 1024 bytes")
-
-        for i, (_host, port) in enumerate(self.listen + self.plain_listen):
-            if not 0 <= port <= 65535:
-                raise ConfigValueError(f"listen[{i}]", f"port {port} out of range 0..65535")
-
 
 # -- Block1 reassembly (linear, capped) ----------------------------------------------
-
-
-class _Block1Reply(Exception):
-    def __init__(self, message: Message) -> None:
-        self.message = message
-
-
-class _Assembly:
-    __slots__ = ("body", "request")
-
-    def __init__(self, request: Message) -> None:
-        self.request = request
-        self.body = bytearray()
-
-
-class Block1Assembler:
-    """RFC 7959 Block1 server side: O(n) reassembly, capped size; partial bodies live in
-    a :class:`TransferStore` (one byte budget with cached Block2 responses, a count
-    per session, a timeout)."""
-
-    def __init__(self, max_body_size: int, store: TransferStore) -> None:
-        self.max_body_size = max_body_size
-        self._store = store
-
-    @property
-    def effective_max(self) -> int:
-        """The largest body that can be reassembled (the size cap, within the budget)."""
-        return min(self.max_body_size, self._store.budget - ENTRY_OVERHEAD)
-
-    @staticmethod
-    def _key(req: Message) -> Any:
-        return (
-            "b1",
-            req.remote.blockwise_key,
-            req.code,
-            req.get_cache_key(
-                [
-                    OptionNumber.BLOCK1,
-                    OptionNumber.BLOCK2,
-                    OptionNumber.OBSERVE,
-                    OptionNumber.SIZE1,
-                ]
-            ),
-        )
-
-    def _too_large(self) -> _Block1Reply:
-        m = Message(code=Code.REQUEST_ENTITY_TOO_LARGE)
-        m.opt.size1 = self.effective_max
-        return _Block1Reply(m)
-
-    def feed(self, req: Message) -> Message:
-        """The complete request, or raise _Block1Reply with 2.31 / 4.08 / 4.13."""
-        block1 = req.opt.block1
-        if block1 is None:
-            if len(req.payload) > self.max_body_size:
-                raise self._too_large()
-            return req
-        if req.opt.size1 is not None and req.opt.size1 > self.effective_max:
-            raise self._too_large()
-        key = self._key(req)
-        size = 2 ** (block1.size_exponent + 4) if block1.size_exponent < 7 else 1024
-        offset = block1.block_number * size
-        if block1.more and len(req.payload) % 16:
-            m = Message(code=Code.BAD_REQUEST, payload=b"Block1 payload not a block multiple")
-            raise _Block1Reply(m)
-        if block1.block_number == 0:
-            asm = _Assembly(req)
-        else:
-            found = self._store.get(key)
-            if not isinstance(found, _Assembly) or offset > len(found.body):
-                self._store.pop(key)
-                raise _Block1Reply(Message(code=Code.REQUEST_ENTITY_INCOMPLETE))
-            asm = found
-            if offset < len(asm.body):
-                # a repeated block (its ACK was lost after dedup expired): restart from it
-                del asm.body[offset:]
-        if offset + len(req.payload) > self.effective_max:
-            self._store.pop(key)
-            raise self._too_large()
-        asm.body += req.payload
-        if block1.more:
-            self._store.put(key, req.remote.blockwise_key, asm, len(asm.body))
-            m = Message(code=Code.CONTINUE)
-            m.opt.block1 = block1
-            raise _Block1Reply(m)
-        self._store.pop(key)
-        full = asm.request.copy(payload=bytes(asm.body))
-        full.opt.block1 = block1
-        full.remote = req.remote
-        full.token = req.token
-        full.mid = req.mid
-        full.mtype = req.mtype
-        return full
-
-
-class Block2Responses:
-    """RFC 7959 Block2 server side: a response too large for one message is kept (in the
-    shared :class:`TransferStore`) for the blocks that follow block 0.
-
-    Pushed representations (Observe notifications larger than one block, see
-    :mod:`synapse_coap.transport.push`) are kept the same way under their
-    registration request's key; serving their last block is reported to the pusher.
-    """
-
-    MAX_PUSHED = 4096
-
-    def __init__(self, store: TransferStore) -> None:
-        self._store = store
-        self._on_last: dict[Any, Callable[[], None]] = {}
-
-    def put_pushed(self, request: Message, full: Message, on_last: Callable[[], None]) -> None:
-        key = ("b2", block_key(request))
-        self._store.put(key, request.remote.blockwise_key, full, len(full.payload))
-        self._on_last[key] = on_last
-        while len(self._on_last) > self.MAX_PUSHED:
-            self._on_last.pop(next(iter(self._on_last)))
-
-    async def extract_or_insert(
-        self, req: Message, build: Callable[[], Awaitable[Message]]
-    ) -> Message:
-        key = ("b2", block_key(req))
-        block2 = req.opt.block2
-        if block2 is None or block2.block_number == 0:
-            assembled = await build()
-        else:
-            found = self._store.get(key)
-            if not isinstance(found, Message):
-                raise IncompleteException
-            assembled = found
-        limit = req.remote.maximum_payload_size
-        if len(assembled.payload) > limit or (
-            block2 is not None and len(assembled.payload) > block2.size
-        ):
-            self._store.put(key, req.remote.blockwise_key, assembled, len(assembled.payload))
-            block2 = block2 or BlockOption.BlockwiseTuple(0, 0, req.remote.maximum_block_size_exp)
-            part: Message = extract_block(
-                assembled, block2.block_number, block2.size_exponent, limit
-            )
-            if block2.block_number > 0 and part.opt.block2 is not None and not part.opt.block2.more:
-                hook = self._on_last.pop(key, None)
-                if hook is not None:
-                    hook()
-            return part
-        return assembled
 
 
 # -- sessions ----------------------------------------------------------------------
@@ -334,173 +141,6 @@ def _receiver_tokens(*, strings: bool = False) -> Any:
 def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
     body = json.dumps({"errcode": errcode, "error": error}).encode()
     return HttpResponse(status, (("content-type", "application/json"),), body)
-
-
-#: The observable resource listed in ``/.well-known/core`` when push is enabled.
-OBSERVABLE_SYNC = "/_matrix/client/v3/sync"
-
-
-def _links(
-    resources: tuple[str, ...], observable: tuple[str, ...] = ()
-) -> list[tuple[str, dict[str, str]]]:
-    """(href, attributes) of what ``/.well-known/core`` lists (``obs``: RFC 7641 §6)."""
-    out = [("/.well-known/core", {"ct": "40"})]
-    for path in resources:
-        out.append((path, {"rt": path.strip("/").replace("/", ".").replace("_", "")}))
-    for path in observable:
-        name = path.strip("/").replace("/", ".").replace("_", "")
-        out.append((path, {"rt": name, "obs": ""}))
-    return out
-
-
-def _link_value(attrs: dict[str, str], name: str) -> str:
-    if name == "rt":
-        return f'{name}="{attrs[name]}"'
-    return f"{name}={attrs[name]}" if attrs[name] else name
-
-
-def _filter_matches(href: str, attrs: dict[str, str], query: str) -> bool:
-    """RFC 6690 4.1: ``name=value``, a trailing ``*`` matching any suffix; for a
-    space-separated attribute (rt, if) any one of its values matches."""
-    name, _, want = query.partition("=")
-    prefix = want.endswith("*")
-    want = want[:-1] if prefix else want
-    if name == "href":
-        values = [href]
-    elif name in attrs:
-        values = attrs[name].split(" ") if name in ("rt", "if") else [attrs[name]]
-    else:
-        return False
-    return any(v.startswith(want) if prefix else v == want for v in values)
-
-
-def _link_format(
-    resources: tuple[str, ...],
-    queries: list[str] | None = None,
-    observable: tuple[str, ...] = (),
-) -> bytes:
-    """The RFC 6690 document, filtered by its ``Uri-Query`` values (RFC 6690 4.1)."""
-    parts = []
-    for href, link_attrs in _links(resources, observable):
-        if queries and not all(_filter_matches(href, link_attrs, q) for q in queries):
-            continue
-        parts.append(";".join([f"<{href}>", *(_link_value(link_attrs, k) for k in link_attrs)]))
-    return ",".join(parts).encode()
-
-
-class _Root(interfaces.Resource):  # type: ignore[misc]
-    """The single aiocoap resource: every request goes through here."""
-
-    def __init__(self, server: CoapServer) -> None:
-        super().__init__()
-        self._server = server
-        config = server.config
-        limits = config.transfers
-        timeout = limits.timeout
-        if timeout is None:
-            timeout = max(config.link.exchange_lifetime, 120.0)
-        self.transfers = TransferStore(limits.budget, limits.per_session, timeout)
-        self._block1 = Block1Assembler(config.max_body_size, self.transfers)
-        self._block2 = Block2Responses(self.transfers)
-        self._in_flight: dict[Any, int] = {}
-
-    async def render(self, request: Any) -> Any:  # pragma: no cover - not used
-        raise NotImplementedError
-
-    async def needs_blockwise_assembly(self, request: Any) -> bool:  # pragma: no cover
-        return False
-
-    async def render_to_pipe(self, pipe: Any) -> None:
-        req = pipe.request
-        if req.opt.get_option(ABANDON_OPTION):
-            # the token layer already cancelled the previous request on this token
-            res = Message(code=Code.CHANGED)
-            res.opt.no_response = 26
-            pipe.add_response(res, is_last=True)
-            return
-        session = req.remote.blockwise_key
-        in_flight = self._in_flight.get(session, 0)
-        if in_flight >= self._server.config.transfers.requests_per_session:
-            # RFC 7252 5.03 with Max-Age: come back later
-            self._server.metrics.dropped("session_request_limit")
-            res = Message(code=Code.SERVICE_UNAVAILABLE, payload=b"too many requests in flight")
-            res.opt.max_age = 1
-            pipe.add_response(res, is_last=True)
-            return
-        self._in_flight[session] = in_flight + 1
-        try:
-            await self._render_to_pipe(pipe, req)
-        finally:
-            left = self._in_flight[session] - 1
-            if left:
-                self._in_flight[session] = left
-            else:
-                del self._in_flight[session]
-
-    async def _render_to_pipe(self, pipe: Any, req: Any) -> None:
-        evicted = sum(self.transfers.evictions.values())
-        try:
-            try:
-                assembled = self._block1.feed(req)
-            except _Block1Reply as reply:
-                pipe.add_response(reply.message, is_last=True)
-                return
-            if (
-                assembled.opt.observe == 0
-                and assembled.opt.block2 is None
-                and self._server.config.push.enabled
-                and await self._server._observe(assembled, pipe, self._block2)
-            ):
-                return
-
-            async def build() -> Message:
-                full: Message = await self._server._render(assembled)
-                if assembled.opt.size2 is not None and full.payload:
-                    # RFC 7959 4: Size2 asked for (usually 0): say the whole size (every block)
-                    full.opt.size2 = len(full.payload)
-                return full
-
-            res = await self._block2.extract_or_insert(assembled, build)
-        finally:
-            if sum(self.transfers.evictions.values()) != evicted:
-                self._server._count_evictions()
-        if assembled.opt.block1 is not None:
-            res.opt.block1 = assembled.opt.block1
-        pipe.add_response(res, is_last=True)
-
-    def expire(self) -> None:
-        """Forget stalled transfers (a timer calls this)."""
-        if self.transfers.expire():
-            self._server._count_evictions()
-
-
-#: Seconds between writes of the 0-RTT anti-replay watermark.
-REPLAY_STATE_INTERVAL = 30.0
-
-
-def read_replay_state(path: str | None, *, now: float, window: float) -> float:
-    """``early_data_not_before`` for a starting responder: the watermark its previous run
-    wrote (0 if there was none). An unreadable file refuses 0-RTT for two windows."""
-    if path is None:
-        return 0.0
-    try:
-        with open(path, encoding="ascii") as f:
-            return float(f.read().strip())
-    except FileNotFoundError:
-        return 0.0
-    except (OSError, ValueError) as e:
-        logger.warning(
-            "0-RTT replay state %s unreadable (%s): no 0-RTT for %.0f s", path, e, 2 * window
-        )
-        return now + 2 * window
-
-
-def write_replay_state(path: str, value: float) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(f"{value:.0f}\n")
-    os.replace(tmp, path)
 
 
 class CoapServer:
@@ -985,28 +625,6 @@ class CoapServer:
             want_json,
             method,
         )
-
-
-def _default_endpoint(config: ServerConfig, clock: Callable[[], float]) -> SessionEndpoint:
-    from synapse_coap.noise.endpoint import NoiseEndpoint  # type: ignore
-
-    if config.static_key is None:
-        raise ConfigValueError("static_key", "a static key is required for Noise listeners")
-    endpoint: SessionEndpoint = NoiseEndpoint(
-        config.static_key,
-        trust=config.trust,
-        limits=config.limits,
-        profiles=supported_profile_offers(),
-        app_payload=server_name_payload(config.server_name),
-        clock=clock,
-        link_bandwidth_bps=config.link.bandwidth_bps,
-        early_data_not_before=read_replay_state(
-            config.replay_state_path,
-            now=time.time(),
-            window=float(getattr(config.limits, "early_data_window", 60.0)),
-        ),
-    )
-    return endpoint
 
 
 __all__ = ["DEFAULT_RESOURCES", "Block1Assembler", "CoapServer", "ServerConfig"]

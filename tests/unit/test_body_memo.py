@@ -9,7 +9,8 @@ import pytest
 
 from synapse_coap.errors import LimitExceeded
 from synapse_coap.mapping import codec as codec_mod
-from synapse_coap.mapping.codec import BodyMemo, WireCodec, parse_json_exact
+from synapse_coap.mapping.codec import WireCodec
+from synapse_coap.mapping.jsonbody import BodyMemo, parse_json_exact
 from synapse_coap.mapping.messages import HttpResponse
 from synapse_coap.wire.body import BodyLimits, decode_body, encode_body
 from synapse_coap.wire.context import WireContext

@@ -10,8 +10,8 @@ import pytest
 from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping import samples
 from synapse_coap.mapping.coap import decode_coap, encode_coap
+from synapse_coap.mapping.coap_rules import UnsupportedCriticalOption
 from synapse_coap.mapping.codec import (
-    UnsupportedCriticalOption,
     WireCodec,
     significant_headers,
 )

@@ -22,8 +22,6 @@ NOT_YET_SPLIT = {
     "transport/client.py": 690,
     "lab/relay.py": 706,
     "transport/noise_udp.py": 754,
-    "mapping/codec.py": 885,
-    "transport/server.py": 1012,
 }
 
 

@@ -296,7 +296,7 @@ def test_a_client_that_timed_out_and_asks_again_joins_the_exchange() -> None:
 
 
 def test_well_known_core_lists_sync_as_observable() -> None:
-    from synapse_coap.transport.server import OBSERVABLE_SYNC, _link_format
+    from synapse_coap.transport.linkformat import OBSERVABLE_SYNC, _link_format
 
     doc = _link_format(("/_matrix/client",), None, (OBSERVABLE_SYNC,)).decode()
     assert '</_matrix/client/v3/sync>;rt="matrix.client.v3.sync";obs' in doc.split(",")
