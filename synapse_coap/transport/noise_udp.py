@@ -21,14 +21,11 @@ events, which are counted and never raised. The endpoint's timers run on
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import attrs
-from aiocoap import error as coap_error
 from aiocoap import interfaces
 from aiocoap.message import Direction
 from aiocoap.util import hostportjoin
@@ -50,10 +47,19 @@ from synapse_coap.transport.datagram import (
 )
 from synapse_coap.transport.manager import LinkMessageManager, LinkTuning
 from synapse_coap.transport.metrics import NullMetrics, TransportMetrics
+from synapse_coap.transport.noise_remote import (
+    NoiseClaim,
+    NoiseLinkError,
+    NoiseRemote,
+)
+from synapse_coap.transport.udp_address import (
+    Address,
+    _send_host,
+    make_udp_socket,
+    normalize_address,
+)
 
 logger = logging.getLogger(__name__)
-
-Address = tuple[str, int]
 
 
 class SessionEndpoint(Protocol):
@@ -97,23 +103,6 @@ SESSIONS_GAUGE_EXACT = 256
 SESSIONS_GAUGE_INTERVAL = 1.0
 
 
-class NoiseLinkError(coap_error.NetworkError):  # type: ignore[misc]
-    """Reported to aiocoap for a channel that failed; ``cause`` is our exception."""
-
-    def __init__(self, cause: SynapseCoapError) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.__cause__ = cause
-
-
-@attrs.frozen
-class NoiseClaim:
-    """The authenticated identity of a Noise channel (``authenticated_claims`` item)."""
-
-    static_key: bytes
-    peer_name: str | None
-
-
 def _datagram_kind(data: bytes) -> str:
     if not data:
         return "reserved"
@@ -135,178 +124,6 @@ def _code_fits_type(code: int, mtype: int) -> bool:
     if 64 <= code <= 191:
         return mtype in (0, 1, 2)
     return False
-
-
-class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
-    """One Noise channel, as an aiocoap remote. Hashes by identity (one object per channel)."""
-
-    scheme = "coap+noise"
-    is_multicast = False
-    is_multicast_locally = False
-    #: settable per instance (as in aiocoap's udp6 remotes)
-    maximum_block_size_exp = 6
-
-    def __init__(
-        self,
-        interface: NoiseMessageInterface,
-        addr: Address,
-        *,
-        peer_name: str | None,
-        expected_static: bytes | None,
-        initiator: bool,
-        channel: int | None = None,
-        block_size_exp: int = 6,
-    ) -> None:
-        self.interface = interface
-        self.addr = addr
-        self.peer_name = peer_name
-        self.expected_static = expected_static
-        self.initiator = initiator
-        self.channel = channel
-        self.maximum_block_size_exp = block_size_exp
-        self.established = False
-        #: False while the latest message came from an address not yet validated
-        #: (0-RTT from a new address, a move): the address may be spoofed
-        self.address_validated = True
-        #: how many handshakes completed on this remote (re-handshakes included)
-        self.establishments = 0
-        self.peer_static: bytes | None = None
-        self.profile_id = 0
-        self.peer_app_payload = b""
-        self.last_received = float("-inf")
-        self.last_error: SynapseCoapError | None = None
-        #: the first messages wait for the handshake (no 0-RTT): their RTT
-        #: samples must not include it
-        self.queued_behind_handshake = False
-        self._established_event: asyncio.Event | None = None
-        #: free slot for the layer above (server: per-session codec and tokens)
-        self.app_state: Any = None
-
-    @property
-    def established_event(self) -> asyncio.Event:
-        """Set while the channel is established. Made on first use: a listener holds
-        thousands of remotes, and an Event with its waiter deque is about 1 KB."""
-        if self._established_event is None:
-            self._established_event = asyncio.Event()
-            if self.established:
-                self._established_event.set()
-        return self._established_event
-
-    def _signal_established(self, established: bool) -> None:
-        event = self._established_event
-        if event is not None:
-            if established:
-                event.set()
-            else:
-                event.clear()
-
-    def __repr__(self) -> str:
-        return f"<NoiseRemote channel={self.channel} {self.hostinfo} peer={self.peer_name!r}>"
-
-    @property
-    def hostinfo(self) -> str:
-        return str(hostportjoin(self.addr[0], self.addr[1]))
-
-    @property
-    def hostinfo_local(self) -> str:
-        return self.interface.local_hostinfo()
-
-    @property
-    def uri_base(self) -> str:
-        return "coap+noise://" + self.hostinfo
-
-    @property
-    def uri_base_local(self) -> str:
-        return "coap+noise://" + self.hostinfo_local
-
-    @property
-    def blockwise_key(self) -> object:
-        return ("noise", id(self.interface), id(self))
-
-    @property
-    def maximum_payload_size(self) -> int:
-        return 1024
-
-    @property
-    def authenticated_claims(self) -> tuple[NoiseClaim, ...]:
-        if not self.established or self.peer_static is None:
-            return ()
-        return (NoiseClaim(self.peer_static, self.peer_name),)
-
-
-#: host strings seen on sockets -> their normalized form, and (family, host) -> the
-#: host to pass to sendto (None: unsendable from that family). Parsing an address
-#: with :mod:`ipaddress` costs tens of microseconds, and a datagram needs it twice;
-#: the caches are bounded (cleared when full), so a flood of new addresses only
-#: costs the parsing it would have cost anyway.
-_ADDRESS_CACHE_MAX = 1024
-_normalized_hosts: dict[str, str] = {}
-_send_hosts: dict[tuple[int, str], str | None] = {}
-
-
-def _normalize_host(host: str) -> str:
-    found = _normalized_hosts.get(host)
-    if found is not None:
-        return found
-    out = host
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        pass
-    else:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            out = str(ip.ipv4_mapped)
-    if len(_normalized_hosts) >= _ADDRESS_CACHE_MAX:
-        _normalized_hosts.clear()
-    _normalized_hosts[host] = out
-    return out
-
-
-def _send_host(family: int, host: str) -> str | None:
-    """``host`` as ``sendto`` on a ``family`` socket wants it; None if it cannot reach it."""
-    key = (family, host)
-    try:
-        return _send_hosts[key]
-    except KeyError:
-        pass
-    out: str | None = host
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        pass
-    else:
-        if family == socket.AF_INET6:
-            if isinstance(ip, ipaddress.IPv4Address):
-                out = "::ffff:" + host
-        elif isinstance(ip, ipaddress.IPv6Address):
-            out = None
-    if len(_send_hosts) >= _ADDRESS_CACHE_MAX:
-        _send_hosts.clear()
-    _send_hosts[key] = out
-    return out
-
-
-def normalize_address(addr: Any) -> Address:
-    """(host, port[, flow, scope]) from a socket -> (host, port), IPv4-mapped stripped."""
-    return (_normalize_host(str(addr[0])), int(addr[1]))
-
-
-def make_udp_socket(host: str, port: int) -> socket.socket:
-    """A bound non-blocking UDP socket; IPv6 binds are dual-stack (IPV6_V6ONLY=0)."""
-    infos = socket.getaddrinfo(
-        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
-    )
-    family, _type, proto, _canon, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_DGRAM, proto)
-    try:
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.setblocking(False)
-        sock.bind(sockaddr)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -752,3 +569,15 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
     def _ev_dropped(self, ev: Dropped) -> None:
         self.metrics.dropped(str(ev.reason))
         logger.debug("dropped %d bytes from %s: %s", ev.size, ev.addr, ev.reason)
+
+
+__all__ = [
+    "Address",
+    "NoiseClaim",
+    "NoiseLinkError",
+    "NoiseMessageInterface",
+    "NoiseRemote",
+    "SessionEndpoint",
+    "make_udp_socket",
+    "normalize_address",
+]

@@ -21,7 +21,6 @@ NOT_YET_SPLIT = {
     "synapse/agent.py": 649,
     "transport/client.py": 690,
     "lab/relay.py": 706,
-    "transport/noise_udp.py": 754,
 }
 
 
