@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from synapse_coap.lab.relay import add_relay_parser
+from synapse_coap.lab.relay_cli import add_relay_parser
 
 
 def register(sub: Any) -> None:

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from synapse_coap.lab.relay import main
+from synapse_coap.lab.relay_cli import main
 
 sys.exit(main())

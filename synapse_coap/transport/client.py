@@ -21,6 +21,11 @@
   :class:`~synapse_coap.errors.RequestTimeout` when the whole request (blockwise
   included) exceeds its deadline. A request given up on (timeout or task
   cancellation) is *abandoned* at the server: its handler is cancelled.
+
+Size: about 625 lines, nearly all of them :class:`CoapClient`, one class because
+its sessions, handshakes, requests, blockwise transfers and push observations
+share the endpoint table, the message managers and the per-session codecs. What
+it keeps per endpoint and exchange is in :mod:`~synapse_coap.transport.client_session`.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import attrs
 from aiocoap import error as coap_error
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
@@ -52,11 +56,19 @@ from synapse_coap.errors import (
 )
 from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
 from synapse_coap.noise.trust import TrustPolicy
+from synapse_coap.transport.client_session import (
+    Endpoint,
+    PushEvent,
+    _ClientSession,
+    _on_response,
+    _safe_route,
+    _sender_tokens,
+    _strip_transfer,
+)
 from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
     NO_RESPONSE_ALL,
-    Codec,
     CodecFactory,
     default_codec_factory,
     from_aiocoap,
@@ -85,64 +97,8 @@ logger = logging.getLogger(__name__)
 _TRANSFER_OPTIONS = BLOCKWISE_OPTIONS
 
 
-@attrs.frozen
-class Endpoint:
-    """A CoAP peer: where it is, who it is (``peer_name``: its Matrix server name or
-    configured name, the trust-store key), its pinned static public key if
-    known, and whether to use Noise (``secure=False`` = plain CoAP, opt-in)."""
-
-    host: str
-    port: int
-    peer_name: str
-    static_key: bytes | None = None
-    secure: bool = True
-
-
-@attrs.define
-class _ClientSession:
-    endpoint: Endpoint
-    remote: Any
-    mman: LinkMessageManager
-    codec: Codec
-    profile_id: int
-    tokens: Any
-    established_profile: int | None = None
-
-
-@attrs.frozen
-class PushEvent:
-    """One event of an Observe registration: a notification, or the ``final`` response.
-
-    A final response carries no Observe option: the server did not accept the
-    registration (not observable, refused, an error), or ended it. An event
-    with ``response`` None says the server acknowledged the registration
-    request (it has it; notifications follow when there is something to push).
-    """
-
-    response: HttpResponse | None
-    final: bool
-
-
 #: Queued by the registration request's acknowledgement hook.
 _ACKED = object()
-
-
-def _sender_tokens(*, strings: bool = False) -> Any:
-    """Per-session sticky-token state; with ``strings`` also the session string table."""
-    try:
-        from synapse_coap.mapping.tokens import (  # type: ignore
-            SenderTokens,
-        )
-        from synapse_coap.wire.strings import SenderStrings
-    except ImportError:
-        return None
-    return SenderTokens(strings=SenderStrings() if strings else None)
-
-
-def _strip_transfer(cm: CoapMessage) -> CoapMessage:
-    return CoapMessage(
-        cm.code, tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS), cm.payload
-    )
 
 
 class CoapClient:
@@ -669,22 +625,6 @@ class CoapClient:
             session.mman.send_message(m, None)
         except Exception:
             logger.debug("could not send the abandon notice", exc_info=True)
-
-
-def _safe_route(codec: Codec, cm: CoapMessage) -> str:
-    try:
-        return codec.route_name(cm)
-    except Exception:
-        return "unknown"
-
-
-def _on_response(tokens: Any, request: CoapMessage, response: CoapMessage) -> bool:
-    """Acknowledge the request's token bindings; True if the peer asked us to rebind."""
-    try:
-        return bool(tokens.on_response(request, response))
-    except Exception:
-        logger.debug("token bookkeeping failed", exc_info=True)
-        return False
 
 
 __all__ = ["CoapClient", "Endpoint", "PushEvent"]

@@ -18,11 +18,8 @@ from twisted.web.http_headers import Headers
 
 from synapse_coap.errors import KeyChangedError, LinkDown, RequestTimeout
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
-from synapse_coap.synapse.agent import (
-    CoapFederationAgent,
-    classify_route,
-    parse_federation_uri,
-)
+from synapse_coap.synapse.agent import CoapFederationAgent
+from synapse_coap.synapse.agent_http import classify_route, parse_federation_uri
 from synapse_coap.synapse.discovery import CoapTarget, Discovery, FederationConfig, SrvRecord
 from synapse_coap.transport.convert import default_codec_factory, supported_profile_offers
 from synapse_coap.wire.context import WireContext
@@ -542,7 +539,7 @@ def test_response_and_agent_provide_the_twisted_interfaces(setup: Setup) -> None
 def test_a_route_that_cannot_be_named_is_unknown_and_still_sent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from synapse_coap.synapse import agent as agent_mod
+    from synapse_coap.synapse import agent_http as agent_mod
 
     def broken() -> Any:
         raise OSError("maps directory unreadable")

@@ -19,11 +19,11 @@ from synapse_coap.synapse.discovery import (
     Resolution,
     ResolutionCache,
     SrvRecord,
-    is_valid_host,
     order_srv_records,
     probe_target,
     split_host_port,
 )
+from synapse_coap.synapse.hostnames import is_valid_host
 
 KEY = bytes(range(32))
 KEY_B64 = base64.b64encode(KEY).decode().rstrip("=")

@@ -27,6 +27,8 @@ from synapse_coap.lab.model import (
 from synapse_coap.lab.relay import (
     RelayConfig,
     RelayStats,
+)
+from synapse_coap.lab.relay_cli import (
     add_relay_parser,
     config_from_args,
     parse_hostport,
