@@ -361,6 +361,24 @@ def module_web_resources(hs: Any) -> dict[str, Any]:
     return dict(getattr(hs, "_module_web_resources", {}))
 
 
+def listener_configs(hs: Any) -> list[Any]:
+    """The process's listener configs: ``listeners`` on the main process and a
+    worker's ``worker_listeners`` (config attributes, public)."""
+    main = list(getattr(hs.config.server, "listeners", ()) or ())
+    worker = getattr(getattr(hs.config, "worker", None), "worker_listeners", ()) or ()
+    return main + [w for w in worker if w not in main]
+
+
+def reactor_listening_ports(hs: Any) -> list[Any]:
+    """The listening ports registered with the reactor (Twisted's public
+    ``IReactorFDSet.getReaders``). A worker's HTTP listeners are not kept in
+    ``_listening_services``; their ports are found here."""
+    readers = getattr(hs.get_reactor(), "getReaders", None)
+    if readers is None:
+        return []
+    return [r for r in readers() if getattr(r, "factory", None) is not None]
+
+
 def listening_services(hs: Any) -> list[Any]:
     """The ports of the process's running listeners (a copy)."""
     return list(getattr(hs, "_listening_services", ()))

@@ -101,7 +101,7 @@ def live_listener_resources(hs: Any) -> tuple[set[str], dict[str, Any]]:
     from synapse.http.site import SynapseSite
 
     names_by_tag: dict[str, set[str] | None] = {}
-    for listener in getattr(hs.config.server, "listeners", ()):
+    for listener in compat.listener_configs(hs):
         if listener.type != "http" or listener.http_options is None:
             continue
         names = {n for res in listener.http_options.resources for n in res.names}
@@ -111,12 +111,16 @@ def live_listener_resources(hs: Any) -> tuple[set[str], dict[str, Any]]:
         names_by_tag[tag] = names & prev if prev is not None else names
     served: set[str] = set()
     found: dict[str, Any] = {}
-    for port in compat.listening_services(hs):
+    ports = compat.listening_services(hs)
+    ports += [p for p in compat.reactor_listening_ports(hs) if p not in ports]
+    seen_sites: set[int] = set()
+    for port in ports:
         site = getattr(port, "factory", None)
         while site is not None and not isinstance(site, SynapseSite):
             site = getattr(site, "wrappedFactory", None)
-        if site is None:
+        if site is None or id(site) in seen_sites:
             continue
+        seen_sites.add(id(site))
         names = names_by_tag.get(site.site_tag) or set()
         full = {n for n in ("client", "federation") if n in names}
         if not full:

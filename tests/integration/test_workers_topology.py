@@ -270,8 +270,13 @@ def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
         (deployment.worker, "generic2"),
         (deployment.front, "generic1"),
     ]:
-        line = next((x for x in proc.log_text().splitlines() if "CoAP listener ready" in x), "")
+        text = proc.log_text()
+        line = next((x for x in text.splitlines() if "CoAP listener ready" in x), "")
         assert f"instance {name}, routing by workers.routes" in line, line
+        # a listener on a worker with its own HTTP client listener reuses that
+        # listener's resources: no second copy of the servlets' cache metrics
+        assert "already registered" not in text, name
+        assert "serving client" in text or name == "main", name
 
 
 def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
