@@ -50,6 +50,7 @@ class Deployment:
         coap: Homeserver,
         front: SynapseProcess,
         front_coap: int,
+        main_coap: int,
         media: SynapseProcess,
         sender: SynapseProcess,
         local: Any,
@@ -64,6 +65,7 @@ class Deployment:
         self.coap = coap  # generic2's CoAP listener
         self.front = front  # generic1: a listener only (killed by a test)
         self.front_coap = front_coap
+        self.main_coap = main_coap  # the main process's CoAP listener
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +168,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 Homeserver(worker, worker_coap, 0, key_path),
                 front,
                 front_coap,
+                main_coap,
                 media,
                 sender,
                 local,
@@ -277,6 +280,79 @@ def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
         # listener's resources: no second copy of the servlets' cache metrics
         assert "already registered" not in text, name
         assert "serving client" in text or name == "main", name
+
+
+def test_push_sync_through_a_listener_that_forwards_sync_to_its_worker(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Push on a worker deployment: the sidecar registers for /sync push at the main
+    process's listener, which does not serve /sync itself; the listener's own /sync
+    long-polls go to generic2 over HTTP (workers.routes), and a message sent meanwhile
+    reaches nio's waiting long-poll from the push."""
+    import asyncio
+
+    from synapse_coap.noise.keys import encode_public
+    from tests.integration.test_sidecar_nio import Proc, nio, sidecar_url
+
+    key = encode_public(deployment.coap.public_key)
+    sidecar = Proc(
+        [
+            "sidecar",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--homeserver",
+            f"coap://127.0.0.1:{deployment.main_coap}",
+            "--server-key",
+            key,
+            "--server-name",
+            SERVER_NAME,
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        tmp_path / "sidecar.log",
+    )
+    sidecar.start()
+
+    async def scenario() -> list[str]:
+        import secrets
+
+        client = nio.AsyncClient(sidecar_url(sidecar), f"p{secrets.token_hex(4)}")
+        try:
+            r = await client.register(client.user, "push-password-1")
+            assert isinstance(r, nio.RegisterResponse), r
+            r = await client.room_create(name="pushed through a worker")
+            assert isinstance(r, nio.RoomCreateResponse), r
+            room = r.room_id
+            first = await client.sync(timeout=0)
+            assert isinstance(first, nio.SyncResponse), first
+            # the first incremental long-poll registers the push; let it settle
+            await client.sync(timeout=3000, since=first.next_batch)
+            waiting = asyncio.ensure_future(client.sync(timeout=30000))
+            await asyncio.sleep(1.0)
+            r = await client.room_send(
+                room, "m.room.message", {"msgtype": "m.text", "body": "pushed"}
+            )
+            assert isinstance(r, nio.RoomSendResponse), r
+            sync = await waiting
+            assert isinstance(sync, nio.SyncResponse), sync
+            events = sync.rooms.join[room].timeline.events if room in sync.rooms.join else []
+            return [getattr(e, "body", "") for e in events]
+        finally:
+            await client.close()
+
+    try:
+        bodies = asyncio.run(scenario())
+    finally:
+        sidecar.stop()
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "push: registering /sync" in log, log[-2000:]
+    assert "does not push" not in log, log[-2000:]
+    assert bodies == ["pushed"], bodies
+    # every incremental long-poll was answered from the push, none crossed the link
+    polls = [x for x in log.splitlines() if "GET /_matrix/client/v3/sync?" in x and "since=" in x]
+    assert len(polls) >= 2 and all(x.endswith(", push)") for x in polls), polls
+    # the listener that took the registration issued its /sync on generic2 over HTTP
+    assert _ran(deployment.worker, "GET", "/_matrix/client/v3/sync", "synapse.access.http")
 
 
 def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
