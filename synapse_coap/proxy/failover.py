@@ -11,6 +11,12 @@ new handshake there, and a request that is safe to repeat (GET, HEAD, or PUT
 with a transaction id, which Synapse deduplicates) is sent again to it at once.
 Other requests get the error and the client retries them, as it would after
 any lost connection. Long-polls wait for their own timeout first.
+
+Push registrations (``observe``) go to the current listener too. A registration
+whose listener stops answering (its renewal or first request gets no answer)
+moves the sidecar to the next listener like any request; and whenever the
+current listener changes, the ``on_failover`` callbacks run, so the push side
+registers again at the new listener at once instead of at its next renewal.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ class FailoverSender:
         self._current = 0
         #: how many times the current listener changed
         self.failovers = 0
+        #: called (no arguments) each time the current listener changes
+        self.on_failover: list[Callable[[], None]] = []
 
     @property
     def current(self) -> Any:
@@ -72,6 +80,11 @@ class FailoverSender:
             error,
             _name(self.current),
         )
+        for callback in list(self.on_failover):
+            try:
+                callback()
+            except Exception:
+                logger.exception("failover callback failed")
 
     async def request(
         self, endpoint: Any, request: HttpRequest, *, timeout: float | None = None
@@ -99,9 +112,22 @@ class FailoverSender:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def observe(self, endpoint: Any, request: HttpRequest) -> AsyncIterator[Any]:
-        """Push registrations go to the current listener."""
-        result: AsyncIterator[Any] = self._client.observe(self.current, request)
-        return result
+        """Push registrations go to the current listener; one that fails there with a
+        link error moves the sidecar on (the caller registers again)."""
+        return self._observe(self.current, request)
+
+    async def _observe(self, target: Any, request: HttpRequest) -> AsyncIterator[Any]:
+        events: AsyncIterator[Any] = self._client.observe(target, request)
+        try:
+            async for event in events:
+                yield event
+        except (LinkDown, RequestTimeout) as e:
+            self._give_up_on(target, e)
+            raise
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
     async def close(self) -> None:
         await self._client.close()

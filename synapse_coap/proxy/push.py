@@ -215,6 +215,19 @@ class PushSync:
         feed.task = asyncio.ensure_future(self._run(feed))
         return feed
 
+    def reregister(self) -> None:
+        """Register every token again now, from where its feed stands (the homeserver
+        listener changed: the old registration is gone with it)."""
+        for feed in list(self._feeds.values()):
+            if feed.unsupported or feed.final is not None:
+                continue
+            if feed.task is not None:
+                feed.task.cancel()
+            feed.failing = False
+            feed.task = asyncio.ensure_future(self._run(feed))
+        if self._feeds:
+            logger.info("push: registering again at the new listener (%d)", len(self._feeds))
+
     def _drop(self, feed: _Feed) -> None:
         if self._feeds.get(feed.auth) is feed:
             del self._feeds[feed.auth]

@@ -181,6 +181,9 @@ class Sidecar:
             if options.push.enabled and observe is not None
             else None
         )
+        hooks = getattr(client, "on_failover", None)
+        if self.push is not None and isinstance(hooks, list):
+            hooks.append(self.push.reregister)  # a new listener holds no registration
         self._txn: TxnShortener | None = None
         if options.short_txn_ids:
             from synapse_coap.wire.profile import load_profile

@@ -360,7 +360,9 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
 ) -> None:
     """matrix-nio -> sidecar (given generic1's and generic2's listeners) -> generic1;
     generic1 is killed while messages are being sent; the client carries on through
-    generic2 with one new handshake, and every message is in the room exactly once."""
+    generic2 with one new handshake, and every message is in the room exactly once.
+    The sidecar's push registration (made at generic1) is made again at generic2 as
+    soon as the sidecar moves, not at its next renewal."""
     import asyncio
     import io
 
@@ -385,7 +387,6 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
             str(tmp_path / "state"),
             "--failover-after",
             "3",
-            "--no-push",
         ],
         tmp_path / "sidecar.log",
     )
@@ -403,6 +404,7 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
             assert isinstance(r, nio.RoomCreateResponse), r
             room = r.room_id
             await client.sync(timeout=0)
+            await client.sync(timeout=0)  # incremental: the sidecar registers for push
             # media goes to the media instance (forwarded from the listener over HTTP)
             data = bytes(range(256)) * 40
             up, _ = await client.upload(
@@ -447,6 +449,9 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     finally:
         sidecar.stop()
     assert bodies == [f"m{i}" for i in range(n_before + n_after)], bodies  # none lost, none twice
+    # the push registration followed the client to the surviving listener at once
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "push: registering again at the new listener" in log, log[-3000:]
     assert _ran(deployment.media, "POST", "/_matrix/media/v3/upload", "synapse.access.http")
     assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
     log = (tmp_path / "sidecar.log").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,12 @@ class FakeClient:
         if endpoint in self.dead:
             raise self.error(f"{endpoint} is gone")
         return OK
+
+    async def observe(self, endpoint: str, request: HttpRequest) -> Any:
+        self.sent.append((endpoint, "OBSERVE", None))
+        if endpoint in self.dead:
+            raise self.error(f"{endpoint} is gone")
+        yield endpoint
 
 
 def send(sender: FailoverSender, request: HttpRequest, timeout: float = 60.0) -> HttpResponse:
@@ -92,3 +99,31 @@ def test_one_listener_is_used_as_is() -> None:
     with pytest.raises(LinkDown):
         send(sender, GET, timeout=30.0)
     assert client.sent == [("a", "GET", 30.0)] and sender.failovers == 0
+
+
+@pytest.mark.parametrize("error", [LinkDown, RequestTimeout])
+def test_a_push_registration_that_fails_moves_on_and_tells_the_push_side(
+    error: type[Exception],
+) -> None:
+    """A registration at a listener that stopped answering moves the sidecar to the next
+    listener, like a request; every change of listener runs the on_failover callbacks
+    (the push side registers again at once), and the next registration goes there."""
+    client = FakeClient({"a"}, error)
+    sender = FailoverSender(client, ["a", "b"], clock=lambda: 0.0, replay_safe=SAFE)
+    moved: list[str] = []
+    sender.on_failover.append(lambda: moved.append(sender.current))
+    sync = HttpRequest("GET", b"/_matrix/client/v3/sync?since=s1&timeout=30000")
+
+    async def first_event() -> Any:
+        async for event in sender.observe("ignored", sync):
+            return event
+        return None
+
+    with pytest.raises(error):
+        asyncio.run(first_event())
+    assert sender.current == "b" and moved == ["b"]
+    assert asyncio.run(first_event()) == "b"
+    # a request that fails over runs the callbacks too
+    client.dead = {"b"}
+    send(sender, GET)
+    assert moved == ["b", "a"] and sender.failovers == 2

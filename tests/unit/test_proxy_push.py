@@ -262,6 +262,31 @@ def test_a_refusing_server_is_asked_again_after_a_back_off() -> None:
     run(scenario())
 
 
+def test_a_new_listener_gets_every_registration_again_at_once() -> None:
+    """When the sidecar moves to another listener (FailoverSender.on_failover), each
+    token registers again right away, from where its feed stands, not at its renewal."""
+
+    async def scenario() -> None:
+        hs = Homeserver()
+        push = PushSync(hs.observe)
+        task = asyncio.ensure_future(push.answer(poll("s1")))
+        await hs.registered.wait()
+        await hs.push(Ev(sync_response("s2", rooms={"join": {"!r": {}}})))
+        assert json.loads((await task).body)["next_batch"] == "s2"
+        hs.registered.clear()
+        push.reregister()
+        await hs.registered.wait()
+        assert len(hs.registrations) == 2
+        assert b"since=s2" in hs.registrations[-1][0].target
+        waiting = asyncio.ensure_future(push.answer(poll("s2")))
+        await asyncio.sleep(0)
+        await hs.push(Ev(sync_response("s3", rooms={"join": {"!r": {}}})))
+        assert json.loads((await waiting).body)["next_batch"] == "s3"
+        await push.close()
+
+    run(scenario())
+
+
 class SlowLink:
     def __init__(self) -> None:
         self.calls = 0
