@@ -282,6 +282,34 @@ def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
         assert "serving client" in text or name == "main", name
 
 
+def _sidecar(
+    deployment: Deployment, tmp_path: Path, *listeners: int, extra: tuple[str, ...] = ()
+) -> Any:
+    """A running ``synapse-coap sidecar`` given ``listeners`` (CoAP ports, in order)."""
+    from synapse_coap.noise.keys import encode_public
+    from tests.integration.test_sidecar_nio import Proc
+
+    homeservers = [a for port in listeners for a in ("--homeserver", f"coap://127.0.0.1:{port}")]
+    sidecar = Proc(
+        [
+            "sidecar",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            *homeservers,
+            "--server-key",
+            encode_public(deployment.coap.public_key),
+            "--server-name",
+            SERVER_NAME,
+            "--state-dir",
+            str(tmp_path / "state"),
+            *extra,
+        ],
+        tmp_path / "sidecar.log",
+    )
+    sidecar.start()
+    return sidecar
+
+
 def test_push_sync_through_a_listener_that_forwards_sync_to_its_worker(
     deployment: Deployment, tmp_path: Path
 ) -> None:
@@ -291,27 +319,9 @@ def test_push_sync_through_a_listener_that_forwards_sync_to_its_worker(
     reaches nio's waiting long-poll from the push."""
     import asyncio
 
-    from synapse_coap.noise.keys import encode_public
-    from tests.integration.test_sidecar_nio import Proc, nio, sidecar_url
+    from tests.integration.test_sidecar_nio import nio, sidecar_url
 
-    key = encode_public(deployment.coap.public_key)
-    sidecar = Proc(
-        [
-            "sidecar",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--homeserver",
-            f"coap://127.0.0.1:{deployment.main_coap}",
-            "--server-key",
-            key,
-            "--server-name",
-            SERVER_NAME,
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        tmp_path / "sidecar.log",
-    )
-    sidecar.start()
+    sidecar = _sidecar(deployment, tmp_path, deployment.main_coap)
 
     async def scenario() -> list[str]:
         import secrets
@@ -366,31 +376,15 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     import asyncio
     import io
 
-    from synapse_coap.noise.keys import encode_public
-    from tests.integration.test_sidecar_nio import Proc, nio, sidecar_url
+    from tests.integration.test_sidecar_nio import nio, sidecar_url
 
-    key = encode_public(deployment.coap.public_key)
-    sidecar = Proc(
-        [
-            "sidecar",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--homeserver",
-            f"coap://127.0.0.1:{deployment.front_coap}",
-            "--homeserver",
-            f"coap://127.0.0.1:{deployment.coap.port}",
-            "--server-key",
-            key,
-            "--server-name",
-            SERVER_NAME,
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--failover-after",
-            "3",
-        ],
-        tmp_path / "sidecar.log",
+    sidecar = _sidecar(
+        deployment,
+        tmp_path,
+        deployment.front_coap,
+        deployment.coap.port,
+        extra=("--failover-after", "3"),
     )
-    sidecar.start()
     n_before, n_after = 4, 4
 
     async def scenario() -> tuple[list[str], str]:
