@@ -151,10 +151,11 @@ def register(sub: Any) -> None:
     sidecar.add_argument(
         "--push-refresh",
         type=float,
-        default=240.0,
+        default=None,
         metavar="SECONDS",
-        help="renew the push registration after this long without a notification, so one the "
-        "homeserver lost comes back (default: %(default)s)",
+        help="renew the push registration after this long without a notification (default: "
+        "never: a homeserver that lost it answers the next keep-alive, and the sidecar "
+        "registers again at once; set it for a link without keep-alives)",
     )
     sidecar.add_argument(
         "--keepalive",

@@ -80,8 +80,14 @@ class PushConfig:
             ``max_retry_delay``.
         max_retry_delay: upper bound of that wait (s).
         fetch_timeout: seconds a notification too large for one block waits
-            for its last block to be fetched; past it the registration is
-            dropped (the client re-registers).
+            for its last block to be fetched; past it the notification is
+            parked like an unacknowledged one.
+        park_retry: a notification whose retransmissions ran out (the link is
+            down) is *parked*: sent again as soon as anything authentic is heard
+            from the peer (a request, a keep-alive), else after this many
+            seconds, doubling up to ten times that.
+        park_timeout: seconds a notification may stay parked before the
+            registration is dropped and its resources freed.
     """
 
     enabled: bool = attrs.field(default=True, validator=_boolean)
@@ -91,6 +97,8 @@ class PushConfig:
     retry_delay: float = attrs.field(default=1.0, validator=_positive_number)
     max_retry_delay: float = attrs.field(default=30.0, validator=_positive_number)
     fetch_timeout: float = attrs.field(default=120.0, validator=_positive_number)
+    park_retry: float = attrs.field(default=30.0, validator=_positive_number)
+    park_timeout: float = attrs.field(default=3600.0, validator=_positive_number)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, path: str = "push") -> PushConfig:

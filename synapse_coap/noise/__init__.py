@@ -15,6 +15,7 @@ from synapse_coap.noise.events import (
     Dropped,
     Event,
     HandshakeFailed,
+    Heard,
     Received,
     Transmit,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Event",
     "FileTrustStore",
     "HandshakeFailed",
+    "Heard",
     "MemoryTrustStore",
     "NoiseEndpoint",
     "NoiseLimits",

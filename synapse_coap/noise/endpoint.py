@@ -35,10 +35,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from synapse_coap.errors import (
-    ConfigValueError,
-    LocalProtocolError,
-)
+from synapse_coap.errors import ConfigValueError, LocalProtocolError
 from synapse_coap.noise import records, retry
 from synapse_coap.noise.badinput import BadInputLog
 from synapse_coap.noise.events import (
@@ -52,12 +49,7 @@ from synapse_coap.noise.events import (
     Received,
     Transmit,
 )
-from synapse_coap.noise.handshake import (
-    FIXED_LEN,
-    MsgType,
-    State,
-    profile_tag,
-)
+from synapse_coap.noise.handshake import FIXED_LEN, MsgType, State, profile_tag
 from synapse_coap.noise.initiator import _Initiator
 from synapse_coap.noise.keys import public_key
 from synapse_coap.noise.limits import (
@@ -68,6 +60,7 @@ from synapse_coap.noise.limits import (
     UDP_IP_HEADERS,
     NoiseLimits,
 )
+from synapse_coap.noise.lost import UNKNOWN_SESSION, _LostHints
 from synapse_coap.noise.ratelimit import HandshakeRateLimiter
 from synapse_coap.noise.recordpath import _RecordPath
 from synapse_coap.noise.responder import _Responder
@@ -187,6 +180,7 @@ class NoiseEndpoint:
         self._responder = _Responder(self)
         self._records = _RecordPath(self)
         self._deadlines = _Timers(self)
+        self._lost = _LostHints(self)
 
     # ------------------------------------------------------------------ public API
 
@@ -571,6 +565,8 @@ class NoiseEndpoint:
         cookie: bytes | None = None
         if data[0] == retry.RETRY:
             return self._initiator._on_retry(data, addr)
+        if data[0] == UNKNOWN_SESSION:
+            return self._lost.on_hint(data, addr)
         if data[0] == retry.COOKIE_ECHO:
             cookie = data[1 : 1 + retry.COOKIE_LEN]
             data = data[retry.ECHO_OVERHEAD :]

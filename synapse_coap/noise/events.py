@@ -50,6 +50,14 @@ class Received:
 
 
 @attrs.frozen
+class Heard:
+    """An authentic control record (a keep-alive, a path check) arrived on ``channel``'s
+    current session: the peer is there, although it sent no message for the layer above."""
+
+    channel: int
+
+
+@attrs.frozen
 class ChannelClosed:
     channel: int
     reason: str
@@ -72,7 +80,7 @@ class Dropped:
     size: int
 
 
-Event = Transmit | ChannelEstablished | Received | ChannelClosed | HandshakeFailed | Dropped
+Event = Transmit | ChannelEstablished | Received | Heard | ChannelClosed | HandshakeFailed | Dropped
 
 
 @attrs.frozen

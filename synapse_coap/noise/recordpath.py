@@ -19,6 +19,7 @@ from synapse_coap.noise import records
 from synapse_coap.noise.events import (
     Address,
     Event,
+    Heard,
     Received,
 )
 from synapse_coap.noise.handshake import (
@@ -109,7 +110,8 @@ class _RecordPath:
             return self.ep._drop(addr, "malformed_record", len(data))
         s = self.ep._sessions.get(hdr.sid)
         if s is None:
-            return self.ep._drop(addr, "unknown_session", len(data))
+            # (well-formed: a header and a tag at least, so the 3-byte hint is smaller)
+            return self.ep._lost.on_unknown(hdr.sid, addr, len(data))
         if s.recv is None:
             return self.ep._drop(addr, "no_keys", len(data))
         pn = records.expand_pn(s.replay.highest, hdr.truncated_pn, hdr.pn_len)
@@ -151,6 +153,8 @@ class _RecordPath:
         elif not s.validated:
             s.budget_in += len(data)
         if hdr.control:
+            if current and ch is not None:
+                events.append(Heard(ch.id))
             events += self._on_control(s, plaintext, addr, now)
         elif ch is not None:
             events.append(

@@ -66,6 +66,12 @@ class FailoverSender:
         self.on_failover: list[Callable[[], None]] = []
 
     @property
+    def on_new_session(self) -> list[Callable[[], None]] | None:
+        """The client's new-session callbacks (a listener lost our session), if it has them."""
+        hooks = getattr(self._client, "on_new_session", None)
+        return hooks if isinstance(hooks, list) else None
+
+    @property
     def current(self) -> Any:
         return self.endpoints[self._current]
 

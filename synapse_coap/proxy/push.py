@@ -25,11 +25,22 @@ starts a new registration at that ``since``; a poll with other parameters
 takes the registration over once the old parameters went unused for
 ``switch_after`` seconds.
 
-The registration is renewed (a new registration from the head, which the
-server treats as replacing the old one) when nothing was pushed for
-``refresh`` seconds, so a registration the server lost (the homeserver
-restarted, or dropped it after a link outage) comes back without the client
-noticing; after a link error it is retried with back-off. A final answer from
+A registration is not renewed on a timer: nothing crosses the link for it
+while nothing happens. It is made again (from the head, which the server
+treats as replacing the old one) when the server cannot hold it any more:
+
+* the homeserver listener lost our Noise session (it restarted, or expired
+  the session): its answer to our next keep-alive is an unknown-session hint,
+  the client re-handshakes, and the new session registers again at once
+  (``CoapClient.on_new_session``);
+* the sidecar moved to another listener (``FailoverSender.on_failover``);
+* a registration attempt failed with a link error: retried with back-off.
+
+While the link is down the server *parks* an unacknowledged notification
+and sends it again when the link is back (see transport/push.py), so an
+outage loses nothing and costs no renewal. ``refresh`` (``--push-refresh``)
+still renews after that many seconds without a notification, for a link
+without keep-alives. A final answer from
 the server (an error such as 401 after a logout) is handed to the client's
 waiting poll; a server without push (a normal response without Observe, or
 4.29 when it is over its limit) turns push off for that token and polls go
@@ -77,8 +88,11 @@ class PushOptions:
     """How the sidecar uses push (``--no-push``, ``--push-refresh``)."""
 
     enabled: bool = True
-    #: Seconds without a notification after which the registration is renewed.
-    refresh: float = attrs.field(default=240.0, validator=_positive)
+    #: Seconds without a notification after which the registration is renewed
+    #: (None: never; see the module docstring for what re-registers instead).
+    refresh: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
     #: First wait (s) after a failed registration; doubles up to ``max_retry``.
     retry: float = attrs.field(default=5.0, validator=_positive)
     max_retry: float = attrs.field(default=60.0, validator=_positive)
@@ -226,7 +240,7 @@ class PushSync:
             feed.failing = False
             feed.task = asyncio.ensure_future(self._run(feed))
         if self._feeds:
-            logger.info("push: registering again at the new listener (%d)", len(self._feeds))
+            logger.info("push: registering again at once (%d tokens)", len(self._feeds))
 
     def _drop(self, feed: _Feed) -> None:
         if self._feeds.get(feed.auth) is feed:
@@ -261,7 +275,7 @@ class PushSync:
             except StopAsyncIteration:
                 pass
             except asyncio.TimeoutError:
-                logger.info("push: nothing pushed for %.0f s: renewing", self.options.refresh)
+                logger.info("push: nothing pushed for %.0f s: renewing", self.options.refresh or 0)
                 continue
             except SynapseCoapError as e:
                 logger.warning("push: registration failed (%s); again in %.0f s", e, delay)

@@ -181,9 +181,13 @@ class Sidecar:
             if options.push.enabled and observe is not None
             else None
         )
-        hooks = getattr(client, "on_failover", None)
-        if self.push is not None and isinstance(hooks, list):
-            hooks.append(self.push.reregister)  # a new listener holds no registration
+        if self.push is not None:
+            # a new listener, or a listener that lost our session (it restarted), holds
+            # no registration for us: register again at once
+            for name in ("on_failover", "on_new_session"):
+                hooks = getattr(client, name, None)
+                if isinstance(hooks, list):
+                    hooks.append(self.push.reregister)
         self._txn: TxnShortener | None = None
         if options.short_txn_ids:
             from synapse_coap.wire.profile import load_profile

@@ -249,6 +249,15 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
     def backlogs(self, value: dict[Any, Any]) -> None:
         self._backlogs = value
 
+    def end_exchange_quietly(self, message: Any) -> None:
+        """End the exchange of the confirmable ``message`` whose retransmissions ran out,
+        without aiocoap's ``ConRetransmitsExceeded`` to every request of the peer: the
+        caller dealt with the outcome. The peer's backlog goes on."""
+        entry = self._active_exchanges.pop((message.remote, message.mid), None)
+        if entry is not None:
+            entry[1].cancel()
+        self._continue_backlog(message.remote)
+
     def send_initially(self, message: Any, messageerror_monitor: Any) -> None:
         self._send_initially(message, messageerror_monitor)
 

@@ -133,6 +133,9 @@ class CoapClient:
         self._context: Any = None
         self._noise: NoiseMessageInterface | None = None
         self._noise_mman: LinkMessageManager | None = None
+        #: called (no arguments) when a channel gets a new Noise session after its first
+        #: (the peer restarted or lost our session): what the peer held for us is gone
+        self.on_new_session: list[Callable[[], None]] = []
         self._plain_mman: LinkMessageManager | None = None
         self._plain_lock = asyncio.Lock()
         self._sessions: dict[Endpoint, _ClientSession] = {}
@@ -272,6 +275,12 @@ class CoapClient:
             renewed = getattr(session.tokens, "renewed", None)
             session.tokens = renewed() if callable(renewed) else _sender_tokens(strings=True)
         session.established_profile = remote.profile_id
+        if remote.establishments > 1:
+            for callback in list(self.on_new_session):
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("new-session callback failed")
 
     async def _resolve(self, host: str, port: int, family: int | None) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

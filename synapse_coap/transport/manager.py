@@ -70,8 +70,13 @@ class LinkTuning(TransportTuning):  # type: ignore[misc]
         prompt_ack: bool = False,
         on_acknowledged: Callable[[bool], None] | None = None,
         confirmable: bool | None = None,
+        keep_on_timeout: bool = False,
     ) -> None:
         self.params = params
+        #: set by the server on an Observe notification: when its retransmissions run
+        #: out, only this exchange ends (``on_acknowledged(False)``), not every exchange
+        #: with the peer as aiocoap does; the observation parks it (transport/push.py)
+        self.keep_on_timeout = keep_on_timeout
         #: aiocoap's message type choice: True sends CON (an Observe notification,
         #: whatever the registration's type), False NON, None follows the request.
         self.reliability = confirmable
@@ -170,6 +175,7 @@ class LinkMessageManager(HookedMessageManager):
         prompt_ack: bool = False,
         on_acknowledged: Callable[[bool], None] | None = None,
         confirmable: bool | None = None,
+        keep_on_timeout: bool = False,
     ) -> LinkTuning:
         est = self.estimator(remote)
         return LinkTuning(
@@ -180,6 +186,7 @@ class LinkMessageManager(HookedMessageManager):
             prompt_ack=prompt_ack,
             on_acknowledged=on_acknowledged,
             confirmable=confirmable,
+            keep_on_timeout=keep_on_timeout,
         )
 
     def allowed_outstanding(self, remote: Hashable) -> int:
@@ -273,6 +280,10 @@ class LinkMessageManager(HookedMessageManager):
             est.gave_up(key)
             self._held_ack.discard(key)
             self._ack_outcome(key, False)
+            if getattr(message.transport_tuning, "keep_on_timeout", False):
+                # a parked notification: the peer's other exchanges are not failed with it
+                self.end_exchange_quietly(message)
+                return
         super().retransmit(message, timeout, retransmission_counter)
 
     def _ack_outcome(self, key: Hashable, ok: bool) -> None:
@@ -324,6 +335,7 @@ class LinkMessageManager(HookedMessageManager):
                 prompt_ack=tuning.prompt_ack,
                 on_acknowledged=hook,
                 confirmable=tuning.reliability,
+                keep_on_timeout=tuning.keep_on_timeout,
             )
         result = super().send_message(message, messageerror_monitor)
         if hook is not None and message.mtype != CON:

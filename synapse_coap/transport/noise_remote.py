@@ -80,6 +80,7 @@ class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
         #: samples must not include it
         self.queued_behind_handshake = False
         self._established_event: asyncio.Event | None = None
+        self._heard_event: asyncio.Event | None = None
         #: free slot for the layer above (server: per-session codec and tokens)
         self.app_state: Any = None
 
@@ -100,6 +101,20 @@ class NoiseRemote(interfaces.EndpointAddress):  # type: ignore[misc]
                 event.set()
             else:
                 event.clear()
+
+    def heard(self) -> None:
+        """Something authentic arrived from the peer (a message or a keep-alive)."""
+        event = self._heard_event
+        if event is not None:
+            self._heard_event = None
+            event.set()
+
+    def next_heard(self) -> asyncio.Event:
+        """An event set the next time the peer is heard from (server push uses it to
+        resend a parked notification as soon as the peer is back). Made on first use."""
+        if self._heard_event is None:
+            self._heard_event = asyncio.Event()
+        return self._heard_event
 
     def __repr__(self) -> str:
         return f"<NoiseRemote channel={self.channel} {self.hostinfo} peer={self.peer_name!r}>"

@@ -37,6 +37,7 @@ from synapse_coap.noise.events import (
     ChannelEstablished,
     Dropped,
     HandshakeFailed,
+    Heard,
     Received,
     Transmit,
 )
@@ -111,7 +112,8 @@ def _datagram_kind(data: bytes) -> str:
 
 
 def _is_retry(ev: Any) -> bool:
-    return isinstance(ev, Transmit) and ev.data[:1] == b"\x86"
+    """A stateless answer (a retry cookie 0x86, an unknown-session hint 0x88): no timer moved."""
+    return isinstance(ev, Transmit) and ev.data[:1] in (b"\x86", b"\x88")
 
 
 def _code_fits_type(code: int, mtype: int) -> bool:
@@ -418,6 +420,8 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                     self._ev_transmit(ev)
                 elif isinstance(ev, Received):
                     self._ev_received(ev)
+                elif isinstance(ev, Heard):
+                    self._ev_heard(ev)
                 elif isinstance(ev, ChannelEstablished):
                     self._ev_established(ev)
                 elif isinstance(ev, ChannelClosed):
@@ -508,6 +512,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         remote.addr = ev.addr
         remote.address_validated = bool(getattr(ev, "validated", True))
         remote.last_received = self.loop.time()
+        remote.heard()
         if self._mman is None:
             return
         try:
@@ -528,6 +533,12 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             return
         message.direction = Direction.INCOMING
         self._mman.dispatch_message(message)
+
+    def _ev_heard(self, ev: Heard) -> None:
+        remote = self._by_channel.get(ev.channel)
+        if remote is not None:
+            remote.last_received = self.loop.time()
+            remote.heard()
 
     def _fail_remote(self, remote: NoiseRemote, error: SynapseCoapError) -> None:
         if self._mman is not None:

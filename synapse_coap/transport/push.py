@@ -19,12 +19,22 @@ results are not sent; the server simply polls on from their ``next_batch``
   block carries its first block, ``Block2`` and an ``ETag``; the client
   fetches the other blocks with GETs of the registration request (without
   Observe) and is served from the very representation that was pushed.
-* **Dropped and freed** when a notification is rejected (RST) or its
-  retransmissions run out (the link's ``max_retransmit``), when the peer
-  abandons it, when its session closes, and when the homeserver answers
-  ``/sync`` with a client error (e.g. 401 after a logout: that response ends
-  the observation, without Observe).
-* **Keyed** by (access token, CoAP token) within a session; a new registration
+* **Parked, not dropped, while the link is down.** A notification whose
+  retransmissions run out (the link's ``max_retransmit``) ends only its own
+  exchange (not the peer's other requests) and is *parked*: sent again, with
+  the next Observe number, as soon as anything authentic is heard from the
+  peer (a request or a Noise keep-alive), else after ``park_retry`` seconds
+  (doubling up to ten times that). So a client whose link dropped for a while
+  gets what it missed when the link returns, without re-registering and
+  without anything crossing the link in between.
+* **Dropped and freed** when a notification stays parked past
+  ``park_timeout``, when it is rejected (RST: the client forgot the
+  registration), when the peer abandons it, when its session closes (a Noise
+  session closes after ``idle_timeout`` without a keep-alive), and when the
+  homeserver answers ``/sync`` with a client error (e.g. 401 after a logout:
+  that response ends the observation, without Observe).
+* **Keyed** by (access token, CoAP token) within a session (the peer's channel,
+  which outlives re-handshakes); a new registration
   from the same session with the same token and the same parameters (filter,
   ``set_presence``, ...) replaces the older one (the client moved on),
   silently. ``max_per_session`` and ``max_per_source`` bound the rest: more
@@ -42,7 +52,7 @@ import asyncio
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -74,7 +84,7 @@ _SILENT = 26
 
 def push_metric(metrics: Any, event: str) -> None:
     """Count a push event (``registered``, ``refused_session``, ``refused_source``,
-    ``notification``, ``dropped``, ``replaced``, ``ended``) if the metrics object
+    ``notification``, ``parked``, ``unparked``, ``dropped``, ``replaced``, ``ended``) if the metrics object
     implements ``push(event)``; the active count goes to ``push_registrations(n)``."""
     fn = getattr(metrics, "push", None)
     if fn is not None:
@@ -131,11 +141,11 @@ class Registrations:
     def admit(self, reg: Registration) -> str | None:
         """Add ``reg``; None when admitted, else the refusal reason (``session`` / ``source``)."""
         for old in list(self._live):
-            if old.session is reg.session and old.auth == reg.auth and old.observed == reg.observed:
+            if old.session == reg.session and old.auth == reg.auth and old.observed == reg.observed:
                 self.release(old)
                 push_metric(self.metrics, "replaced")
                 old.end_silently()
-        per_session = sum(1 for r in self._live if r.session is reg.session)
+        per_session = sum(1 for r in self._live if r.session == reg.session)
         if per_session >= self.config.max_per_session:
             push_metric(self.metrics, "refused_session")
             return "session"
@@ -176,7 +186,11 @@ class Observation:
         block_size_exp: int,
         store_blocks: Callable[[Message, Callable[[], None]], None],
         sleep: Callable[[float], Any] = asyncio.sleep,
+        heard: Callable[[], asyncio.Event] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``heard()``: an event set the next time the peer is heard from (None: the
+        transport cannot tell; parked notifications then wait ``park_retry``)."""
         self.reg = reg
         self.request = request
         self.query = query
@@ -190,6 +204,8 @@ class Observation:
         self.block_size_exp = block_size_exp
         self._store_blocks = store_blocks
         self._sleep = sleep
+        self._heard = heard
+        self._clock = clock
         self.seq = 0
 
     async def run(self) -> None:
@@ -230,7 +246,7 @@ class Observation:
                 return
             if sync_has_updates(body, counters):
                 try:
-                    delivered = await self._notify(resp)
+                    delivered = await self._deliver(resp)
                 except asyncio.CancelledError:
                     # the exchange ended under an outstanding notification: the peer
                     # rejected it or stopped acknowledging (aiocoap stops the pipe)
@@ -245,9 +261,9 @@ class Observation:
                 if not delivered:
                     push_metric(self.metrics, "dropped")
                     logger.info(
-                        "push: notification %d to %s not acknowledged: registration dropped",
-                        self.seq,
+                        "push: notification to %s parked for over %.0f s: registration dropped",
                         self.peer.host,
+                        self.config.park_timeout,
                     )
                     self.reg.end_silently()
                     return
@@ -256,6 +272,49 @@ class Observation:
                 counters = sync_counters(body)
             since = body["next_batch"]
             first = False
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    async def _deliver(self, resp: HttpResponse) -> bool:
+        """Push ``resp`` until it is acknowledged; parked while the peer does not answer.
+        False once it stayed parked past ``park_timeout``."""
+        parked_at: float | None = None
+        wait = self.config.park_retry
+        while True:
+            if await self._notify(resp):
+                if parked_at is not None:
+                    push_metric(self.metrics, "unparked")
+                    logger.info(
+                        "push: parked notification delivered to %s after %.0f s",
+                        self.peer.host,
+                        self._now() - parked_at,
+                    )
+                return True
+            now = self._now()
+            if parked_at is None:
+                parked_at = now
+                push_metric(self.metrics, "parked")
+                logger.info(
+                    "push: notification to %s not acknowledged: parked until it is heard from",
+                    self.peer.host,
+                )
+            left = parked_at + self.config.park_timeout - now
+            if left <= 0:
+                return False
+            await self._park(min(wait, left))
+            wait = min(wait * 2, 10 * self.config.park_retry)
+
+    async def _park(self, timeout: float) -> None:
+        """Wait until the peer is heard from, or ``timeout`` seconds."""
+        if self._heard is None:
+            await self._sleep(timeout)
+            return
+        heard: Awaitable[Any] = self._heard().wait()
+        try:
+            await asyncio.wait_for(heard, timeout)
+        except asyncio.TimeoutError:
+            pass
 
     def _final(self, resp: HttpResponse) -> None:
         if self.reg.ended:
@@ -293,7 +352,9 @@ class Observation:
             message = full
         message.opt.observe = self.seq
         # Confirmable even for a NON registration: the next /sync waits for this ACK
-        message.transport_tuning = LinkTuning(self.link, on_acknowledged=on_ack, confirmable=True)
+        message.transport_tuning = LinkTuning(
+            self.link, on_acknowledged=on_ack, confirmable=True, keep_on_timeout=True
+        )
         self.reg.pipe.add_response(message, is_last=False)
         push_metric(self.metrics, "notification")
         if not await acked:

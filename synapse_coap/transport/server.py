@@ -519,7 +519,9 @@ class CoapServer:
         if query is None or auth is None:
             return False
         reg = Registration(
-            session=session,
+            # keyed by the peer (a Noise channel outlives re-handshakes, which renew the
+            # per-session codec state): a registration made again replaces the old one
+            session=req.remote,
             source=session.peer.host,
             auth=auth,
             token=bytes(req.token),
@@ -570,6 +572,7 @@ class CoapServer:
             metrics=self.metrics,
             block_size_exp=exp,
             store_blocks=lambda full, on_last: block2.put_pushed(req, full, on_last),
+            heard=req.remote.next_heard if isinstance(req.remote, NoiseRemote) else None,
         )
         logger.info(
             "push registration from %s (%d live)", session.peer.host, len(self.registrations)
