@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from synapse_coap.lab.model import PROFILES
+from synapse_coap.lab.relay import Relay, RelayConfig
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.mapping.push import LOW_BANDWIDTH_KEY, PushConfig
@@ -246,8 +248,13 @@ async def test_too_many_registrations_per_session_are_refused_and_counted() -> N
 
 
 @aio
-async def test_unacknowledged_notification_drops_the_registration() -> None:
-    async with pair() as (sync, client, endpoint, metrics):
+async def test_a_notification_parked_past_park_timeout_drops_the_registration() -> None:
+    async with pair(PushConfig(poll_timeout=5.0, park_retry=0.3, park_timeout=1.5)) as (
+        sync,
+        client,
+        endpoint,
+        metrics,
+    ):
         it = client.observe(endpoint, sync_request("0"))
         pending = asyncio.ensure_future(next_event(it))
         await metrics.until(lambda: metrics.live == 1)
@@ -257,8 +264,45 @@ async def test_unacknowledged_notification_drops_the_registration() -> None:
         await client.close()
         await sync.add({"event_id": "$lost"})
         await metrics.until(lambda: metrics.live == 0)
+        # parked first (resent every park_retry), then dropped and freed at park_timeout
+        assert metrics.push_events.get("parked") == 1
         assert metrics.push_events.get("dropped") == 1
+        assert "unparked" not in metrics.push_events
+        assert metrics.push_events["notification"] >= 3
         assert metrics.retransmissions >= FAST.max_retransmit
+
+
+@aio
+async def test_a_parked_notification_goes_out_as_soon_as_the_client_is_heard_again() -> None:
+    # park_retry is far beyond the test's bounds: only hearing the client can resend
+    async with (
+        pair(PushConfig(poll_timeout=5.0, park_retry=600.0)) as (
+            sync,
+            client,
+            endpoint,
+            metrics,
+        ),
+        await Relay.start(RelayConfig(listen=("::1", 0), upstream=("::1", endpoint.port))) as relay,
+    ):
+        via = Endpoint("::1", relay.address[1], "hs.test")
+        it = client.observe(via, sync_request("0"))
+        pending = asyncio.ensure_future(next_event(it))
+        await metrics.until(lambda: metrics.live == 1)
+        await sync.add({"event_id": "$before"})
+        assert b"$before" in (await pending).response.body
+        relay.set_profile(PROFILES["lan"].with_changes(loss=1.0))  # the link drops
+        pending = asyncio.ensure_future(next_event(it))
+        await sync.add({"event_id": "$during"})
+        await metrics.until(lambda: metrics.push_events.get("parked", 0) == 1)
+        relay.set_profile(PROFILES["lan"])  # back; the client asks for something
+        await client.request(via, HttpRequest("GET", b"/_matrix/client/versions", AUTH))
+        got = (await pending).response
+        assert b"$during" in got.body and b"$before" not in got.body
+        assert metrics.push_events.get("unparked") == 1
+        assert "dropped" not in metrics.push_events
+        assert metrics.live == 1  # the registration lived on: nothing to renew
+        pending.cancel()
+        await it.aclose()  # type: ignore[attr-defined]
 
 
 @aio
@@ -290,3 +334,44 @@ async def test_too_many_registrations_per_source_are_refused_and_counted() -> No
         with contextlib.suppress(asyncio.CancelledError):
             await pending
         await first.aclose()
+
+
+@aio
+async def test_a_restarted_server_is_found_by_the_next_keepalive_and_the_client_hears_of_it() -> (
+    None
+):
+    """The server loses every session (a restart, same key and port); the idle client's
+    next keep-alive gets the unknown-session hint, the client re-handshakes at once and
+    runs its ``on_new_session`` callbacks (the sidecar registers push again there)."""
+    key = generate_private_key()
+    sync = FakeSync()
+
+    async def start(port: int) -> CoapServer:
+        return await CoapServer.start(
+            ServerConfig(listen=(("::1", port),), static_key=key, link=FAST, server_name="hs.test"),
+            sync,
+        )
+
+    server = await start(0)
+    port = server.addresses[0][1]
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        link=FAST,
+        bind=("::1", 0),
+        keepalive_interval=0.5,
+    )
+    new_session = asyncio.Event()
+    client.on_new_session.append(new_session.set)
+    endpoint = Endpoint("::1", port, "hs.test")
+    versions = HttpRequest("GET", b"/_matrix/client/versions", AUTH)
+    try:
+        assert (await client.request(endpoint, versions)).status == 200
+        await server.close()
+        server = await start(port)
+        # nothing is asked: only the keep-alive can find out
+        await asyncio.wait_for(new_session.wait(), 20)
+        assert (await client.request(endpoint, versions, timeout=10)).status == 200
+    finally:
+        await client.close()
+        await server.close()

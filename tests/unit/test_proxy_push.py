@@ -326,3 +326,68 @@ def test_well_known_core_lists_sync_as_observable() -> None:
     doc = _link_format(("/_matrix/client",), None, (OBSERVABLE_SYNC,)).decode()
     assert '</_matrix/client/v3/sync>;rt="matrix.client.v3.sync";obs' in doc.split(",")
     assert ";obs" not in _link_format(("/_matrix/client",)).decode()
+
+
+class HookedLink:
+    """A CoAP client double with the hooks the sidecar wires push into."""
+
+    def __init__(self) -> None:
+        self.on_new_session: list[Any] = []
+        self.on_failover: list[Any] = []
+
+    def observe(self, endpoint: Any, request: HttpRequest) -> AsyncIterator[Ev]:
+        raise AssertionError("not used")
+
+
+def test_the_sidecar_registers_again_on_a_new_session_and_after_a_failover() -> None:
+    async def scenario() -> None:
+        link = HookedLink()
+        sidecar = Sidecar(link, None, options=SidecarOptions(cache=False))
+        assert sidecar.push is not None
+        assert link.on_new_session == [sidecar.push.reregister]
+        assert link.on_failover == [sidecar.push.reregister]
+        off = Sidecar(HookedLink(), None, options=SidecarOptions(push=PushOptions(enabled=False)))
+        assert off.push is None
+
+    run(scenario())
+
+
+def test_the_failover_sender_hands_out_the_clients_new_session_hooks() -> None:
+    from synapse_coap.proxy.failover import FailoverSender
+
+    link = HookedLink()
+    sender = FailoverSender(link, ["a", "b"], replay_safe=lambda r: True)
+    assert sender.on_new_session is link.on_new_session
+    assert FailoverSender(object(), ["a"], replay_safe=lambda r: True).on_new_session is None
+
+
+def test_a_registration_is_not_renewed_on_a_timer_by_default() -> None:
+    """Nothing crosses the link while nothing happens: the registration stays until the
+    server goes (new session, failover) or ends it; ``refresh`` is opt-in."""
+    assert PushOptions().refresh is None
+
+    async def scenario() -> int:
+        hs = Homeserver()
+        push = PushSync(hs.observe, PushOptions(refresh=0.05))
+        task = asyncio.ensure_future(push.answer(poll("s1", timeout=200)))
+        await hs.registered.wait()
+        await task  # the client's 0.2 s ran out: an empty answer
+        await push.close()
+        return len(hs.registrations)
+
+    assert run(scenario()) >= 2  # opted in: renewed every 0.05 s
+
+    async def quiet() -> int:
+        hs = Homeserver()
+        push = PushSync(hs.observe)
+        await push.answer(poll("s1", timeout=200))
+        await push.close()
+        return len(hs.registrations)
+
+    assert run(quiet()) == 1
+
+
+def test_push_refresh_must_be_positive() -> None:
+    with pytest.raises(ConfigValueError) as e:
+        PushOptions(refresh=0)
+    assert "push.refresh" in str(e.value)
