@@ -64,7 +64,7 @@ REQUEST_SECONDS = Histogram(
 PUSH = Counter(
     "synapse_coap_push_total",
     "/sync push (Observe) events: registered, replaced, refused_session, refused_source, "
-    "notification, dropped, ended",
+    "notification, parked, unparked, dropped, ended",
     labelnames=["event", SERVER_NAME_LABEL],
 )
 PUSH_REGISTRATIONS = Gauge(
