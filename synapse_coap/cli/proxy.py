@@ -248,6 +248,23 @@ def register(sub: Any) -> None:
         "registration (local, never on the link) (default: %(default)s)",
     )
     gateway.add_argument(
+        "--push-park-retry",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a notification the client did not acknowledge is parked and sent again as "
+        "soon as the client is heard from, else after this long, doubling up to 10x "
+        "(default: %(default)s)",
+    )
+    gateway.add_argument(
+        "--push-park-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="a registration whose notification stayed parked this long is dropped "
+        "(default: %(default)s)",
+    )
+    gateway.add_argument(
         "--link",
         action="append",
         default=[],
@@ -380,6 +397,8 @@ def run_gateway_command(args: argparse.Namespace) -> int:
                 max_per_session=args.push_max_per_session,
                 max_per_source=args.push_max_per_source,
                 poll_timeout=args.push_poll_timeout,
+                park_retry=args.push_park_retry,
+                park_timeout=args.push_park_timeout,
             ),
             link=_link_parameters(args.link),
             client_keys=tuple(_client_key(v) for v in args.client_key),

@@ -113,6 +113,15 @@ PIECES: tuple[Piece, ...] = (
         _init_sets(_MM, "_active_exchanges", "_backlogs"),
     ),
     Piece(
+        "aiocoap.messagemanager.MessageManager._store_response_for_duplicates(message) / "
+        "_recent_messages",
+        "keeping only the datagram a duplicate's answer needs (memory per session)",
+        lambda: (
+            _init_sets(_MM, "_recent_messages")()
+            and _method(_MM, "_store_response_for_duplicates", "message")()
+        ),
+    ),
+    Piece(
         "aiocoap.messagemanager.MessageManager._piggyback_opportunities / "
         "_send_empty_ack(remote, mid, reason)",
         "acknowledging a long-poll at once instead of holding its ACK",
@@ -159,6 +168,8 @@ PRIVATE_NAMES = frozenset(
         "_remove_exchange",
         "_continue_backlog",
         "_send_initially",
+        "_store_response_for_duplicates",
+        "_recent_messages",
         "_piggyback_opportunities",
         "_send_empty_ack",
         "_active_exchanges",
@@ -189,6 +200,28 @@ def check() -> None:
 # --------------------------------------------------------------------------- message layer
 
 
+class StoredResponse:
+    """What is kept of a response (an ACK or RST answering a request) to answer a
+    duplicate of that request for EXCHANGE_LIFETIME (247 s by default): its encoded
+    datagram, its remote and the two fields aiocoap's resend path reads. About 200
+    bytes instead of the response and request Messages (over 1 KB with their options
+    and transport tuning): with thousands of sessions, most of a session's memory."""
+
+    __slots__ = ("_data", "mid", "mtype", "remote")
+
+    def __init__(self, message: Any) -> None:
+        self._data: bytes = message.encode()
+        self.mid = message.mid
+        self.mtype = message.mtype
+        self.remote = message.remote
+
+    def encode(self) -> bytes:
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"<StoredResponse mid={self.mid} {len(self._data)} bytes>"
+
+
 class HookedMessageManager(MessageManager):  # type: ignore[misc]
     """aiocoap's MessageManager with its private timer and backlog steps as public hooks.
 
@@ -215,6 +248,16 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
 
     def _continue_backlog(self, remote: Any) -> None:
         self.continue_backlog(remote)
+
+    def _store_response_for_duplicates(self, message: Any) -> None:
+        # aiocoap keeps the whole response (and through it the request) for
+        # EXCHANGE_LIFETIME to answer duplicates; the datagram is all that needs
+        key = (message.remote, message.mid)
+        recent = self._recent_messages
+        if key in recent:
+            recent[key] = (
+                message if isinstance(message, StoredResponse) else StoredResponse(message)
+            )
 
     # -- the hooks (defaults: aiocoap's behaviour) ---------------------------------------
 

@@ -103,6 +103,12 @@ def _gauge(metrics: Any, count: int) -> None:
             logger.debug("push metric failed", exc_info=True)
 
 
+def _same(a: object, b: object) -> bool:
+    """The same peer: one Noise channel (compared by identity), or equal plain CoAP
+    remotes (aiocoap compares those by address; never across kinds, whose __eq__ fails)."""
+    return a is b or (type(a) is type(b) and a == b)
+
+
 @attrs.define(eq=False)
 class Registration:
     session: object
@@ -141,11 +147,15 @@ class Registrations:
     def admit(self, reg: Registration) -> str | None:
         """Add ``reg``; None when admitted, else the refusal reason (``session`` / ``source``)."""
         for old in list(self._live):
-            if old.session == reg.session and old.auth == reg.auth and old.observed == reg.observed:
+            if (
+                _same(old.session, reg.session)
+                and old.auth == reg.auth
+                and old.observed == reg.observed
+            ):
                 self.release(old)
                 push_metric(self.metrics, "replaced")
                 old.end_silently()
-        per_session = sum(1 for r in self._live if r.session == reg.session)
+        per_session = sum(1 for r in self._live if _same(r.session, reg.session))
         if per_session >= self.config.max_per_session:
             push_metric(self.metrics, "refused_session")
             return "session"
@@ -303,6 +313,8 @@ class Observation:
             if left <= 0:
                 return False
             await self._park(min(wait, left))
+            if self._now() - parked_at >= self.config.park_timeout:
+                return False  # (not heard from in all that time: no last try)
             wait = min(wait * 2, 10 * self.config.park_retry)
 
     async def _park(self, timeout: float) -> None:

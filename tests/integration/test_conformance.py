@@ -55,6 +55,9 @@ LINK = {"max_retransmit": 2}
 #: Each /sync the server issues for a push registration waits at most this long, so
 #: a logout ends an observation quickly (TD_COAP_OBS_07).
 PUSH_POLL = 2.0
+#: An unacknowledged notification is parked; a client silent this long loses its
+#: registration (TD_COAP_OBS_05; the default is an hour).
+PARK_TIMEOUT = 3.0
 
 
 # -- a raw CoAP peer, plain or inside a Noise session -------------------------------------
@@ -242,7 +245,7 @@ class World:
                         "plain_listen": [f"127.0.0.1:{self.ports['module-plain']}"],
                         "private_key_path": str(key_path),
                         "link": LINK,
-                        "push": {"poll_timeout": PUSH_POLL},
+                        "push": {"poll_timeout": PUSH_POLL, "park_timeout": PARK_TIMEOUT},
                     },
                 }
             ],
@@ -267,6 +270,8 @@ class World:
             SERVER,
             "--push-poll-timeout",
             str(PUSH_POLL),
+            "--push-park-timeout",
+            str(PARK_TIMEOUT),
             *(arg for k, v in LINK.items() for arg in ("--link", f"{k}={v}")),
         ]
         self.gateway: subprocess.Popen[bytes] | None = None
