@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import csv
 import itertools
+import json
 import shutil
 import statistics
 import sys
@@ -927,6 +928,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if run.results:
         write_csv(run.results, args.out / "results.csv")
+        command = "python bench/lab.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / "provenance.json").write_text(
+            json.dumps(provenance(command.strip()), indent=1) + "\n"
+        )
     pngs = charts(run, args.out)
     print(f"\nwritten: {args.out / 'results.csv'}; charts: {', '.join(str(p) for p in pngs)}")
     if not args.no_docs:

@@ -141,7 +141,9 @@ class _RecordPath:
         if s.state in (State.XX_SENT_3, State.IK_RECEIVED_1):
             s.state = transition(s.state, Input.RECV_RECORD)
             self.ep._unvalidated_ik.discard(s.local_sid)
-            s.hs_message = None if s.initiator else s.hs_message
+            # (an IK responder kept message 2 to answer a retransmitted message 1: a
+            # record from the initiator shows it has message 2, so it is let go)
+            s.hs_message = None
             s.hs_next = None
             if not s.initiator and addr == s.addr:
                 s.validated = True

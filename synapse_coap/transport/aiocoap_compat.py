@@ -17,6 +17,8 @@ Everything else in :mod:`synapse_coap.transport` uses aiocoap's public names
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +31,7 @@ from aiocoap.blockwise import _extract_block_key
 from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.codes import EMPTY
-from aiocoap.numbers.types import RST
+from aiocoap.numbers.types import CON, RST
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
@@ -113,6 +115,11 @@ PIECES: tuple[Piece, ...] = (
         _init_sets(_MM, "_active_exchanges", "_backlogs"),
     ),
     Piece(
+        "aiocoap.messagemanager.MessageManager._deduplicate_message(message)",
+        "one expiry heap for the duplicate-detection entries instead of a timer each",
+        _method(_MM, "_deduplicate_message", "message"),
+    ),
+    Piece(
         "aiocoap.messagemanager.MessageManager._store_response_for_duplicates(message) / "
         "_recent_messages",
         "keeping only the datagram a duplicate's answer needs (memory per session)",
@@ -169,6 +176,7 @@ PRIVATE_NAMES = frozenset(
         "_continue_backlog",
         "_send_initially",
         "_store_response_for_duplicates",
+        "_deduplicate_message",
         "_recent_messages",
         "_piggyback_opportunities",
         "_send_empty_ack",
@@ -230,6 +238,16 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
     (see :class:`synapse_coap.transport.manager.LinkMessageManager`).
     """
 
+    #: duplicate-detection expiry (see _deduplicate_message)
+    _dedup_heap: list[tuple[float, int, Any]]
+    _dedup_serial = 0
+    _dedup_timer: asyncio.TimerHandle | None = None
+    _dedup_at = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dedup_heap = []
+
     # -- aiocoap's private steps, forwarded to the hooks -------------------------------
 
     def _add_exchange(self, message: Any, messageerror_monitor: Callable[[], None]) -> None:
@@ -248,6 +266,44 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
 
     def _continue_backlog(self, remote: Any) -> None:
         self.continue_backlog(remote)
+
+    def _deduplicate_message(self, message: Any) -> bool:
+        # RFC 7252 4.5, as aiocoap does it (a duplicate CON gets the stored answer
+        # again, or nothing yet), but the entries expire from one heap and one timer,
+        # not a timer (and a partial) per received request: thousands of sessions
+        key = (message.remote, message.mid)
+        recent = self._recent_messages
+        if key in recent:
+            stored = recent[key]
+            if message.mtype is CON and stored is not None:
+                self.log.debug("duplicate CON: sending the stored answer again")
+                self._send_initially(stored)
+            return True
+        recent[key] = None
+        self._dedup_serial += 1
+        expiry = self.loop.time() + message.transport_tuning.EXCHANGE_LIFETIME
+        heapq.heappush(self._dedup_heap, (expiry, self._dedup_serial, key))
+        if self._dedup_timer is None or expiry < self._dedup_at:
+            self._arm_dedup(expiry)
+        return False
+
+    def _arm_dedup(self, at: float) -> None:
+        if self._dedup_timer is not None:
+            self._dedup_timer.cancel()
+        self._dedup_at = at
+        self._dedup_timer = self.loop.call_later(
+            max(0.0, at - self.loop.time()), self._expire_duplicates
+        )
+
+    def _expire_duplicates(self) -> None:
+        self._dedup_timer = None
+        heap = self._dedup_heap
+        now = self.loop.time()
+        while heap and heap[0][0] <= now:
+            _at, _serial, key = heapq.heappop(heap)
+            self._recent_messages.pop(key, None)
+        if heap:
+            self._arm_dedup(heap[0][0])
 
     def _store_response_for_duplicates(self, message: Any) -> None:
         # aiocoap keeps the whole response (and through it the request) for

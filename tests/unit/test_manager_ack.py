@@ -252,3 +252,39 @@ def test_is_long_poll_is_a_get_with_a_positive_timeout() -> None:
     assert not lp("GET", b"/_matrix/client/v3/sync?timeout=abc")
     assert not lp("GET", b"/_matrix/client/v3/sync?timeout=nan")
     assert not lp("PUT", b"/x?timeout=30000")
+
+
+# -- duplicate detection: one expiry heap, the stored answer is its datagram --------------------
+
+
+def test_a_duplicate_request_gets_the_stored_answer_again_until_exchange_lifetime() -> None:
+    from synapse_coap.transport.aiocoap_compat import StoredResponse
+
+    params = LinkParameters()
+    mman, loop, wire = make(params)
+    peer = Remote()
+    first = incoming_request(peer, 7, b"tk")
+    mman.dispatch_message(first)
+    mman.dispatch_message(incoming_request(peer, 8, b"tl"))
+    tm = mman.token_manager
+    assert len(tm.requests) == 2  # type: ignore[attr-defined]
+    answer = Message(code=Code.CONTENT, payload=b"hello")
+    answer.remote, answer.token, answer.request = peer, b"tk", first
+    mman.send_message(answer, None)
+    assert answer.mtype == ACK and answer.mid == 7  # piggybacked
+    datagram = answer.encode()
+    stored = mman._recent_messages[(peer, 7)]
+    assert isinstance(stored, StoredResponse) and stored.encode() == datagram
+    # a duplicate within EXCHANGE_LIFETIME: answered again, byte for byte, not processed again
+    loop.run_until(loop.time() + params.exchange_lifetime - 1)
+    sent = len(wire.sent)
+    mman.dispatch_message(incoming_request(peer, 7, b"tk"))
+    assert len(tm.requests) == 2  # type: ignore[attr-defined]
+    assert [m.encode() for _t, m in wire.sent[sent:]] == [datagram]
+    # past it both entries are gone, by one timer: the same MID is a new request
+    loop.run_until(loop.time() + 2)
+    assert (peer, 7) not in mman._recent_messages
+    assert (peer, 8) not in mman._recent_messages
+    assert sum(not h.cancelled for h in loop.handles) <= 1
+    mman.dispatch_message(incoming_request(peer, 7, b"tk"))
+    assert len(tm.requests) == 3  # type: ignore[attr-defined]
