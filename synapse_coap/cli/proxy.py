@@ -153,9 +153,10 @@ def register(sub: Any) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="renew the push registration after this long without a notification (default: "
-        "never: a homeserver that lost it answers the next keep-alive, and the sidecar "
-        "registers again at once; set it for a link without keep-alives)",
+        help="renew the push registration after this long without a notification; 0: never. "
+        "Default: never with one --homeserver (a homeserver that lost it answers the next "
+        "keep-alive and the sidecar registers again at once), 240 with several (a listener "
+        "that died answers nothing: the renewal finds out and the sidecar moves on)",
     )
     sidecar.add_argument(
         "--keepalive",
@@ -318,7 +319,7 @@ def _serve(service: Coroutine[Any, Any, int]) -> int:
 
 def run_sidecar_command(args: argparse.Namespace) -> int:
     from synapse_coap.proxy.common import configure_logging, dump_enabled, parse_host_port
-    from synapse_coap.proxy.push import PushOptions
+    from synapse_coap.proxy.push import PushOptions, push_refresh
     from synapse_coap.proxy.runner import (
         HomeserverAddress,
         SidecarConfig,
@@ -349,7 +350,10 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
                 max_body_size=args.max_body_size,
                 cache=not args.no_cache,
                 dump_payloads=dump_enabled(args.dump_payloads),
-                push=PushOptions(enabled=not args.no_push, refresh=args.push_refresh),
+                push=PushOptions(
+                    enabled=not args.no_push,
+                    refresh=push_refresh(args.push_refresh, len(addresses)),
+                ),
                 short_txn_ids=not args.no_short_txn_ids,
             ),
         )

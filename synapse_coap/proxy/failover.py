@@ -13,10 +13,10 @@ Other requests get the error and the client retries them, as it would after
 any lost connection. Long-polls wait for their own timeout first.
 
 Push registrations (``observe``) go to the current listener too. A registration
-whose listener stops answering (its renewal or first request gets no answer)
-moves the sidecar to the next listener like any request; and whenever the
-current listener changes, the ``on_failover`` callbacks run, so the push side
-registers again at the new listener at once instead of at its next renewal.
+whose listener stops answering (its renewal, every 240 s with several listeners,
+or its first request gets no answer) moves the sidecar to the next listener like
+any request; and whenever the current listener changes, the ``on_failover``
+callbacks run, so the push side registers again at the new listener at once.
 """
 
 from __future__ import annotations

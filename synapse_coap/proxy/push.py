@@ -36,6 +36,11 @@ treats as replacing the old one) when the server cannot hold it any more:
 * the sidecar moved to another listener (``FailoverSender.on_failover``);
 * a registration attempt failed with a link error: retried with back-off.
 
+With several listeners (``--homeserver`` repeated) the registration is also
+renewed every :data:`MULTI_LISTENER_REFRESH` seconds without a notification: a
+listener that died (a killed worker) answers nothing at all, and the renewal
+is what finds out, so the sidecar moves to the next listener.
+
 While the link is down the server *parks* an unacknowledged notification
 and sends it again when the link is back (see transport/push.py), so an
 outage loses nothing and costs no renewal. ``refresh`` (``--push-refresh``)
@@ -107,6 +112,23 @@ class PushOptions:
     keep: int = 8
     #: The ``timeout`` (ms) the registration asks the server to long-poll with.
     server_timeout_ms: int = 30000
+
+
+#: The renewal interval (s) when the sidecar knows several listeners: a listener that
+#: died answers nothing, not even a hint, so an idle sidecar would not notice it otherwise.
+MULTI_LISTENER_REFRESH = 240.0
+
+
+def push_refresh(value: float | None, listeners: int) -> float | None:
+    """``--push-refresh``: None (unset) -> never with one listener, MULTI_LISTENER_REFRESH
+    with several; 0 -> never; else that many seconds (> 0)."""
+    if value is None:
+        return MULTI_LISTENER_REFRESH if listeners > 1 else None
+    if value == 0:
+        return None
+    if not value > 0:
+        raise ConfigValueError("--push-refresh", f"must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 class _Feed:
@@ -330,4 +352,4 @@ class PushSync:
                 await task
 
 
-__all__ = ["Observer", "PushOptions", "PushSync"]
+__all__ = ["MULTI_LISTENER_REFRESH", "Observer", "PushOptions", "PushSync", "push_refresh"]

@@ -391,3 +391,15 @@ def test_push_refresh_must_be_positive() -> None:
     with pytest.raises(ConfigValueError) as e:
         PushOptions(refresh=0)
     assert "push.refresh" in str(e.value)
+
+
+def test_renewal_is_off_with_one_listener_and_on_with_several() -> None:
+    from synapse_coap.proxy.push import MULTI_LISTENER_REFRESH, push_refresh
+
+    assert push_refresh(None, 1) is None  # the keep-alive's hint covers a restart
+    assert push_refresh(None, 2) == MULTI_LISTENER_REFRESH  # a dead listener says nothing
+    assert push_refresh(0, 3) is None
+    assert push_refresh(30, 1) == 30.0
+    with pytest.raises(ConfigValueError) as e:
+        push_refresh(-1, 1)
+    assert "--push-refresh" in str(e.value)
