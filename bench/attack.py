@@ -482,14 +482,24 @@ async def in_session(target: Target, count: int) -> tuple[int, str, float]:
         n = stalled = 0
         replies: list[int] = []
         batch: list[bytes] = []
+        #: Message IDs the fuzz used in this session: a ping with one of them is, by RFC
+        #: 7252 4.5, a duplicate of that message (answered with its answer, or not at
+        #: all), not a new request; a real client never reuses a MID that soon.
+        used: set[int] = set()
         for pt in mutations(seeds, count, rnd):
             if len(pt) > peer.endpoint.max_plaintext():
                 continue
             peer.send(pt)
             n += 1
             batch.append(pt)
+            if len(pt) >= 4:
+                used.add(int.from_bytes(pt[2:4], "big"))
             if n % 200 == 0:
-                ping = request_bytes("GET", b"/_matrix/client/versions", 900_000 + n)
+                mid = 900_000 + n
+                while mid & 0xFFFF in used:
+                    mid += 1
+                used.add(mid & 0xFFFF)
+                ping = request_bytes("GET", b"/_matrix/client/versions", mid)
                 try:
                     replies += await exchange(peer, [ping], timeout=10.0)
                 except TimeoutError:
@@ -498,6 +508,7 @@ async def in_session(target: Target, count: int) -> tuple[int, str, float]:
                     peer.close()
                     peer = await RawPeer(target.address).open()
                     await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
+                    used.clear()
                 await asyncio.sleep(0)
         verdict = "answered every ping" if not stalled else f"{stalled} sessions stopped answering"
         return n, f"{verdict} ({codes(replies)})", 0.0
