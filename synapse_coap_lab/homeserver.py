@@ -58,9 +58,28 @@ __all__ = [
     "SynapseError",
     "SynapseProcess",
     "free_port",
+    "scrape_metrics",
     "self_signed_certificate",
     "synapse_version",
 ]
+
+
+def scrape_metrics(url: str, tries: int = 5) -> str:
+    """Synapse's Prometheus text at ``url``. A scrape can race Synapse itself: its
+    ``DynamicCollectorRegistry.collect`` walks the cache-metric hooks in the metrics
+    thread while the reactor thread registers a new cache (``RuntimeError: dictionary
+    changed size during iteration``, answered 500; seen with Synapse 1.163.2). Such a
+    500 is tried again, a few times, after a short pause; any other error is raised."""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return str(r.read().decode())
+        except urllib.error.HTTPError as e:
+            if e.code != 500 or attempt == tries - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")  # pragma: no cover
+
 
 #: The Python that runs Synapse (the project venv's, i.e. the one running the tests).
 SYNAPSE_PYTHON = os.environ.get("SYNAPSE_COAP_TEST_PYTHON", sys.executable)

@@ -26,7 +26,7 @@ from typing import Any
 
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.noise import keys as noise_keys
-from tests.harness.synapse_proc import SynapseProcess, free_port
+from tests.harness.synapse_proc import SynapseProcess, free_port, scrape_metrics
 
 #: The module's log line once its CoAP listener is up.
 READY = r"CoAP listener ready"
@@ -91,9 +91,7 @@ class Homeserver:
     # -- metrics ------------------------------------------------------------------------
 
     def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/_synapse/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return str(r.read().decode())
+        return scrape_metrics(f"http://127.0.0.1:{self.metrics_port}/_synapse/metrics")
 
     def samples(self, name: str, text: str | None = None) -> list[tuple[dict[str, str], float]]:
         """Every sample of the metric ``name`` as (labels, value)."""

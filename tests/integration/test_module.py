@@ -17,7 +17,6 @@ import sqlite3
 import stat
 import subprocess
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from tests.harness.synapse_proc import (
     AUTHENTICATED_MEDIA,
     SynapseProcess,
     free_port,
+    scrape_metrics,
     synapse_version,
 )
 
@@ -58,8 +58,7 @@ class Homeserver:
         return f"http://127.0.0.1:{self.proc.metrics_port}/_synapse/metrics"
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-            return str(r.read().decode())
+        return scrape_metrics(self.metrics_url)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -23,7 +23,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.request
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -40,7 +39,7 @@ from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.proxy.gateway import HttpDispatcher
 from synapse_coap.proxy.sidecar import Sidecar, SidecarOptions
-from tests.harness.synapse_proc import SynapseProcess, free_port
+from tests.harness.synapse_proc import SynapseProcess, free_port, scrape_metrics
 
 nio = pytest.importorskip("nio")
 
@@ -441,11 +440,7 @@ def metrics_url(syn: SynapseProcess) -> str:
 async def syncs_in_flight(metrics_url: str) -> float:
     """Synapse's own count of /sync requests it is processing (its metrics listener)."""
 
-    def read() -> str:
-        with urllib.request.urlopen(metrics_url, timeout=10) as r:
-            return str(r.read().decode())
-
-    text = await asyncio.to_thread(read)
+    text = await asyncio.to_thread(scrape_metrics, metrics_url)
     total = 0.0
     for line in text.splitlines():
         if line.startswith("synapse_http_server_in_flight_requests_count{") and (
