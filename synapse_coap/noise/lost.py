@@ -16,8 +16,8 @@ that session any more. It is therefore only a *suggestion* to check:
   header and a tag), so a reply is at most 3/20 of what provoked it, and at
   most :data:`HINT_RATE` per second (burst :data:`HINT_BURST`) per endpoint;
 * it is acted on only by the initiator of an established session whose peer
-  session id is ``sid`` and whose peer address is the hint's source, at most
-  :data:`HINT_RATE` per second; a responder ignores it (its initiator will
+  session id is ``sid`` and whose peer address is the hint's source; at most
+  :data:`HINT_RATE` hints a second are looked at; a responder ignores it (its initiator will
   re-handshake itself);
 * acting on it is :meth:`NoiseEndpoint.suspect_lost`: a fresh IK handshake
   while the old session keeps working, moved to only when it completes, with
@@ -34,6 +34,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from synapse_coap.noise.events import Address, Event, Transmit
+from synapse_coap.noise.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from synapse_coap.noise.endpoint import NoiseEndpoint
@@ -52,34 +53,13 @@ def hint(sid: int) -> bytes:
     return bytes([UNKNOWN_SESSION]) + (sid & 0xFFFF).to_bytes(2, "big")
 
 
-class _Bucket:
-    """One token bucket (``rate`` per second, ``burst`` at most)."""
-
-    __slots__ = ("burst", "last", "rate", "tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.last: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self.last is not None:
-            self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 class _LostHints:
     """Sends and acts on unknown-session hints for one endpoint (see the module docstring)."""
 
     def __init__(self, ep: NoiseEndpoint) -> None:
         self.ep = ep
-        self._send = _Bucket(HINT_RATE, HINT_BURST)
-        self._act = _Bucket(HINT_RATE, HINT_BURST)
+        self._send = TokenBucket(HINT_RATE, HINT_BURST)
+        self._act = TokenBucket(HINT_RATE, HINT_BURST)
 
     def on_unknown(self, sid: int, addr: Address, size: int) -> list[Event]:
         """A well-formed record of ``size`` bytes for the unknown session ``sid``."""
@@ -99,6 +79,11 @@ class _LostHints:
         ep = self.ep
         if len(data) != HINT_LEN:
             return ep._drop(addr, "malformed_handshake", len(data))
+        # (the budget is taken before the search, a pass over the channels: a flood
+        # of forged hints costs at most HINT_RATE passes a second; it can delay a
+        # real hint, which the next keep-alive brings again)
+        if not self._act.take(ep._clock()):
+            return ep._drop(addr, "lost_hint_limited", len(data))
         sid = int.from_bytes(data[1:3], "big")
         target = None
         for ch in ep._channels.values():
@@ -114,8 +99,6 @@ class _LostHints:
                 break
         if target is None:
             return ep._drop(addr, "unexpected_lost_hint", len(data))
-        if not self._act.take(ep._clock()):
-            return ep._drop(addr, "lost_hint_limited", len(data))
         ep._stats["lost_hints.received"] += 1
         logger.info(
             "noise: %s no longer knows our session (channel %d): re-handshaking",

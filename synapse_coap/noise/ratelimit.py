@@ -45,6 +45,33 @@ def source_key(host: str) -> str:
     return address_key(host, 32, 64)
 
 
+def refill(tokens: float, last: float, now: float, rate: float, burst: float) -> float:
+    """The tokens of a bucket that held ``tokens`` at ``last``, at ``now``."""
+    return min(burst, tokens + max(0.0, now - last) * rate)
+
+
+class TokenBucket:
+    """One token bucket (``rate`` per second, ``burst`` at most), starting full."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = self.burst
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Take one token; False if none is left."""
+        if self.last is not None:
+            self.tokens = refill(self.tokens, self.last, now, self.rate, self.burst)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class HandshakeRateLimiter:
     def __init__(self, rate: float, burst: int, max_buckets: int = MAX_BUCKETS) -> None:
         self.rate = rate
@@ -56,7 +83,7 @@ class HandshakeRateLimiter:
         """Take one token for ``host``'s source; False if none is left."""
         key = source_key(host)
         tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        tokens = refill(tokens, last, now, self.rate, self.burst)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0

@@ -269,13 +269,13 @@ class CoapClient:
         context = session_context(peer_name, self.server_name)
         session.codec = self._codec_factory(remote.profile_id, context)
         session.profile_id = remote.profile_id
-        if remote.establishments > 1:
-            # a new Noise session on the same channel: the peer has no bindings and an
-            # empty string table (our string sequence numbers continue, never reused)
-            renewed = getattr(session.tokens, "renewed", None)
-            session.tokens = renewed() if callable(renewed) else _sender_tokens(strings=True)
         session.established_profile = remote.profile_id
         if remote.establishments > 1:
+            # a new Noise session on the same channel: the peer has no bindings and an
+            # empty string table (our string sequence numbers continue, never reused),
+            # and nothing else it held for us (push registrations)
+            renewed = getattr(session.tokens, "renewed", None)
+            session.tokens = renewed() if callable(renewed) else _sender_tokens(strings=True)
             for callback in list(self.on_new_session):
                 try:
                     callback()

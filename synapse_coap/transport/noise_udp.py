@@ -41,6 +41,8 @@ from synapse_coap.noise.events import (
     Received,
     Transmit,
 )
+from synapse_coap.noise.lost import UNKNOWN_SESSION
+from synapse_coap.noise.retry import RETRY
 from synapse_coap.transport.datagram import (
     MessageFormatError,
     decode_message,
@@ -111,9 +113,13 @@ def _datagram_kind(data: bytes) -> str:
     return {0b11: "record", 0b10: "handshake", 0b01: "plain"}.get(top, "reserved")
 
 
-def _is_retry(ev: Any) -> bool:
-    """A stateless answer (a retry cookie 0x86, an unknown-session hint 0x88): no timer moved."""
-    return isinstance(ev, Transmit) and ev.data[:1] in (b"\x86", b"\x88")
+_RETRY = bytes([RETRY])
+_STATELESS = (_RETRY, bytes([UNKNOWN_SESSION]))
+
+
+def _is_stateless(ev: Any) -> bool:
+    """A stateless answer (a retry cookie, an unknown-session hint): no timer moved."""
+    return isinstance(ev, Transmit) and ev.data[:1] in _STATELESS
 
 
 def _code_fits_type(code: int, mtype: int) -> bool:
@@ -415,7 +421,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                     # a responder's keys exist once IK2 is written (maybe after the
                     # ChannelEstablished event): recount sessions after handshake datagrams
                     sessions_changed = sessions_changed or (
-                        _datagram_kind(ev.data) == "handshake" and not _is_retry(ev)
+                        _datagram_kind(ev.data) == "handshake" and not _is_stateless(ev)
                     )
                     self._ev_transmit(ev)
                 elif isinstance(ev, Received):
@@ -439,7 +445,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                     self.bad_input.report(source, f"event_{type(ev).__name__}", e)
         if sessions_changed:
             self._sessions_changed()
-        if not all(isinstance(ev, Dropped) or _is_retry(ev) for ev in events):
+        if not all(isinstance(ev, Dropped) or _is_stateless(ev) for ev in events):
             # (a dropped datagram or a stateless retry changes no timer: under a flood
             # this skips a walk over every session per datagram)
             self._reschedule()
@@ -468,7 +474,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self.metrics.sessions(self.endpoint.active_channels())
 
     def _ev_transmit(self, ev: Transmit) -> None:
-        if ev.data[:1] == b"\x86":  # a stateless retry cookie (half-open state under pressure)
+        if ev.data[:1] == _RETRY:  # a stateless retry cookie (half-open state under pressure)
             self.metrics.handshake("retry")
         self._sendto(ev.data, ev.addr)
 

@@ -52,7 +52,7 @@ import asyncio
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -197,7 +197,6 @@ class Observation:
         store_blocks: Callable[[Message, Callable[[], None]], None],
         sleep: Callable[[float], Any] = asyncio.sleep,
         heard: Callable[[], asyncio.Event] | None = None,
-        clock: Callable[[], float] | None = None,
     ) -> None:
         """``heard()``: an event set the next time the peer is heard from (None: the
         transport cannot tell; parked notifications then wait ``park_retry``)."""
@@ -215,7 +214,6 @@ class Observation:
         self._store_blocks = store_blocks
         self._sleep = sleep
         self._heard = heard
-        self._clock = clock
         self.seq = 0
 
     async def run(self) -> None:
@@ -283,8 +281,9 @@ class Observation:
             since = body["next_batch"]
             first = False
 
-    def _now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
     async def _deliver(self, resp: HttpResponse) -> bool:
         """Push ``resp`` until it is acknowledged; parked while the peer does not answer.
@@ -322,9 +321,8 @@ class Observation:
         if self._heard is None:
             await self._sleep(timeout)
             return
-        heard: Awaitable[Any] = self._heard().wait()
         try:
-            await asyncio.wait_for(heard, timeout)
+            await asyncio.wait_for(self._heard().wait(), timeout)
         except asyncio.TimeoutError:
             pass
 
