@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -80,9 +80,13 @@ from synapse_coap.wire.profile import Profile
 from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
 from synapse_coap.wire.strings import (
     ReceiverStrings,
+    Resolver,
     SenderStrings,
     UnknownStringReference,
-    identifiers,
+    path_number,
+    request_identifiers,
+    response_identifiers,
+    wants_response_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -177,7 +181,12 @@ class WireCodec:
         self._memo_key = (id(profile), profile.id, profile.content_hash, context.server_names)
 
     # ---------------------------------------------------------------- requests
-    def encode_request(self, req: HttpRequest, tokens: SenderTokens | None = None) -> CoapMessage:
+    def encode_request(
+        self, req: HttpRequest, tokens: SenderTokens | None = None, *, observe: bool = False
+    ) -> CoapMessage:
+        """The CoAP message for ``req``; ``tokens``: the session's bindings and string
+        table (None: plain CoAP); ``observe``: it registers an Observe (its notifications
+        are not recorded in the string table, so it is not numbered for a response)."""
         options: list[CoapOption] = []
         method = req.method
         code = n.HTTP_TO_COAP_METHOD.get(method)
@@ -197,23 +206,55 @@ class WireCodec:
             else:
                 options += token_opts
         else:
-            for value in auth:
+            for credentials in auth:
                 options.append(
-                    CoapOption(n.OPT_AUTHORIZATION, encode_authorization(value, self.context))
+                    CoapOption(n.OPT_AUTHORIZATION, encode_authorization(credentials, self.context))
                 )
         flags = 0 if auth else FLAG_NO_AUTH
-        options += self._encode_target(method, req.target, flags)
-        options += self._encode_headers(headers, response=False)
         strings = tokens.strings if tokens is not None else None
-        content_opts, payload = self._encode_content(
-            headers, req.body, want_json=False, strings=strings
+        value: Any = _NOT_PARSED
+        numbered: tuple[int, dict[str, tuple[int, int]]] | None = None
+        if strings is not None:
+            value = _json_value(headers, req.body)
+            numbered = strings.begin(
+                request_identifiers(req.target, None if value is _NOT_PARSED else value),
+                wants_response=not observe and wants_response_ids(method, req.target),
+            )
+        path_refs = (
+            None
+            if numbered is None
+            else {ident: path_number(*ref) for ident, ref in numbered[1].items()}
         )
+        options += self._encode_target(method, req.target, flags, path_refs)
+        options += self._encode_headers(headers, response=False)
+        if numbered is None:
+            content_opts, payload = self._encode_content(headers, req.body, want_json=False)
+        else:
+            seq, refs = numbered
+            options.append(CoapOption(n.OPT_STRING_SEQ, encode_uint(seq)))
+            content_opts, payload = self._encode_content(
+                headers, req.body, want_json=False, refs=refs, value=value
+            )
+            if value is not _NOT_PARSED and content_opts:
+                # sent as JSON after all (not encodable): the receiver sees no body ids
+                assert strings is not None
+                strings.restate(seq, request_identifiers(req.target))
         options += content_opts
         return CoapMessage(code, sort_options(options), payload)
 
-    def _encode_target(self, method: str, target: bytes, flags: int) -> list[CoapOption]:
+    def _encode_target(
+        self,
+        method: str,
+        target: bytes,
+        flags: int,
+        path_refs: Mapping[str, int] | None = None,
+    ) -> list[CoapOption]:
         path, sep, query = target.partition(b"?")
-        segments = self.routes.encode_target(method, path, self.context, flags) if path else None
+        segments = (
+            self.routes.encode_target(method, path, self.context, flags, path_refs)
+            if path
+            else None
+        )
         query_values: list[str] | None = []
         if sep:
             query_values = self.encode_query(query)
@@ -283,22 +324,25 @@ class WireCodec:
             method = n.COAP_TO_HTTP_METHOD.get(msg.code, "")
             if not method:
                 raise UnsupportedMethod(f"unknown CoAP method code {n.code_str(msg.code)}")
-        target, routed, flags = self._decode_target(msg)
+        seq = request_seq(msg)
+        strings = tokens.strings if tokens is not None else None
+        resolver = strings.resolver(seq) if strings is not None and seq is not None else None
+        target, routed, flags = self._decode_target(msg, resolver)
         headers: list[tuple[str, str]] = []
         # Content-Type first, then Authorization (significant_headers order).
-        seqs = msg.get(n.OPT_STRING_SEQ)
-        if len(seqs) > 1:
-            raise RemoteProtocolError("repeated String-Seq option")
-        strings = tokens.strings if tokens is not None else None
-        seq = decode_uint(seqs[0], 4) if seqs and strings is not None else None
-        content_headers, body = self._decode_content(msg, limits, strings=strings, seq=seq)
+        content_headers, body, value = self._decode_content(msg, limits, resolver=resolver)
+        if resolver is not None:
+            assert strings is not None and seq is not None
+            strings.record(seq, request_identifiers(target, value))
         headers += content_headers
         headers += self._decode_request_auth(msg, tokens, routed, flags)
         headers += self._decode_headers(msg, response=False)
         _check_http_safe(headers)
         return HttpRequest(method, target, significant_headers(headers), body)
 
-    def _decode_target(self, msg: CoapMessage) -> tuple[bytes, bool, int]:
+    def _decode_target(
+        self, msg: CoapMessage, resolver: Resolver | None = None
+    ) -> tuple[bytes, bool, int]:
         literal = msg.get(n.OPT_TARGET)
         paths = [_strict_text(v, "Uri-Path") for v in msg.get(n.URI_PATH)]
         queries = [_strict_text(v, "Uri-Query") for v in msg.get(n.URI_QUERY)]
@@ -322,7 +366,9 @@ class WireCodec:
             return plain.encode("ascii"), False, 0
         if paths[0][0] not in ID_ALPHABET:
             raise RemoteProtocolError(f"bad route id {paths[0][:16]!r}")
-        path, flags = self.routes.decode_path_flags(paths, self.context)
+        path, flags = self.routes.decode_path_flags(
+            paths, self.context, None if resolver is None else resolver.path
+        )
         if queries:
             path += b"?" + self.decode_query(queries).encode("utf-8")
         return path, True, flags
@@ -353,9 +399,18 @@ class WireCodec:
 
     # --------------------------------------------------------------- responses
     def encode_response(
-        self, resp: HttpResponse, *, want_json: bool = False, method: int = n.GET
+        self,
+        resp: HttpResponse,
+        *,
+        want_json: bool = False,
+        method: int = n.GET,
+        strings: ReceiverStrings | None = None,
+        seq: int | None = None,
     ) -> CoapMessage:
         """The response to a request with CoAP method code ``method``.
+
+        ``strings``/``seq``: the session string table and the request's number
+        (:func:`request_seq`): a 2xx JSON answer's identifiers are recorded.
 
         The code follows the method (200 is 2.05 for GET, 2.04 for POST/PUT/PATCH,
         2.02 for DELETE); ``HTTP-Status`` travels only when the code alone, read
@@ -374,12 +429,23 @@ class WireCodec:
             headers, resp.body, want_json=want_json, label=True
         )
         options += content_opts
+        if strings is not None and seq is not None and 200 <= status < 300:
+            strings.record_response(seq, _response_ids(headers, resp.body))
         return CoapMessage(code, sort_options(options), payload)
 
     def decode_response(
-        self, msg: CoapMessage, limits: BodyLimits = DEFAULT_BODY_LIMITS, *, method: int = n.GET
+        self,
+        msg: CoapMessage,
+        limits: BodyLimits = DEFAULT_BODY_LIMITS,
+        *,
+        method: int = n.GET,
+        strings: SenderStrings | None = None,
+        seq: int | None = None,
     ) -> HttpResponse:
-        """The HTTP response in ``msg``, which answers a request with CoAP method ``method``."""
+        """The HTTP response in ``msg``, which answers a request with CoAP method ``method``.
+
+        ``strings``/``seq``: the session string table and the request's number: a 2xx
+        answer acknowledges the number (with the answer's identifiers)."""
         _check_critical(msg)
         if not n.code(2, 0) <= msg.code < n.code(6, 0):
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a response")
@@ -391,11 +457,14 @@ class WireCodec:
         else:
             status = n.code_to_status(msg.code, method)
         headers: list[tuple[str, str]] = []
-        content_headers, body = self._decode_content(msg, limits)
+        content_headers, body, _value = self._decode_content(msg, limits)
         headers += content_headers
         headers += self._decode_headers(msg, response=True)
         _check_http_safe(headers)
-        return HttpResponse(status, significant_headers(headers), body)
+        significant = significant_headers(headers)
+        if strings is not None and seq is not None and 200 <= status < 300:
+            strings.acknowledge(seq, _response_ids(significant, body))
+        return HttpResponse(status, significant, body)
 
     def unknown_token_response(self, error: Exception | None = None) -> CoapMessage:
         """What a server answers to :class:`UnknownTokenReference`: 4.01 + Token-Reset.
@@ -471,12 +540,14 @@ class WireCodec:
         body: bytes,
         *,
         want_json: bool,
-        strings: SenderStrings | None = None,
+        refs: Mapping[str, tuple[int, int]] | None = None,
+        value: Any = _NOT_PARSED,
         label: bool = False,
     ) -> tuple[list[CoapOption], bytes]:
         """Content options and payload. ``label``: name the compact body with
         Content-Format :data:`~synapse_coap.mapping.numbers.CF_COMPACT` (responses
-        always do; requests leave it out, it is the default)."""
+        always do; requests leave it out, it is the default). ``refs``: string table
+        references of a numbered request (``value``: its parsed JSON body)."""
         cts = [v for k, v in headers if k == "content-type"]
         if len(cts) > 1:
             return [CoapOption(n.OPT_CONTENT_TYPE, _utf8(ct) or CT_EMPTY) for ct in cts], body
@@ -491,15 +562,9 @@ class WireCodec:
                     compact = (
                         [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))] if label else []
                     )
-                    if strings is None:
-                        return compact, self._encode_json_body(body)
-                    value = parse_json_exact(body)
-                    begun = strings.begin(identifiers(value))
-                    if begun is not None:
-                        seq, refs = begun
-                        payload = encode_body(value, self.profile, self.context, refs)
-                        return [CoapOption(n.OPT_STRING_SEQ, encode_uint(seq))], payload
-                    return compact, self._encode_json_body(body, value)
+                    if refs is None or value is _NOT_PARSED:
+                        return compact, self._encode_json_body(body, value)
+                    return compact, encode_body(value, self.profile, self.context, refs)
                 except (ValueError, LocalProtocolError, RecursionError) as e:
                     logger.debug("JSON body sent raw: %s", type(e).__name__)
             return [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_JSON))], body
@@ -513,21 +578,23 @@ class WireCodec:
         msg: CoapMessage,
         limits: BodyLimits,
         *,
-        strings: ReceiverStrings | None = None,
-        seq: int | None = None,
-    ) -> tuple[list[tuple[str, str]], bytes]:
+        resolver: Resolver | None = None,
+    ) -> tuple[list[tuple[str, str]], bytes, Any]:
+        """Content headers, body, and (decoded with ``resolver`` only) the JSON value."""
         cts = msg.get(n.OPT_CONTENT_TYPE)
         cfs = msg.get(n.CONTENT_FORMAT)
         if len(cfs) > 1 or (cfs and cts):
             raise RemoteProtocolError("conflicting Content-Format / Content-Type options")
         if cts:
             if len(cts) == 1 and cts[0] == CT_ABSENT:
-                return [], msg.payload
+                return [], msg.payload, None
             if CT_ABSENT in cts:
                 raise RemoteProtocolError("bad Content-Type option")
-            return [
-                ("content-type", "" if v == CT_EMPTY else _text(v, "Content-Type")) for v in cts
-            ], msg.payload
+            return (
+                [("content-type", "" if v == CT_EMPTY else _text(v, "Content-Type")) for v in cts],
+                msg.payload,
+                None,
+            )
         if cfs:
             cf = decode_uint(cfs[0], 2)
             if cf == n.CF_COMPACT:
@@ -536,14 +603,12 @@ class WireCodec:
             media = n.CF_TO_MEDIA_TYPE.get(cf)
             if media is None:
                 raise RemoteProtocolError(f"unsupported Content-Format {cf}")
-            return [("content-type", media)], msg.payload
+            return [("content-type", media)], msg.payload, None
         if not msg.payload:
-            return [], b""
-        if strings is not None and seq is not None:
-            value = decode_body(
-                msg.payload, self.profile, self.context, limits, strings.resolver(seq)
-            )
-            strings.record(seq, identifiers(value))
+            return [], b"", None
+        value: Any = None
+        if resolver is not None:
+            value = decode_body(msg.payload, self.profile, self.context, limits, resolver)
             body = _dump_decoded(value)
         else:
             payload = msg.payload
@@ -552,7 +617,7 @@ class WireCodec:
                 payload,
                 lambda: _dump_decoded(decode_body(payload, self.profile, self.context, limits)),
             )
-        return [("content-type", n.JSON_MEDIA_TYPE)], body
+        return [("content-type", n.JSON_MEDIA_TYPE)], body, value
 
     def _encode_json_body(self, body: bytes, value: Any = _NOT_PARSED) -> bytes:
         """encode_body() of the JSON ``body`` (no string table references), memoised.
@@ -608,6 +673,31 @@ class WireCodec:
     def wants_json(self, msg: CoapMessage) -> bool:
         """The request carried ``Accept: 50`` (a standard CoAP tool wanting plain JSON)."""
         return accepted_format(msg) == n.CF_JSON
+
+
+def request_seq(msg: CoapMessage) -> int | None:
+    """The String-Seq number of a request message (None: not numbered)."""
+    seqs = msg.get(n.OPT_STRING_SEQ)
+    if len(seqs) > 1:
+        raise RemoteProtocolError("repeated String-Seq option")
+    return decode_uint(seqs[0], 4) if seqs else None
+
+
+def _json_value(headers: Sequence[tuple[str, str]], body: bytes) -> Any:
+    """The parsed JSON body of a request (``_NOT_PARSED``: none, or not parseable)."""
+    cts = [v for k, v in headers if k == "content-type"]
+    if not body or cts != [n.JSON_MEDIA_TYPE]:
+        return _NOT_PARSED
+    try:
+        return parse_json_exact(body)
+    except (ValueError, RecursionError):
+        return _NOT_PARSED
+
+
+def _response_ids(headers: Sequence[tuple[str, str]], body: bytes) -> tuple[str, ...]:
+    """What both ends record for a 2xx answer (the same bytes give the same list)."""
+    cts = [v for k, v in headers if k == "content-type"]
+    return response_identifiers(body) if cts == [n.JSON_MEDIA_TYPE] else ()
 
 
 def _dump_decoded(value: Any) -> bytes:

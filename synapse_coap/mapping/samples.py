@@ -91,6 +91,7 @@ def warm_session_request(
     client session's random start gives), checks the exact round trip, and
     returns the message.
     """
+    from synapse_coap.mapping.codec import request_seq
     from synapse_coap.mapping.tokens import ReceiverTokens, SenderTokens
     from synapse_coap.wire.strings import ReceiverStrings, SenderStrings
 
@@ -98,7 +99,9 @@ def warm_session_request(
     receiver = ReceiverTokens(strings=ReceiverStrings())
     first = codec.encode_request(previous, sender)
     codec.decode_request(first, receiver)
-    sender.on_response(first, CoapMessage(0x44, (), b""))  # 2.04 Changed
+    answer = CoapMessage(0x44, (), b"")  # 2.04 Changed
+    sender.on_response(first, answer)
+    codec.decode_response(answer, method=first.code, strings=sender.strings, seq=request_seq(first))
     msg: CoapMessage = codec.encode_request(request, sender)
     back = codec.decode_request(msg, receiver)
     if back.target != request.target or json.loads(back.body) != json.loads(request.body):

@@ -117,10 +117,8 @@ class SenderTokens:
             self.forget()
             return True
         self.acknowledge(request)
-        if self.strings is not None and response.code >> 5 == 2:
-            seq = request.first(numbers.OPT_STRING_SEQ)
-            if seq is not None and len(seq) <= 4:
-                self.strings.acknowledge(decode_uint(seq))
+        # (the string table's acknowledgement comes with the decoded response:
+        # Codec.decode_response(strings=..., seq=...), which knows its identifiers)
         return False
 
 

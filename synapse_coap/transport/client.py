@@ -54,6 +54,7 @@ from synapse_coap.errors import (
     RequestTimeout,
     SynapseCoapError,
 )
+from synapse_coap.mapping.codec import request_seq
 from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
 from synapse_coap.noise.trust import TrustPolicy
 from synapse_coap.transport.client_session import (
@@ -405,7 +406,12 @@ class CoapClient:
             # new session was encoded before the handshake told us the peer's server
             # name, but the response was encoded with the established context.
             try:
-                response = session.codec.decode_response(resp_cm, method=cm.code)
+                response = session.codec.decode_response(
+                    resp_cm,
+                    method=cm.code,
+                    strings=tokens.strings if tokens is not None else None,
+                    seq=request_seq(cm),
+                )
             except RemoteProtocolError:
                 raise
             except SynapseCoapError as e:
@@ -428,7 +434,7 @@ class CoapClient:
         while True:
             codec = session.codec
             tokens = session.tokens
-            cm = codec.encode_request(request, tokens)
+            cm = codec.encode_request(request, tokens, observe=True)
             m = to_aiocoap(cm)
             m.opt.observe = 0
             m.remote = session.remote

@@ -61,15 +61,25 @@ def from_aiocoap(msg: Any) -> CoapMessage:
 class Codec(Protocol):
     """The part of ``synapse_coap.mapping.codec.WireCodec`` the transport uses."""
 
-    def encode_request(self, req: HttpRequest, tokens: Any = None) -> CoapMessage: ...
+    def encode_request(
+        self, req: HttpRequest, tokens: Any = None, *, observe: bool = False
+    ) -> CoapMessage: ...
 
     def decode_request(self, msg: CoapMessage, tokens: Any = None) -> HttpRequest: ...
 
     def encode_response(
-        self, resp: HttpResponse, *, want_json: bool = False, method: int = ...
+        self,
+        resp: HttpResponse,
+        *,
+        want_json: bool = False,
+        method: int = ...,
+        strings: Any = None,
+        seq: int | None = None,
     ) -> CoapMessage: ...
 
-    def decode_response(self, msg: CoapMessage, *, method: int = ...) -> HttpResponse: ...
+    def decode_response(
+        self, msg: CoapMessage, *, method: int = ..., strings: Any = None, seq: int | None = None
+    ) -> HttpResponse: ...
 
     def route_name(self, msg: CoapMessage) -> str: ...
 

@@ -53,6 +53,7 @@ from synapse_coap.errors import (
 )
 from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.coap_rules import accepted_format
+from synapse_coap.mapping.codec import request_seq
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, HttpResponse
 from synapse_coap.mapping.push import (
@@ -488,7 +489,9 @@ class CoapServer:
             advertised = advertise_observe(response.body)
             if advertised is not None:
                 response = attrs.evolve(response, body=advertised)
-        out = self._finish(codec, route, started, response, want_json, method)
+        out = self._finish(
+            codec, route, started, response, want_json, method, session.tokens, request_seq(cm)
+        )
         if (
             accept is not None
             and out.code.is_successful()
@@ -591,10 +594,19 @@ class CoapServer:
         response: HttpResponse,
         want_json: bool,
         method: int,
+        tokens: ReceiverTokens | None = None,
+        seq: int | None = None,
     ) -> Message:
+        """``tokens``/``seq``: the session and the String-Seq of a decoded request (its
+        2xx answer's identifiers are recorded in the session string table)."""
         self.metrics.request(route, response.status, time.monotonic() - started)
+        strings = tokens.strings if tokens is not None else None
         try:
-            out = to_aiocoap(codec.encode_response(response, want_json=want_json, method=method))
+            out = to_aiocoap(
+                codec.encode_response(
+                    response, want_json=want_json, method=method, strings=strings, seq=seq
+                )
+            )
         except SynapseCoapError as e:
             logger.error("cannot encode the response to %s: %s", route, e)
             return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")

@@ -22,7 +22,7 @@ if anything differs; the caller then carries the target literally.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
@@ -74,6 +74,14 @@ FORM_SERVER = 0x11  # the whole value is server_names[ord(next char)]
 FORM_ENUM_FIRST = 0x12  # 0x12-0x1e: enums[form - 0x12]
 ENUM_DIRECT = 0x1F - FORM_ENUM_FIRST  # 13 one-byte enum values
 FORM_ENUM_EXT = 0x1F  # enums[13 + ord(next char)]
+#: In a request numbered for the session string table (wire/strings.py) only: the
+#: argument is an identifier the receiver recorded, ``(d - 1) * MAX_IDS + pos`` in
+#: one or two base-128 characters after this one.  Without a table, a value
+#: starting with it is an ordinary (bare) value, as before.
+FORM_STRING_REF = 0x7F
+
+#: Resolves a path reference number (``(d - 1) * MAX_IDS + pos``) to its identifier.
+PathResolver = Callable[[int], str]
 
 #: Longest Uri-Path value (RFC 7252 5.10).
 MAX_SEGMENT = 255
@@ -111,9 +119,41 @@ def _unpack(text: str, alphabet: str) -> str:
     return "".join(reversed(out))
 
 
-def decode_arg(text: str, kind: str, context: WireContext, enums: Sequence[str]) -> str:
-    """Inverse of :func:`encode_arg`; RemoteProtocolError on anything malformed."""
+def _ref_chars(number: int) -> str:
+    if number < 128:
+        return chr(FORM_STRING_REF) + chr(number)
+    if number < 128 * 128:
+        return chr(FORM_STRING_REF) + chr(number >> 7) + chr(number & 127)
+    raise LocalProtocolError(f"path reference {number} out of range")
+
+
+def _ref_number(text: str) -> int:
+    digits = [ord(c) for c in text[1:]]
+    if (
+        not 1 <= len(digits) <= 2
+        or any(d >= 128 for d in digits)
+        or digits[0] == 0 < len(digits) - 1
+    ):
+        raise RemoteProtocolError("bad string reference in route argument")
+    number = 0
+    for d in digits:
+        number = number * 128 + d
+    return number
+
+
+def decode_arg(
+    text: str,
+    kind: str,
+    context: WireContext,
+    enums: Sequence[str],
+    resolve: PathResolver | None = None,
+) -> str:
+    """Inverse of :func:`encode_arg`; RemoteProtocolError on anything malformed.
+
+    ``resolve``: the session string table of a numbered request (None: no table)."""
     sigil = SIGILS.get(kind, "")
+    if resolve is not None and text[:1] == chr(FORM_STRING_REF):
+        return resolve(_ref_number(text))
     if not text or ord(text[0]) >= 0x20:
         return sigil + text
     form = ord(text[0])
@@ -164,11 +204,20 @@ def encode_arg(
     context: WireContext,
     enums: Sequence[str],
     enum_index: Mapping[str, int] | None = None,
+    refs: Mapping[str, int] | None = None,
 ) -> str:
-    """The shortest form of ``value`` (by UTF-8 bytes) that :func:`decode_arg` reverses exactly."""
+    """The shortest form of ``value`` (by UTF-8 bytes) that :func:`decode_arg` reverses exactly.
+
+    ``refs``: identifier -> path reference number, for a request numbered for the
+    session string table (None: no table)."""
     if enum_index is None:
         enum_index = {e: i for i, e in enumerate(enums)}
     candidates = ["\x00" + value]
+    resolve: PathResolver | None = None
+    if refs is not None:
+        if value in refs:
+            candidates.append(_ref_chars(refs[value]))
+        resolve = _resolver_for(refs)
     sigil = SIGILS.get(kind, "")
     i = enum_index.get(value)
     if i is not None:
@@ -203,7 +252,7 @@ def encode_arg(
     best = None
     for cand in sorted(candidates, key=lambda c: len(c.encode("utf-8", "surrogatepass"))):
         try:
-            if decode_arg(cand, kind, context, enums) == value:
+            if decode_arg(cand, kind, context, enums, resolve) == value:
                 best = cand
                 break
         except RemoteProtocolError:
@@ -211,6 +260,18 @@ def encode_arg(
     if best is None:  # pragma: no cover - the literal form always decodes back
         raise LocalProtocolError("route argument cannot be encoded")
     return best
+
+
+def _resolver_for(refs: Mapping[str, int]) -> PathResolver:
+    by_number = {number: ident for ident, number in refs.items()}
+
+    def resolve(number: int) -> str:
+        try:
+            return by_number[number]
+        except KeyError:
+            raise RemoteProtocolError(f"no identifier for path reference {number}") from None
+
+    return resolve
 
 
 @attrs.frozen
@@ -363,9 +424,17 @@ class RouteTable:
         return route, style, flags
 
     def encode_target(
-        self, method: str, target: bytes, context: WireContext, flags: int = 0
+        self,
+        method: str,
+        target: bytes,
+        context: WireContext,
+        flags: int = 0,
+        refs: Mapping[str, int] | None = None,
     ) -> list[str] | None:
         """Uri-Path values for the path of ``target`` (any query is ignored), or None.
+
+        ``refs``: identifier -> path reference number (a request numbered for the
+        session string table; None: no table).
 
         None means the table cannot reproduce the path byte for byte (no
         matching route, invalid UTF-8, an unusual percent-encoding, an
@@ -406,11 +475,13 @@ class RouteTable:
             return None
         out = [route.id + _suffix(style, flags)]
         for arg, v in zip(route.args, values, strict=True):
-            out.append(encode_arg(v, arg.kind, context, self.enums, self._enum_index))
+            arg_refs = None if arg.tail else refs
+            out.append(encode_arg(v, arg.kind, context, self.enums, self._enum_index, arg_refs))
         if any(len(v.encode("utf-8")) > MAX_SEGMENT for v in out):
             return None
+        resolve = None if refs is None else _resolver_for(refs)
         try:
-            if self.decode_path_flags(out, context) != (path, flags):
+            if self.decode_path_flags(out, context, resolve) != (path, flags):
                 return None
         except RemoteProtocolError:
             return None
@@ -421,7 +492,12 @@ class RouteTable:
         del method
         return self.decode_path_flags(segments, context)[0]
 
-    def decode_path_flags(self, segments: Sequence[str], context: WireContext) -> tuple[bytes, int]:
+    def decode_path_flags(
+        self,
+        segments: Sequence[str],
+        context: WireContext,
+        resolve: PathResolver | None = None,
+    ) -> tuple[bytes, int]:
         if not segments:
             raise RemoteProtocolError("no route id")
         route, style, flags = self.split_route_id(segments[0])
@@ -438,7 +514,8 @@ class RouteTable:
                 if seg.tail:
                     parts.append(decode_arg(v, "tail", context, self.enums))
                 else:
-                    parts.append(_style(decode_arg(v, seg.kind, context, self.enums), style))
+                    arg = decode_arg(v, seg.kind, context, self.enums, resolve)
+                    parts.append(_style(arg, style))
             else:
                 parts.append(seg)
         try:

@@ -5,26 +5,34 @@ Sans-I/O.  One :class:`SenderStrings` per client session, one
 handshake or a restarted server starts with an empty table).  Plain CoAP never
 uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
 
-* The client numbers every request whose JSON body contains identifiers with a
-  **sequence number** (``String-Seq`` option, a uint).  Numbers are never
+* The client numbers every request whose path or JSON body contains
+  identifiers, and every request whose response names rooms the client will
+  address next (``/sync`` without Observe, ``createRoom``, ``join``,
+  ``joined_rooms``: :func:`wants_response_ids`), with a **sequence number**
+  (``String-Seq`` option, a uint).  Numbers are never
   reused by a client session, not even across re-handshakes, and a client
   session starts at a random number below 2**24, so a restarted client
   process (whose old retransmissions may still arrive over a retired Noise
   session of the same channel) does not reuse its predecessor's numbers.
-* The *identifiers of a request* are computed from the JSON value alone
-  (:func:`identifiers`): the distinct 32-byte hash identifiers (``$`` event
-  ids, ``!`` room ids of room version 12) in document order, at most
-  :data:`MAX_IDS`.  Both ends compute the same list, because the body codec
-  is exact.
+* The *identifiers of a request* are computed from the request alone
+  (:func:`request_identifiers`): the distinct 32-byte hash identifiers (``$``
+  event ids, ``!`` room ids of room version 12) of its path segments, then of
+  its JSON body in document order, at most :data:`MAX_IDS`.  Both ends compute
+  the same list, because the path and the body codec are exact.
 * The receiver records that list under the sequence number whenever it
-  decodes a request completely.  The sender references an identifier only
+  decodes a request completely.  When it answers the request with a 2.xx and
+  a JSON body, it appends the *identifiers of the response*
+  (:func:`response_identifiers`: its room ids first, then its event ids, at
+  most :data:`MAX_RESPONSE_IDS`, the list never longer than :data:`MAX_IDS`);
+  the client appends the same ones when it decodes that response.  The sender references an identifier only
   from a request whose **2.xx response it has received** (so the receiver
-  certainly decoded, hence recorded, it), as ``(d, pos)``: ``d`` = current
+  certainly decoded, hence recorded, it, and sent that response), as ``(d, pos)``: ``d`` = current
   sequence number minus the referenced one (1..:data:`WINDOW`), ``pos`` = the
   position in that request's list.
 * Loss: an unacknowledged request is never referenced.  Duplicates and
   retransmissions carry the same content under the same number, so recording
-  them again changes nothing.  Reordering: references name a sequence number,
+  them again changes nothing; a request executed twice whose two responses
+  name different identifiers poisons its number.  Reordering: references name a sequence number,
   not "the n-th thing received".  If the receiver ever sees one number with
   two different lists (only possible if a peer restarted and reused numbers on
   the same table), the number is poisoned: references to it fail.
@@ -33,15 +41,21 @@ uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
   ``String-Reset`` option, the client forgets its acknowledgements and resends
   once without references.  A wrong decode is impossible: a reference is
   resolved only from the exact list recorded under that number.
+* References appear in the JSON body (tags 4/5) and in route arguments of the
+  path (:mod:`synapse_coap.wire.routes`, form ``0x7f``): a message to a room
+  the client learnt from ``/sync`` names the room in 2-3 bytes, not 38.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from synapse_coap.errors import RemoteProtocolError
 
@@ -49,6 +63,8 @@ from synapse_coap.errors import RemoteProtocolError
 WINDOW = 16
 #: Identifiers recorded per request (the first ones, in document order).
 MAX_IDS = 64
+#: Identifiers of a response appended to its request's list (room ids first).
+MAX_RESPONSE_IDS = 16
 #: Entries a receiver keeps (numbers older than the highest seen minus this are dropped).
 RECEIVER_CAPACITY = 2 * WINDOW
 #: Sequence numbers are sent as uints of at most 4 bytes; a session that would
@@ -108,6 +124,80 @@ def identifiers(value: Any) -> tuple[str, ...]:
 
 _END = object()
 
+#: Requests whose response names rooms the client addresses next (numbered even
+#: without identifiers of their own, so that the response's room ids are recorded).
+_RESPONSE_ID_PATH = re.compile(
+    rb"^/_matrix/client/(?:v3|r0)/(?:sync|createRoom|joined_rooms|join/[^/?]+)(?:\?|$)"
+)
+
+
+def wants_response_ids(method: str, target: bytes) -> bool:
+    """True for a request whose response's room ids are worth recording (see module doc)."""
+    return method in ("GET", "POST") and _RESPONSE_ID_PATH.match(target) is not None
+
+
+def path_identifiers(target: bytes) -> tuple[str, ...]:
+    """The distinct hash identifiers among the percent-decoded path segments of ``target``."""
+    found: dict[str, None] = {}
+    for raw in target.split(b"?", 1)[0].split(b"/"):
+        if not 44 <= len(raw) <= 3 * 44:
+            continue
+        try:
+            seg = unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if _is_hash_id(seg):
+            found[seg] = None
+    return tuple(found)
+
+
+def request_identifiers(target: bytes, value: Any = None) -> tuple[str, ...]:
+    """The identifiers of a request: its path's, then its JSON body's (``value``), at most
+    :data:`MAX_IDS`.  ``value`` None: no JSON body."""
+    return _merge((path_identifiers(target), () if value is None else identifiers(value)))
+
+
+def response_identifiers(body: bytes) -> tuple[str, ...]:
+    """The identifiers of a JSON response body: room ids first, then event ids, document
+    order, at most :data:`MAX_RESPONSE_IDS` (() if ``body`` is not JSON)."""
+    if not body:
+        return ()
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return ()
+    rooms: dict[str, None] = {}
+    events: dict[str, None] = {}
+    stack: list[Iterator[Any]] = [iter((value,))]
+    while stack and len(rooms) < MAX_RESPONSE_IDS:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, str):
+            if _is_hash_id(item):
+                (rooms if item[0] == "!" else events)[item] = None
+        elif isinstance(item, dict):
+            # map keys too: /sync names its rooms as keys of rooms.join
+            stack.append(iter([x for kv in item.items() for x in kv]))
+        elif isinstance(item, list):
+            stack.append(iter(item))
+    return _merge((rooms, events))[:MAX_RESPONSE_IDS]
+
+
+def _merge(parts: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    out: dict[str, None] = {}
+    for part in parts:
+        for ident in part:
+            out[ident] = None
+            if len(out) >= MAX_IDS:
+                return tuple(out)
+    return tuple(out)
+
+
+def _with_response(ids: tuple[str, ...], response_ids: Sequence[str]) -> tuple[str, ...]:
+    """A request's list with its response's identifiers appended (distinct, capped)."""
+    return _merge((ids, response_ids))
+
 
 def encode_ref(d: int, pos: int) -> tuple[int, int]:
     """(tag, uint) for a reference ``d`` requests back, position ``pos``."""
@@ -120,6 +210,12 @@ def decode_ref(tag: int, n: int) -> tuple[int, int]:
     """(d, pos) from a reference's tag and uint."""
     d, pos = divmod(n, _NARROW if tag == TAG_REF else MAX_IDS)
     return d + 1, pos
+
+
+def path_number(tag: int, n: int) -> int:
+    """The route-argument form of a body reference: ``(d - 1) * MAX_IDS + pos``."""
+    d, pos = decode_ref(tag, n)
+    return (d - 1) * MAX_IDS + pos
 
 
 class SenderStrings:
@@ -139,13 +235,16 @@ class SenderStrings:
     def next_seq(self) -> int:
         return self._next
 
-    def begin(self, ids: Sequence[str]) -> tuple[int, dict[str, tuple[int, int]]] | None:
+    def begin(
+        self, ids: Sequence[str], *, wants_response: bool = False
+    ) -> tuple[int, dict[str, tuple[int, int]]] | None:
         """Number a request with these identifiers; returns (seq, references) or None.
 
         ``references`` maps an identifier to the body codec's (tag, uint).
-        None = the session ran out of sequence numbers: send without the table.
+        None = nothing to number (no identifiers and no response worth recording),
+        or the session ran out of sequence numbers: send without the table.
         """
-        if not ids or self._next > MAX_SEQ:
+        if not (ids or wants_response) or self._next > MAX_SEQ:
             return None
         seq = self._next
         self._next += 1
@@ -162,15 +261,22 @@ class SenderStrings:
             del self._pending[old]
         return seq, refs
 
-    def acknowledge(self, seq: int) -> None:
-        """A 2.xx response to request ``seq`` arrived: the peer recorded its identifiers."""
+    def acknowledge(self, seq: int, response_ids: Sequence[str] = ()) -> None:
+        """A 2.xx response to request ``seq`` arrived: the peer recorded its identifiers,
+        and ``response_ids`` (:func:`response_identifiers` of that response) after them."""
         ids = self._pending.pop(seq, None)
         if ids is None or seq <= self._next - 1 - WINDOW:
             return
-        self._acked[seq] = ids
+        self._acked[seq] = _with_response(ids, response_ids)
         horizon = self._next - WINDOW
         for old in [s for s in self._acked if s < horizon]:
             del self._acked[old]
+
+    def restate(self, seq: int, ids: Sequence[str]) -> None:
+        """Request ``seq`` went out with these identifiers after all (its body was
+        sent as plain JSON, without body identifiers)."""
+        if seq in self._pending:
+            self._pending[seq] = tuple(ids)
 
     def forget(self) -> None:
         """The peer lost its table (or a new session began): reference nothing known so far.
@@ -187,6 +293,10 @@ class ReceiverStrings:
     def __init__(self, capacity: int = RECEIVER_CAPACITY) -> None:
         self._capacity = capacity
         self._entries: dict[int, tuple[str, ...] | None] = {}  # None = poisoned
+        #: the request part of each entry (a repeated request must name the same ones)
+        self._requests: dict[int, tuple[str, ...]] = {}
+        #: numbers whose response identifiers were appended
+        self._answered: set[int] = set()
         self._highest = -1
 
     def __repr__(self) -> str:
@@ -195,8 +305,8 @@ class ReceiverStrings:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def resolver(self, seq: int) -> _Resolver:
-        return _Resolver(self._entries, seq)
+    def resolver(self, seq: int) -> Resolver:
+        return Resolver(self._entries, seq)
 
     def record(self, seq: int, ids: Sequence[str]) -> None:
         """A request numbered ``seq`` was decoded completely; remember its identifiers."""
@@ -204,18 +314,37 @@ class ReceiverStrings:
             return
         new = tuple(ids[:MAX_IDS])
         if seq in self._entries:
-            if self._entries[seq] != new:
+            if self._requests.get(seq) != new:
                 self._entries[seq] = None  # two contents under one number: never resolve it
             return
         self._entries[seq] = new
+        self._requests[seq] = new
         if seq > self._highest:
             self._highest = seq
             horizon = seq - self._capacity
             for old in [s for s in self._entries if s <= horizon]:
                 del self._entries[old]
+                self._requests.pop(old, None)
+                self._answered.discard(old)
+
+    def record_response(self, seq: int, response_ids: Sequence[str]) -> None:
+        """The 2.xx answer to request ``seq`` names ``response_ids``: append them.
+
+        A second, different answer to one number (the request ran twice) poisons it.
+        """
+        request = self._requests.get(seq)
+        if request is None or self._entries.get(seq) is None:
+            return
+        full = _with_response(request, response_ids)
+        if seq in self._answered:
+            if self._entries[seq] != full:
+                self._entries[seq] = None
+            return
+        self._answered.add(seq)
+        self._entries[seq] = full
 
 
-class _Resolver:
+class Resolver:
     """Resolves (tag, uint) references of one request against a receiver's table."""
 
     def __init__(self, entries: Mapping[int, tuple[str, ...] | None], seq: int) -> None:
@@ -233,16 +362,27 @@ class _Resolver:
             )
         return ids[pos]
 
+    def path(self, number: int) -> str:
+        """A route argument's reference (:func:`path_number`)."""
+        return self(TAG_REF_WIDE, number)
+
 
 __all__ = [
     "MAX_IDS",
+    "MAX_RESPONSE_IDS",
     "TAG_REF",
     "TAG_REF_WIDE",
     "WINDOW",
     "ReceiverStrings",
+    "Resolver",
     "SenderStrings",
     "UnknownStringReference",
     "decode_ref",
     "encode_ref",
     "identifiers",
+    "path_identifiers",
+    "path_number",
+    "request_identifiers",
+    "response_identifiers",
+    "wants_response_ids",
 ]

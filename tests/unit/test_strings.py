@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from synapse_coap.errors import RemoteProtocolError
 from synapse_coap.mapping import numbers as n
-from synapse_coap.mapping.codec import WireCodec
-from synapse_coap.mapping.messages import CoapMessage, HttpRequest
+from synapse_coap.mapping.codec import WireCodec, request_seq
+from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
 from synapse_coap.mapping.tokens import ReceiverTokens, SenderTokens
 from synapse_coap.wire.body import decode_body, encode_body
 from synapse_coap.wire.context import WireContext
@@ -25,6 +25,8 @@ from synapse_coap.wire.strings import (
     SenderStrings,
     UnknownStringReference,
     identifiers,
+    path_identifiers,
+    response_identifiers,
 )
 
 CTX = WireContext(("remote.example", "origin.example"))
@@ -69,6 +71,16 @@ def _sender(first: int = 0) -> SenderTokens:
 
 def _receiver() -> ReceiverTokens:
     return ReceiverTokens(strings=ReceiverStrings())
+
+
+def _ack(codec: WireCodec, sender: SenderTokens, msg: CoapMessage, resp: CoapMessage) -> bool:
+    """What the client does with a response: bookkeeping, then the decode that
+    acknowledges a 2.xx to the string table. True: "resend once"."""
+    if sender.on_response(msg, resp):
+        return True
+    if resp.code >> 5 == 2:
+        codec.decode_response(resp, method=msg.code, strings=sender.strings, seq=request_seq(msg))
+    return False
 
 
 def _has_refs(msg: CoapMessage, codec: WireCodec) -> bool:
@@ -119,7 +131,7 @@ def test_warm_request_shrinks_and_decodes(codec: WireCodec) -> None:
     # not acknowledged yet: no references
     m2 = codec.encode_request(second, sender)
     assert not _has_refs(m2, codec)
-    sender.on_response(m1, CoapMessage(CHANGED, (), b""))
+    _ack(codec, sender, m1, CoapMessage(CHANGED, (), b""))
     m3 = codec.encode_request(second, sender)
     assert _has_refs(m3, codec)
     assert len(m3.payload) <= len(m2.payload) - 90  # room id + two auth events
@@ -130,7 +142,7 @@ def test_error_response_is_not_an_acknowledgement(codec: WireCodec) -> None:
     sender, receiver = _sender(), _receiver()
     m1 = codec.encode_request(_request(0, POOL[8], POOL[:2], [POOL[2]]), sender)
     codec.decode_request(m1, receiver)
-    sender.on_response(m1, CoapMessage(SERVER_ERROR, (), b""))
+    _ack(codec, sender, m1, CoapMessage(SERVER_ERROR, (), b""))
     m2 = codec.encode_request(_request(1, POOL[8], POOL[:2], [POOL[3]]), sender)
     assert not _has_refs(m2, codec)
 
@@ -139,7 +151,7 @@ def test_server_restart_gives_reset_then_resend_without_references(codec: WireCo
     sender, receiver = _sender(), _receiver()
     m1 = codec.encode_request(_request(0, POOL[8], POOL[:2], [POOL[2]]), sender)
     codec.decode_request(m1, receiver)
-    sender.on_response(m1, CoapMessage(CHANGED, (), b""))
+    _ack(codec, sender, m1, CoapMessage(CHANGED, (), b""))
     req = _request(1, POOL[8], POOL[:2], [POOL[3]])
     m2 = codec.encode_request(req, sender)
     fresh = _receiver()  # restarted server: new session, empty table
@@ -181,7 +193,7 @@ def test_references_outside_the_window_are_not_used(codec: WireCodec) -> None:
     sender, receiver = _sender(), _receiver()
     m0 = codec.encode_request(_request(0, POOL[8], [], [POOL[0]]), sender)
     codec.decode_request(m0, receiver)
-    sender.on_response(m0, CoapMessage(CHANGED, (), b""))
+    _ack(codec, sender, m0, CoapMessage(CHANGED, (), b""))
     for k in range(1, WINDOW + 1):
         codec.encode_request(_request(k, POOL[9], [], [POOL[1]]), sender)  # never answered
     late = _request(99, POOL[8], [], [POOL[0]])
@@ -234,7 +246,7 @@ def test_random_loss_duplication_reordering_never_decodes_wrongly(data: st.DataO
         elif op == "respond" and answers:
             i = data.draw(st.integers(0, len(answers) - 1))
             k, msg, resp = answers[i] if data.draw(st.booleans()) else answers.pop(i)
-            if sender.on_response(msg, resp):
+            if _ack(codec, sender, msg, resp):
                 again = codec.encode_request(originals[k], sender)
                 assert not _has_refs(again, codec)  # the resend always decodes
                 in_flight.append((k, again))
@@ -257,6 +269,162 @@ def test_property_exercises_references(codec: WireCodec) -> None:
         req = _request(k, POOL[8], POOL[:2], [POOL[k + 2]])
         msg = codec.encode_request(req, sender)
         assert codec.decode_request(msg, receiver) == req
-        assert sender.on_response(msg, CoapMessage(CHANGED, (), b"")) is False
+        assert _ack(codec, sender, msg, CoapMessage(CHANGED, (), b"")) is False
         sizes.append(len(msg.payload))
     assert all(s < sizes[0] - 60 for s in sizes[1:])
+
+
+# --- path arguments and response identifiers ---------------------------------------------
+
+ROOM, OTHER_ROOM = POOL[8], POOL[9]
+JSON = (("content-type", "application/json"),)
+
+
+def _sync(since: str = "s1") -> HttpRequest:
+    return HttpRequest("GET", f"/_matrix/client/v3/sync?since={since}&timeout=0".encode(), ())
+
+
+def _send(room: str, k: int, text: str = "hi") -> HttpRequest:
+    body = json.dumps({"msgtype": "m.text", "body": text}, separators=(",", ":")).encode()
+    quoted = room.replace("!", "%21")
+    target = f"/_matrix/client/v3/rooms/{quoted}/send/m.room.message/t{k}".encode()
+    return HttpRequest("PUT", target, JSON, body)
+
+
+def _sync_body(*rooms: str, event: str = POOL[0]) -> bytes:
+    value = {
+        "next_batch": "s2",
+        "rooms": {"join": {r: {"timeline": {"events": [{"event_id": event}]}} for r in rooms}},
+    }
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _serve(
+    codec: WireCodec, receiver: ReceiverTokens, msg: CoapMessage, body: bytes
+) -> CoapMessage:
+    """What the server does: decode, then answer 200 with ``body`` (JSON)."""
+    codec.decode_request(msg, receiver)
+    return codec.encode_response(
+        HttpResponse(200, JSON, body),
+        method=msg.code,
+        strings=receiver.strings,
+        seq=request_seq(msg),
+    )
+
+
+def test_path_and_response_identifiers() -> None:
+    assert path_identifiers(_send(ROOM, 1).target) == (ROOM,)
+    assert path_identifiers(b"/_matrix/client/v3/rooms/%21abc/send/x/1") == ()
+    body = _sync_body(OTHER_ROOM, ROOM, event=POOL[3])
+    # rooms first (keys of rooms.join count), then events
+    assert response_identifiers(body) == (OTHER_ROOM, ROOM, POOL[3])
+    assert response_identifiers(b"not json") == ()
+
+
+def test_a_room_learnt_from_sync_is_a_short_path_reference(codec: WireCodec) -> None:
+    sender, receiver = _sender(0x5A5A5A), _receiver()
+    cold = codec.encode_request(_send(ROOM, 1), sender)  # nothing acknowledged yet
+    sync = codec.encode_request(_sync(), sender)
+    assert sync.first(n.OPT_STRING_SEQ) is not None  # numbered for its response's rooms
+    answer = _serve(codec, receiver, sync, _sync_body(ROOM))
+    assert _ack(codec, sender, sync, answer) is False
+    warm = codec.encode_request(_send(ROOM, 2), sender)
+    assert codec.decode_request(warm, receiver) == _send(ROOM, 2)
+    assert _has_refs(warm, codec)
+    room_arg = [o.value for o in warm.options if o.number == n.URI_PATH][1]
+    assert len(room_arg) <= 3
+    cold_size = sum(len(o.value) for o in cold.options) + len(cold.payload)
+    warm_size = sum(len(o.value) for o in warm.options) + len(warm.payload)
+    assert warm_size <= cold_size - 30
+    # the send itself recorded the room: the next one references it too
+    _ack(codec, sender, warm, codec.encode_response(HttpResponse(200), method=warm.code))
+    again = codec.encode_request(_send(ROOM, 3), sender)
+    assert codec.decode_request(again, receiver) == _send(ROOM, 3)
+
+
+def test_an_observe_registration_is_not_numbered(codec: WireCodec) -> None:
+    sender = _sender(5)
+    assert codec.encode_request(_sync(), sender, observe=True).first(n.OPT_STRING_SEQ) is None
+    assert codec.encode_request(_sync(), sender).first(n.OPT_STRING_SEQ) == b"\x05"
+
+
+def test_a_request_run_twice_with_two_answers_is_poisoned(codec: WireCodec) -> None:
+    sender, receiver = _sender(), _receiver()
+    sync = codec.encode_request(_sync(), sender)
+    first = _serve(codec, receiver, sync, _sync_body(ROOM))
+    _serve(codec, receiver, sync, _sync_body(OTHER_ROOM))  # duplicate, another answer
+    _ack(codec, sender, sync, first)
+    warm = codec.encode_request(_send(ROOM, 1), sender)
+    assert _has_refs(warm, codec)
+    with pytest.raises(UnknownStringReference):
+        codec.decode_request(warm, receiver)  # never a wrong room: a reset, then a resend
+
+
+def test_a_bare_argument_that_looks_like_a_reference_stays_exact(codec: WireCodec) -> None:
+    sender, receiver = _sender(), _receiver()
+    sync = codec.encode_request(_sync(), sender)
+    _ack(codec, sender, sync, _serve(codec, receiver, sync, _sync_body(ROOM)))
+    odd = HttpRequest("PUT", b"/_matrix/client/v3/rooms/%7F%00/send/m.room.message/t1", JSON, b"{}")
+    msg = codec.encode_request(odd, sender)
+    assert codec.decode_request(msg, receiver) == odd
+    assert codec.decode_request(codec.encode_request(odd), _receiver()) == odd
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_client_traffic_with_answers_never_decodes_wrongly(data: st.DataObject) -> None:
+    """Sends and syncs whose answers name rooms, under loss, duplication (a request run
+    twice may answer differently), reordering, restarts and renewals."""
+    codec = WireCodec(load_profile(2), CTX)
+    sender = _sender(data.draw(st.sampled_from([0, 65530, (1 << 24) - 3])))
+    receiver = _receiver()
+    originals: dict[int, HttpRequest] = {}
+    in_flight: list[tuple[int, CoapMessage]] = []
+    answers: list[tuple[int, CoapMessage, CoapMessage]] = []
+    decoded = referenced = 0
+    rooms = st.sampled_from([ROOM, OTHER_ROOM])
+    for _step in range(data.draw(st.integers(10, 80))):
+        op = data.draw(st.sampled_from(OPS))
+        if op == "new" or not (in_flight or answers):
+            k = len(originals)
+            req = _send(data.draw(rooms), k) if data.draw(st.booleans()) else _sync(f"s{k}")
+            originals[k] = req
+            in_flight.append((k, codec.encode_request(req, sender)))
+        elif op == "deliver" and in_flight:
+            i = data.draw(st.integers(0, len(in_flight) - 1))
+            k, msg = in_flight[i] if data.draw(st.booleans()) else in_flight.pop(i)
+            try:
+                got = codec.decode_request(msg, receiver)
+            except UnknownStringReference as e:
+                answers.append((k, msg, codec.unknown_token_response(e)))
+                continue
+            assert got == originals[k]  # never a wrong decode
+            decoded += 1
+            referenced += _has_refs(msg, codec)
+            if data.draw(st.integers(0, 3)) == 0:
+                resp = CoapMessage(SERVER_ERROR, (), b"")
+            else:
+                body = _sync_body(*data.draw(st.lists(rooms, max_size=2, unique=True)))
+                resp = codec.encode_response(
+                    HttpResponse(200, JSON, body),
+                    method=msg.code,
+                    strings=receiver.strings,
+                    seq=request_seq(msg),
+                )
+            answers.append((k, msg, resp))
+        elif op == "respond" and answers:
+            i = data.draw(st.integers(0, len(answers) - 1))
+            k, msg, resp = answers[i] if data.draw(st.booleans()) else answers.pop(i)
+            if _ack(codec, sender, msg, resp):
+                again = codec.encode_request(originals[k], sender)
+                assert not _has_refs(again, codec)
+                in_flight.append((k, again))
+        elif op == "drop":
+            pool: list[Any] = data.draw(st.sampled_from([in_flight, answers]))
+            if pool:
+                pool.pop(data.draw(st.integers(0, len(pool) - 1)))
+        elif op == "restart":
+            receiver = _receiver()
+        elif op == "renew":
+            sender, receiver = sender.renewed(), _receiver()
+    assert decoded >= referenced
