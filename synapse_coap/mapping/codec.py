@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -143,6 +143,8 @@ def _check_http_safe(headers: list[tuple[str, str]]) -> None:
 
 
 _NOT_PARSED: Any = object()
+#: The content options of a compact JSON response.
+_COMPACT_LABEL = [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))]
 
 
 # --- X-Matrix ----------------------------------------------------------------------
@@ -406,11 +408,15 @@ class WireCodec:
         method: int = n.GET,
         strings: ReceiverStrings | None = None,
         seq: int | None = None,
+        references: ReceiverStrings | None = None,
     ) -> CoapMessage:
         """The response to a request with CoAP method code ``method``.
 
         ``strings``/``seq``: the session string table and the request's number
         (:func:`request_seq`): a 2xx JSON answer's identifiers are recorded.
+        ``references``: the session string table, for a push notification: its
+        body may reference identifiers the client sent (``String-Seq`` names the
+        base, see :mod:`synapse_coap.wire.strings`).
 
         The code follows the method (200 is 2.05 for GET, 2.04 for POST/PUT/PATCH,
         2.02 for DELETE); ``HTTP-Status`` travels only when the code alone, read
@@ -428,10 +434,28 @@ class WireCodec:
         content_opts, payload = self._encode_content(
             headers, resp.body, want_json=want_json, label=True
         )
+        if references is not None and 200 <= status < 300 and content_opts == _COMPACT_LABEL:
+            referenced = self._with_references(resp.body, payload, references)
+            if referenced is not None:
+                payload = referenced[1]
+                options.append(CoapOption(n.OPT_STRING_SEQ, encode_uint(referenced[0])))
         options += content_opts
         if strings is not None and seq is not None and 200 <= status < 300:
             strings.record_response(seq, _response_ids(headers, resp.body))
         return CoapMessage(code, sort_options(options), payload)
+
+    def _with_references(
+        self, body: bytes, payload: bytes, table: ReceiverStrings
+    ) -> tuple[int, bytes] | None:
+        """(base, payload) of a compact JSON body with the server's references, if shorter."""
+        base, refs = table.references()
+        if not refs:
+            return None
+        try:
+            shorter = encode_body(parse_json_exact(body), self.profile, self.context, refs)
+        except (ValueError, LocalProtocolError, RecursionError):
+            return None
+        return (base, shorter) if len(shorter) + 4 < len(payload) else None
 
     def decode_response(
         self,
@@ -445,7 +469,8 @@ class WireCodec:
         """The HTTP response in ``msg``, which answers a request with CoAP method ``method``.
 
         ``strings``/``seq``: the session string table and the request's number: a 2xx
-        answer acknowledges the number (with the answer's identifiers)."""
+        answer acknowledges the number (with the answer's identifiers), and a
+        notification's references (``String-Seq``) resolve against it."""
         _check_critical(msg)
         if not n.code(2, 0) <= msg.code < n.code(6, 0):
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a response")
@@ -457,7 +482,13 @@ class WireCodec:
         else:
             status = n.code_to_status(msg.code, method)
         headers: list[tuple[str, str]] = []
-        content_headers, body, _value = self._decode_content(msg, limits)
+        base = request_seq(msg)
+        resolver = None
+        if base is not None:
+            if strings is None:
+                raise UnknownStringReference("a response with references, and no string table")
+            resolver = strings.own_resolver(base)
+        content_headers, body, _value = self._decode_content(msg, limits, resolver=resolver)
         headers += content_headers
         headers += self._decode_headers(msg, response=True)
         _check_http_safe(headers)
@@ -578,7 +609,7 @@ class WireCodec:
         msg: CoapMessage,
         limits: BodyLimits,
         *,
-        resolver: Resolver | None = None,
+        resolver: Callable[[int, int], str] | None = None,
     ) -> tuple[list[tuple[str, str]], bytes, Any]:
         """Content headers, body, and (decoded with ``resolver`` only) the JSON value."""
         cts = msg.get(n.OPT_CONTENT_TYPE)

@@ -492,7 +492,9 @@ class CoapClient:
                     if rebind and final and not retried:
                         break  # the server forgot our token binding: register again
                     try:
-                        response = session.codec.decode_response(resp_cm)
+                        response = session.codec.decode_response(
+                            resp_cm, strings=tokens.strings if tokens is not None else None
+                        )
                     except RemoteProtocolError:
                         raise
                     except SynapseCoapError as e:

@@ -75,6 +75,7 @@ class Codec(Protocol):
         method: int = ...,
         strings: Any = None,
         seq: int | None = None,
+        references: Any = None,
     ) -> CoapMessage: ...
 
     def decode_response(

@@ -197,9 +197,12 @@ class Observation:
         store_blocks: Callable[[Message, Callable[[], None]], None],
         sleep: Callable[[float], Any] = asyncio.sleep,
         heard: Callable[[], asyncio.Event] | None = None,
+        strings: Any = None,
     ) -> None:
         """``heard()``: an event set the next time the peer is heard from (None: the
-        transport cannot tell; parked notifications then wait ``park_retry``)."""
+        transport cannot tell; parked notifications then wait ``park_retry``).
+        ``strings``: the session string table (a notification may reference what the
+        client sent; None: plain CoAP)."""
         self.reg = reg
         self.request = request
         self.query = query
@@ -214,6 +217,7 @@ class Observation:
         self._store_blocks = store_blocks
         self._sleep = sleep
         self._heard = heard
+        self._strings = strings
         self.seq = 0
 
     async def run(self) -> None:
@@ -332,8 +336,15 @@ class Observation:
         self.reg.ended = True
         self.reg.pipe.add_response(self._encode(resp), is_last=True)
 
-    def _encode(self, resp: HttpResponse) -> Message:
-        return to_aiocoap(self.codec.encode_response(resp, want_json=self.want_json))
+    def _encode(self, resp: HttpResponse, *, references: bool = False) -> Message:
+        """``references``: a notification (it may reference what the client sent)."""
+        return to_aiocoap(
+            self.codec.encode_response(
+                resp,
+                want_json=self.want_json,
+                references=self._strings if references else None,
+            )
+        )
 
     async def _notify(self, resp: HttpResponse) -> bool:
         """Push one notification; True once it was acknowledged (and fully fetched)."""
@@ -344,7 +355,7 @@ class Observation:
             if not acked.done():
                 acked.set_result(ok)
 
-        full = self._encode(resp)
+        full = self._encode(resp, references=True)
         self.seq = (self.seq + 1) % OBSERVE_MODULUS
         size = 2 ** (self.block_size_exp + 4)
         fetched: asyncio.Future[None] | None = None

@@ -576,6 +576,7 @@ class CoapServer:
             block_size_exp=exp,
             store_blocks=lambda full, on_last: block2.put_pushed(req, full, on_last),
             heard=req.remote.next_heard if isinstance(req.remote, NoiseRemote) else None,
+            strings=session.tokens.strings if session.tokens is not None else None,
         )
         logger.info(
             "push registration from %s (%d live)", session.peer.host, len(self.registrations)

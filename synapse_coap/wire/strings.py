@@ -32,7 +32,9 @@ uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
 * Loss: an unacknowledged request is never referenced.  Duplicates and
   retransmissions carry the same content under the same number, so recording
   them again changes nothing; a request executed twice whose two responses
-  name different identifiers poisons its number.  Reordering: references name a sequence number,
+  name different identifiers poisons its number.  (This needs the receiver's
+  table to live exactly as long as the Noise session, which it does: it is the
+  session's state, and a restarted server has lost the session's keys too.)  Reordering: references name a sequence number,
   not "the n-th thing received".  If the receiver ever sees one number with
   two different lists (only possible if a peer restarted and reused numbers on
   the same table), the number is poisoned: references to it fail.
@@ -44,6 +46,16 @@ uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
 * References appear in the JSON body (tags 4/5) and in route arguments of the
   path (:mod:`synapse_coap.wire.routes`, form ``0x7f``): a message to a room
   the client learnt from ``/sync`` names the room in 2-3 bytes, not 38.
+* **The other way, in push notifications only**: the server may reference the
+  identifiers of the *request part* of a recorded number ``s`` (the client
+  sent them, so it has them), for ``s`` within :data:`WINDOW` of the highest
+  number it recorded, ``H``.  The notification carries ``String-Seq: H``; a
+  reference ``(d, pos)`` names position ``pos`` of request ``H - (d - 1)``.
+  The client keeps the identifiers of its last :data:`SENT_HISTORY` numbered
+  requests for this.  A notification it cannot resolve (only if it sent more
+  than ``SENT_HISTORY - WINDOW`` numbered requests the server never saw) is an
+  undecodable notification: the sidecar registers again from its last
+  position, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ import binascii
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -65,6 +77,8 @@ WINDOW = 16
 MAX_IDS = 64
 #: Identifiers of a response appended to its request's list (room ids first).
 MAX_RESPONSE_IDS = 16
+#: Numbered requests whose identifiers a client keeps for the server's references.
+SENT_HISTORY = 4 * WINDOW
 #: Entries a receiver keeps (numbers older than the highest seen minus this are dropped).
 RECEIVER_CAPACITY = 2 * WINDOW
 #: Sequence numbers are sent as uints of at most 4 bytes; a session that would
@@ -227,6 +241,8 @@ class SenderStrings:
         self._next = first_seq
         self._pending: dict[int, tuple[str, ...]] = {}
         self._acked: dict[int, tuple[str, ...]] = {}
+        #: the identifiers of every recent numbered request (for the server's references)
+        self._sent: dict[int, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
         return f"<SenderStrings next={self._next} acked={len(self._acked)}>"
@@ -259,6 +275,10 @@ class SenderStrings:
         self._pending[seq] = tuple(ids)
         for old in [s for s in self._pending if s <= seq - WINDOW]:
             del self._pending[old]
+        self._sent[seq] = tuple(ids)
+        if len(self._sent) > SENT_HISTORY:
+            for old in [s for s in self._sent if s <= seq - SENT_HISTORY]:
+                del self._sent[old]
         return seq, refs
 
     def acknowledge(self, seq: int, response_ids: Sequence[str] = ()) -> None:
@@ -277,6 +297,8 @@ class SenderStrings:
         sent as plain JSON, without body identifiers)."""
         if seq in self._pending:
             self._pending[seq] = tuple(ids)
+        if seq in self._sent:
+            self._sent[seq] = tuple(ids)
 
     def forget(self) -> None:
         """The peer lost its table (or a new session began): reference nothing known so far.
@@ -285,6 +307,23 @@ class SenderStrings:
         """
         self._pending.clear()
         self._acked.clear()
+        self._sent.clear()
+
+    def own_resolver(self, base: int) -> Callable[[int, int], str]:
+        """Resolves the references of a server's notification carrying ``String-Seq: base``
+        against the identifiers of our own numbered requests."""
+        sent = self._sent
+
+        def resolve(tag: int, n: int) -> str:
+            d, pos = decode_ref(tag, n)
+            ids = sent.get(base - (d - 1))
+            if ids is None or pos >= len(ids):
+                raise UnknownStringReference(
+                    f"no identifier {pos} of our request {base - (d - 1)} in this session"
+                )
+            return ids[pos]
+
+        return resolve
 
 
 class ReceiverStrings:
@@ -326,6 +365,20 @@ class ReceiverStrings:
                 del self._entries[old]
                 self._requests.pop(old, None)
                 self._answered.discard(old)
+
+    def references(self) -> tuple[int, dict[str, tuple[int, int]]]:
+        """``(H, refs)`` for a notification: identifiers of the request parts of the
+        numbers within :data:`WINDOW` of the highest recorded one ``H`` (nearest first)."""
+        highest = self._highest
+        refs: dict[str, tuple[int, int]] = {}
+        for seq in range(highest, max(highest - WINDOW, -1), -1):
+            request = self._requests.get(seq)
+            if request is None or self._entries.get(seq) is None:
+                continue
+            for pos, ident in enumerate(request):
+                if ident not in refs:
+                    refs[ident] = encode_ref(highest - seq + 1, pos)
+        return highest, refs
 
     def record_response(self, seq: int, response_ids: Sequence[str]) -> None:
         """The 2.xx answer to request ``seq`` names ``response_ids``: append them.
@@ -370,6 +423,7 @@ class Resolver:
 __all__ = [
     "MAX_IDS",
     "MAX_RESPONSE_IDS",
+    "SENT_HISTORY",
     "TAG_REF",
     "TAG_REF_WIDE",
     "WINDOW",

@@ -40,7 +40,9 @@ class EchoCodec:
     def __init__(self, profile_id: int = 0, context: WireContext = WireContext()) -> None:
         self.profile_id = profile_id
 
-    def encode_request(self, req: HttpRequest, tokens: Any = None) -> CoapMessage:
+    def encode_request(
+        self, req: HttpRequest, tokens: Any = None, *, observe: bool = False
+    ) -> CoapMessage:
         segs = [s for s in req.target.split(b"/") if s]
         return CoapMessage(
             self.METHODS[req.method], tuple(CoapOption(11, s) for s in segs), req.body
@@ -51,13 +53,22 @@ class EchoCodec:
         return HttpRequest(method, b"/" + b"/".join(msg.get(11)), (), msg.payload)
 
     def encode_response(
-        self, resp: HttpResponse, *, want_json: bool = False, method: int = 1
+        self,
+        resp: HttpResponse,
+        *,
+        want_json: bool = False,
+        method: int = 1,
+        strings: Any = None,
+        seq: int | None = None,
+        references: Any = None,
     ) -> CoapMessage:
         return CoapMessage(
             69, (CoapOption(STATUS_OPTION, resp.status.to_bytes(2, "big")),), resp.body
         )
 
-    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
+    def decode_response(
+        self, msg: CoapMessage, *, method: int = 1, strings: Any = None, seq: int | None = None
+    ) -> HttpResponse:
         status = msg.first(STATUS_OPTION)
         return HttpResponse(int.from_bytes(status, "big") if status else 599, (), msg.payload)
 
