@@ -17,7 +17,8 @@ uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
 * The *identifiers of a request* are computed from the request alone
   (:func:`request_identifiers`): the distinct 32-byte hash identifiers (``$``
   event ids, ``!`` room ids of room version 12) of its path segments, then of
-  its JSON body in document order, at most :data:`MAX_IDS`.  Both ends compute
+  its JSON body in document order, then the body's longer strings (a
+  message's text: :func:`texts`), at most :data:`MAX_IDS`.  Both ends compute
   the same list, because the path and the body codec are exact.
 * The receiver records that list under the sequence number whenever it
   decodes a request completely.  When it answers the request with a 2.xx and
@@ -75,6 +76,10 @@ from synapse_coap.errors import RemoteProtocolError
 WINDOW = 16
 #: Identifiers recorded per request (the first ones, in document order).
 MAX_IDS = 64
+#: The strings of a request body recorded besides identifiers (:func:`texts`).
+MIN_TEXT = 12
+MAX_TEXT = 512
+MAX_TEXT_TOTAL = 2048
 #: Identifiers of a response appended to its request's list (room ids first).
 MAX_RESPONSE_IDS = 16
 #: Numbered requests whose identifiers a client keeps for the server's references.
@@ -165,10 +170,39 @@ def path_identifiers(target: bytes) -> tuple[str, ...]:
     return tuple(found)
 
 
+def texts(value: Any) -> tuple[str, ...]:
+    """The distinct texts of ``value``: string values (not keys) with a space, of
+    :data:`MIN_TEXT` to :data:`MAX_TEXT` characters, document order, at most
+    :data:`MAX_TEXT_TOTAL` characters in all.  (Identifiers, server names, key ids
+    and base64 have no space, and shorter forms of their own.)  A message's text is one: the server's
+    push of the client's own message (its echo) references it instead of repeating it."""
+    found: dict[str, None] = {}
+    total = 0
+    stack: list[Iterator[Any]] = [iter((value,))]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, str):
+            if MIN_TEXT <= len(item) <= MAX_TEXT and " " in item and item not in found:
+                total += len(item)
+                if total > MAX_TEXT_TOTAL or len(found) >= MAX_IDS:
+                    break
+                found[item] = None
+        elif isinstance(item, dict):
+            stack.append(iter(item.values()))
+        elif isinstance(item, (list, tuple)):
+            stack.append(iter(item))
+    return tuple(found)
+
+
 def request_identifiers(target: bytes, value: Any = None) -> tuple[str, ...]:
-    """The identifiers of a request: its path's, then its JSON body's (``value``), at most
-    :data:`MAX_IDS`.  ``value`` None: no JSON body."""
-    return _merge((path_identifiers(target), () if value is None else identifiers(value)))
+    """The identifiers of a request: its path's, then its JSON body's (``value``), then
+    the body's longer strings (:func:`texts`), at most :data:`MAX_IDS`.  ``value`` None:
+    no JSON body."""
+    if value is None:
+        return path_identifiers(target)
+    return _merge((path_identifiers(target), identifiers(value), texts(value)))
 
 
 def response_identifiers(body: bytes) -> tuple[str, ...]:
@@ -437,6 +471,7 @@ __all__ = [
     "path_identifiers",
     "path_number",
     "request_identifiers",
+    "texts",
     "response_identifiers",
     "wants_response_ids",
 ]

@@ -27,6 +27,7 @@ from synapse_coap.wire.strings import (
     identifiers,
     path_identifiers,
     response_identifiers,
+    texts,
 )
 
 CTX = WireContext(("remote.example", "origin.example"))
@@ -481,3 +482,35 @@ def test_a_poisoned_number_is_never_referenced_by_a_notification(codec: WireCode
     codec.decode_request(send, receiver)
     receiver.strings.record(request_seq(send), (OTHER_ROOM,))  # type: ignore[union-attr,arg-type]
     assert _notification(codec, receiver, _sync_body(ROOM)).first(n.OPT_STRING_SEQ) is None
+
+
+def test_texts_are_strings_with_a_space() -> None:
+    value = {"body": "a message of some words", "msgtype": "m.text", "sig": "A" * 86}
+    assert texts(value) == ("a message of some words",)
+    assert texts({"k": "short text"}) == ()  # under MIN_TEXT
+
+
+def test_the_echo_of_the_clients_own_message_references_its_text(codec: WireCodec) -> None:
+    text = "the quick brown fox jumps over the lazy dog, twice over"
+    sender, receiver = _sender(), _receiver()
+    send = codec.encode_request(_send(ROOM, 1, text), sender)
+    codec.decode_request(send, receiver)
+    echo = {
+        "next_batch": "s9",
+        "rooms": {
+            "join": {
+                ROOM: {
+                    "timeline": {
+                        "events": [
+                            {"content": {"body": text, "msgtype": "m.text"}, "event_id": POOL[4]}
+                        ]
+                    }
+                }
+            }
+        },
+    }
+    body = json.dumps(echo, separators=(",", ":")).encode()
+    cold = codec.encode_response(HttpResponse(200, JSON, body))
+    warm = _notification(codec, receiver, body)
+    assert len(warm.payload) <= len(cold.payload) - 60  # the text and the room: 141 -> 60 B
+    assert codec.decode_response(warm, strings=sender.strings).body == body
