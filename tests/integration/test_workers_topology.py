@@ -280,6 +280,10 @@ def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
         # listener's resources: no second copy of the servlets' cache metrics
         assert "already registered" not in text, name
         assert "serving client" in text or name == "main", name
+        # no ERROR (nor Traceback) at start: up to the listener's ready line
+        start = text[: text.index("CoAP listener ready")].splitlines()
+        bad = [x for x in start if " - ERROR - " in x or "Traceback" in x]
+        assert not bad, (name, bad[:5])
 
 
 def _sidecar(
@@ -369,7 +373,8 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     """matrix-nio -> sidecar (given generic1's and generic2's listeners) -> generic1;
-    generic1 is killed while messages are being sent; the client carries on through
+    nio registers, then logs in with its password (m.login.password) and uses that
+    session; generic1 is killed while messages are being sent; the client carries on through
     generic2 with one new handshake, and every message is in the room exactly once.
     The sidecar's push registration (made at generic1) is made again at generic2 as
     soon as the sidecar moves, not at its next renewal."""
@@ -394,6 +399,14 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
         try:
             r = await client.register(client.user, "kill-password-1")
             assert isinstance(r, nio.RegisterResponse), r
+            registered = client.access_token
+            # a real m.login.password login through the sidecar; its session is used below
+            r = await client.login("kill-password-1", device_name="over coap")
+            assert isinstance(r, nio.LoginResponse), r
+            assert client.access_token == r.access_token != registered
+            me = await client.whoami()
+            assert isinstance(me, nio.WhoamiResponse), me
+            assert (me.user_id, me.device_id) == (r.user_id, r.device_id), (me, r)
             r = await client.room_create(name="across a dying listener")
             assert isinstance(r, nio.RoomCreateResponse), r
             room = r.room_id
@@ -446,6 +459,8 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     # the push registration followed the client to the surviving listener at once
     log = (tmp_path / "sidecar.log").read_text()
     assert "push: registering again at once" in log, log[-3000:]
+    # the login was forwarded from a worker's listener to the main process over HTTP
+    assert _ran(deployment.main, "POST", "/_matrix/client/v3/login", "synapse.access.http")
     assert _ran(deployment.media, "POST", "/_matrix/media/v3/upload", "synapse.access.http")
     assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
     log = (tmp_path / "sidecar.log").read_text()
