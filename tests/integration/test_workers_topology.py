@@ -77,12 +77,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
     main_http, replication, worker_http, front_http, media_http = (free_port() for _ in range(5))
     main_coap, worker_coap, front_coap = (free_port("udp") for _ in range(3))
-    # this homeserver as federation peers see it: generic2's listener, one key for all
-    local = FedServer(root / "keys", SERVER_NAME, coap_port=worker_coap)
-    key_path = local.key_path
     remote = Node(root, "remote.test")
     ports = {
-        "KEY_PATH": key_path,
         "REDIS_HOST": REDIS[0],
         "REDIS_PORT": REDIS[1],
         "MAIN_REPLICATION_PORT": replication,
@@ -139,6 +135,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             },
         ]
         main.start(ready_log_pattern=READY)
+        # private_key_store: database: the main process generated the one Noise key
+        # of every instance into the module's table; no instance has a key file. The
+        # test's own copy (for its clients and remote.test's pin) comes from there.
+        key_path = _key_from_database(dbname, root / "keys" / "coap.key")
+        # this homeserver as federation peers see it: generic2's listener, one key for all
+        local = FedServer(root / "keys", SERVER_NAME, coap_port=worker_coap)
+        assert local.key_path == key_path
         worker = _worker(root, main, "generic_worker.yaml", "generic2", worker_http)
         front = _worker(root, main, "generic_worker.yaml", "generic1", front_http)
         media = _worker(root, main, "media_worker.yaml", "media1", media_http)
@@ -182,6 +185,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             front.stop()
             worker.stop()
             main.stop()
+
+
+def _key_from_database(dbname: str, path: Path) -> Path:
+    """The Noise key the instances share (table synapse_coap_keys), as a key file
+    for the test's clients only."""
+    import base64
+
+    import psycopg2
+
+    from synapse_coap.noise import keys
+
+    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT private_key FROM synapse_coap_keys WHERE key_name = 'noise_static'")
+            (text,) = cur.fetchone()
+    finally:
+        conn.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys.write_key_file(str(path), base64.b64decode(text + "=" * (-len(text) % 4)))
+    return path
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "workers"
@@ -276,6 +300,9 @@ def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
         text = proc.log_text()
         line = next((x for x in text.splitlines() if "CoAP listener ready" in x), "")
         assert f"instance {name}, routing by workers.routes" in line, line
+        # the one key, read from the database: no key file anywhere in the instance
+        assert f"Noise public key {deployment.local.public_b64} (from database" in line, line
+        assert not list(proc.workdir.rglob("*.coap.key")), name
         # a listener on a worker with its own HTTP client listener reuses that
         # listener's resources: no second copy of the servlets' cache metrics
         assert "already registered" not in text, name
