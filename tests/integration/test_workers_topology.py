@@ -123,6 +123,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                     },
                 },
                 **example("homeserver.yaml", **ports),
+                # the address book: the workers' listeners, published for sidecars
+                # (Synapse serves /.well-known/matrix/client when public_baseurl is set)
+                "public_baseurl": f"https://{SERVER_NAME}/",
+                "extra_well_known_client_content": {
+                    "io.synapse_coap": {
+                        "listeners": [
+                            f"coap://127.0.0.1:{front_coap}",
+                            f"coap://127.0.0.1:{worker_coap}",
+                        ]
+                    }
+                },
             },
         )
         main.extra_config["listeners"] = [
@@ -399,7 +410,8 @@ def test_push_sync_through_a_listener_that_forwards_sync_to_its_worker(
 def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    """matrix-nio -> sidecar (given generic1's and generic2's listeners) -> generic1;
+    """matrix-nio -> sidecar (given generic1's listener; it learns generic2's from the
+    homeserver's /.well-known/matrix/client, --learn-listeners) -> generic1;
     nio registers, then logs in with its password (m.login.password) and uses that
     session; generic1 is killed while messages are being sent; the client carries on through
     generic2 with one new handshake, and every message is in the room exactly once.
@@ -414,9 +426,9 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
         deployment,
         tmp_path,
         deployment.front_coap,
-        deployment.coap.port,
-        extra=("--failover-after", "3"),
+        extra=("--failover-after", "3", "--learn-listeners"),
     )
+    learned = f"address book: 1 listener(s) learned from /.well-known/matrix/client: coap://127.0.0.1:{deployment.coap.port}"
     n_before, n_after = 4, 4
 
     async def scenario() -> tuple[list[str], str]:
@@ -453,6 +465,13 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
                     room, "m.room.message", {"msgtype": "m.text", "body": f"m{i}"}
                 )
                 assert isinstance(r, nio.RoomSendResponse), r
+            # the sidecar has learned generic2's listener (one request at its start)
+            for _ in range(100):
+                if "address book:" in (tmp_path / "sidecar.log").read_text():
+                    break
+                await asyncio.sleep(0.1)
+            log = (tmp_path / "sidecar.log").read_text()
+            assert learned in log, log[-2000:]
             # generic1 dies mid-stream: a send is in flight while it goes
             send = asyncio.ensure_future(
                 client.room_send(
@@ -491,7 +510,10 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     assert _ran(deployment.media, "POST", "/_matrix/media/v3/upload", "synapse.access.http")
     assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
     log = (tmp_path / "sidecar.log").read_text()
-    assert "stopped answering" in log and "moving to" in log, log[-2000:]
+    assert learned in log, log[-3000:]
+    assert "stopped answering" in log and f"moving to 127.0.0.1:{deployment.coap.port}" in log, log[
+        -2000:
+    ]
 
 
 def test_federation_over_coap_both_ways_exactly_once_outbound_from_the_federation_sender(
