@@ -10,8 +10,11 @@ new: the table's key is read back. The private key is never logged.
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +22,8 @@ from synapse_coap.noise import keys
 from tests.harness.synapse_proc import SynapseProcess, free_port
 
 pytestmark = pytest.mark.integration
+
+logger = logging.getLogger(__name__)
 
 READY = r"synapse-coap: CoAP listener ready"
 
@@ -71,3 +76,87 @@ def test_key_imported_once_then_read_back_from_the_database(tmp_path: Path) -> N
             assert form not in text
     assert not list((tmp_path / "hs").rglob("*.coap.key"))
     assert (tmp_path / "hs" / "keydb.test.main.coap.replay").exists()
+
+
+class KeyRaceProbe:
+    """A test-only Synapse module: ``n`` instances' worth of load_or_create at once,
+    each with its own key, through Synapse's own database pool (its connections,
+    its isolation level and its retries)."""
+
+    def __init__(self, config: dict[str, Any], api: Any) -> None:
+        from synapse.logging.context import make_deferred_yieldable
+        from twisted.internet import defer
+
+        from synapse_coap.synapse import compat
+        from synapse_coap.synapse.store import DatabaseKeyStore
+
+        hs = compat.homeserver(api)
+
+        async def one(i: int) -> tuple[str, bool]:
+            key, stored = await DatabaseKeyStore.for_homeserver(hs).load_or_create(
+                bytes([i + 1]) * 32
+            )
+            return key.hex(), stored
+
+        async def run() -> None:
+            try:
+                results = await make_deferred_yieldable(
+                    defer.gatherResults(
+                        [
+                            compat.run_as_background_process("key_probe_one", hs.hostname, one, i)
+                            for i in range(config["n"])
+                        ],
+                        consumeErrors=True,
+                    )
+                )
+                logger.info("KEYPROBE %s", json.dumps({"results": results}))
+            except Exception as e:
+                logger.exception("KEYPROBE failed")
+                logger.info("KEYPROBE %s", json.dumps({"error": repr(e)}))
+
+        compat.run_as_background_process("key_probe", hs.hostname, run)
+
+    @staticmethod
+    def parse_config(config: dict[str, Any]) -> dict[str, Any]:
+        return config
+
+
+def test_instances_starting_together_agree_on_one_key_on_postgres(tmp_path: Path) -> None:
+    """Concurrent first starts on a fresh PostgreSQL database (Synapse's own pool,
+    REPEATABLE READ, several connections): one candidate is stored, all read it."""
+    from tests.integration.test_module_store import PG_HOST, PG_PORT, PG_USER, fresh_pg_database
+
+    with fresh_pg_database() as dbname:
+        proc = SynapseProcess(
+            tmp_path / "hs",
+            "keyrace.test",
+            modules=[
+                {
+                    "module": "tests.integration.test_key_in_database.KeyRaceProbe",
+                    "config": {"n": 6},
+                }
+            ],
+            extra_config={
+                "database": {
+                    "name": "psycopg2",
+                    "args": {
+                        "user": PG_USER,
+                        "host": PG_HOST,
+                        "port": PG_PORT,
+                        "database": dbname,
+                        "cp_min": 6,
+                        "cp_max": 6,
+                    },
+                }
+            },
+        )
+        proc.start(ready_log_pattern=r"KEYPROBE ", timeout=120)
+        try:
+            found = re.findall(r"KEYPROBE (\{.*\})", proc.log_text())
+        finally:
+            proc.stop()
+    result = json.loads(found[-1])
+    assert "error" not in result, result
+    keys_seen = {key for key, _ in result["results"]}
+    assert len(keys_seen) == 1, result
+    assert sum(stored for _, stored in result["results"]) == 1, result
