@@ -93,7 +93,13 @@ class CoapModule:
             key_path = config.private_key_path or default_key_path(hs.hostname)
             self.key_path = key_path
             self.key_source = key_path
-            self.replay_state_path = f"{key_path}.replay"
+            # one watermark per listener instance: instances sharing a key file on
+            # one machine must not overwrite each other's
+            self.replay_state_path = (
+                f"{key_path}.{worker or MAIN_INSTANCE}.replay"
+                if config.workers is not None
+                else f"{key_path}.replay"
+            )
             if self.binds:
                 self._private_key = load_or_generate_key(key_path)
             elif os.path.exists(key_path):
