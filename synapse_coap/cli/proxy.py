@@ -108,6 +108,13 @@ def register(sub: Any) -> None:
         "takes over when the current one stops answering",
     )
     sidecar.add_argument(
+        "--learn-listeners",
+        action="store_true",
+        help="at start, ask the homeserver (over CoAP) for /.well-known/matrix/client and "
+        'add the listeners it publishes under "io.synapse_coap": {"listeners": [...]} to '
+        "those the sidecar moves to (same server name and key)",
+    )
+    sidecar.add_argument(
         "--failover-after",
         type=float,
         default=15.0,
@@ -340,6 +347,7 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
             homeserver=homeserver,
             alternates=tuple(addresses[1:]),
             failover_after=args.failover_after,
+            learn_listeners=args.learn_listeners,
             server_key=load_server_key(args.server_key) if args.server_key else None,
             state_dir=args.state_dir or default_state_dir(),
             server_name=args.server_name or f"{homeserver.host}:{homeserver.port}",
@@ -352,7 +360,10 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
                 dump_payloads=dump_enabled(args.dump_payloads),
                 push=PushOptions(
                     enabled=not args.no_push,
-                    refresh=push_refresh(args.push_refresh, len(addresses)),
+                    # (learned listeners count as several: a dead one must be noticed)
+                    refresh=push_refresh(
+                        args.push_refresh, max(len(addresses), 2 if args.learn_listeners else 1)
+                    ),
                 ),
                 short_txn_ids=not args.no_short_txn_ids,
             ),

@@ -71,6 +71,10 @@ class FailoverSender:
         hooks = getattr(self._client, "on_new_session", None)
         return hooks if isinstance(hooks, list) else None
 
+    def add_endpoints(self, endpoints: Sequence[Any]) -> None:
+        """Listeners learned later (the address book); tried after those known, in order."""
+        self.endpoints = (*self.endpoints, *(e for e in endpoints if e not in self.endpoints))
+
     @property
     def current(self) -> Any:
         return self.endpoints[self._current]

@@ -91,6 +91,9 @@ class SidecarConfig:
     alternates: tuple[HomeserverAddress, ...] = ()
     #: Seconds an ordinary request waits on one listener before the next is tried.
     failover_after: float = 15.0
+    #: Learn more listeners from the homeserver's /.well-known/matrix/client at start
+    #: (``--learn-listeners``; :mod:`synapse_coap.proxy.addressbook`).
+    learn_listeners: bool = False
 
 
 @attrs.frozen
@@ -172,9 +175,15 @@ class RunningSidecar:
         self.runner = runner
         self.client = client
         self.address = address
+        #: the address book's one request at start (``--learn-listeners``), if any
+        self.learning: asyncio.Task[Any] | None = None
 
     async def close(self) -> None:
         """Stop accepting, let in-flight requests finish (or fail them), close the CoAP client."""
+        if self.learning is not None:
+            self.learning.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.learning
         for site in list(self.runner.sites):
             await site.stop()
         await self.sidecar.drain()
@@ -200,19 +209,22 @@ async def start_sidecar(config: SidecarConfig, *, metrics: Any = None) -> Runnin
         metrics=metrics,
         keepalive_interval=config.keepalive if config.homeserver.secure else None,
     )
-    endpoints = [
-        Endpoint(
+
+    def make_endpoint(address: HomeserverAddress) -> Any:
+        # every listener of the homeserver: the same name and the same key
+        return Endpoint(
             host=address.host,
             port=address.port,
             peer_name=config.server_name,
             static_key=config.server_key,
             secure=address.secure,
         )
-        for address in (config.homeserver, *config.alternates)
-    ]
+
+    addresses = (config.homeserver, *config.alternates)
+    endpoints = [make_endpoint(address) for address in addresses]
     endpoint = endpoints[0]
     sender: Any = client
-    if len(endpoints) > 1:
+    if len(endpoints) > 1 or config.learn_listeners:
         from synapse_coap.proxy.failover import FailoverSender
         from synapse_coap.transport.convert import default_codec_factory
         from synapse_coap.wire.context import WireContext
@@ -240,7 +252,14 @@ async def start_sidecar(config: SidecarConfig, *, metrics: Any = None) -> Runnin
     if sockets:
         sockname = sockets[0].getsockname()
         bound = (str(sockname[0]), int(sockname[1]))
-    return RunningSidecar(sidecar, runner, client, bound)
+    running = RunningSidecar(sidecar, runner, client, bound)
+    if config.learn_listeners:
+        from synapse_coap.proxy.addressbook import learn_listeners
+
+        running.learning = asyncio.ensure_future(
+            learn_listeners(sender, addresses, make_endpoint, timeout=config.failover_after * 4)
+        )
+    return running
 
 
 def sidecar_status_line(config: SidecarConfig, running: RunningSidecar) -> str:

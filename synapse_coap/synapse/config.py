@@ -9,6 +9,7 @@ Example (every field, with its default)::
 
     listen: ["[::]:5683"]
     private_key_path: null      # default: <signing key directory>/<server_name>.coap.key
+    private_key_store: file     # or database: the key in table synapse_coap_keys
     trust:
       peers: {}                 # server name -> pinned Noise static public key (base64)
       tofu: true                # remember first-seen keys in Synapse's database
@@ -44,6 +45,7 @@ DEFAULT_LISTEN: tuple[tuple[str, int], ...] = (("::", 5683),)
 _TOP_KEYS = (
     "listen",
     "private_key_path",
+    "private_key_store",
     "trust",
     "plain_listen",
     "allow_plain_on_public_interfaces",
@@ -57,6 +59,10 @@ _TOP_KEYS = (
     "push",
 )
 _TRUST_KEYS = ("peers", "tofu", "accept_unknown_clients")
+
+#: Where the Noise static private key lives: ``file`` (``private_key_path``) or
+#: ``database`` (the ``synapse_coap_keys`` table, shared by every instance).
+KEY_STORES = ("file", "database")
 
 
 def parse_address(text: object, path: str) -> tuple[str, int]:
@@ -376,6 +382,7 @@ class CoapModuleConfig:
 
     listen: tuple[tuple[str, int], ...] = DEFAULT_LISTEN
     private_key_path: str | None = None
+    private_key_store: str = "file"
     trust: TrustConfig = attrs.field(factory=TrustConfig)
     plain_listen: tuple[tuple[str, int], ...] = ()
     allow_plain_on_public_interfaces: bool = False
@@ -413,6 +420,11 @@ class CoapModuleConfig:
         key_path = raw.get("private_key_path")
         if key_path is not None and (not isinstance(key_path, str) or not key_path):
             raise ConfigValueError("private_key_path", "expected a file path (string) or null")
+        key_store = raw.get("private_key_store") or "file"
+        if key_store not in KEY_STORES:
+            raise ConfigValueError(
+                "private_key_store", f"expected one of {', '.join(KEY_STORES)}, got {key_store!r}"
+            )
         worker = raw.get("worker")
         if worker is not None and (not isinstance(worker, str) or not worker):
             raise ConfigValueError(
@@ -443,6 +455,7 @@ class CoapModuleConfig:
         return cls(
             listen=listen,
             private_key_path=key_path,
+            private_key_store=key_store,
             trust=TrustConfig.from_config(raw.get("trust")),
             plain_listen=plain,
             allow_plain_on_public_interfaces=allow_public,

@@ -31,7 +31,7 @@ from synapse_coap.synapse.bridge import Bridge
 from synapse_coap.synapse.config import MAIN_INSTANCE, CoapModuleConfig, format_address
 from synapse_coap.synapse.dispatch import InProcessDispatcher
 from synapse_coap.synapse.metrics import SynapseCoapMetrics
-from synapse_coap.synapse.store import DatabaseTrustStore
+from synapse_coap.synapse.store import KEY_TABLE, DatabaseKeyStore, DatabaseTrustStore
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +61,17 @@ class CoapModule:
         self._api = api
         # Every private Synapse piece this module reaches through the HomeServer is
         # there, or Synapse stops here with a ConfigError naming its version and it.
-        compat.check_homeserver(api, tofu=config.trust.tofu)
+        in_database = config.private_key_store == "database"
+        compat.check_homeserver(api, tofu=config.trust.tofu or in_database)
         hs = compat.homeserver(api)
         self._homeserver = hs
         self.server: Any = None
         self.bridge: Bridge | None = None
         self.dispatcher: InProcessDispatcher | None = None
         self.trust_store: DatabaseTrustStore | None = None
-        #: set (on the reactor thread) once the TOFU store is loaded; awaited on the
-        #: asyncio loop before the outbound federation client is created
+        #: set (on the reactor thread) once the Noise key (private_key_store:
+        #: database) and the TOFU store are loaded; awaited on the asyncio loop
+        #: before the outbound federation client is created
         self._trust_loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.trust: Any = None
         self.public_key: bytes | None = None
@@ -78,30 +80,50 @@ class CoapModule:
 
         worker = api.worker_name
         self.binds = config.binds_here(worker)
-        key_path = config.private_key_path or default_key_path(hs.hostname)
-        self.key_path = key_path
-        if self.binds:
-            self._private_key = load_or_generate_key(key_path)
-        elif os.path.exists(key_path):
-            from synapse_coap.noise import keys
-
-            self._private_key = keys.read_key_file(key_path)
+        self._private_key: bytes | None = None
+        self._key_store: DatabaseKeyStore | None = None
+        if in_database:
+            # every instance reads the one key from the database at start (_start)
+            self._key_store = DatabaseKeyStore.for_homeserver(hs)
+            self.key_path = config.private_key_path or ""  # only a key file to import
+            self.key_source = f"database table {KEY_TABLE}"
+            instance = worker or MAIN_INSTANCE
+            self.replay_state_path = os.path.abspath(f"{hs.hostname}.{instance}.coap.replay")
         else:
-            logger.warning(
-                "synapse-coap: %s does not bind a CoAP listener (configured for %s) and "
-                "cannot read the Noise key at %s: federation over CoAP is off in this process",
-                worker or "the main process",
-                ", ".join(n for n, i in config.workers.instances.items() if i.binds)
+            key_path = config.private_key_path or default_key_path(hs.hostname)
+            self.key_path = key_path
+            self.key_source = key_path
+            # one watermark per listener instance: instances sharing a key file on
+            # one machine must not overwrite each other's
+            self.replay_state_path = (
+                f"{key_path}.{worker or MAIN_INSTANCE}.replay"
                 if config.workers is not None
-                else config.worker or "the main process",
-                key_path,
+                else f"{key_path}.replay"
             )
-            return
+            if self.binds:
+                self._private_key = load_or_generate_key(key_path)
+            elif os.path.exists(key_path):
+                from synapse_coap.noise import keys
+
+                self._private_key = keys.read_key_file(key_path)
+            else:
+                logger.warning(
+                    "synapse-coap: %s does not bind a CoAP listener (configured for %s) and "
+                    "cannot read the Noise key at %s: federation over CoAP is off in this "
+                    "process",
+                    worker or "the main process",
+                    ", ".join(n for n, i in config.workers.instances.items() if i.binds)
+                    if config.workers is not None
+                    else config.worker or "the main process",
+                    key_path,
+                )
+                return
 
         from synapse_coap.noise import keys
         from synapse_coap.noise.trust import TrustPolicy
 
-        self.public_key = keys.public_key(self._private_key)
+        if self._private_key is not None:
+            self.public_key = keys.public_key(self._private_key)
         if config.trust.tofu:
             self.trust_store = DatabaseTrustStore.for_homeserver(hs)
         self.trust = TrustPolicy(
@@ -124,7 +146,6 @@ class CoapModule:
         if bridge is None:  # pragma: no cover
             return
         config = self._config
-        private = self._private_key
         trust = self.trust
         metrics = self.metrics
 
@@ -137,8 +158,12 @@ class CoapModule:
             from synapse_coap.transport.client import CoapClient
 
             # Do not check a first-seen key against a TOFU store that has not been
-            # loaded from the database yet (the load runs on the reactor).
+            # loaded from the database yet, nor start without the key (the loads
+            # run on the reactor).
             await asyncio.wrap_future(trust_loaded)
+            private = self._private_key
+            if private is None:
+                raise RuntimeError("synapse-coap: the Noise static key was not loaded")
             client = await CoapClient.create(
                 static_key=private,
                 trust=trust,
@@ -166,6 +191,11 @@ class CoapModule:
                 path=("modules", "synapse_coap.CoapModule", "config", *e.path.split(".")),
             ) from e
 
+    def _require_key(self) -> bytes:
+        if self._private_key is None:  # pragma: no cover - loaded before the server starts
+            raise RuntimeError("synapse-coap: the Noise static key was not loaded")
+        return self._private_key
+
     def __repr__(self) -> str:
         return f"<CoapModule listen={[format_address(a) for a in self._config.listen]}>"
 
@@ -177,6 +207,8 @@ class CoapModule:
         await make_deferred_yieldable(later)
         try:
             try:
+                if self._key_store is not None:
+                    await self._load_database_key(self._key_store)
                 if self.trust_store is not None:
                     await self.trust_store.load()
             finally:
@@ -190,6 +222,30 @@ class CoapModule:
                 exc_info=True,
             )
             self._homeserver.get_reactor().stop()
+
+    async def _load_database_key(self, store: DatabaseKeyStore) -> None:
+        """The shared Noise key from the database (private_key_store: database): a new
+        one, or the key file named by ``private_key_path``, stored if there is none."""
+        from synapse_coap.noise import keys
+
+        path = self._config.private_key_path
+        if path is not None and os.path.exists(path):
+            candidate, origin = keys.read_key_file(path), f"imported from {path}"
+        else:
+            candidate, origin = keys.generate_private_key(), "generated"
+        private, stored = await store.load_or_create(candidate)
+        if stored:
+            logger.info("synapse-coap: Noise static key %s into %s", origin, self.key_source)
+        elif path is not None and os.path.exists(path):
+            logger.warning(
+                "synapse-coap: the key file %s is not the Noise key in %s; using the "
+                "database's (public key %s)",
+                path,
+                self.key_source,
+                keys.encode_public(keys.public_key(private)),
+            )
+        self._private_key = private
+        self.public_key = keys.public_key(private)
 
     async def _start_server(self) -> None:
         from synapse_coap.transport.server import CoapServer, ServerConfig
@@ -219,7 +275,7 @@ class CoapModule:
         server_config = ServerConfig(
             listen=listen,
             plain_listen=plain_listen,
-            static_key=self._private_key,
+            static_key=self._require_key(),
             trust=self.trust,
             limits=config.limits,
             link=config.link,
@@ -227,7 +283,7 @@ class CoapModule:
             max_body_size=dispatcher.max_request_body_size,
             payload_dump=config.payload_dump,
             push=config.push,
-            replay_state_path=f"{self.key_path}.replay",
+            replay_state_path=self.replay_state_path,
             transfers=config.transfers,
         )
         metrics = self.metrics
@@ -252,5 +308,5 @@ class CoapModule:
             instance,
             ", routing by workers.routes" if config.workers is not None else "",
             encode_public(self.public_key or b""),
-            self.key_path,
+            self.key_source,
         )

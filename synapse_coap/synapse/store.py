@@ -13,6 +13,10 @@ accept a legitimately changed key, an operator deletes the row::
 
 and restarts Synapse (or the worker that binds the listener).
 
+With ``private_key_store: database`` the Noise static private key lives in a
+second table, ``synapse_coap_keys`` (:class:`DatabaseKeyStore`), so that every
+instance of a worker deployment uses the one key without sharing a file.
+
 The SQL is portable: ``?`` placeholders are converted by Synapse's
 transaction wrapper for PostgreSQL, and ``INSERT ... ON CONFLICT`` works on
 SQLite >= 3.24 and PostgreSQL >= 9.5.
@@ -36,6 +40,7 @@ from typing import Any
 
 from twisted.internet import defer
 
+from synapse_coap.errors import LocalProtocolError, SynapseCoapError
 from synapse_coap.synapse import compat
 
 logger = logging.getLogger(__name__)
@@ -166,3 +171,75 @@ class DatabaseTrustStore:
         pending = list(self._pending)
         if pending:
             await make_deferred_yieldable(defer.DeferredList(pending, consumeErrors=True))
+
+
+# -- the Noise static private key, shared by every instance (private_key_store: database)
+
+KEY_TABLE = "synapse_coap_keys"
+
+CREATE_KEY_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {KEY_TABLE} (
+    key_name TEXT NOT NULL PRIMARY KEY,
+    private_key TEXT NOT NULL,
+    created_ts BIGINT NOT NULL
+)
+"""
+
+#: The row holding the listener's Noise static key (X25519, base64).
+STATIC_KEY_NAME = "noise_static"
+
+INSERT_KEY = (
+    f"INSERT INTO {KEY_TABLE} (key_name, private_key, created_ts) VALUES (?, ?, ?) "
+    "ON CONFLICT (key_name) DO NOTHING"
+)
+
+SELECT_KEY = f"SELECT private_key FROM {KEY_TABLE} WHERE key_name = ?"
+
+
+class DatabaseKeyStore:
+    """The Noise static private key in the ``synapse_coap_keys`` table of Synapse's
+    database, so that every instance (listeners, federation senders) uses the same
+    key without sharing a file.
+
+    :meth:`load_or_create` is race-safe between instances starting together: each
+    inserts its candidate only if no key is there (``ON CONFLICT DO NOTHING``) and
+    then reads back the one key that won. The key is never logged.
+    """
+
+    def __init__(self, db_pool: Any) -> None:
+        self._db_pool = db_pool
+
+    @classmethod
+    def for_homeserver(cls, hs: Any) -> DatabaseKeyStore:
+        return cls(compat.database_pool(hs))
+
+    async def load_or_create(self, candidate: bytes) -> tuple[bytes, bool]:
+        """The stored key, after storing ``candidate`` if there was none; and whether
+        ``candidate`` is the key now stored. Call on the reactor, in a logcontext."""
+        if len(candidate) != 32:
+            raise LocalProtocolError("a Noise static private key is 32 bytes")
+        postgres = is_postgres(self._db_pool)
+        now_ms = int(time.time() * 1000)
+
+        def txn_fn(txn: Any) -> str:
+            if postgres:
+                txn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
+            txn.execute(CREATE_KEY_TABLE)
+            txn.execute(INSERT_KEY, (STATIC_KEY_NAME, _b64(candidate), now_ms))
+            txn.execute(SELECT_KEY, (STATIC_KEY_NAME,))
+            row = txn.fetchone()
+            if row is None:  # pragma: no cover - the insert or a concurrent one is there
+                raise RuntimeError(f"{KEY_TABLE}: no {STATIC_KEY_NAME} row after insert")
+            return str(row[0])
+
+        text = await self._db_pool.runInteraction("synapse_coap_key_load", txn_fn)
+        try:
+            key = _unb64(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise SynapseCoapError(
+                f"{KEY_TABLE}: the {STATIC_KEY_NAME} row is not a base64 32-byte key; "
+                "delete the row to have a new key generated"
+            )
+        return key, key == candidate

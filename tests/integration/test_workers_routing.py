@@ -96,6 +96,12 @@ def test_routed_path_is_forwarded_over_http_and_the_rest_stays_in_process(
     assert not any("synapse.access.http" in line for line in login), login
 
 
+def test_each_listener_instance_keeps_its_own_replay_watermark(routed: Homeserver) -> None:
+    # instances sharing a key file on one machine must not overwrite each other's
+    assert Path(f"{routed.key_path}.main.replay").exists()
+    assert not Path(f"{routed.key_path}.replay").exists()
+
+
 def test_request_routed_to_an_instance_that_is_down_gets_502_matrix_json(
     routed: Homeserver,
 ) -> None:

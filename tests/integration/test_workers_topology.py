@@ -77,12 +77,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
     main_http, replication, worker_http, front_http, media_http = (free_port() for _ in range(5))
     main_coap, worker_coap, front_coap = (free_port("udp") for _ in range(3))
-    # this homeserver as federation peers see it: generic2's listener, one key for all
-    local = FedServer(root / "keys", SERVER_NAME, coap_port=worker_coap)
-    key_path = local.key_path
     remote = Node(root, "remote.test")
     ports = {
-        "KEY_PATH": key_path,
         "REDIS_HOST": REDIS[0],
         "REDIS_PORT": REDIS[1],
         "MAIN_REPLICATION_PORT": replication,
@@ -127,6 +123,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                     },
                 },
                 **example("homeserver.yaml", **ports),
+                # the address book: the workers' listeners, published for sidecars
+                # (Synapse serves /.well-known/matrix/client when public_baseurl is set)
+                "public_baseurl": f"https://{SERVER_NAME}/",
+                "extra_well_known_client_content": {
+                    "io.synapse_coap": {
+                        "listeners": [
+                            f"coap://127.0.0.1:{front_coap}",
+                            f"coap://127.0.0.1:{worker_coap}",
+                        ]
+                    }
+                },
             },
         )
         main.extra_config["listeners"] = [
@@ -139,6 +146,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             },
         ]
         main.start(ready_log_pattern=READY)
+        # private_key_store: database: the main process generated the one Noise key
+        # of every instance into the module's table; no instance has a key file. The
+        # test's own copy (for its clients and remote.test's pin) comes from there.
+        key_path = _key_from_database(dbname, root / "keys" / "coap.key")
+        # this homeserver as federation peers see it: generic2's listener, one key for all
+        local = FedServer(root / "keys", SERVER_NAME, coap_port=worker_coap)
+        assert local.key_path == key_path
         worker = _worker(root, main, "generic_worker.yaml", "generic2", worker_http)
         front = _worker(root, main, "generic_worker.yaml", "generic1", front_http)
         media = _worker(root, main, "media_worker.yaml", "media1", media_http)
@@ -182,6 +196,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             front.stop()
             worker.stop()
             main.stop()
+
+
+def _key_from_database(dbname: str, path: Path) -> Path:
+    """The Noise key the instances share (table synapse_coap_keys), as a key file
+    for the test's clients only."""
+    import base64
+
+    import psycopg2
+
+    from synapse_coap.noise import keys
+
+    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT private_key FROM synapse_coap_keys WHERE key_name = 'noise_static'")
+            (text,) = cur.fetchone()
+    finally:
+        conn.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys.write_key_file(str(path), base64.b64decode(text + "=" * (-len(text) % 4)))
+    return path
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "workers"
@@ -276,10 +311,17 @@ def test_both_instances_bind_their_own_listener(deployment: Deployment) -> None:
         text = proc.log_text()
         line = next((x for x in text.splitlines() if "CoAP listener ready" in x), "")
         assert f"instance {name}, routing by workers.routes" in line, line
+        # the one key, read from the database: no key file anywhere in the instance
+        assert f"Noise public key {deployment.local.public_b64} (from database" in line, line
+        assert not list(proc.workdir.rglob("*.coap.key")), name
         # a listener on a worker with its own HTTP client listener reuses that
         # listener's resources: no second copy of the servlets' cache metrics
         assert "already registered" not in text, name
         assert "serving client" in text or name == "main", name
+        # no ERROR (nor Traceback) at start: up to the listener's ready line
+        start = text[: text.index("CoAP listener ready")].splitlines()
+        bad = [x for x in start if " - ERROR - " in x or "Traceback" in x]
+        assert not bad, (name, bad[:5])
 
 
 def _sidecar(
@@ -368,8 +410,10 @@ def test_push_sync_through_a_listener_that_forwards_sync_to_its_worker(
 def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    """matrix-nio -> sidecar (given generic1's and generic2's listeners) -> generic1;
-    generic1 is killed while messages are being sent; the client carries on through
+    """matrix-nio -> sidecar (given generic1's listener; it learns generic2's from the
+    homeserver's /.well-known/matrix/client, --learn-listeners) -> generic1;
+    nio registers, then logs in with its password (m.login.password) and uses that
+    session; generic1 is killed while messages are being sent; the client carries on through
     generic2 with one new handshake, and every message is in the room exactly once.
     The sidecar's push registration (made at generic1) is made again at generic2 as
     soon as the sidecar moves, not at its next renewal."""
@@ -382,9 +426,9 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
         deployment,
         tmp_path,
         deployment.front_coap,
-        deployment.coap.port,
-        extra=("--failover-after", "3"),
+        extra=("--failover-after", "3", "--learn-listeners"),
     )
+    learned = f"address book: 1 listener(s) learned from /.well-known/matrix/client: coap://127.0.0.1:{deployment.coap.port}"
     n_before, n_after = 4, 4
 
     async def scenario() -> tuple[list[str], str]:
@@ -394,6 +438,14 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
         try:
             r = await client.register(client.user, "kill-password-1")
             assert isinstance(r, nio.RegisterResponse), r
+            registered = client.access_token
+            # a real m.login.password login through the sidecar; its session is used below
+            r = await client.login("kill-password-1", device_name="over coap")
+            assert isinstance(r, nio.LoginResponse), r
+            assert client.access_token == r.access_token != registered
+            me = await client.whoami()
+            assert isinstance(me, nio.WhoamiResponse), me
+            assert (me.user_id, me.device_id) == (r.user_id, r.device_id), (me, r)
             r = await client.room_create(name="across a dying listener")
             assert isinstance(r, nio.RoomCreateResponse), r
             room = r.room_id
@@ -413,6 +465,13 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
                     room, "m.room.message", {"msgtype": "m.text", "body": f"m{i}"}
                 )
                 assert isinstance(r, nio.RoomSendResponse), r
+            # the sidecar has learned generic2's listener (one request at its start)
+            for _ in range(100):
+                if "address book:" in (tmp_path / "sidecar.log").read_text():
+                    break
+                await asyncio.sleep(0.1)
+            log = (tmp_path / "sidecar.log").read_text()
+            assert learned in log, log[-2000:]
             # generic1 dies mid-stream: a send is in flight while it goes
             send = asyncio.ensure_future(
                 client.room_send(
@@ -446,10 +505,15 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
     # the push registration followed the client to the surviving listener at once
     log = (tmp_path / "sidecar.log").read_text()
     assert "push: registering again at once" in log, log[-3000:]
+    # the login was forwarded from a worker's listener to the main process over HTTP
+    assert _ran(deployment.main, "POST", "/_matrix/client/v3/login", "synapse.access.http")
     assert _ran(deployment.media, "POST", "/_matrix/media/v3/upload", "synapse.access.http")
     assert not _ran(deployment.main, "POST", "/_matrix/media/v3/upload", "synapse.access")
     log = (tmp_path / "sidecar.log").read_text()
-    assert "stopped answering" in log and "moving to" in log, log[-2000:]
+    assert learned in log, log[-3000:]
+    assert "stopped answering" in log and f"moving to 127.0.0.1:{deployment.coap.port}" in log, log[
+        -2000:
+    ]
 
 
 def test_federation_over_coap_both_ways_exactly_once_outbound_from_the_federation_sender(

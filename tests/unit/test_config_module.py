@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert cfg.listen == (("::", 5683),)
     assert cfg.plain_listen == ()
     assert cfg.private_key_path is None
+    assert cfg.private_key_store == "file"
     assert cfg.trust == TrustConfig(peers={}, tofu=True, accept_unknown_clients=True)
     assert cfg.worker is None
     assert cfg.payload_dump is False
@@ -89,6 +90,8 @@ def test_plain_on_public_interface_needs_opt_in() -> None:
         ({"listen": [], "plain_listen": []}, "listen", "at least one"),
         ({"private_key_path": 7}, "private_key_path", "file path"),
         ({"private_key_path": ""}, "private_key_path", "file path"),
+        ({"private_key_store": "postgres"}, "private_key_store", "file, database"),
+        ({"private_key_store": ["file"]}, "private_key_store", "file, database"),
         ({"trust": []}, "trust", "mapping"),
         ({"trust": {"peers": ["a"]}}, "trust.peers", "mapping"),
         ({"trust": {"peers": {"x.example": "!!!"}}}, "trust.peers.x.example", "base64"),
@@ -171,3 +174,11 @@ def test_from_config_raises_value_error_not_config_error() -> None:
 def test_address_round_trip(text: str, addr: tuple[str, int]) -> None:
     assert parse_address(text, "x") == addr
     assert format_address(addr) == text
+
+
+def test_private_key_store() -> None:
+    assert parse({"private_key_store": "database"}).private_key_store == "database"
+    assert parse({"private_key_store": None}).private_key_store == "file"
+    # with the database, private_key_path names a key file to import on first start
+    cfg = parse({"private_key_store": "database", "private_key_path": "/data/old.coap.key"})
+    assert (cfg.private_key_store, cfg.private_key_path) == ("database", "/data/old.coap.key")
