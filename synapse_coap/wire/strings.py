@@ -471,7 +471,7 @@ __all__ = [
     "path_identifiers",
     "path_number",
     "request_identifiers",
-    "texts",
     "response_identifiers",
+    "texts",
     "wants_response_ids",
 ]
