@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
 from synapse_coap.noise.keys import generate_private_key, public_key
 from synapse_coap.noise.trust import MemoryTrustStore, TrustPolicy
-from synapse_coap.transport.client import CoapClient, Endpoint
+from synapse_coap.transport.client import INLINE_DECODE_MAX, CoapClient, Endpoint
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.metrics import CountingMetrics
 from synapse_coap.transport.server import CoapServer, ServerConfig
@@ -550,3 +551,54 @@ async def test_real_codec_sticky_token_survives_server_restart(server_key: bytes
             await server2.close()
     finally:
         await client.close()
+
+
+class GatedDecodeCodec(EchoCodec):
+    """EchoCodec whose decode of a large response waits until the test lets it go.
+
+    Stands in for a large compact-CBOR body that takes long to decode. ``started``
+    is set once such a decode begins; it returns when ``release`` is set (or fails
+    after ``limit`` seconds, which only bounds a broken test)."""
+
+    started = threading.Event()
+    release = threading.Event()
+    limit = 20.0
+
+    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
+        if len(msg.payload) > INLINE_DECODE_MAX:
+            self.started.set()
+            if not self.release.wait(self.limit):
+                raise AssertionError("the large decode blocked the event loop")
+        return super().decode_response(msg, method=method)
+
+
+@aio
+async def test_large_response_decodes_off_the_loop(server_key: bytes) -> None:
+    # issue 14: a large body used to be decoded on the event loop, so every other
+    # request (and the transport itself) waited for it
+    GatedDecodeCodec.started = threading.Event()
+    GatedDecodeCodec.release = threading.Event()
+    server, _d = await start_server(server_key)
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        link=FAST,
+        codec_factory=lambda p, c: GatedDecodeCodec(p, c),
+    )
+    try:
+        big_body = bytes(range(256)) * 16  # 4 KiB: decoded on a worker thread
+        big = asyncio.ensure_future(
+            client.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
+        )
+        assert await asyncio.to_thread(GatedDecodeCodec.started.wait, 20)
+        # the big decode is still running: a small request is served meanwhile
+        small = await client.request(ep(server), HttpRequest("GET", b"/small"))
+        assert small.body == b"GET /small\n"
+        assert not big.done()
+        GatedDecodeCodec.release.set()
+        r = await big
+        assert r.status == 200 and r.body == b"POST /big\n" + big_body
+    finally:
+        GatedDecodeCodec.release.set()
+        await client.close()
+        await server.close()
