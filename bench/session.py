@@ -329,7 +329,9 @@ def readme_block(
         "",
         f"_`{meta.get('command', '?')}`, commit `{meta.get('commit', '?')}`, "
         f"{meta.get('time', '?')}, {meta.get('machine', '?')}, Python "
-        f"{meta.get('python', '?')}; every sample in `{source}`._",
+        f"{meta.get('python', '?')}"
+        + (f" ({meta['note']})" if meta.get("note") else "")
+        + f"; every sample in `{source}`._",
     ]
     return "\n".join(lines)
 
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < MIN_ROUNDS:
         parser.error(f"--rounds must be at least {MIN_ROUNDS}")
     meta = provenance("python bench/session.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    meta["note"] = "one process on loopback; the machine may be shared with other work"
     rows = asyncio.run(measure(args.exchanges, args.rounds, args.handshakes))
     values = _by_measure(rows)
     width = max(len(label) for label, _u in MEASURES.values())
