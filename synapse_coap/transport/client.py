@@ -21,13 +21,11 @@
   :class:`~synapse_coap.errors.RequestTimeout` when the whole request (blockwise
   included) exceeds its deadline. A request given up on (timeout or task
   cancellation) is *abandoned* at the server: its handler is cancelled.
-* Decoding off the loop: a response (or push notification) whose payload is
-  larger than ``inline_decode_max`` bytes is decoded on the client's own small
-  thread pool, so a large compact-CBOR body (pure Python, about 3 us per item)
-  does not stall every other request on the event loop; smaller ones are
-  decoded inline. The codec's caps and errors are the same either way.
+* A response (or push notification) whose payload is over ``inline_decode_max``
+  bytes is decoded on the client's own small thread pool, not on the event loop
+  (:mod:`~synapse_coap.transport.offload`).
 
-Size: about 690 lines, nearly all of them :class:`CoapClient`, one class because
+Size: about 665 lines, nearly all of them :class:`CoapClient`, one class because
 its sessions, handshakes, requests, blockwise transfers and push observations
 share the endpoint table, the message managers and the per-session codecs. What
 it keeps per endpoint and exchange is in :mod:`~synapse_coap.transport.client_session`.
@@ -36,8 +34,6 @@ it keeps per endpoint and exchange is in :mod:`~synapse_coap.transport.client_se
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import logging
 import socket
 import time
@@ -96,6 +92,7 @@ from synapse_coap.transport.noise_udp import (
     SessionEndpoint,
     normalize_address,
 )
+from synapse_coap.transport.offload import INLINE_DECODE_MAX, DecodePool
 from synapse_coap.transport.plain import PlainUDP
 from synapse_coap.wire.context import WireContext
 
@@ -106,18 +103,6 @@ _TRANSFER_OPTIONS = BLOCKWISE_OPTIONS
 
 #: Queued by the registration request's acknowledgement hook.
 _ACKED = object()
-
-#: Response payloads up to this many bytes are decoded on the event loop; larger
-#: ones on a worker thread. Under the codec's proportional caps (at most
-#: ``max(4096, 8 * n)`` items for ``n`` bytes, about 3 us each) a body this size
-#: costs at most ~25 ms even when crafted, and a real one well under 1 ms, which
-#: is less than the hop to a thread and back for the many small responses.
-INLINE_DECODE_MAX = 1024
-
-#: Worker threads for large decodes (per client). The decoder is pure Python, so
-#: more threads buy no speed under the GIL; two let one slow body not hold up
-#: another while bounding how many big bodies are being expanded at once.
-DECODE_WORKERS = 2
 
 
 class CoapClient:
@@ -140,8 +125,7 @@ class CoapClient:
         inline_decode_max: int = INLINE_DECODE_MAX,
     ) -> None:
         self.static_key = static_key
-        self.inline_decode_max = inline_decode_max
-        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
+        self._decoder = DecodePool(inline_decode_max)
         self.keepalive_interval = keepalive_interval
         self.trust = trust
         self.link = link
@@ -282,10 +266,7 @@ class CoapClient:
         self._closed = True
         self._sessions.clear()
         self._by_remote.clear()
-        if self._decoder is not None:
-            # a decode still running finishes on its thread; nobody awaits it any more
-            self._decoder.shutdown(wait=False, cancel_futures=True)
-            self._decoder = None
+        self._decoder.close()
         if self._context is not None:
             await self._context.shutdown()
 
@@ -298,16 +279,8 @@ class CoapClient:
         profile and context) and the message, so it may run on another thread;
         the caller awaits it, so responses are still delivered in order.
         """
-        codec = session.codec
-        if len(resp_cm.payload) <= self.inline_decode_max or self._closed:
-            return codec.decode_response(resp_cm, **kw)
-        if self._decoder is None:
-            self._decoder = concurrent.futures.ThreadPoolExecutor(
-                max_workers=DECODE_WORKERS, thread_name_prefix="synapse-coap-decode"
-            )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._decoder, functools.partial(codec.decode_response, resp_cm, **kw)
+        return await self._decoder.run(
+            len(resp_cm.payload), session.codec.decode_response, resp_cm, **kw
         )
 
     # -- sessions ------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
 from synapse_coap.noise.keys import generate_private_key, public_key
 from synapse_coap.noise.trust import MemoryTrustStore, TrustPolicy
-from synapse_coap.transport.client import INLINE_DECODE_MAX, CoapClient, Endpoint
+from synapse_coap.transport.client import CoapClient, Endpoint
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.metrics import CountingMetrics
+from synapse_coap.transport.offload import INLINE_DECODE_MAX
 from synapse_coap.transport.server import CoapServer, ServerConfig
 from synapse_coap.wire.context import WireContext
 
@@ -601,4 +602,49 @@ async def test_large_response_decodes_off_the_loop(server_key: bytes) -> None:
     finally:
         GatedDecodeCodec.release.set()
         await client.close()
+        await server.close()
+
+
+class GatedRequestCodec(EchoCodec):
+    """EchoCodec whose decode of a large request waits until the test lets it go."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def decode_request(self, msg: CoapMessage, tokens: Any = None) -> HttpRequest:
+        if len(msg.payload) > INLINE_DECODE_MAX:
+            self.started.set()
+            if not self.release.wait(20):
+                raise AssertionError("the large decode blocked the event loop")
+        return super().decode_request(msg, tokens)
+
+
+@aio
+async def test_large_request_decodes_off_the_loop(server_key: bytes) -> None:
+    # issue 14, the listener's side (the module inside Synapse, the gateway): a large
+    # request body is decoded on a worker thread; other peers are served meanwhile
+    GatedRequestCodec.started = threading.Event()
+    GatedRequestCodec.release = threading.Event()
+    server = await CoapServer.start(
+        ServerConfig(listen=(("::", 0),), static_key=server_key, link=FAST, server_name="hs.test"),
+        Dispatcher(),
+        codec_factory=lambda p, c: GatedRequestCodec(p, c),
+    )
+    uploader, other = await make_client(), await make_client()
+    try:
+        big_body = bytes(range(256)) * 16  # 4 KiB, reassembled from Block1 and then decoded
+        big = asyncio.ensure_future(
+            uploader.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
+        )
+        assert await asyncio.to_thread(GatedRequestCodec.started.wait, 20)
+        small = await other.request(ep(server), HttpRequest("GET", b"/small"))
+        assert small.body == b"GET /small\n"
+        assert not big.done()
+        GatedRequestCodec.release.set()
+        r = await big
+        assert r.status == 200 and r.body == b"POST /big\n" + big_body
+    finally:
+        GatedRequestCodec.release.set()
+        await uploader.close()
+        await other.close()
         await server.close()
