@@ -9,7 +9,10 @@ smaller ones are decoded inline, where the hop to a thread and back would cost
 more than the decode. The codec's caps, its errors and the order in which a
 caller gets its results are the same either way: the caller awaits the decode.
 Under the GIL the loop still runs between the worker's time slices
-(``sys.getswitchinterval()``, 5 ms).
+(``sys.getswitchinterval()``, 5 ms), except while the worker is inside one
+native call that holds the GIL throughout (cbor2's parse of the whole body, the
+JSON dump of the result): a very large body still stalls the loop for that
+part of its decode, a fraction of the whole.
 
 Used by :class:`~synapse_coap.transport.client.CoapClient` (responses and push
 notifications: the sidecar, the module's federation agent) and
