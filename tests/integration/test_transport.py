@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from synapse_coap.errors import LinkDown, RequestTimeout
+from synapse_coap.errors import LimitExceeded, LinkDown, RemoteProtocolError, RequestTimeout
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
 from synapse_coap.noise.keys import generate_private_key, public_key
@@ -647,4 +647,43 @@ async def test_large_request_decodes_off_the_loop(server_key: bytes) -> None:
         GatedRequestCodec.release.set()
         await uploader.close()
         await other.close()
+        await server.close()
+
+
+class FailingDecodeCodec(EchoCodec):
+    """EchoCodec whose decode of a large response fails as the real codec's caps do."""
+
+    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
+        if msg.payload.startswith((b"GET /odd", b"POST /odd")):
+            raise LinkDown("a codec error that is not a protocol error")
+        if len(msg.payload) > INLINE_DECODE_MAX:
+            raise LimitExceeded("body inflates to more than 65536 bytes")
+        return super().decode_response(msg, method=method)
+
+
+@aio
+async def test_decode_errors_map_the_same_on_and_off_the_loop(server_key: bytes) -> None:
+    server, _d = await start_server(server_key)
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        link=FAST,
+        codec_factory=lambda p, c: FailingDecodeCodec(p, c),
+    )
+    try:
+        big_body = bytes(range(256)) * 16
+        # off the loop: the codec's RemoteProtocolError (here LimitExceeded) as it was
+        with pytest.raises(LimitExceeded):
+            await client.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
+        # any other codec error becomes RemoteProtocolError("undecodable response"),
+        # off the loop and inline
+        with pytest.raises(RemoteProtocolError, match="undecodable response"):
+            await client.request(ep(server), HttpRequest("POST", b"/odd", (), big_body))
+        with pytest.raises(RemoteProtocolError, match="undecodable response"):
+            await client.request(ep(server), HttpRequest("GET", b"/odd"))
+        # and the session is still usable
+        r = await client.request(ep(server), HttpRequest("GET", b"/after"))
+        assert r.body == b"GET /after\n"
+    finally:
+        await client.close()
         await server.close()
