@@ -174,3 +174,16 @@ def write_dict_rows(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, 
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+
+
+def read_dict_rows(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """(provenance, rows as dicts of text) from a file written by :func:`write_dict_rows`."""
+    meta: dict[str, str] = {}
+    body: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("# ") and ": " in line and not body:
+            k, _, v = line[2:].partition(": ")
+            meta[k] = v
+        else:
+            body.append(line)
+    return meta, list(csv.DictReader(body))

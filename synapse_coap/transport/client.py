@@ -21,8 +21,11 @@
   :class:`~synapse_coap.errors.RequestTimeout` when the whole request (blockwise
   included) exceeds its deadline. A request given up on (timeout or task
   cancellation) is *abandoned* at the server: its handler is cancelled.
+* A response (or push notification) whose payload is over ``inline_decode_max``
+  bytes is decoded on the client's own small thread pool, not on the event loop
+  (:mod:`~synapse_coap.transport.offload`).
 
-Size: about 625 lines, nearly all of them :class:`CoapClient`, one class because
+Size: about 665 lines, nearly all of them :class:`CoapClient`, one class because
 its sessions, handshakes, requests, blockwise transfers and push observations
 share the endpoint table, the message managers and the per-session codecs. What
 it keeps per endpoint and exchange is in :mod:`~synapse_coap.transport.client_session`.
@@ -90,6 +93,7 @@ from synapse_coap.transport.noise_udp import (
     SessionEndpoint,
     normalize_address,
 )
+from synapse_coap.transport.offload import INLINE_DECODE_MAX, DecodePool
 from synapse_coap.transport.plain import PlainUDP
 from synapse_coap.wire.context import WireContext
 
@@ -119,8 +123,10 @@ class CoapClient:
         endpoint_factory: Callable[..., SessionEndpoint] | None,
         max_body_size: int,
         keepalive_interval: float | None = None,
+        inline_decode_max: int = INLINE_DECODE_MAX,
     ) -> None:
         self.static_key = static_key
+        self._decoder = DecodePool(inline_decode_max)
         self.keepalive_interval = keepalive_interval
         self.trust = trust
         self.link = link
@@ -160,6 +166,7 @@ class CoapClient:
         endpoint_factory: Callable[..., SessionEndpoint] | None = None,
         max_body_size: int = 50 * 1024 * 1024,
         keepalive_interval: float | None = None,
+        inline_decode_max: int = INLINE_DECODE_MAX,
     ) -> CoapClient:
         """A client bound to ``bind``. Without ``static_key`` only plain endpoints work.
 
@@ -172,6 +179,8 @@ class CoapClient:
         ``NoiseEndpoint(keepalive_interval=)``. On a link of known ``bandwidth_bps`` it
         is raised so keep-alives take at most 0.5 % of the link
         (:func:`~synapse_coap.transport.link.keepalive_interval`).
+        ``inline_decode_max``: response payloads larger than this (bytes) are decoded
+        on a worker thread, not on the event loop.
         """
         if limits is None:
             from synapse_coap.noise.endpoint import (  # type: ignore
@@ -191,6 +200,7 @@ class CoapClient:
             endpoint_factory=endpoint_factory,
             max_body_size=max_body_size,
             keepalive_interval=keepalive_interval,
+            inline_decode_max=inline_decode_max,
         )
         loop = asyncio.get_running_loop()
         self._context = Context(loop=loop, serversite=None, loggername=__name__ + ".coap")
@@ -257,8 +267,22 @@ class CoapClient:
         self._closed = True
         self._sessions.clear()
         self._by_remote.clear()
+        self._decoder.close()
         if self._context is not None:
             await self._context.shutdown()
+
+    async def _decode_response(
+        self, session: _ClientSession, resp_cm: CoapMessage, **kw: Any
+    ) -> HttpResponse:
+        """``session.codec.decode_response(resp_cm, **kw)``, off the loop when large.
+
+        Raises what the codec raises. Decoding is a pure function of the codec (its
+        profile and context) and the message, so it may run on another thread;
+        the caller awaits it, so responses are still delivered in order.
+        """
+        return await self._decoder.run(
+            len(resp_cm.payload), session.codec.decode_response, resp_cm, **kw
+        )
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -406,7 +430,8 @@ class CoapClient:
             # new session was encoded before the handshake told us the peer's server
             # name, but the response was encoded with the established context.
             try:
-                response = session.codec.decode_response(
+                response = await self._decode_response(
+                    session,
                     resp_cm,
                     method=cm.code,
                     strings=tokens.strings if tokens is not None else None,
@@ -492,8 +517,8 @@ class CoapClient:
                     if rebind and final and not retried:
                         break  # the server forgot our token binding: register again
                     try:
-                        response = session.codec.decode_response(
-                            resp_cm, strings=tokens.strings if tokens is not None else None
+                        response = await self._decode_response(
+                            session, resp_cm, strings=tokens.strings if tokens is not None else None
                         )
                     except RemoteProtocolError:
                         raise

@@ -1,7 +1,8 @@
 """The CoAP server: Noise (and optionally plain) UDP listeners feeding a Dispatcher.
 
 Each request is decoded with the session's :class:`WireCodec` (the profile the
-handshake negotiated; a plain listener uses the base profile), handed to
+handshake negotiated; a plain listener uses the base profile; a large body on a
+worker thread, :mod:`~synapse_coap.transport.offload`), handed to
 ``dispatcher.dispatch(HttpRequest, PeerInfo)`` in the exchange's own asyncio
 task, and the HttpResponse is encoded back. aiocoap does the message layer,
 tuned by :class:`LinkMessageManager`: a response ready before the peer's
@@ -23,7 +24,7 @@ one aiocoap resource every request passes (``root``), blockwise transfer state
 (``blocks``), the link-format document (``linkformat``) and the 0-RTT
 watermark file (``replay_state``).
 
-Size: about 620 lines, nearly all of them :class:`CoapServer`, whose listener
+Size: about 670 lines, nearly all of them :class:`CoapServer`, whose listener
 start-up and shutdown, per-session codecs, request rendering and push
 registrations share one state (sessions, message managers, the dispatcher);
 split further it would pass that state between modules instead of holding it.
@@ -55,7 +56,7 @@ from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.coap_rules import accepted_format
 from synapse_coap.mapping.codec import request_seq
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
-from synapse_coap.mapping.messages import CoapMessage, HttpResponse
+from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
 from synapse_coap.mapping.push import (
     VERSIONS_PATH,
     SyncQuery,
@@ -91,6 +92,7 @@ from synapse_coap.transport.noise_udp import (
     SessionEndpoint,
     normalize_address,
 )
+from synapse_coap.transport.offload import DecodePool
 from synapse_coap.transport.plain import PlainUDP
 from synapse_coap.transport.push import Observation, Registration, Registrations
 from synapse_coap.transport.replay_state import (
@@ -132,6 +134,9 @@ class _ServerSession:
     codec: Codec
     tokens: Any
     peer: PeerInfo
+    #: held by one request decode at a time: decoding updates ``tokens`` (bindings,
+    #: the string table), and a large body is decoded on a worker thread
+    decode_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
 
 
 def _receiver_tokens(*, strings: bool = False) -> Any:
@@ -172,6 +177,7 @@ class CoapServer:
         self._evictions_counted: dict[str, int] = {}
         self._replay_write_failed = False
         self.registrations = Registrations(config.push, self.metrics)
+        self._decoder = DecodePool()
 
     @classmethod
     async def start(
@@ -271,6 +277,7 @@ class CoapServer:
             self._save_replay_state(horizon=0.0, again=False)
         if self._context is not None:
             await self._context.shutdown()
+        self._decoder.close()
         self._plain_sessions.clear()
 
     @property
@@ -361,6 +368,34 @@ class CoapServer:
 
     # -- rendering -------------------------------------------------------------------
 
+    async def _decode_request(self, session: _ServerSession, cm: CoapMessage) -> HttpRequest:
+        """``codec.decode_request(cm, tokens=session.tokens)``, off the loop when large.
+
+        One decode per session at a time, in arrival order (the lock is FIFO); a
+        decode on a worker thread keeps the lock until the thread is done with the
+        session's tables, even when the request is abandoned meanwhile.
+        """
+        lock = session.decode_lock
+        await lock.acquire()
+        if self._decoder.inline(len(cm.payload)):
+            try:
+                return session.codec.decode_request(cm, tokens=session.tokens)
+            finally:
+                lock.release()
+        try:
+            fut = self._decoder.submit(session.codec.decode_request, cm, tokens=session.tokens)
+        except BaseException:
+            lock.release()
+            raise
+
+        def done(f: asyncio.Future[HttpRequest]) -> None:
+            lock.release()
+            if not f.cancelled():
+                f.exception()  # retrieved: an abandoned request's error is not logged again
+
+        fut.add_done_callback(done)
+        return await asyncio.shield(fut)
+
     def _reject_non(self, req: Message, reason: str) -> Message:
         """Reject the Non-confirmable request ``req`` (RFC 7252 4.3): a Reset with its
         Message ID goes out now; the returned response is suppressed (No-Response)."""
@@ -419,7 +454,7 @@ class CoapServer:
             route = "unknown"
         want_json = accept == n.CF_JSON
         try:
-            http_req = codec.decode_request(cm, tokens=session.tokens)
+            http_req = await self._decode_request(session, cm)
         except LimitExceeded as e:
             logger.info("request from %s over a limit: %s", session.peer.host, e)
             return self._finish(
@@ -514,7 +549,7 @@ class CoapServer:
         codec = session.codec
         try:
             want_json = codec.wants_json(cm)
-            http_req = codec.decode_request(cm, tokens=session.tokens)
+            http_req = await self._decode_request(session, cm)
         except Exception:
             return False  # the normal path answers (and logs) it
         query = SyncQuery.parse(http_req.target) if http_req.method == "GET" else None

@@ -66,8 +66,9 @@ import binascii
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from synapse_coap.errors import RemoteProtocolError
@@ -101,6 +102,22 @@ _NARROW = 8
 
 _ID_LEN = 44
 _URLSAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run ``method`` under the table's lock: a table is used from the event loop and
+    from the transport's decode threads (large bodies are decoded off the loop)."""
+
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper  # type: ignore[return-value]
 
 
 class UnknownStringReference(RemoteProtocolError):
@@ -273,6 +290,7 @@ class SenderStrings:
         if first_seq is None:
             first_seq = int.from_bytes(os.urandom(3), "big") % RANDOM_START
         self._next = first_seq
+        self._lock = threading.Lock()
         self._pending: dict[int, tuple[str, ...]] = {}
         self._acked: dict[int, tuple[str, ...]] = {}
         #: the identifiers of every recent numbered request (for the server's references)
@@ -285,6 +303,7 @@ class SenderStrings:
     def next_seq(self) -> int:
         return self._next
 
+    @_locked
     def begin(
         self, ids: Sequence[str], *, wants_response: bool = False
     ) -> tuple[int, dict[str, tuple[int, int]]] | None:
@@ -315,6 +334,7 @@ class SenderStrings:
                 del self._sent[old]
         return seq, refs
 
+    @_locked
     def acknowledge(self, seq: int, response_ids: Sequence[str] = ()) -> None:
         """A 2.xx response to request ``seq`` arrived: the peer recorded its identifiers,
         and ``response_ids`` (:func:`response_identifiers` of that response) after them."""
@@ -326,6 +346,7 @@ class SenderStrings:
         for old in [s for s in self._acked if s < horizon]:
             del self._acked[old]
 
+    @_locked
     def restate(self, seq: int, ids: Sequence[str]) -> None:
         """Request ``seq`` went out with these identifiers after all (its body was
         sent as plain JSON, without body identifiers)."""
@@ -334,6 +355,7 @@ class SenderStrings:
         if seq in self._sent:
             self._sent[seq] = tuple(ids)
 
+    @_locked
     def forget(self) -> None:
         """The peer lost its table (or a new session began): reference nothing known so far.
 
@@ -364,6 +386,7 @@ class ReceiverStrings:
     """Server side: sequence number -> identifiers of recently decoded requests."""
 
     def __init__(self, capacity: int = RECEIVER_CAPACITY) -> None:
+        self._lock = threading.Lock()
         self._capacity = capacity
         self._entries: dict[int, tuple[str, ...] | None] = {}  # None = poisoned
         #: the request part of each entry (a repeated request must name the same ones)
@@ -381,6 +404,7 @@ class ReceiverStrings:
     def resolver(self, seq: int) -> Resolver:
         return Resolver(self._entries, seq)
 
+    @_locked
     def record(self, seq: int, ids: Sequence[str]) -> None:
         """A request numbered ``seq`` was decoded completely; remember its identifiers."""
         if not 0 <= seq <= MAX_SEQ or seq <= self._highest - self._capacity:
@@ -400,6 +424,7 @@ class ReceiverStrings:
                 self._requests.pop(old, None)
                 self._answered.discard(old)
 
+    @_locked
     def references(self) -> tuple[int, dict[str, tuple[int, int]]]:
         """``(H, refs)`` for a notification: identifiers of the request parts of the
         numbers within :data:`WINDOW` of the highest recorded one ``H`` (nearest first)."""
@@ -414,6 +439,7 @@ class ReceiverStrings:
                     refs[ident] = encode_ref(highest - seq + 1, pos)
         return highest, refs
 
+    @_locked
     def record_response(self, seq: int, response_ids: Sequence[str]) -> None:
         """The 2.xx answer to request ``seq`` names ``response_ids``: append them.
 

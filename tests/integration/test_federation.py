@@ -129,9 +129,24 @@ class Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.clients: list[Any] = []
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def new_client(self) -> Any:
+        """A CoapClient on this loop, closed by :meth:`close`."""
+        client = self.run(new_coap_client())
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        """Close the clients made here (their UDP sockets), then the loop."""
+        try:
+            for client in self.clients:
+                self.run(client.close(), timeout=10)
+        finally:
+            self.loop.close()
 
 
 class CoapUser(CoapMatrix):
@@ -202,8 +217,8 @@ def coap_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         for n in (hs1, hs2):
             n.start()
             started.append(n)
-        c1 = loop.run(new_coap_client())
-        c2 = loop.run(new_coap_client())
+        c1 = loop.new_client()
+        c2 = loop.new_client()
         alice, bob = CoapUser(c1, hs1), CoapUser(c2, hs2)
         loop.run(alice.register("alice"))
         loop.run(bob.register("bob"))
@@ -225,7 +240,7 @@ def coap_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         for n in started:
             if n.proc is not None:
                 n.proc.stop()
-        loop.loop.close()
+        loop.close()
 
 
 def counts(coap_pair: dict[str, Any], n: Node) -> Counter[tuple[str, str, str]]:
@@ -299,7 +314,7 @@ class TestCoapOnly:
         uri = "/_matrix/federation/v1/query/profile?" + urllib.parse.urlencode(
             {"user_id": alice.user_id, "field": "displayname"}
         )
-        raw = CoapMatrix(loop.run(new_coap_client()), hs1)  # no access token: a "server" request
+        raw = CoapMatrix(loop.new_client(), hs1)  # no access token: a "server" request
         auth = x_matrix(hs2.proc.signing_key_path, "hs2.test", "hs1.test", "GET", uri)
         ok = loop.run(raw.raw("GET", uri, headers=(("authorization", auth),)))
         assert ok.status == 200, ok.body
@@ -447,7 +462,7 @@ class TestMixed:
         try:
             hs1.start()
             hs3.start(timeout=90)
-            alice = CoapMatrix(loop.run(new_coap_client()), hs1)
+            alice = CoapMatrix(loop.new_client(), hs1)
             loop.run(alice.register("alice"))
             carol = HttpMatrix(hs3.base_url)
             loop.run(carol.register("carol"))
@@ -476,4 +491,4 @@ class TestMixed:
             if hs1.proc is not None:
                 hs1.proc.stop()
             hs3.stop()
-            loop.loop.close()
+            loop.close()

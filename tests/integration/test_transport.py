@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import functools
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from synapse_coap.errors import LinkDown, RequestTimeout
+from synapse_coap.errors import LimitExceeded, LinkDown, RemoteProtocolError, RequestTimeout
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
 from synapse_coap.noise.keys import generate_private_key, public_key
@@ -23,6 +24,7 @@ from synapse_coap.noise.trust import MemoryTrustStore, TrustPolicy
 from synapse_coap.transport.client import CoapClient, Endpoint
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.metrics import CountingMetrics
+from synapse_coap.transport.offload import INLINE_DECODE_MAX
 from synapse_coap.transport.server import CoapServer, ServerConfig
 from synapse_coap.wire.context import WireContext
 
@@ -561,3 +563,138 @@ async def test_real_codec_sticky_token_survives_server_restart(server_key: bytes
             await server2.close()
     finally:
         await client.close()
+
+
+class GatedDecodeCodec(EchoCodec):
+    """EchoCodec whose decode of a large response waits until the test lets it go.
+
+    Stands in for a large compact-CBOR body that takes long to decode. ``started``
+    is set once such a decode begins; it returns when ``release`` is set (or fails
+    after ``limit`` seconds, which only bounds a broken test)."""
+
+    started = threading.Event()
+    release = threading.Event()
+    limit = 20.0
+
+    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
+        if len(msg.payload) > INLINE_DECODE_MAX:
+            self.started.set()
+            if not self.release.wait(self.limit):
+                raise AssertionError("the large decode blocked the event loop")
+        return super().decode_response(msg, method=method)
+
+
+@aio
+async def test_large_response_decodes_off_the_loop(server_key: bytes) -> None:
+    # issue 14: a large body used to be decoded on the event loop, so every other
+    # request (and the transport itself) waited for it
+    GatedDecodeCodec.started = threading.Event()
+    GatedDecodeCodec.release = threading.Event()
+    server, _d = await start_server(server_key)
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        link=FAST,
+        codec_factory=lambda p, c: GatedDecodeCodec(p, c),
+    )
+    try:
+        big_body = bytes(range(256)) * 16  # 4 KiB: decoded on a worker thread
+        big = asyncio.ensure_future(
+            client.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
+        )
+        assert await asyncio.to_thread(GatedDecodeCodec.started.wait, 20)
+        # the big decode is still running: a small request is served meanwhile
+        small = await client.request(ep(server), HttpRequest("GET", b"/small"))
+        assert small.body == b"GET /small\n"
+        assert not big.done()
+        GatedDecodeCodec.release.set()
+        r = await big
+        assert r.status == 200 and r.body == b"POST /big\n" + big_body
+    finally:
+        GatedDecodeCodec.release.set()
+        await client.close()
+        await server.close()
+
+
+class GatedRequestCodec(EchoCodec):
+    """EchoCodec whose decode of a large request waits until the test lets it go."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def decode_request(self, msg: CoapMessage, tokens: Any = None) -> HttpRequest:
+        if len(msg.payload) > INLINE_DECODE_MAX:
+            self.started.set()
+            if not self.release.wait(20):
+                raise AssertionError("the large decode blocked the event loop")
+        return super().decode_request(msg, tokens)
+
+
+@aio
+async def test_large_request_decodes_off_the_loop(server_key: bytes) -> None:
+    # issue 14, the listener's side (the module inside Synapse, the gateway): a large
+    # request body is decoded on a worker thread; other peers are served meanwhile
+    GatedRequestCodec.started = threading.Event()
+    GatedRequestCodec.release = threading.Event()
+    server = await CoapServer.start(
+        ServerConfig(listen=(("::", 0),), static_key=server_key, link=FAST, server_name="hs.test"),
+        Dispatcher(),
+        codec_factory=lambda p, c: GatedRequestCodec(p, c),
+    )
+    uploader, other = await make_client(), await make_client()
+    try:
+        big_body = bytes(range(256)) * 16  # 4 KiB, reassembled from Block1 and then decoded
+        big = asyncio.ensure_future(
+            uploader.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
+        )
+        assert await asyncio.to_thread(GatedRequestCodec.started.wait, 20)
+        small = await other.request(ep(server), HttpRequest("GET", b"/small"))
+        assert small.body == b"GET /small\n"
+        assert not big.done()
+        GatedRequestCodec.release.set()
+        r = await big
+        assert r.status == 200 and r.body == b"POST /big\n" + big_body
+    finally:
+        GatedRequestCodec.release.set()
+        await uploader.close()
+        await other.close()
+        await server.close()
+
+
+class FailingDecodeCodec(EchoCodec):
+    """EchoCodec whose decode of a large response fails as the real codec's caps do."""
+
+    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
+        if msg.payload.startswith((b"GET /odd", b"POST /odd")):
+            raise LinkDown("a codec error that is not a protocol error")
+        if len(msg.payload) > INLINE_DECODE_MAX:
+            raise LimitExceeded("body inflates to more than 65536 bytes")
+        return super().decode_response(msg, method=method)
+
+
+@aio
+async def test_decode_errors_map_the_same_on_and_off_the_loop(server_key: bytes) -> None:
+    server, _d = await start_server(server_key)
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        link=FAST,
+        codec_factory=lambda p, c: FailingDecodeCodec(p, c),
+    )
+    try:
+        big_body = bytes(range(256)) * 16
+        # off the loop: the codec's RemoteProtocolError (here LimitExceeded) as it was
+        with pytest.raises(LimitExceeded):
+            await client.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
+        # any other codec error becomes RemoteProtocolError("undecodable response"),
+        # off the loop and inline
+        with pytest.raises(RemoteProtocolError, match="undecodable response"):
+            await client.request(ep(server), HttpRequest("POST", b"/odd", (), big_body))
+        with pytest.raises(RemoteProtocolError, match="undecodable response"):
+            await client.request(ep(server), HttpRequest("GET", b"/odd"))
+        # and the session is still usable
+        r = await client.request(ep(server), HttpRequest("GET", b"/after"))
+        assert r.body == b"GET /after\n"
+    finally:
+        await client.close()
+        await server.close()
