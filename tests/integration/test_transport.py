@@ -576,7 +576,7 @@ class GatedDecodeCodec(EchoCodec):
     release = threading.Event()
     limit = 20.0
 
-    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
+    def decode_response(self, msg: CoapMessage, *, method: int = 1, **_kw: Any) -> HttpResponse:
         if len(msg.payload) > INLINE_DECODE_MAX:
             self.started.set()
             if not self.release.wait(self.limit):
@@ -664,7 +664,7 @@ async def test_large_request_decodes_off_the_loop(server_key: bytes) -> None:
 class FailingDecodeCodec(EchoCodec):
     """EchoCodec whose decode of a large response fails as the real codec's caps do."""
 
-    def decode_response(self, msg: CoapMessage, *, method: int = 1) -> HttpResponse:
+    def decode_response(self, msg: CoapMessage, *, method: int = 1, **_kw: Any) -> HttpResponse:
         if msg.payload.startswith((b"GET /odd", b"POST /odd")):
             raise LinkDown("a codec error that is not a protocol error")
         if len(msg.payload) > INLINE_DECODE_MAX:
