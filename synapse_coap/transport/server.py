@@ -92,7 +92,7 @@ from synapse_coap.transport.noise_udp import (
     SessionEndpoint,
     normalize_address,
 )
-from synapse_coap.transport.offload import DecodePool
+from synapse_coap.transport.offload import INLINE_ENCODE_MAX, DecodePool
 from synapse_coap.transport.plain import PlainUDP
 from synapse_coap.transport.push import Observation, Registration, Registrations
 from synapse_coap.transport.replay_state import (
@@ -524,9 +524,16 @@ class CoapServer:
             advertised = advertise_observe(response.body)
             if advertised is not None:
                 response = attrs.evolve(response, body=advertised)
-        out = self._finish(
-            codec, route, started, response, want_json, method, session.tokens, request_seq(cm)
-        )
+        if len(response.body) > INLINE_ENCODE_MAX and not self._decoder.inline(
+            len(response.body)
+        ):
+            out = await self._finish_off_loop(
+                codec, route, started, response, want_json, method, session.tokens, request_seq(cm)
+            )
+        else:
+            out = self._finish(
+                codec, route, started, response, want_json, method, session.tokens, request_seq(cm)
+            )
         if (
             accept is not None
             and out.code.is_successful()
@@ -647,6 +654,35 @@ class CoapServer:
             logger.error("cannot encode the response to %s: %s", route, e)
             return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
         return out
+
+    async def _finish_off_loop(
+        self,
+        codec: Codec,
+        route: str,
+        started: float,
+        response: HttpResponse,
+        want_json: bool,
+        method: int,
+        tokens: ReceiverTokens | None,
+        seq: int | None,
+    ) -> Message:
+        """:meth:`_finish` for a large body: the encoding runs on the decode pool, so the
+        loop (Synapse's reactor, with the asyncio reactor) is not held for it."""
+        self.metrics.request(route, response.status, time.monotonic() - started)
+        strings = tokens.strings if tokens is not None else None
+        try:
+            encoded = await self._decoder.submit(
+                codec.encode_response,
+                response,
+                want_json=want_json,
+                method=method,
+                strings=strings,
+                seq=seq,
+            )
+        except SynapseCoapError as e:
+            logger.error("cannot encode the response to %s: %s", route, e)
+            return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
+        return to_aiocoap(encoded)
 
     def _unknown_token(
         self,

@@ -24,7 +24,7 @@ from synapse_coap.noise.trust import MemoryTrustStore, TrustPolicy
 from synapse_coap.transport.client import CoapClient, Endpoint
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.metrics import CountingMetrics
-from synapse_coap.transport.offload import INLINE_DECODE_MAX
+from synapse_coap.transport.offload import INLINE_DECODE_MAX, INLINE_ENCODE_MAX
 from synapse_coap.transport.server import CoapServer, ServerConfig
 from synapse_coap.wire.context import WireContext
 
@@ -657,6 +657,59 @@ async def test_large_request_decodes_off_the_loop(server_key: bytes) -> None:
     finally:
         GatedRequestCodec.release.set()
         await uploader.close()
+        await other.close()
+        await server.close()
+
+
+class GatedEncodeCodec(EchoCodec):
+    """EchoCodec whose encoding of a large response waits until the test lets it go."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def encode_response(self, resp: HttpResponse, **kw: Any) -> CoapMessage:
+        if len(resp.body) > INLINE_ENCODE_MAX:
+            self.started.set()
+            if not self.release.wait(20):
+                raise AssertionError("the large encoding blocked the event loop")
+        return super().encode_response(resp, **kw)
+
+
+class BigAnswers(Dispatcher):
+    """Answers ``/big`` with a body over the inline encoding limit, echoes the rest."""
+
+    BIG = bytes(range(256)) * 40  # 10 KiB
+
+    async def dispatch(self, req: HttpRequest, peer: Any) -> HttpResponse:
+        if req.target == b"/big":
+            return HttpResponse(200, (), self.BIG)
+        return await super().dispatch(req, peer)
+
+
+@aio
+async def test_large_response_encodes_off_the_loop(server_key: bytes) -> None:
+    # issue 14: an answer of more than INLINE_ENCODE_MAX bytes (an initial /sync) is
+    # encoded on a worker thread; other peers are served meanwhile
+    GatedEncodeCodec.started = threading.Event()
+    GatedEncodeCodec.release = threading.Event()
+    server = await CoapServer.start(
+        ServerConfig(listen=(("::", 0),), static_key=server_key, link=FAST, server_name="hs.test"),
+        BigAnswers(),
+        codec_factory=lambda p, c: GatedEncodeCodec(p, c),
+    )
+    fetcher, other = await make_client(), await make_client()
+    try:
+        big = asyncio.ensure_future(fetcher.request(ep(server), HttpRequest("GET", b"/big")))
+        assert await asyncio.to_thread(GatedEncodeCodec.started.wait, 20)
+        small = await other.request(ep(server), HttpRequest("GET", b"/small"))
+        assert small.body == b"GET /small\n"
+        assert not big.done()
+        GatedEncodeCodec.release.set()
+        r = await big
+        assert r.status == 200 and r.body == BigAnswers.BIG
+    finally:
+        GatedEncodeCodec.release.set()
+        await fetcher.close()
         await other.close()
         await server.close()
 
