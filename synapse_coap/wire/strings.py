@@ -363,7 +363,8 @@ class SenderStrings:
         """
         self._pending.clear()
         self._acked.clear()
-        self._sent.clear()
+        # (``_sent`` stays: it is what we sent under numbers never reused, and a server
+        # that answered Token-Reset may still hold its string table and reference it)
 
     def own_resolver(self, base: int) -> Callable[[int, int], str]:
         """Resolves the references of a server's notification carrying ``String-Seq: base``

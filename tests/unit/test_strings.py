@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from synapse_coap.errors import RemoteProtocolError
 from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.codec import WireCodec, request_seq
-from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
+from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
 from synapse_coap.mapping.tokens import ReceiverTokens, SenderTokens
 from synapse_coap.wire.body import decode_body, encode_body
 from synapse_coap.wire.context import WireContext
@@ -514,3 +514,16 @@ def test_the_echo_of_the_clients_own_message_references_its_text(codec: WireCode
     warm = _notification(codec, receiver, body)
     assert len(warm.payload) <= len(cold.payload) - 60  # the text and the room: 141 -> 60 B
     assert codec.decode_response(warm, strings=sender.strings).body == body
+
+
+def test_a_token_reset_does_not_make_notifications_undecodable(codec: WireCodec) -> None:
+    """Token-Reset means the server lost a token binding, not its string table: the
+    client keeps what it sent, so the server's references still resolve."""
+    sender, receiver = _sender(), _receiver()
+    send = codec.encode_request(_send(ROOM, 1), sender)
+    codec.decode_request(send, receiver)
+    reset = CoapMessage(n.UNAUTHORIZED, (CoapOption(n.OPT_TOKEN_RESET, b""),), b"")
+    assert sender.on_response(send, reset) is True  # forgets its acknowledgements
+    note = _notification(codec, receiver, _sync_body(ROOM))
+    assert note.first(n.OPT_STRING_SEQ) is not None
+    assert codec.decode_response(note, strings=sender.strings).body == _sync_body(ROOM)
