@@ -524,9 +524,7 @@ class CoapServer:
             advertised = advertise_observe(response.body)
             if advertised is not None:
                 response = attrs.evolve(response, body=advertised)
-        if len(response.body) > INLINE_ENCODE_MAX and not self._decoder.inline(
-            len(response.body)
-        ):
+        if len(response.body) > INLINE_ENCODE_MAX and not self._decoder.inline(len(response.body)):
             out = await self._finish_off_loop(
                 codec, route, started, response, want_json, method, session.tokens, request_seq(cm)
             )
