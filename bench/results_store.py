@@ -29,17 +29,36 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
-def provenance(command: str) -> dict[str, str]:
-    """Command, commit, machine, Synapse version and time of a run."""
+#: What benches write (results, profiles, rendered tables): a change there does not make
+#: a run's source "dirty" (several runs of one commit write side by side).
+OUTPUTS = ("bench/results", "bench/profiles", "README.md", "docs")
+
+
+def source_commit() -> str:
+    """The commit the code comes from, ``-dirty`` if any file other than the benches'
+    own outputs (:data:`OUTPUTS`) differs from it."""
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", "."]
+            + [f":(exclude){p}" for p in OUTPUTS],
             capture_output=True,
             text=True,
             check=False,
         ).stdout.strip()
     except OSError:
-        commit = ""
+        return ""
+    return f"{head}-dirty" if head and changed else head
+
+
+def provenance(command: str) -> dict[str, str]:
+    """Command, commit, machine, Synapse version and time of a run."""
+    commit = source_commit()
     try:
         synapse = importlib.metadata.version("matrix-synapse")
     except importlib.metadata.PackageNotFoundError:
