@@ -134,31 +134,38 @@ def _is_hash_id(s: str) -> bool:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == s[1:]
 
 
+_END = object()
+
+
+def _strings(value: Any, *, keys: bool = False) -> Iterator[str]:
+    """Every string of a JSON value in document order (depth first; map keys too, each
+    before its value, when ``keys``). Iterative: any depth."""
+    stack: list[Iterator[Any]] = [iter((value,))]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.append(iter([x for kv in item.items() for x in kv] if keys else item.values()))
+        elif isinstance(item, (list, tuple)):
+            stack.append(iter(item))
+
+
 def identifiers(value: Any) -> tuple[str, ...]:
     """The distinct 32-byte identifiers in ``value`` (values, not keys), document order.
 
     Iterative (any depth), at most :data:`MAX_IDS`.
     """
     found: dict[str, None] = {}
-    stack: list[Iterator[Any]] = [iter((value,))]
-    while stack:
-        item = next(stack[-1], _END)
-        if item is _END:
-            stack.pop()
-            continue
-        if isinstance(item, str):
-            if item not in found and _is_hash_id(item):
-                found[item] = None
-                if len(found) >= MAX_IDS:
-                    break
-        elif isinstance(item, dict):
-            stack.append(iter(item.values()))
-        elif isinstance(item, (list, tuple)):
-            stack.append(iter(item))
+    for item in _strings(value):
+        if item not in found and _is_hash_id(item):
+            found[item] = None
+            if len(found) >= MAX_IDS:
+                break
     return tuple(found)
 
-
-_END = object()
 
 #: Requests whose response names rooms the client addresses next (numbered even
 #: without identifiers of their own, so that the response's room ids are recorded).
@@ -195,21 +202,12 @@ def texts(value: Any) -> tuple[str, ...]:
     push of the client's own message (its echo) references it instead of repeating it."""
     found: dict[str, None] = {}
     total = 0
-    stack: list[Iterator[Any]] = [iter((value,))]
-    while stack:
-        item = next(stack[-1], _END)
-        if item is _END:
-            stack.pop()
-        elif isinstance(item, str):
-            if MIN_TEXT <= len(item) <= MAX_TEXT and " " in item and item not in found:
-                total += len(item)
-                if total > MAX_TEXT_TOTAL or len(found) >= MAX_IDS:
-                    break
-                found[item] = None
-        elif isinstance(item, dict):
-            stack.append(iter(item.values()))
-        elif isinstance(item, (list, tuple)):
-            stack.append(iter(item))
+    for item in _strings(value):
+        if MIN_TEXT <= len(item) <= MAX_TEXT and " " in item and item not in found:
+            total += len(item)
+            if total > MAX_TEXT_TOTAL or len(found) >= MAX_IDS:
+                break
+            found[item] = None
     return tuple(found)
 
 
@@ -233,19 +231,12 @@ def response_identifiers(body: bytes) -> tuple[str, ...]:
         return ()
     rooms: dict[str, None] = {}
     events: dict[str, None] = {}
-    stack: list[Iterator[Any]] = [iter((value,))]
-    while stack and len(rooms) < MAX_RESPONSE_IDS:
-        item = next(stack[-1], _END)
-        if item is _END:
-            stack.pop()
-        elif isinstance(item, str):
-            if _is_hash_id(item):
-                (rooms if item[0] == "!" else events)[item] = None
-        elif isinstance(item, dict):
-            # map keys too: /sync names its rooms as keys of rooms.join
-            stack.append(iter([x for kv in item.items() for x in kv]))
-        elif isinstance(item, list):
-            stack.append(iter(item))
+    # map keys too: /sync names its rooms as keys of rooms.join
+    for item in _strings(value, keys=True):
+        if _is_hash_id(item):
+            (rooms if item[0] == "!" else events)[item] = None
+            if len(rooms) >= MAX_RESPONSE_IDS:
+                break
     return _merge((rooms, events))[:MAX_RESPONSE_IDS]
 
 
@@ -291,9 +282,11 @@ class SenderStrings:
             first_seq = int.from_bytes(os.urandom(3), "big") % RANDOM_START
         self._next = first_seq
         self._lock = threading.Lock()
-        self._pending: dict[int, tuple[str, ...]] = {}
+        #: numbers sent in the last WINDOW, not yet acknowledged (their lists: ``_sent``)
+        self._pending: set[int] = set()
         self._acked: dict[int, tuple[str, ...]] = {}
-        #: the identifiers of every recent numbered request (for the server's references)
+        #: the identifiers of every recent numbered request (``SENT_HISTORY`` > ``WINDOW``:
+        #: every pending number is here; and for the server's references)
         self._sent: dict[int, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
@@ -325,9 +318,8 @@ class SenderStrings:
             for pos, ident in enumerate(self._acked[old]):
                 if ident not in refs:
                     refs[ident] = encode_ref(d, pos)
-        self._pending[seq] = tuple(ids)
-        for old in [s for s in self._pending if s <= seq - WINDOW]:
-            del self._pending[old]
+        self._pending.add(seq)
+        self._pending.difference_update([s for s in self._pending if s <= seq - WINDOW])
         self._sent[seq] = tuple(ids)
         if len(self._sent) > SENT_HISTORY:
             for old in [s for s in self._sent if s <= seq - SENT_HISTORY]:
@@ -338,10 +330,12 @@ class SenderStrings:
     def acknowledge(self, seq: int, response_ids: Sequence[str] = ()) -> None:
         """A 2.xx response to request ``seq`` arrived: the peer recorded its identifiers,
         and ``response_ids`` (:func:`response_identifiers` of that response) after them."""
-        ids = self._pending.pop(seq, None)
-        if ids is None or seq <= self._next - 1 - WINDOW:
+        if seq not in self._pending:
             return
-        self._acked[seq] = _with_response(ids, response_ids)
+        self._pending.discard(seq)
+        if seq <= self._next - 1 - WINDOW:
+            return
+        self._acked[seq] = _with_response(self._sent[seq], response_ids)
         horizon = self._next - WINDOW
         for old in [s for s in self._acked if s < horizon]:
             del self._acked[old]
@@ -350,8 +344,6 @@ class SenderStrings:
     def restate(self, seq: int, ids: Sequence[str]) -> None:
         """Request ``seq`` went out with these identifiers after all (its body was
         sent as plain JSON, without body identifiers)."""
-        if seq in self._pending:
-            self._pending[seq] = tuple(ids)
         if seq in self._sent:
             self._sent[seq] = tuple(ids)
 
