@@ -144,6 +144,28 @@ def _receiver_tokens(*, strings: bool = False) -> Any:
     return ReceiverTokens(strings=ReceiverStrings() if strings else None)
 
 
+def _encode_answer(
+    codec: Codec,
+    route: str,
+    response: HttpResponse,
+    want_json: bool,
+    method: int,
+    tokens: ReceiverTokens | None,
+    seq: int | None,
+) -> Message:
+    """The aiocoap message answering with ``response`` (5.00 if it cannot be encoded)."""
+    strings = tokens.strings if tokens is not None else None
+    try:
+        return to_aiocoap(
+            codec.encode_response(
+                response, want_json=want_json, method=method, strings=strings, seq=seq
+            )
+        )
+    except SynapseCoapError as e:
+        logger.error("cannot encode the response to %s: %s", route, e)
+        return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
+
+
 def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
     body = json.dumps({"errcode": errcode, "error": error}).encode()
     return HttpResponse(status, (("content-type", "application/json"),), body)
@@ -641,17 +663,7 @@ class CoapServer:
         """``tokens``/``seq``: the session and the String-Seq of a decoded request (its
         2xx answer's identifiers are recorded in the session string table)."""
         self.metrics.request(route, response.status, time.monotonic() - started)
-        strings = tokens.strings if tokens is not None else None
-        try:
-            out = to_aiocoap(
-                codec.encode_response(
-                    response, want_json=want_json, method=method, strings=strings, seq=seq
-                )
-            )
-        except SynapseCoapError as e:
-            logger.error("cannot encode the response to %s: %s", route, e)
-            return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
-        return out
+        return _encode_answer(codec, route, response, want_json, method, tokens, seq)
 
     async def _finish_off_loop(
         self,
@@ -667,20 +679,9 @@ class CoapServer:
         """:meth:`_finish` for a large body: the encoding runs on the decode pool, so the
         loop (Synapse's reactor, with the asyncio reactor) is not held for it."""
         self.metrics.request(route, response.status, time.monotonic() - started)
-        strings = tokens.strings if tokens is not None else None
-        try:
-            encoded = await self._decoder.submit(
-                codec.encode_response,
-                response,
-                want_json=want_json,
-                method=method,
-                strings=strings,
-                seq=seq,
-            )
-        except SynapseCoapError as e:
-            logger.error("cannot encode the response to %s: %s", route, e)
-            return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
-        return to_aiocoap(encoded)
+        return await self._decoder.submit(
+            _encode_answer, codec, route, response, want_json, method, tokens, seq
+        )
 
     def _unknown_token(
         self,
