@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from results_store import provenance, replace_block, write_dict_rows  # noqa: E402
+from results_store import cpu_seconds, provenance, replace_block, write_dict_rows  # noqa: E402
 
 from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
 from tests.harness.synapse_proc import SynapseProcess, free_port  # noqa: E402
@@ -75,16 +75,6 @@ ENDPOINTS: list[tuple[str, str, bool]] = [
     ("server keys", "/_matrix/key/v2/server", False),
     ("whoami (auth)", "/_matrix/client/v3/account/whoami", True),
 ]
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def pin(synapse_pid: int) -> str:

@@ -56,6 +56,15 @@ def source_commit() -> str:
     return f"{head}-dirty" if head and changed else head
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), in seconds, from
+    ``/proc/PID/stat`` (what the benches that read a server's own CPU use)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def provenance(command: str) -> dict[str, str]:
     """Command, commit, machine, Synapse version and time of a run."""
     commit = source_commit()

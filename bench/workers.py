@@ -71,7 +71,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from results_store import provenance, read_dict_rows, replace_block, write_dict_rows  # noqa: E402
+from results_store import (  # noqa: E402
+    cpu_seconds,
+    provenance,
+    read_dict_rows,
+    replace_block,
+    write_dict_rows,
+)
 
 from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
 from synapse_coap_lab.homeserver import SynapseProcess, free_port  # noqa: E402
@@ -92,19 +98,9 @@ ROUTES = [
     r"^/_matrix/client/(r0|v3|unstable)/profile/",
 ]
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
 
 def log(msg: str) -> None:
     print(f"[workers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def cpu_of(pids: Sequence[int]) -> float:
@@ -491,7 +487,7 @@ def bound_text(meta: dict[str, str], f: dict[str, dict[str, list[float]]]) -> st
         f"(medians), so {cores} fully busy cores would carry at most about {bound} requests/s. "
         "The ratio shows what a second listener worker adds on this machine, not how the "
         "deployment scales on hardware with a core per worker. CPU times come in "
-        f"1/{_TICK} s ticks."
+        f"1/{os.sysconf('SC_CLK_TCK')} s ticks."
     )
 
 
