@@ -55,15 +55,12 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +78,21 @@ from results_store import (  # noqa: E402
 
 from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
 from synapse_coap_lab.homeserver import SynapseProcess, free_port  # noqa: E402
+from synapse_coap_lab.services import (  # noqa: E402
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    REDIS_HOST,
+    REDIS_PORT,
+    fresh_pg_database,
+    pg_connect,
+    redis_unavailable,
+)
 
 SERVER_NAME = "workers-bench.test"  # also the Redis channel prefix
 READY = r"synapse-coap: CoAP listener ready"
-REDIS = ("127.0.0.1", 6379)
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+REDIS = (REDIS_HOST, REDIS_PORT)
+PG = {"host": PG_HOST, "port": PG_PORT, "user": PG_USER}
 RESULTS_CSV = ROOT / "bench" / "results" / "workers.csv"
 DOC = ROOT / "docs" / "benchmarks.md"
 BLOCK = "workers"
@@ -119,41 +126,6 @@ def own_cpu() -> float:
 
 
 # -- the deployment -----------------------------------------------------------------
-
-
-def redis_ok() -> str | None:
-    try:
-        with socket.create_connection(REDIS, timeout=2) as sock:
-            sock.sendall(b"PING\r\n")
-            if not sock.recv(16).startswith(b"+PONG"):
-                return "no PONG"
-    except OSError as e:
-        return str(e)
-    return None
-
-
-def pg_connect(dbname: str = "postgres") -> Any:
-    import psycopg2
-
-    conn = psycopg2.connect(dbname=dbname, **PG)
-    conn.autocommit = True
-    return conn
-
-
-@contextmanager
-def fresh_database() -> Any:
-    name = f"synapse_coap_bench_{uuid.uuid4().hex[:12]}"
-    conn = pg_connect()
-    with conn.cursor() as cur:
-        cur.execute(
-            f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
-        )
-    try:
-        yield name
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
 
 
 def db_backends(dbname: str) -> list[int]:
@@ -602,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rounds < MIN_ROUNDS:
         parser.error(f"--rounds must be at least {MIN_ROUNDS}")
-    why = redis_ok()
+    why = redis_unavailable()
     if why:
         raise SystemExit(f"Redis is not reachable on {REDIS[0]}:{REDIS[1]}: {why}")
     command = "python bench/workers.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -610,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["note"] = f"machine shared with other work; client not pinned, at nice +{args.client_nice}"
     root = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     log(f"work directory {root}")
-    with fresh_database() as dbname:
+    with fresh_pg_database("synapse_coap_bench") as dbname:
         dep = Deployment(root, dbname)
         try:
             dep.start()

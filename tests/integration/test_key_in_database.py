@@ -124,7 +124,8 @@ class KeyRaceProbe:
 def test_instances_starting_together_agree_on_one_key_on_postgres(tmp_path: Path) -> None:
     """Concurrent first starts on a fresh PostgreSQL database (Synapse's own pool,
     REPEATABLE READ, several connections): one candidate is stored, all read it."""
-    from tests.integration.test_module_store import PG_HOST, PG_PORT, PG_USER, fresh_pg_database
+    from synapse_coap_lab.services import PG_HOST, PG_PORT, PG_USER
+    from tests.integration.test_module_store import fresh_pg_database
 
     with fresh_pg_database() as dbname:
         proc = SynapseProcess(

@@ -15,21 +15,20 @@ import contextlib
 import json
 import logging
 import re
-import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from synapse_coap_lab import services
+from synapse_coap_lab.services import PG_HOST, PG_PORT, PG_USER, pg_connect, pg_unavailable
 from tests.harness.synapse_proc import SynapseProcess, free_port
 
 pytestmark = pytest.mark.integration
 
 logger = logging.getLogger(__name__)
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(32, 64))
 KEY_C = bytes(range(64, 96))
@@ -71,45 +70,14 @@ class TrustProbe:
         return config
 
 
-def pg_available() -> str | None:
-    try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        return "psycopg2 is not installed (pip install psycopg2-binary, Synapse's postgres extra)"
-    try:
-        with socket.create_connection((PG_HOST, PG_PORT), timeout=2):
-            pass
-    except OSError as e:
-        return f"PostgreSQL is not reachable on {PG_HOST}:{PG_PORT} ({e})"
-    return None
-
-
-def pg_connect(dbname: str = "postgres") -> Any:
-    import psycopg2
-
-    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname)
-    conn.autocommit = True
-    return conn
-
-
 @contextlib.contextmanager
 def fresh_pg_database() -> Iterator[str]:
     """A new, empty PostgreSQL database for one test (skipped, saying why, without a server)."""
-    why = pg_available()
+    why = pg_unavailable()
     if why:
         pytest.skip(f"PostgreSQL test skipped: {why}")
-    name = f"synapse_coap_test_{uuid.uuid4().hex[:12]}"
-    conn = pg_connect()
-    with conn.cursor() as cur:
-        cur.execute(
-            f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
-        )
-    try:
+    with services.fresh_pg_database() as name:
         yield name
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -12,7 +12,6 @@ going when generic1 is killed mid-stream.
 from __future__ import annotations
 
 import json
-import socket
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,25 +20,29 @@ from typing import Any
 import pytest
 import yaml
 
+from synapse_coap_lab.services import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    REDIS_HOST,
+    REDIS_PORT,
+    redis_unavailable,
+)
 from tests.harness.synapse_proc import SynapseProcess, free_port
 from tests.integration.test_module import Client, Homeserver, run
-from tests.integration.test_module_store import PG_HOST, PG_PORT, PG_USER, fresh_pg_database
+from tests.integration.test_module_store import fresh_pg_database
 
 pytestmark = pytest.mark.integration
 
 SERVER_NAME = "workers.test"  # also the Redis channel prefix: unique to this test
 READY = r"synapse-coap: CoAP listener ready"
-REDIS = ("127.0.0.1", 6379)
+REDIS = (REDIS_HOST, REDIS_PORT)
 
 
 def _redis_or_skip() -> None:
-    try:
-        with socket.create_connection(REDIS, timeout=2) as sock:
-            sock.sendall(b"PING\r\n")
-            if not sock.recv(16).startswith(b"+PONG"):
-                raise OSError("no PONG")
-    except OSError as e:
-        pytest.skip(f"Redis is not reachable on {REDIS[0]}:{REDIS[1]} ({e}): worker test skipped")
+    why = redis_unavailable()
+    if why:
+        pytest.skip(f"Redis is not reachable on {REDIS[0]}:{REDIS[1]} ({why}): worker test skipped")
 
 
 class Deployment:
