@@ -93,6 +93,13 @@ class AttackRow:
     honest_ratio: float
     honest_max_ms: float
     amplification: float
+    honest_quiet_min_ms: float = 0.0
+    honest_quiet_max_ms: float = 0.0
+    honest_min_ms: float = 0.0
+    honest_n: int = 0
+    loop_lag_worst_ms: float = 0.0
+    loop_lag_over_50ms: int = 0
+    loop_lag_samples: int = 0
 
 
 # --------------------------------------------------------------------------- the server
@@ -259,14 +266,45 @@ def counted_delta(before: dict[str, float], after: dict[str, float], *prefixes: 
     return "; ".join(moved) or "-"
 
 
+LAG = "synapse_coap_loop_lag_seconds"
+
+
+def loop_lag(before: dict[str, float], after: dict[str, float]) -> tuple[float, int, int]:
+    """From the module's loop-lag histogram between two scrapes: (the upper bound of the
+    worst lag seen, in ms: the smallest bucket holding every sample; the samples over
+    50 ms; the samples)."""
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    total = int(delta(LAG + "_count{}"))
+    buckets = sorted(
+        (float(key.split("le=", 1)[1].rstrip("}")), key)
+        for key in after
+        if key.startswith(LAG + "_bucket{") and "+Inf" not in key
+    )
+    worst = float("inf")
+    over = total
+    for le, key in buckets:
+        if le <= 0.05:
+            over = total - int(delta(key))
+        if delta(key) >= total and worst == float("inf"):
+            worst = le
+    return (round(worst * 1000, 1) if total else 0.0), over, total
+
+
 # --------------------------------------------------------------------------- measuring
 
 
 class Observer:
-    """While a case runs: the honest client's latency and the server's peak RSS."""
+    """While a case runs: the honest client's latency and the server's peak RSS.
 
-    def __init__(self, target: Target) -> None:
+    ``honest=False``: the case times the honest client itself (requests sent while
+    a crafted body is being decoded) and returns those latencies."""
+
+    def __init__(self, target: Target, *, honest: bool = True) -> None:
         self.target = target
+        self.honest = honest
         self.latencies: list[float] = []
         self.peak = 0
         self._stop = asyncio.Event()
@@ -282,7 +320,9 @@ class Observer:
             await asyncio.sleep(0.2)
 
     async def run(self, attack: Awaitable[Any]) -> Any:
-        tasks = [asyncio.ensure_future(self._honest()), asyncio.ensure_future(self._memory())]
+        tasks = [asyncio.ensure_future(self._memory())]
+        if self.honest:
+            tasks.append(asyncio.ensure_future(self._honest()))
         try:
             return await attack
         finally:
@@ -290,30 +330,44 @@ class Observer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+#: The attack's result: datagrams or messages sent, what was answered, amplification,
+#: and (cases that time the honest client themselves) the honest latencies.
+Outcome = tuple[int, str, float] | tuple[int, str, float, list[float]]
+
+#: Honest requests timed on a quiet server just before each case (its baseline).
+QUIET_N = 10
+
+
 async def case(
     target: Target,
     name: str,
-    attack: Callable[[], Awaitable[tuple[int, str, float]]],
-    quiet: list[float],
+    attack: Callable[[], Awaitable[Outcome]],
     *,
     settle: float = 3.0,
+    honest: bool = True,
     prefixes: tuple[str, ...] = (
         "synapse_coap_dropped_total",
         "synapse_coap_handshakes_total",
         "synapse_coap_requests_total",
     ),
 ) -> AttackRow:
+    # the baseline side by side with the case: the machine is shared, its load drifts
+    quiet = await target.quiet_latency(QUIET_N)
     before_metrics = target.metrics()
     before_tb = target.tracebacks()
     rss_before = target.rss()
-    obs = Observer(target)
+    obs = Observer(target, honest=honest)
     obs.peak = rss_before
-    sent, answered, amplification = await obs.run(attack())
+    outcome = await obs.run(attack())
+    sent, answered, amplification = outcome[:3]
+    latencies = obs.latencies if honest else list(outcome[3])
+    during = target.metrics()
     await asyncio.sleep(settle)
     alive = target.alive()
     rss_after = target.rss() if alive else 0
     q = statistics.median(quiet)
-    a = statistics.median(obs.latencies) if obs.latencies else float("nan")
+    a = statistics.median(latencies) if latencies else float("nan")
+    worst, over, samples = loop_lag(before_metrics, during)
     row = AttackRow(
         case=name,
         sent=sent,
@@ -327,8 +381,15 @@ async def case(
         honest_quiet_ms=round(q * 1000, 1),
         honest_attack_ms=round(a * 1000, 1),
         honest_ratio=round(a / q, 2),
-        honest_max_ms=round(max(obs.latencies, default=0.0) * 1000, 1),
+        honest_max_ms=round(max(latencies, default=0.0) * 1000, 1),
         amplification=round(amplification, 2),
+        honest_quiet_min_ms=round(min(quiet) * 1000, 1),
+        honest_quiet_max_ms=round(max(quiet) * 1000, 1),
+        honest_min_ms=round(min(latencies, default=0.0) * 1000, 1),
+        honest_n=len(latencies),
+        loop_lag_worst_ms=worst,
+        loop_lag_over_50ms=over,
+        loop_lag_samples=samples,
     )
     print(format_row(row), flush=True)
     return row
@@ -338,8 +399,11 @@ def format_row(r: AttackRow) -> str:
     return (
         f"{r.case}: sent {r.sent:,}; answered {r.answered}; counted {r.counted}; "
         f"crashed {r.crashed}; tracebacks {r.tracebacks}; RSS {r.rss_before_mb} -> peak "
-        f"{r.rss_peak_mb} -> {r.rss_after_mb} MB; honest median {r.honest_quiet_ms} ms quiet, "
-        f"{r.honest_attack_ms} ms under attack ({r.honest_ratio}x, max {r.honest_max_ms} ms); "
+        f"{r.rss_peak_mb} -> {r.rss_after_mb} MB; honest median {r.honest_quiet_ms} ms quiet "
+        f"(min {r.honest_quiet_min_ms}, max {r.honest_quiet_max_ms}), {r.honest_attack_ms} ms "
+        f"under attack ({r.honest_ratio}x, min {r.honest_min_ms}, max {r.honest_max_ms} ms, "
+        f"n={r.honest_n}); loop lag worst <= {r.loop_lag_worst_ms} ms, "
+        f"{r.loop_lag_over_50ms} of {r.loop_lag_samples} samples over 50 ms; "
         f"amplification {r.amplification}x"
     )
 
@@ -574,6 +638,125 @@ async def session_attacks(target: Target) -> tuple[int, str, float]:
         peer.close()
 
 
+def _deflate(cbor: bytes) -> bytes:
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return b"\xfc" + z.compress(cbor) + z.flush()
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR head (RFC 8949 3.1)."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * width):
+            return bytes([major << 5 | info]) + n.to_bytes(width, "big")
+    raise ValueError(n)
+
+
+def two_million_items() -> bytes:
+    """An array of 2,000,000 zeros, DEFLATEd: about 1.9 KB on the wire (issue 14)."""
+    return _deflate(_head(4, 2_000_000) + b"\x00" * 2_000_000)
+
+
+def sixty_mib_string() -> bytes:
+    """A 60 MiB text string, DEFLATEd: about 61 KB on the wire (issue 14's finding:
+    before the expansion cap it was forwarded upstream as a 60 MiB request)."""
+    n = 60 * MB
+    return _deflate(_head(3, n) + b"a" * n)
+
+
+def widest_accepted(size: int = 61_000, expansion: int = 32) -> bytes:
+    """About ``size`` bytes on the wire that inflate to just under the expansion cap
+    (``expansion`` x) and decode to the most output per byte the decoder has: an
+    event-id list tag (one JSON string per 32 bytes), next to random text that keeps
+    the body from compressing better. Accepted by the caps; decoded and forwarded."""
+    rnd = random.Random(61)
+    lo, hi = 0, 4 * size
+    while True:
+        n = (lo + hi) // 2
+        pad = "".join(rnd.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=n)).encode()
+        ids = (expansion * size - n - 64) // 32
+        cbor = (
+            _head(5, 2)
+            + _head(3, 3)
+            + b"pad"
+            + _head(3, n)
+            + pad
+            + _head(3, 3)
+            + b"ids"
+            + _head(6, 19)
+            + _head(2, 32 * ids)
+            + rnd.randbytes(32) * ids
+        )
+        body = _deflate(cbor)
+        if len(body) <= size and (size - len(body) < 200 or hi - lo < 2):
+            return body
+        if len(body) < size:
+            lo = n
+        else:
+            hi = n
+
+
+async def crafted_body(target: Target, which: str, repeat: int = 5) -> Outcome:
+    """A crafted request body from a peer with a valid session, sent ``repeat`` times;
+    each time an honest request is sent right after the body's last block (while the
+    listener decodes it) and timed."""
+    body = {
+        "2m": two_million_items,
+        "60mib": sixty_mib_string,
+        "widest": widest_accepted,
+    }[which]()
+    peer = await RawPeer(target.address).open()
+    try:
+        await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
+        results: list[int] = []
+        latencies: list[float] = []
+        for rep in range(repeat):
+            put = request_bytes(
+                "PUT",
+                b"/_matrix/client/v3/rooms/!r:x/send/m.room.message/crafted%d" % rep,
+                1,
+                token=target.token,
+                body=b"{}",
+                ctype="application/json",
+            )
+            m = with_body(put, body)
+            token = 1000 + rep
+            m = m[:4] + token.to_bytes(4, "big") + m[8:]
+            code, honest = await send_blockwise_timed(peer, m, 1000 * (rep + 1), target)
+            results.append(code)
+            latencies.append(honest)
+        answered = f"{len(body):,} B: {codes(results)}"
+        return repeat, answered, 0.0, latencies
+    finally:
+        peer.close()
+
+
+async def send_blockwise_timed(
+    peer: RawPeer, message: bytes, mid: int, target: Target
+) -> tuple[int, float]:
+    """Send ``message`` with Block1; an honest request goes out together with the last
+    block. (the final code, the honest request's seconds)."""
+    from aiocoap.message import Message
+
+    payload = Message.decode(message).payload
+    head = with_body(message, b"")
+    blocks = (len(payload) + 1023) // 1024
+    for num in range(blocks):
+        chunk = payload[num * 1024 : (num + 1) * 1024]
+        more = num + 1 < blocks
+        m = with_block(head, 27, num, more, chunk)
+        m = m[:2] + ((mid + num) & 0xFFFF).to_bytes(2, "big") + m[4:]
+        if more:
+            code = (await exchange(peer, [m]))[0]
+            if code != 95:  # not 2.31 Continue: refused early
+                return code, await target.honest_request()
+            continue
+        answer, honest = await asyncio.gather(exchange(peer, [m]), target.honest_request())
+        return answer[0], honest
+    raise ValueError("empty body")
+
+
 async def abandoned_transfers(target: Target, count: int) -> tuple[int, str, float]:
     peers = [await RawPeer(target.address, bind=f"127.15.{i}.1").open() for i in range(20)]
     try:
@@ -639,43 +822,60 @@ async def campaign(
         [] if quick else ["127.0.2.0"]
     )
     k = 100 if quick else 1_000
-    cases: list[tuple[str, Callable[[], Awaitable[tuple[int, str, float]]], float]] = [
+    #: (name, attack, settle seconds, the honest client timed by the observer)
+    cases: list[tuple[str, Callable[[], Awaitable[Outcome]], float, bool]] = [
         (
             f"{datagrams:,} random/mutated datagrams",
             lambda: fuzz(target, datagrams, rate),
             10.0,
+            True,
         ),
-        (f"{n:,} mutated CoAP messages in a session", lambda: in_session(target, n), 3.0),
+        (f"{n:,} mutated CoAP messages in a session", lambda: in_session(target, n), 3.0, True),
         (
             f"handshake flood: {ports:,} ports of one address",
             lambda: handshake_flood(target, ["127.0.3.1"], ports, 2),
             3.0,
+            True,
         ),
         (
             f"handshake flood: {len(hosts)} addresses of a /24, 4 ports each",
             lambda: handshake_flood(target, hosts, 4, 2),
             3.0,
+            True,
         ),
-        ("DEFLATE bomb, CBOR 10,000 deep, 2^32 length", lambda: session_attacks(target), 3.0),
+        (
+            "DEFLATE bomb, CBOR 10,000 deep, 2^32 length",
+            lambda: session_attacks(target),
+            3.0,
+            True,
+        ),
+        ("2,000,000-item body (x5)", lambda: crafted_body(target, "2m"), 3.0, False),
+        ("61 KB body inflating to 60 MiB (x5)", lambda: crafted_body(target, "60mib"), 3.0, False),
+        (
+            "61 KB body at the expansion cap: 61,000 event ids (x5)",
+            lambda: crafted_body(target, "widest"),
+            3.0,
+            False,
+        ),
         (
             f"{k:,} abandoned Block1 uploads + {k:,} Block2 fetches",
             lambda: abandoned_transfers(target, k),
             TRANSFER_TIMEOUT * 1.5,
+            True,
         ),
-        ("40 requests in flight on one session (limit 32)", lambda: over_limit(target, 40), 3.0),
+        (
+            "40 requests in flight on one session (limit 32)",
+            lambda: over_limit(target, 40),
+            3.0,
+            True,
+        ),
     ]
     try:
-        quiet = await target.quiet_latency(10 if quick else 30)
-        print(
-            f"honest client quiet: median {statistics.median(quiet) * 1000:.1f} ms "
-            f"(min {min(quiet) * 1000:.1f}, max {max(quiet) * 1000:.1f}, n={len(quiet)})",
-            flush=True,
-        )
-        for name, attack, settle in cases:
+        for name, attack, settle, honest in cases:
             if only and only not in name:
                 continue
             try:
-                rows.append(await case(target, name, attack, quiet, settle=settle))
+                rows.append(await case(target, name, attack, settle=settle, honest=honest))
             except Exception as e:  # a failed case is a result too
                 print(f"{name}: failed: {e!r}", flush=True)
                 rows.append(

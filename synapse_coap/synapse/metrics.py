@@ -72,6 +72,13 @@ PUSH_REGISTRATIONS = Gauge(
     "Live /sync push (Observe) registrations",
     labelnames=[SERVER_NAME_LABEL],
 )
+LOOP_LAG = Histogram(
+    "synapse_coap_loop_lag_seconds",
+    "How late the listener's event loop woke a probe task that sleeps 10 ms at a time: "
+    "a stall of the loop of B seconds gives one sample between B - 0.01 and B",
+    labelnames=[SERVER_NAME_LABEL],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 
 
 class SynapseCoapMetrics:
@@ -119,3 +126,6 @@ class SynapseCoapMetrics:
 
     def push_registrations(self, count: int) -> None:
         self._child(PUSH_REGISTRATIONS).set(count)
+
+    def loop_lag(self, seconds: float) -> None:
+        self._child(LOOP_LAG).observe(seconds)

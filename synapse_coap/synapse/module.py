@@ -16,6 +16,7 @@ itself is the transport's :class:`~synapse_coap.transport.server.CoapServer`.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -153,7 +154,6 @@ class CoapModule:
         server_name = self._homeserver.hostname
 
         async def make_client() -> Any:
-            import asyncio
 
             from synapse_coap.transport.client import CoapClient
 
@@ -248,6 +248,7 @@ class CoapModule:
         self.public_key = keys.public_key(private)
 
     async def _start_server(self) -> None:
+        from synapse_coap.transport.looplag import LoopLagProbe
         from synapse_coap.transport.server import CoapServer, ServerConfig
 
         config = self._config
@@ -289,7 +290,15 @@ class CoapModule:
         metrics = self.metrics
 
         async def start() -> Any:
-            return await CoapServer.start(server_config, serving, metrics=metrics)
+            server = await CoapServer.start(server_config, serving, metrics=metrics)
+            # the loop's stalls, as synapse_coap_loop_lag_seconds
+            probe = asyncio.ensure_future(LoopLagProbe(metrics.loop_lag).run())
+
+            async def stop_probe() -> None:
+                probe.cancel()
+
+            bridge.on_stop(stop_probe)
+            return server
 
         server = await make_deferred_yieldable(bridge.submit(start))
         self.server = server
