@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:
 from bench.results_store import RESULTS, provenance, read_rows, write_rows  # noqa: E402
 from synapse_coap.mapping.codec import WireCodec  # noqa: E402
 from synapse_coap.mapping.messages import HttpRequest  # noqa: E402
+from synapse_coap.wire.body import REQUEST_BODY_LIMITS  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.profile import load_profile  # noqa: E402
 from synapse_coap_lab.attack import (  # noqa: E402
@@ -140,6 +141,7 @@ class Target:
         self.endpoint: Any = None
         self.token = ""
         self.media_path = b""
+        self.honest: HonestClient | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -169,6 +171,8 @@ class Target:
             raise RuntimeError(f"media upload: {resp.status}")
         mxc = json.loads(resp.body)["content_uri"][len("mxc://") :]
         self.media_path = f"/_matrix/client/v1/media/download/{mxc}".encode()
+        self.honest = HonestClient(self)
+        await self.honest.start()
 
     async def new_client(self) -> tuple[Any, Any]:
         from synapse_coap.noise.keys import generate_private_key
@@ -220,7 +224,12 @@ class Target:
         return time.perf_counter() - started
 
     async def quiet_latency(self, n: int) -> list[float]:
-        return [await self.honest_request() for _ in range(n)]
+        return await self.honest_client().quiet(n)
+
+    def honest_client(self) -> HonestClient:
+        if self.honest is None:
+            raise RuntimeError("the honest client is not running")
+        return self.honest
 
     def rss(self) -> int:
         pid = self.proc.pid
@@ -254,6 +263,120 @@ class Target:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+# --------------------------------------------------------------------------- the honest client
+
+
+async def _whoami(client: Any, ep: Any, token: str) -> float:
+    """One authenticated request (GET /account/whoami); seconds."""
+    started = time.perf_counter()
+    resp = await client.request(
+        ep,
+        HttpRequest(
+            "GET",
+            b"/_matrix/client/v3/account/whoami",
+            (("authorization", f"Bearer {token}"),),
+            b"",
+        ),
+        timeout=30,
+    )
+    if resp.status != 200:
+        raise RuntimeError(f"honest request: {resp.status}")
+    return time.perf_counter() - started
+
+
+async def _honest_loop(conn: Any, port: int, public_key: bytes, token: str) -> None:
+    from synapse_coap.noise.keys import generate_private_key
+    from synapse_coap.noise.trust import TrustPolicy
+    from synapse_coap.transport.client import CoapClient, Endpoint
+
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(pinned={SERVER_NAME: public_key}),
+        bind=("127.0.0.1", 0),
+    )
+    ep = Endpoint("127.0.0.1", port, peer_name=SERVER_NAME, static_key=public_key, secure=True)
+    loop = asyncio.get_running_loop()
+    try:
+        await _whoami(client, ep, token)  # the handshake, before any timing
+        conn.send(("ready", None))
+        while True:
+            cmd, arg = await loop.run_in_executor(None, conn.recv)
+            if cmd == "quiet":
+                conn.send(("ok", [await _whoami(client, ep, token) for _ in range(arg)]))
+            elif cmd == "one":
+                conn.send(("ok", await _whoami(client, ep, token)))
+            elif cmd == "run":  # requests 50 ms apart until "stop"
+                stop = loop.run_in_executor(None, conn.recv)
+                times: list[float] = []
+                while not stop.done():
+                    times.append(await _whoami(client, ep, token))
+                    await asyncio.wait([stop], timeout=0.05)
+                conn.send(("ok", times))
+            else:
+                return
+    finally:
+        await client.close()
+
+
+def _honest_main(conn: Any, port: int, public_key: bytes, token: str) -> None:
+    asyncio.run(_honest_loop(conn, port, public_key, token))
+
+
+class HonestClient:
+    """The honest client in a process of its own: timed by itself, so the attack
+    traffic this process generates (key generation for floods, mutation, encryption)
+    does not slow its event loop and inflate its latencies."""
+
+    def __init__(self, target: Target) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_honest_main,
+            args=(child, target.port, target.public_key, target.token),
+            daemon=True,
+        )
+        self._lock = asyncio.Lock()
+
+    async def _call(self, cmd: str, arg: Any = None) -> Any:
+        self.conn.send((cmd, arg))
+        _status, value = await asyncio.to_thread(self.conn.recv)
+        return value
+
+    async def start(self) -> None:
+        self.proc.start()
+        status, _ = await asyncio.to_thread(self.conn.recv)
+        if status != "ready":
+            raise RuntimeError("honest client did not start")
+
+    async def quiet(self, n: int) -> list[float]:
+        async with self._lock:
+            return list(await self._call("quiet", n))
+
+    async def one(self) -> float:
+        async with self._lock:
+            return float(await self._call("one"))
+
+    async def run_until(self, done: asyncio.Event) -> list[float]:
+        """Requests 50 ms apart until ``done`` is set; their latencies."""
+        async with self._lock:
+            self.conn.send(("run", None))
+            await done.wait()
+            self.conn.send(("stop", None))
+            _status, value = await asyncio.to_thread(self.conn.recv)
+            return list(value)
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("exit", None))
+        except OSError:
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 def counted_delta(before: dict[str, float], after: dict[str, float], *prefixes: str) -> str:
@@ -310,9 +433,7 @@ class Observer:
         self._stop = asyncio.Event()
 
     async def _honest(self) -> None:
-        while not self._stop.is_set():
-            self.latencies.append(await self.target.honest_request())
-            await asyncio.sleep(0.05)
+        self.latencies = await self.target.honest_client().run_until(self._stop)
 
     async def _memory(self) -> None:
         while not self._stop.is_set():
@@ -665,36 +786,68 @@ def sixty_mib_string() -> bytes:
     return _deflate(_head(3, n) + b"a" * n)
 
 
-def widest_accepted(size: int = 61_000, expansion: int = 32) -> bytes:
-    """About ``size`` bytes on the wire that inflate to just under the expansion cap
-    (``expansion`` x) and decode to the most output per byte the decoder has: an
-    event-id list tag (one JSON string per 32 bytes), next to random text that keeps
-    the body from compressing better. Accepted by the caps; decoded and forwarded."""
+#: The listener's expansion cap for request bodies (the "at the cap" bodies use it).
+EXPANSION = REQUEST_BODY_LIMITS.max_expansion
+
+
+def _at_cap(size: int, expansion: int, tail: Callable[[int], bytes]) -> bytes:
+    """A DEFLATEd map {"pad": random text, "x": tail(n)} of about ``size`` bytes on the
+    wire whose CBOR is just under ``expansion`` times that: the random text keeps the
+    body from compressing better, ``tail(n)`` is the crafted part of about n bytes."""
     rnd = random.Random(61)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     lo, hi = 0, 4 * size
     while True:
         n = (lo + hi) // 2
-        pad = "".join(rnd.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=n)).encode()
-        ids = (expansion * size - n - 64) // 32
-        cbor = (
-            _head(5, 2)
-            + _head(3, 3)
-            + b"pad"
-            + _head(3, n)
-            + pad
-            + _head(3, 3)
-            + b"ids"
-            + _head(6, 19)
-            + _head(2, 32 * ids)
-            + rnd.randbytes(32) * ids
-        )
-        body = _deflate(cbor)
-        if len(body) <= size and (size - len(body) < 200 or hi - lo < 2):
+        pad = "".join(rnd.choices(alphabet, k=n)).encode()
+        head = _head(5, 2) + _head(3, 3) + b"pad" + _head(3, n) + pad + _head(3, 1) + b"x"
+        room = expansion * size - len(head)
+        while True:
+            cbor = head + tail(room)
+            body = _deflate(cbor)
+            over = len(cbor) - expansion * len(body)
+            if over <= 0:
+                break
+            room -= over + 64
+        if size - 200 <= len(body) <= size or hi - lo < 2:
             return body
         if len(body) < size:
             lo = n
         else:
             hi = n
+
+
+def widest_accepted(size: int = 61_000, expansion: int = EXPANSION) -> bytes:
+    """About ``size`` bytes on the wire that inflate to just under the expansion cap
+    (``expansion`` x) and decode to the most output per byte the decoder has: an
+    event-id list tag (one JSON string per 32 bytes of CBOR)."""
+    ident = random.Random(63).randbytes(32)
+
+    def ids(room: int) -> bytes:
+        k = (room - 16) // 32
+        return _head(6, 19) + _head(2, 32 * k) + ident * k
+
+    return _at_cap(size, expansion, ids)
+
+
+def escapes_accepted(size: int = 61_000, expansion: int = EXPANSION) -> bytes:
+    """About ``size`` bytes on the wire that inflate to just under the expansion cap
+    into one text string of control characters: each byte becomes 6 bytes of JSON
+    (``\\u0001``) when the listener turns the body into JSON for Synapse."""
+
+    def ctl(room: int) -> bytes:
+        k = room - 16
+        return _head(3, k) + b"\x01" * k
+
+    return _at_cap(size, expansion, ctl)
+
+
+def ordinary_body(size: int = 61_000) -> bytes:
+    """The control: about ``size`` bytes of random text in one JSON string, which
+    DEFLATE cannot shrink much, sent and timed the same way as the crafted bodies."""
+    rnd = random.Random(64)
+    text = "".join(rnd.choices("abcdefghijklmnopqrstuvwxyz0123456789 ", k=size)).encode()
+    return _deflate(_head(5, 1) + _head(3, 1) + b"x" + _head(3, len(text)) + text)
 
 
 async def crafted_body(target: Target, which: str, repeat: int = 5) -> Outcome:
@@ -705,6 +858,8 @@ async def crafted_body(target: Target, which: str, repeat: int = 5) -> Outcome:
         "2m": two_million_items,
         "60mib": sixty_mib_string,
         "widest": widest_accepted,
+        "escapes": escapes_accepted,
+        "ordinary": ordinary_body,
     }[which]()
     peer = await RawPeer(target.address).open()
     try:
@@ -750,9 +905,9 @@ async def send_blockwise_timed(
         if more:
             code = (await exchange(peer, [m]))[0]
             if code != 95:  # not 2.31 Continue: refused early
-                return code, await target.honest_request()
+                return code, await target.honest_client().one()
             continue
-        answer, honest = await asyncio.gather(exchange(peer, [m]), target.honest_request())
+        answer, honest = await asyncio.gather(exchange(peer, [m]), target.honest_client().one())
         return answer[0], honest
     raise ValueError("empty body")
 
@@ -849,11 +1004,23 @@ async def campaign(
             3.0,
             True,
         ),
+        (
+            "control: 61 KB ordinary body, sent the same way (x5)",
+            lambda: crafted_body(target, "ordinary"),
+            3.0,
+            False,
+        ),
         ("2,000,000-item body (x5)", lambda: crafted_body(target, "2m"), 3.0, False),
         ("61 KB body inflating to 60 MiB (x5)", lambda: crafted_body(target, "60mib"), 3.0, False),
         (
-            "61 KB body at the expansion cap: 61,000 event ids (x5)",
+            f"61 KB body inflating {EXPANSION}x to event-id lists (x5)",
             lambda: crafted_body(target, "widest"),
+            3.0,
+            False,
+        ),
+        (
+            f"61 KB body inflating {EXPANSION}x to control characters (x5)",
+            lambda: crafted_body(target, "escapes"),
             3.0,
             False,
         ),
@@ -898,6 +1065,8 @@ async def campaign(
                 )
     finally:
         await target.client.close()
+        if target.honest is not None:
+            target.honest.close()
         target.stop()
     return rows
 

@@ -593,9 +593,13 @@ class WireCodec:
                     compact = (
                         [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))] if label else []
                     )
+                    # the receiver's expansion cap: a listener's for a request
+                    limits = DEFAULT_BODY_LIMITS if label else REQUEST_BODY_LIMITS
                     if refs is None or value is _NOT_PARSED:
-                        return compact, self._encode_json_body(body, value)
-                    return compact, encode_body(value, self.profile, self.context, refs)
+                        return compact, self._encode_json_body(body, value, limits.max_expansion)
+                    return compact, encode_body(
+                        value, self.profile, self.context, refs, limits.max_expansion
+                    )
                 except (ValueError, LocalProtocolError, RecursionError) as e:
                     logger.debug("JSON body sent raw: %s", type(e).__name__)
             return [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_JSON))], body
@@ -650,7 +654,12 @@ class WireCodec:
             )
         return [("content-type", n.JSON_MEDIA_TYPE)], body, value
 
-    def _encode_json_body(self, body: bytes, value: Any = _NOT_PARSED) -> bytes:
+    def _encode_json_body(
+        self,
+        body: bytes,
+        value: Any = _NOT_PARSED,
+        max_expansion: int = DEFAULT_BODY_LIMITS.max_expansion,
+    ) -> bytes:
         """encode_body() of the JSON ``body`` (no string table references), memoised.
 
         Raises what parse_json_exact / encode_body raise (ValueError, LocalProtocolError).
@@ -658,9 +667,9 @@ class WireCodec:
 
         def encode() -> bytes:
             parsed = parse_json_exact(body) if value is _NOT_PARSED else value
-            return encode_body(parsed, self.profile, self.context)
+            return encode_body(parsed, self.profile, self.context, max_expansion=max_expansion)
 
-        return BODY_MEMO.convert((0, self._memo_key, body), body, encode)
+        return BODY_MEMO.convert((0, self._memo_key, max_expansion, body), body, encode)
 
     # ------------------------------------------------------------------- misc
     def route_name(self, msg: CoapMessage) -> str:

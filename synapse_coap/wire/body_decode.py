@@ -95,6 +95,10 @@ class _Decoder:
         self.servers = context.server_names
         self.limits = limits
         self.prev_big: int | None = None
+        #: event ids out of event-id lists (one CBOR item each, n JSON strings): capped
+        #: at ``limits.max_items`` too, else a body at the item cap could still carry
+        #: one id per 32 bytes of its decoded size
+        self.list_ids = 0
 
     def fail(self, msg: str) -> RemoteProtocolError:
         return RemoteProtocolError(f"bad body: {msg}")
@@ -137,6 +141,11 @@ class _Decoder:
             if tag == TAG_EVENT_ID_LIST:
                 if not content or len(content) % 32:
                     raise self.fail("event id list must be a non-empty multiple of 32 bytes")
+                self.list_ids += len(content) // 32
+                if self.list_ids > self.limits.max_items:
+                    raise LimitExceeded(
+                        f"body has more than {self.limits.max_items} event ids in lists"
+                    )
                 return [
                     "$" + _b64_unpadded(content[i : i + 32], url=True)
                     for i in range(0, len(content), 32)

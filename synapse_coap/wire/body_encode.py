@@ -25,6 +25,7 @@ from synapse_coap.wire.body_tables import (
     _STRING_CACHE_MAX_LEN,
     _TS_HIGH,
     _TS_LOW,
+    DEFAULT_BODY_LIMITS,
     MARKER_DEFLATE,
     MARKER_DEFLATE_DICT,
     MAX_SERVER_REFS,
@@ -315,12 +316,17 @@ def encode_body(
     profile: Profile,
     context: WireContext = WireContext(),
     refs: StringRefs | None = None,
+    max_expansion: int = DEFAULT_BODY_LIMITS.max_expansion,
 ) -> bytes:
     """Encode a JSON value; the result's first byte says which encoding was used.
 
     ``refs``: strings the receiver's session string table holds, as
     (tag, uint) references (:class:`synapse_coap.wire.strings.SenderStrings`);
     without it the output is the same as before the table existed.
+
+    ``max_expansion``: the receiver's expansion cap (:class:`BodyLimits`; request
+    bodies have a lower one than responses): a DEFLATE form that inflates more than
+    that, past ``min_decoded_bytes``, would be refused, so the CBOR goes uncompressed.
 
     Raises LocalProtocolError if the value cannot be represented exactly
     (lone surrogates, non-string keys, non-JSON types); callers then carry raw JSON.
@@ -340,6 +346,8 @@ def encode_body(
             with_dict = _deflate(raw, profile.dictionary)
             if len(with_dict) + 1 < len(best):
                 best = bytes((MARKER_DEFLATE_DICT,)) + with_dict
+        if len(raw) > max(DEFAULT_BODY_LIMITS.min_decoded_bytes, max_expansion * len(best)):
+            return raw  # the receiver's expansion cap would refuse the compressed form
     return best
 
 
