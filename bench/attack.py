@@ -729,32 +729,39 @@ async def handshake_flood(
         flood.close()
 
 
-async def session_attacks(target: Target) -> tuple[int, str, float]:
+async def session_attacks(target: Target, repeat: int = 2) -> Outcome:
+    """The bomb, the nesting and the length prefix, ``repeat`` times each; an honest
+    request goes out with each one's last datagram and is timed."""
     peer = await RawPeer(target.address).open()
     try:
         await peer.connect(peer_name=SERVER_NAME, peer_static=target.public_key)
-        put = request_bytes(
-            "PUT",
-            b"/_matrix/client/v3/rooms/!r:x/send/m.room.message/bomb",
-            1,
-            token=target.token,
-            body=b"{}",
-            ctype="application/json",
-        )
         z = zlib.compressobj(9, zlib.DEFLATED, -15)
         bomb = b"\xfc" + z.compress(b"\x00" * MB) + z.flush()  # 1 MiB in about 1 KB
         deep = b"\x81" * 10_000 + b"\x00"
         huge = b"\x5b" + (1 << 32).to_bytes(8, "big") + b"x"
-        results = []
-        for i, body in enumerate((bomb, deep, huge)):
-            m = with_body(put, body)
-            m = m[:2] + (10 + i).to_bytes(2, "big") + (10 + i).to_bytes(4, "big") + m[8:]
-            results.append(await send_blockwise(peer, m, 100 + 20 * i))
+        results: list[list[int]] = [[], [], []]
+        latencies: list[float] = []
+        for rep in range(repeat):
+            put = request_bytes(
+                "PUT",
+                b"/_matrix/client/v3/rooms/!r:x/send/m.room.message/bomb%d" % rep,
+                1,
+                token=target.token,
+                body=b"{}",
+                ctype="application/json",
+            )
+            for i, body in enumerate((bomb, deep, huge)):
+                n = 10 + 3 * rep + i
+                m = with_body(put, body)
+                m = m[:2] + n.to_bytes(2, "big") + n.to_bytes(4, "big") + m[8:]
+                code, honest = await send_blockwise_timed(peer, m, 100 + 20 * n, target)
+                results[i].append(code)
+                latencies.append(honest)
         answered = (
-            f"bomb ({len(bomb):,} B -> 1 MiB) {code_str(results[0])}, nested "
-            f"{code_str(results[1])}, 2^32 prefix {code_str(results[2])}"
+            f"bomb ({len(bomb):,} B -> 1 MiB) {codes(results[0])}, nested "
+            f"{codes(results[1])}, 2^32 prefix {codes(results[2])}"
         )
-        return 3, answered, 0.0
+        return 3 * repeat, answered, 0.0, latencies
     finally:
         peer.close()
 
@@ -894,6 +901,11 @@ async def send_blockwise_timed(
     block. (the final code, the honest request's seconds)."""
     from aiocoap.message import Message
 
+    if len(message) <= peer.endpoint.max_plaintext():
+        answer, honest = await asyncio.gather(
+            exchange(peer, [message]), target.honest_client().one()
+        )
+        return answer[0], honest
     payload = Message.decode(message).payload
     head = with_body(message, b"")
     blocks = (len(payload) + 1023) // 1024
@@ -999,10 +1011,10 @@ async def campaign(
             True,
         ),
         (
-            "DEFLATE bomb, CBOR 10,000 deep, 2^32 length",
+            "DEFLATE bomb, CBOR 10,000 deep, 2^32 length (x2)",
             lambda: session_attacks(target),
             3.0,
-            True,
+            False,
         ),
         (
             "control: 61 KB ordinary body, sent the same way (x5)",
