@@ -43,6 +43,7 @@ from synapse_coap.noise.events import (
 )
 from synapse_coap.noise.lost import UNKNOWN_SESSION
 from synapse_coap.noise.retry import RETRY
+from synapse_coap.transport.batch import DRAIN_MAX, order_batch
 from synapse_coap.transport.datagram import (
     MessageFormatError,
     decode_message,
@@ -139,7 +140,7 @@ class _Protocol(asyncio.DatagramProtocol):
         self.owner = owner
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.owner._datagram_received(data, addr)
+        self.owner._datagrams_waiting(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         logger.info("UDP socket error (ignored; loss is handled by retransmission): %s", exc)
@@ -167,6 +168,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self.on_established = on_established
         self.on_closed = on_closed
         self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
         self._family = socket.AF_INET6
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -210,6 +212,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self._family = sock.family
         transport, _ = await self.loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
         self._transport = transport
+        self._sock = sock  # ours: drained by _datagrams_waiting (same thread as asyncio)
 
     async def rebind(self, bind: Address = ("::", 0)) -> Address:
         """Move to a new local socket (a new source port); sessions continue (NAT rebinding)."""
@@ -327,10 +330,33 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        self._sock = None
         self._by_channel.clear()
         self._client_remotes.clear()
 
     # -- driving the endpoint ------------------------------------------------------------
+
+    def _datagrams_waiting(self, data: bytes, addr: Any) -> None:
+        """asyncio read one datagram: read what else is waiting (up to DRAIN_MAX) and
+        handle the batch established sessions first, handshakes within a budget
+        (:mod:`synapse_coap.transport.batch`)."""
+        sock = self._sock
+        batch = [(data, addr)]
+        while sock is not None and len(batch) < DRAIN_MAX:
+            try:
+                batch.append(sock.recvfrom(65535))
+            except OSError:  # BlockingIOError: nothing more waiting (or an ICMP error)
+                break
+        if len(batch) == 1:
+            self._datagram_received(data, addr)
+            return
+        ordered, dropped = order_batch(batch, lambda a: str(a[0]))
+        for _ in range(dropped):
+            self.metrics.dropped("handshake_overload")
+        for item, source in ordered:
+            if self._transport is None:
+                return
+            self._datagram_received(item, source)
 
     def _datagram_received(self, data: bytes, addr: Any) -> None:
         self.metrics.datagram("in", _datagram_kind(data), len(data))
