@@ -21,6 +21,7 @@ events, which are counted and never raised. The endpoint's timers run on
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -169,6 +170,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self.on_closed = on_closed
         self._transport: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None
+        #: datagrams read but not yet handled (see _datagrams_waiting)
+        self._pending: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._pumping = False
         self._family = socket.AF_INET6
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -337,26 +341,43 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
     # -- driving the endpoint ------------------------------------------------------------
 
     def _datagrams_waiting(self, data: bytes, addr: Any) -> None:
-        """asyncio read one datagram: read what else is waiting (up to DRAIN_MAX) and
-        handle the batch established sessions first, handshakes within a budget
-        (:mod:`synapse_coap.transport.batch`)."""
+        """asyncio read one datagram. When nothing else is waiting, handle it; else
+        read what is waiting (up to DRAIN_MAX held), order the held datagrams
+        (established sessions first, handshakes within a budget:
+        :mod:`synapse_coap.transport.batch`) and handle one per loop iteration, as
+        asyncio's own reads would (a handler's answer goes out before the next)."""
         sock = self._sock
         batch = [(data, addr)]
-        while sock is not None and len(batch) < DRAIN_MAX:
+        room = DRAIN_MAX - len(self._pending)
+        while sock is not None and len(batch) < room:
             try:
                 batch.append(sock.recvfrom(65535))
             except OSError:  # BlockingIOError: nothing more waiting (or an ICMP error)
                 break
-        if len(batch) == 1:
+        if len(batch) == 1 and not self._pending:
             self._datagram_received(data, addr)
             return
-        ordered, dropped = order_batch(batch, lambda a: str(a[0]))
+        ordered, dropped = order_batch([*self._pending, *batch], lambda a: str(a[0]))
         for _ in range(dropped):
             self.metrics.dropped("handshake_overload")
-        for item, source in ordered:
-            if self._transport is None:
-                return
-            self._datagram_received(item, source)
+        self._pending = collections.deque(ordered)
+        if not self._pumping:
+            self._pumping = True
+            self.loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        if not self._pending or self._transport is None:
+            self._pending.clear()
+            self._pumping = False
+            return
+        data, addr = self._pending.popleft()
+        try:
+            self._datagram_received(data, addr)
+        finally:
+            if self._pending:
+                self.loop.call_soon(self._pump)
+            else:
+                self._pumping = False
 
     def _datagram_received(self, data: bytes, addr: Any) -> None:
         self.metrics.datagram("in", _datagram_kind(data), len(data))

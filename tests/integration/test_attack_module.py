@@ -12,6 +12,7 @@ import pytest
 
 from bench.attack import (
     Target,
+    crafted_body,
     fuzz,
     handshake_flood,
     in_session,
@@ -36,8 +37,17 @@ def test_module_listener_under_attack(tmp_path: Path) -> None:
             flood_sent, answer, amplification = await handshake_flood(target, ["127.0.3.1"], 100, 2)
             assert flood_sent == 200 and "new client" in answer
             assert amplification <= 3.0
-            _n, answer, _amp = await session_attacks(target)
+            _n, answer, _amp, honest = await session_attacks(target, repeat=1)
             assert "bomb" in answer and answer.count("4.13") == 2 and "prefix 4.00" in answer
+            assert len(honest) == 3  # an honest request answered alongside each
+            # issue 14's cheap bodies: refused by the proportional caps (4.13)
+            for which in ("2m", "60mib"):
+                _n, answer, _amp, honest = await crafted_body(target, which, repeat=1)
+                assert answer.endswith("4.13 x1"), answer
+            # the worst 61 KB body the caps accept is decoded and reaches Synapse,
+            # which refuses the event (403: not in the room), not the codec
+            _n, answer, _amp, honest = await crafted_body(target, "widest", repeat=1)
+            assert answer.endswith("4.03 x1"), answer
             _n, answer, _amp = await over_limit(target, 40)
             assert "5.03 x8" in answer
             await target.honest_request()
@@ -50,8 +60,12 @@ def test_module_listener_under_attack(tmp_path: Path) -> None:
             assert total("synapse_coap_dropped_total{reason=bad_coap") > 0
             assert total("synapse_coap_dropped_total{reason=session_request_limit") == 8
             assert total("synapse_coap_handshakes_total{outcome=retry") > 0
+            # the listener's loop is probed (bench/attack.py reads the stalls from it)
+            assert moved["synapse_coap_loop_lag_seconds_count{}"] > 0
         finally:
             await target.client.close()
+            if target.honest is not None:
+                target.honest.close()
             target.stop()
         assert target.tracebacks() == 0
         assert "Traceback" not in target.proc.log_text()
