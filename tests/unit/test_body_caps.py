@@ -10,7 +10,7 @@ import pytest
 
 from synapse_coap.errors import LimitExceeded, RemoteProtocolError
 from synapse_coap.mapping.codec import WireCodec
-from synapse_coap.mapping.messages import HttpRequest
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.wire.body import (
     DEFAULT_BODY_LIMITS,
     MARKER_DEFLATE,
@@ -96,3 +96,60 @@ def cbor_json(value: object) -> bytes:
     import json
 
     return json.dumps({"messages": value}).encode()
+
+
+def test_event_id_lists_count_against_the_item_cap() -> None:
+    # issue 14 (found by bench/attack.py): one event-id list tag is one CBOR item but
+    # one JSON string per 32 bytes, so a body at the item cap still decoded to an id
+    # per 32 bytes of its size (61,000 ids from a 61 KB body)
+    cap = REQUEST_BODY_LIMITS.max_items
+    ident = bytes(range(32))
+    ok = cbor2.dumps({"ids": cbor2.CBORTag(19, ident * 1000)})
+    assert len(decode_body(ok, PROFILE, limits=REQUEST_BODY_LIMITS)["ids"]) == 1000  # type: ignore[index, arg-type]
+    over = cbor2.dumps(
+        {"a": cbor2.CBORTag(19, ident * (cap // 2)), "b": cbor2.CBORTag(19, ident * (cap // 2 + 1))}
+    )
+    with pytest.raises(LimitExceeded, match="event ids"):
+        decode_body(over, PROFILE, limits=REQUEST_BODY_LIMITS)
+
+
+def test_request_bodies_inflate_at_most_8x_past_64_kib() -> None:
+    # issue 14: a 61 KB request body could inflate to 1.9 MB (32x) and, as control
+    # characters, reach Synapse as 11 MB of JSON (the loop stalled ~25-50 ms)
+    import random
+
+    pad = "".join(random.Random(14).choices("abcdefghijklmnopqrstuvwxyz0123456789", k=30_000))
+    value = {"pad": pad, "x": "\x01" * 300_000}
+    raw = cbor2.dumps(value)
+    body = deflated(raw)
+    assert 8 * len(body) < len(raw) < 32 * len(body) and len(raw) > 64 * 1024
+    assert decode_body(body, PROFILE) == value  # responses: 32x
+    with pytest.raises(LimitExceeded, match="inflates to more than"):
+        decode_body(body, PROFILE, limits=REQUEST_BODY_LIMITS)
+
+
+def test_senders_keep_to_the_receivers_expansion_cap() -> None:
+    import json
+    import random
+
+    codec = WireCodec(PROFILE, WireContext())
+    # a request body that DEFLATE shrinks more than 8x: sent as plain CBOR, accepted
+    value = {"messages": "a" * 200_000}
+    req = codec.encode_request(
+        HttpRequest(
+            "PUT",
+            b"/_matrix/client/v3/sendToDevice/m.x/t3",
+            (("content-type", "application/json"),),
+            json.dumps(value).encode(),
+        )
+    )
+    assert req.payload[0] not in (0xFC, 0xFD)  # not DEFLATE
+    assert json.loads(codec.decode_request(req).body) == value
+    # a response between 8x and 32x stays compressed (the client's cap is 32x)
+    block = "".join(random.Random(8).choices("abcdefghijklmnopqrstuvwxyz0123456789", k=12_000))
+    text = block * 16
+    resp = codec.encode_response(
+        HttpResponse(200, (("content-type", "application/json"),), json.dumps({"t": text}).encode())
+    )
+    assert resp.payload[0] in (0xFC, 0xFD)
+    assert 8 * len(resp.payload) < len(text) < 32 * len(resp.payload)
