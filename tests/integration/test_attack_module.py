@@ -48,7 +48,7 @@ def test_module_listener_under_attack(tmp_path: Path) -> None:
             # which refuses the event (403: not in the room), not the codec
             _n, answer, _amp, honest = await crafted_body(target, "widest", repeat=1)
             assert answer.endswith("4.03 x1"), answer
-            _n, answer, _amp = await over_limit(target, 40)
+            _n, answer, _amp = await over_limit(target, 40, repeat=1)
             assert "5.03 x8" in answer
             await target.honest_request()
             after = target.metrics()
