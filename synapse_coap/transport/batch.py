@@ -16,16 +16,25 @@ microseconds each) and, in that batch:
   the rest are dropped (counted as ``handshake_overload``), and their senders
   retransmit as after any loss.
 
-A quiet listener reads one datagram per wake-up and nothing changes. Sans-I/O:
-:func:`order_batch` only orders.
+A quiet listener reads one datagram per wake-up and nothing changes. The
+datagrams read ahead are handled one per loop iteration, as asyncio's own reads
+are, so that what a handler schedules (its answer) still runs before the next
+datagram. :func:`order_batch` only orders (sans-I/O); :class:`BatchReader` reads
+and schedules.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from synapse_coap.noise.retry import prefix_key
+
+logger = logging.getLogger("synapse_coap.transport.noise_udp")
 
 #: datagrams read per wake-up at most (the one asyncio read, then the socket drained)
 DRAIN_MAX = 64
@@ -76,3 +85,64 @@ def order_batch(
                 rest.append(q)
         queues = rest
     return first + later, dropped
+
+
+class BatchReader(asyncio.DatagramProtocol):
+    """The socket's protocol. Fed the datagram asyncio read; reads what else is waiting on
+    ``sock`` (up to :data:`DRAIN_MAX` held) and hands the datagrams to ``handle`` in
+    :func:`order_batch`'s order, one per loop iteration. ``dropped(reason)`` counts
+    the handshake messages over the budget."""
+
+    def __init__(
+        self,
+        handle: Callable[[bytes, Any], None],
+        loop: asyncio.AbstractEventLoop,
+        dropped: Callable[[str], None],
+    ) -> None:
+        self.handle = handle
+        self.loop = loop
+        self.dropped = dropped
+        self.sock: socket.socket | None = None
+        self._pending: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._scheduled = False
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        batch = [(data, addr)]
+        room = DRAIN_MAX - len(self._pending)
+        while self.sock is not None and len(batch) < room:
+            try:
+                batch.append(self.sock.recvfrom(65535))
+            except OSError:  # BlockingIOError: nothing more waiting (or an ICMP error)
+                break
+        if len(batch) == 1 and not self._pending:
+            self.handle(data, addr)
+            return
+        ordered, dropped = order_batch([*self._pending, *batch], lambda a: str(a[0]))
+        for _ in range(dropped):
+            self.dropped("handshake_overload")
+        self._pending = collections.deque(ordered)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._next)
+
+    def _next(self) -> None:
+        if not self._pending or self.sock is None:
+            self._pending.clear()
+            self._scheduled = False
+            return
+        data, addr = self._pending.popleft()
+        try:
+            self.handle(data, addr)
+        finally:
+            if self._pending:
+                self.loop.call_soon(self._next)
+            else:
+                self._scheduled = False
+
+    def error_received(self, exc: Exception) -> None:
+        logger.info("UDP socket error (ignored; loss is handled by retransmission): %s", exc)
+
+    def close(self) -> None:
+        """Stop: what is held is dropped, nothing more is read."""
+        self.sock = None
+        self._pending.clear()

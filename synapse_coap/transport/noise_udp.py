@@ -21,7 +21,6 @@ events, which are counted and never raised. The endpoint's timers run on
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ from synapse_coap.noise.events import (
 )
 from synapse_coap.noise.lost import UNKNOWN_SESSION
 from synapse_coap.noise.retry import RETRY
-from synapse_coap.transport.batch import DRAIN_MAX, order_batch
+from synapse_coap.transport.batch import BatchReader
 from synapse_coap.transport.datagram import (
     MessageFormatError,
     decode_message,
@@ -136,17 +135,6 @@ def _code_fits_type(code: int, mtype: int) -> bool:
     return False
 
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: NoiseMessageInterface) -> None:
-        self.owner = owner
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.owner._datagrams_waiting(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        logger.info("UDP socket error (ignored; loss is handled by retransmission): %s", exc)
-
-
 class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
     """aiocoap MessageInterface: CoAP messages in Noise records over one UDP socket."""
 
@@ -169,10 +157,8 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self.on_established = on_established
         self.on_closed = on_closed
         self._transport: asyncio.DatagramTransport | None = None
-        self._sock: socket.socket | None = None
-        #: datagrams read but not yet handled (see _datagrams_waiting)
-        self._pending: collections.deque[tuple[bytes, Any]] = collections.deque()
-        self._pumping = False
+        #: the socket's protocol: established sessions first under a flood
+        self._reader = BatchReader(self._datagram_received, loop, self.metrics.dropped)
         self._family = socket.AF_INET6
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -214,9 +200,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
     async def _open(self, bind: Address) -> None:
         sock = make_udp_socket(bind[0], bind[1])
         self._family = sock.family
-        transport, _ = await self.loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+        transport, _ = await self.loop.create_datagram_endpoint(lambda: self._reader, sock=sock)
         self._transport = transport
-        self._sock = sock  # ours: drained by _datagrams_waiting (same thread as asyncio)
+        self._reader.sock = sock  # ours: drained on the loop's thread, as asyncio reads it
 
     async def rebind(self, bind: Address = ("::", 0)) -> Address:
         """Move to a new local socket (a new source port); sessions continue (NAT rebinding)."""
@@ -334,50 +320,11 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-        self._sock = None
+        self._reader.close()
         self._by_channel.clear()
         self._client_remotes.clear()
 
     # -- driving the endpoint ------------------------------------------------------------
-
-    def _datagrams_waiting(self, data: bytes, addr: Any) -> None:
-        """asyncio read one datagram. When nothing else is waiting, handle it; else
-        read what is waiting (up to DRAIN_MAX held), order the held datagrams
-        (established sessions first, handshakes within a budget:
-        :mod:`synapse_coap.transport.batch`) and handle one per loop iteration, as
-        asyncio's own reads would (a handler's answer goes out before the next)."""
-        sock = self._sock
-        batch = [(data, addr)]
-        room = DRAIN_MAX - len(self._pending)
-        while sock is not None and len(batch) < room:
-            try:
-                batch.append(sock.recvfrom(65535))
-            except OSError:  # BlockingIOError: nothing more waiting (or an ICMP error)
-                break
-        if len(batch) == 1 and not self._pending:
-            self._datagram_received(data, addr)
-            return
-        ordered, dropped = order_batch([*self._pending, *batch], lambda a: str(a[0]))
-        for _ in range(dropped):
-            self.metrics.dropped("handshake_overload")
-        self._pending = collections.deque(ordered)
-        if not self._pumping:
-            self._pumping = True
-            self.loop.call_soon(self._pump)
-
-    def _pump(self) -> None:
-        if not self._pending or self._transport is None:
-            self._pending.clear()
-            self._pumping = False
-            return
-        data, addr = self._pending.popleft()
-        try:
-            self._datagram_received(data, addr)
-        finally:
-            if self._pending:
-                self.loop.call_soon(self._pump)
-            else:
-                self._pumping = False
 
     def _datagram_received(self, data: bytes, addr: Any) -> None:
         self.metrics.datagram("in", _datagram_kind(data), len(data))
