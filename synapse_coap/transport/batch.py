@@ -4,20 +4,21 @@ When datagrams arrive faster than the listener handles them (a flood of
 handshake messages, each validated one costing Diffie-Hellman work), the
 kernel's socket buffer fills and drops whatever arrives next, an established
 client's request as readily as the flood. So the listener reads what is
-waiting in one go (up to :data:`DRAIN_MAX` datagrams per wake-up, a few
-microseconds each) and, in that batch:
+waiting (up to :data:`DRAIN_MAX` datagrams per wake-up, a few microseconds
+each, while it holds fewer than :data:`HELD_MAX`) and orders what it holds:
 
 * records of established sessions (and plain CoAP) go first, except from a
-  source that also sent a handshake message in the batch, whose datagrams keep
-  their order behind it;
+  source that also has a handshake message held, whose datagrams keep their
+  order behind it;
 * handshake messages then go round robin over source prefixes (IPv4 /24, IPv6
   /48), so one prefix's flood does not crowd out a new client elsewhere;
-* at most :data:`BATCH_HANDSHAKES` handshake messages per batch are handled;
-  the rest are dropped (counted as ``handshake_overload``), and their senders
-  retransmit as after any loss.
+* at most :data:`HELD_HANDSHAKES` handshake messages are held (about 40 ms of
+  handshake work): a burst (clients reconnecting after a restart) is absorbed,
+  a sustained flood is shed; the rest are dropped (counted as
+  ``handshake_overload``), and their senders retransmit as after any loss.
 
 A quiet listener reads one datagram per wake-up and nothing changes. The
-datagrams read ahead are handled one per loop iteration, as asyncio's own reads
+datagrams held are handled one per loop iteration, as asyncio's own reads
 are, so that what a handler schedules (its answer) still runs before the next
 datagram. :func:`order_batch` only orders (sans-I/O); :class:`BatchReader` reads
 and schedules.
@@ -38,8 +39,10 @@ logger = logging.getLogger("synapse_coap.transport.noise_udp")
 
 #: datagrams read per wake-up at most (the one asyncio read, then the socket drained)
 DRAIN_MAX = 64
-#: handshake messages handled per batch at most (about 0.3 ms each when validated)
-BATCH_HANDSHAKES = 16
+#: datagrams held at most (read, not yet handled): past it the socket is not drained
+HELD_MAX = 256
+#: handshake messages held at most (about 0.3 ms each when validated)
+HELD_HANDSHAKES = 128
 
 
 def is_handshake(data: bytes) -> bool:
@@ -51,7 +54,7 @@ def order_batch(
     batch: Sequence[tuple[bytes, Any]],
     host_of: Callable[[Any], str],
     *,
-    handshakes: int = BATCH_HANDSHAKES,
+    handshakes: int = HELD_HANDSHAKES,
 ) -> tuple[list[tuple[bytes, Any]], int]:
     """(the datagrams to handle, in order; how many handshake messages were dropped)."""
     if len(batch) == 1:
@@ -89,7 +92,7 @@ def order_batch(
 
 class BatchReader(asyncio.DatagramProtocol):
     """The socket's protocol. Fed the datagram asyncio read; reads what else is waiting on
-    ``sock`` (up to :data:`DRAIN_MAX` held) and hands the datagrams to ``handle`` in
+    ``sock`` (see the module's docstring) and hands the datagrams to ``handle`` in
     :func:`order_batch`'s order, one per loop iteration. ``dropped(reason)`` counts
     the handshake messages over the budget."""
 
@@ -108,7 +111,7 @@ class BatchReader(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         batch = [(data, addr)]
-        room = DRAIN_MAX - len(self._pending)
+        room = min(DRAIN_MAX, HELD_MAX - len(self._pending))
         while self.sock is not None and len(batch) < room:
             try:
                 batch.append(self.sock.recvfrom(65535))
