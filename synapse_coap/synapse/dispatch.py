@@ -235,7 +235,9 @@ class CoapChannel:
     by "losing the connection" (Synapse does that after some errors).
     """
 
-    def __init__(self, site: SynapseSite, reactor: Any, peer: PeerInfo, local: tuple[str, int]):
+    def __init__(
+        self, site: SynapseSite, reactor: Any, peer: PeerInfo, local: IPv4Address | IPv6Address
+    ):
         self.site = site
         self.factory = site
         self._reactor = reactor
@@ -245,7 +247,7 @@ class CoapChannel:
             if peer.identity_host is not None
             else _address(UNVALIDATED_HOST, 0)
         )
-        self._host = _address(*local)
+        self._host = local
         self._secure = peer.secure
         self.transport = self
         self.done: defer.Deferred[None] = defer.Deferred()
@@ -403,7 +405,7 @@ class InProcessDispatcher:
             if max_request_body_size is not None
             else compat.max_request_body_size(hs.config)
         )
-        self._local = local_address
+        self._local = _address(*local_address)
         self._site: SynapseSite | None = None
         self._reactor = hs.get_reactor()
 
