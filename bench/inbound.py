@@ -46,7 +46,8 @@ Usage::
 
 ``--cprofile-out FILE`` (asyncio mode, one thread) runs Synapse under cProfile
 (``bench/profiling/sitecustomize.py``) and writes the internal-time and
-cumulative tables of one more pass per listener next to FILE.
+cumulative tables of one more pass per listener next to FILE (the four small
+requests, not the ``/send``, whose cost is Synapse's event persistence).
 ``--profile-out FILE`` additionally samples Synapse with py-spy (every thread)
 during one more pass of every endpoint per listener and writes a text profile
 per mode and listener next to FILE (what bench/profiles/inbound-*.txt hold;
@@ -402,14 +403,15 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             ms = (after - before) * 1000 / args.requests
                             cells.setdefault((label, name), []).append(ms)
                             ERRORS.setdefault((mode, label, name), []).append(errors)
-                    if args.cprofile_out and mode == "asyncio":
+                    if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
+                        # (the four small requests: where the listener's own cost shows)
                         for name, one in runners.items():
                             os.kill(pid, signal.SIGUSR2)  # start profiling
                             await asyncio.sleep(0.2)
                             serial += args.profile_requests
                             await run_n(args.profile_requests, concurrency, one, serial)
                             cprofile_parts.setdefault(name, []).append(cut(pid, workdir))
-                    if args.profile_out:
+                    if args.profile_out and label != SEND_LABEL:
                         for name, one in runners.items():
                             spy = start_spy(pid, workdir / f"spy-{name[:4]}.txt")
                             serial += args.profile_requests
