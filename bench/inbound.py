@@ -26,10 +26,17 @@ Endpoints: client versions, federation version, server keys, whoami
 (``origin.test``, federating with the measured one over CoAP) creates a public
 room that the measured Synapse joins; the bench then signs, as ``origin.test``
 (its signing key, X-Matrix authorization over the body), transactions of one
-``m.room.message`` PDU each, every PDU following the previous accepted one (a
-linear chain: no missing ``prev_events``), so that cell runs at concurrency 1
-and every PDU is checked as accepted. ``--no-send`` leaves it out.
-``--modes default,asyncio`` runs both reactor modes (the asyncio reactor with
+``m.room.message`` PDU each, at concurrency 1, every PDU checked as accepted.
+Each PDU's ``prev_events`` is the last accepted PDU (a linear chain), and the
+next one goes :data:`SEND_PAUSE` seconds after an answer (idle time, not CPU):
+Synapse answers a ``/send`` once the PDU is staged and persists it just after,
+and a PDU whose parent is still being persisted would have Synapse fetch
+"missing" events from the origin over federation (work that is not the
+listener's; the bench counts such fetches in the measured Synapse's log and
+records them in the CSV's header). ``--no-send`` leaves it out.
+``--send-requests`` sets its transactions per cell (fewer: each costs Synapse
+about twenty times a small request). The listeners take turns in an order
+rotated every round. ``--modes default,asyncio`` runs both reactor modes (the asyncio reactor with
 ``SYNAPSE_ASYNC_IO_REACTOR=1``, aiocoap sharing its loop).
 
 ``--readme`` rewrites the README's block, rendered from the results CSV just
@@ -39,7 +46,8 @@ block is that render).
 
 Usage::
 
-    python bench/inbound.py [--requests 400] [--rounds 5] [--concurrency 4]
+    python bench/inbound.py [--requests 400] [--send-requests 100] [--rounds 5]
+                            [--concurrency 4]
                             [--modes default,asyncio] [--no-send] [--readme]
                             [--profile-out FILE] [--cprofile-out FILE]
     python bench/inbound.py --render
@@ -59,6 +67,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -90,6 +99,9 @@ SERVER_NAME = "bench.test"
 ORIGIN = "origin.test"
 LISTENERS = ("CoAP+Noise", "plain CoAP", "HTTP/1.1")
 SEND_LABEL = "federation send (1 PDU)"
+#: Idle seconds after each /send answer, so that Synapse has persisted the PDU the
+#: next one follows (see the module docstring).
+SEND_PAUSE = 0.03
 RESULTS_CSV = ROOT / "bench" / "results" / "inbound.csv"
 WRITER = "bench/inbound.py"
 
@@ -107,6 +119,8 @@ ENDPOINTS: list[tuple[str, str, bool]] = [
 CORES = sorted(os.sched_getaffinity(0))
 
 
+#: Missing-event fetches of the measured Synapse per mode (see :class:`PduChain`).
+MISSING: dict[str, int] = {}
 #: Non-200 answers (or PDUs not accepted) per (mode, endpoint, listener), per round.
 ERRORS: dict[tuple[str, str, str], list[int]] = {}
 
@@ -148,8 +162,8 @@ class PduChain:
     """One-PDU ``/send`` transactions from :data:`ORIGIN` into a room both servers are in.
 
     Each PDU is an ``m.room.message`` of the room's creator on :data:`ORIGIN`, signed
-    with :data:`ORIGIN`'s key and following the last accepted PDU (a linear chain);
-    the transaction is authorized with X-Matrix over method, target and body.
+    with :data:`ORIGIN`'s key, whose parent is the last accepted PDU (see the module
+    docstring); the transaction is authorized with X-Matrix over method, target and body.
     """
 
     def __init__(
@@ -172,7 +186,7 @@ class PduChain:
         if not getattr(self.room_version, "msc4291_room_ids_as_hashes", False):
             # before room version 12 the create event is an auth event too
             self.auth.insert(0, create["event_id"])
-        self.prev = by[("m.room.member", joined)]["event_id"]
+        self.recent = [by[("m.room.member", joined)]["event_id"]]
         self.depth = 100
 
     def request(self, i: int) -> tuple[str, bytes, str, str]:
@@ -189,7 +203,7 @@ class PduChain:
             "type": "m.room.message",
             "sender": self.sender,
             "content": {"msgtype": "m.text", "body": f"bench message {i}"},
-            "prev_events": [self.prev],
+            "prev_events": [self.recent[-1]],
             "auth_events": self.auth,
             "depth": self.depth,
             "origin_server_ts": now,
@@ -222,7 +236,7 @@ class PduChain:
         if result is None or "error" in result:
             print(f"  warning: {via}: PDU {event_id} not accepted: {body[:300]!r}", file=sys.stderr)
             return False
-        self.prev = event_id
+        self.recent = [event_id]
         self.depth += 1
         return True
 
@@ -360,6 +374,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                         (("authorization", f"Bearer {token}"),) if auth else ()
                     )
                     concurrency = args.concurrency
+                    n = args.requests
 
                     def via(client: Any, ep: Any, target: str = target, headers: Any = headers):  # type: ignore[no-untyped-def]
                         async def call(i: int) -> int:
@@ -383,22 +398,26 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                     }
                     if label == SEND_LABEL:
                         assert chain is not None
-                        concurrency = 1  # each PDU follows the previous one
+                        concurrency = 1  # each PDU follows an accepted one
+                        n = args.send_requests
                         runners = send_runners(chain, http, proc, coap, secure_ep, plain, plain_ep)
                     for one in runners.values():  # warm-up: sessions, caches, connections
                         await run_n(20, concurrency, one, serial)
                         serial += 20
-                    for _ in range(args.rounds):
-                        for name, one in runners.items():
+                    for r in range(args.rounds):
+                        # the listeners take turns, in an order rotated every round (no
+                        # listener always first or last, e.g. in a room that grows)
+                        order = list(runners.items())
+                        for name, one in order[r % len(order) :] + order[: r % len(order)]:
                             before = cpu_seconds(pid)
-                            errors = await run_n(args.requests, concurrency, one, serial)
+                            errors = await run_n(n, concurrency, one, serial)
                             after = cpu_seconds(pid)
-                            serial += args.requests  # (every request of the run is distinct)
+                            serial += n  # (every request of the run is distinct)
                             if errors:
                                 print(
                                     f"  warning: {label} {name}: {errors} non-200", file=sys.stderr
                                 )
-                            ms = (after - before) * 1000 / args.requests
+                            ms = (after - before) * 1000 / n
                             cells.setdefault((label, name), []).append(ms)
                             ERRORS.setdefault((mode, label, name), []).append(errors)
                     if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
@@ -426,6 +445,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
             finally:
                 await coap.close()
                 await plain.close()
+        MISSING[mode] = len(re.findall(r"Requesting missing events", proc.log_text()))
     finally:
         proc.stop()
         if origin is not None:
@@ -483,6 +503,7 @@ def send_runners(
             headers = (("authorization", auth), ("content-type", "application/json"))
             r = await client.request(endpoint, HttpRequest("PUT", target.encode(), headers, body))
             ok = r.status == 200 and chain.accepted(event_id, r.body, name)
+            await asyncio.sleep(SEND_PAUSE)
             return 200 if ok else int(r.status) or 599
 
         return call
@@ -496,7 +517,9 @@ def send_runners(
         ) as r:
             got = await r.read()
             ok = r.status == 200 and chain.accepted(event_id, got, "HTTP/1.1")
-            return 200 if ok else r.status or 599
+            status = 200 if ok else r.status or 599
+        await asyncio.sleep(SEND_PAUSE)
+        return status
 
     return {
         "CoAP+Noise": via(coap, secure, "CoAP+Noise"),
@@ -653,7 +676,8 @@ def table(cells: dict[tuple[str, str], list[float]]) -> list[tuple[str, list[str
 def report(mode: str, cells: dict[tuple[str, str], list[float]], args: argparse.Namespace) -> None:
     print(
         f"\nSynapse CPU ms per request, reactor {mode}: {args.requests} distinct requests per "
-        f"cell, concurrency {args.concurrency} (/send: 1), median (min-max) of {args.rounds} rounds"
+        f"cell, concurrency {args.concurrency} (/send: {args.send_requests}, concurrency 1), "
+        f"median (min-max) of {args.rounds} rounds"
     )
     print(f"{'endpoint':<24}" + "".join(f"{n:>24}" for n in LISTENERS) + f"{'Noise/HTTP':>14}")
     for label, spreads, ratio in table(cells):
@@ -665,6 +689,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=400, help="requests per cell and round")
+    parser.add_argument(
+        "--send-requests", type=int, default=100, help="/send transactions per cell and round"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="rounds (n of each figure)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument(
@@ -733,8 +760,10 @@ def main() -> None:
     meta = provenance("python bench/inbound.py " + " ".join(sys.argv[1:]))
     meta["note"] = "machine shared with other work"
     meta["requests"] = str(args.requests)
+    meta["send_requests"] = str(args.send_requests)
     meta["rounds"] = str(args.rounds)
     meta["concurrency"] = str(args.concurrency)
+    meta["missing_event_fetches"] = ", ".join(f"{m} {n}" for m, n in MISSING.items())
     write_dict_rows(csv_path, rows, meta)
     print(f"wrote {csv_path}")
     if args.readme:
@@ -754,9 +783,13 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         "Synapse's own CPU time (user + system, `/proc/PID/stat`) per request into one "
         "Synapse through the module's CoAP listener and through Synapse's own HTTP listener, "
         f"same servlets, same run: {meta['requests']} distinct requests per cell (no body "
-        f"memo hit), median (min-max) of {meta['rounds']} rounds, the listeners taking turns; "
-        f"concurrency {meta['concurrency']} (the federation `/send`: 1, each PDU following "
-        "the previous one, from a second Synapse's room, signed with its key); the client "
+        f"memo hit), median (min-max) of {meta['rounds']} rounds, the listeners taking turns "
+        "(in an order rotated every round); "
+        f"concurrency {meta['concurrency']} (the federation `/send`: "
+        f"{meta['send_requests']} transactions per cell at concurrency 1, each PDU, signed "
+        "with a second Synapse's key in its room, following the last accepted one, 30 ms "
+        "after its answer; "
+        f"Synapse fetched missing events {meta['missing_event_fetches']} times); the client "
         "pinned to the other core at lower priority.",
         "",
         "| reactor | endpoint | CoAP+Noise ms | plain CoAP ms | HTTP/1.1 ms | CoAP+Noise / HTTP |",
