@@ -22,7 +22,6 @@ unit-tested without a network.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -38,10 +37,11 @@ from synapse_coap.synapse.hostnames import (
     is_valid_host,
     split_host_port,
 )
-from synapse_coap.wire.dns import (  # SrvRecord, order_srv_records: re-exported
+from synapse_coap.wire.dns import (  # SrvRecord, order_srv_records, is_ip_literal: re-exported
     MAX_SRV_TARGETS,
     SRV_SERVICE,
     SrvRecord,
+    is_ip_literal,
     order_srv_records,
 )
 
@@ -265,14 +265,6 @@ def probe_target(server_name: str, probe_port: int) -> CoapTarget:
     """
     host, _port = split_host_port(server_name)
     return CoapTarget(host=host, port=probe_port)
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @attrs.define

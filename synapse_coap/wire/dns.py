@@ -140,6 +140,15 @@ class Response:
         ]
 
 
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address (not a name to look up)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _fold(name: str) -> str:
     return name.lower().rstrip(".")
 
