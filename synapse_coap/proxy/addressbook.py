@@ -106,19 +106,6 @@ async def fetch_listeners(sender: Any, *, timeout: float = 60.0) -> list[Any]:
     return listeners_from_well_known(response.body)
 
 
-async def learn_listeners(
-    sender: Any, known: Sequence[Any], make_endpoint: Any, *, timeout: float = 60.0
-) -> list[Any]:
-    """Ask the current listener for the well-known document and add the listeners it
-    publishes that are not in ``known`` (``HomeserverAddress``) to ``sender``
-    (``FailoverSender.add_endpoints``); the addresses added."""
-    new = [a for a in await fetch_listeners(sender, timeout=timeout) if a not in known]
-    if new:
-        sender.add_endpoints([make_endpoint(a) for a in new])
-    _log_learned(new, WELL_KNOWN_PATH.decode())
-    return new
-
-
 def _log_learned(new: Sequence[Any], where: str) -> None:
     logger.info(
         "address book: %d listener(s) learned from %s: %s",
@@ -203,20 +190,28 @@ class AddressBook:
         self.task = asyncio.ensure_future(self.relearn())
 
     async def relearn(self) -> None:
-        """SRV again where its TTL ran out or every known listener failed, then the
+        """SRV again where its TTL ran out or every known listener failed, and the
         well-known document at the (new) current listener."""
         self.relearns += 1
+        resolved = await self._resolve_srv()
+        if self._well_known:
+            self.add(await fetch_listeners(self._sender, timeout=self._timeout), "/.well-known")
+        if not resolved:
+            await self._resolve_srv()  # (every listener may have failed meanwhile)
+
+    async def _resolve_srv(self) -> bool:
+        from synapse_coap.proxy.runner import HomeserverAddress
+
         all_failed = bool(getattr(self._sender, "all_failed", False))
+        resolved = False
         for source, secure in self._srv:
             if not (source.expired or all_failed):
                 continue
-            from synapse_coap.proxy.runner import HomeserverAddress
-
+            resolved = True
             listeners = await source.resolve()
             found = [HomeserverAddress(h, p, secure) for h, p in listeners.addresses]
             self.add(found, f"SRV {source.host}", switch=all_failed)
-        if self._well_known:
-            self.add(await fetch_listeners(self._sender, timeout=self._timeout), "/.well-known")
+        return resolved
 
     async def close(self) -> None:
         if self.task is not None:

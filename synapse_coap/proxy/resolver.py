@@ -48,7 +48,7 @@ FALLBACK_TTL = 300.0
 
 
 def nameservers_from_resolv_conf(text: str) -> list[tuple[str, int]]:
-    """The ``nameserver`` lines of a resolv.conf, in order (scoped IPv6 and junk skipped);
+    """The ``nameserver`` lines of a resolv.conf, in order (what is not an IP skipped);
     the glibc default 127.0.0.1 when there are none."""
     servers: list[tuple[str, int]] = []
     for line in text.splitlines():
