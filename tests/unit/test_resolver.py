@@ -13,6 +13,7 @@ from synapse_coap.errors import ConfigValueError
 from synapse_coap.proxy.resolver import (
     FALLBACK_TTL,
     MAX_SRV_LISTENERS,
+    Listeners,
     SrvSource,
     nameservers_from_resolv_conf,
     parse_dns_server,
@@ -67,7 +68,7 @@ def a(name: str, address: str, ttl: int = 300) -> Record:
     return Record(name, dns.TYPE_AAAA if ":" in address else dns.TYPE_A, ttl, address)
 
 
-def resolve(resolver: FakeResolver, seed: int = 0, host: str = "hs.test") -> object:
+def resolve(resolver: FakeResolver, seed: int = 0, host: str = "hs.test") -> Listeners:
     return asyncio.run(
         resolve_listeners(
             host,
@@ -90,18 +91,18 @@ def test_every_target_in_priority_order_with_its_addresses() -> None:
         ("backup.hs.test", dns.TYPE_A): [a("backup.hs.test", "192.0.2.3")],
     }
     got = resolve(FakeResolver(zone))
-    assert got.source == "srv"  # type: ignore[attr-defined]
-    addresses = got.addresses  # type: ignore[attr-defined]
+    assert got.source == "srv"
+    addresses = got.addresses
     assert set(addresses[:3]) == {("192.0.2.1", 6000), ("2001:db8::1", 6000), ("192.0.2.9", 6001)}
     assert addresses[3:] == (("192.0.2.3", 7000),)
-    assert got.ttl == 30  # type: ignore[attr-defined]  # the smallest TTL on the way
+    assert got.ttl == 30  # the smallest TTL on the way
 
 
 def test_equal_priorities_spread_by_weight_over_many_sidecars() -> None:
     zone = {
         (NAME, dns.TYPE_SRV): [srv(0, 3, 5683, "192.0.2.1"), srv(0, 1, 5683, "192.0.2.2")],
     }
-    firsts = Counter(resolve(FakeResolver(zone), seed).addresses[0][0] for seed in range(400))  # type: ignore[attr-defined]
+    firsts = Counter(resolve(FakeResolver(zone), seed).addresses[0][0] for seed in range(400))
     assert 240 < firsts["192.0.2.1"] < 360
     assert firsts["192.0.2.2"] == 400 - firsts["192.0.2.1"]
 
@@ -112,13 +113,13 @@ def test_addresses_in_the_additional_section_need_no_second_query() -> None:
         ("l1.hs.test", dns.TYPE_A): [a("l1.hs.test", "192.0.2.1")],
     }
     resolver = FakeResolver(zone, glue=True)
-    assert resolve(resolver).addresses == (("192.0.2.1", 6000),)  # type: ignore[attr-defined]
+    assert resolve(resolver).addresses == (("192.0.2.1", 6000),)
     assert resolver.asked == [(NAME, dns.TYPE_SRV)]
 
 
 def test_a_target_without_addresses_is_left_to_the_system_resolver() -> None:
     zone = {(NAME, dns.TYPE_SRV): [srv(0, 0, 6000, "in-etc-hosts.test")]}
-    assert resolve(FakeResolver(zone)).addresses == (("in-etc-hosts.test", 6000),)  # type: ignore[attr-defined]
+    assert resolve(FakeResolver(zone)).addresses == (("in-etc-hosts.test", 6000),)
 
 
 @pytest.mark.parametrize(
@@ -131,16 +132,16 @@ def test_a_target_without_addresses_is_left_to_the_system_resolver() -> None:
 )
 def test_without_srv_the_host_itself_on_the_default_port(zone: dict) -> None:  # type: ignore[type-arg]
     got = resolve(FakeResolver(zone))
-    assert got.addresses == (("hs.test", 5683),)  # type: ignore[attr-defined]
-    assert got.source == "host"  # type: ignore[attr-defined]
+    assert got.addresses == (("hs.test", 5683),)
+    assert got.source == "host"
 
 
 def test_dns_down_and_ip_literals_use_the_host() -> None:
     resolver = FakeResolver({})
     resolver.down = True
-    assert resolve(resolver).addresses == (("hs.test", 5683),)  # type: ignore[attr-defined]
+    assert resolve(resolver).addresses == (("hs.test", 5683),)
     resolver.asked.clear()
-    assert resolve(resolver, host="192.0.2.5").addresses == (("192.0.2.5", 5683),)  # type: ignore[attr-defined]
+    assert resolve(resolver, host="192.0.2.5").addresses == (("192.0.2.5", 5683),)
     assert resolver.asked == []
 
 
@@ -152,7 +153,7 @@ def test_listeners_are_bounded() -> None:
             for i in range(20)
         },
     }
-    assert len(resolve(FakeResolver(zone)).addresses) == MAX_SRV_LISTENERS  # type: ignore[attr-defined]
+    assert len(resolve(FakeResolver(zone)).addresses) == MAX_SRV_LISTENERS
 
 
 def test_srv_source_knows_when_its_answer_expires() -> None:
