@@ -304,6 +304,8 @@ async def _resolve_listeners(
         if address.host not in config.srv_hosts:
             found.append(address)
             continue
+        if any(source.host == address.host for source, _ in sources):
+            continue  # (named twice: looked up once)
         source = SrvSource(address.host, resolver, default_port=address.port, clock=time.monotonic)
         listeners = await source.resolve()
         sources.append((source, address.secure))
