@@ -86,6 +86,9 @@ class FailoverSender:
         if switch:
             self._current = len(self.endpoints) - len(new)
             self.failures_in_a_row = 0
+            self.failovers += 1
+            logger.warning("every known listener failed; moving to %s", _name(self.current))
+            _run(self.on_failover)
 
     @property
     def all_failed(self) -> bool:

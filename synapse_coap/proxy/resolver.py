@@ -126,6 +126,11 @@ class DnsResolver:
 
     async def query(self, name: str, qtype: int) -> dns.Response | None:
         """The first usable answer (NOERROR or NXDOMAIN), or None when no server gave one."""
+        try:
+            dns.encode_name(name)
+        except ValueError as e:
+            logger.warning("DNS: %s", e)
+            return None
         for _round in range(self.attempts):
             for server in self.servers:
                 response = await self._ask(server, name, qtype)

@@ -232,6 +232,8 @@ def test_when_every_listener_failed_srv_is_asked_again_and_its_new_target_used_a
     client = Client(b"{}", dead=(A, B))
     srv = FakeSrv("hs.test", [[("2001:db8::3", 5683), ("192.0.2.2", 6000)]])
     sender, book, clock = book_for(client, [A, B], srv=[(srv, True)], well_known=False)
+    moved: list[Any] = []
+    sender.on_failover.append(lambda: moved.append(sender.current))
 
     async def scenario() -> None:
         await book.start()
@@ -248,6 +250,7 @@ def test_when_every_listener_failed_srv_is_asked_again_and_its_new_target_used_a
     assert srv.resolved == 1
     assert sender.endpoints == (A, B, C)
     assert not sender.all_failed
+    assert moved == [B, A, C]  # (the push side registers again at C)
 
 
 def test_at_most_max_learned_listeners_are_ever_learned() -> None:

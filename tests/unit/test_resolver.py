@@ -187,3 +187,10 @@ def test_dns_server_flag() -> None:
     assert parse_dns_server("[::1]") == ("::1", 53)
     with pytest.raises(ConfigValueError, match="--dns-server"):
         parse_dns_server("dns.example.org")
+
+
+def test_a_name_dns_cannot_carry_is_not_asked_for() -> None:
+    from synapse_coap.proxy.resolver import DnsResolver
+
+    resolver = DnsResolver([("192.0.2.53", 53)])
+    assert asyncio.run(resolver.query("x" * 64 + ".test", dns.TYPE_SRV)) is None
