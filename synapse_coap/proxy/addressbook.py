@@ -178,7 +178,7 @@ class AddressBook:
         """The lookup at start: the well-known document (SRV was resolved already)."""
         self._last = self._clock()
         if self._well_known:
-            self.add(await fetch_listeners(self._sender, timeout=self._timeout), "/.well-known")
+            await self._learn_well_known()
 
     def on_give_up(self) -> None:
         """A listener stopped answering: look again (once at a time, rate-limited)."""
@@ -195,9 +195,13 @@ class AddressBook:
         self.relearns += 1
         resolved = await self._resolve_srv()
         if self._well_known:
-            self.add(await fetch_listeners(self._sender, timeout=self._timeout), "/.well-known")
+            await self._learn_well_known()
         if not resolved:
             await self._resolve_srv()  # (every listener may have failed meanwhile)
+
+    async def _learn_well_known(self) -> None:
+        found = await fetch_listeners(self._sender, timeout=self._timeout)
+        self.add(found, WELL_KNOWN_PATH.decode())
 
     async def _resolve_srv(self) -> bool:
         from synapse_coap.proxy.runner import HomeserverAddress

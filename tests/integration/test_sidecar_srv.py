@@ -195,7 +195,10 @@ def test_sidecar_finds_listeners_by_srv_fails_over_and_learns_again(tmp_path: Pa
                 "the well-known lookup again at the second listener",
             )
             wait_for(
-                lambda: f"learned from /.well-known: coap://127.0.0.1:{coap[2]}" in log.read_text(),
+                lambda: (
+                    f"learned from /.well-known/matrix/client: coap://127.0.0.1:{coap[2]}"
+                    in log.read_text()
+                ),
                 "the sidecar to learn the third listener",
             )
             gateways[1].kill()
