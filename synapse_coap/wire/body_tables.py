@@ -98,7 +98,19 @@ class BodyLimits:
         items = min(self.max_items, max(self.min_items, self.max_items_per_byte * size))
         if decoded == self.max_decoded_bytes and items == self.max_items:
             return self
-        return attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
+        # attrs.evolve costs more than decoding a small body: the result is remembered
+        # (a function of the frozen caps and the two numbers only)
+        key = (self, decoded, items)
+        out = _FOR_INPUT.get(key)
+        if out is None:
+            if len(_FOR_INPUT) >= _FOR_INPUT_MAX:
+                _FOR_INPUT.clear()
+            out = _FOR_INPUT[key] = attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
+        return out
+
+
+_FOR_INPUT: dict[tuple[BodyLimits, int, int], BodyLimits] = {}
+_FOR_INPUT_MAX = 1024
 
 
 DEFAULT_BODY_LIMITS = BodyLimits()
@@ -134,10 +146,35 @@ def _b64_decode_exact(text: str, url: bool) -> bytes | None:
     return raw
 
 
+#: one encoder for every canonical dump (building one per call costs more than a small
+#: dump); no circular check: a cycle ends in RecursionError, which callers catch
+_CANONICAL = json.JSONEncoder(
+    ensure_ascii=False,
+    allow_nan=False,
+    check_circular=False,
+    separators=(",", ":"),
+    sort_keys=True,
+)
+
+
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:
+    # what _CANONICAL.encode() runs for a dict or list, without building it per call
+    _c_canonical = _c_make_encoder(
+        None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+
+    def _dump_canonical(value: Any) -> str:
+        if isinstance(value, (dict, list)):
+            return "".join(_c_canonical(value, 0))
+        return _CANONICAL.encode(value)
+
+else:  # pragma: no cover - CPython has the C encoder
+    _dump_canonical = _CANONICAL.encode
+
+
 def _canonical_json(value: Any) -> bytes:
-    return json.dumps(
-        value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), sort_keys=True
-    ).encode("utf-8")
+    return _dump_canonical(value).encode("utf-8")
 
 
 def content_hash(pdu: dict[str, Any]) -> str | None:
@@ -145,12 +182,15 @@ def content_hash(pdu: dict[str, Any]) -> str | None:
 
     None when the event cannot be put in canonical JSON.
     """
-    stripped = {k: v for k, v in pdu.items() if k not in ("unsigned", "signatures", "hashes")}
+    stripped = dict(pdu)
+    stripped.pop("unsigned", None)
+    stripped.pop("signatures", None)
+    stripped.pop("hashes", None)
     try:
-        data = _canonical_json(stripped)
+        data = _dump_canonical(stripped).encode("utf-8")
     except (TypeError, ValueError, RecursionError):
         return None
-    return _b64_unpadded(hashlib.sha256(data).digest(), url=False)
+    return binascii.b2a_base64(hashlib.sha256(data).digest(), newline=False)[:43].decode("ascii")
 
 
 def _zigzag(index: int) -> int:
