@@ -13,10 +13,6 @@ except ImportError:  # pragma: no cover - a declared dependency; without it the
 
 from synapse_coap.errors import LimitExceeded, RemoteProtocolError
 from synapse_coap.wire import cbor
-from synapse_coap.wire.body_encode import (
-    _PRIMED_DECOMPRESS,
-    _primed,
-)
 from synapse_coap.wire.body_fast import FALLBACK as _FALLBACK
 from synapse_coap.wire.body_fast import decode_fast
 from synapse_coap.wire.body_tables import (
@@ -308,12 +304,9 @@ class _Decoder:
 
 def _inflate(data: bytes, zdict: bytes, limits: BodyLimits) -> bytes:
     try:
-        base = _primed(
-            _PRIMED_DECOMPRESS,
-            zdict,
-            lambda: zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15),
-        )
-        d = base.copy()
+        # a new object costs less than copying a primed one: setting a dictionary of a
+        # few KiB copies less than the 32 KiB window that copy() duplicates
+        d = zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15)
         out: bytes = d.decompress(data, limits.max_decoded_bytes + 1)
     except zlib.error as e:
         raise RemoteProtocolError(f"bad body: DEFLATE stream is corrupt ({e})") from e

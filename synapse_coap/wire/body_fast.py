@@ -300,76 +300,94 @@ def decode_fast(
     if tree is FALLBACK:
         return FALLBACK
     try:
-        value = _Pass(ctx, resolve).value(tree)
+        return _walk(tree, ctx, resolve)
     except (_Fallback, RemoteProtocolError):
         return FALLBACK
-    if value is _DERIVED:
-        return FALLBACK
-    return value
 
 
-class _Pass:
+def _walk(tree: Any, ctx: _Context, resolve: StringResolver | None) -> Any:
     """One walk over cbor2's tree in document order (so timestamp deltas resolve as the
-    reference decoder resolves them); containers are rebuilt (maps) or patched in place
-    (arrays, which cbor2 made for this call only)."""
+    reference decoder resolves them): map keys, the value table, the tags cbor2 left
+    (deltas, string references, derived hashes), the type of every value.  Maps are
+    rebuilt, arrays (made by cbor2 for this call only) patched in place.  Closures over
+    locals, not methods: this is the codec's hottest Python code."""
+    kget = ctx.keymap.get
+    sget = ctx.simple.get
+    tag_type = _CBOR_TAG
+    simple_type = _CBOR_SIMPLE
+    low = _TS_LOW
+    high = _TS_HIGH
+    #: the last int in [_TS_LOW, _TS_HIGH) in value position (the base of a delta)
+    prev: int | None = None
 
-    __slots__ = ("keymap", "prev", "resolve", "simple")
+    def ref(tag: int, v: Any) -> str:
+        if type(v) is not int or v < 0 or resolve is None:
+            raise _Fallback
+        return resolve(tag, v)
 
-    def __init__(self, ctx: _Context, resolve: StringResolver | None) -> None:
-        self.keymap = ctx.keymap
-        self.simple = ctx.simple
-        self.resolve = resolve
-        #: the last int in [_TS_LOW, _TS_HIGH) in value position (the base of a delta)
-        self.prev: int | None = None
-
-    def value(self, x: Any) -> Any:
-        t = type(x)
-        if t is dict:
-            return self.map(x) if x else x
-        if t is list:
-            return self.array(x) if x else x
-        if t is _CBOR_TAG:
-            return self.tag(x)
-        if t is _CBOR_SIMPLE:
-            return self.simple_value(x)
-        if t is str or t is int or t is float or t is bool or x is None or t is bytes:
-            return x
+    def tag(x: Any) -> Any:
+        nonlocal prev
+        tag = x.tag
+        v = x.value
+        if tag == TAG_TS_DELTA:
+            if type(v) is not int or prev is None:
+                raise _Fallback
+            n = prev + v
+            if not low <= n < high:
+                raise _Fallback
+            prev = n
+            return n
+        if tag in (TAG_REF, TAG_REF_WIDE):
+            return ref(tag, v)
+        if tag == TAG_DERIVED_SHA256 and v is None:
+            return _DERIVED
         raise _Fallback
 
-    def map(self, x: dict[Any, Any]) -> dict[str, Any]:
-        keymap = self.keymap
-        tag_type = _CBOR_TAG
+    def key(k: Any) -> str:
+        t = type(k)
+        if t is simple_type:
+            s = sget(k.value)
+            if s is None:
+                raise _Fallback
+            return s
+        if t is tag_type and k.tag in (TAG_REF, TAG_REF_WIDE):
+            return ref(k.tag, k.value)
+        raise _Fallback
+
+    def conv_map(x: dict[Any, Any]) -> dict[str, Any]:
+        nonlocal prev
         d: dict[str, Any] = {}
         derived = False
         for k, v in x.items():
-            kt = type(k)
-            if kt is int:
-                k = keymap.get(k)
+            if type(k) is int:
+                k = kget(k)
                 if k is None:
                     raise _Fallback
-            elif kt is not str:
-                k = self.key(k)
+            elif type(k) is not str:
+                k = key(k)
             t = type(v)
             if t is str:
                 pass
-            elif t is int:
-                if _TS_LOW <= v < _TS_HIGH:
-                    self.prev = v
             elif t is dict:
                 if v:
-                    v = self.map(v)
+                    v = conv_map(v)
             elif t is list:
                 if v:
-                    v = self.array(v)
+                    conv_list(v)
+            elif t is int:
+                if low <= v < high:
+                    prev = v
             elif t is tag_type:
-                v = self.tag(v)
+                v = tag(v)
                 if v is _DERIVED:
                     if k != "hashes":
                         raise _Fallback
                     derived = True
-            elif t is _CBOR_SIMPLE:
-                v = self.simple_value(v)
-            elif not (t is float or t is bool or v is None or t is bytes):
+            elif t is simple_type:
+                v = sget(v.value)
+                if v is None:
+                    raise _Fallback
+            elif not (t is bool or v is None or t is float or t is bytes):
                 raise _Fallback
             d[k] = v
         if len(d) != len(x):
@@ -381,64 +399,51 @@ class _Pass:
             d["hashes"] = {"sha256": h}
         return d
 
-    def array(self, x: list[Any]) -> list[Any]:
+    def conv_list(x: list[Any]) -> None:
+        nonlocal prev
         for i, v in enumerate(x):
             t = type(v)
             if t is str:
                 pass
-            elif t is int:
-                if _TS_LOW <= v < _TS_HIGH:
-                    self.prev = v
             elif t is dict:
                 if v:
-                    x[i] = self.map(v)
+                    x[i] = conv_map(v)
             elif t is list:
                 if v:
-                    self.array(v)
-            elif t is _CBOR_TAG:
-                v = self.tag(v)
+                    conv_list(v)
+            elif t is int:
+                if low <= v < high:
+                    prev = v
+            elif t is tag_type:
+                v = tag(v)
                 if v is _DERIVED:
                     raise _Fallback
                 x[i] = v
-            elif t is _CBOR_SIMPLE:
-                x[i] = self.simple_value(v)
-            elif not (t is float or t is bool or v is None or t is bytes):
+            elif t is simple_type:
+                v = sget(v.value)
+                if v is None:
+                    raise _Fallback
+                x[i] = v
+            elif not (t is bool or v is None or t is float or t is bytes):
                 raise _Fallback
-        return x
 
-    def key(self, k: Any) -> str:
-        t = type(k)
-        if t is _CBOR_SIMPLE:
-            return self.simple_value(k)
-        if t is _CBOR_TAG and k.tag in (TAG_REF, TAG_REF_WIDE):
-            return self.ref(k.tag, k.value)
-        raise _Fallback
-
-    def tag(self, x: Any) -> Any:
-        tag = x.tag
-        v = x.value
-        if tag == TAG_TS_DELTA:
-            prev = self.prev
-            if type(v) is not int or prev is None:
-                raise _Fallback
-            n = prev + v
-            if not _TS_LOW <= n < _TS_HIGH:
-                raise _Fallback
-            self.prev = n
-            return n
-        if tag in (TAG_REF, TAG_REF_WIDE):
-            return self.ref(tag, v)
-        if tag == TAG_DERIVED_SHA256 and v is None:
-            return _DERIVED
-        raise _Fallback
-
-    def ref(self, tag: int, v: Any) -> str:
-        if type(v) is not int or v < 0 or self.resolve is None:
+    t = type(tree)
+    if t is dict:
+        return conv_map(tree) if tree else tree
+    if t is list:
+        if tree:
+            conv_list(tree)
+        return tree
+    if t is tag_type:
+        v = tag(tree)
+        if v is _DERIVED:
             raise _Fallback
-        return self.resolve(tag, v)
-
-    def simple_value(self, x: Any) -> str:
-        s = self.simple.get(x.value)
-        if s is None:
+        return v
+    if t is simple_type:
+        v = sget(tree.value)
+        if v is None:
             raise _Fallback
-        return s
+        return v
+    if t is str or t is int or t is float or t is bool or tree is None or t is bytes:
+        return tree
+    raise _Fallback

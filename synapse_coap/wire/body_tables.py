@@ -158,19 +158,20 @@ _CANONICAL = json.JSONEncoder(
 
 
 _c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
-if _c_make_encoder is not None:
-    # what _CANONICAL.encode() runs for a dict or list, without building it per call
-    _c_canonical = _c_make_encoder(
+#: what _CANONICAL.encode() runs for a dict or a list, without building it per call
+_c_canonical: Any = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
         None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", True, False, False
     )
+)
 
-    def _dump_canonical(value: Any) -> str:
-        if isinstance(value, (dict, list)):
-            return "".join(_c_canonical(value, 0))
-        return _CANONICAL.encode(value)
 
-else:  # pragma: no cover - CPython has the C encoder
-    _dump_canonical = _CANONICAL.encode
+def _dump_canonical(value: Any) -> str:
+    if _c_canonical is not None and isinstance(value, (dict, list)):
+        return "".join(_c_canonical(value, 0))
+    return _CANONICAL.encode(value)
 
 
 def _canonical_json(value: Any) -> bytes:
