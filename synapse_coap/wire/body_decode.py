@@ -349,7 +349,7 @@ def decode_body(
     elif len(data) > limits.max_decoded_bytes:
         raise LimitExceeded(f"body is larger than {limits.max_decoded_bytes} bytes")
     if len(data) <= limits.max_items:
-        result: JSONValue = _decode_fast(data, profile, context, limits, resolve)
+        result: JSONValue = decode_fast(data, profile, context.server_names, limits, resolve)
         if result is not _FALLBACK:
             return result
     return _Decoder(data, profile, context, limits, resolve).decode()

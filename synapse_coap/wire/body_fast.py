@@ -114,10 +114,10 @@ def _b64(url: bool) -> _Convert:
 def _event_id_list(value: Any) -> list[str]:
     if type(value) is not bytes or not value or len(value) % 32:
         raise _Fallback
-    return [
-        "$" + _b2a(value[i : i + 32], newline=False).translate(_URL_SAFE, b"=").decode("ascii")
-        for i in range(0, len(value), 32)
-    ]
+    out = []  # a loop, not a comprehension: cheaper for the one to three ids of a PDU
+    for i in range(0, len(value), 32):
+        out.append("$" + _b2a(value[i : i + 32], newline=False).translate(_URL_SAFE, b"=").decode())
+    return out
 
 
 def _bignum(negative: bool) -> _Semantic:
@@ -206,12 +206,24 @@ def _decoders(conv: dict[int, _Convert]) -> tuple[dict[int, _Semantic], Callable
         f = conv[tag]
         sem[tag] = lambda value, immutable, f=f: f(value)  # type: ignore[misc]
     get = conv.get
+    b2a = _b2a
+    url_safe = _URL_SAFE
 
     def hook(t: Any, immutable: bool) -> Any:
-        f = get(t.tag)
+        tag = t.tag
+        v = t.value
+        # the identifiers of every PDU inline (a call less each), the rest by table
+        if tag == TAG_EVENT_ID_LIST and type(v) is bytes and len(v) == 32:
+            return ["$" + b2a(v, newline=False).translate(url_safe, b"=").decode("ascii")]
+        if tag in (TAG_EVENT_ID, TAG_ROOM_HASH_ID) and type(v) is bytes and len(v) == 32:
+            sigil = "$" if tag == TAG_EVENT_ID else "!"
+            return sigil + b2a(v, newline=False).translate(url_safe, b"=").decode("ascii")
+        if tag == TAG_B64 and type(v) is bytes:
+            return b2a(v, newline=False).rstrip(b"=").decode("ascii")
+        f = get(tag)
         if f is None:
             return t  # TAG_TS_DELTA, TAG_DERIVED_SHA256 or not ours: the pass decides
-        return f(t.value)
+        return f(v)
 
     return sem, hook
 
@@ -305,145 +317,155 @@ def decode_fast(
         return FALLBACK
 
 
+class _State:
+    """What one walk carries: the context's tables, the resolver, and the base of the
+    next timestamp delta (the last int in [_TS_LOW, _TS_HIGH) in value position)."""
+
+    __slots__ = ("kget", "prev", "resolve", "sget")
+
+    def __init__(self, ctx: _Context, resolve: StringResolver | None) -> None:
+        self.kget = ctx.keymap.get
+        self.sget = ctx.simple.get
+        self.resolve = resolve
+        self.prev: int | None = None
+
+
 def _walk(tree: Any, ctx: _Context, resolve: StringResolver | None) -> Any:
     """One walk over cbor2's tree in document order (so timestamp deltas resolve as the
     reference decoder resolves them): map keys, the value table, the tags cbor2 left
     (deltas, string references, derived hashes), the type of every value.  Maps are
-    rebuilt, arrays (made by cbor2 for this call only) patched in place.  Closures over
-    locals, not methods: this is the codec's hottest Python code."""
-    kget = ctx.keymap.get
-    sget = ctx.simple.get
-    tag_type = _CBOR_TAG
-    simple_type = _CBOR_SIMPLE
-    low = _TS_LOW
-    high = _TS_HIGH
-    #: the last int in [_TS_LOW, _TS_HIGH) in value position (the base of a delta)
-    prev: int | None = None
-
-    def ref(tag: int, v: Any) -> str:
-        if type(v) is not int or v < 0 or resolve is None:
-            raise _Fallback
-        return resolve(tag, v)
-
-    def tag(x: Any) -> Any:
-        nonlocal prev
-        tag = x.tag
-        v = x.value
-        if tag == TAG_TS_DELTA:
-            if type(v) is not int or prev is None:
-                raise _Fallback
-            n = prev + v
-            if not low <= n < high:
-                raise _Fallback
-            prev = n
-            return n
-        if tag in (TAG_REF, TAG_REF_WIDE):
-            return ref(tag, v)
-        if tag == TAG_DERIVED_SHA256 and v is None:
-            return _DERIVED
-        raise _Fallback
-
-    def key(k: Any) -> str:
-        t = type(k)
-        if t is simple_type:
-            s = sget(k.value)
-            if s is None:
-                raise _Fallback
-            return s
-        if t is tag_type and k.tag in (TAG_REF, TAG_REF_WIDE):
-            return ref(k.tag, k.value)
-        raise _Fallback
-
-    def conv_map(x: dict[Any, Any]) -> dict[str, Any]:
-        nonlocal prev
-        d: dict[str, Any] = {}
-        derived = False
-        for k, v in x.items():
-            if type(k) is int:
-                k = kget(k)
-                if k is None:
-                    raise _Fallback
-            elif type(k) is not str:
-                k = key(k)
-            t = type(v)
-            if t is str:
-                pass
-            elif t is dict:
-                if v:
-                    v = conv_map(v)
-            elif t is list:
-                if v:
-                    conv_list(v)
-            elif t is int:
-                if low <= v < high:
-                    prev = v
-            elif t is tag_type:
-                v = tag(v)
-                if v is _DERIVED:
-                    if k != "hashes":
-                        raise _Fallback
-                    derived = True
-            elif t is simple_type:
-                v = sget(v.value)
-                if v is None:
-                    raise _Fallback
-            elif not (t is bool or v is None or t is float or t is bytes):
-                raise _Fallback
-            d[k] = v
-        if len(d) != len(x):
-            raise _Fallback  # two keys that are one after the tables
-        if derived:
-            h = content_hash(d)
-            if h is None:
-                raise _Fallback
-            d["hashes"] = {"sha256": h}
-        return d
-
-    def conv_list(x: list[Any]) -> None:
-        nonlocal prev
-        for i, v in enumerate(x):
-            t = type(v)
-            if t is str:
-                pass
-            elif t is dict:
-                if v:
-                    x[i] = conv_map(v)
-            elif t is list:
-                if v:
-                    conv_list(v)
-            elif t is int:
-                if low <= v < high:
-                    prev = v
-            elif t is tag_type:
-                v = tag(v)
-                if v is _DERIVED:
-                    raise _Fallback
-                x[i] = v
-            elif t is simple_type:
-                v = sget(v.value)
-                if v is None:
-                    raise _Fallback
-                x[i] = v
-            elif not (t is bool or v is None or t is float or t is bytes):
-                raise _Fallback
-
+    rebuilt, arrays (made by cbor2 for this call only) patched in place.  Module-level
+    functions over locals: this is the codec's hottest Python code."""
+    st = _State(ctx, resolve)
     t = type(tree)
     if t is dict:
-        return conv_map(tree) if tree else tree
+        return _map(tree, st) if tree else tree
     if t is list:
         if tree:
-            conv_list(tree)
+            _list(tree, st)
         return tree
-    if t is tag_type:
-        v = tag(tree)
+    if t is _CBOR_TAG:
+        v = _tag(tree, st)
         if v is _DERIVED:
             raise _Fallback
         return v
-    if t is simple_type:
-        v = sget(tree.value)
+    if t is _CBOR_SIMPLE:
+        v = st.sget(tree.value)
         if v is None:
             raise _Fallback
         return v
     if t is str or t is int or t is float or t is bool or tree is None or t is bytes:
         return tree
     raise _Fallback
+
+
+def _ref(tag: int, v: Any, st: _State) -> str:
+    if type(v) is not int or v < 0 or st.resolve is None:
+        raise _Fallback
+    return st.resolve(tag, v)
+
+
+def _tag(x: Any, st: _State) -> Any:
+    tag = x.tag
+    v = x.value
+    if tag == TAG_TS_DELTA:
+        prev = st.prev
+        if type(v) is not int or prev is None:
+            raise _Fallback
+        n = prev + v
+        if not _TS_LOW <= n < _TS_HIGH:
+            raise _Fallback
+        st.prev = n
+        return n
+    if tag in (TAG_REF, TAG_REF_WIDE):
+        return _ref(tag, v, st)
+    if tag == TAG_DERIVED_SHA256 and v is None:
+        return _DERIVED
+    raise _Fallback
+
+
+def _key(k: Any, st: _State) -> str:
+    t = type(k)
+    if t is _CBOR_SIMPLE:
+        s = st.sget(k.value)
+        if s is None:
+            raise _Fallback
+        return s
+    if t is _CBOR_TAG and k.tag in (TAG_REF, TAG_REF_WIDE):
+        return _ref(k.tag, k.value, st)
+    raise _Fallback
+
+
+def _map(x: dict[Any, Any], st: _State) -> dict[str, Any]:
+    kget = st.kget
+    tag_type = _CBOR_TAG
+    d: dict[str, Any] = {}
+    derived = False
+    for k, v in x.items():
+        if type(k) is int:
+            k = kget(k)
+            if k is None:
+                raise _Fallback
+        elif type(k) is not str:
+            k = _key(k, st)
+        t = type(v)
+        if t is str:
+            pass
+        elif t is dict:
+            if v:
+                v = _map(v, st)
+        elif t is list:
+            if v:
+                _list(v, st)
+        elif t is int:
+            if _TS_LOW <= v < _TS_HIGH:
+                st.prev = v
+        elif t is tag_type:
+            v = _tag(v, st)
+            if v is _DERIVED:
+                if k != "hashes":
+                    raise _Fallback
+                derived = True
+        elif t is _CBOR_SIMPLE:
+            v = st.sget(v.value)
+            if v is None:
+                raise _Fallback
+        elif not (t is bool or v is None or t is float or t is bytes):
+            raise _Fallback
+        d[k] = v
+    if len(d) != len(x):
+        raise _Fallback  # two keys that are one after the tables
+    if derived:
+        h = content_hash(d)
+        if h is None:
+            raise _Fallback
+        d["hashes"] = {"sha256": h}
+    return d
+
+
+def _list(x: list[Any], st: _State) -> None:
+    for i, v in enumerate(x):
+        t = type(v)
+        if t is str:
+            pass
+        elif t is dict:
+            if v:
+                x[i] = _map(v, st)
+        elif t is list:
+            if v:
+                _list(v, st)
+        elif t is int:
+            if _TS_LOW <= v < _TS_HIGH:
+                st.prev = v
+        elif t is _CBOR_TAG:
+            v = _tag(v, st)
+            if v is _DERIVED:
+                raise _Fallback
+            x[i] = v
+        elif t is _CBOR_SIMPLE:
+            v = st.sget(v.value)
+            if v is None:
+                raise _Fallback
+            x[i] = v
+        elif not (t is bool or v is None or t is float or t is bytes):
+            raise _Fallback

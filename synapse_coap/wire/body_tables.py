@@ -98,18 +98,22 @@ class BodyLimits:
         items = min(self.max_items, max(self.min_items, self.max_items_per_byte * size))
         if decoded == self.max_decoded_bytes and items == self.max_items:
             return self
-        # attrs.evolve costs more than decoding a small body: the result is remembered
-        # (a function of the frozen caps and the two numbers only)
-        key = (self, decoded, items)
-        out = _FOR_INPUT.get(key)
-        if out is None:
+        # attrs.evolve costs more than decoding a small body: the result is remembered,
+        # a function of these frozen caps and the two numbers only (keyed by identity,
+        # cheaper to hash than the caps; the entry holds the caps, so the id stays theirs)
+        key = (id(self), decoded, items)
+        entry = _FOR_INPUT.get(key)
+        if entry is None or entry[0] is not self:
             if len(_FOR_INPUT) >= _FOR_INPUT_MAX:
                 _FOR_INPUT.clear()
-            out = _FOR_INPUT[key] = attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
-        return out
+            entry = _FOR_INPUT[key] = (
+                self,
+                attrs.evolve(self, max_decoded_bytes=decoded, max_items=items),
+            )
+        return entry[1]
 
 
-_FOR_INPUT: dict[tuple[BodyLimits, int, int], BodyLimits] = {}
+_FOR_INPUT: dict[tuple[int, int, int], tuple[BodyLimits, BodyLimits]] = {}
 _FOR_INPUT_MAX = 1024
 
 
