@@ -190,7 +190,9 @@ def _conversions(servers: tuple[str, ...]) -> dict[int, _Convert]:
     return conv
 
 
-def _decoders(conv: dict[int, _Convert]) -> tuple[dict[int, _Semantic], Callable[[Any, bool], Any]]:
+def _decoders(
+    conv: dict[int, _Convert], servers: tuple[str, ...]
+) -> tuple[dict[int, _Semantic], Callable[[Any, bool], Any]]:
     """cbor2's semantic decoders (the tags it would decode natively: ours are
     overridden, the others refused) and its tag hook (every other tag: ours are
     converted, the rest come back as CBORTag for the pass, which refuses unknown ones).
@@ -208,11 +210,31 @@ def _decoders(conv: dict[int, _Convert]) -> tuple[dict[int, _Semantic], Callable
     get = conv.get
     b2a = _b2a
     url_safe = _URL_SAFE
+    names = servers[:MAX_SERVER_REFS]
+    n_names = len(names)
+    # the tags that put text between a fixed prefix and suffix: sigils, ed25519, mxc
+    affixes: dict[int, tuple[str, str]] = {TAG_ED25519_KEY_ID: (_ED25519, "")}
+    for k, name in enumerate(names):
+        for s, prefix in enumerate(SIGILS):
+            affixes[TAG_SIGIL_BASE + 4 * k + s] = (prefix, ":" + name)
+            if k < 2:
+                affixes[TAG_SIGIL_0 + 4 * k + s] = (prefix, ":" + name)
+        affixes[TAG_MXC_BASE + k] = ("mxc://" + name + "/", "")
+        if k == 0:
+            affixes[TAG_MXC_0] = ("mxc://" + name + "/", "")
+    affix = affixes.get
 
     def hook(t: Any, immutable: bool) -> Any:
         tag = t.tag
         v = t.value
-        # the identifiers of every PDU inline (a call less each), the rest by table
+        # the common tags inline (a call less each), the rest by table
+        a = affix(tag)
+        if a is not None:
+            if type(v) is not str:
+                raise _Fallback
+            return a[0] + v + a[1]
+        if tag == TAG_SERVER and type(v) is int and 0 <= v < n_names:
+            return names[v]
         if tag == TAG_EVENT_ID_LIST and type(v) is bytes and len(v) == 32:
             return ["$" + b2a(v, newline=False).translate(url_safe, b"=").decode("ascii")]
         if tag in (TAG_EVENT_ID, TAG_ROOM_HASH_ID) and type(v) is bytes and len(v) == 32:
@@ -242,7 +264,7 @@ class _Context:
         self.keymap = {_zigzag(i): k for i, k in enumerate(profile.keys)}
         #: CBOR simple value number -> the value-table string
         self.simple = {_simple_index(i): v for i, v in enumerate(profile.values)}
-        self.semantic, self.hook = _decoders(_conversions(servers))
+        self.semantic, self.hook = _decoders(_conversions(servers), servers)
         #: max_depth -> decoders ready for reuse (one per concurrent decode at most)
         self.pools: dict[int, list[Any]] = {}
 
