@@ -257,13 +257,13 @@ _CBOR2_NATIVE_OURS = (35, 36, 37, 52, 54, 100)
 class _Context:
     """What the fast decoder needs for one profile and context, built once."""
 
-    __slots__ = ("hook", "keymap", "pools", "semantic", "simple")
+    __slots__ = ("hook", "kget", "pools", "semantic", "sget")
 
     def __init__(self, profile: Profile, servers: tuple[str, ...]) -> None:
         #: the integer a map key is sent as -> the key
-        self.keymap = {_zigzag(i): k for i, k in enumerate(profile.keys)}
+        self.kget = {_zigzag(i): k for i, k in enumerate(profile.keys)}.get
         #: CBOR simple value number -> the value-table string
-        self.simple = {_simple_index(i): v for i, v in enumerate(profile.values)}
+        self.sget = {_simple_index(i): v for i, v in enumerate(profile.values)}.get
         self.semantic, self.hook = _decoders(_conversions(servers), servers)
         #: max_depth -> decoders ready for reuse (one per concurrent decode at most)
         self.pools: dict[int, list[Any]] = {}
@@ -346,8 +346,8 @@ class _State:
     __slots__ = ("kget", "prev", "resolve", "sget")
 
     def __init__(self, ctx: _Context, resolve: StringResolver | None) -> None:
-        self.kget = ctx.keymap.get
-        self.sget = ctx.simple.get
+        self.kget = ctx.kget
+        self.sget = ctx.sget
         self.resolve = resolve
         self.prev: int | None = None
 
