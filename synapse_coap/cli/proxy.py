@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import urllib.parse
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ environment variable SYNAPSE_COAP_DUMP_PAYLOADS=1) is given.
 SIDECAR_EPILOG = """\
 examples:
   synapse-coap sidecar --homeserver coap://hs.example.org --server-key 3q2+7w...
+      (SRV _matrix-coap._udp.hs.example.org names the listeners; else hs.example.org:5683)
   synapse-coap sidecar --listen 127.0.0.1:8448 --homeserver coap://[2001:db8::1]:5683 \\
       --trust-on-first-use --server-name example.org
 """
@@ -103,16 +105,32 @@ def register(sub: Any) -> None:
         action="append",
         metavar="coap://HOST[:PORT]",
         help="the homeserver's CoAP listener (module or gateway); port defaults to 5683; "
-        "coap+plain:// sends without encryption (loopback tests only). Repeat it for a "
-        "homeserver with several listeners (workers): the first is used, and the next "
-        "takes over when the current one stops answering",
+        "coap+plain:// sends without encryption (loopback tests only). A host name without "
+        "a port is looked up as DNS SRV _matrix-coap._udp.HOST first: every target is a "
+        "listener, in RFC 2782 order (priority, then weighted random), and without a record "
+        "HOST:5683 is used. Repeat it for a homeserver with several listeners (workers): "
+        "the first is used, and the next takes over when the current one stops answering",
     )
     sidecar.add_argument(
         "--learn-listeners",
         action="store_true",
-        help="at start, ask the homeserver (over CoAP) for /.well-known/matrix/client and "
-        'add the listeners it publishes under "io.synapse_coap": {"listeners": [...]} to '
-        "those the sidecar moves to (same server name and key)",
+        help="at start and whenever a listener stops answering, ask the homeserver (over "
+        "CoAP) for /.well-known/matrix/client and add the listeners it publishes under "
+        '"io.synapse_coap": {"listeners": [...]} to those the sidecar moves to (same '
+        "server name and key; at most 16 are learned)",
+    )
+    sidecar.add_argument(
+        "--no-srv",
+        action="store_true",
+        help="do not look up DNS SRV records: a --homeserver without a port is HOST:5683",
+    )
+    sidecar.add_argument(
+        "--dns-server",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="the nameserver for SRV lookups (repeatable; default: the nameservers of "
+        "/etc/resolv.conf). UDP only: a truncated answer is used as far as it came",
     )
     sidecar.add_argument(
         "--failover-after",
@@ -327,6 +345,7 @@ def _serve(service: Coroutine[Any, Any, int]) -> int:
 def run_sidecar_command(args: argparse.Namespace) -> int:
     from synapse_coap.proxy.common import configure_logging, dump_enabled, parse_host_port
     from synapse_coap.proxy.push import PushOptions, push_refresh
+    from synapse_coap.proxy.resolver import parse_dns_server
     from synapse_coap.proxy.runner import (
         HomeserverAddress,
         SidecarConfig,
@@ -342,12 +361,15 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
             raise ConfigValueError("--failover-after", "must be a number of seconds > 0")
         addresses = [HomeserverAddress.parse(text) for text in args.homeserver]
         homeserver = addresses[0]
+        srv_hosts = () if args.no_srv else _srv_hosts(args.homeserver, addresses)
         config = SidecarConfig(
             listen=parse_host_port(args.listen, "--listen"),
             homeserver=homeserver,
             alternates=tuple(addresses[1:]),
             failover_after=args.failover_after,
             learn_listeners=args.learn_listeners,
+            srv_hosts=srv_hosts,
+            dns_servers=tuple(parse_dns_server(text) for text in args.dns_server),
             server_key=load_server_key(args.server_key) if args.server_key else None,
             state_dir=args.state_dir or default_state_dir(),
             server_name=args.server_name or f"{homeserver.host}:{homeserver.port}",
@@ -362,7 +384,8 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
                     enabled=not args.no_push,
                     # (learned listeners count as several: a dead one must be noticed)
                     refresh=push_refresh(
-                        args.push_refresh, max(len(addresses), 2 if args.learn_listeners else 1)
+                        args.push_refresh,
+                        max(len(addresses), 2 if args.learn_listeners or srv_hosts else 1),
                     ),
                 ),
                 short_txn_ids=not args.no_short_txn_ids,
@@ -371,6 +394,18 @@ def run_sidecar_command(args: argparse.Namespace) -> int:
     except ConfigValueError as e:
         return _fail(str(e))
     return _serve(run_sidecar(config))
+
+
+def _srv_hosts(texts: list[str], addresses: list[Any]) -> tuple[str, ...]:
+    """The hosts of the ``--homeserver`` values that name a host without a port (those
+    are looked up as SRV), in order."""
+    from synapse_coap.wire.dns import is_ip_literal
+
+    hosts: list[str] = []
+    for text, address in zip(texts, addresses, strict=True):
+        if urllib.parse.urlsplit(text.strip()).port is None and not is_ip_literal(address.host):
+            hosts.append(address.host)
+    return tuple(dict.fromkeys(hosts))
 
 
 def _keepalive(value: float | None) -> float | None:

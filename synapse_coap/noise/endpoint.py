@@ -371,6 +371,10 @@ class NoiseEndpoint:
         """When :meth:`handle_timers` should next be called (None: no timer)."""
         return self._deadlines.next_timer()
 
+    def timers_moved_earlier(self) -> bool:
+        """False if only traffic (which only delays deadlines) came since :meth:`next_timer`."""
+        return bool(self._dirty)
+
     def _new_session(
         self, sid: int, *, initiator: bool, pattern: str, addr: Address, now: float
     ) -> _Session:

@@ -8,25 +8,37 @@ in its client ``/.well-known/matrix/client`` document, under
 
 (Synapse serves that from ``extra_well_known_client_content`` in homeserver.yaml,
 with ``serve_client_wellknown: true``.) With ``--learn-listeners`` the sidecar asks
-the listener it was given for that document, over CoAP, once at start, and adds
+the listener it was given for that document, over CoAP, at start, and adds
 every listener it did not know yet to those it moves to when its current one
 stops answering (:class:`~synapse_coap.proxy.failover.FailoverSender`).
+
+Listeners also come from DNS: ``--homeserver coap://NAME`` (no port) resolves
+``_matrix-coap._udp.NAME`` SRV (:mod:`synapse_coap.proxy.resolver`). And the book is
+kept current: whenever a listener stops answering (:class:`AddressBook`), the
+sidecar asks the new current listener for the document again, and resolves SRV
+again where the answer's TTL ran out or every known listener failed, so a listener
+added or moved later is found. Listeners are only ever added (a moved one's old
+address stays, and fails over quickly).
 
 What a learned listener cannot change: it is reached with the same server name
 and the same pinned (or trust-on-first-use) key as the given one, so a forged or
 stale document can at worst point the sidecar at addresses that fail the
 handshake, never at another server; and only ``coap://`` (Noise) entries are
-taken, never ``coap+plain://``. At most :data:`MAX_LEARNED` entries are used.
+taken, never ``coap+plain://``. At most :data:`MAX_LEARNED` listeners are ever
+learned, from all documents and SRV answers together.
 
-:func:`listeners_from_well_known` is sans-I/O; :func:`learn_listeners` does the one
+:func:`listeners_from_well_known` is sans-I/O; :func:`fetch_listeners` does the one
 request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from synapse_coap.errors import ConfigValueError, LinkDown, RequestTimeout
@@ -75,12 +87,9 @@ def listeners_from_well_known(body: bytes) -> list[Any]:
     return found
 
 
-async def learn_listeners(
-    sender: Any, known: Sequence[Any], make_endpoint: Any, *, timeout: float = 60.0
-) -> list[Any]:
-    """Ask the current listener for the well-known document and add the listeners it
-    publishes that are not in ``known`` (``HomeserverAddress``) to ``sender``
-    (``FailoverSender.add_endpoints``); the addresses added."""
+async def fetch_listeners(sender: Any, *, timeout: float = 60.0) -> list[Any]:
+    """Ask the current listener for the well-known document: the listeners it publishes
+    (``HomeserverAddress``), [] when it does not answer or publishes none."""
     request = HttpRequest("GET", WELL_KNOWN_PATH, (("accept", "application/json"),))
     try:
         response = await sender.request(None, request, timeout=timeout)
@@ -94,13 +103,122 @@ async def learn_listeners(
             response.status,
         )
         return []
-    new = [a for a in listeners_from_well_known(response.body) if a not in known]
-    if new:
-        sender.add_endpoints([make_endpoint(a) for a in new])
+    return listeners_from_well_known(response.body)
+
+
+def _log_learned(new: Sequence[Any], where: str) -> None:
     logger.info(
         "address book: %d listener(s) learned from %s: %s",
         len(new),
-        WELL_KNOWN_PATH.decode(),
+        where,
         ", ".join(str(a) for a in new) or "none new",
     )
-    return new
+
+
+class AddressBook:
+    """Keeps the sidecar's listeners current (see the module doc).
+
+    ``sender``: the :class:`~synapse_coap.proxy.failover.FailoverSender`; ``known``: the
+    listeners it was built with; ``make_endpoint``: address -> its endpoint;
+    ``well_known``: ask /.well-known/matrix/client (``--learn-listeners``); ``srv``:
+    the SRV names the listeners came from (:class:`~synapse_coap.proxy.resolver.SrvSource`
+    and whether their listeners speak Noise). At most :data:`MAX_LEARNED` listeners
+    are ever added beyond ``known``; a new lookup is started at most once every
+    ``min_interval`` seconds.
+    """
+
+    def __init__(
+        self,
+        sender: Any,
+        known: Sequence[Any],
+        make_endpoint: Callable[[Any], Any],
+        *,
+        well_known: bool,
+        srv: Sequence[tuple[Any, bool]] = (),
+        timeout: float = 60.0,
+        min_interval: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sender = sender
+        self.known: list[Any] = list(known)
+        self._make_endpoint = make_endpoint
+        self._well_known = well_known
+        self._srv = tuple(srv)
+        self._timeout = timeout
+        self._min_interval = min_interval
+        self._clock = clock
+        self._last = float("-inf")
+        #: listeners added beyond those given (bounded by MAX_LEARNED)
+        self.learned = 0
+        #: lookups run after the one at start (for logs and tests)
+        self.relearns = 0
+        self.task: asyncio.Task[None] | None = None
+        sender.on_give_up.append(self.on_give_up)
+
+    def add(self, addresses: Sequence[Any], where: str, *, switch: bool = False) -> list[Any]:
+        """Add the addresses not known yet (within the bound); those added."""
+        new = [a for a in dict.fromkeys(addresses) if a not in self.known]
+        room = MAX_LEARNED - self.learned
+        if len(new) > room:
+            logger.warning(
+                "address book: %d more listener(s) from %s not used (at most %d are learned)",
+                len(new) - max(room, 0),
+                where,
+                MAX_LEARNED,
+            )
+            new = new[: max(room, 0)]
+        if new:
+            self._sender.add_endpoints([self._make_endpoint(a) for a in new], switch=switch)
+            self.known.extend(new)
+            self.learned += len(new)
+        _log_learned(new, where)
+        return new
+
+    async def start(self) -> None:
+        """The lookup at start: the well-known document (SRV was resolved already)."""
+        self._last = self._clock()
+        if self._well_known:
+            await self._learn_well_known()
+
+    def on_give_up(self) -> None:
+        """A listener stopped answering: look again (once at a time, rate-limited)."""
+        if self.task is not None and not self.task.done():
+            return
+        if self._clock() - self._last < self._min_interval:
+            return
+        self._last = self._clock()
+        self.task = asyncio.ensure_future(self.relearn())
+
+    async def relearn(self) -> None:
+        """SRV again where its TTL ran out or every known listener failed, and the
+        well-known document at the (new) current listener."""
+        self.relearns += 1
+        resolved = await self._resolve_srv()
+        if self._well_known:
+            await self._learn_well_known()
+        if not resolved:
+            await self._resolve_srv()  # (every listener may have failed meanwhile)
+
+    async def _learn_well_known(self) -> None:
+        found = await fetch_listeners(self._sender, timeout=self._timeout)
+        self.add(found, WELL_KNOWN_PATH.decode())
+
+    async def _resolve_srv(self) -> bool:
+        from synapse_coap.proxy.runner import HomeserverAddress
+
+        all_failed = bool(getattr(self._sender, "all_failed", False))
+        resolved = False
+        for source, secure in self._srv:
+            if not (source.expired or all_failed):
+                continue
+            resolved = True
+            listeners = await source.resolve()
+            found = [HomeserverAddress(h, p, secure) for h, p in listeners.addresses]
+            self.add(found, f"SRV {source.host}", switch=all_failed)
+        return resolved
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task

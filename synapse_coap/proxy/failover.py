@@ -62,8 +62,13 @@ class FailoverSender:
         self._current = 0
         #: how many times the current listener changed
         self.failovers = 0
+        #: listeners given up on since the last answer (all failed: >= len(endpoints))
+        self.failures_in_a_row = 0
         #: called (no arguments) each time the current listener changes
         self.on_failover: list[Callable[[], None]] = []
+        #: called (no arguments) each time the current listener is given up on, even
+        #: when it is the only one (the address book looks for more then)
+        self.on_give_up: list[Callable[[], None]] = []
 
     @property
     def on_new_session(self) -> list[Callable[[], None]] | None:
@@ -71,30 +76,44 @@ class FailoverSender:
         hooks = getattr(self._client, "on_new_session", None)
         return hooks if isinstance(hooks, list) else None
 
-    def add_endpoints(self, endpoints: Sequence[Any]) -> None:
-        """Listeners learned later (the address book); tried after those known, in order."""
-        self.endpoints = (*self.endpoints, *(e for e in endpoints if e not in self.endpoints))
+    def add_endpoints(self, endpoints: Sequence[Any], *, switch: bool = False) -> None:
+        """Listeners learned later (the address book); tried after those known, in order.
+        ``switch``: the first new one becomes current (every known one failed)."""
+        new = [e for e in dict.fromkeys(endpoints) if e not in self.endpoints]
+        if not new:
+            return
+        self.endpoints = (*self.endpoints, *new)
+        if switch:
+            self._current = len(self.endpoints) - len(new)
+            self.failures_in_a_row = 0
+            self.failovers += 1
+            logger.warning("every known listener failed; moving to %s", _name(self.current))
+            _run(self.on_failover)
+
+    @property
+    def all_failed(self) -> bool:
+        """Every known listener was given up on since the last answer."""
+        return self.failures_in_a_row >= len(self.endpoints)
 
     @property
     def current(self) -> Any:
         return self.endpoints[self._current]
 
     def _give_up_on(self, endpoint: Any, error: Exception) -> None:
-        if self.current is not endpoint or len(self.endpoints) == 1:
+        if self.current is not endpoint:
             return  # another request already moved on
-        self._current = (self._current + 1) % len(self.endpoints)
-        self.failovers += 1
-        logger.warning(
-            "homeserver listener %s stopped answering (%s); moving to %s",
-            _name(endpoint),
-            error,
-            _name(self.current),
-        )
-        for callback in list(self.on_failover):
-            try:
-                callback()
-            except Exception:
-                logger.exception("failover callback failed")
+        self.failures_in_a_row += 1
+        if len(self.endpoints) > 1:
+            self._current = (self._current + 1) % len(self.endpoints)
+            self.failovers += 1
+            logger.warning(
+                "homeserver listener %s stopped answering (%s); moving to %s",
+                _name(endpoint),
+                error,
+                _name(self.current),
+            )
+            _run(self.on_failover)
+        _run(self.on_give_up)
 
     async def request(
         self, endpoint: Any, request: HttpRequest, *, timeout: float | None = None
@@ -113,6 +132,8 @@ class FailoverSender:
                 response: HttpResponse = await self._client.request(
                     target, request, timeout=per_try
                 )
+                if target is self.current:
+                    self.failures_in_a_row = 0
                 return response
             except (LinkDown, RequestTimeout) as e:
                 self._give_up_on(target, e)
@@ -141,6 +162,14 @@ class FailoverSender:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _run(callbacks: list[Callable[[], None]]) -> None:
+    for callback in list(callbacks):
+        try:
+            callback()
+        except Exception:
+            logger.exception("failover callback failed")
 
 
 def _name(endpoint: Any) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -92,8 +93,13 @@ class SidecarConfig:
     #: Seconds an ordinary request waits on one listener before the next is tried.
     failover_after: float = 15.0
     #: Learn more listeners from the homeserver's /.well-known/matrix/client at start
-    #: (``--learn-listeners``; :mod:`synapse_coap.proxy.addressbook`).
+    #: and after each failover (``--learn-listeners``; :mod:`synapse_coap.proxy.addressbook`).
     learn_listeners: bool = False
+    #: Hosts of ``--homeserver`` entries (names given without a port) whose listeners
+    #: are looked up as DNS SRV ``_matrix-coap._udp.HOST`` (:mod:`synapse_coap.proxy.resolver`).
+    srv_hosts: tuple[str, ...] = ()
+    #: Nameservers for those lookups (``--dns-server``); empty: /etc/resolv.conf.
+    dns_servers: tuple[tuple[str, int], ...] = ()
 
 
 @attrs.frozen
@@ -175,8 +181,12 @@ class RunningSidecar:
         self.runner = runner
         self.client = client
         self.address = address
-        #: the address book's one request at start (``--learn-listeners``), if any
+        #: the address book's request at start (``--learn-listeners``), if any
         self.learning: asyncio.Task[Any] | None = None
+        #: the address book (``--learn-listeners`` or SRV), if any
+        self.address_book: Any = None
+        #: the listeners known at start (SRV targets resolved), in the order used
+        self.listeners: tuple[HomeserverAddress, ...] = ()
 
     async def close(self) -> None:
         """Stop accepting, let in-flight requests finish (or fail them), close the CoAP client."""
@@ -184,6 +194,8 @@ class RunningSidecar:
             self.learning.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.learning
+        if self.address_book is not None:
+            await self.address_book.close()
         for site in list(self.runner.sites):
             await site.stop()
         await self.sidecar.drain()
@@ -220,11 +232,15 @@ async def start_sidecar(config: SidecarConfig, *, metrics: Any = None) -> Runnin
             secure=address.secure,
         )
 
-    addresses = (config.homeserver, *config.alternates)
+    try:
+        addresses, sources = await _resolve_listeners(config)
+    except BaseException:
+        await client.close()
+        raise
     endpoints = [make_endpoint(address) for address in addresses]
     endpoint = endpoints[0]
     sender: Any = client
-    if len(endpoints) > 1 or config.learn_listeners:
+    if len(endpoints) > 1 or config.learn_listeners or sources:
         from synapse_coap.proxy.failover import FailoverSender
         from synapse_coap.transport.convert import default_codec_factory
         from synapse_coap.wire.context import WireContext
@@ -253,13 +269,48 @@ async def start_sidecar(config: SidecarConfig, *, metrics: Any = None) -> Runnin
         sockname = sockets[0].getsockname()
         bound = (str(sockname[0]), int(sockname[1]))
     running = RunningSidecar(sidecar, runner, client, bound)
-    if config.learn_listeners:
-        from synapse_coap.proxy.addressbook import learn_listeners
+    running.listeners = addresses
+    if config.learn_listeners or sources:
+        from synapse_coap.proxy.addressbook import AddressBook
 
-        running.learning = asyncio.ensure_future(
-            learn_listeners(sender, addresses, make_endpoint, timeout=config.failover_after * 4)
+        book = AddressBook(
+            sender,
+            addresses,
+            make_endpoint,
+            well_known=config.learn_listeners,
+            srv=sources,
+            timeout=config.failover_after * 4,
+            min_interval=config.failover_after,
         )
+        running.address_book = book
+        running.learning = asyncio.ensure_future(book.start())
     return running
+
+
+async def _resolve_listeners(
+    config: SidecarConfig,
+) -> tuple[tuple[HomeserverAddress, ...], list[tuple[Any, bool]]]:
+    """The listeners to start with: every ``--homeserver``, those named in
+    ``srv_hosts`` replaced by their SRV targets; and the SRV sources for the address book."""
+    from synapse_coap.proxy.resolver import DnsResolver, SrvSource
+
+    given = (config.homeserver, *config.alternates)
+    if not config.srv_hosts:
+        return given, []
+    resolver = DnsResolver(config.dns_servers or None)
+    found: list[HomeserverAddress] = []
+    sources: list[tuple[Any, bool]] = []
+    for address in given:
+        if address.host not in config.srv_hosts:
+            found.append(address)
+            continue
+        if any(source.host == address.host for source, _ in sources):
+            continue  # (named twice: looked up once)
+        source = SrvSource(address.host, resolver, default_port=address.port, clock=time.monotonic)
+        listeners = await source.resolve()
+        sources.append((source, address.secure))
+        found.extend(HomeserverAddress(h, p, address.secure) for h, p in listeners.addresses)
+    return tuple(dict.fromkeys(found)), sources
 
 
 def sidecar_status_line(config: SidecarConfig, running: RunningSidecar) -> str:
@@ -273,9 +324,12 @@ def sidecar_status_line(config: SidecarConfig, running: RunningSidecar) -> str:
         )
     else:
         trust = "NO ENCRYPTION (coap+plain)"
+    via = ""
+    if config.srv_hosts:
+        via = f" at {', '.join(str(a) for a in running.listeners)}"
     return (
         f"synapse-coap sidecar: listening on http://{format_host_port(*running.address)}, "
-        f"homeserver {config.homeserver} ({config.server_name}), {trust}"
+        f"homeserver {config.homeserver}{via} ({config.server_name}), {trust}"
     )
 
 

@@ -17,6 +17,12 @@ The rules kept in both modes (DESIGN.md, "Logcontexts"):
 * Work entering Synapse from asyncio (:meth:`Bridge.call_synapse`) hops to the
   reactor thread and runs inside ``run_as_background_process``, so it gets its
   own logcontext and metrics and never leaks a context into the reactor.
+* An inbound request (:meth:`Bridge.call_reactor`) enters Synapse as a request
+  from Twisted's own HTTP channel does: started in the sentinel logcontext, the
+  SynapseRequest then gives itself its own logcontext and request metrics. No
+  background process (its per-call Prometheus label look-ups, rusage reads and
+  random ids cost more than the smaller requests themselves), and with the shared
+  loop no hop at all: the request starts in the caller's own loop turn.
 * Asyncio work started from Synapse (:meth:`Bridge.submit`) returns a plain
   Deferred that does not follow the logcontext rules: await it through
   ``make_deferred_yieldable``.
@@ -31,7 +37,11 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
-from synapse.logging.context import PreserveLoggingContext
+from synapse.logging.context import (
+    SENTINEL_CONTEXT,
+    PreserveLoggingContext,
+    set_current_context,
+)
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -215,6 +225,82 @@ class Bridge:
             to_reactor(cancel)
             raise
 
+    async def call_reactor(
+        self, start: Callable[[], tuple[defer.Deferred[T], Callable[[], None]]]
+    ) -> T:
+        """From the asyncio loop: call ``start()`` on the reactor thread and await the
+        Deferred it returns.
+
+        ``start`` runs in the sentinel logcontext (as Twisted's HTTP channel calls
+        ``requestReceived``) and returns the Deferred of its result, fired on the
+        reactor thread (possibly inside Synapse's own call: the result only crosses
+        to the asyncio side, no Synapse code runs in that callback), and an
+        ``abandon`` function, called on the reactor thread if the awaiting asyncio
+        task is cancelled before the result arrives.
+
+        With the shared loop, ``start`` runs at once, in the caller's loop turn;
+        otherwise it hops to the reactor thread and the result hops back.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        shared = self.mode == "shared"
+        begun: list[Callable[[], None]] = []
+        cancelled = False
+
+        def set_value(ok: bool, value: Any) -> None:
+            if fut.done():
+                return
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+        def settle(result: Any) -> None:
+            ok = not isinstance(result, Failure)
+            value = result if ok else _as_asyncio_error(result.value)
+            if shared:
+                set_value(ok, value)  # schedules the awaiting task; runs nothing now
+            else:
+                loop.call_soon_threadsafe(set_value, ok, value)
+
+        def begin() -> None:
+            if cancelled:
+                return
+            previous = set_current_context(SENTINEL_CONTEXT)
+            try:
+                d, abandon = start()
+            except BaseException as e:  # delivered to the awaiting task
+                settle(_failure(e))
+                return
+            finally:
+                set_current_context(previous)
+            begun.append(abandon)
+            d.addBoth(settle)
+
+        def cancel() -> None:
+            if begun:
+                previous = set_current_context(SENTINEL_CONTEXT)
+                try:
+                    begun[0]()
+                except Exception:
+                    logger.exception("synapse-coap: abandoning a request failed")
+                finally:
+                    set_current_context(previous)
+
+        if shared:
+            begin()
+        else:
+            self.reactor.callFromThread(begin)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            cancelled = True
+            if shared:
+                cancel()
+            else:
+                self.reactor.callFromThread(cancel)
+            raise
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def on_stop(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -269,6 +355,13 @@ class Bridge:
 
 def _failure(exc: BaseException) -> Failure:
     return Failure(exc)  # type: ignore[no-untyped-call]
+
+
+def _as_asyncio_error(exc: BaseException) -> BaseException:
+    """A Twisted cancellation reads as asyncio's on the asyncio side."""
+    if isinstance(exc, defer.CancelledError):
+        return asyncio.CancelledError(str(exc))
+    return exc
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:

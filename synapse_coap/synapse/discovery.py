@@ -14,18 +14,17 @@ Resolution order for a destination ``server_name`` (see docs/federation.md):
 5. otherwise: no CoAP endpoint; the agent then falls back to HTTPS or refuses,
    as the config says.
 
-The first part of this module is sans-I/O (config, cache, SRV ordering, host
-parsing); :class:`Discovery` is the thin Twisted shell that runs the lookups.
+The first part of this module is sans-I/O (config, cache, host parsing; the SRV
+records and their order are :mod:`synapse_coap.wire.dns`, shared with the sidecar); :class:`Discovery` is the thin Twisted shell that runs the lookups.
 DNS and the probe are injected callables returning Deferreds, so the shell is
 unit-tested without a network.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -38,19 +37,22 @@ from synapse_coap.synapse.hostnames import (
     is_valid_host,
     split_host_port,
 )
+from synapse_coap.wire.dns import (  # SrvRecord, order_srv_records, is_ip_literal: re-exported
+    MAX_SRV_TARGETS,
+    SRV_SERVICE,
+    SrvRecord,
+    is_ip_literal,
+    order_srv_records,
+)
 
 logger = logging.getLogger(__name__)
 
-#: The SRV service label of CoAP federation (the transport is always UDP; Noise inside).
-SRV_SERVICE = "_matrix-coap._udp"
 #: The default CoAP port (RFC 7252 ``coap``); the module listener's default too.
 DEFAULT_COAP_PORT = 5683
 #: Fallback policies: delegate to Synapse's own HTTPS agent, or refuse.
 FALLBACK_POLICIES = ("https", "never")
 #: Bound on cached discovery results (each entry is a few hundred bytes).
 MAX_CACHE_ENTRIES = 10_000
-#: Bound on SRV records used per destination (a hostile zone cannot make us try thousands).
-MAX_SRV_TARGETS = 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,45 +254,7 @@ class FederationConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# sans-I/O core: cache, SRV ordering, what to probe
-
-
-@attrs.frozen
-class SrvRecord:
-    priority: int
-    weight: int
-    port: int
-    target: str
-
-
-def order_srv_records(records: Iterable[SrvRecord], rng: random.Random) -> list[SrvRecord]:
-    """RFC 2782 order: priority ascending; within a priority, weighted random.
-
-    Zero-weight records come after the weighted ones of their priority (in
-    random order). A single record with target "." means "no service": [].
-    """
-    recs = list(records)
-    if len(recs) == 1 and recs[0].target in (".", ""):
-        return []
-    recs = [r for r in recs if r.target not in (".", "")]
-    out: list[SrvRecord] = []
-    for prio in sorted({r.priority for r in recs}):
-        group = sorted(
-            (r for r in recs if r.priority == prio), key=lambda r: (r.target, r.port, r.weight)
-        )
-        weighted = [r for r in group if r.weight > 0]
-        zero = [r for r in group if r.weight <= 0]
-        while weighted:
-            total = sum(r.weight for r in weighted)
-            pick = rng.randint(1, total)
-            for i, r in enumerate(weighted):
-                pick -= r.weight
-                if pick <= 0:
-                    out.append(weighted.pop(i))
-                    break
-        rng.shuffle(zero)
-        out.extend(zero)
-    return out
+# sans-I/O core: cache, what to probe (SRV ordering: synapse_coap.wire.dns)
 
 
 def probe_target(server_name: str, probe_port: int) -> CoapTarget:
@@ -301,14 +265,6 @@ def probe_target(server_name: str, probe_port: int) -> CoapTarget:
     """
     host, _port = split_host_port(server_name)
     return CoapTarget(host=host, port=probe_port)
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @attrs.define

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from synapse.http.site import SynapseSite
-from synapse.logging.context import PreserveLoggingContext, make_deferred_yieldable
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -235,7 +235,9 @@ class CoapChannel:
     by "losing the connection" (Synapse does that after some errors).
     """
 
-    def __init__(self, site: SynapseSite, reactor: Any, peer: PeerInfo, local: tuple[str, int]):
+    def __init__(
+        self, site: SynapseSite, reactor: Any, peer: PeerInfo, local: IPv4Address | IPv6Address
+    ):
         self.site = site
         self.factory = site
         self._reactor = reactor
@@ -245,7 +247,7 @@ class CoapChannel:
             if peer.identity_host is not None
             else _address(UNVALIDATED_HOST, 0)
         )
-        self._host = _address(*local)
+        self._host = local
         self._secure = peer.secure
         self.transport = self
         self.done: defer.Deferred[None] = defer.Deferred()
@@ -279,8 +281,12 @@ class CoapChannel:
             self.write(chunk)
 
     def requestDone(self, request: Any) -> None:
+        # The response is complete: fire now. What waits on ``done`` only hands the
+        # response to the asyncio side (no logcontext switch inside Synapse's call).
         self.finished = True
-        self._complete()
+        if not self._completing:
+            self._completing = True
+            self._fire_done()
 
     def loseConnection(self) -> None:
         # Synapse loses the connection after writing an early error response.
@@ -350,9 +356,9 @@ class CoapChannel:
         pass
 
     def _complete(self) -> None:
-        # Fire from the reactor, never synchronously inside Synapse's own call
-        # (request.finish): the awaiting code switches logcontexts, which would
-        # leak into the caller's frame.
+        # A lost connection: fire from the reactor, never synchronously inside
+        # Synapse's own call, since what waits on ``done`` then lets the request
+        # clean up (connectionLost) and Synapse is still in the middle of writing.
         if not self._completing:
             self._completing = True
             self._reactor.callLater(0, self._fire_done)
@@ -378,9 +384,10 @@ class CoapChannel:
 class InProcessDispatcher:
     """The module's :class:`~synapse_coap.mapping.dispatch.Dispatcher`.
 
-    ``dispatch`` is called on the asyncio loop; the request runs on the
-    reactor thread (via the bridge) inside its own background-process
-    logcontext, and Synapse gives it its own request logcontext as usual.
+    ``dispatch`` is called on the asyncio loop; the request starts on the
+    reactor thread (via the bridge, :meth:`Bridge.call_reactor`) in the sentinel
+    logcontext, exactly as from Twisted's HTTP channel, and Synapse gives it its
+    own request logcontext and request metrics as usual.
     """
 
     def __init__(
@@ -398,8 +405,9 @@ class InProcessDispatcher:
             if max_request_body_size is not None
             else compat.max_request_body_size(hs.config)
         )
-        self._local = local_address
+        self._local = _address(*local_address)
         self._site: SynapseSite | None = None
+        self._reactor = hs.get_reactor()
 
     @property
     def site(self) -> SynapseSite:
@@ -411,15 +419,19 @@ class InProcessDispatcher:
         return self._site
 
     async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
-        return await self._bridge.call_synapse(
-            "coap_inbound_request", lambda: self.dispatch_in_reactor(request, peer)
-        )
+        return await self._bridge.call_reactor(lambda: self.start_in_reactor(request, peer))
 
-    async def dispatch_in_reactor(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
-        """Run one request through Synapse. Must be called on the reactor thread."""
+    def start_in_reactor(
+        self, request: HttpRequest, peer: PeerInfo
+    ) -> tuple[defer.Deferred[HttpResponse], Callable[[], None]]:
+        """Start one request in Synapse; must be called on the reactor thread, in the
+        sentinel logcontext (as Twisted's HTTP channel calls ``requestReceived``).
+
+        Returns the Deferred of the response (fired on the reactor thread) and the
+        function that abandons the request (the CoAP exchange was given up).
+        """
         site = self.site
-        reactor = self._homeserver.get_reactor()
-        channel = CoapChannel(site, reactor, peer, self._local)
+        channel = CoapChannel(site, self._reactor, peer, self._local)
         req = compat.make_request(
             site,
             cast(Any, channel),
@@ -427,38 +439,37 @@ class InProcessDispatcher:
             max_request_body_size=self.max_request_body_size,
         )
         channel.request = req
+        headers = req.requestHeaders
         for name, value in request.headers:
             if name in _OWN_HEADERS:
                 continue
-            req.requestHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
-        req.requestHeaders.setRawHeaders(b"Content-Length", [str(len(request.body)).encode()])
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        headers.setRawHeaders(b"Content-Length", [str(len(request.body)).encode()])
         # As if the channel had received the body: the position is at the end
         # (Synapse compares content.tell() with Content-Length; Twisted seeks
         # back to 0 in requestReceived).
         req.content = io.BytesIO()
         req.content.write(request.body)
+        req.requestReceived(request.method.encode("ascii"), request.target, b"1.1")
 
-        with PreserveLoggingContext():
-            req.requestReceived(request.method.encode("ascii"), request.target, b"1.1")
-
-        try:
-            await make_deferred_yieldable(channel.done)
-        except defer.CancelledError:
-            if not channel.finished:
-                logger.info(
-                    "CoAP exchange abandoned by %s; dropping %s %s",
-                    peer.host,
-                    request.method,
-                    req.get_redacted_uri(),
-                )
-                channel.disconnecting = True
-                channel._stop_producer()
-                with PreserveLoggingContext():
-                    req.connectionLost(_failure(ConnectionLost("CoAP exchange abandoned")))
-            raise
-        if not channel.finished and getattr(req, "channel", None) is not None:
-            # Synapse lost the connection itself (after an early error response):
-            # let the request clean up as a real connection would.
-            with PreserveLoggingContext():
+        def done(_: None) -> HttpResponse:
+            if not channel.finished and getattr(req, "channel", None) is not None:
+                # Synapse lost the connection itself (after an early error response):
+                # let the request clean up as a real connection would.
                 req.connectionLost(_failure(ConnectionDone("response complete")))
-        return channel.response()
+            return channel.response()
+
+        def abandon() -> None:
+            if channel.finished or channel.done.called:
+                return
+            logger.info(
+                "CoAP exchange abandoned by %s; dropping %s %s",
+                peer.host,
+                request.method,
+                req.get_redacted_uri(),
+            )
+            channel.disconnecting = True
+            channel._stop_producer()
+            req.connectionLost(_failure(ConnectionLost("CoAP exchange abandoned")))
+
+        return channel.done.addCallback(done), abandon

@@ -129,6 +129,11 @@ PIECES: tuple[Piece, ...] = (
         ),
     ),
     Piece(
+        "aiocoap.messagemanager.MessageManager._send_via_transport(message)",
+        "sending the datagram already encoded for the duplicate store (one encoding)",
+        _method(_MM, "_send_via_transport", "message"),
+    ),
+    Piece(
         "aiocoap.messagemanager.MessageManager._piggyback_opportunities / "
         "_send_empty_ack(remote, mid, reason)",
         "acknowledging a long-poll at once instead of holding its ACK",
@@ -176,6 +181,7 @@ PRIVATE_NAMES = frozenset(
         "_continue_backlog",
         "_send_initially",
         "_store_response_for_duplicates",
+        "_send_via_transport",
         "_deduplicate_message",
         "_recent_messages",
         "_piggyback_opportunities",
@@ -243,6 +249,10 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
     _dedup_serial = 0
     _dedup_timer: asyncio.TimerHandle | None = None
     _dedup_at = 0.0
+    #: the response just encoded for the duplicate store and its datagram: aiocoap
+    #: sends it right after storing it (``_send_initially``), so the transport takes
+    #: these bytes instead of encoding the message a second time
+    _just_stored: tuple[Any, bytes] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -311,9 +321,19 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
         key = (message.remote, message.mid)
         recent = self._recent_messages
         if key in recent:
-            recent[key] = (
-                message if isinstance(message, StoredResponse) else StoredResponse(message)
-            )
+            if isinstance(message, StoredResponse):
+                recent[key] = message
+            else:
+                stored = recent[key] = StoredResponse(message)
+                self._just_stored = (message, stored.encode())
+
+    def _send_via_transport(self, message: Any) -> None:
+        just, self._just_stored = self._just_stored, None
+        interface = self.message_interface
+        if just is not None and just[0] is message and getattr(interface, "sends_encoded", False):
+            interface.send(message, just[1])
+        else:
+            interface.send(message)
 
     # -- the hooks (defaults: aiocoap's behaviour) ---------------------------------------
 

@@ -135,12 +135,11 @@ class Block2Responses:
     async def extract_or_insert(
         self, req: Message, build: Callable[[], Awaitable[Message]]
     ) -> Message:
-        key = ("b2", block_key(req))
         block2 = req.opt.block2
         if block2 is None or block2.block_number == 0:
             assembled = await build()
         else:
-            found = self._store.get(key)
+            found = self._store.get(("b2", block_key(req)))
             if not isinstance(found, Message):
                 raise IncompleteException
             assembled = found
@@ -148,6 +147,7 @@ class Block2Responses:
         if len(assembled.payload) > limit or (
             block2 is not None and len(assembled.payload) > block2.size
         ):
+            key = ("b2", block_key(req))  # (computed only for a response cut in blocks)
             self._store.put(key, req.remote.blockwise_key, assembled, len(assembled.payload))
             block2 = block2 or BlockOption.BlockwiseTuple(0, 0, req.remote.maximum_block_size_exp)
             part: Message = extract_block(

@@ -8,14 +8,11 @@ peer's authenticated static key is exposed as ``authenticated_claims``.
 Channels survive re-handshakes and address changes (NAT rebinding), so the
 CoAP state does too.
 
-Attached to an aiocoap Context through
-:func:`synapse_coap.transport.manager.attach_transport` (aiocoap
-``>=0.4.17,<0.5``: the private ``Context._append_tokenmanaged_messagemanaged_transport``
-contract).
-
-Bad datagrams are the endpoint's business: it reports them as ``Dropped``
-events, which are counted and never raised. The endpoint's timers run on
-``loop.call_at`` with ``loop.time`` as its clock.
+Attached to an aiocoap Context by :func:`synapse_coap.transport.manager.attach_transport`
+(aiocoap's private ``Context._append_tokenmanaged_messagemanaged_transport`` contract).
+Bad datagrams are the endpoint's business: it reports them as ``Dropped`` events,
+which are counted and never raised. The endpoint's timers run on ``loop.call_at``
+with ``loop.time`` as its clock.
 """
 
 from __future__ import annotations
@@ -88,6 +85,8 @@ class SessionEndpoint(Protocol):
 
     def next_timer(self) -> float | None: ...
 
+    def timers_moved_earlier(self) -> bool: ...
+
     def suspect_lost(self, channel: int) -> list[Any]: ...
 
     def set_link_hint(
@@ -137,6 +136,8 @@ def _code_fits_type(code: int, mtype: int) -> bool:
 
 class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
     """aiocoap MessageInterface: CoAP messages in Noise records over one UDP socket."""
+
+    sends_encoded = True  # send(message, data): a datagram the manager encoded already
 
     def __init__(
         self,
@@ -248,11 +249,11 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
     def close_remote(self, remote: NoiseRemote) -> None:
         """Close the remote's channel (if any); pending exchanges fail with LinkDown."""
         if remote.channel is not None:
-            self._run(self.endpoint.close(remote.channel))
+            self._process(self.endpoint.close(remote.channel))
 
     # -- MessageInterface ----------------------------------------------------------------
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Any, data: bytes | None = None) -> None:
         remote = message.remote
         if self._mman is None or self._transport is None:
             logger.info("not sending %r: transport is shutting down", message)
@@ -260,7 +261,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         if not isinstance(remote, NoiseRemote) or remote.interface is not self:
             logger.warning("message for a foreign remote %r dropped", remote)
             return
-        data = message.encode()
+        data = message.encode() if data is None else data
         if remote.channel is None:
             early = None
             tuning = message.transport_tuning
@@ -336,9 +337,6 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             return
         self._process(events, source[0])
 
-    def _run(self, events: list[Any]) -> None:
-        self._process(events)
-
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
@@ -352,6 +350,8 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
     def _reschedule(self) -> None:
         if self._transport is None:
             return
+        if self._timer is not None and not self.endpoint.timers_moved_earlier():
+            return  # the armed wake-up is soon enough (if early, it re-arms then)
         at = self.endpoint.next_timer()
         if at is None:
             if self._timer is not None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from aiocoap import interfaces
 from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
+from aiocoap.pipe import error_to_message, run_driving_pipe
+from aiocoap.protocol import Context
 
 from synapse_coap.transport.blocks import (
     Block1Assembler,
@@ -22,6 +24,20 @@ from synapse_coap.transport.transfers import TransferStore
 
 if TYPE_CHECKING:
     from synapse_coap.transport.server import CoapServer
+
+
+class RootContext(Context):  # type: ignore[misc]
+    """aiocoap's Context for the server, whose ``render_to_pipe`` is aiocoap's own but
+    for the rendering task's name: aiocoap formats ``"Rendering for %r"`` of every
+    request (its options and payload) only to name the task (about 10 µs a request
+    under cProfile)."""
+
+    def render_to_pipe(self, pipe: Any) -> None:
+        run_driving_pipe(
+            error_to_message(pipe, self.log),
+            self.serversite.render_to_pipe(pipe),
+            name="synapse-coap render",
+        )
 
 
 class _Root(interfaces.Resource):  # type: ignore[misc]

@@ -45,7 +45,6 @@ from aiocoap.message import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.numbers.types import Type
-from aiocoap.protocol import Context
 
 from synapse_coap.errors import (
     LimitExceeded,
@@ -100,6 +99,7 @@ from synapse_coap.transport.replay_state import (
     write_replay_state,
 )
 from synapse_coap.transport.root import (
+    RootContext,
     _Root,
 )
 from synapse_coap.transport.server_config import (
@@ -218,7 +218,7 @@ class CoapServer:
         )
         loop = asyncio.get_running_loop()
         self._root = _Root(self)
-        self._context = Context(loop=loop, serversite=self._root, loggername=__name__ + ".coap")
+        self._context = RootContext(loop=loop, serversite=self._root, loggername=__name__ + ".coap")
         self._schedule_expiry()
         make_endpoint = endpoint_factory or _default_endpoint
         try:

@@ -22,19 +22,20 @@ Layout (documented in docs/wire-body.md):
 
 Decoding checks every cap before allocating: encoded size, inflated size
 (``max_length``), nesting depth and item count.  Two decoders give the same
-result: a fast one (cbor2's native decoder with depth, duplicate-key and
-indefinite-length checks, then a Python pass over the tree that applies the
-profile's keys, values and tags and checks the depth again), used when the body
-has at most ``max_items`` bytes (so at most that many items); and the reference
-decoder, an iterative byte walk (no input can cause a RecursionError).  Any
-input the fast path does not accept completely is decoded by the reference
-decoder, which gives the answer or the error; a property test checks that the
-two agree.
+result: a fast one (:mod:`~synapse_coap.wire.body_fast`: cbor2's native decoder
+with the depth cap, duplicate-key and indefinite-length checks, applying the
+stateless tags as it parses, then one Python pass over the tree in document order
+for the profile's keys and values, timestamp deltas, string references and
+derived hashes), used when the body has at most ``max_items`` bytes (so at most
+that many items); and the reference decoder, an iterative byte walk (no input can
+cause a RecursionError).  Any input the fast path does not accept completely is
+decoded by the reference decoder, which gives the answer or the error; a property
+test checks that the two agree.
 
 The codec is split by responsibility: :mod:`~synapse_coap.wire.body_tables`
-(markers, tags, limits, the profile's tables), :mod:`~synapse_coap.wire.body_encode`
-and :mod:`~synapse_coap.wire.body_decode`; this module is the one the rest of the
-package imports.
+(markers, tags, limits, the profile's tables), :mod:`~synapse_coap.wire.body_encode`,
+:mod:`~synapse_coap.wire.body_decode` and :mod:`~synapse_coap.wire.body_fast`; this
+module is the one the rest of the package imports.
 """
 
 from __future__ import annotations

@@ -3,9 +3,7 @@ walk, every cap checked before allocating (see :mod:`synapse_coap.wire.body`).""
 
 from __future__ import annotations
 
-import io
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 try:
@@ -15,10 +13,8 @@ except ImportError:  # pragma: no cover - a declared dependency; without it the
 
 from synapse_coap.errors import LimitExceeded, RemoteProtocolError
 from synapse_coap.wire import cbor
-from synapse_coap.wire.body_encode import (
-    _PRIMED_DECOMPRESS,
-    _primed,
-)
+from synapse_coap.wire.body_fast import FALLBACK as _FALLBACK
+from synapse_coap.wire.body_fast import decode_fast
 from synapse_coap.wire.body_tables import (
     _ED25519,
     _TS_HIGH,
@@ -182,98 +178,6 @@ class _Decoder:
             or TAG_MXC_BASE <= tag < TAG_MXC_BASE + MAX_SERVER_REFS
         )
 
-    def build(self, x: Any, depth: int) -> Any:
-        """The JSON value of cbor2's tree ``x`` (fast path; see _decode_fast).
-
-        Applies what :meth:`decode` applies, in the same order (so timestamp deltas
-        and string references resolve alike); raises _Fallback on anything the
-        reference decoder might answer differently.
-        """
-        t = type(x)
-        if t is str or t is int or t is float or t is bool or x is None or t is bytes:
-            return x
-        if t is list:
-            if not x:
-                return x
-            if depth >= self.limits.max_depth:
-                raise _Fallback
-            out = []
-            for item in x:
-                it = type(item)
-                if it in _LEAVES:
-                    out.append(item)
-                    continue
-                if it is int:
-                    if _TS_LOW <= item < _TS_HIGH:
-                        self.prev_big = item
-                    out.append(item)
-                    continue
-                v = self.build(item, depth + 1)
-                if v is _DERIVED:
-                    raise _Fallback
-                if type(v) is int and _TS_LOW <= v < _TS_HIGH:
-                    self.prev_big = v
-                out.append(v)
-            return out
-        if t is dict:
-            if not x:
-                return x
-            if depth >= self.limits.max_depth:
-                raise _Fallback
-            d: dict[str, Any] = {}
-            keys = self.keys
-            derived = False
-            for k, item in x.items():
-                kt = type(k)
-                if kt is int:
-                    idx = _unzigzag(k)
-                    if idx >= len(keys):
-                        raise _Fallback
-                    k = keys[idx]
-                elif kt is not str:
-                    k = self.build(k, depth + 1)
-                    if type(k) is not str:
-                        raise _Fallback
-                if k in d:
-                    raise _Fallback
-                it = type(item)
-                if it in _LEAVES:
-                    d[k] = item
-                    continue
-                if it is int:
-                    if _TS_LOW <= item < _TS_HIGH:
-                        self.prev_big = item
-                    d[k] = item
-                    continue
-                v = self.build(item, depth + 1)
-                if v is _DERIVED:
-                    if k != "hashes":
-                        raise _Fallback
-                    derived = True
-                elif type(v) is int and _TS_LOW <= v < _TS_HIGH:
-                    self.prev_big = v
-                d[k] = v
-            if derived:
-                h = content_hash(d)
-                if h is None:
-                    raise _Fallback
-                d["hashes"] = {"sha256": h}
-            return d
-        if t is _CBOR_TAG:
-            tag = x.tag
-            if not self.tag_allowed(tag) or depth >= self.limits.max_depth:
-                raise _Fallback
-            return self.apply_tag(tag, self.build(x.value, depth + 1))
-        if t is _CBOR_SIMPLE:
-            n = x.value
-            if 20 <= n < 32:
-                raise _Fallback
-            idx = _value_from_simple(n)
-            if idx >= len(self.values):
-                raise _Fallback
-            return self.values[idx]
-        raise _Fallback
-
     def finish_map(self, frame: _Frame) -> None:
         if frame.derived:
             d = frame.container
@@ -409,12 +313,9 @@ class _Decoder:
 
 def _inflate(data: bytes, zdict: bytes, limits: BodyLimits) -> bytes:
     try:
-        base = _primed(
-            _PRIMED_DECOMPRESS,
-            zdict,
-            lambda: zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15),
-        )
-        d = base.copy()
+        # a new object costs less than copying a primed one: setting a dictionary of a
+        # few KiB copies less than the 32 KiB window that copy() duplicates
+        d = zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15)
         out: bytes = d.decompress(data, limits.max_decoded_bytes + 1)
     except zlib.error as e:
         raise RemoteProtocolError(f"bad body: DEFLATE stream is corrupt ({e})") from e
@@ -457,47 +358,15 @@ def decode_body(
     elif len(data) > limits.max_decoded_bytes:
         raise LimitExceeded(f"body is larger than {limits.max_decoded_bytes} bytes")
     if len(data) <= limits.max_items:
-        result: JSONValue = _decode_fast(data, profile, context, limits, resolve)
+        result: JSONValue = decode_fast(data, profile, context.server_names, limits, resolve)
         if result is not _FALLBACK:
             return result
     return _Decoder(data, profile, context, limits, resolve).decode()
 
 
 # =========================================================================================
-# fast decoder: cbor2's native decoder, then one pass over the tree
+# fast decoder: cbor2's native decoder, then one pass over the tree (wire/body_fast.py)
 # =========================================================================================
-
-
-class _Fallback(Exception):
-    """The fast path does not accept this input; the reference decoder decides."""
-
-
-_FALLBACK = object()
-_BAD = object()
-#: leaf types the fast pass keeps as they are (ints in timestamp range are not leaves:
-#: they set the base of the next timestamp delta)
-_LEAVES = frozenset((str, float, bool, type(None), bytes))
-#: tags cbor2 decodes natively that are not ours (dates, shared values, string references,
-#: ...): refused, so they never take effect
-_CBOR2_NATIVE_FOREIGN = (0, 1, 25, 28, 29, 30, 256, 258, 260, 261, 1004, 43000, 55799)
-#: tags cbor2 decodes natively that are ours: kept as tags for the pass over the tree
-_CBOR2_NATIVE_OURS = (2, 3, 4, 5, 35, 36, 37, 52, 54, 100)
-
-
-def _keep_tag(tag: int) -> Callable[[Any, bool], Any]:
-    return lambda value, immutable: cbor2.CBORTag(tag, value)
-
-
-def _refuse_tag(value: Any, immutable: bool) -> Any:
-    return _BAD
-
-
-_SEMANTIC = {
-    **{t: _keep_tag(t) for t in _CBOR2_NATIVE_OURS},
-    **{t: _refuse_tag for t in _CBOR2_NATIVE_FOREIGN},
-}
-_CBOR_TAG: Any = getattr(cbor2, "CBORTag", None)
-_CBOR_SIMPLE: Any = getattr(cbor2, "CBORSimpleValue", None)
 
 
 def _decode_fast(
@@ -508,26 +377,4 @@ def _decode_fast(
     resolve: StringResolver | None,
 ) -> Any:
     """The decoded value, or _FALLBACK when the reference decoder must decide."""
-    if cbor2 is None:  # pragma: no cover
-        return _FALLBACK
-    fp = io.BytesIO(data)
-    try:
-        tree = cbor2.CBORDecoder(
-            fp,
-            semantic_decoders=_SEMANTIC,
-            max_depth=limits.max_depth + 1,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        ).decode()
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError):
-        return _FALLBACK
-    if fp.tell() != len(data):
-        return _FALLBACK
-    dec = _Decoder(data, profile, context, limits, resolve)
-    try:
-        value = dec.build(tree, 0)
-    except (_Fallback, RemoteProtocolError):
-        return _FALLBACK
-    if value is _DERIVED:
-        return _FALLBACK
-    return value
+    return decode_fast(data, profile, context.server_names, limits, resolve)

@@ -4,7 +4,6 @@ tags, then the smallest of its DEFLATE forms (see :mod:`synapse_coap.wire.body`)
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 try:
@@ -277,36 +276,20 @@ def _encode_cbor(
     return b"".join(enc.out)
 
 
-#: primed (de)compressors per dictionary, copied for each body: priming a 32 KiB window
-#: with the dictionary costs more than compressing a small body
-_PRIMED_COMPRESS: dict[bytes, Any] = {}
-_PRIMED_DECOMPRESS: dict[bytes, Any] = {}
-_PRIMED_MAX = 8
 #: bodies up to this size get one DEFLATE attempt, with the dictionary when the profile has
 #: one: on every body of the corpora (876 bodies up to 3.5 KB) the dictionary form was the
 #: smaller; larger bodies try both
 ONE_ATTEMPT_MAX = 16 * 1024
 
 
-def _primed(cache: dict[bytes, Any], zdict: bytes, make: Callable[[], Any]) -> Any:
-    obj = cache.get(zdict)
-    if obj is None:
-        if len(cache) >= _PRIMED_MAX:
-            cache.clear()
-        obj = cache[zdict] = make()
-    return obj
-
-
 def _deflate(data: bytes, zdict: bytes) -> bytes:
+    # A new compressor per body: copying one primed with the dictionary duplicates the
+    # whole level-9 state (about 400 KiB: window, hash chains, pending buffer), which
+    # costs more than setting a dictionary of a few KiB; the output is the same.
     if zdict:
-        base = _primed(
-            _PRIMED_COMPRESS,
-            zdict,
-            lambda: zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict),
-        )
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict)
     else:
-        base = _primed(_PRIMED_COMPRESS, b"", lambda: zlib.compressobj(9, zlib.DEFLATED, -15, 9))
-    c = base.copy()
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
     out: bytes = c.compress(data) + c.flush()
     return out
 

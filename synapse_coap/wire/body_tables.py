@@ -98,7 +98,23 @@ class BodyLimits:
         items = min(self.max_items, max(self.min_items, self.max_items_per_byte * size))
         if decoded == self.max_decoded_bytes and items == self.max_items:
             return self
-        return attrs.evolve(self, max_decoded_bytes=decoded, max_items=items)
+        # attrs.evolve costs more than decoding a small body: the result is remembered,
+        # a function of these frozen caps and the two numbers only (keyed by identity,
+        # cheaper to hash than the caps; the entry holds the caps, so the id stays theirs)
+        key = (id(self), decoded, items)
+        entry = _FOR_INPUT.get(key)
+        if entry is None or entry[0] is not self:
+            if len(_FOR_INPUT) >= _FOR_INPUT_MAX:
+                _FOR_INPUT.clear()
+            entry = _FOR_INPUT[key] = (
+                self,
+                attrs.evolve(self, max_decoded_bytes=decoded, max_items=items),
+            )
+        return entry[1]
+
+
+_FOR_INPUT: dict[tuple[int, int, int], tuple[BodyLimits, BodyLimits]] = {}
+_FOR_INPUT_MAX = 1024
 
 
 DEFAULT_BODY_LIMITS = BodyLimits()
@@ -139,10 +155,36 @@ def _b64_decode_exact(text: str, url: bool) -> bytes | None:
     return raw
 
 
+#: one encoder for every canonical dump (building one per call costs more than a small
+#: dump); no circular check: a cycle ends in RecursionError, which callers catch
+_CANONICAL = json.JSONEncoder(
+    ensure_ascii=False,
+    allow_nan=False,
+    check_circular=False,
+    separators=(",", ":"),
+    sort_keys=True,
+)
+
+
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+#: what _CANONICAL.encode() runs for a dict or a list, without building it per call
+_c_canonical: Any = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+)
+
+
+def _dump_canonical(value: Any) -> str:
+    if _c_canonical is not None and isinstance(value, (dict, list)):
+        return "".join(_c_canonical(value, 0))
+    return _CANONICAL.encode(value)
+
+
 def _canonical_json(value: Any) -> bytes:
-    return json.dumps(
-        value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), sort_keys=True
-    ).encode("utf-8")
+    return _dump_canonical(value).encode("utf-8")
 
 
 def content_hash(pdu: dict[str, Any]) -> str | None:
@@ -150,12 +192,15 @@ def content_hash(pdu: dict[str, Any]) -> str | None:
 
     None when the event cannot be put in canonical JSON.
     """
-    stripped = {k: v for k, v in pdu.items() if k not in ("unsigned", "signatures", "hashes")}
+    stripped = dict(pdu)
+    stripped.pop("unsigned", None)
+    stripped.pop("signatures", None)
+    stripped.pop("hashes", None)
     try:
-        data = _canonical_json(stripped)
+        data = _dump_canonical(stripped).encode("utf-8")
     except (TypeError, ValueError, RecursionError):
         return None
-    return _b64_unpadded(hashlib.sha256(data).digest(), url=False)
+    return binascii.b2a_base64(hashlib.sha256(data).digest(), newline=False)[:43].decode("ascii")
 
 
 def _zigzag(index: int) -> int:

@@ -284,6 +284,32 @@ def test_client_scenario(homeserver: Homeserver) -> None:
     run(homeserver, scenario, n_clients=2)
 
 
+def test_abandoned_long_poll_loses_its_synapse_connection(homeserver: Homeserver) -> None:
+    """A long-poll /sync whose CoAP exchange the client gives up loses its connection in
+    Synapse (as a dropped TCP connection would: Synapse then cancels a cancellable
+    servlet), instead of running on unseen. (Synapse 1.163 keeps a /sync parked after a
+    lost connection over its own HTTP listener too, so the in-flight count is no test.)"""
+
+    async def scenario(c: Client) -> None:
+        await register(c, "quitter")
+        since = (await c.json("GET", "/_matrix/client/v3/sync"))["next_batch"]
+        target = f"/_matrix/client/v3/sync?timeout=60000&since={quote(since)}&quit=1"
+        poll = asyncio.ensure_future(c.request("GET", target, timeout=120))
+        await wait_for_parked_sync(homeserver, poll)
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+        deadline = time.monotonic() + 20
+        while not re.search(
+            r"CoAP exchange abandoned by .* GET /_matrix/client/v3/sync\?.*quit=1\n"
+            r"(.*\n)*.* - (GET-\d+) - Connection from client lost before response was sent",
+            homeserver.proc.log_text(),
+        ):
+            assert time.monotonic() < deadline, "the abandoned /sync kept its connection"
+            await asyncio.sleep(0.05)
+
+    run(homeserver, scenario)
+
+
 async def wait_for_parked_sync(hs: Homeserver, poll: asyncio.Future[Any]) -> None:
     """Until Synapse reports an in-flight /sync (its own metric), without fixed sleeps."""
     deadline = time.monotonic() + 30

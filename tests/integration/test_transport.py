@@ -565,22 +565,42 @@ async def test_real_codec_sticky_token_survives_server_restart(server_key: bytes
         await client.close()
 
 
+class Gate:
+    """Holds a large body's codec call until the test lets it go (issue 14).
+
+    Stands in for a large compact-CBOR body that takes long to encode or decode:
+    ``started`` is set once such a call begins; it returns when ``release`` is set
+    (or fails after 20 s, which only bounds a broken test)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self, what: str) -> None:
+        self.started.set()
+        if not self.release.wait(20):
+            raise AssertionError(f"the large {what} blocked the event loop")
+
+    async def served_meanwhile(
+        self, big: asyncio.Future[HttpResponse], other: CoapClient, server: CoapServer
+    ) -> HttpResponse:
+        """While the large call is held, ``other``'s small request is answered."""
+        assert await asyncio.to_thread(self.started.wait, 20)
+        small = await other.request(ep(server), HttpRequest("GET", b"/small"))
+        assert small.body == b"GET /small\n"
+        assert not big.done()
+        self.release.set()
+        return await big
+
+
 class GatedDecodeCodec(EchoCodec):
-    """EchoCodec whose decode of a large response waits until the test lets it go.
+    """EchoCodec whose decode of a large response is held by ``gate``."""
 
-    Stands in for a large compact-CBOR body that takes long to decode. ``started``
-    is set once such a decode begins; it returns when ``release`` is set (or fails
-    after ``limit`` seconds, which only bounds a broken test)."""
-
-    started = threading.Event()
-    release = threading.Event()
-    limit = 20.0
+    gate = Gate()
 
     def decode_response(self, msg: CoapMessage, *, method: int = 1, **_kw: Any) -> HttpResponse:
         if len(msg.payload) > INLINE_DECODE_MAX:
-            self.started.set()
-            if not self.release.wait(self.limit):
-                raise AssertionError("the large decode blocked the event loop")
+            self.gate.hold("decode")
         return super().decode_response(msg, method=method)
 
 
@@ -588,8 +608,7 @@ class GatedDecodeCodec(EchoCodec):
 async def test_large_response_decodes_off_the_loop(server_key: bytes) -> None:
     # issue 14: a large body used to be decoded on the event loop, so every other
     # request (and the transport itself) waited for it
-    GatedDecodeCodec.started = threading.Event()
-    GatedDecodeCodec.release = threading.Event()
+    GatedDecodeCodec.gate = gate = Gate()
     server, _d = await start_server(server_key)
     client = await CoapClient.create(
         static_key=generate_private_key(),
@@ -602,31 +621,23 @@ async def test_large_response_decodes_off_the_loop(server_key: bytes) -> None:
         big = asyncio.ensure_future(
             client.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
         )
-        assert await asyncio.to_thread(GatedDecodeCodec.started.wait, 20)
         # the big decode is still running: a small request is served meanwhile
-        small = await client.request(ep(server), HttpRequest("GET", b"/small"))
-        assert small.body == b"GET /small\n"
-        assert not big.done()
-        GatedDecodeCodec.release.set()
-        r = await big
+        r = await gate.served_meanwhile(big, client, server)
         assert r.status == 200 and r.body == b"POST /big\n" + big_body
     finally:
-        GatedDecodeCodec.release.set()
+        gate.release.set()
         await client.close()
         await server.close()
 
 
 class GatedRequestCodec(EchoCodec):
-    """EchoCodec whose decode of a large request waits until the test lets it go."""
+    """EchoCodec whose decode of a large request is held by ``gate``."""
 
-    started = threading.Event()
-    release = threading.Event()
+    gate = Gate()
 
     def decode_request(self, msg: CoapMessage, tokens: Any = None) -> HttpRequest:
         if len(msg.payload) > INLINE_DECODE_MAX:
-            self.started.set()
-            if not self.release.wait(20):
-                raise AssertionError("the large decode blocked the event loop")
+            self.gate.hold("decode")
         return super().decode_request(msg, tokens)
 
 
@@ -634,8 +645,7 @@ class GatedRequestCodec(EchoCodec):
 async def test_large_request_decodes_off_the_loop(server_key: bytes) -> None:
     # issue 14, the listener's side (the module inside Synapse, the gateway): a large
     # request body is decoded on a worker thread; other peers are served meanwhile
-    GatedRequestCodec.started = threading.Event()
-    GatedRequestCodec.release = threading.Event()
+    GatedRequestCodec.gate = gate = Gate()
     server = await CoapServer.start(
         ServerConfig(listen=(("::", 0),), static_key=server_key, link=FAST, server_name="hs.test"),
         Dispatcher(),
@@ -647,31 +657,23 @@ async def test_large_request_decodes_off_the_loop(server_key: bytes) -> None:
         big = asyncio.ensure_future(
             uploader.request(ep(server), HttpRequest("POST", b"/big", (), big_body))
         )
-        assert await asyncio.to_thread(GatedRequestCodec.started.wait, 20)
-        small = await other.request(ep(server), HttpRequest("GET", b"/small"))
-        assert small.body == b"GET /small\n"
-        assert not big.done()
-        GatedRequestCodec.release.set()
-        r = await big
+        r = await gate.served_meanwhile(big, other, server)
         assert r.status == 200 and r.body == b"POST /big\n" + big_body
     finally:
-        GatedRequestCodec.release.set()
+        gate.release.set()
         await uploader.close()
         await other.close()
         await server.close()
 
 
 class GatedEncodeCodec(EchoCodec):
-    """EchoCodec whose encoding of a large response waits until the test lets it go."""
+    """EchoCodec whose encoding of a large response is held by ``gate``."""
 
-    started = threading.Event()
-    release = threading.Event()
+    gate = Gate()
 
     def encode_response(self, resp: HttpResponse, **kw: Any) -> CoapMessage:
         if len(resp.body) > INLINE_ENCODE_MAX:
-            self.started.set()
-            if not self.release.wait(20):
-                raise AssertionError("the large encoding blocked the event loop")
+            self.gate.hold("encoding")
         return super().encode_response(resp, **kw)
 
 
@@ -690,8 +692,7 @@ class BigAnswers(Dispatcher):
 async def test_large_response_encodes_off_the_loop(server_key: bytes) -> None:
     # issue 14: an answer of more than INLINE_ENCODE_MAX bytes (an initial /sync) is
     # encoded on a worker thread; other peers are served meanwhile
-    GatedEncodeCodec.started = threading.Event()
-    GatedEncodeCodec.release = threading.Event()
+    GatedEncodeCodec.gate = gate = Gate()
     server = await CoapServer.start(
         ServerConfig(listen=(("::", 0),), static_key=server_key, link=FAST, server_name="hs.test"),
         BigAnswers(),
@@ -700,15 +701,10 @@ async def test_large_response_encodes_off_the_loop(server_key: bytes) -> None:
     fetcher, other = await make_client(), await make_client()
     try:
         big = asyncio.ensure_future(fetcher.request(ep(server), HttpRequest("GET", b"/big")))
-        assert await asyncio.to_thread(GatedEncodeCodec.started.wait, 20)
-        small = await other.request(ep(server), HttpRequest("GET", b"/small"))
-        assert small.body == b"GET /small\n"
-        assert not big.done()
-        GatedEncodeCodec.release.set()
-        r = await big
+        r = await gate.served_meanwhile(big, other, server)
         assert r.status == 200 and r.body == BigAnswers.BIG
     finally:
-        GatedEncodeCodec.release.set()
+        gate.release.set()
         await fetcher.close()
         await other.close()
         await server.close()

@@ -3,35 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def _bench_session() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_session", ROOT / "bench" / "session.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.harness.bench import ROOT, generated_block, load_bench
 
 
 def test_readme_session_block_is_rendered_from_the_committed_csv() -> None:
-    saved = list(sys.path)
-    try:
-        bench = _bench_session()
-    finally:
-        sys.path[:] = saved
+    bench = load_bench("session")
     meta, rows = bench.read_dict_rows(bench.RESULTS_CSV)
     assert meta["commit"] and not meta["commit"].endswith("-dirty")
     block = bench.readme_block(meta, rows)
     start = f"<!-- session:start (written by {bench.WRITER}; do not edit by hand) -->"
-    readme = (ROOT / "README.md").read_text()
-    body = readme.partition(start)[2].partition("<!-- session:end -->")[0]
-    assert body.strip() == block.strip()
+    body = generated_block((ROOT / "README.md").read_text(), start, "<!-- session:end -->")
+    assert body == block.strip()
     # every time figure has at least five samples
     counts: dict[str, int] = {}
     for r in rows:

@@ -478,10 +478,64 @@ def test_fast_decoder_agrees_on_any_bytes(data: bytes) -> None:
         b"\xc1\x00",  # cbor2's epoch date
         b"\xa2\x00\x00\xe0\x00",  # key 0 and simple value 0: different strings, both keys
         b"\x81" * 130 + b"\x00",  # deeper than the cap
+        b"\xd8\x1c\x61a",  # cbor2's shareable (tag 28): decoded natively into what it wraps
+        b"\xda\x00\x00\x00\x1c\x61a",  # the same tag in a 4-byte head
+        b"\xd9\xd9\xf7\x00",  # self-described CBOR (tag 55799): also transparent in cbor2
+        b"\xd9\x01\x00\x61a",  # a string reference namespace (tag 256) alone
+        b"\xd8\x34\x61a",  # tag 52: ours (a sigil of server 5), cbor2's IPv4 address
+        b"\xc4\x00",  # a string reference without a table (tag 4: cbor2's decimal fraction)
+        b"\xd4\xd2\x00",  # ed25519 tag around a server tag: the reference decoder's to judge
     ],
 )
 def test_fast_decoder_edge_cases(data: bytes) -> None:
     _agree(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "depth"),
+    [
+        (b"\x81\x81\xd4\x61a", 3),  # arrays and a tag count as levels
+        (b"\x81\x81\x80", 2),  # an empty array does not
+        (b"\xa1\x00\x81\xa0", 2),
+        (b"\xd4\x61a", 1),
+    ],
+)
+def test_fast_decoder_depth_cap_is_the_reference_one(data: bytes, depth: int) -> None:
+    """cbor2's max_depth counts as the reference decoder does: at the cap both accept
+    (the fast path does not fall back), one level under it the reference refuses and
+    the fast path leaves it the answer."""
+    p1 = load_profile(1)
+    at_cap = BodyLimits(max_depth=depth)
+    fast = body_decode._decode_fast(data, p1, CTX, at_cap, None)
+    assert fast is not body_decode._FALLBACK
+    assert same(fast, body_decode._Decoder(data, p1, CTX, at_cap, None).decode())
+    under = BodyLimits(max_depth=depth - 1)
+    assert body_decode._decode_fast(data, p1, CTX, under, None) is body_decode._FALLBACK
+    with pytest.raises(LimitExceeded):
+        decode_body(data, p1, CTX, under)
+
+
+def test_fast_decoder_takes_string_references(p1: Profile) -> None:
+    room = "!" + rand_b64url(32)
+    events = ["$" + rand_b64url(32) for _ in range(3)]
+    value = {"room_id": room, "auth_events": events, "rooms": {room: {"x": 1}}}
+    refs = {room: (4, 0), events[1]: (5, 70)}
+    table = {(4, 0): room, (5, 70): events[1]}
+    raw = body_encode._encode_cbor(value, p1, CTX, refs)
+    limits = DEFAULT_LIMITS.for_input(len(raw))
+    fast = body_decode._decode_fast(raw, p1, CTX, limits, lambda t, i: table[(t, i)])
+    assert fast is not body_decode._FALLBACK  # references (also as map keys) stay fast
+    assert same(fast, value)
+    assert body_decode._decode_fast(raw, p1, CTX, limits, None) is body_decode._FALLBACK
+
+
+def test_fast_decoder_recovers_after_a_failed_parse(p1: Profile) -> None:
+    """A decoder object that failed mid-body is not reused: the next body decodes."""
+    value = {"event_id": "$" + rand_b64url(32), "n": [1, 2, {"a": None}]}
+    raw = body_encode._encode_cbor(value, p1, CTX)
+    for bad in (raw[:-1], raw[:5], b"\x81" * 200 + b"\x00", b"\xd8\x1c" + raw):
+        assert body_decode._decode_fast(bad, p1, CTX, DEFAULT_LIMITS, None) is body_decode._FALLBACK
+        assert same(body_decode._decode_fast(raw, p1, CTX, DEFAULT_LIMITS, None), value)
 
 
 def test_string_cache_gives_the_bytes_of_a_fresh_encoder(p1: Profile) -> None:

@@ -20,6 +20,9 @@ def test_help_texts_are_complete(capsys: pytest.CaptureFixture[str]) -> None:
             "--server-key",
             "--trust-on-first-use",
             "--state-dir",
+            "--dns-server",
+            "--no-srv",
+            "_matrix-coap._udp",
             "502",
             "504",
         ],
@@ -133,3 +136,29 @@ def test_sidecar_keepalive_option() -> None:
     assert e.value.path == "--keepalive"
     args = build_parser().parse_args([*base, "--no-short-txn-ids"])
     assert args.no_short_txn_ids
+
+
+def test_a_homeserver_named_without_a_port_is_looked_up_by_srv() -> None:
+    from synapse_coap.cli.proxy import _srv_hosts
+
+    texts = [
+        "coap://hs.example",  # SRV
+        "coap://hs.example:5683",  # an explicit port: as it is
+        "coap://192.0.2.1",  # an address: as it is
+        "coap://[2001:db8::1]",
+        "coap+plain://other.example",  # SRV
+        "coap://hs.example",  # (the same host again: one lookup)
+    ]
+    addresses = [HomeserverAddress.parse(t) for t in texts]
+    assert _srv_hosts(texts, addresses) == ("hs.example", "other.example")
+
+
+def test_sidecar_srv_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from synapse_coap.cli.proxy import run_sidecar_command
+
+    base = ["sidecar", "--homeserver", "coap://hs.example", "--trust-on-first-use"]
+    args = build_parser().parse_args([*base, "--dns-server", "127.0.0.1:5353", "--no-srv"])
+    assert args.dns_server == ["127.0.0.1:5353"] and args.no_srv
+    bad = build_parser().parse_args([*base, "--dns-server", "dns.example"])
+    assert run_sidecar_command(bad) == 2
+    assert "--dns-server" in capsys.readouterr().err

@@ -9,11 +9,6 @@ give the same bytes, so the figures are the production path's.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 from aiocoap.numbers.types import Type
 
@@ -21,19 +16,7 @@ from synapse_coap.mapping import samples
 from synapse_coap.mapping.coap import encode_coap
 from synapse_coap.mapping.messages import CoapMessage
 from synapse_coap.transport.convert import to_aiocoap
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "wire_sizes_bench", ROOT / "bench" / "wire_sizes.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.harness.bench import load_bench
 
 
 def _aiocoap_bytes(msg: CoapMessage, token: bytes) -> bytes:
@@ -55,7 +38,7 @@ def test_corpus_messages_encode_the_same_under_aiocoap(
         seen.append(msg)
         return real(msg)
 
-    bench = _bench()
+    bench = load_bench("wire_sizes")
     monkeypatch.setattr(bench.samples, "datagram_size", recording)
     rows = bench.rows(profile_id, "heldout")
     assert len(seen) == len(rows) > 20
