@@ -346,6 +346,10 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             logger.exception("session layer timer failed (bug)")
             events = []
         self._process(events)
+        # an early wake-up (traffic moved the deadline later) has no events, and
+        # _process re-arms only after events: arm for the next deadline in any case
+        if self._timer is None:
+            self._reschedule()
 
     def _reschedule(self) -> None:
         if self._transport is None:

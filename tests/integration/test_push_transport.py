@@ -375,3 +375,46 @@ async def test_a_restarted_server_is_found_by_the_next_keepalive_and_the_client_
     finally:
         await client.close()
         await server.close()
+
+
+@aio
+async def test_keepalives_go_on_after_traffic_moved_their_deadline() -> None:
+    """The transport's timer is armed for the keep-alive, then traffic moves the keep-alive
+    later (traffic only delays deadlines, so the armed timer is left as it is) and the
+    timer wakes early with nothing to do: it must be armed again, or the idle client
+    never sends another keep-alive and never finds a restarted server (this stopped the
+    sidecar's catch-up after a homeserver restart in test_push_nio)."""
+    key = generate_private_key()
+    sync = FakeSync()
+
+    async def start(port: int) -> CoapServer:
+        return await CoapServer.start(
+            ServerConfig(listen=(("::1", port),), static_key=key, link=FAST, server_name="hs.test"),
+            sync,
+        )
+
+    server = await start(0)
+    port = server.addresses[0][1]
+    client = await CoapClient.create(
+        static_key=generate_private_key(),
+        trust=TrustPolicy(store=MemoryTrustStore()),
+        link=FAST,
+        bind=("::1", 0),
+        keepalive_interval=2.0,
+    )
+    new_session = asyncio.Event()
+    client.on_new_session.append(new_session.set)
+    endpoint = Endpoint("::1", port, "hs.test")
+    versions = HttpRequest("GET", b"/_matrix/client/versions", AUTH)
+    try:
+        # requests closer together than the keep-alive interval: each moves it later
+        for _ in range(6):
+            assert (await client.request(endpoint, versions)).status == 200
+            await asyncio.sleep(0.7)
+        await server.close()
+        server = await start(port)
+        await asyncio.wait_for(new_session.wait(), 10)
+        assert (await client.request(endpoint, versions, timeout=10)).status == 200
+    finally:
+        await client.close()
+        await server.close()
