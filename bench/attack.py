@@ -213,20 +213,7 @@ class Target:
 
     async def honest_request(self, client: Any = None, ep: Any = None) -> float:
         """One authenticated request (GET /account/whoami); seconds."""
-        started = time.perf_counter()
-        resp = await (client or self.client).request(
-            ep or self.endpoint,
-            HttpRequest(
-                "GET",
-                b"/_matrix/client/v3/account/whoami",
-                (("authorization", f"Bearer {self.token}"),),
-                b"",
-            ),
-            timeout=30,
-        )
-        if resp.status != 200:
-            raise RuntimeError(f"honest request: {resp.status}")
-        return time.perf_counter() - started
+        return await _whoami(client or self.client, ep or self.endpoint, self.token)
 
     async def quiet_latency(self, n: int) -> list[float]:
         return await self.honest_client().quiet(n)

@@ -180,15 +180,7 @@ class Bridge:
         )
 
         def deliver(ok: bool, value: Any) -> None:
-            def set_value() -> None:
-                if fut.done():
-                    return
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-
-            hop(set_value)
+            hop(_settle, fut, ok, value)
 
         async def wrapper() -> None:
             try:
@@ -247,21 +239,13 @@ class Bridge:
         begun: list[Callable[[], None]] = []
         cancelled = False
 
-        def set_value(ok: bool, value: Any) -> None:
-            if fut.done():
-                return
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-
         def settle(result: Any) -> None:
             ok = not isinstance(result, Failure)
             value = result if ok else _as_asyncio_error(result.value)
             if shared:
-                set_value(ok, value)  # schedules the awaiting task; runs nothing now
+                _settle(fut, ok, value)  # schedules the awaiting task; runs nothing now
             else:
-                loop.call_soon_threadsafe(set_value, ok, value)
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
 
         def begin() -> None:
             if cancelled:
@@ -355,6 +339,17 @@ class Bridge:
 
 def _failure(exc: BaseException) -> Failure:
     return Failure(exc)  # type: ignore[no-untyped-call]
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Give ``fut`` its result (``ok``) or exception, unless it is already done
+    (its awaiting task was cancelled)."""
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
 
 
 def _as_asyncio_error(exc: BaseException) -> BaseException:
