@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import statistics
@@ -1080,13 +1081,24 @@ async def campaign(
     return rows
 
 
+def _load_note(meta: dict[str, str]) -> str:
+    """What the run's provenance says of the machine's load (the ratios are noisy on a
+    busy machine)."""
+    if "load" in meta:
+        return (
+            f"Load average (1 min) at the start and the end of the run: {meta['load']}; "
+            "the machine may have been shared with other work."
+        )
+    return "The machine may have been shared with other work (load not recorded)."
+
+
 def render(rows: list[AttackRow], meta: dict[str, str]) -> str:
     lines = [
         START,
         "",
         f"`{meta.get('command', '')}` at {meta.get('commit', '?')}, {meta.get('time', '')}; "
-        f"{meta.get('machine', '')}; Synapse {meta.get('synapse', '?')}. The machine was shared "
-        "with other work. The honest client runs in a process of its own. Its quiet latency "
+        f"{meta.get('machine', '')}; Synapse {meta.get('synapse', '?')}. {_load_note(meta)} "
+        "The honest client runs in a process of its own. Its quiet latency "
         f"is measured just before each case (n={QUIET_N}); under attack it sends a request "
         "every 50 ms for the length of the case, or, in the cases marked (xN), one request "
         "together with the last datagram of each crafted body (n = the bodies sent). "
@@ -1145,6 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
         meta, rows = read_rows(CSV, AttackRow)
         write_doc(rows, meta)
         return 0
+    load_at_start = os.getloadavg()[0]
     datagrams = 20_000 if args.quick and args.datagrams == 1_000_000 else args.datagrams
     import resource
 
@@ -1158,6 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.write:
         meta = provenance("python bench/attack.py " + " ".join(argv or sys.argv[1:]))
+        meta["load"] = f"{load_at_start:.2f} / {os.getloadavg()[0]:.2f}"
         write_rows(CSV, rows, meta)
         write_doc(rows, meta)
     bad = [r for r in rows if r.crashed or r.tracebacks]
