@@ -336,13 +336,14 @@ async def test_too_many_registrations_per_source_are_refused_and_counted() -> No
         await first.aclose()
 
 
-@aio
-async def test_a_restarted_server_is_found_by_the_next_keepalive_and_the_client_hears_of_it() -> (
-    None
-):
-    """The server loses every session (a restart, same key and port); the idle client's
-    next keep-alive gets the unknown-session hint, the client re-handshakes at once and
-    runs its ``on_new_session`` callbacks (the sidecar registers push again there)."""
+async def _restart_found_by_a_keepalive(
+    keepalive: float, requests: int, spacing: float, within: float
+) -> None:
+    """A client with this keep-alive interval sends ``requests`` requests ``spacing``
+    seconds apart; then the server restarts (same key and port, every session lost) and
+    nothing is asked: only the idle client's next keep-alive can get the unknown-session
+    hint. The client must re-handshake within ``within`` seconds, running its
+    ``on_new_session`` callbacks (the sidecar registers push again there), and be served."""
     key = generate_private_key()
     sync = FakeSync()
 
@@ -359,22 +360,32 @@ async def test_a_restarted_server_is_found_by_the_next_keepalive_and_the_client_
         trust=TrustPolicy(store=MemoryTrustStore()),
         link=FAST,
         bind=("::1", 0),
-        keepalive_interval=0.5,
+        keepalive_interval=keepalive,
     )
     new_session = asyncio.Event()
     client.on_new_session.append(new_session.set)
     endpoint = Endpoint("::1", port, "hs.test")
     versions = HttpRequest("GET", b"/_matrix/client/versions", AUTH)
     try:
-        assert (await client.request(endpoint, versions)).status == 200
+        for i in range(requests):
+            if i:
+                await asyncio.sleep(spacing)
+            assert (await client.request(endpoint, versions)).status == 200
         await server.close()
         server = await start(port)
-        # nothing is asked: only the keep-alive can find out
-        await asyncio.wait_for(new_session.wait(), 20)
+        await asyncio.wait_for(new_session.wait(), within)
         assert (await client.request(endpoint, versions, timeout=10)).status == 200
     finally:
         await client.close()
         await server.close()
+
+
+@aio
+async def test_a_restarted_server_is_found_by_the_next_keepalive_and_the_client_hears_of_it() -> (
+    None
+):
+    """The server loses every session; the idle client's next keep-alive finds out."""
+    await _restart_found_by_a_keepalive(keepalive=0.5, requests=1, spacing=0.0, within=20)
 
 
 @aio
@@ -384,37 +395,5 @@ async def test_keepalives_go_on_after_traffic_moved_their_deadline() -> None:
     timer wakes early with nothing to do: it must be armed again, or the idle client
     never sends another keep-alive and never finds a restarted server (this stopped the
     sidecar's catch-up after a homeserver restart in test_push_nio)."""
-    key = generate_private_key()
-    sync = FakeSync()
-
-    async def start(port: int) -> CoapServer:
-        return await CoapServer.start(
-            ServerConfig(listen=(("::1", port),), static_key=key, link=FAST, server_name="hs.test"),
-            sync,
-        )
-
-    server = await start(0)
-    port = server.addresses[0][1]
-    client = await CoapClient.create(
-        static_key=generate_private_key(),
-        trust=TrustPolicy(store=MemoryTrustStore()),
-        link=FAST,
-        bind=("::1", 0),
-        keepalive_interval=2.0,
-    )
-    new_session = asyncio.Event()
-    client.on_new_session.append(new_session.set)
-    endpoint = Endpoint("::1", port, "hs.test")
-    versions = HttpRequest("GET", b"/_matrix/client/versions", AUTH)
-    try:
-        # requests closer together than the keep-alive interval: each moves it later
-        for _ in range(6):
-            assert (await client.request(endpoint, versions)).status == 200
-            await asyncio.sleep(0.7)
-        await server.close()
-        server = await start(port)
-        await asyncio.wait_for(new_session.wait(), 10)
-        assert (await client.request(endpoint, versions, timeout=10)).status == 200
-    finally:
-        await client.close()
-        await server.close()
+    # requests closer together than the keep-alive interval: each moves it later
+    await _restart_found_by_a_keepalive(keepalive=2.0, requests=7, spacing=0.7, within=10)
