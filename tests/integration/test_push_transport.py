@@ -339,8 +339,8 @@ async def test_too_many_registrations_per_source_are_refused_and_counted() -> No
 async def _restart_found_by_a_keepalive(
     keepalive: float, requests: int, spacing: float, within: float
 ) -> None:
-    """A client with this keep-alive interval sends ``requests`` requests ``spacing``
-    seconds apart; then the server restarts (same key and port, every session lost) and
+    """A client with this keep-alive interval sends ``requests`` requests, each followed
+    by ``spacing`` seconds of quiet; then the server restarts (same key and port, every session lost) and
     nothing is asked: only the idle client's next keep-alive can get the unknown-session
     hint. The client must re-handshake within ``within`` seconds, running its
     ``on_new_session`` callbacks (the sidecar registers push again there), and be served."""
@@ -367,10 +367,9 @@ async def _restart_found_by_a_keepalive(
     endpoint = Endpoint("::1", port, "hs.test")
     versions = HttpRequest("GET", b"/_matrix/client/versions", AUTH)
     try:
-        for i in range(requests):
-            if i:
-                await asyncio.sleep(spacing)
+        for _ in range(requests):
             assert (await client.request(endpoint, versions)).status == 200
+            await asyncio.sleep(spacing)
         await server.close()
         server = await start(port)
         await asyncio.wait_for(new_session.wait(), within)
@@ -396,4 +395,4 @@ async def test_keepalives_go_on_after_traffic_moved_their_deadline() -> None:
     never sends another keep-alive and never finds a restarted server (this stopped the
     sidecar's catch-up after a homeserver restart in test_push_nio)."""
     # requests closer together than the keep-alive interval: each moves it later
-    await _restart_found_by_a_keepalive(keepalive=2.0, requests=7, spacing=0.7, within=10)
+    await _restart_found_by_a_keepalive(keepalive=2.0, requests=6, spacing=0.7, within=10)
