@@ -70,13 +70,17 @@ from synapse_coap.mapping.tokens import (
 )
 from synapse_coap.wire.body import (
     DEFAULT_BODY_LIMITS,
+    MARKER_DEFLATE_BASE,
     REQUEST_BODY_LIMITS,
     BodyLimits,
+    body_cbor,
     decode_body,
+    decode_cbor,
     encode_body,
 )
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
+from synapse_coap.wire.push_base import NotificationBase
 from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
 from synapse_coap.wire.strings import (
     ReceiverStrings,
@@ -409,6 +413,7 @@ class WireCodec:
         strings: ReceiverStrings | None = None,
         seq: int | None = None,
         references: ReceiverStrings | None = None,
+        base: tuple[int, bytes] | None = None,
     ) -> CoapMessage:
         """The response to a request with CoAP method code ``method``.
 
@@ -416,7 +421,10 @@ class WireCodec:
         (:func:`request_seq`): a 2xx JSON answer's identifiers are recorded.
         ``references``: the session string table, for a push notification: its
         body may reference identifiers the client sent (``String-Seq`` names the
-        base, see :mod:`synapse_coap.wire.strings`).
+        base, see :mod:`synapse_coap.wire.strings`). ``base``: ``(d, cbor)``, for a
+        push notification, the last delivered notification
+        (:mod:`synapse_coap.wire.push_base`): the body may be compressed relative to
+        it, and then carries no Content-Format (the body's marker says it all).
 
         The code follows the method (200 is 2.05 for GET, 2.04 for POST/PUT/PATCH,
         2.02 for DELETE); ``HTTP-Status`` travels only when the code alone, read
@@ -434,7 +442,12 @@ class WireCodec:
         content_opts, payload = self._encode_content(
             headers, resp.body, want_json=want_json, label=True
         )
-        if references is not None and 200 <= status < 300 and content_opts == _COMPACT_LABEL:
+        if base is not None and 200 <= status < 300 and content_opts == _COMPACT_LABEL:
+            extra, content_opts, payload = self._notification(
+                resp.body, content_opts, payload, references, base
+            )
+            options += extra
+        elif references is not None and 200 <= status < 300 and content_opts == _COMPACT_LABEL:
             referenced = self._with_references(resp.body, payload, references)
             if referenced is not None:
                 payload = referenced[1]
@@ -443,6 +456,66 @@ class WireCodec:
         if strings is not None and seq is not None and 200 <= status < 300:
             strings.record_response(seq, _response_ids(headers, resp.body))
         return CoapMessage(code, sort_options(options), payload)
+
+    def _notification(
+        self,
+        body: bytes,
+        content_opts: list[CoapOption],
+        payload: bytes,
+        table: ReceiverStrings | None,
+        base: tuple[int, bytes],
+    ) -> tuple[list[CoapOption], list[CoapOption], bytes]:
+        """(String-Seq options, content options, payload) of a push notification's
+        compact body: the smallest of without/with the string table's references,
+        each without/with the base (docs/wire-body.md sections 5 and 6)."""
+        try:
+            value = parse_json_exact(body)
+            candidates: list[tuple[list[CoapOption], list[CoapOption], bytes]] = [
+                ([], content_opts, payload)
+            ]
+            relative = encode_body(value, self.profile, self.context, base=base)
+            if relative[0] == MARKER_DEFLATE_BASE:
+                candidates.append(([], [], relative))
+            if table is not None:
+                highest, refs = table.references()
+                if refs:
+                    seq_opt = [CoapOption(n.OPT_STRING_SEQ, encode_uint(highest))]
+                    referenced = encode_body(value, self.profile, self.context, refs, base=base)
+                    plain = referenced[0] != MARKER_DEFLATE_BASE
+                    candidates.append((seq_opt, content_opts if plain else [], referenced))
+        except (ValueError, LocalProtocolError, RecursionError):
+            return [], content_opts, payload
+
+        def cost(c: tuple[list[CoapOption], list[CoapOption], bytes]) -> int:
+            # an option's header is 1 byte, 3 for String-Seq's number (65031)
+            return (
+                len(c[2])
+                + sum(3 + len(o.value) for o in c[0])
+                + sum(1 + len(o.value) for o in c[1])
+            )
+
+        return min(candidates, key=cost)
+
+    def notification_cbor(self, msg: CoapMessage, base: tuple[int, bytes] | None) -> bytes | None:
+        """The CBOR of a notification's compact body, as the client that decodes it
+        keeps it (:meth:`decode_response` with ``bases``); None: no compact body.
+        ``base``: the one ``msg`` was encoded with."""
+        if msg.get(n.OPT_CONTENT_TYPE) or not msg.payload:
+            return None
+        cfs = msg.get(n.CONTENT_FORMAT)
+        if cfs and (len(cfs) > 1 or decode_uint(cfs[0], 2) != n.CF_COMPACT):
+            return None
+        cbor = None if base is None else base[1]
+
+        def resolve(d: int) -> bytes:
+            if cbor is None or base is None or d != base[0]:
+                raise UnknownStringReference("not the base this notification was encoded with")
+            return cbor
+
+        try:
+            return body_cbor(msg.payload, self.profile, DEFAULT_BODY_LIMITS, resolve)
+        except RemoteProtocolError:
+            return None
 
     def _with_references(
         self, body: bytes, payload: bytes, table: ReceiverStrings
@@ -465,12 +538,15 @@ class WireCodec:
         method: int = n.GET,
         strings: SenderStrings | None = None,
         seq: int | None = None,
+        bases: NotificationBase | None = None,
     ) -> HttpResponse:
         """The HTTP response in ``msg``, which answers a request with CoAP method ``method``.
 
         ``strings``/``seq``: the session string table and the request's number: a 2xx
         answer acknowledges the number (with the answer's identifiers), and a
-        notification's references (``String-Seq``) resolve against it."""
+        notification's references (``String-Seq``) resolve against it. ``bases``: a
+        push notification's (:mod:`synapse_coap.wire.push_base`): its body may be
+        relative to an earlier notification; its CBOR is left in ``bases.cbor``."""
         _check_critical(msg)
         if not n.code(2, 0) <= msg.code < n.code(6, 0):
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a response")
@@ -488,7 +564,9 @@ class WireCodec:
             if strings is None:
                 raise UnknownStringReference("a response with references, and no string table")
             resolver = strings.own_resolver(base)
-        content_headers, body, _value = self._decode_content(msg, limits, resolver=resolver)
+        content_headers, body, _value = self._decode_content(
+            msg, limits, resolver=resolver, bases=bases
+        )
         headers += content_headers
         headers += self._decode_headers(msg, response=True)
         _check_http_safe(headers)
@@ -614,8 +692,10 @@ class WireCodec:
         limits: BodyLimits,
         *,
         resolver: Callable[[int, int], str] | None = None,
+        bases: NotificationBase | None = None,
     ) -> tuple[list[tuple[str, str]], bytes, Any]:
-        """Content headers, body, and (decoded with ``resolver`` only) the JSON value."""
+        """Content headers, body, and (decoded with ``resolver`` only) the JSON value.
+        ``bases``: a notification's (its CBOR is left in ``bases.cbor``)."""
         cts = msg.get(n.OPT_CONTENT_TYPE)
         cfs = msg.get(n.CONTENT_FORMAT)
         if len(cfs) > 1 or (cfs and cts):
@@ -642,7 +722,15 @@ class WireCodec:
         if not msg.payload:
             return [], b"", None
         value: Any = None
-        if resolver is not None:
+        if bases is not None:
+            # never the memo: the same payload means another body against another base
+            raw = body_cbor(msg.payload, self.profile, limits, bases)
+            value = decode_cbor(
+                raw, self.profile, self.context, limits.for_input(len(msg.payload)), resolver
+            )
+            body = _dump_decoded(value)
+            bases.cbor = raw
+        elif resolver is not None:
             value = decode_body(msg.payload, self.profile, self.context, limits, resolver)
             body = _dump_decoded(value)
         else:

@@ -96,6 +96,7 @@ from synapse_coap.transport.noise_udp import (
 from synapse_coap.transport.offload import INLINE_DECODE_MAX, DecodePool
 from synapse_coap.transport.plain import PlainUDP
 from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.push_base import ClientBases
 
 logger = logging.getLogger(__name__)
 
@@ -480,6 +481,8 @@ class CoapClient:
 
             pipe = Pipe(m, self._context.log)
             stop = pipe.on_event(on_event)
+            # this registration's notifications, possible bases of the next ones
+            bases = ClientBases()
             try:
                 try:
                     interface = await self._context.find_remote_and_interface(m)
@@ -516,10 +519,15 @@ class CoapClient:
                     rebind = tokens is not None and _on_response(tokens, cm, resp_cm)
                     if rebind and final and not retried:
                         break  # the server forgot our token binding: register again
+                    view = bases.view(seq)
                     try:
                         response = await self._decode_response(
-                            session, resp_cm, strings=tokens.strings if tokens is not None else None
+                            session,
+                            resp_cm,
+                            strings=tokens.strings if tokens is not None else None,
+                            bases=view,
                         )
+                        view.commit()
                     except RemoteProtocolError:
                         raise
                     except SynapseCoapError as e:

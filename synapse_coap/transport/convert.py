@@ -76,11 +76,22 @@ class Codec(Protocol):
         strings: Any = None,
         seq: int | None = None,
         references: Any = None,
+        base: tuple[int, bytes] | None = None,
     ) -> CoapMessage: ...
 
     def decode_response(
-        self, msg: CoapMessage, *, method: int = ..., strings: Any = None, seq: int | None = None
+        self,
+        msg: CoapMessage,
+        *,
+        method: int = ...,
+        strings: Any = None,
+        seq: int | None = None,
+        bases: Any = None,
     ) -> HttpResponse: ...
+
+    def notification_cbor(
+        self, msg: CoapMessage, base: tuple[int, bytes] | None
+    ) -> bytes | None: ...
 
     def route_name(self, msg: CoapMessage) -> str: ...
 

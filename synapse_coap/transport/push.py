@@ -72,6 +72,7 @@ from synapse_coap.transport.aiocoap_compat import extract_block
 from synapse_coap.transport.convert import Codec, to_aiocoap
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.manager import LinkTuning
+from synapse_coap.wire.push_base import ServerBase
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +220,8 @@ class Observation:
         self._heard = heard
         self._strings = strings
         self.seq = 0
+        #: the last delivered notification: the next ones are sent relative to it
+        self._base = ServerBase()
 
     async def run(self) -> None:
         since = self.query.since
@@ -334,17 +337,23 @@ class Observation:
         if self.reg.ended:
             return
         self.reg.ended = True
-        self.reg.pipe.add_response(self._encode(resp), is_last=True)
+        self.reg.pipe.add_response(self._encode(resp)[0], is_last=True)
 
-    def _encode(self, resp: HttpResponse, *, references: bool = False) -> Message:
-        """``references``: a notification (it may reference what the client sent)."""
-        return to_aiocoap(
-            self.codec.encode_response(
-                resp,
-                want_json=self.want_json,
-                references=self._strings if references else None,
-            )
+    def _encode(
+        self, resp: HttpResponse, *, references: bool = False, seq: int | None = None
+    ) -> tuple[Message, bytes | None]:
+        """``references``: a notification numbered ``seq`` (it may reference what the
+        client sent, and be relative to the last delivered notification); with the
+        CBOR of its compact body (None: it has none)."""
+        base = self._base.for_notification(seq) if seq is not None else None
+        cm = self.codec.encode_response(
+            resp,
+            want_json=self.want_json,
+            references=self._strings if references else None,
+            base=base,
         )
+        cbor = self.codec.notification_cbor(cm, base) if seq is not None else None
+        return to_aiocoap(cm), cbor
 
     async def _notify(self, resp: HttpResponse) -> bool:
         """Push one notification; True once it was acknowledged (and fully fetched)."""
@@ -355,8 +364,9 @@ class Observation:
             if not acked.done():
                 acked.set_result(ok)
 
-        full = self._encode(resp, references=True)
-        self.seq = (self.seq + 1) % OBSERVE_MODULUS
+        seq = (self.seq + 1) % OBSERVE_MODULUS
+        full, cbor = self._encode(resp, references=True, seq=seq)
+        self.seq = seq
         size = 2 ** (self.block_size_exp + 4)
         fetched: asyncio.Future[None] | None = None
         if len(full.payload) > size:
@@ -385,6 +395,7 @@ class Observation:
                 await asyncio.wait_for(fetched, self.config.fetch_timeout)
             except asyncio.TimeoutError:
                 return False
+        self._base.delivered(seq, cbor)
         return True
 
 

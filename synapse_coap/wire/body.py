@@ -41,7 +41,9 @@ module is the one the rest of the package imports.
 from __future__ import annotations
 
 from synapse_coap.wire.body_decode import (
+    body_cbor,
     decode_body,
+    decode_cbor,
 )
 from synapse_coap.wire.body_encode import (
     ONE_ATTEMPT_MAX,
@@ -51,6 +53,7 @@ from synapse_coap.wire.body_encode import (
 from synapse_coap.wire.body_tables import (
     DEFAULT_BODY_LIMITS,
     MARKER_DEFLATE,
+    MARKER_DEFLATE_BASE,
     MARKER_DEFLATE_DICT,
     MAX_SERVER_REFS,
     REQUEST_BODY_LIMITS,
@@ -70,6 +73,7 @@ from synapse_coap.wire.body_tables import (
     TAG_SIGIL_0,
     TAG_SIGIL_BASE,
     TAG_TS_DELTA,
+    BaseResolver,
     BodyLimits,
     JSONValue,
     StringRefs,
@@ -80,6 +84,7 @@ from synapse_coap.wire.body_tables import (
 __all__ = [
     "DEFAULT_BODY_LIMITS",
     "MARKER_DEFLATE",
+    "MARKER_DEFLATE_BASE",
     "MARKER_DEFLATE_DICT",
     "MAX_SERVER_REFS",
     "ONE_ATTEMPT_MAX",
@@ -100,12 +105,15 @@ __all__ = [
     "TAG_SIGIL_0",
     "TAG_SIGIL_BASE",
     "TAG_TS_DELTA",
+    "BaseResolver",
     "BodyLimits",
     "JSONValue",
     "StringRefs",
     "StringResolver",
+    "body_cbor",
     "content_hash",
     "decode_body",
+    "decode_cbor",
     "encode_body",
     "encode_stages",
 ]

@@ -21,6 +21,7 @@ from synapse_coap.wire.body_tables import (
     _TS_LOW,
     DEFAULT_BODY_LIMITS,
     MARKER_DEFLATE,
+    MARKER_DEFLATE_BASE,
     MARKER_DEFLATE_DICT,
     MAX_SERVER_REFS,
     SIGILS,
@@ -39,12 +40,14 @@ from synapse_coap.wire.body_tables import (
     TAG_SIGIL_0,
     TAG_SIGIL_BASE,
     TAG_TS_DELTA,
+    BaseResolver,
     BodyLimits,
     JSONValue,
     StringResolver,
     _b64_unpadded,
     _unzigzag,
     _value_from_simple,
+    base_dictionary,
     content_hash,
 )
 from synapse_coap.wire.context import WireContext
@@ -334,13 +337,28 @@ def decode_body(
     context: WireContext = WireContext(),
     limits: BodyLimits = DEFAULT_BODY_LIMITS,
     resolve: StringResolver | None = None,
+    base: BaseResolver | None = None,
 ) -> JSONValue:
     """Decode what :func:`encode_body` produced (RemoteProtocolError / LimitExceeded).
 
     ``resolve`` turns session string table references into strings
     (:meth:`synapse_coap.wire.strings.ReceiverStrings.resolver`); without it a
-    reference is a RemoteProtocolError.
+    reference is a RemoteProtocolError. ``base``: the bases of a push notification
+    (:mod:`synapse_coap.wire.push_base`); without it a body sent relative to a base
+    (marker 0xfe) is a RemoteProtocolError.
     """
+    raw = body_cbor(data, profile, limits, base)
+    return decode_cbor(raw, profile, context, limits.for_input(len(data)), resolve)
+
+
+def body_cbor(
+    data: bytes,
+    profile: Profile,
+    limits: BodyLimits = DEFAULT_BODY_LIMITS,
+    base: BaseResolver | None = None,
+) -> bytes:
+    """The CBOR of an encoded body: inflated when it is DEFLATE (RemoteProtocolError /
+    LimitExceeded); the caps of ``limits``, proportional to ``len(data)``."""
     if len(data) > limits.max_encoded_bytes:
         raise LimitExceeded(f"body is larger than {limits.max_encoded_bytes} bytes")
     if not data:
@@ -348,15 +366,33 @@ def decode_body(
     limits = limits.for_input(len(data))
     marker = data[0]
     if marker == MARKER_DEFLATE:
-        data = _inflate(data[1:], b"", limits)
-    elif marker == MARKER_DEFLATE_DICT:
-        if not profile.dictionary:
-            raise RemoteProtocolError(
-                f"bad body: dictionary-compressed, but profile {profile.id} has no dictionary"
-            )
-        data = _inflate(data[1:], profile.dictionary, limits)
-    elif len(data) > limits.max_decoded_bytes:
+        return _inflate(data[1:], b"", limits)
+    if marker in (MARKER_DEFLATE_DICT, MARKER_DEFLATE_BASE) and not profile.dictionary:
+        raise RemoteProtocolError(
+            f"bad body: dictionary-compressed, but profile {profile.id} has no dictionary"
+        )
+    if marker == MARKER_DEFLATE_DICT:
+        return _inflate(data[1:], profile.dictionary, limits)
+    if marker == MARKER_DEFLATE_BASE:
+        major, _info, d, pos = cbor.read_head(data, 1)
+        if major != 0 or not 1 <= d <= 0xFFFFFFFF or data[1:pos] != cbor.head(0, d):
+            raise RemoteProtocolError("bad body: bad base distance")
+        if base is None:
+            raise RemoteProtocolError("bad body: relative to a base, outside a push notification")
+        return _inflate(data[pos:], base_dictionary(profile, base(d)), limits)
+    if len(data) > limits.max_decoded_bytes:
         raise LimitExceeded(f"body is larger than {limits.max_decoded_bytes} bytes")
+    return data
+
+
+def decode_cbor(
+    data: bytes,
+    profile: Profile,
+    context: WireContext = WireContext(),
+    limits: BodyLimits = DEFAULT_BODY_LIMITS,
+    resolve: StringResolver | None = None,
+) -> JSONValue:
+    """Decode the CBOR of a body (:func:`body_cbor`); ``limits`` already proportional."""
     if len(data) <= limits.max_items:
         result: JSONValue = decode_fast(data, profile, context.server_names, limits, resolve)
         if result is not _FALLBACK:

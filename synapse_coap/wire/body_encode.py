@@ -26,6 +26,7 @@ from synapse_coap.wire.body_tables import (
     _TS_LOW,
     DEFAULT_BODY_LIMITS,
     MARKER_DEFLATE,
+    MARKER_DEFLATE_BASE,
     MARKER_DEFLATE_DICT,
     MAX_SERVER_REFS,
     SIGILS,
@@ -48,6 +49,7 @@ from synapse_coap.wire.body_tables import (
     StringRefs,
     _b64_decode_exact,
     _tables,
+    base_dictionary,
     content_hash,
 )
 from synapse_coap.wire.context import WireContext
@@ -300,8 +302,14 @@ def encode_body(
     context: WireContext = WireContext(),
     refs: StringRefs | None = None,
     max_expansion: int = DEFAULT_BODY_LIMITS.max_expansion,
+    base: tuple[int, bytes] | None = None,
 ) -> bytes:
     """Encode a JSON value; the result's first byte says which encoding was used.
+
+    ``base``: ``(d, cbor)``, a push notification's base (:mod:`~synapse_coap.wire.push_base`):
+    the CBOR of the notification ``d`` Observe numbers back, which the receiver holds;
+    the body may then be DEFLATE with the profile dictionary followed by that CBOR as
+    preset dictionary (marker 0xfe, then ``d`` as a CBOR uint), when that is smaller.
 
     ``refs``: strings the receiver's session string table holds, as
     (tag, uint) references (:class:`synapse_coap.wire.strings.SenderStrings`);
@@ -315,6 +323,30 @@ def encode_body(
     (lone surrogates, non-string keys, non-JSON types); callers then carry raw JSON.
     """
     raw = _encode_cbor(value, profile, context, refs)
+    best = raw
+    if base is not None and len(raw) > 4:
+        best = _smallest(
+            raw, _plain_or_dict(raw, profile, max_expansion), _with_base(raw, profile, base)
+        )
+        if len(raw) > max(DEFAULT_BODY_LIMITS.min_decoded_bytes, max_expansion * len(best)):
+            return raw
+        return best
+    return _plain_or_dict(raw, profile, max_expansion)
+
+
+def _smallest(*forms: bytes) -> bytes:
+    return min(forms, key=len)
+
+
+def _with_base(raw: bytes, profile: Profile, base: tuple[int, bytes]) -> bytes:
+    d, base_cbor = base
+    if not 1 <= d <= 0xFFFFFFFF:
+        raise ValueError(f"base distance {d} out of range")
+    head = bytes((MARKER_DEFLATE_BASE,)) + cbor.head(0, d)
+    return head + _deflate(raw, base_dictionary(profile, base_cbor))
+
+
+def _plain_or_dict(raw: bytes, profile: Profile, max_expansion: int) -> bytes:
     best = raw
     if len(raw) > 4:
         if profile.dictionary and len(raw) <= ONE_ATTEMPT_MAX:

@@ -25,11 +25,19 @@ JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, 
 StringRefs: TypeAlias = Mapping[str, tuple[int, int]]
 #: (tag, uint) -> the referenced string; raises UnknownStringReference
 StringResolver: TypeAlias = Callable[[int, int], str]
+#: d -> the CBOR of the base a push notification names ``d`` Observe numbers back
+#: (:mod:`synapse_coap.wire.push_base`); raises UnknownStringReference
+BaseResolver: TypeAlias = Callable[[int], bytes]
 
 # --- markers (first byte of an encoded body) --------------------------------------------
 MARKER_DEFLATE = 0xFC
 MARKER_DEFLATE_DICT = 0xFD
-# 0xFE and 0xFF are reserved (0xff is also never a valid first CBOR byte here).
+#: raw DEFLATE whose preset dictionary is the profile dictionary followed by the CBOR of
+#: an earlier push notification (the base, named by the uint that follows the marker)
+MARKER_DEFLATE_BASE = 0xFE
+# 0xFF is reserved (and never a valid first CBOR byte here).
+#: DEFLATE's window: a preset dictionary longer than this is cut to its last bytes
+DEFLATE_WINDOW = 1 << 15
 
 # --- private CBOR tags ---------------------------------------------------------------------
 TAG_BIGNUM_POS = 2  # RFC 8949 bignums, for ints outside +-2**64
@@ -55,6 +63,14 @@ _B64_MIN_LEN = 20  # shorter strings are more likely words; they stay text
 _B64_STD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 _B64_URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _ED25519 = "ed25519:"
+
+
+def base_dictionary(profile: Profile, base_cbor: bytes) -> bytes:
+    """The preset dictionary of a body sent relative to a base (marker 0xfe): the
+    profile dictionary followed by the base's CBOR, its last 32 KiB."""
+    return (profile.dictionary + base_cbor)[-DEFLATE_WINDOW:]
+
+
 _TS_LOW = 1 << 32  # ints in [_TS_LOW, _TS_HIGH) take part in delta coding
 _TS_HIGH = 1 << 64
 _MAX_ENCODE_DEPTH = 400  # stays under Python's recursion limit

@@ -1,0 +1,148 @@
+"""Push notifications sent relative to an earlier one (their *base*).
+
+Sans-I/O. Successive ``/sync`` notifications of one Observe registration look
+alike: the same room ids, the same counters and empty sections, a
+``next_batch`` one component away from the previous one, a ``prev_batch``
+equal to it. A notification may therefore be compressed with the CBOR of an
+earlier notification of the same registration appended to the profile's
+DEFLATE dictionary (body marker 0xfe, docs/wire-body.md section 6); the
+earlier one is named by ``d``, the difference of the two Observe numbers
+(mod 2**24), a CBOR uint after the marker.
+
+Exact or refused, under loss, duplication, re-sends after a park:
+
+* The server (:class:`ServerBase`, one per observation) uses as base only the
+  last notification it knows was *delivered*: acknowledged, and fully fetched
+  when it was larger than one block. The client acknowledges a notification
+  only after receiving it whole, and decodes it before it can ask for anything
+  else, so it holds that notification's CBOR, unless its decoding failed, in
+  which case it registers again (a new registration starts without a base).
+* The client (:class:`ClientBases`, one per registration request, so one per
+  CoAP token, never reused) keeps the CBOR of the last :data:`KEPT`
+  notifications it decoded, by Observe number, plus the base it last decoded
+  with: a notification re-sent (with a new Observe number) or duplicated names
+  the same base and decodes the same; the server moves its base only to a
+  notification the client has received, so the base named is kept (a stale
+  notification, older than the newest decoded one in the sense of RFC 7641
+  §3.4, is decoded if its base is still there but changes nothing kept).
+* A base the client does not hold raises :class:`UnknownBase` (an undecodable
+  notification: the sidecar registers again from its last position). A
+  notification is never decoded against other bytes than the ones it was
+  encoded with: an Observe number names one notification of one registration
+  (the numbers of a registration do not repeat within 2**24 notifications,
+  far more than the client keeps).
+* Only notifications whose CBOR is at most :data:`BASE_MAX` bytes serve as a
+  base, on both ends (larger ones are rarely followed by similar ones, and the
+  client keeps less).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from synapse_coap.wire.strings import UnknownStringReference
+
+#: Observe numbers are 24-bit (RFC 7641 §4.4): a base's distance is taken mod this.
+OBSERVE_MODULUS = 1 << 24
+#: The CBOR of a notification serving as a base is at most this long.
+BASE_MAX = 8 * 1024
+_HALF = OBSERVE_MODULUS // 2
+#: Notifications a client keeps as possible bases (besides the one it last decoded with).
+KEPT = 4
+
+
+class UnknownBase(UnknownStringReference):
+    """A notification names a base this client does not hold (register again)."""
+
+
+class ServerBase:
+    """The server's side, for one observation: the last delivered notification."""
+
+    def __init__(self) -> None:
+        self._base: tuple[int, bytes] | None = None
+
+    def for_notification(self, seq: int) -> tuple[int, bytes] | None:
+        """``(d, cbor)`` for the notification to be sent with Observe number ``seq``."""
+        if self._base is None:
+            return None
+        base_seq, cbor = self._base
+        d = (seq - base_seq) % OBSERVE_MODULUS
+        return (d, cbor) if d else None
+
+    def delivered(self, seq: int, cbor: bytes | None) -> None:
+        """The notification numbered ``seq`` was delivered; ``cbor``: its body's CBOR
+        (None: it had no compact body, so it cannot be a base)."""
+        self._base = (seq, cbor) if cbor is not None and len(cbor) <= BASE_MAX else None
+
+
+class ClientBases:
+    """The client's side, for one registration: the CBOR of recent notifications."""
+
+    def __init__(self) -> None:
+        self._recent: OrderedDict[int, bytes] = OrderedDict()
+        self._used: tuple[int, bytes] | None = None
+        self._newest: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClientBases kept={list(self._recent)}>"
+
+    def view(self, seq: int | None) -> NotificationBase:
+        """The bases for decoding the notification numbered ``seq``."""
+        return NotificationBase(self, seq)
+
+    def _lookup(self, seq: int) -> bytes | None:
+        if self._used is not None and self._used[0] == seq:
+            return self._used[1]
+        return self._recent.get(seq)
+
+    def _decoded(self, seq: int, cbor: bytes | None, used: tuple[int, bytes] | None) -> None:
+        if self._newest is not None and not 0 < (seq - self._newest) % OBSERVE_MODULUS < _HALF:
+            return  # a stale notification (reordered, or a late duplicate): keep what we have
+        self._newest = seq
+        if used is not None:
+            self._used = used
+        if cbor is None or len(cbor) > BASE_MAX:
+            # cannot be a base: forget a stale entry under this number
+            self._recent.pop(seq, None)
+            return
+        self._recent[seq] = cbor
+        self._recent.move_to_end(seq)
+        while len(self._recent) > KEPT:
+            self._recent.popitem(last=False)
+
+
+class NotificationBase:
+    """One notification's decoding: resolves its base (``d`` back) and, once the whole
+    notification decoded, records its CBOR (:meth:`commit`)."""
+
+    def __init__(self, bases: ClientBases, seq: int | None) -> None:
+        self._bases = bases
+        self._seq = seq
+        self._used: tuple[int, bytes] | None = None
+        self.cbor: bytes | None = None
+
+    def __call__(self, d: int) -> bytes:
+        if self._seq is None or not 1 <= d < OBSERVE_MODULUS:
+            raise UnknownBase("a base outside an Observe notification")
+        base_seq = (self._seq - d) % OBSERVE_MODULUS
+        cbor = self._bases._lookup(base_seq)
+        if cbor is None:
+            raise UnknownBase(f"no notification {base_seq} kept as a base")
+        self._used = (base_seq, cbor)
+        return cbor
+
+    def commit(self) -> None:
+        """The notification decoded completely: keep it as a possible base."""
+        if self._seq is not None:
+            self._bases._decoded(self._seq, self.cbor, self._used)
+
+
+__all__ = [
+    "BASE_MAX",
+    "KEPT",
+    "OBSERVE_MODULUS",
+    "ClientBases",
+    "NotificationBase",
+    "ServerBase",
+    "UnknownBase",
+]
