@@ -15,6 +15,10 @@ results are not sent; the server simply polls on from their ``next_batch``
   notification was acknowledged (and, when it was larger than one block,
   fully fetched), so a client that re-registers with the ``next_batch`` of the
   last notification it got resumes with nothing lost and nothing repeated.
+* **Relative** (:mod:`synapse_coap.wire.push_base`): a notification may be
+  compressed relative to the last one that was delivered (its base, named by
+  the difference of their Observe numbers); re-sends name the same base, so
+  they decode the same; a client that lost its bases registers again.
 * **Blockwise** (RFC 7641 §4 with RFC 7959): a notification larger than one
   block carries its first block, ``Block2`` and an ``ETag``; the client
   fetches the other blocks with GETs of the registration request (without
