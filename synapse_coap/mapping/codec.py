@@ -80,7 +80,7 @@ from synapse_coap.wire.body import (
 )
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
-from synapse_coap.wire.push_base import NotificationBase
+from synapse_coap.wire.push_base import Base, Kept, NotificationBase
 from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
 from synapse_coap.wire.strings import (
     ReceiverStrings,
@@ -413,7 +413,7 @@ class WireCodec:
         strings: ReceiverStrings | None = None,
         seq: int | None = None,
         references: ReceiverStrings | None = None,
-        base: tuple[int, bytes] | None = None,
+        base: Base | None = None,
     ) -> CoapMessage:
         """The response to a request with CoAP method code ``method``.
 
@@ -421,10 +421,11 @@ class WireCodec:
         (:func:`request_seq`): a 2xx JSON answer's identifiers are recorded.
         ``references``: the session string table, for a push notification: its
         body may reference identifiers the client sent (``String-Seq`` names the
-        base, see :mod:`synapse_coap.wire.strings`). ``base``: ``(d, cbor)``, for a
-        push notification, the last delivered notification
+        base, see :mod:`synapse_coap.wire.strings`). ``base``: for a push
+        notification, the last delivered notification
         (:mod:`synapse_coap.wire.push_base`): the body may be compressed relative to
-        it, and then carries no Content-Format (the body's marker says it all).
+        it, and then carries no Content-Format (the body's marker says it all), nor
+        String-Seq when its references resolve against the base's.
 
         The code follows the method (200 is 2.05 for GET, 2.04 for POST/PUT/PATCH,
         2.02 for DELETE); ``HTTP-Status`` travels only when the code alone, read
@@ -463,7 +464,7 @@ class WireCodec:
         content_opts: list[CoapOption],
         payload: bytes,
         table: ReceiverStrings | None,
-        base: tuple[int, bytes],
+        base: Base,
     ) -> tuple[list[CoapOption], list[CoapOption], bytes]:
         """(String-Seq options, content options, payload) of a push notification's
         compact body: the smallest of without/with the string table's references,
@@ -473,16 +474,21 @@ class WireCodec:
             candidates: list[tuple[list[CoapOption], list[CoapOption], bytes]] = [
                 ([], content_opts, payload)
             ]
-            relative = encode_body(value, self.profile, self.context, base=base)
+            pair = (base.d, base.cbor)
+            relative = encode_body(value, self.profile, self.context, base=pair)
             if relative[0] == MARKER_DEFLATE_BASE:
                 candidates.append(([], [], relative))
             if table is not None:
                 highest, refs = table.references()
                 if refs:
                     seq_opt = [CoapOption(n.OPT_STRING_SEQ, encode_uint(highest))]
-                    referenced = encode_body(value, self.profile, self.context, refs, base=base)
-                    plain = referenced[0] != MARKER_DEFLATE_BASE
-                    candidates.append((seq_opt, content_opts if plain else [], referenced))
+                    referenced = encode_body(value, self.profile, self.context, refs, base=pair)
+                    if referenced[0] != MARKER_DEFLATE_BASE:
+                        candidates.append((seq_opt, content_opts, referenced))
+                    elif highest == base.string_seq:
+                        candidates.append(([], [], referenced))  # resolved as the base's
+                    else:
+                        candidates.append((seq_opt, [], referenced))
         except (ValueError, LocalProtocolError, RecursionError):
             return [], content_opts, payload
 
@@ -496,26 +502,30 @@ class WireCodec:
 
         return min(candidates, key=cost)
 
-    def notification_cbor(self, msg: CoapMessage, base: tuple[int, bytes] | None) -> bytes | None:
-        """The CBOR of a notification's compact body, as the client that decodes it
-        keeps it (:meth:`decode_response` with ``bases``); None: no compact body.
-        ``base``: the one ``msg`` was encoded with."""
+    def notification_kept(self, msg: CoapMessage, base: Base | None) -> Kept:
+        """What the client that decodes notification ``msg`` keeps of it
+        (:meth:`decode_response` with ``bases``): the CBOR of its compact body and
+        its effective String-Seq. ``base``: the one ``msg`` was encoded with."""
+        string_seq = request_seq(msg)
         if msg.get(n.OPT_CONTENT_TYPE) or not msg.payload:
-            return None
+            return Kept(None, string_seq)
         cfs = msg.get(n.CONTENT_FORMAT)
         if cfs and (len(cfs) > 1 or decode_uint(cfs[0], 2) != n.CF_COMPACT):
-            return None
-        cbor = None if base is None else base[1]
+            return Kept(None, string_seq)
+        if string_seq is None and base is not None and msg.payload[0] == MARKER_DEFLATE_BASE:
+            string_seq = base.string_seq
 
         def resolve(d: int) -> bytes:
-            if cbor is None or base is None or d != base[0]:
+            if base is None or d != base.d:
                 raise UnknownStringReference("not the base this notification was encoded with")
-            return cbor
+            return base.cbor
 
         try:
-            return body_cbor(msg.payload, self.profile, DEFAULT_BODY_LIMITS, resolve)
+            return Kept(
+                body_cbor(msg.payload, self.profile, DEFAULT_BODY_LIMITS, resolve), string_seq
+            )
         except RemoteProtocolError:
-            return None
+            return Kept(None, string_seq)
 
     def _with_references(
         self, body: bytes, payload: bytes, table: ReceiverStrings
@@ -546,7 +556,7 @@ class WireCodec:
         answer acknowledges the number (with the answer's identifiers), and a
         notification's references (``String-Seq``) resolve against it. ``bases``: a
         push notification's (:mod:`synapse_coap.wire.push_base`): its body may be
-        relative to an earlier notification; its CBOR is left in ``bases.cbor``."""
+        relative to an earlier notification; what is kept of it is left in ``bases.kept``."""
         _check_critical(msg)
         if not n.code(2, 0) <= msg.code < n.code(6, 0):
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a response")
@@ -559,11 +569,13 @@ class WireCodec:
             status = n.code_to_status(msg.code, method)
         headers: list[tuple[str, str]] = []
         base = request_seq(msg)
-        resolver = None
+        resolver: Callable[[int, int], str] | None = None
         if base is not None:
             if strings is None:
                 raise UnknownStringReference("a response with references, and no string table")
             resolver = strings.own_resolver(base)
+        elif bases is not None and msg.payload[:1] == _BASE_MARKER:
+            resolver = _inherited_resolver(strings, bases)
         content_headers, body, _value = self._decode_content(
             msg, limits, resolver=resolver, bases=bases
         )
@@ -695,7 +707,7 @@ class WireCodec:
         bases: NotificationBase | None = None,
     ) -> tuple[list[tuple[str, str]], bytes, Any]:
         """Content headers, body, and (decoded with ``resolver`` only) the JSON value.
-        ``bases``: a notification's (its CBOR is left in ``bases.cbor``)."""
+        ``bases``: a notification's (what is kept of it is left in ``bases.kept``)."""
         cts = msg.get(n.OPT_CONTENT_TYPE)
         cfs = msg.get(n.CONTENT_FORMAT)
         if len(cfs) > 1 or (cfs and cts):
@@ -729,7 +741,10 @@ class WireCodec:
                 raw, self.profile, self.context, limits.for_input(len(msg.payload)), resolver
             )
             body = _dump_decoded(value)
-            bases.cbor = raw
+            string_seq = request_seq(msg)
+            if string_seq is None and msg.payload[0] == MARKER_DEFLATE_BASE:
+                string_seq = bases.base_string_seq
+            bases.kept = Kept(raw, string_seq)
         elif resolver is not None:
             value = decode_body(msg.payload, self.profile, self.context, limits, resolver)
             body = _dump_decoded(value)
@@ -801,6 +816,24 @@ class WireCodec:
     def wants_json(self, msg: CoapMessage) -> bool:
         """The request carried ``Accept: 50`` (a standard CoAP tool wanting plain JSON)."""
         return accepted_format(msg) == n.CF_JSON
+
+
+_BASE_MARKER = bytes((MARKER_DEFLATE_BASE,))
+
+
+def _inherited_resolver(
+    strings: SenderStrings | None, bases: NotificationBase
+) -> Callable[[int, int], str]:
+    """The references of a relative notification without String-Seq resolve against
+    its base's effective String-Seq (docs/wire-body.md section 6)."""
+
+    def resolve(tag: int, number: int) -> str:
+        seq = bases.base_string_seq
+        if strings is None or seq is None:
+            raise UnknownStringReference("a reference, and no String-Seq to resolve it against")
+        return strings.own_resolver(seq)(tag, number)
+
+    return resolve
 
 
 def request_seq(msg: CoapMessage) -> int | None:

@@ -76,7 +76,7 @@ class Codec(Protocol):
         strings: Any = None,
         seq: int | None = None,
         references: Any = None,
-        base: tuple[int, bytes] | None = None,
+        base: Any = None,
     ) -> CoapMessage: ...
 
     def decode_response(
@@ -89,9 +89,7 @@ class Codec(Protocol):
         bases: Any = None,
     ) -> HttpResponse: ...
 
-    def notification_cbor(
-        self, msg: CoapMessage, base: tuple[int, bytes] | None
-    ) -> bytes | None: ...
+    def notification_kept(self, msg: CoapMessage, base: Any) -> Any: ...
 
     def route_name(self, msg: CoapMessage) -> str: ...
 

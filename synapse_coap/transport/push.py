@@ -76,7 +76,7 @@ from synapse_coap.transport.aiocoap_compat import extract_block
 from synapse_coap.transport.convert import Codec, to_aiocoap
 from synapse_coap.transport.link import LinkParameters
 from synapse_coap.transport.manager import LinkTuning
-from synapse_coap.wire.push_base import ServerBase
+from synapse_coap.wire.push_base import Kept, ServerBase
 
 logger = logging.getLogger(__name__)
 
@@ -345,10 +345,10 @@ class Observation:
 
     def _encode(
         self, resp: HttpResponse, *, references: bool = False, seq: int | None = None
-    ) -> tuple[Message, bytes | None]:
+    ) -> tuple[Message, Kept]:
         """``references``: a notification numbered ``seq`` (it may reference what the
-        client sent, and be relative to the last delivered notification); with the
-        CBOR of its compact body (None: it has none)."""
+        client sent, and be relative to the last delivered notification); with what
+        the client keeps of it (a possible base)."""
         base = self._base.for_notification(seq) if seq is not None else None
         cm = self.codec.encode_response(
             resp,
@@ -356,8 +356,8 @@ class Observation:
             references=self._strings if references else None,
             base=base,
         )
-        cbor = self.codec.notification_cbor(cm, base) if seq is not None else None
-        return to_aiocoap(cm), cbor
+        kept = self.codec.notification_kept(cm, base) if seq is not None else Kept(None)
+        return to_aiocoap(cm), kept
 
     async def _notify(self, resp: HttpResponse) -> bool:
         """Push one notification; True once it was acknowledged (and fully fetched)."""
@@ -369,7 +369,7 @@ class Observation:
                 acked.set_result(ok)
 
         seq = (self.seq + 1) % OBSERVE_MODULUS
-        full, cbor = self._encode(resp, references=True, seq=seq)
+        full, kept = self._encode(resp, references=True, seq=seq)
         self.seq = seq
         size = 2 ** (self.block_size_exp + 4)
         fetched: asyncio.Future[None] | None = None
@@ -399,7 +399,7 @@ class Observation:
                 await asyncio.wait_for(fetched, self.config.fetch_timeout)
             except asyncio.TimeoutError:
                 return False
-        self._base.delivered(seq, cbor)
+        self._base.delivered(seq, kept)
         return True
 
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import attrs
+
 from synapse_coap.wire.strings import UnknownStringReference
 
 #: Observe numbers are 24-bit (RFC 7641 §4.4): a base's distance is taken mod this.
@@ -55,32 +57,54 @@ class UnknownBase(UnknownStringReference):
     """A notification names a base this client does not hold (register again)."""
 
 
+@attrs.frozen
+class Base:
+    """A notification's base: ``d`` Observe numbers back, its body's CBOR, and the
+    String-Seq its string table references resolve against (its own option, or
+    inherited from its own base; None: none)."""
+
+    d: int
+    cbor: bytes
+    string_seq: int | None = None
+
+
+@attrs.frozen
+class Kept:
+    """What both ends keep of a notification: its body's CBOR (None: no compact
+    body, it cannot be a base) and its effective String-Seq."""
+
+    cbor: bytes | None
+    string_seq: int | None = None
+
+
 class ServerBase:
     """The server's side, for one observation: the last delivered notification."""
 
     def __init__(self) -> None:
-        self._base: tuple[int, bytes] | None = None
+        self._base: tuple[int, Kept] | None = None
 
-    def for_notification(self, seq: int) -> tuple[int, bytes] | None:
-        """``(d, cbor)`` for the notification to be sent with Observe number ``seq``."""
+    def for_notification(self, seq: int) -> Base | None:
+        """The base of the notification to be sent with Observe number ``seq``."""
         if self._base is None:
             return None
-        base_seq, cbor = self._base
+        base_seq, kept = self._base
         d = (seq - base_seq) % OBSERVE_MODULUS
-        return (d, cbor) if d else None
+        if not d or kept.cbor is None:
+            return None
+        return Base(d, kept.cbor, kept.string_seq)
 
-    def delivered(self, seq: int, cbor: bytes | None) -> None:
-        """The notification numbered ``seq`` was delivered; ``cbor``: its body's CBOR
-        (None: it had no compact body, so it cannot be a base)."""
-        self._base = (seq, cbor) if cbor is not None and len(cbor) <= BASE_MAX else None
+    def delivered(self, seq: int, kept: Kept) -> None:
+        """The notification numbered ``seq`` was delivered (:meth:`WireCodec.notification_kept`)."""
+        ok = kept.cbor is not None and len(kept.cbor) <= BASE_MAX
+        self._base = (seq, kept) if ok else None
 
 
 class ClientBases:
     """The client's side, for one registration: the CBOR of recent notifications."""
 
     def __init__(self) -> None:
-        self._recent: OrderedDict[int, bytes] = OrderedDict()
-        self._used: tuple[int, bytes] | None = None
+        self._recent: OrderedDict[int, Kept] = OrderedDict()
+        self._used: tuple[int, Kept] | None = None
         self._newest: int | None = None
 
     def __repr__(self) -> str:
@@ -90,22 +114,22 @@ class ClientBases:
         """The bases for decoding the notification numbered ``seq``."""
         return NotificationBase(self, seq)
 
-    def _lookup(self, seq: int) -> bytes | None:
+    def _lookup(self, seq: int) -> Kept | None:
         if self._used is not None and self._used[0] == seq:
             return self._used[1]
         return self._recent.get(seq)
 
-    def _decoded(self, seq: int, cbor: bytes | None, used: tuple[int, bytes] | None) -> None:
+    def _decoded(self, seq: int, kept: Kept, used: tuple[int, Kept] | None) -> None:
         if self._newest is not None and not 0 < (seq - self._newest) % OBSERVE_MODULUS < _HALF:
             return  # a stale notification (reordered, or a late duplicate): keep what we have
         self._newest = seq
         if used is not None:
             self._used = used
-        if cbor is None or len(cbor) > BASE_MAX:
+        if kept.cbor is None or len(kept.cbor) > BASE_MAX:
             # cannot be a base: forget a stale entry under this number
             self._recent.pop(seq, None)
             return
-        self._recent[seq] = cbor
+        self._recent[seq] = kept
         self._recent.move_to_end(seq)
         while len(self._recent) > KEPT:
             self._recent.popitem(last=False)
@@ -113,35 +137,44 @@ class ClientBases:
 
 class NotificationBase:
     """One notification's decoding: resolves its base (``d`` back) and, once the whole
-    notification decoded, records its CBOR (:meth:`commit`)."""
+    notification decoded, records what is kept of it (:meth:`commit`)."""
 
     def __init__(self, bases: ClientBases, seq: int | None) -> None:
         self._bases = bases
         self._seq = seq
-        self._used: tuple[int, bytes] | None = None
-        self.cbor: bytes | None = None
+        self._used: tuple[int, Kept] | None = None
+        #: set by the codec once the notification decoded
+        self.kept = Kept(None)
 
     def __call__(self, d: int) -> bytes:
         if self._seq is None or not 1 <= d < OBSERVE_MODULUS:
             raise UnknownBase("a base outside an Observe notification")
         base_seq = (self._seq - d) % OBSERVE_MODULUS
-        cbor = self._bases._lookup(base_seq)
-        if cbor is None:
+        kept = self._bases._lookup(base_seq)
+        if kept is None or kept.cbor is None:
             raise UnknownBase(f"no notification {base_seq} kept as a base")
-        self._used = (base_seq, cbor)
-        return cbor
+        self._used = (base_seq, kept)
+        return kept.cbor
+
+    @property
+    def base_string_seq(self) -> int | None:
+        """The effective String-Seq of the base this notification was decoded against
+        (None: no base resolved yet, or the base has none)."""
+        return None if self._used is None else self._used[1].string_seq
 
     def commit(self) -> None:
         """The notification decoded completely: keep it as a possible base."""
         if self._seq is not None:
-            self._bases._decoded(self._seq, self.cbor, self._used)
+            self._bases._decoded(self._seq, self.kept, self._used)
 
 
 __all__ = [
     "BASE_MAX",
     "KEPT",
     "OBSERVE_MODULUS",
+    "Base",
     "ClientBases",
+    "Kept",
     "NotificationBase",
     "ServerBase",
     "UnknownBase",

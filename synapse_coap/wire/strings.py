@@ -50,7 +50,8 @@ uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
 * **The other way, in push notifications only**: the server may reference the
   identifiers of the *request part* of a recorded number ``s`` (the client
   sent them, so it has them), for ``s`` within :data:`WINDOW` of the highest
-  number it recorded, ``H``.  The notification carries ``String-Seq: H``; a
+  number it recorded, ``H``.  The notification carries ``String-Seq: H`` (or inherits it from the
+  notification it is relative to: :mod:`synapse_coap.wire.push_base`); a
   reference ``(d, pos)`` names position ``pos`` of request ``H - (d - 1)``.
   The client keeps the identifiers of its last :data:`SENT_HISTORY` numbered
   requests for this.  A notification it cannot resolve (only if it sent more

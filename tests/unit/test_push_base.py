@@ -27,11 +27,13 @@ from synapse_coap.wire.push_base import (
     BASE_MAX,
     KEPT,
     OBSERVE_MODULUS,
+    Base,
     ClientBases,
+    Kept,
     ServerBase,
     UnknownBase,
 )
-from synapse_coap.wire.strings import ReceiverStrings, SenderStrings
+from synapse_coap.wire.strings import ReceiverStrings, SenderStrings, UnknownStringReference
 
 CORPUS = Path(__file__).parents[1] / "corpus" / "heldout" / "client.jsonl"
 CTX = WireContext(("corpus.example.org",))
@@ -108,6 +110,7 @@ def test_a_body_relative_to_a_base_round_trips_and_names_its_distance() -> None:
     base_value = json.loads(_sync(1, ROOM, "hello there"))
     value = json.loads(_sync(2, ROOM, "and again"))
     base_cbor = body_cbor(encode_body(base_value, profile, CTX), profile)
+    assert base_cbor[0] != MARKER_DEFLATE_BASE
     plain = encode_body(value, profile, CTX)
     relative = encode_body(value, profile, CTX, base=(3, base_cbor))
     assert relative[0] == MARKER_DEFLATE_BASE and relative[1] == 3
@@ -141,15 +144,17 @@ def test_a_bad_base_distance_is_refused(head: bytes) -> None:
 
 def _server_notify(
     codec: WireCodec, server: ServerBase, seq: int, body: bytes, table: Any = None
-) -> tuple[CoapMessage, bytes | None]:
+) -> tuple[CoapMessage, Kept]:
     base = server.for_notification(seq)
     msg = codec.encode_response(HttpResponse(200, JSON, body), references=table, base=base)
-    return msg, codec.notification_cbor(msg, base)
+    return msg, codec.notification_kept(msg, base)
 
 
-def _client_decode(codec: WireCodec, client: ClientBases, seq: int, msg: CoapMessage) -> bytes:
+def _client_decode(
+    codec: WireCodec, client: ClientBases, seq: int, msg: CoapMessage, strings: Any = None
+) -> bytes:
     view = client.view(seq)
-    got = codec.decode_response(msg, bases=view).body
+    got = codec.decode_response(msg, strings=strings, bases=view).body
     view.commit()
     return got
 
@@ -173,22 +178,22 @@ def test_the_corpus_notification_relative_to_the_previous_one(codec: WireCodec) 
 def test_client_and_server_agree_on_the_cbor_kept(codec: WireCodec) -> None:
     server, client = ServerBase(), ClientBases()
     for seq in range(1, 8):
-        msg, cbor = _server_notify(codec, server, seq, _sync(seq, ROOM, f"message {seq} here"))
+        msg, kept = _server_notify(codec, server, seq, _sync(seq, ROOM, f"message {seq} here"))
         view = client.view(seq)
         codec.decode_response(msg, bases=view)
         view.commit()
-        assert view.cbor == cbor
-        server.delivered(seq, cbor)
+        assert view.kept == kept
+        server.delivered(seq, kept)
 
 
 def test_large_notifications_are_no_base() -> None:
     server = ServerBase()
-    server.delivered(4, b"\x00" * (BASE_MAX + 1))
+    server.delivered(4, Kept(b"\x00" * (BASE_MAX + 1)))
     assert server.for_notification(5) is None
-    server.delivered(4, None)
+    server.delivered(4, Kept(None, 7))
     assert server.for_notification(5) is None
-    server.delivered(OBSERVE_MODULUS - 1, b"\xa0")
-    assert server.for_notification(2) == (3, b"\xa0")  # Observe numbers wrap
+    server.delivered(OBSERVE_MODULUS - 1, Kept(b"\xa0", 7))
+    assert server.for_notification(2) == Base(3, b"\xa0", 7)  # Observe numbers wrap
 
 
 def test_a_notification_relative_to_a_base_also_references_the_string_table(
@@ -207,13 +212,33 @@ def test_a_notification_relative_to_a_base_also_references_the_string_table(
     )
     codec.decode_request(codec.encode_request(send, sender), receiver)
     server, client = ServerBase(), ClientBases()
+    sizes = []
     for seq in (1, 2, 3):
         body = _sync(seq, ROOM, f"text number {seq}")
-        msg, cbor = _server_notify(codec, server, seq, body, receiver.strings)
-        view = client.view(seq)
-        assert codec.decode_response(msg, strings=sender.strings, bases=view).body == body
-        view.commit()
-        server.delivered(seq, cbor)
+        msg, kept = _server_notify(codec, server, seq, body, receiver.strings)
+        assert kept.string_seq == 40  # explicit, then inherited from the base
+        # the first names its String-Seq; the next ones resolve against their base's
+        assert (msg.first(n.OPT_STRING_SEQ) is None) == (seq > 1)
+        sizes.append(len(msg.payload))
+        assert _client_decode(codec, client, seq, msg, sender.strings) == body
+        server.delivered(seq, kept)
+    # the client sends again: the highest number moves, the option comes back
+    codec.decode_request(codec.encode_request(send, sender), receiver)
+    body = _sync(4, ROOM, "text number 4")
+    msg, kept = _server_notify(codec, server, 4, body, receiver.strings)
+    assert msg.first(n.OPT_STRING_SEQ) == bytes((41,))
+    assert kept.string_seq == 41
+    assert _client_decode(codec, client, 4, msg, sender.strings) == body
+    # without the client's table, or with a base that had no String-Seq: refused
+    server.delivered(4, kept)
+    msg, _ = _server_notify(codec, server, 5, _sync(5, ROOM, "five"), receiver.strings)
+    assert msg.first(n.OPT_STRING_SEQ) is None
+    with pytest.raises(UnknownStringReference):
+        codec.decode_response(msg, bases=client.view(5))
+    stranger = ClientBases()
+    stranger._decoded(4, Kept(kept.cbor, None), None)
+    with pytest.raises(UnknownStringReference):
+        codec.decode_response(msg, strings=sender.strings, bases=stranger.view(5))
 
 
 # --- the property: loss, duplication, re-sends, re-registration ------------------------
@@ -236,28 +261,52 @@ class _Link:
 )
 @given(st.data())
 def test_property_every_decode_is_exact_or_refused(codec: WireCodec, data: st.DataObject) -> None:
+    """Notifications lost, ACKs lost (re-sent with the next number), late duplicates,
+    registrations made again, the client writing to rooms (the string table's highest
+    number moves) and new Noise sessions: a notification received in order always
+    decodes, exactly; any other decodes exactly or is refused."""
     rooms = [_id("!", 10 + i) for i in range(3)]
+    sender = SenderTokens(strings=SenderStrings(first_seq=data.draw(st.integers(0, 1000))))
+    receiver = ReceiverTokens(strings=ReceiverStrings())
     link = _Link()
     pending: bytes | None = None
     k = 0
     resends = 0
-    decoded = refused = 0
     for _ in range(data.draw(st.integers(5, 40))):
         op = data.draw(
-            st.sampled_from(["send", "send", "send", "duplicate", "reregister", "send_large"])
+            st.sampled_from(
+                ["send", "send", "send", "duplicate", "reregister", "large", "write", "session"]
+            )
         )
         if op == "reregister":
             # the sidecar registers again from its last position: a new request (a new
             # CoAP token), so neither end keeps anything of the old registration
             link = _Link()
             continue
+        if op == "session":
+            # a new Noise session: empty string tables, and registrations made again
+            sender, receiver = sender.renewed(), ReceiverTokens(strings=ReceiverStrings())
+            link = _Link()
+            continue
+        if op == "write":
+            room = data.draw(st.sampled_from(rooms))
+            req = HttpRequest(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/t{k}".encode(),
+                JSON,
+                b'{"msgtype":"m.text","body":"hi"}',
+            )
+            msg = codec.encode_request(req, sender)
+            if data.draw(st.booleans()):
+                codec.decode_request(msg, receiver)  # else lost on the way
+            continue
         if op == "duplicate":
             if link.sent:
                 seq, msg, body = data.draw(st.sampled_from(link.sent))
                 try:
-                    got = _client_decode(codec, link.client, seq, msg)
-                except UnknownBase:
-                    refused += 1
+                    got = _client_decode(codec, link.client, seq, msg, sender.strings)
+                except UnknownStringReference:  # UnknownBase too
+                    pass
                 else:
                     assert got == body
             continue
@@ -266,24 +315,38 @@ def test_property_every_decode_is_exact_or_refused(codec: WireCodec, data: st.Da
             room = data.draw(st.sampled_from(rooms))
             text = data.draw(st.text(min_size=0, max_size=40))
             pending = _sync(k, room, text)
-            if op == "send_large":
+            if op == "large":
                 value = json.loads(pending)
                 value["pad"] = "x" * (BASE_MAX + 10)
                 pending = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
         link.seq = (link.seq + 1) % OBSERVE_MODULUS
-        msg, cbor = _server_notify(codec, link.server, link.seq, pending)
+        msg, kept = _server_notify(codec, link.server, link.seq, pending, receiver.strings)
         link.sent.append((link.seq, msg, pending))
         if data.draw(st.booleans()):
             continue  # the notification is lost: parked, re-sent with the next number
         # received in order: it always decodes, exactly
-        assert _client_decode(codec, link.client, link.seq, msg) == pending
-        decoded += 1
+        assert _client_decode(codec, link.client, link.seq, msg, sender.strings) == pending
         if data.draw(st.booleans()) or resends > 15:
-            link.server.delivered(link.seq, cbor)  # the ACK arrived
+            link.server.delivered(link.seq, kept)  # the ACK arrived
             pending = None
             resends = 0
         else:
             resends += 1  # the ACK is lost: the same body again, next number
+
+
+def test_property_exercises_bases_and_inherited_references(codec: WireCodec) -> None:
+    """The property's moves reach both new paths (so it can fail)."""
+    sender = SenderTokens(strings=SenderStrings(first_seq=5))
+    receiver = ReceiverTokens(strings=ReceiverStrings())
+    req = HttpRequest(
+        "PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t".encode(), JSON, b"{}"
+    )
+    codec.decode_request(codec.encode_request(req, sender), receiver)
+    server = ServerBase()
+    _m, kept = _server_notify(codec, server, 1, _sync(1, ROOM, ""), receiver.strings)
+    server.delivered(1, kept)
+    msg, _ = _server_notify(codec, server, 2, _sync(2, ROOM, "x"), receiver.strings)
+    assert msg.payload[0] == MARKER_DEFLATE_BASE and msg.first(n.OPT_STRING_SEQ) is None
 
 
 def test_a_late_duplicate_changes_nothing_kept(codec: WireCodec) -> None:
