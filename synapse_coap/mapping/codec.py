@@ -56,6 +56,7 @@ from synapse_coap.mapping.jsonbody import (
     parse_json_exact,
 )
 from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
+from synapse_coap.mapping.push import SyncQuery
 from synapse_coap.mapping.text import (
     _strict_text,
     _text,
@@ -80,7 +81,7 @@ from synapse_coap.wire.body import (
 )
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
-from synapse_coap.wire.push_base import Base, Kept, NotificationBase
+from synapse_coap.wire.push_base import BASE_MAX, Base, Kept, NotificationBase, template
 from synapse_coap.wire.routes import FLAG_NO_AUTH, ID_ALPHABET
 from synapse_coap.wire.strings import (
     ReceiverStrings,
@@ -443,7 +444,14 @@ class WireCodec:
         content_opts, payload = self._encode_content(
             headers, resp.body, want_json=want_json, label=True
         )
-        if base is not None and 200 <= status < 300 and content_opts == _COMPACT_LABEL:
+        if (
+            base is not None
+            and 200 <= status < 300
+            and content_opts == _COMPACT_LABEL
+            and len(payload) <= BASE_MAX
+        ):
+            # (a larger notification is rarely like the one before: not worth more
+            # compressions on the loop)
             extra, content_opts, payload = self._notification(
                 resp.body, content_opts, payload, references, base
             )
@@ -501,6 +509,19 @@ class WireCodec:
             )
 
         return min(candidates, key=cost)
+
+    def notification_template(self, target: bytes) -> bytes | None:
+        """The CBOR of the template of an Observe registration of ``target`` (a
+        ``/sync``): the start of every base's preset dictionary
+        (:func:`synapse_coap.wire.push_base.template`); None without a ``since``."""
+        query = SyncQuery.parse(target)
+        since = query.since if query is not None else None
+        if since is None:
+            return None
+        try:
+            return body_cbor(encode_body(template(since), self.profile, self.context), self.profile)
+        except (LocalProtocolError, RemoteProtocolError):
+            return None
 
     def notification_kept(self, msg: CoapMessage, base: Base | None) -> Kept:
         """What the client that decodes notification ``msg`` keeps of it

@@ -482,7 +482,7 @@ class CoapClient:
             pipe = Pipe(m, self._context.log)
             stop = pipe.on_event(on_event)
             # this registration's notifications, possible bases of the next ones
-            bases = ClientBases()
+            bases = ClientBases(codec.notification_template(request.target))
             try:
                 try:
                     interface = await self._context.find_remote_and_interface(m)

@@ -225,7 +225,7 @@ class Observation:
         self._strings = strings
         self.seq = 0
         #: the last delivered notification: the next ones are sent relative to it
-        self._base = ServerBase()
+        self._base = ServerBase(codec.notification_template(request.target))
 
     async def run(self) -> None:
         since = self.query.since

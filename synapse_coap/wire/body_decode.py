@@ -375,7 +375,7 @@ def body_cbor(
         return _inflate(data[1:], profile.dictionary, limits)
     if marker == MARKER_DEFLATE_BASE:
         major, _info, d, pos = cbor.read_head(data, 1)
-        if major != 0 or not 1 <= d <= 0xFFFFFFFF or data[1:pos] != cbor.head(0, d):
+        if major != 0 or d > 0xFFFFFFFF or data[1:pos] != cbor.head(0, d):
             raise RemoteProtocolError("bad body: bad base distance")
         if base is None:
             raise RemoteProtocolError("bad body: relative to a base, outside a push notification")

@@ -340,7 +340,7 @@ def _smallest(*forms: bytes) -> bytes:
 
 def _with_base(raw: bytes, profile: Profile, base: tuple[int, bytes]) -> bytes:
     d, base_cbor = base
-    if not 1 <= d <= 0xFFFFFFFF:
+    if not 0 <= d <= 0xFFFFFFFF:
         raise ValueError(f"base distance {d} out of range")
     head = bytes((MARKER_DEFLATE_BASE,)) + cbor.head(0, d)
     return head + _deflate(raw, base_dictionary(profile, base_cbor))

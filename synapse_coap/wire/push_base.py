@@ -7,7 +7,11 @@ equal to it. A notification may therefore be compressed with the CBOR of an
 earlier notification of the same registration appended to the profile's
 DEFLATE dictionary (body marker 0xfe, docs/wire-body.md section 6); the
 earlier one is named by ``d``, the difference of the two Observe numbers
-(mod 2**24), a CBOR uint after the marker.
+(mod 2**24), a CBOR uint after the marker. Between the profile dictionary and
+the base comes the registration's *template* (:func:`template`: a typical
+one-message notification made of the registration's ``since``, which both ends
+read from the registration's target); ``d = 0`` names the template alone, the
+base of a registration's first notification.
 
 Exact or refused, under loss, duplication, re-sends after a park:
 
@@ -39,10 +43,53 @@ Exact or refused, under loss, duplication, re-sends after a park:
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import attrs
 
 from synapse_coap.wire.strings import UnknownStringReference
+
+#: The registration's template (:func:`template`): the JSON of a notification of one
+#: new message, as Synapse writes it for a client with nio's filter, with the
+#: registration's ``since`` where the tokens go. Part of the wire format: changing it
+#: changes what relative notifications decode to (both ends upgrade together).
+_TEMPLATE_ROOM = "!" + "A" * 43
+_TEMPLATE_EVENT = "$" + "A" * 43
+
+
+def template(since: str) -> dict[str, Any]:
+    """The JSON value whose CBOR precedes every base (and is the base ``d = 0``)."""
+    return {
+        "next_batch": since,
+        "device_one_time_keys_count": {"signed_curve25519": 0},
+        "device_unused_fallback_key_types": [],
+        "rooms": {
+            "join": {
+                _TEMPLATE_ROOM: {
+                    "timeline": {
+                        "events": [
+                            {
+                                "content": {"body": "", "msgtype": "m.text"},
+                                "event_id": _TEMPLATE_EVENT,
+                                "origin_server_ts": 1796380982722,
+                                "sender": "@a:b",
+                                "type": "m.room.message",
+                                "unsigned": {"age": 0, "membership": "join"},
+                            }
+                        ],
+                        "prev_batch": since,
+                        "limited": False,
+                    },
+                    "state": {"events": []},
+                    "account_data": {"events": []},
+                    "ephemeral": {"events": []},
+                    "unread_notifications": {"notification_count": 0, "highlight_count": 0},
+                    "summary": {},
+                }
+            }
+        },
+    }
+
 
 #: Observe numbers are 24-bit (RFC 7641 §4.4): a base's distance is taken mod this.
 OBSERVE_MODULUS = 1 << 24
@@ -59,9 +106,11 @@ class UnknownBase(UnknownStringReference):
 
 @attrs.frozen
 class Base:
-    """A notification's base: ``d`` Observe numbers back, its body's CBOR, and the
-    String-Seq its string table references resolve against (its own option, or
-    inherited from its own base; None: none)."""
+    """A notification's base: ``d`` Observe numbers back (0: the template alone),
+    ``cbor``: what follows the profile dictionary in the preset dictionary (the
+    registration's template, then the base's CBOR), and the String-Seq its string
+    table references resolve against (its own option, or inherited from its own
+    base; None: none)."""
 
     d: int
     cbor: bytes
@@ -78,20 +127,25 @@ class Kept:
 
 
 class ServerBase:
-    """The server's side, for one observation: the last delivered notification."""
+    """The server's side, for one observation: the last delivered notification.
 
-    def __init__(self) -> None:
+    ``template``: the CBOR of the registration's :func:`template` (None: the
+    registration has no ``since``; then the first notification has no base)."""
+
+    def __init__(self, template: bytes | None = None) -> None:
+        self._template = template
         self._base: tuple[int, Kept] | None = None
 
     def for_notification(self, seq: int) -> Base | None:
         """The base of the notification to be sent with Observe number ``seq``."""
+        prefix = self._template or b""
         if self._base is None:
-            return None
+            return None if self._template is None else Base(0, prefix)
         base_seq, kept = self._base
         d = (seq - base_seq) % OBSERVE_MODULUS
         if not d or kept.cbor is None:
             return None
-        return Base(d, kept.cbor, kept.string_seq)
+        return Base(d, prefix + kept.cbor, kept.string_seq)
 
     def delivered(self, seq: int, kept: Kept) -> None:
         """The notification numbered ``seq`` was delivered (:meth:`WireCodec.notification_kept`)."""
@@ -100,9 +154,11 @@ class ServerBase:
 
 
 class ClientBases:
-    """The client's side, for one registration: the CBOR of recent notifications."""
+    """The client's side, for one registration: the CBOR of recent notifications.
+    ``template``: as :class:`ServerBase`'s (the same registration's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, template: bytes | None = None) -> None:
+        self.template = template
         self._recent: OrderedDict[int, Kept] = OrderedDict()
         self._used: tuple[int, Kept] | None = None
         self._newest: int | None = None
@@ -147,14 +203,19 @@ class NotificationBase:
         self.kept = Kept(None)
 
     def __call__(self, d: int) -> bytes:
-        if self._seq is None or not 1 <= d < OBSERVE_MODULUS:
+        if self._seq is None or not 0 <= d < OBSERVE_MODULUS:
             raise UnknownBase("a base outside an Observe notification")
+        prefix = self._bases.template
+        if d == 0:
+            if prefix is None:
+                raise UnknownBase("a template base, and a registration without since")
+            return prefix
         base_seq = (self._seq - d) % OBSERVE_MODULUS
         kept = self._bases._lookup(base_seq)
         if kept is None or kept.cbor is None:
             raise UnknownBase(f"no notification {base_seq} kept as a base")
         self._used = (base_seq, kept)
-        return kept.cbor
+        return (prefix or b"") + kept.cbor
 
     @property
     def base_string_seq(self) -> int | None:
@@ -178,4 +239,5 @@ __all__ = [
     "NotificationBase",
     "ServerBase",
     "UnknownBase",
+    "template",
 ]

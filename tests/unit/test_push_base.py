@@ -132,7 +132,7 @@ def test_without_a_base_the_encoding_is_unchanged() -> None:
     assert encode_body(value, profile, CTX) == encode_body(value, profile, CTX, base=None)
 
 
-@pytest.mark.parametrize("head", [b"\xfe", b"\xfe\x00", b"\xfe\x18\x03", b"\xfe\x61"])
+@pytest.mark.parametrize("head", [b"\xfe", b"\xfe\x18\x03", b"\xfe\x61", b"\xfe\x20"])
 def test_a_bad_base_distance_is_refused(head: bytes) -> None:
     profile = load_profile(1)
     with pytest.raises(RemoteProtocolError):
@@ -245,11 +245,15 @@ def test_a_notification_relative_to_a_base_also_references_the_string_table(
 
 
 class _Link:
-    """One registration: the server's notifications and the client's decoding."""
+    """One registration: the server's notifications and the client's decoding; with a
+    template when the registration has a ``since``."""
 
-    def __init__(self) -> None:
-        self.server = ServerBase()
-        self.client = ClientBases()
+    def __init__(self, codec: WireCodec, since: str | None = None) -> None:
+        target = b"/_matrix/client/v3/sync?filter=0&timeout=30000"
+        if since is not None:
+            target += b"&since=" + since.encode()
+        self.server = ServerBase(codec.notification_template(target))
+        self.client = ClientBases(codec.notification_template(target))
         self.seq = random.Random(0).randrange(OBSERVE_MODULUS)  # any start, wraps
         self.sent: list[tuple[int, CoapMessage, bytes]] = []
 
@@ -268,7 +272,8 @@ def test_property_every_decode_is_exact_or_refused(codec: WireCodec, data: st.Da
     rooms = [_id("!", 10 + i) for i in range(3)]
     sender = SenderTokens(strings=SenderStrings(first_seq=data.draw(st.integers(0, 1000))))
     receiver = ReceiverTokens(strings=ReceiverStrings())
-    link = _Link()
+    sinces = st.none() | st.integers(0, 60).map(_token)
+    link = _Link(codec, data.draw(sinces))
     pending: bytes | None = None
     k = 0
     resends = 0
@@ -281,12 +286,12 @@ def test_property_every_decode_is_exact_or_refused(codec: WireCodec, data: st.Da
         if op == "reregister":
             # the sidecar registers again from its last position: a new request (a new
             # CoAP token), so neither end keeps anything of the old registration
-            link = _Link()
+            link = _Link(codec, data.draw(sinces))
             continue
         if op == "session":
             # a new Noise session: empty string tables, and registrations made again
             sender, receiver = sender.renewed(), ReceiverTokens(strings=ReceiverStrings())
-            link = _Link()
+            link = _Link(codec, data.draw(sinces))
             continue
         if op == "write":
             room = data.draw(st.sampled_from(rooms))
@@ -347,6 +352,34 @@ def test_property_exercises_bases_and_inherited_references(codec: WireCodec) -> 
     server.delivered(1, kept)
     msg, _ = _server_notify(codec, server, 2, _sync(2, ROOM, "x"), receiver.strings)
     assert msg.payload[0] == MARKER_DEFLATE_BASE and msg.first(n.OPT_STRING_SEQ) is None
+
+
+def test_the_first_notification_is_relative_to_the_registrations_template(
+    codec: WireCodec,
+) -> None:
+    """Before anything was delivered, the base is the template (d = 0) made of the
+    registration's since: the corpus notification goes from 155 B to under 100 B."""
+    first, second = _corpus_pair()
+    since = json.loads(second)["rooms"]["join"]
+    since = next(iter(since.values()))["timeline"]["prev_batch"]
+    target = f"/_matrix/client/v3/sync?filter=0&since={since}&timeout=30000".encode()
+    tmpl = codec.notification_template(target)
+    assert tmpl is not None
+    server, client = ServerBase(tmpl), ClientBases(tmpl)
+    msg, kept = _server_notify(codec, server, 1, second)
+    assert msg.payload[:2] == bytes((MARKER_DEFLATE_BASE, 0))
+    assert len(msg.payload) < 100
+    assert _client_decode(codec, client, 1, msg) == second
+    assert kept.cbor is not None
+    # a client without the template (a registration without since) refuses it
+    with pytest.raises(UnknownBase):
+        codec.decode_response(msg, bases=ClientBases().view(1))
+    # later ones are relative to the template and the last delivered notification
+    server.delivered(1, kept)
+    msg, _ = _server_notify(codec, server, 2, first)
+    assert msg.payload[0] == MARKER_DEFLATE_BASE
+    assert _client_decode(codec, client, 2, msg) == first
+    assert codec.notification_template(b"/_matrix/client/v3/sync?timeout=0") is None
 
 
 def test_a_late_duplicate_changes_nothing_kept(codec: WireCodec) -> None:
