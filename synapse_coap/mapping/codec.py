@@ -519,7 +519,9 @@ class WireCodec:
         if since is None:
             return None
         try:
-            return body_cbor(encode_body(template(since), self.profile, self.context), self.profile)
+            # no server names: the template depends on the profile and since alone, even
+            # when a registration went out under a context predicted before the handshake
+            return body_cbor(encode_body(template(since), self.profile), self.profile)
         except (LocalProtocolError, RemoteProtocolError):
             return None
 

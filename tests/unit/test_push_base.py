@@ -422,3 +422,14 @@ def test_body_cbor_applies_the_caps() -> None:
     profile = load_profile(1)
     with pytest.raises(RemoteProtocolError):
         body_cbor(b"", profile, DEFAULT_BODY_LIMITS)
+
+
+def test_the_template_depends_on_the_profile_and_since_alone(codec: WireCodec) -> None:
+    """A registration encoded under a context predicted before the handshake and the
+    server's established context give the same template."""
+    target = b"/_matrix/client/v3/sync?since=s1_2_3&timeout=30000"
+    other = WireCodec(load_profile(1), WireContext(("b", "corpus.example.org")))
+    assert codec.notification_template(target) == other.notification_template(target)
+    assert codec.notification_template(target) != codec.notification_template(
+        b"/_matrix/client/v3/sync?since=s1_2_4&timeout=30000"
+    )
