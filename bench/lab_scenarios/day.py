@@ -35,6 +35,7 @@ from lab_scenarios.client import (
 )
 from lab_scenarios.common import ScenarioResult, progress
 from synapse_coap.lab.model import LinkProfile
+from synapse_coap.mapping.push import PushConfig
 
 DAY_SENDS = 10
 DAY_RECEIVES = 10
@@ -150,6 +151,8 @@ async def day_suite(
         stack = make_stack(name, root / "day", profile, seed)
         if isinstance(stack, CoapStack):
             stack.keepalive_scale = 1.0 / compress
+            # the module's default echo hold, scaled like the other periodic costs
+            stack.echo_hold = None if compress == 1 else PushConfig().echo_hold / compress
         try:
             await stack.start()
             progress(f"{stack.tag} day: {period:.0f} s ({seconds:g} s compressed {compress:g}x)")
