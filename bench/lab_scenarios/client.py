@@ -285,6 +285,11 @@ class CoapStack(Stack):
     server = "module"
     #: the sidecar's keep-alive interval is DEFAULT_KEEPALIVE times this (day --day-compress)
     keepalive_scale = 1.0
+    #: the module's ``push.echo_hold`` (None: its default, 300 s). The client scenarios
+    #: push each echo at once (0), so that the catch-up before ``receive`` takes alice's
+    #: echo off the link unmeasured and ``receive`` / ``idle`` measure one message and
+    #: idling alone; the ``day`` suite keeps the default and counts every byte.
+    echo_hold: float | None = 0.0
 
     def __init__(self, root: Path, profile: LinkProfile, seed: int) -> None:
         super().__init__(root, profile, seed)
@@ -307,6 +312,7 @@ class CoapStack(Stack):
                 "private_key_path": str(self.root / "coap.key"),
                 "link": link,
                 "limits": limits_config(self.profile),
+                **({} if self.echo_hold is None else {"push": {"echo_hold": self.echo_hold}}),
             },
         }
 

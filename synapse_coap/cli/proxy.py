@@ -291,6 +291,15 @@ def register(sub: Any) -> None:
         "(default: %(default)s)",
     )
     gateway.add_argument(
+        "--push-echo-hold",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a /sync result holding only the client's own echoes waits up to this long "
+        "for the next news and goes out with it, in one notification (0: at once) "
+        "(default: %(default)s)",
+    )
+    gateway.add_argument(
         "--link",
         action="append",
         default=[],
@@ -449,6 +458,7 @@ def run_gateway_command(args: argparse.Namespace) -> int:
                 poll_timeout=args.push_poll_timeout,
                 park_retry=args.push_park_retry,
                 park_timeout=args.push_park_timeout,
+                echo_hold=args.push_echo_hold,
             ),
             link=_link_parameters(args.link),
             client_keys=tuple(_client_key(v) for v in args.client_key),

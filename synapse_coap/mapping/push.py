@@ -56,6 +56,13 @@ def _positive_number(_inst: Any, attribute: attrs.Attribute[Any], value: Any) ->
         raise ConfigValueError(f"push.{attribute.name}", f"must be a number > 0, got {value!r}")
 
 
+def _non_negative_number(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigValueError(
+            f"push.{attribute.name}", f"must be a number of seconds >= 0, got {value!r}"
+        )
+
+
 def _boolean(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigValueError(f"push.{attribute.name}", f"must be true or false, got {value!r}")
@@ -88,6 +95,15 @@ class PushConfig:
             seconds, doubling up to ten times that.
         park_timeout: seconds a notification may stay parked before the
             registration is dropped and its resources freed.
+        echo_hold: seconds a result holding nothing but the client's own echoes
+            (timeline events it sent itself, which carry its ``transaction_id``;
+            see :func:`only_own_echoes`) is held back instead of pushed. The
+            next result with anything else in it ends the hold: ``/sync`` is
+            then issued again from the position before the held result, so
+            the homeserver itself merges both into one notification. Past
+            ``echo_hold`` the held result is pushed on its own. 0 pushes every
+            echo at once. A client learns its event id from its own send's
+            response; what the hold delays is only the echo in ``/sync``.
     """
 
     enabled: bool = attrs.field(default=True, validator=_boolean)
@@ -99,6 +115,7 @@ class PushConfig:
     fetch_timeout: float = attrs.field(default=120.0, validator=_positive_number)
     park_retry: float = attrs.field(default=30.0, validator=_positive_number)
     park_timeout: float = attrs.field(default=3600.0, validator=_positive_number)
+    echo_hold: float = attrs.field(default=300.0, validator=_non_negative_number)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, path: str = "push") -> PushConfig:
@@ -207,6 +224,76 @@ def sync_has_updates(body: dict[str, Any], previous_counters: dict[str, Any] | N
         if not _is_empty(value):
             return True
     return False
+
+
+#: Parts of a joined room that describe the room as it is, not what changed in it.
+_ROOM_DESCRIPTIVE = frozenset(
+    {
+        "unread_notifications",
+        "unread_thread_notifications",
+        "summary",
+        "org.matrix.msc2654.unread_count",
+    }
+)
+#: Parts of a timeline that describe its position, not what changed.
+_TIMELINE_POSITION = frozenset({"prev_batch", "limited"})
+
+
+def _own_echo(event: Any) -> bool:
+    unsigned = event.get("unsigned") if isinstance(event, dict) else None
+    return isinstance(unsigned, dict) and isinstance(unsigned.get("transaction_id"), str)
+
+
+def only_own_echoes(body: dict[str, Any], previous_counters: dict[str, Any] | None) -> bool:
+    """True when a ``/sync`` result that :func:`sync_has_updates` would push holds
+    nothing but the requesting device's own new timeline events (its echoes).
+
+    Synapse puts ``unsigned.transaction_id`` only on events the requesting
+    device sent, so those are the echoes. Anything else makes the result worth
+    pushing at once: another event in a timeline, a gapped (``limited``)
+    timeline, state, room account data, ephemeral events, any section outside
+    ``rooms.join`` (presence, to-device, device lists, invites, leaves...),
+    or changed key counts. A room's unread counts and summary describe the
+    room; they come right in the merged result and are not looked at.
+    """
+    rooms: Any = None
+    for key, value in body.items():
+        if key == "next_batch":
+            continue
+        if key in _COUNTER_KEYS:
+            if previous_counters is None or previous_counters.get(key) != value:
+                return False
+            continue
+        if key == "rooms":
+            rooms = value
+            continue
+        if not _is_empty(value):
+            return False
+    if not isinstance(rooms, dict):
+        return False
+    joined: Any = None
+    for key, value in rooms.items():
+        if key == "join":
+            joined = value
+        elif not _is_empty(value):
+            return False
+    if not isinstance(joined, dict) or not joined:
+        return False
+    for room in joined.values():
+        if not isinstance(room, dict):
+            return False
+        timeline = room.get("timeline")
+        if not isinstance(timeline, dict) or timeline.get("limited"):
+            return False
+        events = timeline.get("events")
+        if not isinstance(events, list) or not events or not all(map(_own_echo, events)):
+            return False
+        if any(k != "events" and k not in _TIMELINE_POSITION for k in timeline):
+            return False
+        for k, v in room.items():
+            if k != "timeline" and k not in _ROOM_DESCRIPTIVE and not _is_empty(v):
+                return False
+    return True
 
 
 def parse_sync_body(body: bytes) -> dict[str, Any] | None:

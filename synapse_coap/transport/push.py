@@ -68,6 +68,7 @@ from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.mapping.push import (
     PushConfig,
     SyncQuery,
+    only_own_echoes,
     parse_sync_body,
     sync_counters,
     sync_has_updates,
@@ -89,7 +90,8 @@ _SILENT = 26
 
 def push_metric(metrics: Any, event: str) -> None:
     """Count a push event (``registered``, ``refused_session``, ``refused_source``,
-    ``notification``, ``parked``, ``unparked``, ``dropped``, ``replaced``, ``ended``) if the metrics object
+    ``notification``, ``parked``, ``unparked``, ``dropped``, ``replaced``, ``ended``,
+    ``echo_held``, ``echo_merged``, ``echo_released``) if the metrics object
     implements ``push(event)``; the active count goes to ``push_registrations(n)``."""
     fn = getattr(metrics, "push", None)
     if fn is not None:
@@ -233,12 +235,27 @@ class Observation:
         counters: dict[str, Any] | None = None
         delay = self.config.retry_delay
         headers = self.request.headers
+        # echo hold (PushConfig.echo_hold): the position before the first held
+        # result, and when the hold ends; ``merge`` = fetch from there now, and push
+        held_since: str | None = None
+        held_until = 0.0
+        merge = False
         while True:
             timeout_ms = (
                 min(self.query.timeout_ms, int(self.config.poll_timeout * 1000))
                 if first
                 else int(self.config.poll_timeout * 1000)
             )
+            if merge:
+                timeout_ms = 0
+            elif held_since is not None:
+                left = held_until - self._now()
+                if left <= 0:
+                    # the hold ran out: push what was held (with anything since)
+                    since, held_since, merge, timeout_ms = held_since, None, True, 0
+                    push_metric(self.metrics, "echo_released")
+                else:
+                    timeout_ms = min(timeout_ms, max(1, int(left * 1000)))
             target = self.query.target(
                 since=since, timeout_ms=timeout_ms, full_state=first and self.query.full_state
             )
@@ -264,6 +281,19 @@ class Observation:
                 push_metric(self.metrics, "ended")
                 return
             if sync_has_updates(body, counters):
+                if not merge and not first and self._hold(body, counters):
+                    if held_since is None:
+                        held_since, held_until = since, self._now() + self.config.echo_hold
+                        push_metric(self.metrics, "echo_held")
+                    since = body["next_batch"]
+                    continue
+                if held_since is not None:
+                    # something else came: issue /sync again from before the held
+                    # result, so that one notification carries both
+                    since, held_since, merge = held_since, None, True
+                    push_metric(self.metrics, "echo_merged")
+                    continue
+                merge = False
                 try:
                     delivered = await self._deliver(resp)
                 except asyncio.CancelledError:
@@ -289,8 +319,13 @@ class Observation:
                 counters = sync_counters(body)
             elif counters is None:
                 counters = sync_counters(body)
+            merge = False
             since = body["next_batch"]
             first = False
+
+    def _hold(self, body: dict[str, Any], counters: dict[str, Any] | None) -> bool:
+        """Whether to hold this result back (it holds only the client's own echoes)."""
+        return self.config.echo_hold > 0 and only_own_echoes(body, counters)
 
     @staticmethod
     def _now() -> float:

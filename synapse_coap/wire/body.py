@@ -23,10 +23,10 @@ Layout (documented in docs/wire-body.md):
 Decoding checks every cap before allocating: encoded size, inflated size
 (``max_length``), nesting depth and item count.  Two decoders give the same
 result: a fast one (:mod:`~synapse_coap.wire.body_fast`: cbor2's native decoder
-with the depth cap, duplicate-key and indefinite-length checks, applying the
-stateless tags as it parses, then one Python pass over the tree in document order
-for the profile's keys and values, timestamp deltas, string references and
-derived hashes), used when the body has at most ``max_items`` bytes (so at most
+with the depth cap, duplicate-key and indefinite-length checks and the tags it
+knows overridden, then one Python pass over the tree in document order for the
+profile's keys and values and every tag of ours: identifiers, timestamp deltas,
+string references, derived hashes...), used when the body has at most ``max_items`` bytes (so at most
 that many items); and the reference decoder, an iterative byte walk (no input can
 cause a RecursionError).  Any input the fast path does not accept completely is
 decoded by the reference decoder, which gives the answer or the error; a property

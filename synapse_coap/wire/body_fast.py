@@ -1,13 +1,16 @@
 """The body codec's fast decoder: cbor2's native decoder and one pass over its tree
 (see :mod:`synapse_coap.wire.body`).
 
-cbor2 parses the CBOR (definite lengths only, no duplicate keys, the depth cap) and
-applies the *stateless* private tags itself, through semantic decoders built once
-per profile and context: identifiers, base64, sigils, server names, ``mxc://``,
-bignums.  A decoder object is reused (a small pool per context and depth cap), since
-handing cbor2 a table of semantic decoders costs more per call than the parse.  One
-Python pass then applies what depends on the document order or the session: map
-keys, the value table, timestamp deltas, string references and derived hashes.
+cbor2 parses the CBOR (definite lengths only, no duplicate keys, the depth cap).  Its
+semantic decoders are overridden for the tags it would decode natively: bignums are
+decoded, our tags that share a number with one of cbor2's come back as ``CBORTag``,
+every other tag cbor2 knows is refused.  A decoder object is reused (a small pool per
+context and depth cap), since handing cbor2 its semantic decoders costs more per call
+than the parse.  No tag hook: every other tag comes back as ``CBORTag``, and one Python
+pass over the tree, in document order, applies all of ours (identifiers, base64,
+sigils, server names, ``mxc://``, timestamp deltas, string references, derived hashes)
+together with the map keys and the value table.  Converting a tag in the pass costs
+less than in a hook: cbor2 calls no Python per tag, and the pass visits the tag anyway.
 
 Anything the pass does not accept completely (an unknown tag, a type JSON has no
 place for, a tag that wraps something unexpected, a duplicate key after the tables
@@ -52,7 +55,6 @@ from synapse_coap.wire.body_tables import (
     TAG_TS_DELTA,
     BodyLimits,
     StringResolver,
-    _b64_unpadded,
     _simple_index,
     _zigzag,
     content_hash,
@@ -76,12 +78,14 @@ _DERIVED = _Derived()
 #: tags cbor2 decodes natively that are not ours (dates, shared values, string
 #: references, ...): refused, so they never take effect
 _CBOR2_NATIVE_FOREIGN = (0, 1, 25, 28, 29, 30, 256, 258, 260, 261, 1004, 43000, 55799)
+#: tags cbor2 decodes natively that are ours: string references (4, 5) and sigils with
+#: a 2-byte tag; they come back as CBORTag for the pass
+_CBOR2_NATIVE_OURS = (TAG_REF, TAG_REF_WIDE, 35, 36, 37, 52, 54, 100)
 _CBOR_TAG: Any = getattr(cbor2, "CBORTag", None)
 _CBOR_SIMPLE: Any = getattr(cbor2, "CBORSimpleValue", None)
 _URL_SAFE = bytes.maketrans(b"+/", b"-_")
 _b2a = binascii.b2a_base64
 _Semantic = Callable[[Any, bool], Any]
-_Convert = Callable[[Any], Any]
 
 
 def _refuse(value: Any, immutable: bool = False) -> Any:
@@ -89,35 +93,7 @@ def _refuse(value: Any, immutable: bool = False) -> Any:
 
 
 def _keep(tag: int) -> _Semantic:
-    """Tags the pass applies (they depend on the order or the session)."""
     return lambda value, immutable: _CBOR_TAG(tag, value)
-
-
-def _hash_id(sigil: str) -> _Convert:
-    def decode(value: Any) -> str:
-        if type(value) is not bytes or len(value) != 32:
-            raise _Fallback
-        return sigil + _b2a(value, newline=False).translate(_URL_SAFE, b"=").decode("ascii")
-
-    return decode
-
-
-def _b64(url: bool) -> _Convert:
-    def decode(value: Any) -> str:
-        if type(value) is not bytes:
-            raise _Fallback
-        return _b64_unpadded(value, url)
-
-    return decode
-
-
-def _event_id_list(value: Any) -> list[str]:
-    if type(value) is not bytes or not value or len(value) % 32:
-        raise _Fallback
-    out = []  # a loop, not a comprehension: cheaper for the one to three ids of a PDU
-    for i in range(0, len(value), 32):
-        out.append("$" + _b2a(value[i : i + 32], newline=False).translate(_URL_SAFE, b"=").decode())
-    return out
 
 
 def _bignum(negative: bool) -> _Semantic:
@@ -130,89 +106,20 @@ def _bignum(negative: bool) -> _Semantic:
     return decode
 
 
-def _ed25519(value: Any) -> str:
-    if type(value) is not str:
-        raise _Fallback
-    return _ED25519 + value
-
-
-def _conversions(servers: tuple[str, ...]) -> dict[int, _Convert]:
-    """Tag -> the conversion of its content, for every stateless tag of ours (those
-    that depend only on the content and the context's server names)."""
-    names = servers[:MAX_SERVER_REFS]
-
-    def server_tag(value: Any) -> str:
-        if type(value) is not int or not 0 <= value < len(names):
-            raise _Fallback
-        return names[value]
-
-    def sigil(prefix: str, k: int) -> _Convert:
-        if k >= len(names):
-            return _refuse
-        suffix = ":" + names[k]
-
-        def decode(value: Any) -> str:
-            if type(value) is not str:
-                raise _Fallback
-            return prefix + value + suffix
-
-        return decode
-
-    def mxc(k: int) -> _Convert:
-        if k >= len(names):
-            return _refuse
-        prefix = "mxc://" + names[k] + "/"
-
-        def decode(value: Any) -> str:
-            if type(value) is not str:
-                raise _Fallback
-            return prefix + value
-
-        return decode
-
-    conv: dict[int, _Convert] = {
-        TAG_EVENT_ID: _hash_id("$"),
-        TAG_ROOM_HASH_ID: _hash_id("!"),
-        TAG_B64: _b64(False),
-        TAG_B64URL: _b64(True),
-        TAG_SERVER: server_tag,
-        TAG_EVENT_ID_LIST: _event_id_list,
-        TAG_ED25519_KEY_ID: _ed25519,
-        TAG_MXC_0: mxc(0),
-    }
-    for k in range(2):
-        for s, prefix in enumerate(SIGILS):
-            conv[TAG_SIGIL_0 + 4 * k + s] = sigil(prefix, k)
-    for k in range(MAX_SERVER_REFS):
-        for s, prefix in enumerate(SIGILS):
-            conv[TAG_SIGIL_BASE + 4 * k + s] = sigil(prefix, k)
-        conv[TAG_MXC_BASE + k] = mxc(k)
-    return conv
-
-
-def _decoders(
-    conv: dict[int, _Convert], servers: tuple[str, ...]
-) -> tuple[dict[int, _Semantic], Callable[[Any, bool], Any]]:
-    """cbor2's semantic decoders (the tags it would decode natively: ours are
-    overridden, the others refused) and its tag hook (every other tag: ours are
-    converted, the rest come back as CBORTag for the pass, which refuses unknown ones).
-
-    The hook is cheaper per tag than cbor2's semantic decoders, so only the tags
-    cbor2 would otherwise decode itself go through them."""
+def _semantic() -> dict[int, _Semantic]:
+    """cbor2's semantic decoders: every tag it would decode natively overridden (ours
+    kept as CBORTag for the pass, bignums decoded, the others refused)."""
     sem: dict[int, _Semantic] = dict.fromkeys(_CBOR2_NATIVE_FOREIGN, _refuse)
     sem[TAG_BIGNUM_POS] = _bignum(False)
     sem[TAG_BIGNUM_NEG] = _bignum(True)
-    sem[TAG_REF] = _keep(TAG_REF)
-    sem[TAG_REF_WIDE] = _keep(TAG_REF_WIDE)
     for tag in _CBOR2_NATIVE_OURS:
-        f = conv[tag]
-        sem[tag] = lambda value, immutable, f=f: f(value)  # type: ignore[misc]
-    get = conv.get
-    b2a = _b2a
-    url_safe = _URL_SAFE
-    names = servers[:MAX_SERVER_REFS]
-    n_names = len(names)
-    # the tags that put text between a fixed prefix and suffix: sigils, ed25519, mxc
+        sem[tag] = _keep(tag)
+    return sem
+
+
+def _affixes(names: tuple[str, ...]) -> dict[int, tuple[str, str]]:
+    """Tag -> (prefix, suffix) for the tags that put text between a fixed prefix and
+    suffix: sigils, ed25519 key ids, ``mxc://`` (only for the context's server names)."""
     affixes: dict[int, tuple[str, str]] = {TAG_ED25519_KEY_ID: (_ED25519, "")}
     for k, name in enumerate(names):
         for s, prefix in enumerate(SIGILS):
@@ -222,49 +129,22 @@ def _decoders(
         affixes[TAG_MXC_BASE + k] = ("mxc://" + name + "/", "")
         if k == 0:
             affixes[TAG_MXC_0] = ("mxc://" + name + "/", "")
-    affix = affixes.get
-
-    def hook(t: Any, immutable: bool) -> Any:
-        tag = t.tag
-        v = t.value
-        # the common tags inline (a call less each), the rest by table
-        a = affix(tag)
-        if a is not None:
-            if type(v) is not str:
-                raise _Fallback
-            return a[0] + v + a[1]
-        if tag == TAG_SERVER and type(v) is int and 0 <= v < n_names:
-            return names[v]
-        if tag == TAG_EVENT_ID_LIST and type(v) is bytes and len(v) == 32:
-            return ["$" + b2a(v, newline=False).translate(url_safe, b"=").decode("ascii")]
-        if tag in (TAG_EVENT_ID, TAG_ROOM_HASH_ID) and type(v) is bytes and len(v) == 32:
-            sigil = "$" if tag == TAG_EVENT_ID else "!"
-            return sigil + b2a(v, newline=False).translate(url_safe, b"=").decode("ascii")
-        if tag == TAG_B64 and type(v) is bytes:
-            return b2a(v, newline=False).rstrip(b"=").decode("ascii")
-        f = get(tag)
-        if f is None:
-            return t  # TAG_TS_DELTA, TAG_DERIVED_SHA256 or not ours: the pass decides
-        return f(v)
-
-    return sem, hook
-
-
-#: tags cbor2 decodes natively that are ours (sigils with a 2-byte tag)
-_CBOR2_NATIVE_OURS = (35, 36, 37, 52, 54, 100)
+    return affixes
 
 
 class _Context:
     """What the fast decoder needs for one profile and context, built once."""
 
-    __slots__ = ("hook", "kget", "pools", "semantic", "sget")
+    __slots__ = ("affix", "kget", "names", "pools", "semantic", "sget")
 
     def __init__(self, profile: Profile, servers: tuple[str, ...]) -> None:
         #: the integer a map key is sent as -> the key
         self.kget = {_zigzag(i): k for i, k in enumerate(profile.keys)}.get
         #: CBOR simple value number -> the value-table string
         self.sget = {_simple_index(i): v for i, v in enumerate(profile.values)}.get
-        self.semantic, self.hook = _decoders(_conversions(servers), servers)
+        self.names = servers[:MAX_SERVER_REFS]
+        self.affix = _affixes(self.names).get
+        self.semantic = _semantic()
         #: max_depth -> decoders ready for reuse (one per concurrent decode at most)
         self.pools: dict[int, list[Any]] = {}
 
@@ -286,8 +166,9 @@ def _context(profile: Profile, servers: tuple[str, ...]) -> _Context:
 
 
 def _parse(ctx: _Context, data: bytes, max_depth: int) -> Any:
-    """cbor2's tree of ``data`` (stateless tags applied), or FALLBACK.  Decoder objects
-    are reused: handing cbor2 its semantic decoders costs more than a small parse."""
+    """cbor2's tree of ``data`` (bignums decoded, our tags as CBORTag), or FALLBACK.
+    Decoder objects are reused: handing cbor2 its semantic decoders costs more than a
+    small parse."""
     pool = ctx.pools.get(max_depth)
     if pool is None:
         pool = ctx.pools.setdefault(max_depth, [])
@@ -297,7 +178,6 @@ def _parse(ctx: _Context, data: bytes, max_depth: int) -> Any:
         dec = cbor2.CBORDecoder(
             _EMPTY,
             semantic_decoders=ctx.semantic,
-            tag_hook=ctx.hook,
             max_depth=max_depth,
             allow_indefinite=False,
             allow_duplicate_keys=False,
@@ -325,8 +205,9 @@ def decode_fast(
 ) -> Any:
     """The decoded value of the CBOR ``data``, or FALLBACK when the reference decoder
     must decide.  Only for ``len(data) <= limits.max_items`` (so the item count cannot
-    go over its cap: every item takes at least one byte).  cbor2's depth limit counts
-    like the reference decoder's (non-empty arrays and maps, and tags)."""
+    go over its cap, nor the event ids of lists: every item takes at least one byte, an
+    id 32).  cbor2's depth limit counts like the reference decoder's (non-empty arrays
+    and maps, and tags)."""
     if cbor2 is None:  # pragma: no cover
         return FALLBACK
     ctx = _context(profile, servers)
@@ -343,21 +224,23 @@ class _State:
     """What one walk carries: the context's tables, the resolver, and the base of the
     next timestamp delta (the last int in [_TS_LOW, _TS_HIGH) in value position)."""
 
-    __slots__ = ("kget", "prev", "resolve", "sget")
+    __slots__ = ("affix", "kget", "names", "prev", "resolve", "sget")
 
     def __init__(self, ctx: _Context, resolve: StringResolver | None) -> None:
         self.kget = ctx.kget
         self.sget = ctx.sget
+        self.affix = ctx.affix
+        self.names = ctx.names
         self.resolve = resolve
         self.prev: int | None = None
 
 
 def _walk(tree: Any, ctx: _Context, resolve: StringResolver | None) -> Any:
     """One walk over cbor2's tree in document order (so timestamp deltas resolve as the
-    reference decoder resolves them): map keys, the value table, the tags cbor2 left
-    (deltas, string references, derived hashes), the type of every value.  Maps are
-    rebuilt, arrays (made by cbor2 for this call only) patched in place.  Module-level
-    functions over locals: this is the codec's hottest Python code."""
+    reference decoder resolves them): map keys, the value table, every tag of ours, the
+    type of every value.  Maps are rebuilt, arrays (made by cbor2 for this call only)
+    patched in place.  Module-level functions over locals: this is the codec's hottest
+    Python code."""
     st = _State(ctx, resolve)
     t = type(tree)
     if t is dict:
@@ -381,15 +264,36 @@ def _walk(tree: Any, ctx: _Context, resolve: StringResolver | None) -> Any:
     raise _Fallback
 
 
-def _ref(tag: int, v: Any, st: _State) -> str:
-    if type(v) is not int or v < 0 or st.resolve is None:
-        raise _Fallback
-    return st.resolve(tag, v)
-
-
 def _tag(x: Any, st: _State) -> Any:
+    """The value of one of our tags (the most frequent first), _DERIVED for a derived
+    hash; _Fallback for any other tag or content."""
     tag = x.tag
     v = x.value
+    a = st.affix(tag)
+    if a is not None:
+        if type(v) is not str:
+            raise _Fallback
+        return a[0] + v + a[1]
+    if tag == TAG_EVENT_ID_LIST:
+        if type(v) is not bytes or not v or len(v) % 32:
+            raise _Fallback
+        if len(v) == 32:
+            return ["$" + _b2a(v, newline=False).translate(_URL_SAFE, b"=").decode("ascii")]
+        out = []  # a loop, not a comprehension: cheaper for the two or three ids of a PDU
+        for i in range(0, len(v), 32):
+            out.append(
+                "$" + _b2a(v[i : i + 32], newline=False).translate(_URL_SAFE, b"=").decode("ascii")
+            )
+        return out
+    if tag in (TAG_EVENT_ID, TAG_ROOM_HASH_ID):
+        if type(v) is not bytes or len(v) != 32:
+            raise _Fallback
+        sigil = "$" if tag == TAG_EVENT_ID else "!"
+        return sigil + _b2a(v, newline=False).translate(_URL_SAFE, b"=").decode("ascii")
+    if tag == TAG_SERVER:
+        if type(v) is not int or not 0 <= v < len(st.names):
+            raise _Fallback
+        return st.names[v]
     if tag == TAG_TS_DELTA:
         prev = st.prev
         if type(v) is not int or prev is None:
@@ -399,22 +303,32 @@ def _tag(x: Any, st: _State) -> Any:
             raise _Fallback
         st.prev = n
         return n
-    if tag in (TAG_REF, TAG_REF_WIDE):
-        return _ref(tag, v, st)
+    if tag in (TAG_B64, TAG_B64URL):
+        if type(v) is not bytes:
+            raise _Fallback
+        b = _b2a(v, newline=False).rstrip(b"=")
+        return (b if tag == TAG_B64 else b.translate(_URL_SAFE)).decode("ascii")
     if tag == TAG_DERIVED_SHA256 and v is None:
         return _DERIVED
+    if tag in (TAG_REF, TAG_REF_WIDE):
+        if type(v) is not int or v < 0 or st.resolve is None:
+            raise _Fallback
+        return st.resolve(tag, v)
     raise _Fallback
 
 
 def _key(k: Any, st: _State) -> str:
+    """A map key that is not an integer of the key table nor text."""
     t = type(k)
     if t is _CBOR_SIMPLE:
         s = st.sget(k.value)
         if s is None:
             raise _Fallback
         return s
-    if t is _CBOR_TAG and k.tag in (TAG_REF, TAG_REF_WIDE):
-        return _ref(k.tag, k.value, st)
+    if t is _CBOR_TAG and k.tag != TAG_TS_DELTA:
+        s = _tag(k, st)
+        if type(s) is str:
+            return s
     raise _Fallback
 
 
@@ -433,6 +347,12 @@ def _map(x: dict[Any, Any], st: _State) -> dict[str, Any]:
         t = type(v)
         if t is str:
             pass
+        elif t is tag_type:
+            v = _tag(v, st)
+            if v is _DERIVED:
+                if k != "hashes":
+                    raise _Fallback
+                derived = True
         elif t is dict:
             if v:
                 v = _map(v, st)
@@ -442,12 +362,6 @@ def _map(x: dict[Any, Any], st: _State) -> dict[str, Any]:
         elif t is int:
             if _TS_LOW <= v < _TS_HIGH:
                 st.prev = v
-        elif t is tag_type:
-            v = _tag(v, st)
-            if v is _DERIVED:
-                if k != "hashes":
-                    raise _Fallback
-                derived = True
         elif t is _CBOR_SIMPLE:
             v = st.sget(v.value)
             if v is None:
@@ -473,17 +387,17 @@ def _list(x: list[Any], st: _State) -> None:
         elif t is dict:
             if v:
                 x[i] = _map(v, st)
+        elif t is _CBOR_TAG:
+            v = _tag(v, st)
+            if v is _DERIVED:
+                raise _Fallback
+            x[i] = v
         elif t is list:
             if v:
                 _list(v, st)
         elif t is int:
             if _TS_LOW <= v < _TS_HIGH:
                 st.prev = v
-        elif t is _CBOR_TAG:
-            v = _tag(v, st)
-            if v is _DERIVED:
-                raise _Fallback
-            x[i] = v
         elif t is _CBOR_SIMPLE:
             v = st.sget(v.value)
             if v is None:

@@ -108,6 +108,9 @@ class BodyLimits:
 
     def for_input(self, size: int) -> BodyLimits:
         """The caps for one body of ``size`` bytes (the proportional ones applied)."""
+        small = _SMALL_INPUT.get(id(self))
+        if small is not None and small[0] is self and size <= small[1]:
+            return small[2]  # a small body: both proportional caps at their minimum
         decoded = min(
             self.max_decoded_bytes, max(self.min_decoded_bytes, self.max_expansion * size)
         )
@@ -126,10 +129,24 @@ class BodyLimits:
                 self,
                 attrs.evolve(self, max_decoded_bytes=decoded, max_items=items),
             )
+        if size <= self._small_size():
+            if len(_SMALL_INPUT) >= _FOR_INPUT_MAX:
+                _SMALL_INPUT.clear()
+            _SMALL_INPUT[id(self)] = (self, self._small_size(), entry[1])
         return entry[1]
+
+    def _small_size(self) -> int:
+        """The largest body size whose proportional caps are both at their minimum."""
+        big = self.max_encoded_bytes
+        by_bytes = self.min_decoded_bytes // self.max_expansion if self.max_expansion > 0 else big
+        by_items = self.min_items // self.max_items_per_byte if self.max_items_per_byte > 0 else big
+        return min(by_bytes, by_items)
 
 
 _FOR_INPUT: dict[tuple[int, int, int], tuple[BodyLimits, BodyLimits]] = {}
+#: id(caps) -> (caps, the largest small size, their caps for a small body): the caps of
+#: every body up to that size are the same, one lookup instead of the arithmetic
+_SMALL_INPUT: dict[int, tuple[BodyLimits, int, BodyLimits]] = {}
 _FOR_INPUT_MAX = 1024
 
 

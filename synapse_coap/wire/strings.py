@@ -48,16 +48,22 @@ uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
   path (:mod:`synapse_coap.wire.routes`, form ``0x7f``): a message to a room
   the client learnt from ``/sync`` names the room in 2-3 bytes, not 38.
 * **The other way, in push notifications only**: the server may reference the
-  identifiers of the *request part* of a recorded number ``s`` (the client
-  sent them, so it has them), for ``s`` within :data:`WINDOW` of the highest
-  number it recorded, ``H``.  The notification carries ``String-Seq: H`` (or inherits it from the
-  notification it is relative to: :mod:`synapse_coap.wire.push_base`); a
-  reference ``(d, pos)`` names position ``pos`` of request ``H - (d - 1)``.
-  The client keeps the identifiers of its last :data:`SENT_HISTORY` numbered
-  requests for this.  A notification it cannot resolve (only if it sent more
-  than ``SENT_HISTORY - WINDOW`` numbered requests the server never saw) is an
-  undecodable notification: the sidecar registers again from its last
-  position, so nothing is lost.
+  identifiers recorded under a number ``s`` (the request's own, which the
+  client sent, then those of the 2.xx answer the server gave it, which the
+  client appended when it decoded that answer), for ``s`` within
+  :data:`WINDOW` of the highest number it recorded, ``H``.  The notification
+  carries ``String-Seq: H`` (or inherits it from the notification it is
+  relative to: :mod:`synapse_coap.wire.push_base`); a reference ``(d, pos)``
+  names position ``pos`` of the list of request ``H - (d - 1)``.  The client keeps the lists of its
+  last :data:`SENT_HISTORY` numbered requests for this (with the answer's
+  identifiers once it got the answer).  A notification it cannot resolve
+  (it sent more than ``SENT_HISTORY - WINDOW`` numbered requests the server
+  never saw, or it never got the answer whose identifiers are referenced) is
+  an undecodable notification: the sidecar registers again from its last
+  position, so nothing is lost, and a reference never resolves to anything
+  but what the server meant: both lists are built by one function from the
+  same request and answer, and a number answered twice differently is never
+  referenced.
 """
 
 from __future__ import annotations
@@ -336,7 +342,10 @@ class SenderStrings:
         self._pending.discard(seq)
         if seq <= self._next - 1 - WINDOW:
             return
-        self._acked[seq] = _with_response(self._sent[seq], response_ids)
+        full = _with_response(self._sent[seq], response_ids)
+        self._acked[seq] = full
+        # the server's notifications may reference the answer's identifiers too
+        self._sent[seq] = full
         horizon = self._next - WINDOW
         for old in [s for s in self._acked if s < horizon]:
             del self._acked[old]
@@ -420,15 +429,17 @@ class ReceiverStrings:
 
     @_locked
     def references(self) -> tuple[int, dict[str, tuple[int, int]]]:
-        """``(H, refs)`` for a notification: identifiers of the request parts of the
-        numbers within :data:`WINDOW` of the highest recorded one ``H`` (nearest first)."""
+        """``(H, refs)`` for a notification: the identifiers recorded under the numbers
+        within :data:`WINDOW` of the highest recorded one ``H`` (nearest first): each
+        request's own, then those of the answer the server gave it (the event id of a
+        send: what the client's own echo names)."""
         highest = self._highest
         refs: dict[str, tuple[int, int]] = {}
         for seq in range(highest, max(highest - WINDOW, -1), -1):
-            request = self._requests.get(seq)
-            if request is None or self._entries.get(seq) is None:
+            entry = self._entries.get(seq)
+            if entry is None:
                 continue
-            for pos, ident in enumerate(request):
+            for pos, ident in enumerate(entry):
                 if ident not in refs:
                     refs[ident] = encode_ref(highest - seq + 1, pos)
         return highest, refs

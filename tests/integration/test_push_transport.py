@@ -187,6 +187,83 @@ async def test_notifications_are_sync_responses_pushed_in_order_and_resumable() 
         await it2.aclose()
 
 
+def _timeline_ids(ev: PushEvent) -> list[str]:
+    assert ev.response is not None
+    events = json.loads(ev.response.body)["rooms"]["join"]["!r:hs.test"]["timeline"]["events"]
+    return [e["event_id"] for e in events]
+
+
+def _echo(event_id: str) -> dict[str, Any]:
+    """An event as /sync shows it to the device that sent it."""
+    return {"event_id": event_id, "unsigned": {"transaction_id": "t" + event_id}}
+
+
+@aio
+async def test_own_echoes_are_held_and_ride_with_the_next_notification() -> None:
+    async with pair(PushConfig(poll_timeout=5.0, echo_hold=60.0)) as (
+        sync,
+        client,
+        endpoint,
+        metrics,
+    ):
+        it = client.observe(endpoint, sync_request("0"))
+        pending = asyncio.ensure_future(next_event(it))
+        await metrics.until(lambda: metrics.live == 1)
+        await sync.add({"event_id": "$1"})
+        assert _timeline_ids(await pending) == ["$1"]
+        pending = asyncio.ensure_future(next_event(it))
+        await sync.add(_echo("$mine"))
+        await metrics.until(lambda: metrics.push_events.get("echo_held") == 1)
+        await sync.add(_echo("$mine2"))
+        await sync.add({"event_id": "$2"})
+        # one notification: the held echoes and the news, as /sync from before them gives
+        ev = await pending
+        assert _timeline_ids(ev) == ["$mine", "$mine2", "$2"]
+        assert json.loads(ev.response.body)["next_batch"] == "4"
+        assert metrics.push_events["echo_merged"] == 1
+        assert metrics.push_events["notification"] == 2
+        await it.aclose()
+
+
+@aio
+async def test_a_held_echo_is_pushed_alone_when_the_hold_runs_out() -> None:
+    async with pair(PushConfig(poll_timeout=5.0, echo_hold=0.3)) as (
+        sync,
+        client,
+        endpoint,
+        metrics,
+    ):
+        it = client.observe(endpoint, sync_request("0"))
+        pending = asyncio.ensure_future(next_event(it))
+        await metrics.until(lambda: metrics.live == 1)
+        await sync.add({"event_id": "$1"})
+        assert _timeline_ids(await pending) == ["$1"]
+        await sync.add(_echo("$mine"))
+        assert _timeline_ids(await next_event(it)) == ["$mine"]
+        assert metrics.push_events["echo_held"] == 1
+        assert metrics.push_events["echo_released"] == 1
+        await it.aclose()
+
+
+@aio
+async def test_with_echo_hold_zero_an_echo_is_pushed_at_once() -> None:
+    async with pair(PushConfig(poll_timeout=5.0, echo_hold=0)) as (
+        sync,
+        client,
+        endpoint,
+        metrics,
+    ):
+        it = client.observe(endpoint, sync_request("0"))
+        pending = asyncio.ensure_future(next_event(it))
+        await metrics.until(lambda: metrics.live == 1)
+        await sync.add({"event_id": "$1"})
+        assert _timeline_ids(await pending) == ["$1"]
+        await sync.add(_echo("$mine"))
+        assert _timeline_ids(await next_event(it)) == ["$mine"]
+        assert "echo_held" not in metrics.push_events
+        await it.aclose()
+
+
 @aio
 async def test_large_notification_goes_blockwise_with_etag() -> None:
     async with pair() as (sync, client, endpoint, metrics):

@@ -23,6 +23,7 @@ from synapse_coap.mapping.push import (
     SyncQuery,
     advertise_observe,
     is_observable,
+    only_own_echoes,
     sync_has_updates,
 )
 from synapse_coap.proxy.push import PushOptions, PushSync
@@ -105,12 +106,60 @@ def test_empty_results_are_not_worth_pushing_but_key_count_changes_are() -> None
     assert sync_has_updates({**empty, "to_device": {"events": [{"type": "m"}]}}, counts)
 
 
+def _joined(*events: dict[str, Any], **room: Any) -> dict[str, Any]:
+    timeline = {"events": list(events), "prev_batch": "s1", "limited": False}
+    return {"rooms": {"join": {"!r:hs": {"timeline": timeline, **room}}}}
+
+
+ECHO = {"event_id": "$e", "type": "m.room.message", "unsigned": {"transaction_id": "t1"}}
+OTHER = {"event_id": "$o", "type": "m.room.message", "unsigned": {"age": 3}}
+
+
+def test_only_the_devices_own_echoes_may_be_held() -> None:
+    counts = {"device_one_time_keys_count": {"signed_curve25519": 50}}
+    base = {"next_batch": "s2", **counts}
+    quiet_room = {
+        "state": {"events": []},
+        "ephemeral": {"events": []},
+        "account_data": {"events": []},
+        "unread_notifications": {"notification_count": 4, "highlight_count": 0},
+        "summary": {},
+    }
+    echo_only = {**base, **_joined(ECHO, dict(ECHO, event_id="$f"), **quiet_room)}
+    assert only_own_echoes(echo_only, counts)
+    # anything else is pushed at once
+    assert not only_own_echoes({**base, **_joined(ECHO, OTHER)}, counts)
+    assert not only_own_echoes({**base, **_joined(ECHO, state={"events": [OTHER]})}, counts)
+    assert not only_own_echoes({**base, **_joined(ECHO, ephemeral={"events": [OTHER]})}, counts)
+    gapped = _joined(ECHO)
+    gapped["rooms"]["join"]["!r:hs"]["timeline"]["limited"] = True
+    assert not only_own_echoes({**base, **gapped}, counts)
+    assert not only_own_echoes({**echo_only, "presence": {"events": [OTHER]}}, counts)
+    assert not only_own_echoes({**echo_only, "to_device": {"events": [OTHER]}}, counts)
+    invited = {
+        **echo_only,
+        "rooms": {**echo_only["rooms"], "invite": {"!i:hs": {"invite_state": {"events": [OTHER]}}}},
+    }
+    assert not only_own_echoes(invited, counts)
+    # changed key counts, or none known yet
+    assert not only_own_echoes(
+        {**echo_only, "device_one_time_keys_count": {"signed_curve25519": 49}}, counts
+    )
+    assert not only_own_echoes(echo_only, None)
+    # nothing at all is not "only echoes" (it is not pushed in the first place)
+    assert not only_own_echoes(base, counts)
+    assert not only_own_echoes({**base, **_joined()}, counts)
+
+
 def test_versions_advertises_observe_and_config_errors_name_the_field() -> None:
     body = advertise_observe(b'{"versions":["v1.11"],"unstable_features":{}}')
     assert body is not None and json.loads(body)[LOW_BANDWIDTH_KEY] == {"observe": 1}
     assert advertise_observe(b"[]") is None
     with pytest.raises(ConfigValueError, match=r"push\.max_per_source"):
         PushConfig.from_config({"max_per_source": -1})
+    with pytest.raises(ConfigValueError, match=r"push\.echo_hold: must be a number"):
+        PushConfig.from_config({"echo_hold": -1})
+    assert PushConfig.from_config({"echo_hold": 0}).echo_hold == 0
     with pytest.raises(ConfigValueError, match=r"push\.bogus: unknown setting"):
         PushConfig.from_config({"bogus": 1})
 

@@ -468,12 +468,25 @@ def test_a_notification_references_the_room_the_client_sent_to(codec: WireCodec)
         codec.decode_response(warm)  # no table at all
 
 
-def test_a_notification_only_references_what_the_client_sent(codec: WireCodec) -> None:
-    """Identifiers the server *answered* with are not referenced: the answer may be lost."""
+def test_a_notification_references_what_the_client_was_answered_with(
+    codec: WireCodec,
+) -> None:
+    """The event id a send was answered with comes back as a reference in the echo;
+    a client that never got that answer cannot resolve it (refused, never wrong)."""
     sender, receiver = _sender(), _receiver()
-    sync = codec.encode_request(_sync(), sender)
-    _serve(codec, receiver, sync, _sync_body(ROOM))  # the answer names ROOM
-    assert _notification(codec, receiver, _sync_body(ROOM)).first(n.OPT_STRING_SEQ) is None
+    send = codec.encode_request(_send(ROOM, 1), sender)
+    answer = json.dumps({"event_id": POOL[7]}).encode()
+    resp = _serve(codec, receiver, send, answer)
+    body = _sync_body(ROOM, event=POOL[7])
+    note = _notification(codec, receiver, body)
+    # the event id (after the room) is a reference: much less than its 32 bytes
+    plain = codec.encode_response(HttpResponse(200, JSON, body))
+    assert len(note.payload) <= len(plain.payload) - 60
+    # a client that missed the answer has the room but not the event id
+    with pytest.raises(UnknownStringReference):
+        codec.decode_response(note, strings=sender.strings)
+    assert not _ack(codec, sender, send, resp)
+    assert codec.decode_response(note, strings=sender.strings).body == body
 
 
 def test_a_poisoned_number_is_never_referenced_by_a_notification(codec: WireCodec) -> None:
