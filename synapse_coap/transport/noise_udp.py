@@ -110,11 +110,12 @@ SESSIONS_GAUGE_EXACT = 256
 SESSIONS_GAUGE_INTERVAL = 1.0
 
 
+#: a datagram's kind by its top two bits
+_KINDS = ("reserved", "plain", "handshake", "record")
+
+
 def _datagram_kind(data: bytes) -> str:
-    if not data:
-        return "reserved"
-    top = data[0] >> 6
-    return {0b11: "record", 0b10: "handshake", 0b01: "plain"}.get(top, "reserved")
+    return _KINDS[data[0] >> 6] if data else "reserved"
 
 
 _RETRY = bytes([RETRY])
