@@ -31,7 +31,7 @@ from aiocoap.blockwise import _extract_block_key
 from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.codes import EMPTY
-from aiocoap.numbers.types import CON, RST
+from aiocoap.numbers.types import ACK, CON, NON, RST
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
@@ -160,6 +160,15 @@ PIECES: tuple[Piece, ...] = (
         ),
     ),
     Piece(
+        "aiocoap.messagemanager.MessageManager._next_message_id() and "
+        "aiocoap.tokenmanager.TokenManager.incoming_requests",
+        "the server's fast path: the Message ID of a NON answer, and leaving a token that "
+        "aiocoap's token layer still serves to aiocoap",
+        lambda: (
+            _method(_MM, "_next_message_id")() and _init_sets(TokenManager, "incoming_requests")()
+        ),
+    ),
+    Piece(
         "aiocoap.blockwise._extract_block_key(message)",
         "the key of a Block2 transfer kept for the blocks after block 0",
         lambda: callable(getattr(aiocoap.blockwise, "_extract_block_key", None)),
@@ -186,6 +195,7 @@ PRIVATE_NAMES = frozenset(
         "_recent_messages",
         "_piggyback_opportunities",
         "_send_empty_ack",
+        "_next_message_id",
         "_active_exchanges",
         "_backlogs",
         "_append_tokenmanaged_messagemanaged_transport",
@@ -223,8 +233,8 @@ class StoredResponse:
 
     __slots__ = ("_data", "mid", "mtype", "remote")
 
-    def __init__(self, message: Any) -> None:
-        self._data: bytes = message.encode()
+    def __init__(self, message: Any, data: bytes | None = None) -> None:
+        self._data: bytes = message.encode() if data is None else data
         self.mid = message.mid
         self.mtype = message.mtype
         self.remote = message.remote
@@ -289,13 +299,18 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
                 self.log.debug("duplicate CON: sending the stored answer again")
                 self._send_initially(stored)
             return True
-        recent[key] = None
+        self.remember(message.remote, message.mid, message.transport_tuning.EXCHANGE_LIFETIME)
+        return False
+
+    def remember(self, remote: Any, mid: int, lifetime: float) -> None:
+        """Record the new message ``mid`` from ``remote`` for duplicate detection."""
+        key = (remote, mid)
+        self._recent_messages[key] = None
         self._dedup_serial += 1
-        expiry = self.loop.time() + message.transport_tuning.EXCHANGE_LIFETIME
+        expiry = self.loop.time() + lifetime
         heapq.heappush(self._dedup_heap, (expiry, self._dedup_serial, key))
         if self._dedup_timer is None or expiry < self._dedup_at:
             self._arm_dedup(expiry)
-        return False
 
     def _arm_dedup(self, at: float) -> None:
         if self._dedup_timer is not None:
@@ -400,6 +415,86 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
         handle.cancel()
         self._send_empty_ack(remote, mid, reason)
         return True
+
+
+class _Sent:
+    """The fields of an answer the fast path sent as a datagram (for :class:`StoredResponse`)."""
+
+    __slots__ = ("mid", "mtype", "remote")
+
+    def __init__(self, mid: int, mtype: Any, remote: Any) -> None:
+        self.mid, self.mtype, self.remote = mid, mtype, remote
+
+
+class FastExchanges:
+    """The message layer of the server's fast path (:mod:`synapse_coap.transport.fastpath`):
+    the same duplicate store, piggyback window and Message IDs as aiocoap's
+    ``_deduplicate_message``, ``_process_request`` and ``send_message``, for a request
+    that does not go through aiocoap's Message, token layer and pipe."""
+
+    def __init__(self, mman: HookedMessageManager) -> None:
+        self._mman = mman
+
+    def is_duplicate(self, remote: Any, mid: int) -> bool:
+        """The message ``mid`` from ``remote`` was seen within EXCHANGE_LIFETIME."""
+        return (remote, mid) in self._mman._recent_messages
+
+    def token_in_use(self, remote: Any, token: bytes) -> bool:
+        """aiocoap's token layer serves a request of ``remote`` on ``token``."""
+        return (token, remote) in self._mman.token_manager.incoming_requests
+
+    def accept(
+        self,
+        remote: Any,
+        mid: int,
+        token: bytes,
+        confirmable: bool,
+        empty_ack_delay: float,
+        lifetime: float,
+    ) -> None:
+        """Record a new request for duplicate detection over ``lifetime`` (RFC 7252
+        4.5) and, for a CON, hold its ACK for a piggybacked answer for
+        ``empty_ack_delay`` (then an empty ACK goes out, as aiocoap's
+        ``_process_request`` does)."""
+        mman = self._mman
+        mman.remember(remote, mid, lifetime)
+        if not confirmable:
+            return
+        key = (remote, token)
+        opportunities = mman._piggyback_opportunities
+
+        def on_timeout() -> None:
+            opportunities.pop(key, None)
+            mman._send_empty_ack(remote, mid, "Response took too long to prepare")
+
+        old = opportunities.pop(key, None)
+        if old is not None:
+            old[1].cancel()
+        opportunities[key] = (mid, mman.loop.call_later(empty_ack_delay, on_timeout))
+
+    def take_piggyback(self, remote: Any, token: bytes) -> int | None:
+        """The Message ID of the held ACK of ``(remote, token)`` (its timer stopped), or
+        None if the empty ACK went out already (the answer is then a separate CON)."""
+        found = self._mman._piggyback_opportunities.pop((remote, token), None)
+        if found is None:
+            return None
+        mid, handle = found
+        handle.cancel()
+        return int(mid)
+
+    def next_message_id(self) -> int:
+        return int(self._mman._next_message_id())
+
+    def sent(self, remote: Any, mid: int, confirmable_request: bool, data: bytes) -> None:
+        """Keep the answer datagram ``data`` for duplicates of its request, as aiocoap's
+        ``_store_response_for_duplicates`` does (an ACK is kept; a NON answer only where
+        its Message ID happens to be in the store, as in aiocoap)."""
+        recent = self._mman._recent_messages
+        key = (remote, mid)
+        if key in recent:
+            recent[key] = StoredResponse(
+                _Sent(mid, ACK if confirmable_request else NON, remote), data
+            )
 
 
 async def attach_message_interface(

@@ -47,6 +47,23 @@ def to_aiocoap(msg: CoapMessage) -> Message:
     return out
 
 
+#: the answer to a request whose response cannot be encoded (or carried)
+NOT_ENCODABLE = CoapMessage(int(Code.INTERNAL_SERVER_ERROR), (), b"response not encodable")
+
+
+def carried(answer: CoapMessage, route: str) -> Message:
+    """``answer`` as the aiocoap Message that carries it (5.00 if it cannot be carried)."""
+    try:
+        return to_aiocoap(answer)
+    except LocalProtocolError as e:
+        logger.error("cannot encode the response to %s: %s", route, e)
+        return to_aiocoap(NOT_ENCODABLE)
+
+
+class RejectNon(Exception):
+    """The Non-confirmable request is rejected (RFC 7252 4.3): a Reset, no response."""
+
+
 def from_aiocoap(msg: Any) -> CoapMessage:
     """An aiocoap Message as a mapping-layer CoapMessage (block options included)."""
     options = []

@@ -150,6 +150,9 @@ class LinkMessageManager(HookedMessageManager):
         self.on_retransmit: EveryRetransmitHook | None = None
         #: (remote, mid) -> callback of a confirmable message whose sender wants its outcome
         self._ack_hooks: dict[Hashable, Callable[[bool], None]] = {}
+        #: called with the remote whose exchanges all fail (its session ended): the
+        #: server's fast path cancels that remote's dispatches
+        self.on_remote_error: Callable[[Any], None] | None = None
 
     # -- per-peer state ---------------------------------------------------------
 
@@ -189,6 +192,11 @@ class LinkMessageManager(HookedMessageManager):
             keep_on_timeout=keep_on_timeout,
         )
 
+    def answer_delays(self, remote: Hashable) -> tuple[float, float]:
+        """(EMPTY_ACK_DELAY, EXCHANGE_LIFETIME) of a request from ``remote`` now: what
+        :meth:`tuning_for` gives an incoming message, without building the tuning."""
+        return self.estimator(remote).empty_ack_delay(), self.params.exchange_lifetime
+
     def allowed_outstanding(self, remote: Hashable) -> int:
         """The peer's current NSTART (``nstart`` for a peer not measured yet)."""
         est = self._estimators.get(remote)
@@ -210,6 +218,8 @@ class LinkMessageManager(HookedMessageManager):
         super().dispatch_message(message)
 
     def dispatch_error(self, error: Exception, remote: Any) -> None:
+        if self.on_remote_error is not None:
+            self.on_remote_error(remote)
         active = self.active_exchanges
         if active is not None:
             est = self._estimators.get(remote)

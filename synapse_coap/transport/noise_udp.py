@@ -13,6 +13,10 @@ Attached to an aiocoap Context by :func:`synapse_coap.transport.manager.attach_t
 Bad datagrams are the endpoint's business: it reports them as ``Dropped`` events,
 which are counted and never raised. The endpoint's timers run on ``loop.call_at``
 with ``loop.time`` as its clock.
+
+Size: about 620 lines, nearly all of them :class:`NoiseMessageInterface`, whose
+sending, receiving, session events and timers drive one endpoint and one
+remote table; split, they would pass that state between modules.
 """
 
 from __future__ import annotations
@@ -106,11 +110,12 @@ SESSIONS_GAUGE_EXACT = 256
 SESSIONS_GAUGE_INTERVAL = 1.0
 
 
+#: a datagram's kind by its top two bits
+_KINDS = ("reserved", "plain", "handshake", "record")
+
+
 def _datagram_kind(data: bytes) -> str:
-    if not data:
-        return "reserved"
-    top = data[0] >> 6
-    return {0b11: "record", 0b10: "handshake", 0b01: "plain"}.get(top, "reserved")
+    return _KINDS[data[0] >> 6] if data else "reserved"
 
 
 _RETRY = bytes([RETRY])
@@ -170,6 +175,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         #: bad datagrams: counted (``dropped``), logged once per source per minute
         self.bad_input = BadInputLog(logger, clock=loop.time, count=self.metrics.dropped)
         mman.on_retransmit = self._on_retransmit
+        #: the server's fast path (:mod:`synapse_coap.transport.fastpath`): offered every
+        #: decrypted message first; True when it took it (aiocoap never sees it)
+        self.fast_request: Callable[[NoiseRemote, bytes], bool] | None = None
 
     # -- construction ----------------------------------------------------------------
 
@@ -289,6 +297,20 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             self._process(events)
             if early is not None:
                 return
+        try:
+            events = self.endpoint.send(remote.channel, data)
+        except SynapseCoapError as e:
+            logger.warning("cannot send on channel %s: %s", remote.channel, e)
+            self.metrics.dropped("send_failed")
+            return
+        self._process(events)
+
+    def send_datagram(self, remote: NoiseRemote, data: bytes) -> None:
+        """Send the CoAP datagram ``data`` on the established channel of ``remote`` (the
+        server's fast path; a closed channel drops it, as its exchange is gone)."""
+        if self._transport is None or remote.channel is None:
+            logger.info("not sending to %s: no channel", remote.hostinfo)
+            return
         try:
             events = self.endpoint.send(remote.channel, data)
         except SynapseCoapError as e:
@@ -518,6 +540,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         remote.last_received = self.loop.time()
         remote.heard()
         if self._mman is None:
+            return
+        fast = self.fast_request
+        if fast is not None and fast(remote, ev.plaintext):
             return
         try:
             message = decode_message(ev.plaintext, remote)

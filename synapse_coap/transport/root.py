@@ -71,23 +71,38 @@ class _Root(interfaces.Resource):  # type: ignore[misc]
             pipe.add_response(res, is_last=True)
             return
         session = req.remote.blockwise_key
-        in_flight = self._in_flight.get(session, 0)
-        if in_flight >= self._server.config.transfers.requests_per_session:
+        if not self.enter(session):
             # RFC 7252 5.03 with Max-Age: come back later
             self._server.metrics.dropped("session_request_limit")
             res = Message(code=Code.SERVICE_UNAVAILABLE, payload=b"too many requests in flight")
             res.opt.max_age = 1
             pipe.add_response(res, is_last=True)
             return
-        self._in_flight[session] = in_flight + 1
         try:
             await self._render_to_pipe(pipe, req)
         finally:
-            left = self._in_flight[session] - 1
-            if left:
-                self._in_flight[session] = left
-            else:
-                del self._in_flight[session]
+            self.leave(session)
+
+    def enter(self, session: Any) -> bool:
+        """Count one more request in flight on ``session`` (its ``blockwise_key``);
+        False, counting nothing, when the session is at its limit."""
+        in_flight = self._in_flight.get(session, 0)
+        if in_flight >= self._server.config.transfers.requests_per_session:
+            return False
+        self._in_flight[session] = in_flight + 1
+        return True
+
+    def leave(self, session: Any) -> None:
+        left = self._in_flight[session] - 1
+        if left:
+            self._in_flight[session] = left
+        else:
+            del self._in_flight[session]
+
+    @property
+    def block2(self) -> Block2Responses:
+        """Block2 responses kept for the blocks after block 0."""
+        return self._block2
 
     async def _render_to_pipe(self, pipe: Any, req: Any) -> None:
         evicted = sum(self.transfers.evictions.values())

@@ -24,7 +24,7 @@ one aiocoap resource every request passes (``root``), blockwise transfer state
 (``blocks``), the link-format document (``linkformat``) and the 0-RTT
 watermark file (``replay_state``).
 
-Size: about 670 lines, nearly all of them :class:`CoapServer`, whose listener
+Size: about 750 lines, nearly all of them :class:`CoapServer`, whose listener
 start-up and shutdown, per-session codecs, request rendering and push
 registrations share one state (sessions, message managers, the dispatcher);
 split further it would pass that state between modules instead of holding it.
@@ -55,7 +55,7 @@ from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.coap_rules import accepted_format
 from synapse_coap.mapping.codec import request_seq
 from synapse_coap.mapping.dispatch import Dispatcher, PeerInfo
-from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
+from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
 from synapse_coap.mapping.push import (
     VERSIONS_PATH,
     SyncQuery,
@@ -71,14 +71,18 @@ from synapse_coap.transport.convert import (
     ABANDON_OPTION,
     BLOCKWISE_OPTIONS,
     NO_RESPONSE_ALL,
+    NOT_ENCODABLE,
     Codec,
     CodecFactory,
+    RejectNon,
+    carried,
     default_codec_factory,
     from_aiocoap,
     parse_server_name,
     session_context,
     to_aiocoap,
 )
+from synapse_coap.transport.fastpath import FastPath
 from synapse_coap.transport.linkformat import (
     OBSERVABLE_SYNC,
     _link_format,
@@ -152,18 +156,21 @@ def _encode_answer(
     method: int,
     tokens: ReceiverTokens | None,
     seq: int | None,
-) -> Message:
-    """The aiocoap message answering with ``response`` (5.00 if it cannot be encoded)."""
+) -> CoapMessage:
+    """The CoAP answer with ``response`` (5.00 if it cannot be encoded)."""
     strings = tokens.strings if tokens is not None else None
     try:
-        return to_aiocoap(
-            codec.encode_response(
-                response, want_json=want_json, method=method, strings=strings, seq=seq
-            )
+        return codec.encode_response(
+            response, want_json=want_json, method=method, strings=strings, seq=seq
         )
     except SynapseCoapError as e:
         logger.error("cannot encode the response to %s: %s", route, e)
-        return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"response not encodable")
+        return NOT_ENCODABLE
+
+
+def _content_format(msg: CoapMessage) -> int | None:
+    value = msg.first(int(OptionNumber.CONTENT_FORMAT))
+    return None if value is None else int.from_bytes(value, "big")
 
 
 def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
@@ -189,6 +196,7 @@ class CoapServer:
         self._noise: list[NoiseMessageInterface] = []
         self._plain: list[Any] = []
         self._mmans: list[LinkMessageManager] = []
+        self._fast: list[FastPath] = []
         self._plain_sessions: OrderedDict[Any, _ServerSession] = OrderedDict()
         self._secure_addresses: list[tuple[str, int]] = []
         self._plain_addresses: list[tuple[str, int]] = []
@@ -242,6 +250,11 @@ class CoapServer:
                 )
                 self._mmans.append(mman)
                 self._noise.append(iface)
+                if config.fast_path:
+                    fast = FastPath(self, mman, iface)
+                    iface.fast_request = fast
+                    mman.on_remote_error = fast.remote_failed
+                    self._fast.append(fast)
                 self._secure_addresses.append(iface.local_address)
             for bind in config.plain_listen:
 
@@ -297,10 +310,23 @@ class CoapServer:
             self._replay_timer.cancel()
             self._replay_timer = None
             self._save_replay_state(horizon=0.0, again=False)
+        for fast in self._fast:
+            fast.close()
         if self._context is not None:
             await self._context.shutdown()
         self._decoder.close()
         self._plain_sessions.clear()
+
+    @property
+    def fast_paths(self) -> list[FastPath]:
+        """The fast path of each Noise listener (empty with ``config.fast_path`` off)."""
+        return list(self._fast)
+
+    @property
+    def root(self) -> _Root:
+        """The one aiocoap resource (request limits, blockwise state)."""
+        assert self._root is not None
+        return self._root
 
     @property
     def transfers(self) -> TransferStore:
@@ -418,57 +444,67 @@ class CoapServer:
         fut.add_done_callback(done)
         return await asyncio.shield(fut)
 
-    def _reject_non(self, req: Message, reason: str) -> Message:
-        """Reject the Non-confirmable request ``req`` (RFC 7252 4.3): a Reset with its
-        Message ID goes out now; the returned response is suppressed (No-Response)."""
+    def reject_non(self, remote: Any, mid: int, reason: str) -> None:
+        """Reject the Non-confirmable request ``mid`` of ``remote`` (RFC 7252 4.3): a
+        Reset with its Message ID goes out now, and no response."""
         self.metrics.dropped("non_bad_option")
         for mman in self._mmans:
-            if mman.message_interface is getattr(req.remote, "interface", None):
-                mman.reset_now(req.remote, req.mid, reason)
+            if mman.message_interface is getattr(remote, "interface", None):
+                mman.reset_now(remote, mid, reason)
                 break
-        out = Message(code=Code.BAD_OPTION)
-        out.opt.no_response = NO_RESPONSE_ALL
-        return out
 
-    def _acknowledge_now(self, req: Message) -> None:
+    def _acknowledge_now(self, remote: Any, token: bytes) -> None:
         for mman in self._mmans:
-            if mman.acknowledge_now(req.remote, req.token):
+            if mman.acknowledge_now(remote, token):
                 return
 
     async def _render(self, req: Message) -> Message:
-        started = time.monotonic()
         cm = from_aiocoap(req)
         cm = CoapMessage(
             cm.code,
             tuple(o for o in cm.options if o.number not in _TRANSFER_OPTIONS),
             cm.payload,
         )
+        try:
+            answer = await self.respond(req.remote, bytes(req.token), cm, req.mtype == Type.NON)
+        except RejectNon as e:
+            self.reject_non(req.remote, req.mid, str(e))
+            out = Message(code=Code.BAD_OPTION)
+            out.opt.no_response = NO_RESPONSE_ALL  # suppressed: the Reset answers
+            return out
+        return carried(answer, "request")
+
+    async def respond(
+        self, remote: Any, token: bytes, cm: CoapMessage, nonconfirmable: bool
+    ) -> CoapMessage:
+        """The answer to the request ``cm`` (transfer options taken out) from ``remote``
+        on ``token``; :class:`RejectNon` for a NON request rejected with a Reset."""
+        started = time.monotonic()
         method = cm.code
         try:
             accept = accepted_format(cm)
         except RemoteProtocolError:
-            return Message(code=Code.BAD_REQUEST, payload=b"bad Accept option")
+            return CoapMessage(int(Code.BAD_REQUEST), (), b"bad Accept option")
         uri_path = [o.value for o in cm.options if o.number == int(OptionNumber.URI_PATH)]
         if uri_path == [b".well-known", b"core"] and not cm.get(n.OPT_TARGET):
             if cm.code != int(Code.GET):
-                return Message(code=Code.METHOD_NOT_ALLOWED)
+                return CoapMessage(int(Code.METHOD_NOT_ALLOWED))
             if accept not in (None, n.CF_LINK_FORMAT):
-                return Message(code=Code.NOT_ACCEPTABLE)
+                return CoapMessage(int(Code.NOT_ACCEPTABLE))
             queries = [
                 o.value.decode("utf-8", "replace")
                 for o in cm.options
                 if o.number == int(OptionNumber.URI_QUERY)
             ]
             observable = (OBSERVABLE_SYNC,) if self.config.push.enabled else ()
-            res = Message(
-                code=Code.CONTENT,
-                payload=_link_format(self.config.resources, queries, observable),
+            return CoapMessage(
+                int(Code.CONTENT),
+                (CoapOption(int(OptionNumber.CONTENT_FORMAT), bytes([n.CF_LINK_FORMAT])),),
+                _link_format(self.config.resources, queries, observable),
             )
-            res.opt.content_format = n.CF_LINK_FORMAT
-            return res
         if accept is not None and accept not in _ACCEPTABLE:
-            return Message(code=Code.NOT_ACCEPTABLE)
-        session = self._session(req.remote)
+            return CoapMessage(int(Code.NOT_ACCEPTABLE))
+        session = self._session(remote)
         codec = session.codec
         try:
             route = codec.route_name(cm)
@@ -487,10 +523,10 @@ class CoapServer:
         except RemoteProtocolError as e:
             logger.info("undecodable request from %s: %s", session.peer.host, e)
             coap_code: int | None = getattr(e, "coap_code", None)
-            if coap_code == n.BAD_OPTION and req.mtype == Type.NON:
+            if coap_code == n.BAD_OPTION and nonconfirmable:
                 # RFC 7252 5.4.1: an unrecognized critical option in a NON rejects the
                 # message (4.3): no response, a matching Reset
-                return self._reject_non(req, str(e))
+                raise RejectNon(str(e)) from None
             if coap_code is None:
                 return self._finish(
                     codec,
@@ -511,12 +547,11 @@ class CoapServer:
                 want_json,
                 method,
             )
-            out.code = Code(coap_code)
-            return out
+            return attrs.evolve(out, code=coap_code)
         if http_req.is_long_poll:
             # it will wait: acknowledge now, so the peer's next request is not held
             # behind this one's ACK (its NSTART slot) and its RTT sample stays honest
-            self._acknowledge_now(req)
+            self._acknowledge_now(remote, token)
         if self.config.payload_dump:
             logger.debug(
                 "request %s %s from %s: %r",
@@ -556,12 +591,12 @@ class CoapServer:
             )
         if (
             accept is not None
-            and out.code.is_successful()
+            and 64 <= out.code < 96
             and out.payload
-            and out.opt.content_format != accept
+            and _content_format(out) != accept
         ):
             # RFC 7252 5.10.4: the resource answered in another format than the one asked
-            return Message(code=Code.NOT_ACCEPTABLE)
+            return CoapMessage(int(Code.NOT_ACCEPTABLE))
         return out
 
     async def _observe(self, req: Message, pipe: Any, block2: Block2Responses) -> bool:
@@ -616,12 +651,15 @@ class CoapServer:
                 f"too many /sync push registrations for this {refused} (limit {limit})",
             )
             pipe.add_response(
-                self._finish(codec, route, time.monotonic(), error, want_json, int(cm.code)),
+                carried(
+                    self._finish(codec, route, time.monotonic(), error, want_json, int(cm.code)),
+                    route,
+                ),
                 is_last=True,
             )
             return True
         # a registration waits for news like a long-poll: acknowledge it at once
-        self._acknowledge_now(req)
+        self._acknowledge_now(req.remote, bytes(req.token))
         link = self.config.link
         exp = min(link.block_size_exp, int(getattr(req.remote, "maximum_block_size_exp", 6)))
         observation = Observation(
@@ -659,7 +697,7 @@ class CoapServer:
         method: int,
         tokens: ReceiverTokens | None = None,
         seq: int | None = None,
-    ) -> Message:
+    ) -> CoapMessage:
         """``tokens``/``seq``: the session and the String-Seq of a decoded request (its
         2xx answer's identifiers are recorded in the session string table)."""
         self.metrics.request(route, response.status, time.monotonic() - started)
@@ -675,7 +713,7 @@ class CoapServer:
         method: int,
         tokens: ReceiverTokens | None,
         seq: int | None,
-    ) -> Message:
+    ) -> CoapMessage:
         """:meth:`_finish` for a large body: the encoding runs on the decode pool, so the
         loop (Synapse's reactor, with the asyncio reactor) is not held for it."""
         self.metrics.request(route, response.status, time.monotonic() - started)
@@ -691,16 +729,17 @@ class CoapServer:
         error: Exception,
         want_json: bool,
         method: int,
-    ) -> Message:
+    ) -> CoapMessage:
         """4.01 + Token-Reset (or 4.00 + String-Reset): the client resets and resends."""
         logger.info("unknown session reference on %s: asking the client to reset: %s", route, error)
         builder = getattr(codec, "unknown_token_response", None)
         if callable(builder):
             try:
-                cm = builder(error)
+                cm: CoapMessage = builder(error)
                 status = 400 if isinstance(error, UnknownStringReference) else 401
                 self.metrics.request(route, status, time.monotonic() - started)
-                return to_aiocoap(cm)
+                to_aiocoap(cm)  # raises if it cannot be carried (then the JSON error)
+                return cm
             except Exception:
                 logger.exception("building the unknown-token response failed")
         return self._finish(

@@ -66,6 +66,10 @@ class ServerConfig:
 
     ``transfers``: the byte budget of blockwise transfer state and the
     per-session limits (:class:`TransferLimits`).
+
+    ``fast_path``: serve the common exchange (one datagram each way on a Noise
+    session) without aiocoap's per-message pipeline
+    (:mod:`synapse_coap.transport.fastpath`); off, every request goes through aiocoap.
     """
 
     listen: tuple[tuple[str, int], ...] = attrs.field(
@@ -83,6 +87,7 @@ class ServerConfig:
     replay_state_path: str | None = None
     transfers: TransferLimits = attrs.field(factory=TransferLimits)
     push: PushConfig = attrs.field(factory=PushConfig)
+    fast_path: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.listen and self.static_key is None:

@@ -288,3 +288,58 @@ def test_a_duplicate_request_gets_the_stored_answer_again_until_exchange_lifetim
     assert sum(not h.cancelled for h in loop.handles) <= 1
     mman.dispatch_message(incoming_request(peer, 7, b"tk"))
     assert len(tm.requests) == 3  # type: ignore[attr-defined]
+
+
+# -- the server's fast path: the same duplicate store and piggyback window as aiocoap ------------
+
+
+def test_fast_exchange_holds_the_ack_and_keeps_its_answer_for_duplicates() -> None:
+    from aiocoap.numbers.codes import EMPTY
+
+    from synapse_coap.transport.aiocoap_compat import FastExchanges
+
+    params = LinkParameters()
+    mman, loop, wire = make(params)
+    fast = FastExchanges(mman)
+    peer = Remote()
+    delay, lifetime = mman.answer_delays(peer)
+    assert (delay, lifetime) == (
+        mman.tuning_for(peer).EMPTY_ACK_DELAY,
+        mman.tuning_for(peer).EXCHANGE_LIFETIME,
+    )
+    assert not fast.is_duplicate(peer, 7)
+    fast.accept(peer, 7, b"tk", True, delay, lifetime)
+    assert fast.is_duplicate(peer, 7)
+    assert fast.take_piggyback(peer, b"tk") == 7
+    assert fast.take_piggyback(peer, b"tk") is None
+    datagram = bytes([0x62, 0x45, 0x00, 0x07]) + b"tk\xffhello"  # ACK 2.05, MID 7
+    fast.sent(peer, 7, True, datagram)
+    # a duplicate goes aiocoap's way: answered with the stored datagram, not processed again
+    mman.dispatch_message(incoming_request(peer, 7, b"tk"))
+    assert wire.sent[-1][1].encode() == datagram
+    assert mman.token_manager.requests == []  # type: ignore[attr-defined]
+    # an answer not ready within the window: the empty ACK goes then, as aiocoap sends it
+    fast.accept(peer, 8, b"tl", True, delay, lifetime)
+    sent = len(wire.sent)
+    loop.run_until(loop.time() + delay + 0.001)
+    (_t, ack), *_ = wire.sent[sent:]
+    assert (ack.mtype, ack.mid, ack.code) == (ACK, 8, EMPTY)
+    assert fast.take_piggyback(peer, b"tl") is None  # the answer goes as a separate CON
+    # a NON request: no ACK held; duplicates expire after EXCHANGE_LIFETIME
+    fast.accept(peer, 9, b"tn", False, delay, lifetime)
+    assert fast.take_piggyback(peer, b"tn") is None
+    loop.run_until(loop.time() + lifetime + 1)
+    assert not any(fast.is_duplicate(peer, mid) for mid in (7, 8, 9))
+
+
+def test_a_missing_fast_path_piece_stops_the_start(monkeypatch: Any) -> None:
+    import aiocoap.messagemanager
+    import pytest
+
+    from synapse_coap.errors import LibraryVersionError
+    from synapse_coap.transport import aiocoap_compat
+
+    aiocoap_compat.check()
+    monkeypatch.delattr(aiocoap.messagemanager.MessageManager, "_next_message_id")
+    with pytest.raises(LibraryVersionError, match="_next_message_id"):
+        aiocoap_compat.check()
