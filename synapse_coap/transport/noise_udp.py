@@ -297,13 +297,7 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             self._process(events)
             if early is not None:
                 return
-        try:
-            events = self.endpoint.send(remote.channel, data)
-        except SynapseCoapError as e:
-            logger.warning("cannot send on channel %s: %s", remote.channel, e)
-            self.metrics.dropped("send_failed")
-            return
-        self._process(events)
+        self._seal(remote.channel, data)
 
     def send_datagram(self, remote: NoiseRemote, data: bytes) -> None:
         """Send the CoAP datagram ``data`` on the established channel of ``remote`` (the
@@ -311,10 +305,14 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         if self._transport is None or remote.channel is None:
             logger.info("not sending to %s: no channel", remote.hostinfo)
             return
+        self._seal(remote.channel, data)
+
+    def _seal(self, channel: int, data: bytes) -> None:
+        """Send ``data`` as a record of ``channel`` (counted and logged if it cannot be)."""
         try:
-            events = self.endpoint.send(remote.channel, data)
+            events = self.endpoint.send(channel, data)
         except SynapseCoapError as e:
-            logger.warning("cannot send on channel %s: %s", remote.channel, e)
+            logger.warning("cannot send on channel %s: %s", channel, e)
             self.metrics.dropped("send_failed")
             return
         self._process(events)

@@ -198,9 +198,12 @@ def _echo(event_id: str) -> dict[str, Any]:
     return {"event_id": event_id, "unsigned": {"transaction_id": "t" + event_id}}
 
 
-@aio
-async def test_own_echoes_are_held_and_ride_with_the_next_notification() -> None:
-    async with pair(PushConfig(poll_timeout=5.0, echo_hold=60.0)) as (
+@contextlib.asynccontextmanager
+async def _registered(
+    echo_hold: float,
+) -> AsyncIterator[tuple[FakeSync, AsyncIterator[PushEvent], PushMetrics]]:
+    """A registration with ``push.echo_hold``, past its first notification ($1)."""
+    async with pair(PushConfig(poll_timeout=5.0, echo_hold=echo_hold)) as (
         sync,
         client,
         endpoint,
@@ -211,6 +214,13 @@ async def test_own_echoes_are_held_and_ride_with_the_next_notification() -> None
         await metrics.until(lambda: metrics.live == 1)
         await sync.add({"event_id": "$1"})
         assert _timeline_ids(await pending) == ["$1"]
+        yield sync, it, metrics
+        await it.aclose()
+
+
+@aio
+async def test_own_echoes_are_held_and_ride_with_the_next_notification() -> None:
+    async with _registered(echo_hold=60.0) as (sync, it, metrics):
         pending = asyncio.ensure_future(next_event(it))
         await sync.add(_echo("$mine"))
         await metrics.until(lambda: metrics.push_events.get("echo_held") == 1)
@@ -222,46 +232,23 @@ async def test_own_echoes_are_held_and_ride_with_the_next_notification() -> None
         assert json.loads(ev.response.body)["next_batch"] == "4"
         assert metrics.push_events["echo_merged"] == 1
         assert metrics.push_events["notification"] == 2
-        await it.aclose()
 
 
 @aio
 async def test_a_held_echo_is_pushed_alone_when_the_hold_runs_out() -> None:
-    async with pair(PushConfig(poll_timeout=5.0, echo_hold=0.3)) as (
-        sync,
-        client,
-        endpoint,
-        metrics,
-    ):
-        it = client.observe(endpoint, sync_request("0"))
-        pending = asyncio.ensure_future(next_event(it))
-        await metrics.until(lambda: metrics.live == 1)
-        await sync.add({"event_id": "$1"})
-        assert _timeline_ids(await pending) == ["$1"]
+    async with _registered(echo_hold=0.3) as (sync, it, metrics):
         await sync.add(_echo("$mine"))
         assert _timeline_ids(await next_event(it)) == ["$mine"]
         assert metrics.push_events["echo_held"] == 1
         assert metrics.push_events["echo_released"] == 1
-        await it.aclose()
 
 
 @aio
 async def test_with_echo_hold_zero_an_echo_is_pushed_at_once() -> None:
-    async with pair(PushConfig(poll_timeout=5.0, echo_hold=0)) as (
-        sync,
-        client,
-        endpoint,
-        metrics,
-    ):
-        it = client.observe(endpoint, sync_request("0"))
-        pending = asyncio.ensure_future(next_event(it))
-        await metrics.until(lambda: metrics.live == 1)
-        await sync.add({"event_id": "$1"})
-        assert _timeline_ids(await pending) == ["$1"]
+    async with _registered(echo_hold=0) as (sync, it, metrics):
         await sync.add(_echo("$mine"))
         assert _timeline_ids(await next_event(it)) == ["$mine"]
         assert "echo_held" not in metrics.push_events
-        await it.aclose()
 
 
 @aio
