@@ -7,7 +7,8 @@ impairment), a client speaking plain HTTP to the sidecar. For each of ``--sends`
 1. the client starts ``GET /sync?since=…&timeout=30000`` (it waits: nothing is new);
 2. ``delay`` seconds later (spread evenly over 0 .. ``--max-delay``, the window in which
    the long-poll's ACK used to be held) it sends one message ``PUT …/send/…/{txn}``;
-3. the long-poll returns that message, and the next round starts from its ``next_batch``.
+3. the long-poll returns that message (its echo: the module runs with
+   ``push.echo_hold: 0``), and the next round starts from its ``next_batch``.
 
 For every send it records the time the client waited for the answer and Synapse's own
 time for it (``Processed request: …sec`` of Synapse's access log, matched by the
@@ -85,7 +86,13 @@ async def run(
         modules=[
             {
                 "module": "synapse_coap.CoapModule",
-                "config": {"listen": [f"127.0.0.1:{coap_port}"], "private_key_path": str(key_path)},
+                # each round's long-poll returns with the echo of its send, so echoes are
+                # pushed at once (the module's default holds them for the next news)
+                "config": {
+                    "listen": [f"127.0.0.1:{coap_port}"],
+                    "private_key_path": str(key_path),
+                    "push": {"echo_hold": 0},
+                },
             }
         ],
     )
