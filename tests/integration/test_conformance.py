@@ -58,6 +58,9 @@ PUSH_POLL = 2.0
 #: An unacknowledged notification is parked; a client silent this long loses its
 #: registration (TD_COAP_OBS_05; the default is an hour).
 PARK_TIMEOUT = 3.0
+#: The news each TD_COAP_OBS case waits for is sent with the observer's own access token
+#: (its own device's echo), which the server would otherwise hold for the next news.
+ECHO_HOLD = 0
 
 
 # -- a raw CoAP peer, plain or inside a Noise session -------------------------------------
@@ -245,7 +248,11 @@ class World:
                         "plain_listen": [f"127.0.0.1:{self.ports['module-plain']}"],
                         "private_key_path": str(key_path),
                         "link": LINK,
-                        "push": {"poll_timeout": PUSH_POLL, "park_timeout": PARK_TIMEOUT},
+                        "push": {
+                            "poll_timeout": PUSH_POLL,
+                            "park_timeout": PARK_TIMEOUT,
+                            "echo_hold": ECHO_HOLD,
+                        },
                     },
                 }
             ],
@@ -272,6 +279,8 @@ class World:
             str(PUSH_POLL),
             "--push-park-timeout",
             str(PARK_TIMEOUT),
+            "--push-echo-hold",
+            str(ECHO_HOLD),
             *(arg for k, v in LINK.items() for arg in ("--link", f"{k}={v}")),
         ]
         self.gateway: subprocess.Popen[bytes] | None = None
