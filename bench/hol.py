@@ -73,6 +73,15 @@ def _pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
 
 
+def _texts(sync_body: dict[str, Any]) -> list[str]:
+    """The message texts of a /sync response, in order."""
+    return [
+        e.get("content", {}).get("body", "")
+        for room in sync_body.get("rooms", {}).get("join", {}).values()
+        for e in room.get("timeline", {}).get("events", [])
+    ]
+
+
 async def run(
     sends: int, max_delay: float, workdir: Path, poll_first: bool = True
 ) -> list[dict[str, Any]]:
@@ -138,7 +147,12 @@ async def run(
                     json={"msgtype": "m.text", "body": f"warm {i}"},
                 ) as r:
                     await r.read()
-            since = (await sync(since, 0))["next_batch"]
+            # catch up past the warm-up's echoes (pushed: maybe over several answers)
+            result = await sync(since, 0)
+            since = result["next_batch"]
+            while "warm 4" not in _texts(result):
+                result = await asyncio.wait_for(sync(since, 30000), 60)
+                since = result["next_batch"]
             for i in range(sends):
                 delay = max_delay * i / max(1, sends - 1)
                 poll = asyncio.ensure_future(sync(since, 30000 if poll_first else 0))
@@ -160,6 +174,9 @@ async def run(
                 result = await asyncio.wait_for(poll, 60)
                 if poll_first:
                     since = result["next_batch"]
+                    while f"message {i}" not in _texts(result):
+                        result = await asyncio.wait_for(sync(since, 30000), 60)
+                        since = result["next_batch"]
                 rows.append(
                     {
                         "i": i,
