@@ -60,7 +60,7 @@ from synapse_coap.noise.limits import (
     UDP_IP_HEADERS,
     NoiseLimits,
 )
-from synapse_coap.noise.lost import UNKNOWN_SESSION, _LostHints
+from synapse_coap.noise.lost import SMALL_TYPES, _LostHints
 from synapse_coap.noise.ratelimit import HandshakeRateLimiter
 from synapse_coap.noise.recordpath import _RecordPath
 from synapse_coap.noise.responder import _Responder
@@ -103,6 +103,7 @@ class NoiseEndpoint:
         wall_clock: Callable[[], float] = time.time,
         early_data_not_before: float = 0.0,
         keepalive_interval: float | None = None,
+        keepalive_ping: bool = True,
     ) -> None:
         """``seal_observer(key_id, packet_number)`` is called for every record
         sealed (key_id is a hash of the key, never the key): tests use it to
@@ -115,12 +116,10 @@ class NoiseEndpoint:
 
         ``keepalive_interval`` (seconds, None = off): on every channel this
         endpoint initiated, a session that has sent nothing for that long sends a
-        keep-alive (a control record, one-way, 22 bytes + UDP/IP). It keeps the
-        NAT mapping toward the peer open, refreshes the peer's idle timer, and
-        after a NAT rebinding it is what tells the peer the new address (the peer
-        validates it as for any record from a new address). While keep-alives run,
-        such a session is not closed for idleness on this side (the peer may be
-        silent because there is nothing to push)."""
+        keep-alive (one-way): a 3-byte NAT ping if ``keepalive_ping`` and a record
+        was sealed lately, else a sealed control record (22 bytes; noise/lost.py):
+        NAT mapping kept, a new address told after a rebinding, the peer's idle
+        timer refreshed (sealed only); such a session is not closed for idleness."""
         self._static = bytes(static_private)
         self.static_public = public_key(self._static)
         self.trust = trust
@@ -138,6 +137,7 @@ class NoiseEndpoint:
                 "keepalive_interval", f"must be a number > 0 or null, got {keepalive_interval!r}"
             )
         self.keepalive_interval = keepalive_interval
+        self.keepalive_ping = keepalive_ping
         self.app_payload = bytes(app_payload)
         tags: list[bytes] = []
         self._tag_ids: dict[bytes, int] = {}
@@ -569,8 +569,8 @@ class NoiseEndpoint:
         cookie: bytes | None = None
         if data[0] == retry.RETRY:
             return self._initiator._on_retry(data, addr)
-        if data[0] == UNKNOWN_SESSION:
-            return self._lost.on_hint(data, addr)
+        if data[0] in SMALL_TYPES:
+            return self._lost.on_small(data, addr)
         if data[0] == retry.COOKIE_ECHO:
             cookie = data[1 : 1 + retry.COOKIE_LEN]
             data = data[retry.ECHO_OVERHEAD :]

@@ -76,7 +76,9 @@ class _RecordPath:
         pn = keys.next_pn
         if pn > records.MAX_PN:  # pragma: no cover - 2^62 records
             raise LocalProtocolError("packet number space exhausted; re-handshake")
-        pn_len = 3 if pn - s.pn_floor >= (1 << 14) else 2
+        # (below 128 one byte is exact: the peer's highest number from us is below pn,
+        # so the nearest to its next expected one with these 8 bits is pn, RFC 9000 A.3)
+        pn_len = 1 if pn < 128 else 3 if pn - s.pn_floor >= (1 << 14) else 2
         echo = s.recv.generation & 1 if s.recv is not None else 0
         header = records.build_header(
             key_phase=keys.generation & 1,
@@ -87,6 +89,7 @@ class _RecordPath:
             echo=echo,
         )
         keys.next_pn = pn + 1
+        s.last_sealed = now
         if self.ep._observer is not None:
             self.ep._observer(hashlib.sha256(keys.key).digest()[:8], pn)
         sealed = keys.aead.encrypt(records.nonce(pn), plaintext, header)

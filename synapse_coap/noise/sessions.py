@@ -49,6 +49,7 @@ class _Session:
         "hs_retransmits",
         "initiator",
         "last_recv",
+        "last_sealed",
         "last_sent",
         "local_sid",
         "pattern",
@@ -105,6 +106,7 @@ class _Session:
         self.replay = records.ReplayWindow()
         self.last_recv = now
         self.last_sent = now
+        self.last_sealed = now  # the last record sealed (last_sent counts pings too)
         self.pn_floor = 0
         self.peer_echo = 0
         # path validation / anti-amplification

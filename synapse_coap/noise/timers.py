@@ -21,6 +21,7 @@ from synapse_coap.noise.handshake import (
 from synapse_coap.noise.limits import (
     CTRL_PING,
 )
+from synapse_coap.noise.lost import NAT_PING, PING_AUTH_EVERY, hint
 from synapse_coap.noise.sessions import _Session
 
 if TYPE_CHECKING:
@@ -165,9 +166,20 @@ class _Timers:
             return events
         if self._keeps_alive(s):
             assert self.ep.keepalive_interval is not None
-            if now >= s.last_sent + self.ep.keepalive_interval:  # as in _session_deadline
-                self.ep._stats["keepalives"] += 1
-                events += self.ep._records._send_record(
-                    s, bytes([CTRL_PING]), control=True, now=now
-                )
+            interval = self.ep.keepalive_interval
+            if now >= s.last_sent + interval:  # as in _session_deadline
+                sealed_within = min(PING_AUTH_EVERY * interval, self.ep.limits.idle_timeout * 2 / 3)
+                if (
+                    self.ep.keepalive_ping
+                    and s.remote_sid is not None
+                    and now < s.last_sealed + sealed_within
+                ):
+                    # (a NAT needs only a datagram: see noise/lost.py "NAT pings")
+                    self.ep._stats["pings.out"] += 1
+                    events += self.ep._transmit(s, hint(s.remote_sid, NAT_PING))
+                else:
+                    self.ep._stats["keepalives"] += 1
+                    events += self.ep._records._send_record(
+                        s, bytes([CTRL_PING]), control=True, now=now
+                    )
         return events

@@ -125,10 +125,12 @@ class CoapClient:
         max_body_size: int,
         keepalive_interval: float | None = None,
         inline_decode_max: int = INLINE_DECODE_MAX,
+        keepalive_ping: bool = True,
     ) -> None:
         self.static_key = static_key
         self._decoder = DecodePool(inline_decode_max)
         self.keepalive_interval = keepalive_interval
+        self.keepalive_ping = keepalive_ping
         self.trust = trust
         self.link = link
         self.limits = limits
@@ -168,6 +170,7 @@ class CoapClient:
         max_body_size: int = 50 * 1024 * 1024,
         keepalive_interval: float | None = None,
         inline_decode_max: int = INLINE_DECODE_MAX,
+        keepalive_ping: bool = True,
     ) -> CoapClient:
         """A client bound to ``bind``. Without ``static_key`` only plain endpoints work.
 
@@ -175,10 +178,11 @@ class CoapClient:
         peer can shorten identifiers on our server; ``endpoint_factory(static_key,
         trust=, limits=, profiles=, app_payload=, clock=)`` replaces the
         NoiseEndpoint (tests). ``keepalive_interval`` (seconds, None = off): a session
-        that has sent nothing for that long sends a one-way keep-alive record (NAT
-        mappings, the peer's idle timer, NAT rebinding); see
-        ``NoiseEndpoint(keepalive_interval=)``. On a link of known ``bandwidth_bps`` it
-        is raised so keep-alives take at most 0.5 % of the link
+        that has sent nothing for that long sends a one-way keep-alive (NAT
+        mappings, the peer's idle timer, NAT rebinding): a 3-byte NAT ping while it
+        sealed a record lately (``keepalive_ping``), else a sealed record; see
+        ``NoiseEndpoint(keepalive_interval=, keepalive_ping=)``. On a link of known
+        ``bandwidth_bps`` it is raised so keep-alives take at most 0.5 % of the link
         (:func:`~synapse_coap.transport.link.keepalive_interval`).
         ``inline_decode_max``: response payloads larger than this (bytes) are decoded
         on a worker thread, not on the event loop.
@@ -202,6 +206,7 @@ class CoapClient:
             max_body_size=max_body_size,
             keepalive_interval=keepalive_interval,
             inline_decode_max=inline_decode_max,
+            keepalive_ping=keepalive_ping,
         )
         loop = asyncio.get_running_loop()
         self._context = Context(loop=loop, serversite=None, loggername=__name__ + ".coap")
@@ -242,6 +247,7 @@ class CoapClient:
             extra["keepalive_interval"] = effective_keepalive(
                 self.keepalive_interval, self.link.bandwidth_bps
             )
+            extra["keepalive_ping"] = self.keepalive_ping
         endpoint: SessionEndpoint = factory(
             self.static_key,
             trust=self.trust,

@@ -6,7 +6,8 @@ so implementations must be cheap and must not raise.
 
 Datagram ``kind`` values: ``"handshake"`` (Noise handshake messages),
 ``"record"`` (Noise data records), ``"plain"`` (unencrypted CoAP),
-``"control"`` (any other Noise record kind the session layer reports).
+``"hint"`` (3-byte unknown-session and path hints, NAT pings), ``"control"`` (any other
+Noise record kind the session layer reports).
 Directions: ``"in"`` / ``"out"``. Handshake outcomes: ``"ok"``, ``"failed"``,
 ``"refused"`` (trust), ``"timeout"``, ``"retry"`` (a stateless retry cookie sent).
 """

@@ -42,7 +42,7 @@ from synapse_coap.noise.events import (
     Received,
     Transmit,
 )
-from synapse_coap.noise.lost import UNKNOWN_SESSION
+from synapse_coap.noise.lost import SMALL_TYPES
 from synapse_coap.noise.retry import RETRY
 from synapse_coap.transport.batch import BatchReader
 from synapse_coap.transport.datagram import (
@@ -115,15 +115,17 @@ _KINDS = ("reserved", "plain", "handshake", "record")
 
 
 def _datagram_kind(data: bytes) -> str:
+    if data and data[0] in SMALL_TYPES:
+        return "hint"  # an unknown-session or path hint, a NAT ping
     return _KINDS[data[0] >> 6] if data else "reserved"
 
 
 _RETRY = bytes([RETRY])
-_STATELESS = (_RETRY, bytes([UNKNOWN_SESSION]))
+_STATELESS = (_RETRY, *(bytes([kind]) for kind in SMALL_TYPES))
 
 
 def _is_stateless(ev: Any) -> bool:
-    """A stateless answer (a retry cookie, an unknown-session hint): no timer moved."""
+    """A stateless datagram (a retry cookie, a hint, a NAT ping): no timer moved."""
     return isinstance(ev, Transmit) and ev.data[:1] in _STATELESS
 
 

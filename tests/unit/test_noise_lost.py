@@ -18,7 +18,7 @@ from synapse_coap.noise import (
     Received,
     Transmit,
 )
-from synapse_coap.noise.lost import HINT_BURST, UNKNOWN_SESSION, hint
+from synapse_coap.noise.lost import HINT_BURST, SMALL_TYPES, UNKNOWN_SESSION, hint
 from tests.unit.test_keepalive import INTERVAL, SERVER_ADDR, KeepAliveNode, idle, setup
 
 ATTACKER = ("10.9.9.9", 6666)
@@ -149,11 +149,82 @@ def test_a_record_too_short_to_be_one_gets_no_hint() -> None:
 def test_any_hint_shaped_datagram_leaves_the_client_working(tail: bytes) -> None:
     net, client, server, channel = setup()
     for addr in (SERVER_ADDR, ATTACKER):
-        for ev in client.endpoint.datagram_received(bytes([UNKNOWN_SESSION]) + tail, addr):
-            # at most a re-handshake toward the server it already talks to
-            assert not isinstance(ev, Transmit) or ev.addr == SERVER_ADDR
-            assert not isinstance(ev, Received)
+        for kind in sorted(SMALL_TYPES):
+            for ev in client.endpoint.datagram_received(bytes([kind]) + tail, addr):
+                # at most a re-handshake or a keep-alive toward the server it talks to,
+                # or a hint no longer than the datagram, to its source
+                assert not isinstance(ev, Transmit) or (
+                    ev.addr == SERVER_ADDR or len(ev.data) <= 1 + len(tail)
+                )
+                assert not isinstance(ev, Received)
+            # and the server answers nothing longer than what it got, only to its source
+            for ev in server.endpoint.datagram_received(bytes([kind]) + tail, addr):
+                assert not isinstance(ev, Transmit) or (
+                    ev.addr == addr and len(ev.data) <= 1 + len(tail)
+                )
     net.emit(client, client.endpoint.send(channel, b"ok"))
     idle(net, net.clock.now + 10)
     assert [e.plaintext for e in server.events if isinstance(e, Received)][-1] == b"ok"
     assert client.endpoint.channel_open(channel)
+
+
+def test_golden_ping_and_path_hint() -> None:
+    from synapse_coap.noise.lost import NAT_PING, PATH_HINT
+
+    assert hint(0x1234, NAT_PING) == bytes.fromhex("891234")
+    assert hint(0x1234, PATH_HINT) == bytes.fromhex("8a1234")
+
+
+def test_a_restarted_server_answers_the_next_ping_with_the_unknown_session_hint() -> None:
+    net, client, server, channel = setup()
+    server.restart()
+    idle(net, net.clock.now + INTERVAL + 5)
+    # the keep-alive was a ping (a record was sealed lately), answered as a record would be
+    assert client.endpoint.stats.get("pings.out", 0) == 1
+    assert server.endpoint.stats.get("lost_hints.sent", 0) == 1
+    assert client.endpoint.stats.get("rehandshakes", 0) == 1
+    assert client.endpoint.channel_open(channel)
+
+
+def test_a_ping_from_the_sessions_address_gets_no_answer_and_others_get_three_bytes() -> None:
+    from synapse_coap.noise.lost import NAT_PING, PATH_HINT
+
+    _net, client, server, channel = setup()
+    sid = _client_sid_of_server(client, channel)
+    assert server.endpoint.datagram_received(hint(sid, NAT_PING), client.addr) == [
+        Heard(_server_channel(server))
+    ]
+    moved = server.endpoint.datagram_received(hint(sid, NAT_PING), ATTACKER)
+    assert [e.data for e in moved if isinstance(e, Transmit)] == [hint(sid, PATH_HINT)]
+    unknown = server.endpoint.datagram_received(hint(sid ^ 1, NAT_PING), ATTACKER)
+    assert [e.data for e in unknown if isinstance(e, Transmit)] == [hint(sid ^ 1)]
+    # nothing of a ping's is ever longer than the ping; a malformed one gets nothing
+    assert all(len(e.data) <= 3 for e in moved + unknown if isinstance(e, Transmit))
+    assert not any(
+        isinstance(e, Transmit)
+        for e in server.endpoint.datagram_received(hint(sid, NAT_PING) + b"x", client.addr)
+    )
+
+
+def test_forged_path_hints_cost_at_most_a_sealed_keepalive_each_and_are_limited() -> None:
+    from synapse_coap.noise.lost import PATH_HINT
+
+    net, client, server, channel = setup()
+    sid = _client_sid_of_server(client, channel)
+    # from another address, or for another session id: dropped
+    assert all(
+        isinstance(e, Dropped) and e.reason == "unexpected_path_hint"
+        for e in client.endpoint.datagram_received(hint(sid, PATH_HINT), ATTACKER)
+        + client.endpoint.datagram_received(hint(sid ^ 1, PATH_HINT), SERVER_ADDR)
+    )
+    sent = 0
+    for _ in range(100):  # spoofing the server's address, all at one instant
+        evs = client.endpoint.datagram_received(hint(sid, PATH_HINT), SERVER_ADDR)
+        sent += sum(isinstance(e, Transmit) for e in evs)
+        net.emit(client, evs)
+    assert sent <= HINT_BURST
+    idle(net, net.clock.now + 5)
+    net.emit(client, client.endpoint.send(channel, b"still"))
+    idle(net, net.clock.now + 5)
+    assert [e.plaintext for e in server.events if isinstance(e, Received)][-1] == b"still"
+    assert not client.reused_nonces() and not server.reused_nonces()
