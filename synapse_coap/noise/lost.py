@@ -91,7 +91,7 @@ def hint(sid: int, kind: int = UNKNOWN_SESSION) -> bytes:
 
 
 class _LostHints:
-    """Sends and acts on unknown-session hints for one endpoint (see the module docstring)."""
+    """Sends and acts on the hints and NAT pings of one endpoint (see the module docstring)."""
 
     def __init__(self, ep: NoiseEndpoint) -> None:
         self.ep = ep
