@@ -55,6 +55,14 @@ from synapse_coap.wire.body_tables import (
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
 
+#: heads of the small maps and arrays (cbor.head of a length under 24)
+_MAP_HEADS = tuple(cbor.head(cbor.MAJOR_MAP, i) for i in range(24))
+_ARRAY_HEADS = tuple(cbor.head(cbor.MAJOR_ARRAY, i) for i in range(24))
+#: a derived content hash: the tag, then null
+_DERIVED_HASH = cbor.head(cbor.MAJOR_TAG, TAG_DERIVED_SHA256) + cbor.NULL
+#: the string cache where it must not be consulted first (references come before it)
+_NO_CACHE: dict[str, bytes] = {}
+
 
 class _Encoder:
     def __init__(
@@ -197,22 +205,68 @@ class _Encoder:
             if depth >= _MAX_ENCODE_DEPTH:
                 raise LocalProtocolError("JSON value nested too deeply to encode")
             derived = self.derived_hash(v)
-            out.append(cbor.head(cbor.MAJOR_MAP, len(v)))
+            n = len(v)
+            out.append(_MAP_HEADS[n] if n < 24 else cbor.head(cbor.MAJOR_MAP, n))
+            # What key() and value() do, with the commonest items inline (a key of the
+            # key table; a string of the value table or the string cache, when there
+            # are no references to try first; true, false, null): the same bytes,
+            # without a call per item.
+            key_bytes = self.key_bytes
+            value_bytes = self.value_bytes
+            cache = self.cache if self.refs is None else _NO_CACHE
+            inner = depth + 1
             for k, item in v.items():
-                self.key(k)
+                if isinstance(k, str):
+                    enc = key_bytes.get(k)
+                    if enc is None:
+                        enc = value_bytes.get(k)
+                        if enc is None:
+                            enc = cache.get(k)
+                else:
+                    enc = None
+                if enc is not None:
+                    out.append(enc)
+                else:
+                    self.key(k)
                 if derived and k == "hashes":
-                    out.append(cbor.head(cbor.MAJOR_TAG, TAG_DERIVED_SHA256))
+                    out.append(_DERIVED_HASH)
+                elif isinstance(item, str):
+                    enc = value_bytes.get(item)
+                    if enc is None:
+                        enc = cache.get(item)
+                    if enc is not None:
+                        out.append(enc)
+                    else:
+                        self.string(item)
+                elif item is True:
+                    out.append(cbor.TRUE)
+                elif item is False:
+                    out.append(cbor.FALSE)
+                elif item is None:
                     out.append(cbor.NULL)
                 else:
-                    self.value(item, depth + 1)
+                    self.value(item, inner)
         elif isinstance(v, (list, tuple)):
             if depth >= _MAX_ENCODE_DEPTH:
                 raise LocalProtocolError("JSON value nested too deeply to encode")
             if v and self.event_id_list(v):
                 return
-            out.append(cbor.head(cbor.MAJOR_ARRAY, len(v)))
+            n = len(v)
+            out.append(_ARRAY_HEADS[n] if n < 24 else cbor.head(cbor.MAJOR_ARRAY, n))
+            value_bytes = self.value_bytes
+            cache = self.cache if self.refs is None else _NO_CACHE
+            inner = depth + 1
             for item in v:
-                self.value(item, depth + 1)
+                if isinstance(item, str):
+                    enc = value_bytes.get(item)
+                    if enc is None:
+                        enc = cache.get(item)
+                    if enc is not None:
+                        out.append(enc)
+                    else:
+                        self.string(item)
+                else:
+                    self.value(item, inner)
         else:
             raise LocalProtocolError(f"not a JSON value: {type(v).__name__}")
 
