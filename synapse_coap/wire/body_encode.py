@@ -338,14 +338,42 @@ def _encode_cbor(
 ONE_ATTEMPT_MAX = 16 * 1024
 
 
+#: the memLevel of a DEFLATE run is the smallest of these that holds the whole body in
+#: one block's symbol buffer (see :func:`deflate_mem_level`)
+MIN_MEM_LEVEL = 5
+MAX_MEM_LEVEL = 9
+
+
+def deflate_mem_level(size: int) -> int:
+    """zlib's memLevel for a body of ``size`` bytes: the smallest (from
+    :data:`MIN_MEM_LEVEL`) whose symbol buffer, ``2 ** (memLevel + 6)`` entries, holds
+    more symbols than the body has bytes, up to 9 (zlib's largest).
+
+    The memLevel sizes only two things in zlib's deflate: the symbol buffer, which ends
+    a block when it fills (so with room for every byte there is one block, as with
+    memLevel 9 for anything under 32 KiB), and the hash table of 3-byte prefixes
+    (``2 ** (memLevel + 7)`` heads), which zlib clears on every new stream: 128 KiB
+    at memLevel 9 for each answer of a few dozen bytes. In a homeserver that cost
+    some 30-70 us of CPU per small request (``bench/inbound.py``, side by side; much
+    more than the compression itself takes in a loop, so probably by evicting the
+    homeserver's own data from the CPU cache). A smaller table only adds hash collisions to the match
+    chains, which the match search skips, so the output is the same except where a
+    chain is long enough to reach zlib's chain limit (1024 or 4096 entries, highly
+    repetitive input); every body of the corpora compresses to the same bytes
+    (``tests/unit/test_body_deflate.py``), and any output inflates to the same body.
+    """
+    return min(MAX_MEM_LEVEL, max(MIN_MEM_LEVEL, (size + 1).bit_length() - 6))
+
+
 def _deflate(data: bytes, zdict: bytes) -> bytes:
     # A new compressor per body: copying one primed with the dictionary duplicates the
-    # whole level-9 state (about 400 KiB: window, hash chains, pending buffer), which
-    # costs more than setting a dictionary of a few KiB; the output is the same.
+    # whole state (window, hash chains, pending buffer), which costs more than setting
+    # a dictionary of a few KiB; the output is the same.
+    level = deflate_mem_level(len(data))
     if zdict:
-        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict)
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, level, zlib.Z_DEFAULT_STRATEGY, zdict)
     else:
-        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, level)
     out: bytes = c.compress(data) + c.flush()
     return out
 
