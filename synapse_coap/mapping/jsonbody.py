@@ -22,6 +22,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-JSON constant {name}")
 
 
+#: one decoder for every body (``json.loads`` with hooks builds a decoder and its scanner
+#: per call; the decoder keeps no state between calls, as json's own default one)
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
 def parse_json_exact(body: bytes) -> Any:
     """The JSON value of ``body``, or raise ValueError if it is not plain, exact JSON.
 
@@ -29,8 +34,7 @@ def parse_json_exact(body: bytes) -> Any:
     and nesting deep enough to hit the recursion limit.
     """
     try:
-        text = body.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        return _STRICT.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, RecursionError) as e:
         raise ValueError(str(e)) from e
 

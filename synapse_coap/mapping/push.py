@@ -315,8 +315,22 @@ def empty_sync_body(next_batch: str, counters: dict[str, Any] | None = None) -> 
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+#: the last (body, answer) of :func:`advertise_observe`: a homeserver's ``/versions`` is
+#: the same body request after request, and the function is pure
+_ADVERTISED: list[tuple[bytes, bytes | None]] = []
+
+
 def advertise_observe(body: bytes) -> bytes | None:
     """``/versions`` with MSC3079's ``observe: 1`` added, or None if the body is not a JSON object."""
+    last = _ADVERTISED[-1] if _ADVERTISED else None
+    if last is not None and last[0] == body:
+        return last[1]
+    answer = _advertise_observe(body)
+    _ADVERTISED[:] = [(body, answer)]
+    return answer
+
+
+def _advertise_observe(body: bytes) -> bytes | None:
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):

@@ -189,6 +189,72 @@ def _worker_resources(hs: Any, names: list[str]) -> dict[str, Any]:
     return resources
 
 
+class _InlinePool:
+    """The thread pool a CoAP request's SynapseRequest sees: runs the call at once, on
+    the calling (reactor) thread, and delivers its result there too.
+
+    Synapse encodes a JSON response with ``defer_to_thread(request.reactor, ...)``:
+    a hop to a pool thread and back through ``callFromThread`` (a waker write and
+    one more reactor turn). JSON encoding holds the GIL throughout, so on the pool
+    it runs no more in parallel than here, and the hop cost more CPU than the
+    encoding of a small answer. (The CoAP answer is encoded from that JSON on the
+    asyncio side anyway.)
+    """
+
+    def __init__(self, reactor: _RequestReactor) -> None:
+        self._reactor = reactor
+
+    def callInThreadWithCallback(
+        self,
+        onResult: Callable[[bool, Any], object] | None,
+        func: Callable[..., Any],
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        try:
+            result = func(*args, **kw)
+        except BaseException:
+            ok, result = False, _failure_now()
+        else:
+            ok = True
+        if onResult is not None:
+            self._reactor.inline_delivery = True
+            try:
+                onResult(ok, result)
+            finally:
+                self._reactor.inline_delivery = False
+
+    def callInThread(self, func: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        self.callInThreadWithCallback(None, func, *args, **kw)
+
+
+class _RequestReactor:
+    """The reactor a CoAP request's SynapseRequest sees: the real one, except for
+    :meth:`getThreadPool` (:class:`_InlinePool`) and, while that pool delivers a
+    result, :meth:`callFromThread` (called at once: it is already the reactor thread)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._pool = _InlinePool(self)
+        self.inline_delivery = False
+
+    def getThreadPool(self) -> _InlinePool:
+        return self._pool
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        if self.inline_delivery:
+            f(*args, **kw)
+        else:
+            self._reactor.callFromThread(f, *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def _failure_now() -> Failure:
+    return Failure()  # type: ignore[no-untyped-call]
+
+
 def build_site(hs: Any, resource: Any, max_request_body_size: int) -> SynapseSite:
     from synapse.config.server import HttpListenerConfig, TCPListenerConfig
 
@@ -206,7 +272,7 @@ def build_site(hs: Any, resource: Any, max_request_body_size: int) -> SynapseSit
         resource=resource,
         server_version_string=hs.version_string,
         max_request_body_size=max_request_body_size,
-        reactor=hs.get_reactor(),
+        reactor=cast(Any, _RequestReactor(hs.get_reactor())),
         hs=hs,
     )
 

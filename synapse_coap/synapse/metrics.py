@@ -92,6 +92,8 @@ class SynapseCoapMetrics:
         self.server_name = server_name
         self._labels = {SERVER_NAME_LABEL: server_name}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._datagram_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def _child(self, metric: Any, *values: str, **labels: str) -> Any:
         key = (id(metric), values)
@@ -101,8 +103,15 @@ class SynapseCoapMetrics:
         return child
 
     def datagram(self, direction: str, kind: str, size: int) -> None:
-        self._child(DATAGRAMS, direction, kind, direction=direction, kind=kind).inc()
-        self._child(BYTES, direction, kind, direction=direction, kind=kind).inc(size)
+        # (two per datagram: the pair of children is kept under its own short key)
+        pair = self._datagram_children.get((direction, kind))
+        if pair is None:
+            pair = self._datagram_children[(direction, kind)] = (
+                self._child(DATAGRAMS, direction, kind, direction=direction, kind=kind),
+                self._child(BYTES, direction, kind, direction=direction, kind=kind),
+            )
+        pair[0].inc()
+        pair[1].inc(size)
 
     def handshake(self, outcome: str) -> None:
         self._child(HANDSHAKES, outcome, outcome=outcome).inc()
@@ -114,9 +123,15 @@ class SynapseCoapMetrics:
         self._child(SESSIONS).set(count)
 
     def request(self, route: str, status: int, seconds: float) -> None:
-        code = str(status)
-        self._child(REQUESTS, route, code, route=route, status=code).inc()
-        self._child(REQUEST_SECONDS, route, route=route).observe(seconds)
+        pair = self._request_children.get((route, status))
+        if pair is None:
+            code = str(status)
+            pair = self._request_children[(route, status)] = (
+                self._child(REQUESTS, route, code, route=route, status=code),
+                self._child(REQUEST_SECONDS, route, route=route),
+            )
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def dropped(self, reason: str) -> None:
         self._child(DROPPED, reason, reason=reason).inc()

@@ -55,6 +55,14 @@ from synapse_coap.wire.body_tables import (
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
 
+#: heads of the small maps and arrays (cbor.head of a length under 24)
+_MAP_HEADS = tuple(cbor.head(cbor.MAJOR_MAP, i) for i in range(24))
+_ARRAY_HEADS = tuple(cbor.head(cbor.MAJOR_ARRAY, i) for i in range(24))
+#: a derived content hash: the tag, then null
+_DERIVED_HASH = cbor.head(cbor.MAJOR_TAG, TAG_DERIVED_SHA256) + cbor.NULL
+#: the string cache where it must not be consulted first (references come before it)
+_NO_CACHE: dict[str, bytes] = {}
+
 
 class _Encoder:
     def __init__(
@@ -197,22 +205,68 @@ class _Encoder:
             if depth >= _MAX_ENCODE_DEPTH:
                 raise LocalProtocolError("JSON value nested too deeply to encode")
             derived = self.derived_hash(v)
-            out.append(cbor.head(cbor.MAJOR_MAP, len(v)))
+            n = len(v)
+            out.append(_MAP_HEADS[n] if n < 24 else cbor.head(cbor.MAJOR_MAP, n))
+            # What key() and value() do, with the commonest items inline (a key of the
+            # key table; a string of the value table or the string cache, when there
+            # are no references to try first; true, false, null): the same bytes,
+            # without a call per item.
+            key_bytes = self.key_bytes
+            value_bytes = self.value_bytes
+            cache = self.cache if self.refs is None else _NO_CACHE
+            inner = depth + 1
             for k, item in v.items():
-                self.key(k)
+                if isinstance(k, str):
+                    enc = key_bytes.get(k)
+                    if enc is None:
+                        enc = value_bytes.get(k)
+                        if enc is None:
+                            enc = cache.get(k)
+                else:
+                    enc = None
+                if enc is not None:
+                    out.append(enc)
+                else:
+                    self.key(k)
                 if derived and k == "hashes":
-                    out.append(cbor.head(cbor.MAJOR_TAG, TAG_DERIVED_SHA256))
+                    out.append(_DERIVED_HASH)
+                elif isinstance(item, str):
+                    enc = value_bytes.get(item)
+                    if enc is None:
+                        enc = cache.get(item)
+                    if enc is not None:
+                        out.append(enc)
+                    else:
+                        self.string(item)
+                elif item is True:
+                    out.append(cbor.TRUE)
+                elif item is False:
+                    out.append(cbor.FALSE)
+                elif item is None:
                     out.append(cbor.NULL)
                 else:
-                    self.value(item, depth + 1)
+                    self.value(item, inner)
         elif isinstance(v, (list, tuple)):
             if depth >= _MAX_ENCODE_DEPTH:
                 raise LocalProtocolError("JSON value nested too deeply to encode")
             if v and self.event_id_list(v):
                 return
-            out.append(cbor.head(cbor.MAJOR_ARRAY, len(v)))
+            n = len(v)
+            out.append(_ARRAY_HEADS[n] if n < 24 else cbor.head(cbor.MAJOR_ARRAY, n))
+            value_bytes = self.value_bytes
+            cache = self.cache if self.refs is None else _NO_CACHE
+            inner = depth + 1
             for item in v:
-                self.value(item, depth + 1)
+                if isinstance(item, str):
+                    enc = value_bytes.get(item)
+                    if enc is None:
+                        enc = cache.get(item)
+                    if enc is not None:
+                        out.append(enc)
+                    else:
+                        self.string(item)
+                else:
+                    self.value(item, inner)
         else:
             raise LocalProtocolError(f"not a JSON value: {type(v).__name__}")
 
@@ -284,14 +338,42 @@ def _encode_cbor(
 ONE_ATTEMPT_MAX = 16 * 1024
 
 
+#: the memLevel of a DEFLATE run is the smallest of these that holds the whole body in
+#: one block's symbol buffer (see :func:`deflate_mem_level`)
+MIN_MEM_LEVEL = 5
+MAX_MEM_LEVEL = 9
+
+
+def deflate_mem_level(size: int) -> int:
+    """zlib's memLevel for a body of ``size`` bytes: the smallest (from
+    :data:`MIN_MEM_LEVEL`) whose symbol buffer, ``2 ** (memLevel + 6)`` entries, holds
+    more symbols than the body has bytes, up to 9 (zlib's largest).
+
+    The memLevel sizes only two things in zlib's deflate: the symbol buffer, which ends
+    a block when it fills (so with room for every byte there is one block, as with
+    memLevel 9 for anything under 32 KiB), and the hash table of 3-byte prefixes
+    (``2 ** (memLevel + 7)`` heads), which zlib clears on every new stream: 128 KiB
+    at memLevel 9 for each answer of a few dozen bytes. In a homeserver that cost
+    some 30-70 us of CPU per small request (``bench/inbound.py``, side by side; much
+    more than the compression itself takes in a loop, so probably by evicting the
+    homeserver's own data from the CPU cache). A smaller table only adds hash collisions to the match
+    chains, which the match search skips, so the output is the same except where a
+    chain is long enough to reach zlib's chain limit (1024 or 4096 entries, highly
+    repetitive input); every body of the corpora compresses to the same bytes
+    (``tests/unit/test_body_deflate.py``), and any output inflates to the same body.
+    """
+    return min(MAX_MEM_LEVEL, max(MIN_MEM_LEVEL, (size + 1).bit_length() - 6))
+
+
 def _deflate(data: bytes, zdict: bytes) -> bytes:
     # A new compressor per body: copying one primed with the dictionary duplicates the
-    # whole level-9 state (about 400 KiB: window, hash chains, pending buffer), which
-    # costs more than setting a dictionary of a few KiB; the output is the same.
+    # whole state (window, hash chains, pending buffer), which costs more than setting
+    # a dictionary of a few KiB; the output is the same.
+    level = deflate_mem_level(len(data))
     if zdict:
-        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict)
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, level, zlib.Z_DEFAULT_STRATEGY, zdict)
     else:
-        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, level)
     out: bytes = c.compress(data) + c.flush()
     return out
 

@@ -452,3 +452,14 @@ def test_renewal_is_off_with_one_listener_and_on_with_several() -> None:
     with pytest.raises(ConfigValueError) as e:
         push_refresh(-1, 1)
     assert "--push-refresh" in str(e.value)
+
+
+def test_advertise_observe_remembers_only_the_same_body() -> None:
+    a = b'{"versions":["v1.11"],"unstable_features":{}}'
+    b = b'{"versions":["v1.12"]}'
+    first = advertise_observe(a)
+    assert advertise_observe(a) == first
+    other = advertise_observe(b)
+    assert other is not None and json.loads(other)["versions"] == ["v1.12"]
+    assert advertise_observe(b"[]") is None
+    assert advertise_observe(a) == first
