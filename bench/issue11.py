@@ -71,6 +71,23 @@ def render() -> str:
             f"| {r['run']} | {r['scenario']} | {r['stack']} | {ip:,} | {r['packets']} "
             f"| {secs:.2f} | {per_min} | {up} | {down} | {r['ok']} | {r['note']} |"
         )
+    # the day's ratio, per run that has the day over CoAP and an HTTPS baseline
+    days: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if r["scenario"] == "day" and r["ok"] == "True":
+            days.setdefault(r["run"], {})[r["stack"]] = int(r["ip_bytes"] or 0)
+    for run, by_stack in sorted(days.items()):
+        coap = by_stack.get("coap")
+        if not coap:
+            continue
+        ratios = [
+            f"{by_stack[stack]:,} B over HTTPS {label} = **{by_stack[stack] / coap:.1f}x** "
+            f"the {coap:,} B of CoAP+Noise"
+            for stack, label in (("https", "to stock Synapse"), ("https-nginx", "behind nginx"))
+            if by_stack.get(stack)
+        ]
+        if ratios:
+            lines += ["", f"The day (`{run}`): " + "; ".join(ratios) + "."]
     lines += ["", "Runs:", ""]
     for path in sorted(RUNS.glob("*/results.csv")):
         meta_path = path.parent / "provenance.json"
@@ -84,6 +101,12 @@ def render() -> str:
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(
+        description="Render issue 11's lab runs (bench/results/issue11/*/results.csv) into "
+        "the issue-11 block of docs/benchmarks.md; runs nothing itself.",
+    ).parse_args()
     block = render()
     text = DOCS.read_text()
     if MARK_START in text and MARK_END in text:
