@@ -136,6 +136,41 @@ def test_sidecar_keepalive_option() -> None:
     assert e.value.path == "--keepalive"
     args = build_parser().parse_args([*base, "--no-short-txn-ids"])
     assert args.no_short_txn_ids
+    assert not build_parser().parse_args(base).no_keepalive_ping
+    assert build_parser().parse_args([*base, "--no-keepalive-ping"]).no_keepalive_ping
+
+
+def test_the_client_hands_keepalive_ping_to_its_noise_endpoint() -> None:
+    import asyncio
+
+    from synapse_coap.noise import NoiseEndpoint, TrustPolicy
+    from synapse_coap.noise.keys import generate_private_key
+    from synapse_coap.transport.client import CoapClient
+
+    made: list[NoiseEndpoint] = []
+
+    def factory(*args: object, **kwargs: object) -> NoiseEndpoint:
+        endpoint = NoiseEndpoint(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(endpoint)
+        return endpoint
+
+    async def main(ping: bool) -> None:
+        client = await CoapClient.create(
+            static_key=generate_private_key(),
+            trust=TrustPolicy(),
+            bind=("127.0.0.1", 0),
+            endpoint_factory=factory,
+            keepalive_interval=110.0,
+            keepalive_ping=ping,
+        )
+        await client.close()
+
+    asyncio.run(main(False))
+    asyncio.run(main(True))
+    assert [(e.keepalive_interval, e.keepalive_ping) for e in made] == [
+        (110.0, False),
+        (110.0, True),
+    ]
 
 
 def test_a_homeserver_named_without_a_port_is_looked_up_by_srv() -> None:
