@@ -28,6 +28,7 @@ links.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -250,9 +251,11 @@ class LinkParameters:
             t = min(t * 2, self.max_rto)
         return total
 
-    @property
+    @functools.cached_property
     def exchange_lifetime(self) -> float:
-        """RFC 7252 EXCHANGE_LIFETIME: MAX_TRANSMIT_SPAN + 2 * MAX_LATENCY + PROCESSING_DELAY."""
+        """RFC 7252 EXCHANGE_LIFETIME: MAX_TRANSMIT_SPAN + 2 * MAX_LATENCY + PROCESSING_DELAY.
+
+        (Computed once per instance: the message layer reads it for every request.)"""
         return max(self.max_transmit_span, self.max_rto) + 2 * self.max_latency + self.ack_timeout
 
 

@@ -140,8 +140,6 @@ class LinkMessageManager(HookedMessageManager):
     ) -> None:
         super().__init__(token_manager)
         self.params = params
-        #: (a property computed from the parameters: kept, it is read per request)
-        self._exchange_lifetime = params.exchange_lifetime
         self.metrics: TransportMetrics = metrics or NullMetrics()
         self._clock = clock or self.loop.time
         self._estimators: OrderedDict[Hashable, RttEstimator] = OrderedDict()
@@ -197,7 +195,7 @@ class LinkMessageManager(HookedMessageManager):
     def answer_delays(self, remote: Hashable) -> tuple[float, float]:
         """(EMPTY_ACK_DELAY, EXCHANGE_LIFETIME) of a request from ``remote`` now: what
         :meth:`tuning_for` gives an incoming message, without building the tuning."""
-        return self.estimator(remote).empty_ack_delay(), self._exchange_lifetime
+        return self.estimator(remote).empty_ack_delay(), self.params.exchange_lifetime
 
     def allowed_outstanding(self, remote: Hashable) -> int:
         """The peer's current NSTART (``nstart`` for a peer not measured yet)."""
