@@ -15,6 +15,7 @@ key counts are always present in a response; a change in them is pushed too.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import urllib.parse
@@ -315,22 +316,11 @@ def empty_sync_body(next_batch: str, counters: dict[str, Any] | None = None) -> 
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-#: the last (body, answer) of :func:`advertise_observe`: a homeserver's ``/versions`` is
-#: the same body request after request, and the function is pure
-_ADVERTISED: list[tuple[bytes, bytes | None]] = []
-
-
+# (the last answer is kept: a homeserver's ``/versions`` is the same body request after
+# request, and the function is pure)
+@functools.lru_cache(maxsize=1)
 def advertise_observe(body: bytes) -> bytes | None:
     """``/versions`` with MSC3079's ``observe: 1`` added, or None if the body is not a JSON object."""
-    last = _ADVERTISED[-1] if _ADVERTISED else None
-    if last is not None and last[0] == body:
-        return last[1]
-    answer = _advertise_observe(body)
-    _ADVERTISED[:] = [(body, answer)]
-    return answer
-
-
-def _advertise_observe(body: bytes) -> bytes | None:
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):
