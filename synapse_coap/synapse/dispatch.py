@@ -315,7 +315,6 @@ class CoapChannel:
         )
         self._host = local
         self._secure = peer.secure
-        self.transport = self
         self.done: defer.Deferred[None] = defer.Deferred()
         self.code: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
@@ -326,6 +325,13 @@ class CoapChannel:
         self.producer: Any = None
         self._producer_streaming = False
         self._completing = False
+
+    @property
+    def transport(self) -> CoapChannel:
+        # (a property, not ``self.transport = self``: a reference cycle would keep every
+        # request's channel, SynapseRequest, headers and Deferreds alive until Synapse's
+        # next garbage collection, which it then pays for in proportion)
+        return self
 
     # -- the HTTPChannel side ------------------------------------------------------------
 
@@ -523,6 +529,9 @@ class InProcessDispatcher:
                 # Synapse lost the connection itself (after an early error response):
                 # let the request clean up as a real connection would.
                 req.connectionLost(_failure(ConnectionDone("response complete")))
+            # Twisted drops the request's reference to its channel once it is done;
+            # drop ours to the request too, so that neither waits for the cycle collector
+            channel.request = None
             return channel.response()
 
         def abandon() -> None:

@@ -1,0 +1,122 @@
+"""A finished CoAP request leaves no reference cycle behind (synapse_coap/synapse/dispatch.py).
+
+Synapse turns Python's automatic garbage collection off and collects from a timer
+(``synapse.metrics._gc``); a collection costs in proportion to the objects it
+finds. A request whose channel, request, headers and Deferreds hang in a cycle is
+freed only by that collection: measured with ``bench/inbound.py`` before this was
+fixed, every CoAP request left about 42 such objects behind (HTTP requests 4) and
+the collections took 11 % of the Synapse process's samples while it served CoAP
+requests (2 % for HTTP). Freed by reference counting alone, they cost nothing there.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from synapse_coap.mapping.dispatch import PeerInfo
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.synapse.dispatch import CoapChannel, InProcessDispatcher, _address
+
+
+class _Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return b'{"hello":"world"}'
+
+    def render_POST(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        assert request.content is not None
+        return b'{"echo":' + request.content.read() + b"}"
+
+
+#: weak references to every request and channel made (the newest last)
+_MADE: list[weakref.ref[Any]] = []
+
+
+class _Request(Request):
+    """A plain Twisted request taking the keyword arguments Synapse's takes."""
+
+    def __init__(self, channel: Any, site: Any, **_: Any) -> None:
+        super().__init__(channel)
+        self.site = site
+        _MADE.append(weakref.ref(channel))
+        _MADE.append(weakref.ref(self))
+
+
+class _Site(Site):
+    request_class = _Request
+
+
+class _Hs:
+    hostname = "test.example"
+
+    def get_reactor(self) -> Any:
+        return reactor
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    """As in Synapse: only reference counting frees objects during the test."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _dispatcher() -> InProcessDispatcher:
+    dispatcher = InProcessDispatcher(_Hs(), bridge=None, max_request_body_size=1000)  # type: ignore[arg-type]
+    dispatcher._site = _Site(_Hello())  # type: ignore[assignment]
+    return dispatcher
+
+
+def _run(dispatcher: InProcessDispatcher, request: HttpRequest) -> HttpResponse:
+    """Dispatch ``request`` and return its response (everything else is dropped)."""
+    d, abandon = dispatcher.start_in_reactor(request, PeerInfo("192.0.2.7", 5683))
+    results: list[HttpResponse] = []
+    d.addCallback(results.append)
+    assert len(results) == 1, "the resource answers synchronously"
+    abandon()  # (after the answer: does nothing, and keeps nothing)
+    return results[0]
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+@pytest.mark.parametrize(
+    "request_",
+    [HttpRequest("GET", b"/hello"), HttpRequest("POST", b"/hello?x=1", (), b'{"a":[1,2]}')],
+    ids=["get", "post-with-body"],
+)
+def test_a_finished_request_is_freed_by_reference_counting(request_: HttpRequest) -> None:
+    _MADE.clear()
+    response = _run(_dispatcher(), request_)
+    assert response.status == 200
+    if request_.method == "GET":
+        assert response.body == b'{"hello":"world"}'
+    else:
+        assert response.body == b'{"echo":{"a":[1,2]}}'
+    assert len(_MADE) == 2  # its channel and its request: both gone already
+    assert [ref() for ref in _MADE] == [None, None], "kept alive by a reference cycle"
+
+
+def test_the_channel_is_its_own_transport_without_a_stored_reference() -> None:
+    channel = CoapChannel(
+        _Site(_Hello()),  # type: ignore[arg-type]
+        reactor,
+        PeerInfo("192.0.2.7", 5683),
+        _address("::", 0),
+    )
+    assert channel.transport is channel
+    assert channel not in gc.get_referents(channel.__dict__)
