@@ -1,15 +1,23 @@
 """The one bridge between Synapse's Twisted reactor and the asyncio world of aiocoap.
 
-Two modes, chosen automatically at run time (:meth:`Bridge.create`):
+Three modes, chosen at run time (:meth:`Bridge.create`):
 
 ``shared``
     Synapse runs Twisted's asyncio reactor (``SYNAPSE_ASYNC_IO_REACTOR=1``).
     aiocoap uses the reactor's own event loop; everything runs on one thread.
 
+``guest``
+    Synapse runs its default (epoll) reactor (the module's ``asyncio_loop:
+    reactor``, the default). aiocoap gets its own event loop, driven one
+    iteration at a time from the reactor's thread
+    (:class:`~synapse_coap.synapse.guestloop.GuestLoop`): again one thread, and
+    calls between the two sides are plain calls, as in ``shared``.
+
 ``thread``
-    Synapse runs its default (epoll) reactor. aiocoap gets its own event loop
-    in a daemon thread, started here and stopped and joined when Synapse shuts
-    down.
+    Synapse runs its default reactor and the module's ``asyncio_loop: thread``
+    (or this Python's loop cannot be driven as a guest). aiocoap gets its own
+    event loop in a daemon thread, started here and stopped and joined when
+    Synapse shuts down; every call between the sides is a thread hop.
 
 The rules kept in both modes (DESIGN.md, "Logcontexts"):
 
@@ -45,13 +53,14 @@ from synapse.logging.context import (
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from synapse_coap.synapse import compat
+from synapse_coap.synapse import compat, guestloop
+from synapse_coap.synapse.guestloop import GuestLoop
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-BridgeMode = Literal["shared", "thread"]
+BridgeMode = Literal["shared", "guest", "thread"]
 
 #: How long shutdown waits for the asyncio thread to finish (seconds).
 JOIN_TIMEOUT = 10.0
@@ -85,22 +94,40 @@ class Bridge:
         loop: asyncio.AbstractEventLoop,
         mode: BridgeMode,
         thread: threading.Thread | None,
+        guest: GuestLoop | None = None,
     ) -> None:
         self.reactor = reactor
         self.server_name = server_name
         self.loop = loop
         self.mode: BridgeMode = mode
+        #: both sides run on the reactor thread (``shared`` or ``guest``): no hops
+        self.same_thread = mode != "thread"
         self._thread = thread
+        self._guest = guest
         self._stopped = False
         self._on_stop: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     @classmethod
-    def create(cls, reactor: Any, server_name: str) -> Bridge:
-        """Share the reactor's loop if it has one, else start a loop in a daemon thread."""
+    def create(cls, reactor: Any, server_name: str, loop_mode: str = "reactor") -> Bridge:
+        """Share the reactor's loop if it has one; else drive a new loop from the
+        reactor's thread (``loop_mode`` ``reactor``) or run one in a daemon thread
+        (``thread``, or where this Python's loop cannot be driven as a guest)."""
         loop = reactor_loop(reactor)
         if loop is not None:
             logger.info("synapse-coap: sharing the asyncio reactor's event loop")
             return cls(reactor, server_name, loop, "shared", None)
+        if loop_mode == "reactor":
+            reason = guestloop.check()
+            if reason is None:
+                guest = GuestLoop(reactor)
+                guest.start()
+                logger.info("synapse-coap: running the asyncio event loop on the reactor thread")
+                return cls(reactor, server_name, guest.loop, "guest", None, guest)
+            logger.warning(
+                "synapse-coap: cannot drive the asyncio event loop from the reactor (%s); "
+                "running it in a thread instead",
+                reason,
+            )
         loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -132,7 +159,7 @@ class Bridge:
         The Deferred does not follow the logcontext rules: await it through
         ``make_deferred_yieldable``.
         """
-        if self.mode == "shared":
+        if self.same_thread:
             task = self.loop.create_task(factory())
             return defer.Deferred.fromFuture(task)
 
@@ -171,9 +198,9 @@ class Bridge:
         fut: asyncio.Future[T] = loop.create_future()
         started: list[defer.Deferred[None]] = []
         cancelled = False
-        # Shared loop: both sides are on this thread, so no thread-safe hop (each costs
-        # a wake-up write and an extra loop turn); the reactor's callLater is a plain timer.
-        shared = self.mode == "shared"
+        # One thread (shared or guest): no thread-safe hop (each costs a wake-up write
+        # and an extra loop turn); the reactor's callLater is a plain timer.
+        shared = self.same_thread
         hop = loop.call_soon if shared else loop.call_soon_threadsafe
         to_reactor = (
             (lambda fn: self.reactor.callLater(0, fn)) if shared else self.reactor.callFromThread
@@ -230,12 +257,12 @@ class Bridge:
         ``abandon`` function, called on the reactor thread if the awaiting asyncio
         task is cancelled before the result arrives.
 
-        With the shared loop, ``start`` runs at once, in the caller's loop turn;
-        otherwise it hops to the reactor thread and the result hops back.
+        With one thread (shared or guest), ``start`` runs at once, in the caller's loop
+        turn; otherwise it hops to the reactor thread and the result hops back.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        shared = self.mode == "shared"
+        shared = self.same_thread
         begun: list[Callable[[], None]] = []
         cancelled = False
 
@@ -320,9 +347,24 @@ class Bridge:
 
         d = self.submit(run_hooks)
 
-        def finish(result: object) -> None:
+        def finish(result: object) -> defer.Deferred[None] | None:
             if isinstance(result, Failure):
                 logger.warning("synapse-coap: stop hooks failed: %s", result.value)
+            guest = self._guest
+            if guest is not None:
+                # (this runs inside one of the loop's iterations: close it after)
+                closed: defer.Deferred[None] = defer.Deferred()
+
+                def close() -> None:
+                    try:
+                        guest.close(_cancel_all)
+                        logger.info("synapse-coap: stopped; asyncio loop closed")
+                    except Exception:
+                        logger.exception("synapse-coap: closing the asyncio loop failed")
+                    closed.callback(None)
+
+                self.reactor.callLater(0, close)
+                return closed
             if self.mode == "thread" and self._thread is not None:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self._thread.join(JOIN_TIMEOUT)
@@ -332,6 +374,7 @@ class Bridge:
                     logger.info("synapse-coap: stopped; asyncio thread joined")
             else:
                 logger.info("synapse-coap: stopped")
+            return None
 
         d.addBoth(finish)
         return d

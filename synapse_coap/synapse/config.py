@@ -24,6 +24,8 @@ Example (every field, with its default)::
     payload_dump: false
     federation: {}              # outbound federation over CoAP (see docs/federation.md)
     push: {}                    # /sync push over CoAP Observe (see PushConfig, docs/clients.md)
+    asyncio_loop: reactor       # default reactor only: drive aiocoap's loop from Synapse's
+                                # reactor thread, or run it in a thread of its own ("thread")
 """
 
 from __future__ import annotations
@@ -57,12 +59,17 @@ _TOP_KEYS = (
     "payload_dump",
     "federation",
     "push",
+    "asyncio_loop",
 )
 _TRUST_KEYS = ("peers", "tofu", "accept_unknown_clients")
 
 #: Where the Noise static private key lives: ``file`` (``private_key_path``) or
 #: ``database`` (the ``synapse_coap_keys`` table, shared by every instance).
 KEY_STORES = ("file", "database")
+
+#: ``asyncio_loop``: where the module's asyncio loop runs beside Synapse's default
+#: reactor (synapse_coap.synapse.bridge.LOOP_MODES)
+ASYNCIO_LOOPS = ("reactor", "thread")
 
 
 def parse_address(text: object, path: str) -> tuple[str, int]:
@@ -394,6 +401,10 @@ class CoapModuleConfig:
     payload_dump: bool = False
     federation: Any = attrs.field(factory=_default_federation)
     push: Any = attrs.field(factory=_default_push)
+    #: with Synapse's default (epoll) reactor: ``reactor`` drives the module's asyncio
+    #: loop from the reactor's thread, ``thread`` runs it in a thread of its own
+    #: (ignored with the asyncio reactor, whose loop the module shares)
+    asyncio_loop: str = "reactor"
 
     @classmethod
     def from_config(cls, raw: object) -> CoapModuleConfig:
@@ -452,6 +463,12 @@ class CoapModuleConfig:
                         )
         elif not listen and not plain:
             raise ConfigValueError("listen", "at least one of listen / plain_listen is needed")
+        asyncio_loop = raw.get("asyncio_loop", "reactor")
+        if asyncio_loop not in ASYNCIO_LOOPS:
+            raise ConfigValueError(
+                "asyncio_loop",
+                f"expected one of {', '.join(ASYNCIO_LOOPS)}, got {asyncio_loop!r}",
+            )
         return cls(
             listen=listen,
             private_key_path=key_path,
@@ -476,6 +493,7 @@ class CoapModuleConfig:
             payload_dump=_bool(raw.get("payload_dump"), "payload_dump", False),
             federation=_federation_config(raw.get("federation")),
             push=_sub_config("synapse_coap.mapping.push", "PushConfig", raw.get("push"), "push"),
+            asyncio_loop=asyncio_loop,
         )
 
     def pinned_keys(self) -> dict[str, bytes]:

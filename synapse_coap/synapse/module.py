@@ -133,7 +133,7 @@ class CoapModule:
             accept_any_initiator=config.trust.accept_unknown_clients,
         )
 
-        self.bridge = Bridge.create(hs.get_reactor(), hs.hostname)
+        self.bridge = Bridge.create(hs.get_reactor(), hs.hostname, config.asyncio_loop)
         self.bridge.install_shutdown()
         self._install_federation_agent()
         # __init__ is synchronous and runs with the reactor already running:

@@ -1,8 +1,10 @@
 """The Synapse module end to end: a real Synapse with NO HTTP client listener, spoken to
 over CoAP + Noise (and plain CoAP with libcoap's coap-client on loopback).
 
-One Synapse per reactor mode (the default epoll reactor, and Twisted's asyncio
-reactor via SYNAPSE_ASYNC_IO_REACTOR=1); every test runs against both.
+One Synapse per reactor mode: the default epoll reactor (the module's asyncio loop
+driven from the reactor's thread), Twisted's asyncio reactor via
+SYNAPSE_ASYNC_IO_REACTOR=1, and the default reactor with ``asyncio_loop: thread``
+(the loop in a thread of its own); every test runs against all three.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-@pytest.fixture(scope="module", params=["default", "asyncio"])
+@pytest.fixture(scope="module", params=["default", "asyncio", "thread"])
 def homeserver(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Homeserver]:
@@ -85,10 +87,13 @@ def homeserver(
         hs.proc.stop()
     log = hs.proc.log_text()
     # shut down cleanly, in the mode asked for
-    expected = (
-        "sharing the asyncio reactor's event loop" if mode == "asyncio" else "asyncio thread joined"
-    )
-    assert expected in log
+    expected = {
+        "asyncio": ["sharing the asyncio reactor's event loop"],
+        "default": ["event loop on the reactor thread", "asyncio loop closed"],
+        "thread": ["event loop in thread", "asyncio thread joined"],
+    }[mode]
+    for line in expected:
+        assert line in log
 
 
 def start_homeserver(workdir: Path, mode: str) -> Homeserver:
@@ -97,7 +102,10 @@ def start_homeserver(workdir: Path, mode: str) -> Homeserver:
     plain_port = free_port("udp")
     key_path = workdir / "keys" / "coap_noise.key"
     key_path.parent.mkdir()
+    # default: Synapse's epoll reactor, the module's loop driven from its thread;
+    # thread: the same reactor, the module's loop in a thread of its own
     env = {"SYNAPSE_ASYNC_IO_REACTOR": "1"} if mode == "asyncio" else {}
+    loop_config = {"asyncio_loop": "thread"} if mode == "thread" else {}
     proc = SynapseProcess(
         workdir,
         SERVER_NAME,
@@ -110,6 +118,7 @@ def start_homeserver(workdir: Path, mode: str) -> Homeserver:
                     "listen": [f"127.0.0.1:{port}"],
                     "plain_listen": [f"127.0.0.1:{plain_port}"],
                     "private_key_path": str(key_path),
+                    **loop_config,
                 },
             }
         ],

@@ -1,0 +1,212 @@
+"""An asyncio event loop driven from Twisted's own reactor thread ("guest" mode).
+
+With Synapse's default (epoll) reactor there is no asyncio loop to share, and the
+module used to run aiocoap's loop in a second thread. Every CoAP request then
+crossed threads twice (``callFromThread`` into Synapse, ``call_soon_threadsafe``
+back), each crossing a wake-up write and a hand-over of the GIL between two busy
+threads: py-spy put ``_write_to_self`` alone at 9 % of the Synapse process's
+samples while it served small CoAP requests (``bench/inbound.py --profile-out``).
+
+:class:`GuestLoop` runs the loop on the reactor thread instead, one iteration at a
+time, when the reactor says the loop has something to do:
+
+* the loop's selector (an epoll object, itself a file descriptor) is registered
+  with the reactor as a reader: a datagram, or a ``call_soon_threadsafe`` from
+  another thread (it writes the loop's self-pipe), makes it readable;
+* after each iteration a reactor timer is armed for what the loop holds: at once
+  if callbacks are ready, else at its earliest timer;
+* a ``call_soon``/``call_at`` made from the reactor thread between iterations
+  (Synapse code settling a future, starting a task) arms that timer too
+  (:class:`_Loop` overrides the two public methods).
+
+One iteration is the documented ``loop.stop(); loop.run_forever()`` (poll the
+selector with a zero timeout, run what is ready, return). The loop's ready queue and
+timer heap are read through :func:`pending`, the one place that touches asyncio's
+private attributes; :func:`check` tells at start-up whether this Python has them (the
+module falls back to the thread otherwise, with a warning naming the version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+try:
+    from twisted.internet.interfaces import IReadDescriptor
+
+    _READER: tuple[Any, ...] = (IReadDescriptor,)
+except ImportError:  # pragma: no cover
+    _READER = ()
+
+logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Ts = TypeVarTuple("_Ts")
+
+
+def pending(loop: asyncio.AbstractEventLoop) -> float | None:
+    """Seconds until ``loop`` has something to run: 0.0 if callbacks are ready, the
+    delay of its earliest timer, or None if it only waits for its file descriptors."""
+    if loop._ready:  # type: ignore[attr-defined]
+        return 0.0
+    scheduled = loop._scheduled  # type: ignore[attr-defined]
+    if scheduled:
+        # (a cancelled timer at the top costs one early iteration, in which asyncio
+        # drops it from the heap)
+        return max(0.0, float(scheduled[0].when()) - loop.time())
+    return None
+
+
+def check() -> str | None:
+    """None if this Python's event loop can be driven as a guest, else why not."""
+    probe = asyncio.new_event_loop()
+    try:
+        ok = (
+            hasattr(probe, "_ready")
+            and hasattr(probe, "_scheduled")
+            and hasattr(probe, "_selector")
+            and callable(getattr(probe._selector, "fileno", None))  # type: ignore[attr-defined]
+        )
+        if ok:
+            pending(probe)
+    except Exception as e:  # pragma: no cover - a Python whose loop changed
+        return f"Python {sys.version.split()[0]}: {e!r}"
+    finally:
+        probe.close()
+    if not ok:  # pragma: no cover
+        return (
+            f"Python {sys.version.split()[0]}'s asyncio event loop has no _ready/_scheduled "
+            "queues or selector file descriptor"
+        )
+    return None
+
+
+class _Loop(asyncio.SelectorEventLoop):
+    """An event loop that tells its driver when the reactor thread schedules work on it
+    between iterations."""
+
+    _guest_wake: Callable[[], None] | None = None
+
+    def call_soon(
+        self,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        handle = super().call_soon(callback, *args, context=context)
+        if self._guest_wake is not None and not self.is_running():
+            self._guest_wake()
+        return handle
+
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        handle = super().call_at(when, callback, *args, context=context)
+        if self._guest_wake is not None and not self.is_running():
+            self._guest_wake()
+        return handle
+
+
+@implementer(*_READER)
+class GuestLoop:
+    """Drives a new asyncio event loop from ``reactor``'s thread (see the module
+    docstring). :meth:`start` it on the reactor thread; :meth:`close` it there."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.loop: asyncio.AbstractEventLoop = _Loop()
+        self._timer: Any = None
+        self._timer_at: float | None = None
+        self._closed = False
+        self._started = False
+        #: iterations run (for tests and debugging)
+        self.iterations = 0
+
+    # -- IReadDescriptor ---------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return int(self.loop._selector.fileno())  # type: ignore[attr-defined]
+
+    def doRead(self) -> None:
+        self.run_once()
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "synapse-coap-asyncio"
+
+    # -- driving -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = True
+        self.loop._guest_wake = self.wake  # type: ignore[attr-defined]
+        self._reactor.addReader(self)
+        self.wake()
+
+    def wake(self) -> None:
+        """Something was scheduled on the loop from the reactor thread: re-arm."""
+        if not self._closed and self._started:
+            self._arm()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.run_once()
+
+    def run_once(self) -> None:
+        """One iteration of the loop (if it is not already running: never re-entered)."""
+        loop = self.loop
+        if self._closed or loop.is_running() or loop.is_closed():
+            return
+        self.iterations += 1
+        loop.stop()
+        loop.run_forever()
+        self._arm()
+
+    def _arm(self) -> None:
+        delay = pending(self.loop)
+        if delay is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self._timer_at = None
+            return
+        at = self._reactor.seconds() + delay
+        if self._timer is not None:
+            if self._timer_at is not None and self._timer_at <= at:
+                return  # the armed wake-up comes first (if early, it re-arms then)
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._reactor.callLater(delay, self._on_timer)
+
+    def close(self, cancel_tasks: Callable[[asyncio.AbstractEventLoop], None]) -> None:
+        """Stop driving: cancel the loop's tasks (run to their end here), close it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._reactor.removeReader(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
+        self.loop._guest_wake = None  # type: ignore[attr-defined]
+        loop = self.loop
+        try:
+            cancel_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()

@@ -1,0 +1,213 @@
+"""The asyncio loop driven from a Twisted reactor's thread (synapse_coap/synapse/guestloop.py).
+
+A fake reactor records the reader and runs timers on a ``twisted.internet.task.Clock``;
+the loop's own clock is the same fake clock, so timers are tested without sleeping.
+Readiness of real file descriptors (a UDP socket, the self-pipe written by another
+thread) is what the real reactor would see: the test asks ``select`` about the
+descriptor the driver registered, then calls ``doRead`` as the reactor would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from synapse_coap.synapse import guestloop
+from synapse_coap.synapse.bridge import _cancel_all
+from synapse_coap.synapse.guestloop import GuestLoop
+
+
+class FakeReactor(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.readers: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.remove(reader)
+
+    def due(self) -> list[float]:
+        return sorted(c.getTime() for c in self.getDelayedCalls())
+
+
+@pytest.fixture
+def driven() -> Iterator[tuple[GuestLoop, FakeReactor]]:
+    reactor = FakeReactor()
+    guest = GuestLoop(reactor)
+    guest.loop.time = reactor.seconds  # type: ignore[method-assign]
+    guest.start()
+    try:
+        yield guest, reactor
+    finally:
+        guest.close(_cancel_all)
+
+
+def readable(guest: GuestLoop, timeout: float = 5.0) -> bool:
+    r, _, _ = select.select([guest.fileno()], [], [], timeout)
+    return bool(r)
+
+
+def test_this_python_can_drive_its_loop_as_a_guest() -> None:
+    assert guestloop.check() is None
+
+
+def test_the_selector_is_registered_as_a_reader(driven: tuple[GuestLoop, FakeReactor]) -> None:
+    guest, reactor = driven
+    assert reactor.readers == [guest]
+    assert guest.fileno() == guest.loop._selector.fileno()  # type: ignore[attr-defined]
+
+
+def test_a_task_started_from_the_reactor_runs_on_the_next_turns(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    guest, reactor = driven
+    steps: list[str] = []
+
+    async def work() -> str:
+        steps.append("started")
+        await asyncio.sleep(0)
+        steps.append("resumed")
+        return "done"
+
+    task = guest.loop.create_task(work())
+    assert steps == []  # nothing runs inside the reactor's own call
+    assert reactor.due() == [0.0]  # a wake-up at once was armed
+    guest_iterations = guest.iterations
+    reactor.advance(0)  # (the Clock also runs the wake-ups armed while it advances)
+    assert steps == ["started", "resumed"]
+    assert task.done() and task.result() == "done"
+    assert guest.iterations - guest_iterations == 2  # one turn each: start, resume
+    assert reactor.due() == []  # nothing left to do: no timer armed
+
+
+def test_an_asyncio_timer_becomes_a_reactor_timer(driven: tuple[GuestLoop, FakeReactor]) -> None:
+    guest, reactor = driven
+    fired: list[float] = []
+    guest.loop.call_later(2.5, lambda: fired.append(reactor.seconds()))
+    assert reactor.due() == [2.5]
+    reactor.advance(2.4)
+    assert fired == []
+    reactor.advance(0.1)
+    assert fired == [2.5]
+    assert reactor.due() == []
+
+
+def test_the_earliest_timer_wins_and_a_cancelled_one_costs_one_early_turn(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    guest, reactor = driven
+    late = guest.loop.call_later(10, lambda: None)
+    fired: list[str] = []
+    guest.loop.call_later(3, lambda: fired.append("3"))
+    assert reactor.due() == [3.0]
+    reactor.advance(3)
+    assert fired == ["3"]
+    assert reactor.due() == [10.0]
+    late.cancel()
+    reactor.advance(10)
+    assert reactor.due() == []
+    iterations = guest.iterations
+    reactor.advance(100)
+    assert guest.iterations == iterations  # idle: never woken again
+
+
+def test_sleep_inside_a_task(driven: tuple[GuestLoop, FakeReactor]) -> None:
+    guest, reactor = driven
+
+    async def nap() -> float:
+        await asyncio.sleep(7)
+        return reactor.seconds()
+
+    task = guest.loop.create_task(nap())
+    reactor.advance(0)
+    assert reactor.due() == [7.0]
+    reactor.advance(7)
+    reactor.advance(0)
+    assert task.result() == 7.0
+
+
+def test_a_datagram_wakes_the_reader_and_is_received(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    guest, reactor = driven
+    got: list[bytes] = []
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            got.append(data)
+
+    task = guest.loop.create_task(
+        guest.loop.create_datagram_endpoint(Proto, local_addr=("127.0.0.1", 0))
+    )
+    while not task.done():
+        reactor.advance(0)
+    transport, _ = task.result()
+    port = transport.get_extra_info("sockname")[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"hello", ("127.0.0.1", port))
+    assert readable(guest)  # what the reactor's epoll sees
+    reactor.readers[0].doRead()
+    assert got == [b"hello"]
+    transport.close()
+
+
+def test_call_soon_threadsafe_from_another_thread_wakes_the_reader(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    guest, _reactor = driven
+    ran: list[str] = []
+    t = threading.Thread(target=lambda: guest.loop.call_soon_threadsafe(ran.append, "x"))
+    t.start()
+    t.join()
+    assert readable(guest)
+    guest.doRead()
+    assert ran == ["x"]
+
+
+def test_never_re_entered(driven: tuple[GuestLoop, FakeReactor]) -> None:
+    guest, reactor = driven
+    inner: list[int] = []
+
+    def nested() -> None:
+        before = guest.iterations
+        guest.run_once()  # e.g. the reactor's reader fired from inside a callback
+        inner.append(guest.iterations - before)
+
+    guest.loop.call_soon(nested)
+    reactor.advance(0)
+    assert inner == [0]
+
+
+def test_close_cancels_tasks_and_stops_driving() -> None:
+    reactor = FakeReactor()
+    guest = GuestLoop(reactor)
+    guest.loop.time = reactor.seconds  # type: ignore[method-assign]
+    guest.start()
+    cancelled: list[bool] = []
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    guest.loop.create_task(forever())
+    reactor.advance(0)
+    assert reactor.due() == [3600.0]
+    guest.close(_cancel_all)
+    assert cancelled == [True]
+    assert reactor.readers == []
+    assert reactor.due() == []
+    assert guest.loop.is_closed()
+    guest.run_once()  # a late reactor call does nothing
+    guest.close(_cancel_all)  # twice is fine
