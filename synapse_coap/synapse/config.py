@@ -463,7 +463,9 @@ class CoapModuleConfig:
                         )
         elif not listen and not plain:
             raise ConfigValueError("listen", "at least one of listen / plain_listen is needed")
-        asyncio_loop = raw.get("asyncio_loop", "reactor")
+        asyncio_loop = raw.get("asyncio_loop")
+        if asyncio_loop is None:
+            asyncio_loop = "reactor"
         if asyncio_loop not in ASYNCIO_LOOPS:
             raise ConfigValueError(
                 "asyncio_loop",

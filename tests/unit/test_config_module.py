@@ -92,6 +92,8 @@ def test_plain_on_public_interface_needs_opt_in() -> None:
         ({"private_key_path": ""}, "private_key_path", "file path"),
         ({"private_key_store": "postgres"}, "private_key_store", "file, database"),
         ({"private_key_store": ["file"]}, "private_key_store", "file, database"),
+        ({"asyncio_loop": "threads"}, "asyncio_loop", "reactor, thread"),
+        ({"asyncio_loop": True}, "asyncio_loop", "reactor, thread"),
         ({"trust": []}, "trust", "mapping"),
         ({"trust": {"peers": ["a"]}}, "trust.peers", "mapping"),
         ({"trust": {"peers": {"x.example": "!!!"}}}, "trust.peers.x.example", "base64"),
@@ -174,6 +176,12 @@ def test_from_config_raises_value_error_not_config_error() -> None:
 def test_address_round_trip(text: str, addr: tuple[str, int]) -> None:
     assert parse_address(text, "x") == addr
     assert format_address(addr) == text
+
+
+def test_asyncio_loop() -> None:
+    assert parse({}).asyncio_loop == "reactor"
+    assert parse({"asyncio_loop": None}).asyncio_loop == "reactor"
+    assert parse({"asyncio_loop": "thread"}).asyncio_loop == "thread"
 
 
 def test_private_key_store() -> None:
