@@ -20,7 +20,8 @@ time, when the reactor says the loop has something to do:
   (:class:`_Loop` overrides the two public methods).
 
 One iteration is the documented ``loop.stop(); loop.run_forever()`` (poll the
-selector with a zero timeout, run what is ready, return). The loop's ready queue and
+selector with a zero timeout, run what is ready, return); a wake-up runs up to
+:data:`TURNS_PER_WAKE` of them while callbacks stay ready. The loop's ready queue and
 timer heap are read through :func:`pending`, the one place that touches asyncio's
 private attributes; :func:`check` tells at start-up whether this Python has them (the
 module falls back to the thread otherwise, with a warning naming the version).
@@ -87,6 +88,12 @@ def check() -> str | None:
             "queues or selector file descriptor"
         )
     return None
+
+
+#: iterations run per wake-up while callbacks stay ready (a task's next step, a future's
+#: callbacks): each further one costs a zero-timeout poll instead of a reactor timer
+#: and a reactor turn; the reactor gets its turn after this many
+TURNS_PER_WAKE = 8
 
 
 class _Loop(asyncio.SelectorEventLoop):
@@ -171,9 +178,12 @@ class GuestLoop:
         loop = self.loop
         if self._closed or loop.is_running() or loop.is_closed():
             return
-        self.iterations += 1
-        loop.stop()
-        loop.run_forever()
+        for _ in range(TURNS_PER_WAKE):
+            self.iterations += 1
+            loop.stop()
+            loop.run_forever()
+            if pending(loop) != 0.0:
+                break
         self._arm()
 
     def _arm(self) -> None:

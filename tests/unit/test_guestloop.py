@@ -211,3 +211,28 @@ def test_close_cancels_tasks_and_stops_driving() -> None:
     assert guest.loop.is_closed()
     guest.run_once()  # a late reactor call does nothing
     guest.close(_cancel_all)  # twice is fine
+
+
+def test_a_wake_up_runs_ready_callbacks_for_a_bounded_number_of_turns(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    guest, reactor = driven
+    turns: list[int] = []
+
+    async def spin() -> None:
+        for i in range(3 * guestloop.TURNS_PER_WAKE):
+            turns.append(i)
+            await asyncio.sleep(0)
+
+    reactor.advance(0)  # (nothing pending yet)
+    guest.loop.create_task(spin())
+    for call in reactor.getDelayedCalls():  # the wake-up armed by create_task, by hand
+        call.cancel()
+    guest._timer = guest._timer_at = None
+    before = guest.iterations
+    guest.run_once()
+    assert guest.iterations - before == guestloop.TURNS_PER_WAKE
+    assert turns == list(range(guestloop.TURNS_PER_WAKE))
+    assert reactor.due() == [0.0]  # still ready: the reactor's turn, then more
+    reactor.advance(0)
+    assert len(turns) == 3 * guestloop.TURNS_PER_WAKE
