@@ -53,7 +53,7 @@ from synapse.logging.context import (
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from synapse_coap.synapse import compat, guestloop
+from synapse_coap.synapse import asyncio_compat, compat
 from synapse_coap.synapse.guestloop import GuestLoop
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Bridge:
             logger.info("synapse-coap: sharing the asyncio reactor's event loop")
             return cls(reactor, server_name, loop, "shared", None)
         if loop_mode == "reactor":
-            reason = guestloop.check()
+            reason = asyncio_compat.check()
             if reason is None:
                 guest = GuestLoop(reactor)
                 guest.start()

@@ -21,10 +21,11 @@ time, when the reactor says the loop has something to do:
 
 One iteration is the documented ``loop.stop(); loop.run_forever()`` (poll the
 selector with a zero timeout, run what is ready, return); a wake-up runs up to
-:data:`TURNS_PER_WAKE` of them while callbacks stay ready. The loop's ready queue and
-timer heap are read through :func:`pending`, the one place that touches asyncio's
-private attributes; :func:`check` tells at start-up whether this Python has them (the
-module falls back to the thread otherwise, with a warning naming the version).
+:data:`TURNS_PER_WAKE` of them while callbacks stay ready. The loop's ready queue,
+timer heap and selector are read in :mod:`~synapse_coap.synapse.asyncio_compat`, the
+one place that touches asyncio's private attributes; its ``check`` tells at start-up
+whether this Python has them (the module falls back to the thread otherwise, with a
+warning naming the version).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from zope.interface import implementer  # type: ignore[import-untyped]
+
+from synapse_coap.synapse.asyncio_compat import pending, selector_fileno
 
 try:
     from twisted.internet.interfaces import IReadDescriptor
@@ -48,46 +50,9 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from typing_extensions import TypeVarTuple, Unpack
+    from typing import TypeVarTuple, Unpack
 
     _Ts = TypeVarTuple("_Ts")
-
-
-def pending(loop: asyncio.AbstractEventLoop) -> float | None:
-    """Seconds until ``loop`` has something to run: 0.0 if callbacks are ready, the
-    delay of its earliest timer, or None if it only waits for its file descriptors."""
-    if loop._ready:  # type: ignore[attr-defined]
-        return 0.0
-    scheduled = loop._scheduled  # type: ignore[attr-defined]
-    if scheduled:
-        # (a cancelled timer at the top costs one early iteration, in which asyncio
-        # drops it from the heap)
-        return max(0.0, float(scheduled[0].when()) - loop.time())
-    return None
-
-
-def check() -> str | None:
-    """None if this Python's event loop can be driven as a guest, else why not."""
-    probe = asyncio.new_event_loop()
-    try:
-        ok = (
-            hasattr(probe, "_ready")
-            and hasattr(probe, "_scheduled")
-            and hasattr(probe, "_selector")
-            and callable(getattr(probe._selector, "fileno", None))  # type: ignore[attr-defined]
-        )
-        if ok:
-            pending(probe)
-    except Exception as e:  # pragma: no cover - a Python whose loop changed
-        return f"Python {sys.version.split()[0]}: {e!r}"
-    finally:
-        probe.close()
-    if not ok:  # pragma: no cover
-        return (
-            f"Python {sys.version.split()[0]}'s asyncio event loop has no _ready/_scheduled "
-            "queues or selector file descriptor"
-        )
-    return None
 
 
 #: iterations run per wake-up while callbacks stay ready (a task's next step, a future's
@@ -144,7 +109,7 @@ class GuestLoop:
     # -- IReadDescriptor ---------------------------------------------------------------
 
     def fileno(self) -> int:
-        return int(self.loop._selector.fileno())  # type: ignore[attr-defined]
+        return selector_fileno(self.loop)
 
     def doRead(self) -> None:
         self.run_once()

@@ -107,7 +107,7 @@ class BatchReader(asyncio.DatagramProtocol):
         self.dropped = dropped
         self.sock: socket.socket | None = None
         self._pending: collections.deque[tuple[bytes, Any]] = collections.deque()
-        self._scheduled = False
+        self._flush_scheduled = False
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         batch = [(data, addr)]
@@ -124,14 +124,14 @@ class BatchReader(asyncio.DatagramProtocol):
         for _ in range(dropped):
             self.dropped("handshake_overload")
         self._pending = collections.deque(ordered)
-        if not self._scheduled:
-            self._scheduled = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             self.loop.call_soon(self._next)
 
     def _next(self) -> None:
         if not self._pending or self.sock is None:
             self._pending.clear()
-            self._scheduled = False
+            self._flush_scheduled = False
             return
         data, addr = self._pending.popleft()
         try:
@@ -140,7 +140,7 @@ class BatchReader(asyncio.DatagramProtocol):
             if self._pending:
                 self.loop.call_soon(self._next)
             else:
-                self._scheduled = False
+                self._flush_scheduled = False
 
     def error_received(self, exc: Exception) -> None:
         logger.info("UDP socket error (ignored; loss is handled by retransmission): %s", exc)

@@ -1,4 +1,5 @@
-"""Private pieces of Synapse, aiocoap and noiseprotocol are reached only in their compat modules.
+"""Private pieces of Synapse, aiocoap, asyncio and noiseprotocol are reached only in their
+compat modules.
 
 A grep over the package's syntax trees (every module except the compat
 modules themselves) for:
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from synapse_coap.synapse import asyncio_compat
 from synapse_coap.synapse import compat as synapse_compat
 from synapse_coap.transport import aiocoap_compat
 
@@ -27,8 +29,11 @@ PACKAGE = Path(synapse_compat.__file__).resolve().parents[1]
 COMPAT_MODULES = {
     PACKAGE / "synapse" / "compat.py",
     PACKAGE / "transport" / "aiocoap_compat.py",
+    PACKAGE / "synapse" / "asyncio_compat.py",
 }
-DECLARED = synapse_compat.PRIVATE_NAMES | aiocoap_compat.PRIVATE_NAMES
+DECLARED = (
+    synapse_compat.PRIVATE_NAMES | aiocoap_compat.PRIVATE_NAMES | asyncio_compat.PRIVATE_NAMES
+)
 
 
 def _modules() -> list[tuple[Path, ast.Module]]:

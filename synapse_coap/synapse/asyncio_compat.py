@@ -1,0 +1,57 @@
+"""The one place that reads asyncio's private event loop internals (for the guest loop).
+
+:class:`~synapse_coap.synapse.guestloop.GuestLoop` drives an asyncio loop from
+Twisted's reactor and needs to know what the loop holds between iterations, which
+asyncio has no public API for: its ready queue (``_ready``), its timer heap
+(``_scheduled``) and its selector's file descriptor (``_selector``). They have been
+there since Python 3.4; :func:`check` tells at start-up whether this Python still has
+them, naming its version, and the module falls back to running the loop in a thread
+if not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+#: asyncio's private attributes read here (tests/unit/test_private_access.py)
+PRIVATE_NAMES = frozenset({"_ready", "_scheduled", "_selector"})
+
+
+def pending(loop: asyncio.AbstractEventLoop) -> float | None:
+    """Seconds until ``loop`` has something to run: 0.0 if callbacks are ready, the
+    delay of its earliest timer, or None if it only waits for its file descriptors."""
+    if loop._ready:  # type: ignore[attr-defined]
+        return 0.0
+    scheduled = loop._scheduled  # type: ignore[attr-defined]
+    if scheduled:
+        # (a cancelled timer at the top costs one early iteration, in which asyncio
+        # drops it from the heap)
+        return max(0.0, float(scheduled[0].when()) - loop.time())
+    return None
+
+
+def selector_fileno(loop: asyncio.AbstractEventLoop) -> int:
+    """The file descriptor of ``loop``'s selector (an epoll object on Linux): readable
+    when any descriptor the loop waits for is."""
+    return int(loop._selector.fileno())  # type: ignore[attr-defined]
+
+
+def check() -> str | None:
+    """None if this Python's event loop can be driven as a guest, else why not."""
+    version = sys.version.split()[0]
+    probe = asyncio.new_event_loop()
+    try:
+        missing = [name for name in sorted(PRIVATE_NAMES) if not hasattr(probe, name)]
+        if missing:
+            return (
+                f"Python {version}'s asyncio event loop has no {', '.join(missing)} "
+                "(synapse_coap/synapse/asyncio_compat.py)"
+            )
+        pending(probe)
+        selector_fileno(probe)
+    except Exception as e:  # pragma: no cover - a Python whose loop changed
+        return f"Python {version}: {e!r} (synapse_coap/synapse/asyncio_compat.py)"
+    finally:
+        probe.close()
+    return None
