@@ -139,7 +139,8 @@ class GuestLoop:
         self.run_once()
 
     def run_once(self) -> None:
-        """One iteration of the loop (if it is not already running: never re-entered)."""
+        """Iterations of the loop, up to :data:`TURNS_PER_WAKE` while callbacks stay
+        ready, then re-arm (nothing if the loop is already running: never re-entered)."""
         loop = self.loop
         if self._closed or loop.is_running() or loop.is_closed():
             return
