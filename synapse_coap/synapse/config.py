@@ -68,7 +68,7 @@ _TRUST_KEYS = ("peers", "tofu", "accept_unknown_clients")
 KEY_STORES = ("file", "database")
 
 #: ``asyncio_loop``: where the module's asyncio loop runs beside Synapse's default
-#: reactor (synapse_coap.synapse.bridge.LOOP_MODES)
+#: reactor (synapse_coap.synapse.bridge.Bridge.create)
 ASYNCIO_LOOPS = ("reactor", "thread")
 
 

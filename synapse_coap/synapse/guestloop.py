@@ -98,7 +98,7 @@ class GuestLoop:
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self.loop: asyncio.AbstractEventLoop = _Loop()
+        self.loop = _Loop()
         self._timer: Any = None
         self._timer_at: float | None = None
         self._closed = False
@@ -124,7 +124,7 @@ class GuestLoop:
 
     def start(self) -> None:
         self._started = True
-        self.loop._guest_wake = self.wake  # type: ignore[attr-defined]
+        self.loop._guest_wake = self.wake
         self._reactor.addReader(self)
         self.wake()
 
@@ -152,13 +152,16 @@ class GuestLoop:
                 break
         self._arm()
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
+
     def _arm(self) -> None:
         delay = pending(self.loop)
         if delay is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-                self._timer_at = None
+            self._cancel_timer()
             return
         at = self._reactor.seconds() + delay
         if self._timer is not None:
@@ -175,11 +178,8 @@ class GuestLoop:
         self._closed = True
         if self._started:
             self._reactor.removeReader(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_at = None
-        self.loop._guest_wake = None  # type: ignore[attr-defined]
+        self._cancel_timer()
+        self.loop._guest_wake = None
         loop = self.loop
         try:
             cancel_tasks(loop)

@@ -187,11 +187,8 @@ def test_never_re_entered(driven: tuple[GuestLoop, FakeReactor]) -> None:
     assert inner == [0]
 
 
-def test_close_cancels_tasks_and_stops_driving() -> None:
-    reactor = FakeReactor()
-    guest = GuestLoop(reactor)
-    guest.loop.time = reactor.seconds  # type: ignore[method-assign]
-    guest.start()
+def test_close_cancels_tasks_and_stops_driving(driven: tuple[GuestLoop, FakeReactor]) -> None:
+    guest, reactor = driven
     cancelled: list[bool] = []
 
     async def forever() -> None:
@@ -226,9 +223,8 @@ def test_a_wake_up_runs_ready_callbacks_for_a_bounded_number_of_turns(
 
     reactor.advance(0)  # (nothing pending yet)
     guest.loop.create_task(spin())
-    for call in reactor.getDelayedCalls():  # the wake-up armed by create_task, by hand
-        call.cancel()
-    guest._timer = guest._timer_at = None
+    assert reactor.due() == [0.0]
+    guest._cancel_timer()  # (the wake-up armed by create_task: run by hand instead)
     before = guest.iterations
     guest.run_once()
     assert guest.iterations - before == guestloop.TURNS_PER_WAKE
