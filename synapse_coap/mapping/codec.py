@@ -132,8 +132,15 @@ _QUERY_SAFE = "!$'()*+,;=:@/?"
 
 def significant_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """The headers the wire carries, in the order a decoded message has them."""
-    kept = [(k.lower(), v) for k, v in headers if k.lower() in _HEADER_INDEX]
-    return tuple(sorted(kept, key=lambda kv: _HEADER_INDEX[kv[0]]))
+    index = _HEADER_INDEX
+    kept = []
+    for k, v in headers:
+        k = k.lower()
+        if k in index:
+            kept.append((k, v))
+    if len(kept) > 1:
+        kept.sort(key=lambda kv: index[kv[0]])
+    return tuple(kept)
 
 
 _HEADER_UNSAFE = frozenset("\r\n\x00")

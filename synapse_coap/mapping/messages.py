@@ -12,8 +12,13 @@ import attrs
 
 def _headers(value: object) -> tuple[tuple[str, str], ...]:
     """Normalise headers to a tuple of (lower-case name, value) pairs, order kept."""
-    items = list(value.items()) if isinstance(value, dict) else list(value)  # type: ignore[call-overload]
-    return tuple((str(k).lower(), str(v)) for k, v in items)
+    items = value.items() if isinstance(value, dict) else value
+    out = []
+    for k, v in items:  # type: ignore[attr-defined]
+        if type(k) is not str:
+            k = str(k)
+        out.append((k.lower(), v if type(v) is str else str(v)))
+    return tuple(out)
 
 
 @attrs.frozen
@@ -90,12 +95,34 @@ class CoapMessage:
     code: int
     options: tuple[CoapOption, ...] = ()
     payload: bytes = b""
+    #: option number -> its values, built on the first lookup (a request's options are
+    #: looked up a dozen times on its way through the codec)
+    _by_number: dict[int, list[bytes]] | None = attrs.field(
+        default=None, init=False, eq=False, repr=False
+    )
+
+    def _index(self) -> dict[int, list[bytes]]:
+        index: dict[int, list[bytes]] = {}
+        for o in self.options:
+            values = index.get(o.number)
+            if values is None:
+                index[o.number] = [o.value]
+            else:
+                values.append(o.value)
+        object.__setattr__(self, "_by_number", index)
+        return index
 
     def get(self, number: int) -> list[bytes]:
-        return [o.value for o in self.options if o.number == number]
+        """The values of every option ``number``, in order (a new list)."""
+        index = self._by_number
+        if index is None:
+            index = self._index()
+        values = index.get(number)
+        return [] if values is None else values.copy()
 
     def first(self, number: int) -> bytes | None:
-        for o in self.options:
-            if o.number == number:
-                return o.value
-        return None
+        index = self._by_number
+        if index is None:
+            index = self._index()
+        values = index.get(number)
+        return None if values is None else values[0]

@@ -458,8 +458,26 @@ def make_request(site: Any, channel: Any, *, server_name: str, max_request_body_
 
     ``SynapseSite.request_class`` and ``request_id_header`` exist from 1.136;
     before, the site's class is always SynapseRequest (no X-Forwarded-For here)
-    and it has no ``our_server_name`` argument.
+    and it has no ``our_server_name`` argument. What a site needs is worked out once
+    (per site, server name and size limit): this runs for every request.
     """
+    key = (id(site), server_name, max_request_body_size)
+    made = _REQUEST_MAKERS.get(key)
+    if made is None or made[0] is not site:
+        made = (site, _request_maker(site, server_name, max_request_body_size))
+        if len(_REQUEST_MAKERS) >= 16:
+            _REQUEST_MAKERS.clear()
+        _REQUEST_MAKERS[key] = made
+    return made[1](channel, site)
+
+
+#: (id(site), server name, body limit) -> (the site, what makes its requests)
+_REQUEST_MAKERS: dict[tuple[int, str, int], tuple[Any, Callable[[Any, Any], Any]]] = {}
+
+
+def _request_maker(
+    site: Any, server_name: str, max_request_body_size: int
+) -> Callable[[Any, Any], Any]:
     from synapse.http.site import SynapseRequest
 
     request_class = getattr(site, "request_class", SynapseRequest)
@@ -469,4 +487,4 @@ def make_request(site: Any, channel: Any, *, server_name: str, max_request_body_
     }
     if _request_takes_server_name():
         kwargs["our_server_name"] = server_name
-    return request_class(channel, site, **kwargs)
+    return functools.partial(request_class, **kwargs)

@@ -22,9 +22,10 @@ copy of Synapse's resource trees (client, federation, keys, media,
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from synapse.http.site import SynapseSite
@@ -42,6 +43,7 @@ try:  # Twisted's interfaces, for zope's benefit only
 except ImportError:  # pragma: no cover
     _INTERFACES = ()
 
+from synapse_coap.mapping.codec import SIGNIFICANT_HEADERS
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse import compat
@@ -54,6 +56,21 @@ _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 #: The access-log logger name, so operators can route CoAP requests separately.
 ACCESS_LOGGER = "synapse.access.coap"
+
+#: A response header's raw name (as Synapse wrote it) -> its lower-case name if the
+#: wire carries it, else None (bounded: names come from Synapse and its modules)
+_SIGNIFICANT_RAW: dict[bytes, str | None] = {}
+_SIGNIFICANT_RAW_MAX = 256
+_UNSEEN: Any = object()
+_SIGNIFICANT = frozenset(SIGNIFICANT_HEADERS)
+
+
+def _significant_name(raw: bytes) -> str | None:
+    lower = raw.decode("latin-1").lower()
+    name = lower if lower in _SIGNIFICANT else None
+    if len(_SIGNIFICANT_RAW) < _SIGNIFICANT_RAW_MAX:
+        _SIGNIFICANT_RAW[raw] = name
+    return name
 
 
 def build_resource_tree(hs: Any) -> Any:
@@ -449,8 +466,16 @@ class CoapChannel:
                 (("content-type", "application/json"),),
                 b'{"errcode":"M_UNKNOWN","error":"Synapse closed the request without a response"}',
             )
-        headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self.headers)
-        return HttpResponse(self.code, headers, bytes(self.body))
+        # only the headers the wire carries (the codec drops the rest), named once each
+        names = _SIGNIFICANT_RAW
+        headers = []
+        for k, v in self.headers:
+            name = names.get(k, _UNSEEN)
+            if name is _UNSEEN:
+                name = _significant_name(k)
+            if name is not None:
+                headers.append((name, v.decode("latin-1")))
+        return HttpResponse(self.code, tuple(headers), bytes(self.body))
 
 
 class InProcessDispatcher:
@@ -490,8 +515,9 @@ class InProcessDispatcher:
             )
         return self._site
 
-    async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
-        return await self._bridge.call_reactor(lambda: self.start_in_reactor(request, peer))
+    def dispatch(self, request: HttpRequest, peer: PeerInfo) -> Coroutine[Any, Any, HttpResponse]:
+        # (the bridge's coroutine itself: no frame of ours around it on every request)
+        return self._bridge.call_reactor(functools.partial(self.start_in_reactor, request, peer))
 
     def start_in_reactor(
         self, request: HttpRequest, peer: PeerInfo

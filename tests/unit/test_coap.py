@@ -119,3 +119,22 @@ def test_any_message_round_trips(
         token,
         msg,
     )
+
+
+def test_option_lookups_follow_the_options_and_hand_out_copies() -> None:
+    """``get``/``first`` read an index built on the first lookup: values in order, a new
+    list each time (changing it changes nothing), equality and hashing unaffected."""
+    from synapse_coap.mapping.messages import CoapMessage, CoapOption
+
+    cm = CoapMessage(1, (CoapOption(11, b"a"), CoapOption(11, b"b"), CoapOption(15, b"q")))
+    twin = CoapMessage(1, cm.options)
+    assert cm.get(11) == [b"a", b"b"] and cm.get(15) == [b"q"] and cm.get(12) == []
+    assert cm.first(11) == b"a" and cm.first(12) is None
+    got = cm.get(11)
+    got.append(b"x")
+    assert cm.get(11) == [b"a", b"b"]
+    assert cm == twin and hash(cm) == hash(twin)  # (twin has no index yet)
+    assert "by_number" not in repr(cm)
+    import attrs
+
+    assert attrs.evolve(cm, code=2).get(15) == [b"q"]

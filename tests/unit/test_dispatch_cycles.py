@@ -120,3 +120,38 @@ def test_the_channel_is_its_own_transport_without_a_stored_reference() -> None:
     )
     assert channel.transport is channel
     assert channel not in gc.get_referents(channel.__dict__)
+
+
+class _Headers(Resource):
+    """An answer with the headers Synapse writes, and a few the wire does not carry."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+        request.setHeader(b"X-Unknown", b"dropped")
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"ETAG", b'"v1"')
+        request.setHeader(b"Content-Disposition", b"inline; filename=caf\xe9.txt")
+        return b"{}"
+
+
+def test_the_response_keeps_only_the_headers_the_wire_carries() -> None:
+    """One pass over Synapse's headers: the carried ones, named in lower case, values
+    decoded as Latin-1 (as before); the others (Server, Date, CORS, ...) dropped
+    here already, as the codec would drop them."""
+    from synapse_coap.mapping.codec import significant_headers
+
+    dispatcher = _dispatcher()
+    dispatcher._site = _Site(_Headers())  # type: ignore[assignment]
+    for _ in range(2):  # the second time from the name cache
+        response = _run(dispatcher, HttpRequest("GET", b"/h"))
+        assert dict(response.headers) == {
+            "cache-control": "no-cache, no-store, must-revalidate",
+            "content-type": "application/json",
+            "etag": '"v1"',
+            "content-disposition": "inline; filename=caf\xe9.txt",
+        }
+        # nothing left for the codec to drop
+        assert sorted(significant_headers(response.headers)) == sorted(response.headers)
