@@ -22,7 +22,10 @@ machine has two or more, and runs at lower priority (nice 10), so it does not
 take Synapse's CPU; its own CPU does not enter the figures either way.
 
 Endpoints: client versions, federation version, server keys, whoami
-(authenticated), and a federation ``/send`` of one PDU: a second Synapse
+(authenticated), ``/health`` (Synapse's health check: a plain resource, no servlet
+and no JSON, so what is left is Synapse's request handling and the listener: the
+row where the listener's own cost weighs most), and a federation ``/send`` of one
+PDU: a second Synapse
 (``origin.test``, federating with the measured one over CoAP) creates a public
 room that the measured Synapse joins; the bench then signs, as ``origin.test``
 (its signing key, X-Matrix authorization over the body), transactions of one
@@ -54,7 +57,7 @@ Usage::
 
 ``--cprofile-out FILE`` (asyncio mode, one thread) runs Synapse under cProfile
 (``bench/profiling/sitecustomize.py``) and writes the internal-time and
-cumulative tables of one more pass per listener next to FILE (the four small
+cumulative tables of one more pass per listener next to FILE (the small
 requests, not the ``/send``, whose cost is Synapse's event persistence).
 ``--profile-out FILE`` additionally samples Synapse with py-spy (every thread)
 during one more pass of every endpoint per listener and writes a text profile
@@ -111,6 +114,9 @@ ENDPOINTS: list[tuple[str, str, bool]] = [
     ("federation version", "/_matrix/federation/v1/version", False),
     ("server keys", "/_matrix/key/v2/server", False),
     ("whoami (auth)", "/_matrix/client/v3/account/whoami", True),
+    # a plain resource (no servlet, no JSON): Synapse's request handling and the
+    # listener, nearly nothing else; the listener's own share shows most here
+    ("/health (no servlet)", "/health", False),
 ]
 
 
@@ -421,7 +427,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             cells.setdefault((label, name), []).append(ms)
                             ERRORS.setdefault((mode, label, name), []).append(errors)
                     if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
-                        # (the four small requests: where the listener's own cost shows)
+                        # (the small requests: where the listener's own cost shows)
                         for name, one in runners.items():
                             os.kill(pid, signal.SIGUSR2)  # start profiling
                             await asyncio.sleep(0.2)
@@ -559,7 +565,7 @@ def write_cprofile(parts: list[Path], out: Path, listener: str, args: argparse.N
     buf = io.StringIO()
     buf.write(
         f"# cProfile (wall time, main thread) of Synapse with the asyncio reactor serving "
-        f"{args.profile_requests} distinct {listener} requests of each of the four endpoints\n"
+        f"{args.profile_requests} distinct {listener} requests of each of the small endpoints\n"
         "# command: python bench/inbound.py " + " ".join(sys.argv[1:]) + "\n"
         "# (machine shared with other work: wall times include waiting for the CPU)\n\n"
     )
@@ -632,7 +638,7 @@ def write_profile(raw: Path, out: Path, mode: str, listener: str) -> None:
             incl[f] = incl.get(f, 0) + n
     lines = [
         f"# py-spy samples (500/s, every thread) of the Synapse process while it served "
-        f"{listener} requests of the four endpoints; reactor {mode}",
+        f"{listener} requests of the small endpoints; reactor {mode}",
         "# command: python bench/inbound.py " + " ".join(sys.argv[1:]),
         f"# {total} samples (idle threads included: epoll/select waits)",
         "",

@@ -1,0 +1,368 @@
+"""CPU per request of the CoAP+Noise listener alone, without Synapse.
+
+    .venv/bin/python bench/transport_cpu.py [--requests 4000] [--rounds 7]
+        [--concurrency 4] [--cprofile-out FILE] [--docs] [--render]
+
+Two child processes, each pinned to one core:
+
+* CoAP+Noise: the module's listener (:class:`CoapServer`: Noise, the real wire codec,
+  the fast path) on an asyncio loop, in front of a stub dispatcher that answers at
+  once with what Synapse's ``/whoami`` answers (the headers the in-process dispatcher
+  keeps, a distinct body per request);
+* HTTP/1.1: Twisted's HTTP server (what Synapse's HTTP listener is built on) with a
+  resource answering the same body and headers.
+
+This process sends ``--requests`` distinct requests per round to each (the
+transport's CoapClient; aiohttp with keep-alive), from the other core at nice 10,
+the two taking turns, and reads each child's own CPU time (user + system,
+``/proc/PID/stat``) around its turn: microseconds of listener CPU per request and
+the ratio, median (min-max) over ``--rounds``.
+
+So it measures what ``bench/inbound.py`` cannot separate from Synapse's own work:
+the listener's cost per request against Twisted's HTTP/1.1 channel, neither doing
+any Matrix work. ``--docs`` writes ``bench/results/transport_cpu.csv`` and the block
+in docs/benchmarks.md (``--render`` re-renders the block from the committed CSV).
+``--cprofile-out`` writes a cProfile text profile of the CoAP child (CPU time of its
+thread, one extra round) sorted by internal time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from results_store import (  # noqa: E402
+    cpu_seconds,
+    provenance,
+    read_dict_rows,
+    replace_block,
+    write_dict_rows,
+)
+
+CSV = ROOT / "bench" / "results" / "transport_cpu.csv"
+DOCS = ROOT / "docs" / "benchmarks.md"
+WRITER = "bench/transport_cpu.py"
+LISTENERS = ("CoAP+Noise", "HTTP/1.1")
+
+SERVER_NAME = "bench.test"
+TARGET = "/_matrix/client/v3/account/whoami"
+
+
+def serve(port_file: Path, key_hex: str, profile_out: str | None) -> None:
+    """The child: a listener on 127.0.0.1 in front of the stub dispatcher."""
+    from synapse_coap.mapping.dispatch import PeerInfo
+    from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+    from synapse_coap.transport.link import LinkParameters
+    from synapse_coap.transport.server import CoapServer, ServerConfig
+
+    headers = (
+        ("content-type", "application/json"),
+        ("cache-control", "no-cache, no-store, must-revalidate"),
+    )
+
+    class Stub:
+        async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
+            n = request.target.rpartition(b"=")[2].decode()
+            body = (
+                '{"user_id":"@bench:bench.test","is_guest":false,"device_id":"D' + n + '"}'
+            ).encode()
+            return HttpResponse(200, headers, body)
+
+    async def main() -> None:
+        server = await CoapServer.start(
+            ServerConfig(
+                listen=(("127.0.0.1", 0),),
+                static_key=bytes.fromhex(key_hex),
+                link=LinkParameters(nstart=8, max_nstart=8),
+                server_name=SERVER_NAME,
+            ),
+            Stub(),
+        )
+        port_file.write_text(str(server.addresses[0][1]))
+        prof: Any = None
+        loop = asyncio.get_running_loop()
+        import signal
+
+        def toggle() -> None:
+            nonlocal prof
+            if profile_out is None:
+                return
+            import cProfile
+
+            if prof is None:
+                prof = cProfile.Profile(time.thread_time)
+                prof.enable()
+            else:
+                prof.disable()
+                prof.dump_stats(profile_out)
+                prof = None
+
+        loop.add_signal_handler(signal.SIGUSR1, toggle)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def serve_http(port_file: Path) -> None:
+    """The HTTP baseline child: Twisted's HTTP/1.1 server (as Synapse's listener uses
+    it) with a resource that answers what the stub dispatcher answers."""
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request, Site
+
+    class Whoami(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Request) -> bytes:
+            n = (request.args.get(b"n") or [b""])[0].decode()
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+            return (
+                '{"user_id":"@bench:bench.test","is_guest":false,"device_id":"D' + n + '"}'
+            ).encode()
+
+    port = reactor.listenTCP(0, Site(Whoami()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    port_file.write_text(str(port.getHost().port))
+    reactor.run()  # type: ignore[attr-defined]
+
+
+async def _start(cmd: list[str], port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+    env = dict(os.environ, SYNAPSE_COAP_BODY_MEMO="0", PYTHONPATH=str(ROOT))
+    child = subprocess.Popen(cmd, env=env)
+    for _ in range(400):
+        if port_file.exists() and port_file.read_text():
+            return child, int(port_file.read_text())
+        await asyncio.sleep(0.05)
+    child.kill()
+    raise SystemExit(f"{cmd[2]}: the child did not start")
+
+
+async def drive(args: argparse.Namespace) -> None:
+    import aiohttp
+
+    from synapse_coap.mapping.messages import HttpRequest
+    from synapse_coap.noise.keys import generate_private_key, public_key
+    from synapse_coap.noise.trust import TrustPolicy
+    from synapse_coap.transport.client import CoapClient, Endpoint
+    from synapse_coap.transport.link import LinkParameters
+
+    key = generate_private_key()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-transport-cpu-"))
+    prof_file = workdir / "server.prof"
+    coap_cmd = [sys.executable, __file__, "--serve", str(workdir / "coap.port"), key.hex()]
+    if args.cprofile_out:
+        coap_cmd.append(str(prof_file))
+    coap_child, coap_port = await _start(coap_cmd, workdir / "coap.port")
+    http_cmd = [sys.executable, __file__, "--serve-http", str(workdir / "http.port")]
+    http_child, http_port = await _start(http_cmd, workdir / "http.port")
+    children = (coap_child, http_child)
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= 2:
+            for child in children:
+                os.sched_setaffinity(child.pid, {cores[0]})
+            os.sched_setaffinity(0, {cores[1]})
+            print(f"listeners on core {cores[0]}, client on core {cores[1]} at nice 10")
+        os.nice(10)
+        client = await CoapClient.create(
+            link=LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency),
+            static_key=generate_private_key(),
+            trust=TrustPolicy(pinned={SERVER_NAME: public_key(key)}),
+            bind=("127.0.0.1", 0),
+        )
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
+        ep = Endpoint("127.0.0.1", coap_port, SERVER_NAME, public_key(key), True)
+        auth = (("authorization", "Bearer syt_YmVuY2g_abcdefghijklmnopqrst_0a1b2c"),)
+        serial = 0
+
+        async def one_coap(i: int) -> None:
+            target = f"{TARGET}?n={i}".encode()
+            r = await client.request(ep, HttpRequest("GET", target, auth))
+            assert r.status == 200, r
+
+        async def one_http(i: int) -> None:
+            url = f"http://127.0.0.1:{http_port}{TARGET}?n={i}"
+            async with http.get(url, headers=dict(auth)) as r:
+                await r.read()
+                assert r.status == 200, r
+
+        async def run(one: Any, n: int) -> None:
+            nonlocal serial
+            sem = asyncio.Semaphore(args.concurrency)
+
+            async def limited(i: int) -> None:
+                async with sem:
+                    await one(i)
+
+            await asyncio.gather(*(limited(serial + i) for i in range(n)))
+            serial += n
+
+        listeners = {"CoAP+Noise": (one_coap, coap_child), "HTTP/1.1": (one_http, http_child)}
+        for one, _child in listeners.values():
+            await run(one, 200)  # handshake, connections, warm-up
+        results: dict[str, list[float]] = {name: [] for name in listeners}
+        ratios: list[float] = []
+        for r in range(args.rounds):
+            for name, (one, child) in listeners.items():
+                before = cpu_seconds(child.pid)
+                await run(one, args.requests)
+                after = cpu_seconds(child.pid)
+                results[name].append((after - before) / args.requests * 1e6)
+            ratios.append(results["CoAP+Noise"][-1] / results["HTTP/1.1"][-1])
+            print(
+                f"  round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items())
+                + f" us/request, ratio {ratios[-1]:.2f}x",
+                flush=True,
+            )
+        if args.cprofile_out:
+            await profile(args, coap_child, prof_file, lambda: run(one_coap, args.requests))
+        await client.close()
+        await http.close()
+        tick = 1e6 / os.sysconf("SC_CLK_TCK") / args.requests
+        print(
+            f"listener CPU per request, {args.requests} distinct requests per round, "
+            f"concurrency {args.concurrency}, median (min-max) of {args.rounds} rounds "
+            f"(resolution {tick:.1f} us):"
+        )
+        for name, values in results.items():
+            print(f"  {name:12s} {spread(values, '{:.1f}')} us")
+        print(f"  CoAP+Noise / HTTP/1.1 {spread(ratios, '{:.2f}')}x")
+        rows = [
+            {"round": i, "listener": name, "cpu_us": f"{v:.2f}"}
+            for name, values in results.items()
+            for i, v in enumerate(values)
+        ]
+        meta = provenance("python bench/transport_cpu.py " + " ".join(sys.argv[1:]))
+        meta["requests"] = str(args.requests)
+        meta["rounds"] = str(args.rounds)
+        meta["concurrency"] = str(args.concurrency)
+        meta["note"] = "machine shared with other work"
+        out = args.results / CSV.name if args.results else CSV
+        write_dict_rows(out, rows, meta)
+        print(f"wrote {out}")
+        if args.docs:
+            render(out)
+    finally:
+        for child in children:
+            child.terminate()
+            child.wait(10)
+
+
+def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
+    """The docs' block: rendered from the results CSV's provenance and rows only."""
+    cells: dict[str, list[float]] = {name: [] for name in LISTENERS}
+    for r in sorted(rows, key=lambda r: int(r["round"])):
+        cells[r["listener"]].append(float(r["cpu_us"]))
+    ratios = [a / b for a, b in zip(cells["CoAP+Noise"], cells["HTTP/1.1"], strict=True) if b]
+    tick = 1e6 / os.sysconf("SC_CLK_TCK") / int(meta["requests"])
+    lines = [
+        "The listener alone, without Synapse: CPU time (user + system) of the listening "
+        f"process per request, {meta['requests']} distinct requests per round, concurrency "
+        f"{meta['concurrency']}, median (min-max) of {meta['rounds']} rounds, the two taking "
+        "turns; both answer the same stub `/whoami` body and headers; the client pinned to "
+        f"the other core at lower priority; resolution {tick:.1f} us.",
+        "",
+        "| listener | CPU per request (us) |",
+        "|---|--:|",
+        f"| CoAP+Noise (the module's listener, fast path, wire codec) | "
+        f"{spread(cells['CoAP+Noise'], '{:.1f}')} |",
+        f"| HTTP/1.1 (Twisted's HTTP server, as under Synapse's listener) | "
+        f"{spread(cells['HTTP/1.1'], '{:.1f}')} |",
+        f"| ratio CoAP+Noise / HTTP/1.1 (per round) | {spread(ratios, '{:.2f}')}x |",
+        "",
+        f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "
+        f"Python {meta['python']} ({meta['note']}); rounds in "
+        "`bench/results/transport_cpu.csv`._",
+    ]
+    return "\n".join(lines)
+
+
+def render(path: Path) -> None:
+    meta, rows = read_dict_rows(path)
+    replace_block(DOCS, "transport-cpu", docs_block(meta, rows), WRITER)
+    print(f"updated {DOCS.relative_to(ROOT)}")
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return (
+        f"{fmt.format(statistics.median(values))} "
+        f"({fmt.format(min(values))}-{fmt.format(max(values))}, n={len(values)})"
+    )
+
+
+async def profile(
+    args: argparse.Namespace, child: subprocess.Popen[bytes], prof_file: Path, run: Any
+) -> None:
+    """One more round of CoAP requests with the child under cProfile (SIGUSR1 toggles)."""
+    import pstats
+    import signal
+
+    os.kill(child.pid, signal.SIGUSR1)
+    await asyncio.sleep(0.2)
+    await run()
+    os.kill(child.pid, signal.SIGUSR1)
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        if prof_file.exists():
+            break
+    await asyncio.sleep(0.3)
+    with open(args.cprofile_out, "w") as out:
+        out.write(
+            f"# cProfile (thread CPU time) of the CoAP+Noise listener serving {args.requests} "
+            f"requests: python bench/transport_cpu.py {' '.join(sys.argv[1:])}\n"
+        )
+        stats = pstats.Stats(str(prof_file), stream=out)
+        stats.sort_stats("tottime").print_stats(60)
+    print(f"wrote {args.cprofile_out}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-http":
+        serve_http(Path(sys.argv[2]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve(Path(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=4000, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds (each listener once)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument(
+        "--cprofile-out", type=Path, default=None, help="write a cProfile of the CoAP child"
+    )
+    parser.add_argument(
+        "--docs", action="store_true", help="rewrite docs/benchmarks.md's block from the results"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only re-render the block from the committed CSV"
+    )
+    parser.add_argument(
+        "--results", type=Path, default=None, help="write the CSV into this directory instead"
+    )
+    args = parser.parse_args()
+    if args.render:
+        render(CSV)
+        return
+    asyncio.run(drive(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""docs/benchmarks.md's transport-cpu block is what bench/transport_cpu.py renders from
+the committed CSV (issue 12: generated figures, never edited by hand; the listener's
+own CPU per request against Twisted's HTTP/1.1 server)."""
+
+from __future__ import annotations
+
+from tests.harness.bench import ROOT, generated_block, load_bench
+
+
+def test_docs_transport_block_is_rendered_from_the_committed_csv() -> None:
+    bench = load_bench("transport_cpu")
+    meta, rows = bench.read_dict_rows(bench.CSV)
+    assert meta["commit"] and not meta["commit"].endswith("-dirty")
+    block = bench.docs_block(meta, rows)
+    start = f"<!-- transport-cpu:start (written by {bench.WRITER}; do not edit by hand) -->"
+    body = generated_block(
+        (ROOT / "docs" / "benchmarks.md").read_text(), start, "<!-- transport-cpu:end -->"
+    )
+    assert body == block.strip()
+    # both listeners in every round, at least five rounds (a spread, not one sample)
+    by_listener: dict[str, int] = {}
+    for r in rows:
+        by_listener[r["listener"]] = by_listener.get(r["listener"], 0) + 1
+    assert set(by_listener) == set(bench.LISTENERS)
+    assert len(set(by_listener.values())) == 1 and by_listener["HTTP/1.1"] >= 5
