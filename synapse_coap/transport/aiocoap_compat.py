@@ -26,6 +26,8 @@ from typing import Any
 import aiocoap
 import aiocoap.blockwise
 import aiocoap.meta
+import aiocoap.pipe
+import aiocoap.protocol
 import attrs
 from aiocoap.blockwise import _extract_block_key
 from aiocoap.message import Message
@@ -169,6 +171,21 @@ PIECES: tuple[Piece, ...] = (
         ),
     ),
     Piece(
+        "aiocoap.pipe.Pipe._event_callbacks and the free variable ``stop`` of the "
+        "``on_event`` closure that aiocoap.tokenmanager.TokenManager.process_request "
+        "registers",
+        "untying the reference cycle that closure leaves behind every request",
+        lambda: (
+            _init_sets(aiocoap.pipe.Pipe, "_event_callbacks")()
+            and "stop" in inspect.getsource(TokenManager.process_request)
+        ),
+    ),
+    Piece(
+        "aiocoap.protocol.Request._stop_interest",
+        "untying the reference cycle a client request leaves behind once answered",
+        _init_sets(aiocoap.protocol.Request, "_stop_interest"),
+    ),
+    Piece(
         "aiocoap.blockwise._extract_block_key(message)",
         "the key of a Block2 transfer kept for the blocks after block 0",
         lambda: callable(getattr(aiocoap.blockwise, "_extract_block_key", None)),
@@ -202,6 +219,8 @@ PRIVATE_NAMES = frozenset(
         "_ctx",
         "_extract_block_key",
         "_extract_block",
+        "_event_callbacks",
+        "_stop_interest",
     }
 )
 
@@ -219,6 +238,48 @@ def check() -> None:
                 f"(used for {piece.why}; checked on aiocoap {piece.checked}). Install "
                 "aiocoap>=0.4.17,<0.5 as synapse-coap's requirements say."
             )
+
+
+def untie_when_done(pipe: Any) -> None:
+    """Break, once ``pipe`` has ended, the reference cycle aiocoap's token layer leaves
+    for every request it serves.
+
+    ``TokenManager.process_request`` registers an ``on_event`` closure on the request's
+    pipe whose free variable ``stop`` is ``pipe.on_event``'s return value: a partial
+    holding ``on_event`` itself (and the pipe). Closure, partial and pipe, the request
+    and response Messages with their options and remotes (about 17 objects) stay alive
+    until the cycle collector finds them, which in Synapse runs from a timer and costs
+    in proportion. After the pipe's last event ``on_event`` is never called again, so
+    its ``stop`` is cleared then (the partial itself, which the message layer may still
+    hold, is untouched); reference counting frees the rest.
+    """
+    callbacks = pipe._event_callbacks
+    if not callbacks:
+        return
+    cells = []
+    for callback, _interest in callbacks:
+        code = getattr(callback, "__code__", None)
+        closure = getattr(callback, "__closure__", None)
+        if code is not None and closure is not None and "stop" in code.co_freevars:
+            cells.append(closure[code.co_freevars.index("stop")])
+    if not cells:
+        return
+
+    def untie() -> None:
+        for cell in cells:
+            cell.cell_contents = None
+
+    pipe.on_interest_end(untie)
+
+
+def untie_request(request: Any) -> None:
+    """Break the reference cycle of an answered client request (``Context.request``'s
+    result): the request holds ``_stop_interest``, a partial over its ``process``
+    closure, which holds the request; with the answer in, neither is used again (a
+    cancelled request's handler still calls it: left alone then)."""
+    response = request.response
+    if response.done() and not response.cancelled():
+        request._stop_interest = None
 
 
 # --------------------------------------------------------------------------- message layer

@@ -60,6 +60,7 @@ from synapse_coap.errors import (
 from synapse_coap.mapping.codec import request_seq
 from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
 from synapse_coap.noise.trust import TrustPolicy
+from synapse_coap.transport.aiocoap_compat import untie_request
 from synapse_coap.transport.client_session import (
     Endpoint,
     PushEvent,
@@ -668,6 +669,8 @@ class CoapClient:
             raise LinkDown(
                 f"no answer from {session.endpoint.host}:{session.endpoint.port}: {e}"
             ) from cause
+        finally:
+            untie_request(req)  # (answered or failed: its cycle is not needed any more)
 
     def _abandon(self, session: _ClientSession, token: bytes) -> None:
         """Tell the server the request with ``token`` is abandoned (cancel its handler)."""
