@@ -12,31 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
 
 import pytest
 
 from synapse_coap.mapping.messages import HttpRequest
 from synapse_coap.noise.keys import generate_private_key, public_key
 from synapse_coap.transport.client import Endpoint
-
+from tests.harness.gc_cycles import no_automatic_gc  # noqa: F401 (a fixture)
 from tests.integration.test_transport import aio, make_client, start_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 REQUESTS = 40
-
-
-@pytest.fixture
-def no_automatic_gc() -> Iterator[None]:
-    gc.collect()
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 @pytest.mark.usefixtures("no_automatic_gc")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from twisted.web.server import Request, Site
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse.dispatch import CoapChannel, InProcessDispatcher, _address
+from tests.harness.gc_cycles import no_automatic_gc  # noqa: F401 (a fixture)
 
 
 class _Hello(Resource):
@@ -62,19 +62,6 @@ class _Hs:
 
     def get_reactor(self) -> Any:
         return reactor
-
-
-@pytest.fixture
-def no_automatic_gc() -> Iterator[None]:
-    """As in Synapse: only reference counting frees objects during the test."""
-    gc.collect()
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _dispatcher() -> InProcessDispatcher:
