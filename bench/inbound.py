@@ -564,10 +564,10 @@ def write_cprofile(parts: list[Path], out: Path, listener: str, args: argparse.N
         stats.add(str(p))
     buf = io.StringIO()
     buf.write(
-        f"# cProfile (wall time, main thread) of Synapse with the asyncio reactor serving "
+        f"# cProfile (CPU time of the main thread) of Synapse with the asyncio reactor serving "
         f"{args.profile_requests} distinct {listener} requests of each of the small endpoints\n"
         "# command: python bench/inbound.py " + " ".join(sys.argv[1:]) + "\n"
-        "# (machine shared with other work: wall times include waiting for the CPU)\n\n"
+        "# (the profiler's own clock reads inflate small functions: compare proportions)\n\n"
     )
     stats.stream = buf  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(45)
