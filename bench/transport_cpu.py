@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ SERVER_NAME = "bench.test"
 TARGET = "/_matrix/client/v3/account/whoami"
 
 
-def serve(port_file: Path, key_hex: str, profile_out: str | None) -> None:
+def serve(port_file: Path, key_hex: str) -> None:
     """The child: a listener on 127.0.0.1 in front of the stub dispatcher."""
     from synapse_coap.mapping.dispatch import PeerInfo
     from synapse_coap.mapping.messages import HttpRequest, HttpResponse
@@ -91,25 +91,9 @@ def serve(port_file: Path, key_hex: str, profile_out: str | None) -> None:
             Stub(),
         )
         port_file.write_text(str(server.addresses[0][1]))
-        prof: Any = None
-        loop = asyncio.get_running_loop()
         import signal
 
-        def toggle() -> None:
-            nonlocal prof
-            if profile_out is None:
-                return
-            import cProfile
-
-            if prof is None:
-                prof = cProfile.Profile(time.thread_time)
-                prof.enable()
-            else:
-                prof.disable()
-                prof.dump_stats(profile_out)
-                prof = None
-
-        loop.add_signal_handler(signal.SIGUSR1, toggle)
+        loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
@@ -141,8 +125,14 @@ def serve_http(port_file: Path) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-async def _start(cmd: list[str], port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+async def _start(
+    cmd: list[str], port_file: Path, profile_prefix: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     env = dict(os.environ, SYNAPSE_COAP_BODY_MEMO="0", PYTHONPATH=str(ROOT))
+    if profile_prefix is not None:
+        # the inbound bench's profiling hook (SIGUSR2 toggles a CPU-clock cProfile)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "profiling"), str(ROOT)])
+        env["SYNAPSE_COAP_CPROFILE"] = str(profile_prefix)
     child = subprocess.Popen(cmd, env=env)
     for _ in range(400):
         if port_file.exists() and port_file.read_text():
@@ -163,11 +153,9 @@ async def drive(args: argparse.Namespace) -> None:
 
     key = generate_private_key()
     workdir = Path(tempfile.mkdtemp(prefix="bench-transport-cpu-"))
-    prof_file = workdir / "server.prof"
+    prof_prefix = workdir / "server.prof" if args.cprofile_out else None
     coap_cmd = [sys.executable, __file__, "--serve", str(workdir / "coap.port"), key.hex()]
-    if args.cprofile_out:
-        coap_cmd.append(str(prof_file))
-    coap_child, coap_port = await _start(coap_cmd, workdir / "coap.port")
+    coap_child, coap_port = await _start(coap_cmd, workdir / "coap.port", prof_prefix)
     http_cmd = [sys.executable, __file__, "--serve-http", str(workdir / "http.port")]
     http_child, http_port = await _start(http_cmd, workdir / "http.port")
     children = (coap_child, http_child)
@@ -231,7 +219,9 @@ async def drive(args: argparse.Namespace) -> None:
                 flush=True,
             )
         if args.cprofile_out:
-            await profile(args, coap_child, prof_file, lambda: run(one_coap, args.requests))
+            await profile(
+                args, coap_child, workdir / "server.prof.0", lambda: run(one_coap, args.requests)
+            )
         await client.close()
         await http.close()
         tick = 1e6 / os.sysconf("SC_CLK_TCK") / args.requests
@@ -262,6 +252,7 @@ async def drive(args: argparse.Namespace) -> None:
         for child in children:
             child.terminate()
             child.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
@@ -309,14 +300,15 @@ def spread(values: list[float], fmt: str) -> str:
 async def profile(
     args: argparse.Namespace, child: subprocess.Popen[bytes], prof_file: Path, run: Any
 ) -> None:
-    """One more round of CoAP requests with the child under cProfile (SIGUSR1 toggles)."""
+    """One more round of CoAP requests with the child under cProfile (SIGUSR2 toggles:
+    bench/profiling/sitecustomize.py, which writes ``prof_file``)."""
     import pstats
     import signal
 
-    os.kill(child.pid, signal.SIGUSR1)
+    os.kill(child.pid, signal.SIGUSR2)
     await asyncio.sleep(0.2)
     await run()
-    os.kill(child.pid, signal.SIGUSR1)
+    os.kill(child.pid, signal.SIGUSR2)
     for _ in range(100):
         await asyncio.sleep(0.1)
         if prof_file.exists():
@@ -337,7 +329,7 @@ def main() -> None:
         serve_http(Path(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        serve(Path(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+        serve(Path(sys.argv[2]), sys.argv[3])
         return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -1,4 +1,5 @@
-"""cProfile for a Synapse process started by bench/inbound.py --cprofile-out (only then).
+"""cProfile for a process started by bench/inbound.py or bench/transport_cpu.py with
+--cprofile-out (only then: Synapse, or the transport bench's CoAP listener).
 
 Put on PYTHONPATH with SYNAPSE_COAP_CPROFILE=PREFIX in the environment: the process
 does not profile until told; each SIGUSR2 toggles: the first starts a profile, the
