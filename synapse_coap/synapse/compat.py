@@ -461,18 +461,19 @@ def make_request(site: Any, channel: Any, *, server_name: str, max_request_body_
     and it has no ``our_server_name`` argument. What a site needs is worked out once
     (per site, server name and size limit): this runs for every request.
     """
-    key = (id(site), server_name, max_request_body_size)
-    made = _REQUEST_MAKERS.get(key)
-    if made is None or made[0] is not site:
-        made = (site, _request_maker(site, server_name, max_request_body_size))
+    key = (site, server_name, max_request_body_size)
+    make = _REQUEST_MAKERS.get(key)
+    if make is None:
+        make = _request_maker(site, server_name, max_request_body_size)
         if len(_REQUEST_MAKERS) >= 16:
             _REQUEST_MAKERS.clear()
-        _REQUEST_MAKERS[key] = made
-    return made[1](channel, site)
+        _REQUEST_MAKERS[key] = make
+    return make(channel, site)
 
 
-#: (id(site), server name, body limit) -> (the site, what makes its requests)
-_REQUEST_MAKERS: dict[tuple[int, str, int], tuple[Any, Callable[[Any, Any], Any]]] = {}
+#: (site, server name, body limit) -> what makes the site's requests (sites hash by
+#: identity; a handful per process)
+_REQUEST_MAKERS: dict[tuple[Any, str, int], Callable[[Any, Any], Any]] = {}
 
 
 def _request_maker(
