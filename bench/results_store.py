@@ -65,6 +65,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def native_build() -> str:
+    """Which build of synapse_coap the run measured (synapse_coap.native)."""
+    try:
+        from synapse_coap.native import status
+    except ImportError:  # pragma: no cover - a tree from before the native build
+        return "pure Python"
+    return status().describe()
+
+
 def provenance(command: str) -> dict[str, str]:
     """Command, commit, machine, Synapse version and time of a run."""
     commit = source_commit()
@@ -88,6 +97,7 @@ def provenance(command: str) -> dict[str, str]:
         ),
         "python": platform.python_version(),
         "synapse": synapse,
+        "build": native_build(),
         "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

@@ -243,11 +243,13 @@ async def drive(args: argparse.Namespace) -> None:
         meta["rounds"] = str(args.rounds)
         meta["concurrency"] = str(args.concurrency)
         meta["note"] = "machine shared with other work"
-        out = args.results / CSV.name if args.results else CSV
-        write_dict_rows(out, rows, meta)
-        print(f"wrote {out}")
-        if args.docs:
-            render(out)
+        # (the committed CSV only with --docs, which renders the docs from it)
+        if args.docs or args.results:
+            out = args.results / CSV.name if args.results else CSV
+            write_dict_rows(out, rows, meta)
+            print(f"wrote {out}")
+            if args.docs:
+                render(out)
     finally:
         for child in children:
             child.terminate()
@@ -278,7 +280,9 @@ def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         f"| ratio CoAP+Noise / HTTP/1.1 (per round) | {spread(ratios, '{:.2f}')}x |",
         "",
         f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "
-        f"Python {meta['python']} ({meta['note']}); rounds in "
+        f"Python {meta['python']}"
+        + (f", {meta['build']}" if meta.get("build") else "")
+        + f" ({meta['note']}); rounds in "
         "`bench/results/transport_cpu.csv`._",
     ]
     return "\n".join(lines)

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from synapse_coap import native as _native
+
+# before any module of the native build is imported: its extensions, or (stale build,
+# SYNAPSE_COAP_PURE=1) its sources (synapse_coap.native)
+_native.install()
+
 __version__ = "0.1.0"
 __all__ = ["CoapModule", "__version__"]
 

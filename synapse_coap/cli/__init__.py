@@ -10,7 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from synapse_coap.cli import keys, lab, proxy, wire
+from synapse_coap import __version__
+from synapse_coap.cli import keys, lab, native, proxy, wire
+from synapse_coap.native import status as native_status
 
 DESCRIPTION = """\
 Matrix over CoAP + CBOR + DEFLATE + Noise, for links as slow as 100 bit/s.
@@ -28,9 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"synapse-coap {__version__}, {native_status().describe()}",
+        help="the version, and whether this install runs the native (mypyc) build",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (keys, wire, proxy, lab):
+    for module in (keys, wire, proxy, lab, native):
         module.register(sub)
     return parser
 

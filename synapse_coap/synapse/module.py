@@ -27,6 +27,7 @@ from synapse.module_api.errors import ConfigError
 from twisted.internet import defer
 
 from synapse_coap.errors import ConfigValueError
+from synapse_coap.native import status as native_status
 from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
 from synapse_coap.synapse.config import MAIN_INSTANCE, CoapModuleConfig, format_address
@@ -309,13 +310,14 @@ class CoapModule:
         addresses = [format_address(tuple(a)) for a in server.addresses]
         logger.info(
             "synapse-coap: CoAP listener ready on %s (Noise on %s, plain on %s; %s reactor "
-            "mode; instance %s%s); Noise public key %s (from %s)",
+            "mode; instance %s%s; %s); Noise public key %s (from %s)",
             ", ".join(addresses),
             ", ".join(format_address(a) for a in listen) or "-",
             ", ".join(format_address(a) for a in plain_listen) or "-",
             bridge.mode,
             instance,
             ", routing by workers.routes" if config.workers is not None else "",
+            native_status().describe(),
             encode_public(self.public_key or b""),
             self.key_source,
         )

@@ -265,6 +265,9 @@ class _Decoder:
                     raise self.fail(f"unsupported simple value {arg}")
             # deliver `value` upwards, closing finished containers
             while True:
+                if type(value) is bytes and (not stack or stack[-1].kind != 2):
+                    # (JSON has no byte strings: one is only ever a tag's content)
+                    raise self.fail("byte string outside a tag")
                 if not stack:
                     if pos != end:
                         raise self.fail(f"{end - pos} trailing bytes after the body")
@@ -394,8 +397,9 @@ def decode_cbor(
 ) -> JSONValue:
     """Decode the CBOR of a body (:func:`body_cbor`); ``limits`` already proportional."""
     if len(data) <= limits.max_items:
-        result: JSONValue = decode_fast(data, profile, context.server_names, limits, resolve)
-        if result is not _FALLBACK:
+        fast = decode_fast(data, profile, context.server_names, limits, resolve)
+        if fast is not _FALLBACK:
+            result: JSONValue = fast
             return result
     return _Decoder(data, profile, context, limits, resolve).decode()
 

@@ -259,7 +259,7 @@ def _walk(tree: Any, ctx: _Context, resolve: StringResolver | None) -> Any:
         if v is None:
             raise _Fallback
         return v
-    if t is str or t is int or t is float or t is bool or tree is None or t is bytes:
+    if t is str or t is int or t is float or t is bool or tree is None:
         return tree
     raise _Fallback
 
@@ -366,7 +366,7 @@ def _map(x: dict[Any, Any], st: _State) -> dict[str, Any]:
             v = st.sget(v.value)
             if v is None:
                 raise _Fallback
-        elif not (t is bool or v is None or t is float or t is bytes):
+        elif not (t is bool or v is None or t is float):
             raise _Fallback
         d[k] = v
     if len(d) != len(x):
@@ -403,5 +403,5 @@ def _list(x: list[Any], st: _State) -> None:
             if v is None:
                 raise _Fallback
             x[i] = v
-        elif not (t is bool or v is None or t is float or t is bytes):
+        elif not (t is bool or v is None or t is float):
             raise _Fallback

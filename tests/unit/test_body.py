@@ -396,6 +396,9 @@ def test_item_cap(p1: Profile) -> None:
         b"\xf7",  # undefined
         b"\x00\x00",  # trailing bytes
         b"\xf8\xff",  # simple value not in the table
+        b"\x41a",  # a byte string: JSON has none (only a tag's content is one)
+        b"\x81\x41a",  # ... in an array
+        b"\xa1\x61a\x41a",  # ... as a map's value
     ],
 )
 def test_malformed_bodies(data: bytes, p1: Profile) -> None:

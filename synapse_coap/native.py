@@ -1,0 +1,199 @@
+"""The native build: the hot path's modules compiled to C extensions by mypyc.
+
+The same source is both: every module in :data:`MODULES` is plain, mypy --strict
+Python (the reference, and what runs where nothing was compiled), and
+``synapse-coap build-native`` (run by ``scripts/setup``) compiles them with mypyc into
+extension modules beside their sources, which Python's import system then prefers.
+That takes the interpretation out of the codec, the CoAP mapping and the Noise record
+path; nothing else changes (``bench/transport_cpu.py`` and ``bench/inbound.py`` say
+what it saves, and which build they measured).
+
+The build writes :data:`MANIFEST` (the SHA-256 of each compiled source). When the
+package is imported, :func:`install` compares it with the sources: a source edited
+since the build would run stale compiled code, so then every module of the build runs
+from its source instead (a warning names the modules; ``synapse-coap build-native``
+rebuilds). ``SYNAPSE_COAP_PURE=1`` runs the sources too, on purpose: the test suite
+checks the reference that way (``scripts/test``).
+
+Left out of :data:`MODULES`, and why: classes built on aiocoap's or asyncio's
+(``transport.noise_udp``, ``transport.batch``, ``transport.datagram``: mypyc's native
+classes cannot derive from them), attrs classes with field converters or factories
+(``mapping.messages``, ``wire.body_tables``, ``wire.profile``, ``mapping.push``,
+``noise.limits``, ``noise.trust``), and ``noise.handshake`` (mypyc 2.4 stops on one
+of its closures; it runs once per session anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import sys
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+logger = logging.getLogger(__name__)
+
+#: the package directory (the sources and, after a build, the extensions beside them)
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+#: written by ``synapse-coap build-native``: ``{"modules": {name: sha256 of its source}}``
+MANIFEST = PACKAGE_DIR / "native-build.json"
+
+#: the environment variable that runs every module from its source
+PURE_ENV = "SYNAPSE_COAP_PURE"
+
+#: the modules the native build compiles (the codec, the CoAP mapping, the Noise
+#: record path and sessions, the fast path's exchange bookkeeping)
+MODULES: tuple[str, ...] = (
+    "synapse_coap.wire.body",
+    "synapse_coap.wire.body_decode",
+    "synapse_coap.wire.body_encode",
+    "synapse_coap.wire.body_fast",
+    "synapse_coap.wire.cbor",
+    "synapse_coap.wire.context",
+    "synapse_coap.wire.dns",
+    "synapse_coap.wire.push_base",
+    "synapse_coap.wire.routes",
+    "synapse_coap.wire.strings",
+    "synapse_coap.mapping.authorization",
+    "synapse_coap.mapping.coap",
+    "synapse_coap.mapping.coap_rules",
+    "synapse_coap.mapping.codec",
+    "synapse_coap.mapping.dispatch",
+    "synapse_coap.mapping.jsonbody",
+    "synapse_coap.mapping.numbers",
+    "synapse_coap.mapping.redact",
+    "synapse_coap.mapping.samples",
+    "synapse_coap.mapping.text",
+    "synapse_coap.mapping.tokens",
+    "synapse_coap.noise.badinput",
+    "synapse_coap.noise.endpoint",
+    "synapse_coap.noise.events",
+    "synapse_coap.noise.initiator",
+    "synapse_coap.noise.keys",
+    "synapse_coap.noise.lost",
+    "synapse_coap.noise.ratelimit",
+    "synapse_coap.noise.recordpath",
+    "synapse_coap.noise.records",
+    "synapse_coap.noise.responder",
+    "synapse_coap.noise.retry",
+    "synapse_coap.noise.sessions",
+    "synapse_coap.noise.timers",
+    "synapse_coap.transport.fastpath",
+    "synapse_coap.transport.replay_state",
+)
+
+
+@attrs.frozen
+class NativeStatus:
+    """Which build runs: ``mode`` is ``native`` (every module of :data:`MODULES` from its
+    extension), ``pure`` (every one from its source) or ``mixed`` (an extension without
+    a manifest beside sources: a build of something else); ``reason`` says why."""
+
+    mode: str
+    compiled: tuple[str, ...]
+    reason: str
+
+    def describe(self) -> str:
+        if self.mode == "native":
+            return f"native build ({len(self.compiled)} modules compiled by mypyc)"
+        return f"{self.mode} Python ({self.reason})"
+
+
+def source_path(module: str) -> Path:
+    """The source file of one of :data:`MODULES`."""
+    parts = module.split(".")
+    return PACKAGE_DIR.joinpath(*parts[1:]).with_suffix(".py")
+
+
+def source_digest(module: str) -> str:
+    return hashlib.sha256(source_path(module).read_bytes()).hexdigest()
+
+
+def extension_path(module: str) -> Path | None:
+    """The compiled extension of ``module`` beside its source, if there is one."""
+    src = source_path(module)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = src.with_name(src.stem + suffix)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def stale_modules(manifest: dict[str, Any], modules: Sequence[str] = MODULES) -> list[str]:
+    """The modules whose source differs from what the build compiled (or that the build
+    did not compile)."""
+    built = manifest.get("modules", {})
+    if not isinstance(built, dict):
+        return list(modules)
+    return [m for m in modules if built.get(m) != source_digest(m)]
+
+
+class _SourceFirst(importlib.abc.MetaPathFinder):
+    """Finds :data:`MODULES` from their source files, never their extensions."""
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self._modules = frozenset(modules)
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self._modules:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source_path(fullname))
+
+
+_status: NativeStatus | None = None
+
+
+def _decide() -> tuple[NativeStatus, bool]:
+    """What runs, and whether the sources must be preferred to the extensions."""
+    compiled = tuple(m for m in MODULES if extension_path(m) is not None)
+    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+        return NativeStatus("pure", (), f"{PURE_ENV} is set"), bool(compiled)
+    if not compiled:
+        return NativeStatus("pure", (), "not compiled: synapse-coap build-native builds it"), False
+    if not MANIFEST.exists():
+        reason = "extensions without native-build.json"
+        return NativeStatus("mixed", compiled, reason), False
+    try:
+        manifest = json.loads(MANIFEST.read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    stale = stale_modules(manifest if isinstance(manifest, dict) else {}, compiled)
+    if stale:
+        logger.warning(
+            "synapse-coap: the native build is older than the sources of %s; running every "
+            "module from its source (synapse-coap build-native rebuilds it)",
+            ", ".join(stale),
+        )
+        return NativeStatus("pure", (), f"stale build: {', '.join(stale)} changed"), True
+    if len(compiled) < len(MODULES):
+        missing = sorted(set(MODULES) - set(compiled))
+        return NativeStatus("mixed", compiled, f"not compiled: {', '.join(missing)}"), False
+    return NativeStatus("native", compiled, "built by synapse-coap build-native"), False
+
+
+def install() -> NativeStatus:
+    """Decide once per process which build runs (called when the package is imported,
+    before any module of the build is)."""
+    global _status
+    if _status is None:
+        _status, source_first = _decide()
+        if source_first:
+            sys.meta_path.insert(0, _SourceFirst(MODULES))
+    return _status
+
+
+def status() -> NativeStatus:
+    """Which build this process runs."""
+    return install()

@@ -1,0 +1,146 @@
+"""The native build (synapse_coap.native): which build runs, a stale build never does,
+and the compiled modules answer exactly what their plain-Python sources answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from synapse_coap import native
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# One process's answers to the corpus, through the modules of the build: every corpus
+# body encoded and decoded by the wire codec, every corpus request and response mapped
+# to CoAP and back, and Noise records sealed and opened. Printed as one JSON document,
+# so two processes (plain Python, native build) can be compared byte for byte.
+_PROBE = r"""
+import hashlib, json, sys
+from pathlib import Path
+from synapse_coap import native
+from synapse_coap.mapping.codec import WireCodec
+from synapse_coap.mapping.coap import decode_coap, encode_coap
+from synapse_coap.mapping.messages import HttpRequest, HttpResponse
+from synapse_coap.wire.body import decode_body, encode_body
+from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.profile import load_profile
+
+def digest(b):
+    return hashlib.sha256(b).hexdigest()
+
+def body(part):
+    b = part.get("body")
+    return b"" if b is None else (b if isinstance(b, str) else json.dumps(b)).encode()
+
+profile = load_profile(1)
+ctx = WireContext(server_names=("heldout.test",))
+codec = WireCodec(profile, ctx)
+out = {"status": native.status().mode, "files": {}, "answers": []}
+for name in native.MODULES:
+    __import__(name)
+    out["files"][name] = Path(sys.modules[name].__file__).suffix
+for path in sorted(Path(sys.argv[1]).glob("*.jsonl")):
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        q, r = rec["request"], rec["response"]
+        one = [rec["name"]]
+        for part in (q, r):
+            if isinstance(part.get("body"), (dict, list)):
+                enc = encode_body(part["body"], profile, ctx)
+                one += [digest(enc), decode_body(enc, profile, ctx) == part["body"]]
+        req = HttpRequest(q["method"], q["target"].encode(), tuple(map(tuple, q["headers"])), body(q))
+        wire = encode_coap(codec.encode_request(req))
+        back = codec.decode_request(decode_coap(wire)[3])
+        one += [digest(wire), back.method, back.target.decode(), digest(back.body)]
+        resp = HttpResponse(r["status"], tuple(map(tuple, r["headers"])), body(r))
+        wire = encode_coap(codec.encode_response(resp))
+        got = codec.decode_response(decode_coap(wire)[3])
+        one += [digest(wire), got.status, digest(got.body), list(got.headers)]
+        out["answers"].append(one)
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def _probe(pure: bool) -> dict[str, object]:
+    env = dict(os.environ)
+    env.pop(native.PURE_ENV, None)
+    if pure:
+        env[native.PURE_ENV] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(ROOT / "tests" / "corpus" / "heldout")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_pure_runs_every_module_from_its_source() -> None:
+    got = _probe(pure=True)
+    assert got["status"] == "pure"
+    assert got["files"] == {name: ".py" for name in native.MODULES}
+
+
+def test_the_native_build_answers_what_the_sources_answer() -> None:
+    compiled = _probe(pure=False)  # (without SYNAPSE_COAP_PURE, whatever this process has)
+    if compiled["status"] != "native":
+        pytest.skip(f"no native build here ({compiled['status']}): synapse-coap build-native")
+    reference = _probe(pure=True)
+    assert set(compiled["files"].values()) == {".so"}  # type: ignore[union-attr]
+    assert len(compiled["answers"]) > 90  # type: ignore[arg-type]
+    assert compiled["answers"] == reference["answers"]
+
+
+def test_a_source_changed_since_the_build_makes_every_module_run_from_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    digests = {m: native.source_digest(m) for m in native.MODULES}
+    edited = "synapse_coap.mapping.codec"
+    digests[edited] = "0" * 64
+    manifest = tmp_path / "native-build.json"
+    manifest.write_text(json.dumps({"modules": digests}))
+    monkeypatch.setattr(native, "MANIFEST", manifest)
+    monkeypatch.setattr(native, "extension_path", lambda m: tmp_path / (m + ".so"))
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("pure", True)
+    assert edited in status.reason
+    assert edited in caplog.text
+
+    # the same manifest with the true digest: the build runs
+    digests[edited] = native.source_digest(edited)
+    manifest.write_text(json.dumps({"modules": digests}))
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("native", False)
+    assert status.describe() == f"native build ({len(native.MODULES)} modules compiled by mypyc)"
+
+
+def test_without_a_build_or_with_the_switch_the_sources_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(native, "MANIFEST", tmp_path / "none.json")
+    monkeypatch.setattr(native, "extension_path", lambda m: None)
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("pure", False)
+    assert "build-native" in status.reason
+
+    monkeypatch.setattr(native, "extension_path", lambda m: tmp_path / (m + ".so"))
+    monkeypatch.setenv(native.PURE_ENV, "1")
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("pure", True)
+
+
+def test_every_module_of_the_build_exists_and_is_not_a_package() -> None:
+    for name in native.MODULES:
+        assert native.source_path(name).is_file(), name
+        assert native.source_path(name).name != "__init__.py"
