@@ -18,6 +18,10 @@ the two taking turns, and reads each child's own CPU time (user + system,
 ``/proc/PID/stat``) around its turn: microseconds of listener CPU per request and
 the ratio, median (min-max) over ``--rounds``.
 
+With the native build there (``synapse-coap build-native``), a third child runs the same
+CoAP+Noise listener on the plain-Python sources (``SYNAPSE_COAP_PURE=1``), taking its
+turn with the other two: what the build saves, side by side.
+
 So it measures what ``bench/inbound.py`` cannot separate from Synapse's own work:
 the listener's cost per request against Twisted's HTTP/1.1 channel, neither doing
 any Matrix work. ``--docs`` writes ``bench/results/transport_cpu.csv`` and the block
@@ -55,6 +59,9 @@ CSV = ROOT / "bench" / "results" / "transport_cpu.csv"
 DOCS = ROOT / "docs" / "benchmarks.md"
 WRITER = "bench/transport_cpu.py"
 LISTENERS = ("CoAP+Noise", "HTTP/1.1")
+#: the same CoAP+Noise listener on the plain-Python sources (SYNAPSE_COAP_PURE=1),
+#: measured beside the others when the native build is there (synapse_coap.native)
+PURE = "CoAP+Noise, plain Python"
 
 SERVER_NAME = "bench.test"
 TARGET = "/_matrix/client/v3/account/whoami"
@@ -126,9 +133,12 @@ def serve_http(port_file: Path) -> None:
 
 
 async def _start(
-    cmd: list[str], port_file: Path, profile_prefix: Path | None = None
+    cmd: list[str], port_file: Path, profile_prefix: Path | None = None, pure: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
     env = dict(os.environ, SYNAPSE_COAP_BODY_MEMO="0", PYTHONPATH=str(ROOT))
+    env.pop("SYNAPSE_COAP_PURE", None)
+    if pure:
+        env["SYNAPSE_COAP_PURE"] = "1"
     if profile_prefix is not None:
         # the inbound bench's profiling hook (SIGUSR2 toggles a CPU-clock cProfile)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench" / "profiling"), str(ROOT)])
@@ -158,7 +168,14 @@ async def drive(args: argparse.Namespace) -> None:
     coap_child, coap_port = await _start(coap_cmd, workdir / "coap.port", prof_prefix)
     http_cmd = [sys.executable, __file__, "--serve-http", str(workdir / "http.port")]
     http_child, http_port = await _start(http_cmd, workdir / "http.port")
-    children = (coap_child, http_child)
+    children: tuple[subprocess.Popen[bytes], ...] = (coap_child, http_child)
+    from synapse_coap.native import status
+
+    pure_child: subprocess.Popen[bytes] | None = None
+    if status().mode == "native":
+        pure_cmd = [sys.executable, __file__, "--serve", str(workdir / "pure.port"), key.hex()]
+        pure_child, pure_port = await _start(pure_cmd, workdir / "pure.port", pure=True)
+        children += (pure_child,)
     try:
         cores = sorted(os.sched_getaffinity(0))
         if len(cores) >= 2:
@@ -201,6 +218,15 @@ async def drive(args: argparse.Namespace) -> None:
             serial += n
 
         listeners = {"CoAP+Noise": (one_coap, coap_child), "HTTP/1.1": (one_http, http_child)}
+        if pure_child is not None:
+            pure_ep = Endpoint("127.0.0.1", pure_port, SERVER_NAME, public_key(key), True)
+
+            async def one_pure(i: int) -> None:
+                target = f"{TARGET}?n={i}".encode()
+                r = await client.request(pure_ep, HttpRequest("GET", target, auth))
+                assert r.status == 200, r
+
+            listeners[PURE] = (one_pure, pure_child)
         for one, _child in listeners.values():
             await run(one, 200)  # handshake, connections, warm-up
         results: dict[str, list[float]] = {name: [] for name in listeners}
@@ -259,15 +285,23 @@ async def drive(args: argparse.Namespace) -> None:
 
 def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
     """The docs' block: rendered from the results CSV's provenance and rows only."""
-    cells: dict[str, list[float]] = {name: [] for name in LISTENERS}
+    cells: dict[str, list[float]] = {name: [] for name in (*LISTENERS, PURE)}
     for r in sorted(rows, key=lambda r: int(r["round"])):
         cells[r["listener"]].append(float(r["cpu_us"]))
+    pure_rows = []
+    if cells[PURE]:
+        gains = [a / b for a, b in zip(cells["CoAP+Noise"], cells[PURE], strict=True) if b]
+        pure_rows = [
+            f"| CoAP+Noise on the plain-Python sources (`SYNAPSE_COAP_PURE=1`) | "
+            f"{spread(cells[PURE], '{:.1f}')} |",
+            f"| ratio native build / plain Python (per round) | {spread(gains, '{:.2f}')}x |",
+        ]
     ratios = [a / b for a, b in zip(cells["CoAP+Noise"], cells["HTTP/1.1"], strict=True) if b]
     tick = 1e6 / os.sysconf("SC_CLK_TCK") / int(meta["requests"])
     lines = [
         "The listener alone, without Synapse: CPU time (user + system) of the listening "
         f"process per request, {meta['requests']} distinct requests per round, concurrency "
-        f"{meta['concurrency']}, median (min-max) of {meta['rounds']} rounds, the two taking "
+        f"{meta['concurrency']}, median (min-max) of {meta['rounds']} rounds, the listeners taking "
         "turns; both answer the same stub `/whoami` body and headers; the client pinned to "
         f"the other core at lower priority; resolution {tick:.1f} us.",
         "",
@@ -278,6 +312,7 @@ def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         f"| HTTP/1.1 (Twisted's HTTP server, as under Synapse's listener) | "
         f"{spread(cells['HTTP/1.1'], '{:.1f}')} |",
         f"| ratio CoAP+Noise / HTTP/1.1 (per round) | {spread(ratios, '{:.2f}')}x |",
+        *pure_rows,
         "",
         f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "
         f"Python {meta['python']}"

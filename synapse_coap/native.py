@@ -21,6 +21,14 @@ classes cannot derive from them), attrs classes with field converters or factori
 (``mapping.messages``, ``wire.body_tables``, ``wire.profile``, ``mapping.push``,
 ``noise.limits``, ``noise.trust``), and ``noise.handshake`` (mypyc 2.4 stops on one
 of its closures; it runs once per session anyway).
+
+Writing code for these modules: mypyc checks the annotations at run time (a value that
+is not of its declared type is a TypeError, not silently passed on: the reason the
+body decoders no longer let a bare CBOR byte string through), and keeps a class
+attribute of an exception class only when it is declared ``ClassVar``
+(``mapping.coap_rules``). ``tests/unit/test_native.py`` compares the two builds on the
+held-out corpus; ``scripts/test`` runs the suite on the native build and the unit
+tests again on the sources.
 """
 
 from __future__ import annotations

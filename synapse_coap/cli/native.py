@@ -108,6 +108,8 @@ def build() -> float:
             str(work / "temp"),
             "--build-lib",
             str(work / "lib"),
+            "--parallel",
+            str(os.cpu_count() or 1),
             "--",
             f"--config-file={work / 'mypy.ini'}",
             *(

@@ -4,6 +4,8 @@ it does not implement (4.02), methods it does not have (4.05), proxying it does 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from synapse_coap.errors import RemoteProtocolError
 from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.messages import CoapMessage
@@ -15,19 +17,19 @@ from synapse_coap.mapping.tokens import (
 class UnsupportedCriticalOption(RemoteProtocolError):
     """A request carries a critical option we do not implement (answer 4.02 Bad Option)."""
 
-    coap_code = n.BAD_OPTION
+    coap_code: ClassVar[int] = n.BAD_OPTION
 
 
 class UnsupportedMethod(RemoteProtocolError):
     """A request's method code names no method we know (answer 4.05, RFC 7252 5.8)."""
 
-    coap_code = n.METHOD_NOT_ALLOWED
+    coap_code: ClassVar[int] = n.METHOD_NOT_ALLOWED
 
 
 class ProxyingNotSupported(RemoteProtocolError):
     """A request carries Proxy-Uri or Proxy-Scheme: we are not a proxy (answer 5.05)."""
 
-    coap_code = n.PROXYING_NOT_SUPPORTED
+    coap_code: ClassVar[int] = n.PROXYING_NOT_SUPPORTED
 
 
 def accepted_format(msg: CoapMessage) -> int | None:

@@ -144,3 +144,18 @@ def test_every_module_of_the_build_exists_and_is_not_a_package() -> None:
     for name in native.MODULES:
         assert native.source_path(name).is_file(), name
         assert native.source_path(name).name != "__init__.py"
+
+
+def test_the_codes_that_errors_carry_survive_compilation() -> None:
+    """The listener reads an error's CoAP code with getattr: a class attribute that the
+    native build must keep (mypyc drops a plain one on an exception class)."""
+    from synapse_coap.mapping import numbers as n
+    from synapse_coap.mapping.coap_rules import (
+        ProxyingNotSupported,
+        UnsupportedCriticalOption,
+        UnsupportedMethod,
+    )
+
+    assert getattr(UnsupportedCriticalOption("x"), "coap_code", None) == n.BAD_OPTION
+    assert getattr(UnsupportedMethod("x"), "coap_code", None) == n.METHOD_NOT_ALLOWED
+    assert getattr(ProxyingNotSupported("x"), "coap_code", None) == n.PROXYING_NOT_SUPPORTED
