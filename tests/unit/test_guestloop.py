@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -232,3 +233,28 @@ def test_a_wake_up_runs_ready_callbacks_for_a_bounded_number_of_turns(
     assert reactor.due() == [0.0]  # still ready: the reactor's turn, then more
     reactor.advance(0)
     assert len(turns) == 3 * guestloop.TURNS_PER_WAKE
+
+
+def test_inside_an_iteration_the_loop_is_the_running_loop_and_outside_it_is_not(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    guest, reactor = driven
+    seen: list[object] = []
+
+    async def agen():  # type: ignore[no-untyped-def]
+        yield 1
+        yield 2
+
+    async def probe() -> None:
+        seen.append(asyncio.get_running_loop())
+        seen.append(guest.loop.is_running())
+        async for _ in agen():
+            break  # left unfinished: the loop's async generator hooks finalize it
+
+    guest.loop.create_task(probe())
+    reactor.advance(0)
+    assert seen == [guest.loop, True]
+    assert not guest.loop.is_running()
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    assert sys.get_asyncgen_hooks() == (None, None)  # this thread's hooks given back
