@@ -177,7 +177,13 @@ def _decide() -> tuple[NativeStatus, bool]:
         manifest = json.loads(MANIFEST.read_text())
     except (OSError, ValueError):
         manifest = {}
-    stale = stale_modules(manifest if isinstance(manifest, dict) else {}, compiled)
+    if not isinstance(manifest, dict):
+        manifest = {}
+    stale = stale_modules(manifest, compiled)
+    built = manifest.get("modules")
+    # (a build of another module list: its shared library holds other modules' code,
+    # which the compiled modules would import from it, whatever the sources say)
+    stale += sorted(set(built) ^ set(MODULES)) if isinstance(built, dict) else []
     if stale:
         logger.warning(
             "synapse-coap: the native build is older than the sources of %s; running every "
@@ -191,14 +197,30 @@ def _decide() -> tuple[NativeStatus, bool]:
     return NativeStatus("native", compiled, "built by synapse-coap build-native"), False
 
 
+def orphans() -> list[str]:
+    """Modules with an extension beside their source that :data:`MODULES` does not
+    list (left by a build of another version): they always run from source."""
+    listed = set(MODULES)
+    out = []
+    for ext in PACKAGE_DIR.rglob("*.so"):
+        if ext.name.startswith("native__mypyc"):
+            continue
+        rel = ext.relative_to(PACKAGE_DIR.parent)
+        name = ".".join((*rel.parts[:-1], ext.name.split(".", 1)[0]))
+        if name not in listed:
+            out.append(name)
+    return sorted(out)
+
+
 def install() -> NativeStatus:
     """Decide once per process which build runs (called when the package is imported,
     before any module of the build is)."""
     global _status
     if _status is None:
         _status, source_first = _decide()
-        if source_first:
-            sys.meta_path.insert(0, _SourceFirst(MODULES))
+        from_source = [*(MODULES if source_first else ()), *orphans()]
+        if from_source:
+            sys.meta_path.insert(0, _SourceFirst(from_source))
     return _status
 
 

@@ -62,8 +62,9 @@ def register(sub: Any) -> None:
 
 
 def built_files() -> list[Path]:
-    out = [p for m in native.MODULES if (p := native.extension_path(m)) is not None]
-    out += sorted(native.PACKAGE_DIR.glob("native__mypyc*"))
+    """Everything a build left (every module's extension, also of a module an earlier
+    build compiled and this one does not)."""
+    out = sorted(native.PACKAGE_DIR.rglob("*.so"))
     if native.MANIFEST.exists():
         out.append(native.MANIFEST)
     return out
@@ -80,6 +81,8 @@ def up_to_date() -> bool:
         return False
     if not isinstance(manifest, dict) or manifest.get("python") != sys.version:
         return False
+    if set(manifest.get("modules", ())) != set(native.MODULES) or native.orphans():
+        return False  # a build of another module list
     return not native.stale_modules(manifest)
 
 
@@ -93,13 +96,16 @@ def build() -> float:
         (work / "mypy.ini").write_text(
             _MYPY_CONFIG.format(python=f"{sys.version_info[0]}.{sys.version_info[1]}")
         )
-        # mypy compiles a copy: it will not take sources under site-packages as its own
-        src = work / "src" / "synapse_coap"
-        shutil.copytree(
-            native.PACKAGE_DIR,
-            src,
-            ignore=shutil.ignore_patterns("*.so", "__pycache__", "maps", "*.json"),
-        )
+        src = native.PACKAGE_DIR
+        if {"site-packages", "dist-packages"} & set(src.parts):
+            # mypy will not take sources under site-packages as its own: it compiles a
+            # copy (tracebacks through compiled code then name the copy's paths)
+            src = work / "src" / "synapse_coap"
+            shutil.copytree(
+                native.PACKAGE_DIR,
+                src,
+                ignore=shutil.ignore_patterns("*.so", "__pycache__", "maps", "*.json"),
+            )
         cmd = [
             sys.executable,
             "setup.py",

@@ -159,3 +159,31 @@ def test_the_codes_that_errors_carry_survive_compilation() -> None:
     assert getattr(UnsupportedCriticalOption("x"), "coap_code", None) == n.BAD_OPTION
     assert getattr(UnsupportedMethod("x"), "coap_code", None) == n.METHOD_NOT_ALLOWED
     assert getattr(ProxyingNotSupported("x"), "coap_code", None) == n.PROXYING_NOT_SUPPORTED
+
+
+def test_a_build_of_another_module_list_is_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that compiled other modules (an upgrade that changed the list without a
+    new build): its shared library holds their code, so none of it runs."""
+    digests = {m: native.source_digest(m) for m in native.MODULES}
+    digests["synapse_coap.transport.gone"] = "0" * 64
+    manifest = tmp_path / "native-build.json"
+    manifest.write_text(json.dumps({"modules": digests}))
+    monkeypatch.setattr(native, "MANIFEST", manifest)
+    monkeypatch.setattr(native, "extension_path", lambda m: tmp_path / (m + ".so"))
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("pure", True)
+    assert "synapse_coap.transport.gone" in status.reason
+
+
+def test_an_extension_the_build_does_not_list_never_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "synapse_coap"
+    (pkg / "transport").mkdir(parents=True)
+    (pkg / "transport" / "old.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (pkg / "native__mypyc.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    monkeypatch.setattr(native, "PACKAGE_DIR", pkg)
+    assert native.orphans() == ["synapse_coap.transport.old"]
