@@ -104,8 +104,7 @@ MODULES: tuple[str, ...] = (
 @attrs.frozen
 class NativeStatus:
     """Which build runs: ``mode`` is ``native`` (every module of :data:`MODULES` from its
-    extension), ``pure`` (every one from its source) or ``mixed`` (an extension without
-    a manifest beside sources: a build of something else); ``reason`` says why."""
+    extension) or ``pure`` (every one from its source); ``reason`` says why."""
 
     mode: str
     compiled: tuple[str, ...]
@@ -171,15 +170,22 @@ def _decide() -> tuple[NativeStatus, bool]:
     if not compiled:
         return NativeStatus("pure", (), "not compiled: synapse-coap build-native builds it"), False
     if not MANIFEST.exists():
-        reason = "extensions without native-build.json"
-        return NativeStatus("mixed", compiled, reason), False
+        # (not a build of ours: nothing says which sources it was compiled from)
+        logger.warning(
+            "synapse-coap: extensions without %s; running every module from its source "
+            "(synapse-coap build-native rebuilds them)",
+            MANIFEST.name,
+        )
+        return NativeStatus("pure", (), f"extensions without {MANIFEST.name}"), True
     try:
         manifest = json.loads(MANIFEST.read_text())
     except (OSError, ValueError):
         manifest = {}
     if not isinstance(manifest, dict):
         manifest = {}
-    stale = stale_modules(manifest, compiled)
+    # (a module whose extension is missing still has its code in the build's shared
+    # library, where the other compiled modules import it from: it must match too)
+    stale = stale_modules(manifest, MODULES)
     built = manifest.get("modules")
     # (a build of another module list: its shared library holds other modules' code,
     # which the compiled modules would import from it, whatever the sources say)
@@ -193,7 +199,11 @@ def _decide() -> tuple[NativeStatus, bool]:
         return NativeStatus("pure", (), f"stale build: {', '.join(stale)} changed"), True
     if len(compiled) < len(MODULES):
         missing = sorted(set(MODULES) - set(compiled))
-        return NativeStatus("mixed", compiled, f"not compiled: {', '.join(missing)}"), False
+        logger.warning(
+            "synapse-coap: the native build lacks %s; running every module from its source",
+            ", ".join(missing),
+        )
+        return NativeStatus("pure", (), f"incomplete build: no {', '.join(missing)}"), True
     return NativeStatus("native", compiled, "built by synapse-coap build-native"), False
 
 

@@ -84,6 +84,20 @@ def _probe(pure: bool) -> dict[str, object]:
     return result
 
 
+def _fake_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digests: dict[str, str] | None
+) -> Path:
+    """A build whose every module has an extension; its manifest holds ``digests``
+    (None: no manifest)."""
+    manifest = tmp_path / "native-build.json"
+    if digests is not None:
+        manifest.write_text(json.dumps({"modules": digests}))
+    monkeypatch.setattr(native, "MANIFEST", manifest)
+    monkeypatch.setattr(native, "extension_path", lambda m: tmp_path / (m + ".so"))
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    return manifest
+
+
 def test_pure_runs_every_module_from_its_source() -> None:
     got = _probe(pure=True)
     assert got["status"] == "pure"
@@ -106,11 +120,7 @@ def test_a_source_changed_since_the_build_makes_every_module_run_from_source(
     digests = {m: native.source_digest(m) for m in native.MODULES}
     edited = "synapse_coap.mapping.codec"
     digests[edited] = "0" * 64
-    manifest = tmp_path / "native-build.json"
-    manifest.write_text(json.dumps({"modules": digests}))
-    monkeypatch.setattr(native, "MANIFEST", manifest)
-    monkeypatch.setattr(native, "extension_path", lambda m: tmp_path / (m + ".so"))
-    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    manifest = _fake_build(tmp_path, monkeypatch, digests)
     status, source_first = native._decide()
     assert (status.mode, source_first) == ("pure", True)
     assert edited in status.reason
@@ -168,14 +178,30 @@ def test_a_build_of_another_module_list_is_not_run(
     new build): its shared library holds their code, so none of it runs."""
     digests = {m: native.source_digest(m) for m in native.MODULES}
     digests["synapse_coap.transport.gone"] = "0" * 64
-    manifest = tmp_path / "native-build.json"
-    manifest.write_text(json.dumps({"modules": digests}))
-    monkeypatch.setattr(native, "MANIFEST", manifest)
-    monkeypatch.setattr(native, "extension_path", lambda m: tmp_path / (m + ".so"))
-    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    _fake_build(tmp_path, monkeypatch, digests)
     status, source_first = native._decide()
     assert (status.mode, source_first) == ("pure", True)
     assert "synapse_coap.transport.gone" in status.reason
+
+
+def test_extensions_without_a_manifest_or_a_missing_one_are_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing says what extensions without a manifest were built from; and a module
+    whose extension is gone still has its code in the build's shared library."""
+    _fake_build(tmp_path, monkeypatch, None)
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("pure", True)
+    assert "without native-build.json" in status.reason
+
+    _fake_build(tmp_path, monkeypatch, {m: native.source_digest(m) for m in native.MODULES})
+    gone = native.MODULES[0]
+    monkeypatch.setattr(
+        native, "extension_path", lambda m: None if m == gone else tmp_path / (m + ".so")
+    )
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("pure", True)
+    assert gone in status.reason
 
 
 def test_an_extension_the_build_does_not_list_never_loads(
