@@ -88,6 +88,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results_store import (  # noqa: E402
+    build_suffix,
     cpu_seconds,
     provenance,
     read_dict_rows,
@@ -782,11 +783,6 @@ def render_readme(csv_path: Path) -> None:
     print("updated README.md")
 
 
-def _build(meta: dict[str, str]) -> str:
-    """ ", <which build of synapse_coap>" (runs before the native build say nothing)"""
-    return f", {meta['build']}" if meta.get("build") else ""
-
-
 def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
     """The README's block: rendered from the results CSV's provenance and rows only."""
     results = cells_of(rows)
@@ -812,7 +808,7 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
     lines += [
         "",
         f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "
-        f"Synapse {meta['synapse']}{_build(meta)} (shared with other work); rounds in "
+        f"Synapse {meta['synapse']}{build_suffix(meta)} (shared with other work); rounds in "
         "`bench/results/inbound.csv`._",
     ]
     return "\n".join(lines)

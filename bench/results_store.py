@@ -74,6 +74,12 @@ def native_build() -> str:
     return status().describe()
 
 
+def build_suffix(meta: dict[str, str]) -> str:
+    """``", <the build>"`` for a results footer (runs from before the native build
+    recorded none: nothing)."""
+    return f", {meta['build']}" if meta.get("build") else ""
+
+
 def provenance(command: str) -> dict[str, str]:
     """Command, commit, machine, Synapse version and time of a run."""
     commit = source_commit()

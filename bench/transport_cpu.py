@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results_store import (  # noqa: E402
+    build_suffix,
     cpu_seconds,
     provenance,
     read_dict_rows,
@@ -315,9 +316,7 @@ def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         *pure_rows,
         "",
         f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "
-        f"Python {meta['python']}"
-        + (f", {meta['build']}" if meta.get("build") else "")
-        + f" ({meta['note']}); rounds in "
+        f"Python {meta['python']}{build_suffix(meta)} ({meta['note']}); rounds in "
         "`bench/results/transport_cpu.csv`._",
     ]
     return "\n".join(lines)

@@ -136,13 +136,35 @@ def extension_path(module: str) -> Path | None:
     return None
 
 
-def stale_modules(manifest: dict[str, Any], modules: Sequence[str] = MODULES) -> list[str]:
-    """The modules whose source differs from what the build compiled (or that the build
-    did not compile)."""
-    built = manifest.get("modules", {})
+def read_manifest() -> dict[str, Any]:
+    """The build's manifest (``{}`` if there is none, or it is not one)."""
+    try:
+        manifest = json.loads(MANIFEST.read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def build_fault() -> str | None:
+    """Why the extensions beside the sources must not run (None: they are a complete
+    build of :data:`MODULES` from the sources as they are now)."""
+    if not MANIFEST.exists():
+        # (not a build of ours: nothing says which sources it was compiled from)
+        return f"extensions without {MANIFEST.name}"
+    built = read_manifest().get("modules")
     if not isinstance(built, dict):
-        return list(modules)
-    return [m for m in modules if built.get(m) != source_digest(m)]
+        built = {}
+    # every module of the list, compiled or not: one whose extension is missing still
+    # has its code in the build's shared library, where the compiled modules import it
+    # from; and a build of another module list holds other modules' code there
+    stale = [m for m in MODULES if built.get(m) != source_digest(m)]
+    stale += sorted(set(built) - set(MODULES))
+    if stale:
+        return f"stale build: {', '.join(stale)} changed"
+    missing = [m for m in MODULES if extension_path(m) is None]
+    if missing:
+        return f"incomplete build: no {', '.join(missing)}"
+    return None
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
@@ -169,41 +191,14 @@ def _decide() -> tuple[NativeStatus, bool]:
         return NativeStatus("pure", (), f"{PURE_ENV} is set"), bool(compiled)
     if not compiled:
         return NativeStatus("pure", (), "not compiled: synapse-coap build-native builds it"), False
-    if not MANIFEST.exists():
-        # (not a build of ours: nothing says which sources it was compiled from)
+    fault = build_fault()
+    if fault is not None:
         logger.warning(
-            "synapse-coap: extensions without %s; running every module from its source "
-            "(synapse-coap build-native rebuilds them)",
-            MANIFEST.name,
+            "synapse-coap: not running the native build (%s): every module runs from its "
+            "source (synapse-coap build-native rebuilds it)",
+            fault,
         )
-        return NativeStatus("pure", (), f"extensions without {MANIFEST.name}"), True
-    try:
-        manifest = json.loads(MANIFEST.read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    if not isinstance(manifest, dict):
-        manifest = {}
-    # (a module whose extension is missing still has its code in the build's shared
-    # library, where the other compiled modules import it from: it must match too)
-    stale = stale_modules(manifest, MODULES)
-    built = manifest.get("modules")
-    # (a build of another module list: its shared library holds other modules' code,
-    # which the compiled modules would import from it, whatever the sources say)
-    stale += sorted(set(built) ^ set(MODULES)) if isinstance(built, dict) else []
-    if stale:
-        logger.warning(
-            "synapse-coap: the native build is older than the sources of %s; running every "
-            "module from its source (synapse-coap build-native rebuilds it)",
-            ", ".join(stale),
-        )
-        return NativeStatus("pure", (), f"stale build: {', '.join(stale)} changed"), True
-    if len(compiled) < len(MODULES):
-        missing = sorted(set(MODULES) - set(compiled))
-        logger.warning(
-            "synapse-coap: the native build lacks %s; running every module from its source",
-            ", ".join(missing),
-        )
-        return NativeStatus("pure", (), f"incomplete build: no {', '.join(missing)}"), True
+        return NativeStatus("pure", (), fault), True
     return NativeStatus("native", compiled, "built by synapse-coap build-native"), False
 
 

@@ -71,19 +71,13 @@ def built_files() -> list[Path]:
 
 
 def up_to_date() -> bool:
-    if not native.MANIFEST.exists() or any(
-        native.extension_path(m) is None for m in native.MODULES
-    ):
-        return False
-    try:
-        manifest = json.loads(native.MANIFEST.read_text())
-    except ValueError:
-        return False
-    if not isinstance(manifest, dict) or manifest.get("python") != sys.version:
-        return False
-    if set(manifest.get("modules", ())) != set(native.MODULES) or native.orphans():
-        return False  # a build of another module list
-    return not native.stale_modules(manifest)
+    """A complete build of the module list from the current sources, by this Python,
+    with no extension of an earlier build beside it."""
+    return (
+        native.build_fault() is None
+        and native.read_manifest().get("python") == sys.version
+        and not native.orphans()
+    )
 
 
 def build() -> float:
