@@ -7,8 +7,9 @@ Two child processes, each pinned to one core:
 
 * CoAP+Noise: the module's listener (:class:`CoapServer`: Noise, the real wire codec,
   the fast path) on an asyncio loop, in front of a stub dispatcher that answers at
-  once with what Synapse's ``/whoami`` answers (the headers the in-process dispatcher
-  keeps, a distinct body per request);
+  once (``dispatch_now``, no task, as the in-process dispatcher does when Synapse
+  answers at once) with what Synapse's ``/whoami`` answers (the headers the
+  in-process dispatcher keeps, a distinct body per request);
 * HTTP/1.1: Twisted's HTTP server (what Synapse's HTTP listener is built on) with a
   resource answering the same body and headers.
 
@@ -40,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +83,24 @@ def serve(port_file: Path, key_hex: str) -> None:
     )
 
     class Stub:
-        async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
+        """Answers as the module's in-process dispatcher does when Synapse answers at
+        once: ``dispatch_now`` (no task), with ``dispatch`` for the rest."""
+
+        def answer(self, request: HttpRequest) -> HttpResponse:
             n = request.target.rpartition(b"=")[2].decode()
             body = (
                 '{"user_id":"@bench:bench.test","is_guest":false,"device_id":"D' + n + '"}'
             ).encode()
             return HttpResponse(200, headers, body)
+
+        async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
+            return self.answer(request)
+
+        def dispatch_now(
+            self, request: HttpRequest, peer: PeerInfo, done: Callable[[Any], None]
+        ) -> Callable[[], None]:
+            done(self.answer(request))
+            return lambda: None
 
     async def main() -> None:
         server = await CoapServer.start(

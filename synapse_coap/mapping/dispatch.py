@@ -9,6 +9,7 @@ exchange was abandoned and the implementation must cancel the request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -39,3 +40,24 @@ class PeerInfo:
 
 class Dispatcher(Protocol):
     async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse: ...
+
+
+class EagerDispatcher(Dispatcher, Protocol):
+    """A dispatcher that can also start a request without a task awaiting it.
+
+    The server's fast path calls ``dispatch_now`` where the dispatcher has it: it
+    starts the request at once, on the loop's thread, and calls ``done`` with the
+    response or the error (``asyncio.CancelledError`` if the request was given up
+    upstream) when it is there, possibly before returning, on that same thread. It
+    returns the function that abandons the request (the CoAP exchange was given up:
+    ``done`` is then never called), or None, having done nothing, when it cannot
+    start this request at once (the caller then awaits ``dispatch``).  The module's
+    in-process dispatcher has it (Synapse runs on the loop's thread); the gateway's
+    HTTP client does not."""
+
+    def dispatch_now(
+        self,
+        request: HttpRequest,
+        peer: PeerInfo,
+        done: Callable[[HttpResponse | BaseException], None],
+    ) -> Callable[[], None] | None: ...

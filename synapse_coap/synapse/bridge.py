@@ -312,6 +312,60 @@ class Bridge:
                 self.reactor.callFromThread(cancel)
             raise
 
+    def start_now(
+        self,
+        start: Callable[[], tuple[defer.Deferred[T], Callable[[], None]]],
+        done: Callable[[T | BaseException], None],
+    ) -> Callable[[], None] | None:
+        """:meth:`call_reactor` without an awaiting task, when the loop runs on the
+        reactor thread (shared or guest): ``start()`` runs now, and ``done`` gets its
+        result or error when the Deferred fires (possibly before this returns),
+        called in the sentinel logcontext.  Returns the function that abandons the
+        request (``done`` is not called after it); None in thread mode, having done
+        nothing (then :meth:`call_reactor`)."""
+        if not self.same_thread:
+            return None
+        over = False
+
+        def settle(result: Any) -> None:
+            nonlocal over
+            if over:
+                return
+            over = True
+            value = _as_asyncio_error(_error_of(result)) if isinstance(result, Failure) else result
+            previous = set_current_context(SENTINEL_CONTEXT)
+            try:
+                done(value)
+            except Exception:
+                logger.exception("synapse-coap: answering a request failed")
+            finally:
+                set_current_context(previous)
+
+        previous = set_current_context(SENTINEL_CONTEXT)
+        try:
+            d, abandon = start()
+        except Exception as e:
+            set_current_context(previous)
+            settle(_failure(e))
+            return _nothing
+        set_current_context(previous)
+        d.addBoth(settle)
+
+        def cancel() -> None:
+            nonlocal over
+            if over:
+                return
+            over = True
+            previous = set_current_context(SENTINEL_CONTEXT)
+            try:
+                abandon()
+            except Exception:
+                logger.exception("synapse-coap: abandoning a request failed")
+            finally:
+                set_current_context(previous)
+
+        return cancel
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def on_stop(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -378,6 +432,15 @@ class Bridge:
 
         d.addBoth(finish)
         return d
+
+
+def _nothing() -> None:
+    pass
+
+
+def _error_of(failure: Failure) -> BaseException:
+    error = failure.value
+    return error if error is not None else RuntimeError("a failure without an exception")
 
 
 def _failure(exc: BaseException) -> Failure:

@@ -519,6 +519,15 @@ class InProcessDispatcher:
         # (the bridge's coroutine itself: no frame of ours around it on every request)
         return self._bridge.call_reactor(functools.partial(self.start_in_reactor, request, peer))
 
+    def dispatch_now(
+        self,
+        request: HttpRequest,
+        peer: PeerInfo,
+        done: Callable[[HttpResponse | BaseException], None],
+    ) -> Callable[[], None] | None:
+        # (see mapping.dispatch.EagerDispatcher)
+        return self._bridge.start_now(functools.partial(self.start_in_reactor, request, peer), done)
+
     def start_in_reactor(
         self, request: HttpRequest, peer: PeerInfo
     ) -> tuple[defer.Deferred[HttpResponse], Callable[[], None]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from synapse.logging.context import make_deferred_yieldable
@@ -172,6 +173,19 @@ class RoutingDispatcher:
     def target_for(self, request: HttpRequest) -> str:
         path = request.target.split(b"?", 1)[0].decode("utf-8", "replace")
         return self.workers.instance_for(path, self.instance)
+
+    def dispatch_now(
+        self,
+        request: HttpRequest,
+        peer: PeerInfo,
+        done: Callable[[HttpResponse | BaseException], None],
+    ) -> Callable[[], None] | None:
+        """A request served here starts at once (see mapping.dispatch.EagerDispatcher); a
+        forwarded one goes through :meth:`dispatch`."""
+        if self.target_for(request) != self.instance:
+            return None
+        dispatch_now = getattr(self.local, "dispatch_now", None)
+        return None if dispatch_now is None else dispatch_now(request, peer, done)  # type: ignore[no-any-return]
 
     async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         target = self.target_for(request)

@@ -36,14 +36,25 @@ on the ACK for a CON, as a NON for a NON. An answer larger than one block, one
 whose empty ACK already went out (a separate CON with retransmissions), or one
 with other options is handed to aiocoap's message layer as before.
 
+A request taken needs no asyncio task of its own where the dispatcher can start it
+at once (``dispatch_now``, :class:`~synapse_coap.mapping.dispatch.EagerDispatcher`:
+the module's in-process dispatcher, whose Synapse runs on the loop's thread):
+:meth:`CoapServer.respond_now <synapse_coap.transport.server.CoapServer.respond_now>`
+decodes it, starts it in Synapse and answers it from the callback that brings the
+response, in the same loop turn when Synapse answers at once. Otherwise (the gateway's
+HTTP dispatcher, a request for another worker, a body decoded off the loop, another
+request of the session still decoding) the exchange runs in a task as before.
+
 A request's token reused by a new request, or an Abandon on it, cancels its
-dispatch, as does the end of its session (:meth:`FastPath.remote_failed`).
+dispatch (or abandons it in Synapse), as does the end of its session
+(:meth:`FastPath.remote_failed`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from synapse_coap.errors import RemoteProtocolError, SynapseCoapError
@@ -141,7 +152,7 @@ class FastPath:
         self._exchanges = FastExchanges(mman)
         self._loop = iface.loop
         #: (remote, token) -> the dispatch task of a request in flight
-        self._tasks: dict[tuple[Any, bytes], asyncio.Task[None]] = {}
+        self._tasks: dict[tuple[Any, bytes], asyncio.Task[None] | _Eager] = {}
         #: requests taken, answers sent directly (the rest went to aiocoap's layer)
         self.taken = 0
         self.answered = 0
@@ -172,11 +183,23 @@ class FastPath:
             return False  # aiocoap's path answers 5.03
         empty_ack_delay, lifetime = self._mman.answer_delays(remote)
         exchanges.accept(remote, mid, token, mtype == _CON, empty_ack_delay, lifetime)
+        self.taken += 1
+        now = _Eager(self, remote, data, mtype, token, session)
+        try:
+            cancel = self._server.respond_now(remote, token, cm, mtype == _NON, now.done)
+        except Exception as e:
+            now.done(e)
+            return True
+        if now.over:
+            return True  # answered already
+        if cancel is not None:
+            now.abandon = cancel
+            self._tasks[key] = now
+            return True
         task = self._loop.create_task(
             self._exchange(remote, data, mtype, token, cm, session), name="synapse-coap fast"
         )
         self._tasks[key] = task
-        self.taken += 1
         return True
 
     async def _exchange(
@@ -188,6 +211,8 @@ class FastPath:
         cm: CoapMessage,
         session: Any,
     ) -> None:
+        """A request the server could not answer at once (see
+        :meth:`CoapServer.respond_now`), in a task."""
         key = (remote, token)
         try:
             server = self._server
@@ -199,32 +224,38 @@ class FastPath:
             except Exception:
                 logger.exception("rendering a request from %s failed", remote.hostinfo)
                 answer = CoapMessage(160)  # 5.00, as aiocoap answers a raising resource
-            await self._answer(remote, data, mtype, token, answer)
+            if not self._answer(remote, mtype, token, answer):
+                await self._answer_by_aiocoap(remote, data, answer)
         finally:
             self._server.root.leave(session)
             if self._tasks.get(key) is asyncio.current_task():
                 del self._tasks[key]
 
-    async def _answer(
-        self, remote: NoiseRemote, data: bytes, mtype: int, token: bytes, answer: CoapMessage
-    ) -> None:
+    def _answer(self, remote: NoiseRemote, mtype: int, token: bytes, answer: CoapMessage) -> bool:
+        """Send ``answer`` directly; False if it needs aiocoap's message layer."""
         exchanges = self._exchanges
-        if len(answer.payload) <= remote.maximum_payload_size and _direct(answer):
-            if mtype == _CON:
-                mid = exchanges.take_piggyback(remote, token)
-                reply = _ACK
-            else:
-                mid, reply = exchanges.next_message_id(), _NON
-            if mid is not None:
-                try:
-                    datagram = encode_coap(answer, mtype=reply, mid=mid, token=token)
-                except SynapseCoapError:
-                    datagram = encode_coap(CoapMessage(160), mtype=reply, mid=mid, token=token)
-                exchanges.sent(remote, mid, mtype == _CON, datagram)
-                self._iface.send_datagram(remote, datagram)
-                self.answered += 1
-                return
-        # aiocoap's message layer: blocks, a separate CON response, other options
+        if len(answer.payload) > remote.maximum_payload_size or not _direct(answer):
+            return False
+        if mtype == _CON:
+            mid = exchanges.take_piggyback(remote, token)
+            reply = _ACK
+        else:
+            mid, reply = exchanges.next_message_id(), _NON
+        if mid is None:
+            return False  # its empty ACK went out: a separate response
+        try:
+            datagram = encode_coap(answer, mtype=reply, mid=mid, token=token)
+        except SynapseCoapError:
+            datagram = encode_coap(CoapMessage(160), mtype=reply, mid=mid, token=token)
+        exchanges.sent(remote, mid, mtype == _CON, datagram)
+        self._iface.send_datagram(remote, datagram)
+        self.answered += 1
+        return True
+
+    async def _answer_by_aiocoap(
+        self, remote: NoiseRemote, data: bytes, answer: CoapMessage
+    ) -> None:
+        """aiocoap's message layer: blocks, a separate CON response, other options."""
         try:
             request = decode_message(data, remote)
         except MessageFormatError:  # pragma: no cover - decode_coap parsed it
@@ -249,3 +280,67 @@ class FastPath:
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
+
+
+class _Eager:
+    """A request taken by :meth:`FastPath.__call__` and answered by
+    :meth:`CoapServer.respond_now <synapse_coap.transport.server.CoapServer.respond_now>`
+    (no task): ``done`` once, or ``cancel``."""
+
+    __slots__ = ("abandon", "data", "fast", "mtype", "over", "remote", "session", "token")
+
+    def __init__(
+        self,
+        fast: FastPath,
+        remote: NoiseRemote,
+        data: bytes,
+        mtype: int,
+        token: bytes,
+        session: Any,
+    ) -> None:
+        self.fast = fast
+        self.remote = remote
+        self.data = data
+        self.mtype = mtype
+        self.token = token
+        self.session = session
+        self.over = False
+        self.abandon: Callable[[], None] | None = None
+
+    def _end(self) -> None:
+        self.over = True
+        fast = self.fast
+        fast._server.root.leave(self.session)
+        key = (self.remote, self.token)
+        if fast._tasks.get(key) is self:
+            del fast._tasks[key]
+
+    def done(self, result: CoapMessage | BaseException) -> None:
+        if self.over:
+            return
+        self._end()
+        fast, remote = self.fast, self.remote
+        if isinstance(result, asyncio.CancelledError):
+            return  # the dispatcher gave the request up: no answer (as a cancelled task)
+        if isinstance(result, RejectNon):
+            fast._server.reject_non(remote, int.from_bytes(self.data[2:4], "big"), str(result))
+            return
+        if isinstance(result, BaseException):
+            logger.error("rendering a request from %s failed", remote.hostinfo, exc_info=result)
+            result = CoapMessage(160)  # 5.00, as aiocoap answers a raising resource
+        try:
+            if fast._answer(remote, self.mtype, self.token, result):
+                return
+        except Exception:
+            logger.exception("answering a request from %s failed", remote.hostinfo)
+            return
+        fast._loop.create_task(
+            fast._answer_by_aiocoap(remote, self.data, result), name="synapse-coap answer"
+        )
+
+    def cancel(self) -> None:
+        if self.over:
+            return
+        self._end()
+        if self.abandon is not None:
+            self.abandon()

@@ -4,7 +4,9 @@ Each request is decoded with the session's :class:`WireCodec` (the profile the
 handshake negotiated; a plain listener uses the base profile; a large body on a
 worker thread, :mod:`~synapse_coap.transport.offload`), handed to
 ``dispatcher.dispatch(HttpRequest, PeerInfo)`` in the exchange's own asyncio
-task, and the HttpResponse is encoded back. aiocoap does the message layer,
+task (or, on the fast path, started at once with ``dispatch_now`` where the
+dispatcher has it: :meth:`CoapServer.respond_now`), and the HttpResponse is encoded
+back. aiocoap does the message layer,
 tuned by :class:`LinkMessageManager`: a response ready before the peer's
 retransmission timer would fire rides on the ACK; a slow one gets an empty
 ACK, then a separate confirmable response. A long-poll (``GET /sync?timeout=``,
@@ -24,7 +26,7 @@ one aiocoap resource every request passes (``root``), blockwise transfer state
 (``blocks``), the link-format document (``linkformat``) and the 0-RTT
 watermark file (``replay_state``).
 
-Size: about 750 lines, nearly all of them :class:`CoapServer`, whose listener
+Size: about 1,000 lines, nearly all of them :class:`CoapServer`, whose listener
 start-up and shutdown, per-session codecs, request rendering and push
 registrations share one state (sessions, message managers, the dispatcher);
 split further it would pass that state between modules instead of holding it.
@@ -37,7 +39,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import attrs
@@ -141,6 +143,8 @@ class _ServerSession:
     #: held by one request decode at a time: decoding updates ``tokens`` (bindings,
     #: the string table), and a large body is decoded on a worker thread
     decode_lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    #: decodes holding or waiting for ``decode_lock`` (0: a request may decode at once)
+    decodes: int = 0
 
 
 def _receiver_tokens(*, strings: bool = False) -> Any:
@@ -176,6 +180,102 @@ def _content_format(msg: CoapMessage) -> int | None:
 def _json_error(status: int, errcode: str, error: str) -> HttpResponse:
     body = json.dumps({"errcode": errcode, "error": error}).encode()
     return HttpResponse(status, (("content-type", "application/json"),), body)
+
+
+class _Exchange:
+    """One request between :meth:`CoapServer._open` and its answer."""
+
+    __slots__ = (
+        "accept",
+        "cm",
+        "codec",
+        "method",
+        "nonconfirmable",
+        "remote",
+        "route",
+        "session",
+        "started",
+        "token",
+        "want_json",
+    )
+
+    def __init__(
+        self,
+        remote: Any,
+        token: bytes,
+        cm: CoapMessage,
+        nonconfirmable: bool,
+        started: float,
+        accept: int | None,
+        session: _ServerSession,
+        route: str,
+    ) -> None:
+        self.remote = remote
+        self.token = token
+        self.cm = cm
+        self.nonconfirmable = nonconfirmable
+        self.started = started
+        self.accept = accept
+        self.session = session
+        self.codec: Codec = session.codec
+        self.route = route
+        self.want_json = accept == n.CF_JSON
+        self.method = cm.code
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Now:
+    """An exchange of :meth:`CoapServer.respond_now`: answered once, or abandoned."""
+
+    __slots__ = ("_done", "abandon", "ex", "loop", "over", "task")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[CoapMessage | BaseException], None],
+        ex: _Exchange,
+    ) -> None:
+        self.loop = loop
+        self._done = done
+        self.ex = ex
+        self.over = False
+        self.abandon: Callable[[], None] | None = None
+        self.task: asyncio.Task[CoapMessage] | None = None
+
+    def finish(self, result: CoapMessage | BaseException) -> None:
+        if not self.over:
+            self.over = True
+            self._done(result)
+
+    def follow(self, coro: Coroutine[Any, Any, CoapMessage]) -> None:
+        """The rest of the exchange in a task (the off-loop encoding; a dispatcher that
+        could not start the request at once)."""
+        self.task = task = self.loop.create_task(coro, name="synapse-coap exchange")
+        task.add_done_callback(self._followed)
+
+    def _followed(self, task: asyncio.Task[CoapMessage]) -> None:
+        if task.cancelled():
+            self.finish(asyncio.CancelledError())
+            return
+        error = task.exception()
+        self.finish(error if error is not None else task.result())
+
+    def cancel(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        ex = self.ex
+        if self.abandon is not None:
+            self.abandon()
+        if self.task is not None:
+            self.task.cancel()
+        elif self.abandon is not None:
+            logger.info(
+                "exchange %s from %s abandoned; dispatch cancelled", ex.route, ex.session.peer.host
+            )
 
 
 class CoapServer:
@@ -424,19 +524,27 @@ class CoapServer:
         session's tables, even when the request is abandoned meanwhile.
         """
         lock = session.decode_lock
-        await lock.acquire()
+        session.decodes += 1
+        try:
+            await lock.acquire()
+        except BaseException:
+            session.decodes -= 1
+            raise
         if self._decoder.inline(len(cm.payload)):
             try:
                 return session.codec.decode_request(cm, tokens=session.tokens)
             finally:
+                session.decodes -= 1
                 lock.release()
         try:
             fut = self._decoder.submit(session.codec.decode_request, cm, tokens=session.tokens)
         except BaseException:
+            session.decodes -= 1
             lock.release()
             raise
 
         def done(f: asyncio.Future[HttpRequest]) -> None:
+            session.decodes -= 1
             lock.release()
             if not f.cancelled():
                 f.exception()  # retrieved: an abandoned request's error is not logged again
@@ -479,8 +587,82 @@ class CoapServer:
     ) -> CoapMessage:
         """The answer to the request ``cm`` (transfer options taken out) from ``remote``
         on ``token``; :class:`RejectNon` for a NON request rejected with a Reset."""
+        ex = self._open(remote, token, cm, nonconfirmable)
+        if isinstance(ex, CoapMessage):
+            return ex
+        try:
+            http_req = await self._decode_request(ex.session, cm)
+        except RemoteProtocolError as e:
+            return self._undecodable(ex, e)
+        self._decoded(ex, http_req)
+        return await self._serve(ex, http_req)
+
+    def respond_now(
+        self,
+        remote: Any,
+        token: bytes,
+        cm: CoapMessage,
+        nonconfirmable: bool,
+        done: Callable[[CoapMessage | BaseException], None],
+    ) -> Callable[[], None] | None:
+        """:meth:`respond` without a task of its own, where it can be: ``done`` gets the
+        answer (or :class:`RejectNon`, or ``asyncio.CancelledError`` when the dispatcher
+        gave the request up), possibly before this returns; the function returned
+        abandons the exchange (``done`` is not called after it).
+
+        None, having done nothing, when the dispatcher cannot start a request at once
+        (no ``dispatch_now``), or when the request would wait to be decoded (another of
+        its session is being decoded, or its body is decoded off the loop): then
+        :meth:`respond` in a task. Called on the loop's thread; ``done`` is called on it.
+        """
+        dispatch_now = getattr(self.dispatcher, "dispatch_now", None)
+        if dispatch_now is None:
+            return None
+        ex = self._open(remote, token, cm, nonconfirmable)
+        if isinstance(ex, CoapMessage):
+            done(ex)
+            return _nothing
+        session = ex.session
+        if session.decodes or not self._decoder.inline(len(cm.payload)):
+            return None
+        try:
+            http_req = session.codec.decode_request(cm, tokens=session.tokens)
+        except RemoteProtocolError as e:
+            try:
+                done(self._undecodable(ex, e))
+            except RejectNon as reject:
+                done(reject)
+            return _nothing
+        self._decoded(ex, http_req)
+        now = _Now(asyncio.get_running_loop(), done, ex)
+
+        def complete(result: HttpResponse | BaseException) -> None:
+            if now.over:
+                return
+            if isinstance(result, asyncio.CancelledError):
+                now.finish(self._dispatch_cancelled(ex, result))
+                return
+            if isinstance(result, BaseException):
+                result = self._failed_dispatch(ex, result)
+            response = self._adjust(ex, http_req, result)
+            if self._encodes_inline(response):
+                now.finish(self._checked(ex, self._finish_encoded(ex, response)))
+            else:
+                now.follow(self._answer_off_loop(ex, response))
+
+        abandon = dispatch_now(http_req, session.peer, complete)
+        if abandon is None:
+            now.follow(self._serve(ex, http_req))
+        else:
+            now.abandon = abandon
+        return now.cancel
+
+    def _open(
+        self, remote: Any, token: bytes, cm: CoapMessage, nonconfirmable: bool
+    ) -> CoapMessage | _Exchange:
+        """What is known of a request before it is decoded, or its answer already
+        (``/.well-known/core``, a bad or unacceptable Accept)."""
         started = time.monotonic()
-        method = cm.code
         try:
             accept = accepted_format(cm)
         except RemoteProtocolError:
@@ -505,74 +687,97 @@ class CoapServer:
         if accept is not None and accept not in _ACCEPTABLE:
             return CoapMessage(int(Code.NOT_ACCEPTABLE))
         session = self._session(remote)
-        codec = session.codec
         try:
-            route = codec.route_name(cm)
+            route = session.codec.route_name(cm)
         except Exception:
             route = "unknown"
-        want_json = accept == n.CF_JSON
-        try:
-            http_req = await self._decode_request(session, cm)
-        except LimitExceeded as e:
-            logger.info("request from %s over a limit: %s", session.peer.host, e)
+        return _Exchange(remote, token, cm, nonconfirmable, started, accept, session, route)
+
+    def _undecodable(self, ex: _Exchange, e: RemoteProtocolError) -> CoapMessage:
+        """The answer to a request that did not decode (:class:`RejectNon` for a NON
+        with an unknown critical option)."""
+        codec, route, started, want_json, method = (
+            ex.codec,
+            ex.route,
+            ex.started,
+            ex.want_json,
+            ex.method,
+        )
+        if isinstance(e, LimitExceeded):
+            logger.info("request from %s over a limit: %s", ex.session.peer.host, e)
             return self._finish(
                 codec, route, started, _json_error(413, "M_TOO_LARGE", str(e)), want_json, method
             )
-        except (UnknownTokenReference, UnknownStringReference) as e:
+        if isinstance(e, (UnknownTokenReference, UnknownStringReference)):
             return self._unknown_token(codec, route, started, e, want_json, method)
-        except RemoteProtocolError as e:
-            logger.info("undecodable request from %s: %s", session.peer.host, e)
-            coap_code: int | None = getattr(e, "coap_code", None)
-            if coap_code == n.BAD_OPTION and nonconfirmable:
-                # RFC 7252 5.4.1: an unrecognized critical option in a NON rejects the
-                # message (4.3): no response, a matching Reset
-                raise RejectNon(str(e)) from None
-            if coap_code is None:
-                return self._finish(
-                    codec,
-                    route,
-                    started,
-                    _json_error(400, "M_BAD_JSON", str(e)),
-                    want_json,
-                    method,
-                )
-            # 4.02 (critical option), 4.05 (method), 5.05 (proxy): the code says it,
-            # and each reads back as the status given here (400, 405, 502)
-            status = n.code_to_status(coap_code, method)
-            out = self._finish(
-                codec,
-                route,
-                started,
-                _json_error(status, "M_UNRECOGNIZED", str(e)),
-                want_json,
-                method,
+        logger.info("undecodable request from %s: %s", ex.session.peer.host, e)
+        coap_code: int | None = getattr(e, "coap_code", None)
+        if coap_code == n.BAD_OPTION and ex.nonconfirmable:
+            # RFC 7252 5.4.1: an unrecognized critical option in a NON rejects the
+            # message (4.3): no response, a matching Reset
+            raise RejectNon(str(e)) from None
+        if coap_code is None:
+            return self._finish(
+                codec, route, started, _json_error(400, "M_BAD_JSON", str(e)), want_json, method
             )
-            return attrs.evolve(out, code=coap_code)
+        # 4.02 (critical option), 4.05 (method), 5.05 (proxy): the code says it,
+        # and each reads back as the status given here (400, 405, 502)
+        status = n.code_to_status(coap_code, method)
+        out = self._finish(
+            codec,
+            route,
+            started,
+            _json_error(status, "M_UNRECOGNIZED", str(e)),
+            want_json,
+            method,
+        )
+        return attrs.evolve(out, code=coap_code)
+
+    def _decoded(self, ex: _Exchange, http_req: HttpRequest) -> None:
         if http_req.is_long_poll:
             # it will wait: acknowledge now, so the peer's next request is not held
             # behind this one's ACK (its NSTART slot) and its RTT sample stays honest
-            self._acknowledge_now(remote, token)
+            self._acknowledge_now(ex.remote, ex.token)
         if self.config.payload_dump:
             logger.debug(
                 "request %s %s from %s: %r",
                 http_req.method,
                 redact_target(http_req.target),
-                session.peer,
+                ex.session.peer,
                 http_req.body[:4096],
             )
+
+    async def _serve(self, ex: _Exchange, http_req: HttpRequest) -> CoapMessage:
+        """Dispatch a decoded request and encode its answer."""
         try:
-            response = await self.dispatcher.dispatch(http_req, session.peer)
-        except asyncio.CancelledError:
-            logger.info(
-                "exchange %s from %s abandoned; dispatch cancelled", route, session.peer.host
-            )
+            response = await self.dispatcher.dispatch(http_req, ex.session.peer)
+        except asyncio.CancelledError as e:
+            self._dispatch_cancelled(ex, e)
             raise
-        except SynapseCoapError as e:
-            logger.warning("dispatch of %s failed: %s", route, e)
-            response = _json_error(502, "M_UNKNOWN", "upstream failed")
-        except Exception:
-            logger.exception("dispatcher raised on %s", route)
-            response = _json_error(500, "M_UNKNOWN", "internal server error")
+        except Exception as e:
+            response = self._failed_dispatch(ex, e)
+        response = self._adjust(ex, http_req, response)
+        if self._encodes_inline(response):
+            return self._checked(ex, self._finish_encoded(ex, response))
+        return await self._answer_off_loop(ex, response)
+
+    @staticmethod
+    def _dispatch_cancelled(ex: _Exchange, e: asyncio.CancelledError) -> asyncio.CancelledError:
+        logger.info(
+            "exchange %s from %s abandoned; dispatch cancelled", ex.route, ex.session.peer.host
+        )
+        return e
+
+    @staticmethod
+    def _failed_dispatch(ex: _Exchange, e: BaseException) -> HttpResponse:
+        if isinstance(e, SynapseCoapError):
+            logger.warning("dispatch of %s failed: %s", ex.route, e)
+            return _json_error(502, "M_UNKNOWN", "upstream failed")
+        logger.error("dispatcher raised on %s", ex.route, exc_info=e)
+        return _json_error(500, "M_UNKNOWN", "internal server error")
+
+    def _adjust(self, ex: _Exchange, http_req: HttpRequest, response: HttpResponse) -> HttpResponse:
+        """``/versions`` advertises push sync (when it is on)."""
         if (
             self.config.push.enabled
             and response.status == 200
@@ -580,15 +785,41 @@ class CoapServer:
         ):
             advertised = advertise_observe(response.body)
             if advertised is not None:
-                response = attrs.evolve(response, body=advertised)
-        if len(response.body) > INLINE_ENCODE_MAX and not self._decoder.inline(len(response.body)):
-            out = await self._finish_off_loop(
-                codec, route, started, response, want_json, method, session.tokens, request_seq(cm)
-            )
-        else:
-            out = self._finish(
-                codec, route, started, response, want_json, method, session.tokens, request_seq(cm)
-            )
+                return attrs.evolve(response, body=advertised)
+        return response
+
+    def _encodes_inline(self, response: HttpResponse) -> bool:
+        size = len(response.body)
+        return size <= INLINE_ENCODE_MAX or self._decoder.inline(size)
+
+    def _finish_encoded(self, ex: _Exchange, response: HttpResponse) -> CoapMessage:
+        return self._finish(
+            ex.codec,
+            ex.route,
+            ex.started,
+            response,
+            ex.want_json,
+            ex.method,
+            ex.session.tokens,
+            request_seq(ex.cm),
+        )
+
+    async def _answer_off_loop(self, ex: _Exchange, response: HttpResponse) -> CoapMessage:
+        out = await self._finish_off_loop(
+            ex.codec,
+            ex.route,
+            ex.started,
+            response,
+            ex.want_json,
+            ex.method,
+            ex.session.tokens,
+            request_seq(ex.cm),
+        )
+        return self._checked(ex, out)
+
+    @staticmethod
+    def _checked(ex: _Exchange, out: CoapMessage) -> CoapMessage:
+        accept = ex.accept
         if (
             accept is not None
             and 64 <= out.code < 96

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from synapse_coap.mapping.coap import decode_coap, encode_coap
-from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest
+from synapse_coap.mapping.dispatch import PeerInfo
+from synapse_coap.mapping.messages import CoapMessage, CoapOption, HttpRequest, HttpResponse
 from synapse_coap.noise.keys import generate_private_key
 from synapse_coap.transport.server import CoapServer, ServerConfig
 from tests.integration.test_transport import (
     FAST,
+    STATUS_OPTION,
     Dispatcher,
     codec_factory,
     ep,
@@ -62,11 +64,52 @@ class Wire:
             await asyncio.wait_for(self.got.get(), wait)
 
 
+class EagerDispatcher(Dispatcher):
+    """The test dispatcher with ``dispatch_now`` (mapping.dispatch.EagerDispatcher), as
+    the module's in-process one: most requests are answered before it returns;
+    ``/slow`` and ``/forever`` later, from the loop; ``/raise`` is an error; ``/task``
+    is one it cannot start at once (the server then awaits ``dispatch``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0
+        self.declined = 0
+
+    def dispatch_now(
+        self,
+        request: HttpRequest,
+        peer: PeerInfo,
+        done: Callable[[HttpResponse | BaseException], None],
+    ) -> Callable[[], None] | None:
+        if request.target == b"/task":
+            self.declined += 1
+            return None
+        self.now += 1
+        if request.target == b"/raise":
+            self.peers.append(peer)
+            done(RuntimeError("the dispatcher failed"))
+            return lambda: None
+        if request.target in (b"/slow", b"/forever"):
+            task = asyncio.get_running_loop().create_task(self.dispatch(request, peer))
+
+            def finished(t: asyncio.Task[HttpResponse]) -> None:
+                if not t.cancelled():
+                    error = t.exception()
+                    done(error if error is not None else t.result())
+
+            task.add_done_callback(finished)
+            return task.cancel
+        self.peers.append(peer)
+        body = request.method.encode() + b" " + request.target + b"\n" + request.body
+        done(HttpResponse(200, (("content-type", "text/plain"),), body))
+        return lambda: None
+
+
 @contextlib.asynccontextmanager
 async def pair(
-    *, fast_path: bool = True, real_codec: bool = False
+    *, fast_path: bool = True, real_codec: bool = False, eager: bool = False
 ) -> AsyncIterator[tuple[CoapServer, Dispatcher, Wire]]:
-    d = Dispatcher()
+    d = EagerDispatcher() if eager else Dispatcher()
     server = await CoapServer.start(
         ServerConfig(
             listen=(("::", 0),),
@@ -111,9 +154,10 @@ def aio(fn: Any) -> Any:
     return wrapper
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 @aio
-async def test_a_con_request_is_taken_and_answered_on_its_ack() -> None:
-    async with pair() as (server, d, wire):
+async def test_a_con_request_is_taken_and_answered_on_its_ack(eager: bool) -> None:
+    async with pair(eager=eager) as (server, d, wire):
         before = len(d.peers)
         wire.send(request(CON, 0x1234, b"tk", (11, b"x"), (11, b"y")))
         mtype, mid, token, msg = decode_coap(await wire.answer())
@@ -135,9 +179,10 @@ async def test_the_answer_is_the_bytes_aiocoap_sends() -> None:
     assert answers[0] == answers[1]
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 @aio
-async def test_a_duplicate_con_is_answered_from_the_store_byte_for_byte() -> None:
-    async with pair() as (server, d, wire):
+async def test_a_duplicate_con_is_answered_from_the_store_byte_for_byte(eager: bool) -> None:
+    async with pair(eager=eager) as (server, d, wire):
         datagram = request(CON, 0x0BAD, b"dup", (11, b"once"))
         wire.send(datagram)
         first = await wire.answer()
@@ -148,9 +193,10 @@ async def test_a_duplicate_con_is_answered_from_the_store_byte_for_byte() -> Non
         assert taken(server) == 1
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 @aio
-async def test_a_non_request_is_answered_non() -> None:
-    async with pair() as (server, d, wire):
+async def test_a_non_request_is_answered_non(eager: bool) -> None:
+    async with pair(eager=eager) as (server, d, wire):
         datagram = request(NON, 0x0777, b"nn", (11, b"non"))
         wire.send(datagram)
         mtype, _mid, token, msg = decode_coap(await wire.answer())
@@ -177,9 +223,10 @@ async def test_observe_block_and_unknown_options_go_through_aiocoap() -> None:
         assert taken(server) == 0
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 @aio
-async def test_a_large_answer_is_cut_in_blocks_by_aiocoap() -> None:
-    async with pair() as (server, _d, wire):
+async def test_a_large_answer_is_cut_in_blocks_by_aiocoap(eager: bool) -> None:
+    async with pair(eager=eager) as (server, _d, wire):
         wire.send(request(CON, 0x4000, b"big", (11, b"x" * 1100)))
         mtype, mid, _token, msg = decode_coap(await wire.answer())
         assert (mtype, mid, msg.code) == (ACK, 0x4000, CONTENT)
@@ -187,9 +234,10 @@ async def test_a_large_answer_is_cut_in_blocks_by_aiocoap() -> None:
         assert taken(server) == 1 and server.fast_paths[0].answered == 0
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 @aio
-async def test_a_reused_token_cancels_the_dispatch() -> None:
-    async with pair() as (server, d, wire):
+async def test_a_reused_token_cancels_the_dispatch(eager: bool) -> None:
+    async with pair(eager=eager) as (server, d, wire):
         wire.send(request(CON, 0x5000, b"re", (11, b"forever"), code=POST))
         await asyncio.wait_for(d.started.wait(), 10)
         assert decode_coap(await wire.answer())[0] == ACK  # the empty ACK (slow handler)
@@ -200,9 +248,10 @@ async def test_a_reused_token_cancels_the_dispatch() -> None:
         assert taken(server) == 2
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 @aio
-async def test_a_slow_answer_goes_separately_after_an_empty_ack() -> None:
-    async with pair() as (server, d, wire):
+async def test_a_slow_answer_goes_separately_after_an_empty_ack(eager: bool) -> None:
+    async with pair(eager=eager) as (server, d, wire):
         wire.send(request(CON, 0x6000, b"sl", (11, b"slow"), code=POST))
         await asyncio.wait_for(d.started.wait(), 10)
         assert decode_coap(await wire.answer())[:3] == (ACK, 0x6000, b"")
@@ -212,9 +261,10 @@ async def test_a_slow_answer_goes_separately_after_an_empty_ack() -> None:
         assert taken(server) == 1 and server.fast_paths[0].answered == 0
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["task", "eager"])
 @aio
-async def test_unknown_critical_option_4_02_or_reset_for_non() -> None:
-    async with pair(real_codec=True) as (server, _d, wire):
+async def test_unknown_critical_option_4_02_or_reset_for_non(eager: bool) -> None:
+    async with pair(real_codec=True, eager=eager) as (server, _d, wire):
         critical = (65009, b"x")
         wire.send(request(CON, 0x7000, b"c1", (11, b"_matrix"), critical))
         mtype, mid, _token, msg = decode_coap(await wire.answer())
@@ -223,3 +273,45 @@ async def test_unknown_critical_option_4_02_or_reset_for_non() -> None:
         mtype, mid, _token, msg = decode_coap(await wire.answer())
         assert (mtype, mid, msg.code) == (RST, 0x7001, 0)
         assert taken(server) == 0
+
+
+@aio
+async def test_an_eager_dispatcher_answers_without_a_task() -> None:
+    """With ``dispatch_now`` a request needs no asyncio task: none is created for it,
+    whether the answer comes at once or later; one the dispatcher declines, or an
+    error, is still answered."""
+    async with pair(eager=True) as (server, d, wire):
+        assert isinstance(d, EagerDispatcher)
+        d.now = 0  # (the warm-up request)
+        loop = asyncio.get_running_loop()
+        names: list[str] = []  # what each task created runs
+        factory = loop.get_task_factory()
+
+        def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+            names.append(getattr(coro, "__qualname__", type(coro).__name__))
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        def exchanges() -> list[str]:
+            return [n for n in names if "_exchange" in n or "_serve" in n or "respond" in n]
+
+        loop.set_task_factory(counting)
+        try:
+            for i in range(5):
+                wire.send(request(CON, 0x8000 + i, b"e%d" % i, (11, b"now%d" % i)))
+                mtype, mid, _token, msg = decode_coap(await wire.answer())
+                assert (mtype, mid, msg.payload) == (ACK, 0x8000 + i, b"GET /now%d\n" % i)
+            assert exchanges() == []
+            assert d.now == 5 and server.fast_paths[0].answered == 5
+
+            wire.send(request(CON, 0x8100, b"ts", (11, b"task")))
+            assert decode_coap(await wire.answer())[3].payload == b"GET /task\n"
+            assert d.declined == 1 and len(exchanges()) == 1  # CoapServer._serve
+
+            wire.send(request(CON, 0x8200, b"rz", (11, b"raise")))
+            mtype, mid, _token, msg = decode_coap(await wire.answer())
+            assert (mtype, mid) == (ACK, 0x8200)
+            assert msg.first(STATUS_OPTION) == (500).to_bytes(2, "big")
+            assert b"internal server error" in msg.payload
+        finally:
+            loop.set_task_factory(factory)
+        assert not server.fast_paths[0]._tasks  # nothing left in flight
