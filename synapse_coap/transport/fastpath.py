@@ -309,6 +309,7 @@ class _Eager:
 
     def _end(self) -> None:
         self.over = True
+        self.abandon = None  # (the server's exchange refers to this one's ``done``)
         fast = self.fast
         fast._server.root.leave(self.session)
         key = (self.remote, self.token)
@@ -341,6 +342,7 @@ class _Eager:
     def cancel(self) -> None:
         if self.over:
             return
+        abandon = self.abandon
         self._end()
-        if self.abandon is not None:
-            self.abandon()
+        if abandon is not None:
+            abandon()

@@ -227,6 +227,10 @@ def _nothing() -> None:
     pass
 
 
+def _dropped(_: CoapMessage | BaseException) -> None:
+    pass
+
+
 class _Now:
     """An exchange of :meth:`CoapServer.respond_now`: answered once, or abandoned."""
 
@@ -247,8 +251,18 @@ class _Now:
 
     def finish(self, result: CoapMessage | BaseException) -> None:
         if not self.over:
-            self.over = True
-            self._done(result)
+            done = self._done
+            self._release()
+            done(result)
+
+    def _release(self) -> None:
+        """Over: drop the callbacks (the caller's ``done`` refers back to this exchange's
+        ``cancel``: kept, the two would wait for the cycle collector, holding the
+        dispatcher's request)."""
+        self.over = True
+        self._done = _dropped
+        self.abandon = None
+        self.task = None
 
     def follow(self, coro: Coroutine[Any, Any, CoapMessage]) -> None:
         """The rest of the exchange in a task (the off-loop encoding; a dispatcher that
@@ -266,13 +280,13 @@ class _Now:
     def cancel(self) -> None:
         if self.over:
             return
-        self.over = True
-        ex = self.ex
-        if self.abandon is not None:
-            self.abandon()
-        if self.task is not None:
-            self.task.cancel()
-        elif self.abandon is not None:
+        ex, abandon, task = self.ex, self.abandon, self.task
+        self._release()
+        if abandon is not None:
+            abandon()
+        if task is not None:
+            task.cancel()
+        elif abandon is not None:
             logger.info(
                 "exchange %s from %s abandoned; dispatch cancelled", ex.route, ex.session.peer.host
             )

@@ -67,7 +67,7 @@ class Wire:
 class EagerDispatcher(Dispatcher):
     """The test dispatcher with ``dispatch_now`` (mapping.dispatch.EagerDispatcher), as
     the module's in-process one: most requests are answered before it returns;
-    ``/slow`` and ``/forever`` later, from the loop; ``/raise`` is an error; ``/task``
+    ``/later/...`` on the loop's next turn, ``/slow`` and ``/forever`` when released; ``/raise`` is an error; ``/task``
     is one it cannot start at once (the server then awaits ``dispatch``)."""
 
     def __init__(self) -> None:
@@ -101,7 +101,10 @@ class EagerDispatcher(Dispatcher):
             return task.cancel
         self.peers.append(peer)
         body = request.method.encode() + b" " + request.target + b"\n" + request.body
-        done(HttpResponse(200, (("content-type", "text/plain"),), body))
+        response = HttpResponse(200, (("content-type", "text/plain"),), body)
+        if request.target.startswith(b"/later/"):  # answered on the loop's next turn
+            return asyncio.get_running_loop().call_soon(done, response).cancel
+        done(response)
         return lambda: None
 
 
