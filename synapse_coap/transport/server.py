@@ -819,10 +819,13 @@ class CoapServer:
         )
 
     async def _answer_off_loop(self, ex: _Exchange, response: HttpResponse) -> CoapMessage:
-        out = await self._finish_off_loop(
+        """:meth:`_finish_encoded` for a large body: the encoding runs on the decode pool,
+        so the loop (Synapse's reactor, with the asyncio reactor) is not held for it."""
+        self.metrics.request(ex.route, response.status, time.monotonic() - ex.started)
+        out = await self._decoder.submit(
+            _encode_answer,
             ex.codec,
             ex.route,
-            ex.started,
             response,
             ex.want_json,
             ex.method,
@@ -947,24 +950,6 @@ class CoapServer:
         2xx answer's identifiers are recorded in the session string table)."""
         self.metrics.request(route, response.status, time.monotonic() - started)
         return _encode_answer(codec, route, response, want_json, method, tokens, seq)
-
-    async def _finish_off_loop(
-        self,
-        codec: Codec,
-        route: str,
-        started: float,
-        response: HttpResponse,
-        want_json: bool,
-        method: int,
-        tokens: ReceiverTokens | None,
-        seq: int | None,
-    ) -> CoapMessage:
-        """:meth:`_finish` for a large body: the encoding runs on the decode pool, so the
-        loop (Synapse's reactor, with the asyncio reactor) is not held for it."""
-        self.metrics.request(route, response.status, time.monotonic() - started)
-        return await self._decoder.submit(
-            _encode_answer, codec, route, response, want_json, method, tokens, seq
-        )
 
     def _unknown_token(
         self,
