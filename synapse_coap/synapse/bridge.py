@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -277,26 +278,17 @@ class Bridge:
         def begin() -> None:
             if cancelled:
                 return
-            previous = set_current_context(SENTINEL_CONTEXT)
             try:
-                d, abandon = start()
+                d, abandon = _in_sentinel(start)
             except BaseException as e:  # delivered to the awaiting task
                 settle(_failure(e))
                 return
-            finally:
-                set_current_context(previous)
             begun.append(abandon)
             d.addBoth(settle)
 
         def cancel() -> None:
             if begun:
-                previous = set_current_context(SENTINEL_CONTEXT)
-                try:
-                    begun[0]()
-                except Exception:
-                    logger.exception("synapse-coap: abandoning a request failed")
-                finally:
-                    set_current_context(previous)
+                _guarded_in_sentinel(begun[0], "abandoning a request")
 
         if shared:
             begin()
@@ -333,22 +325,13 @@ class Bridge:
                 return
             over = True
             value = _as_asyncio_error(_error_of(result)) if isinstance(result, Failure) else result
-            previous = set_current_context(SENTINEL_CONTEXT)
-            try:
-                done(value)
-            except Exception:
-                logger.exception("synapse-coap: answering a request failed")
-            finally:
-                set_current_context(previous)
+            _guarded_in_sentinel(functools.partial(done, value), "answering a request")
 
-        previous = set_current_context(SENTINEL_CONTEXT)
         try:
-            d, abandon = start()
+            d, abandon = _in_sentinel(start)
         except Exception as e:
-            set_current_context(previous)
             settle(_failure(e))
             return _nothing
-        set_current_context(previous)
         d.addBoth(settle)
 
         def cancel() -> None:
@@ -356,13 +339,7 @@ class Bridge:
             if over:
                 return
             over = True
-            previous = set_current_context(SENTINEL_CONTEXT)
-            try:
-                abandon()
-            except Exception:
-                logger.exception("synapse-coap: abandoning a request failed")
-            finally:
-                set_current_context(previous)
+            _guarded_in_sentinel(abandon, "abandoning a request")
 
         return cancel
 
@@ -436,6 +413,26 @@ class Bridge:
 
 def _nothing() -> None:
     pass
+
+
+def _in_sentinel(fn: Callable[[], T]) -> T:
+    """``fn()`` in the sentinel logcontext (as Twisted's HTTP channel calls Synapse)."""
+    previous = set_current_context(SENTINEL_CONTEXT)
+    try:
+        return fn()
+    finally:
+        set_current_context(previous)
+
+
+def _guarded_in_sentinel(fn: Callable[[], object], what: str) -> None:
+    """``fn()`` in the sentinel logcontext; an exception is logged there, not raised."""
+    previous = set_current_context(SENTINEL_CONTEXT)
+    try:
+        fn()
+    except Exception:
+        logger.exception("synapse-coap: %s failed", what)
+    finally:
+        set_current_context(previous)
 
 
 def _error_of(failure: Failure) -> BaseException:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from synapse_coap.errors import RemoteProtocolError, SynapseCoapError
@@ -215,21 +215,39 @@ class FastPath:
         :meth:`CoapServer.respond_now`), in a task."""
         key = (remote, token)
         try:
-            server = self._server
+            result: CoapMessage | Exception
             try:
-                answer = await server.respond(remote, token, cm, mtype == _NON)
-            except RejectNon as e:
-                server.reject_non(remote, int.from_bytes(data[2:4], "big"), str(e))
-                return
-            except Exception:
-                logger.exception("rendering a request from %s failed", remote.hostinfo)
-                answer = CoapMessage(160)  # 5.00, as aiocoap answers a raising resource
-            if not self._answer(remote, mtype, token, answer):
-                await self._answer_by_aiocoap(remote, data, answer)
+                result = await self._server.respond(remote, token, cm, mtype == _NON)
+            except Exception as e:
+                result = e
+            rest = self._deliver(remote, data, mtype, token, result)
+            if rest is not None:
+                await rest
         finally:
             self._server.root.leave(session)
             if self._tasks.get(key) is asyncio.current_task():
                 del self._tasks[key]
+
+    def _deliver(
+        self,
+        remote: NoiseRemote,
+        data: bytes,
+        mtype: int,
+        token: bytes,
+        result: CoapMessage | BaseException,
+    ) -> Coroutine[Any, Any, None] | None:
+        """Answer the request ``data`` with ``result`` (an error: a Reset for
+        :class:`RejectNon`, else 5.00); the coroutine that still has to run when the
+        answer needs aiocoap's message layer."""
+        if isinstance(result, RejectNon):
+            self._server.reject_non(remote, int.from_bytes(data[2:4], "big"), str(result))
+            return None
+        if isinstance(result, BaseException):
+            logger.error("rendering a request from %s failed", remote.hostinfo, exc_info=result)
+            result = CoapMessage(160)  # 5.00, as aiocoap answers a raising resource
+        if self._answer(remote, mtype, token, result):
+            return None
+        return self._answer_by_aiocoap(remote, data, result)
 
     def _answer(self, remote: NoiseRemote, mtype: int, token: bytes, answer: CoapMessage) -> bool:
         """Send ``answer`` directly; False if it needs aiocoap's message layer."""
@@ -320,24 +338,16 @@ class _Eager:
         if self.over:
             return
         self._end()
-        fast, remote = self.fast, self.remote
         if isinstance(result, asyncio.CancelledError):
             return  # the dispatcher gave the request up: no answer (as a cancelled task)
-        if isinstance(result, RejectNon):
-            fast._server.reject_non(remote, int.from_bytes(self.data[2:4], "big"), str(result))
-            return
-        if isinstance(result, BaseException):
-            logger.error("rendering a request from %s failed", remote.hostinfo, exc_info=result)
-            result = CoapMessage(160)  # 5.00, as aiocoap answers a raising resource
+        fast = self.fast
         try:
-            if fast._answer(remote, self.mtype, self.token, result):
-                return
+            rest = fast._deliver(self.remote, self.data, self.mtype, self.token, result)
         except Exception:
-            logger.exception("answering a request from %s failed", remote.hostinfo)
+            logger.exception("answering a request from %s failed", self.remote.hostinfo)
             return
-        fast._loop.create_task(
-            fast._answer_by_aiocoap(remote, self.data, result), name="synapse-coap answer"
-        )
+        if rest is not None:
+            fast._loop.create_task(rest, name="synapse-coap answer")
 
     def cancel(self) -> None:
         if self.over:

@@ -227,6 +227,10 @@ def _nothing() -> None:
     pass
 
 
+def _log_abandoned(ex: _Exchange) -> None:
+    logger.info("exchange %s from %s abandoned; dispatch cancelled", ex.route, ex.session.peer.host)
+
+
 def _dropped(_: CoapMessage | BaseException) -> None:
     pass
 
@@ -287,9 +291,7 @@ class _Now:
         if task is not None:
             task.cancel()
         elif abandon is not None:
-            logger.info(
-                "exchange %s from %s abandoned; dispatch cancelled", ex.route, ex.session.peer.host
-            )
+            _log_abandoned(ex)
 
 
 class CoapServer:
@@ -654,15 +656,16 @@ class CoapServer:
             if now.over:
                 return
             if isinstance(result, asyncio.CancelledError):
-                now.finish(self._dispatch_cancelled(ex, result))
+                _log_abandoned(ex)
+                now.finish(result)
                 return
             if isinstance(result, BaseException):
                 result = self._failed_dispatch(ex, result)
-            response = self._adjust(ex, http_req, result)
-            if self._encodes_inline(response):
-                now.finish(self._checked(ex, self._finish_encoded(ex, response)))
+            out = self._conclude(ex, http_req, result)
+            if isinstance(out, CoapMessage):
+                now.finish(out)
             else:
-                now.follow(self._answer_off_loop(ex, response))
+                now.follow(out)
 
         abandon = dispatch_now(http_req, session.peer, complete)
         if abandon is None:
@@ -765,22 +768,13 @@ class CoapServer:
         """Dispatch a decoded request and encode its answer."""
         try:
             response = await self.dispatcher.dispatch(http_req, ex.session.peer)
-        except asyncio.CancelledError as e:
-            self._dispatch_cancelled(ex, e)
+        except asyncio.CancelledError:
+            _log_abandoned(ex)
             raise
         except Exception as e:
             response = self._failed_dispatch(ex, e)
-        response = self._adjust(ex, http_req, response)
-        if self._encodes_inline(response):
-            return self._checked(ex, self._finish_encoded(ex, response))
-        return await self._answer_off_loop(ex, response)
-
-    @staticmethod
-    def _dispatch_cancelled(ex: _Exchange, e: asyncio.CancelledError) -> asyncio.CancelledError:
-        logger.info(
-            "exchange %s from %s abandoned; dispatch cancelled", ex.route, ex.session.peer.host
-        )
-        return e
+        out = self._conclude(ex, http_req, response)
+        return out if isinstance(out, CoapMessage) else await out
 
     @staticmethod
     def _failed_dispatch(ex: _Exchange, e: BaseException) -> HttpResponse:
@@ -790,8 +784,12 @@ class CoapServer:
         logger.error("dispatcher raised on %s", ex.route, exc_info=e)
         return _json_error(500, "M_UNKNOWN", "internal server error")
 
-    def _adjust(self, ex: _Exchange, http_req: HttpRequest, response: HttpResponse) -> HttpResponse:
-        """``/versions`` advertises push sync (when it is on)."""
+    def _conclude(
+        self, ex: _Exchange, http_req: HttpRequest, response: HttpResponse
+    ) -> CoapMessage | Coroutine[Any, Any, CoapMessage]:
+        """The answer with ``response`` (``/versions`` advertising push sync when it is
+        on), or, for a body too large to encode on the loop, the coroutine encoding it
+        off the loop."""
         if (
             self.config.push.enabled
             and response.status == 200
@@ -799,15 +797,11 @@ class CoapServer:
         ):
             advertised = advertise_observe(response.body)
             if advertised is not None:
-                return attrs.evolve(response, body=advertised)
-        return response
-
-    def _encodes_inline(self, response: HttpResponse) -> bool:
+                response = attrs.evolve(response, body=advertised)
         size = len(response.body)
-        return size <= INLINE_ENCODE_MAX or self._decoder.inline(size)
-
-    def _finish_encoded(self, ex: _Exchange, response: HttpResponse) -> CoapMessage:
-        return self._finish(
+        if size > INLINE_ENCODE_MAX and not self._decoder.inline(size):
+            return self._answer_off_loop(ex, response)
+        out = self._finish(
             ex.codec,
             ex.route,
             ex.started,
@@ -817,9 +811,10 @@ class CoapServer:
             ex.session.tokens,
             request_seq(ex.cm),
         )
+        return self._checked(ex, out)
 
     async def _answer_off_loop(self, ex: _Exchange, response: HttpResponse) -> CoapMessage:
-        """:meth:`_finish_encoded` for a large body: the encoding runs on the decode pool,
+        """:meth:`_finish` for a large body: the encoding runs on the decode pool,
         so the loop (Synapse's reactor, with the asyncio reactor) is not held for it."""
         self.metrics.request(ex.route, response.status, time.monotonic() - ex.started)
         out = await self._decoder.submit(
