@@ -26,6 +26,7 @@ from tests.integration.test_transport import (
     STATUS_OPTION,
     Dispatcher,
     codec_factory,
+    echo,
     ep,
     make_client,
 )
@@ -100,8 +101,7 @@ class EagerDispatcher(Dispatcher):
             task.add_done_callback(finished)
             return task.cancel
         self.peers.append(peer)
-        body = request.method.encode() + b" " + request.target + b"\n" + request.body
-        response = HttpResponse(200, (("content-type", "text/plain"),), body)
+        response = echo(request)
         if request.target.startswith(b"/later/"):  # answered on the loop's next turn
             return asyncio.get_running_loop().call_soon(done, response).cancel
         done(response)

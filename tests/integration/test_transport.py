@@ -88,6 +88,12 @@ def codec_factory(profile_id: int, context: WireContext) -> EchoCodec:
     return EchoCodec(profile_id, context)
 
 
+def echo(request: HttpRequest) -> HttpResponse:
+    """What the test dispatchers answer: the method, the target and the body."""
+    body = request.method.encode() + b" " + request.target + b"\n" + request.body
+    return HttpResponse(200, (("content-type", "text/plain"),), body)
+
+
 class Dispatcher:
     """Echoes requests; /slow waits for ``release``; /forever never returns."""
 
@@ -109,8 +115,7 @@ class Dispatcher:
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
-        body = request.method.encode() + b" " + request.target + b"\n" + request.body
-        return HttpResponse(200, (("content-type", "text/plain"),), body)
+        return echo(request)
 
 
 class EventMetrics(CountingMetrics):
