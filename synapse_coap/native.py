@@ -15,6 +15,12 @@ from its source instead (a warning names the modules; ``synapse-coap build-nativ
 rebuilds). ``SYNAPSE_COAP_PURE=1`` runs the sources too, on purpose: the test suite
 checks the reference that way (``scripts/test``).
 
+Beside them, :data:`C_MODULES`: hand-written C for what mypyc cannot make fast enough
+(``wire/_cbody.c``, the body decoder in one pass; ``wire/body_fast.py`` uses it only
+when it imports, and falls back to its cbor2 path for what it does not take). The
+build compiles them with the mypyc modules, the manifest holds their digests too, and
+when the sources run (a stale build, ``SYNAPSE_COAP_PURE=1``) they cannot be imported.
+
 Left out of :data:`MODULES`, and why: classes built on aiocoap's or asyncio's
 (``transport.noise_udp``, ``transport.batch``, ``transport.datagram``: mypyc's native
 classes cannot derive from them), attrs classes with field converters or factories
@@ -100,6 +106,13 @@ MODULES: tuple[str, ...] = (
     "synapse_coap.transport.replay_state",
 )
 
+#: hand-written C extensions of the build (source ``<name>.c``; no Python source):
+#: importable only while the native build runs
+C_MODULES: tuple[str, ...] = ("synapse_coap.wire._cbody",)
+
+#: every module the build compiles, and the manifest lists
+BUILT: tuple[str, ...] = MODULES + C_MODULES
+
 
 @attrs.frozen
 class NativeStatus:
@@ -112,14 +125,17 @@ class NativeStatus:
 
     def describe(self) -> str:
         if self.mode == "native":
-            return f"native build ({len(self.compiled)} modules compiled by mypyc)"
+            return (
+                f"native build ({len(self.compiled)} modules compiled by mypyc, "
+                f"{len(C_MODULES)} in C)"
+            )
         return f"{self.mode} Python ({self.reason})"
 
 
 def source_path(module: str) -> Path:
-    """The source file of one of :data:`MODULES`."""
+    """The source file of one of :data:`BUILT` (``.c`` for :data:`C_MODULES`)."""
     parts = module.split(".")
-    return PACKAGE_DIR.joinpath(*parts[1:]).with_suffix(".py")
+    return PACKAGE_DIR.joinpath(*parts[1:]).with_suffix(".c" if module in C_MODULES else ".py")
 
 
 def source_digest(module: str) -> str:
@@ -157,18 +173,19 @@ def build_fault() -> str | None:
     # every module of the list, compiled or not: one whose extension is missing still
     # has its code in the build's shared library, where the compiled modules import it
     # from; and a build of another module list holds other modules' code there
-    stale = [m for m in MODULES if built.get(m) != source_digest(m)]
-    stale += sorted(set(built) - set(MODULES))
+    stale = [m for m in BUILT if built.get(m) != source_digest(m)]
+    stale += sorted(set(built) - set(BUILT))
     if stale:
         return f"stale build: {', '.join(stale)} changed"
-    missing = [m for m in MODULES if extension_path(m) is None]
+    missing = [m for m in BUILT if extension_path(m) is None]
     if missing:
         return f"incomplete build: no {', '.join(missing)}"
     return None
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
-    """Finds :data:`MODULES` from their source files, never their extensions."""
+    """Finds :data:`MODULES` from their source files, never their extensions; a module
+    of :data:`C_MODULES` (no source) cannot be imported."""
 
     def __init__(self, modules: Sequence[str]) -> None:
         self._modules = frozenset(modules)
@@ -178,6 +195,8 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in self._modules:
             return None
+        if fullname in C_MODULES:
+            raise ModuleNotFoundError(f"{fullname}: the native build is not running", name=fullname)
         return importlib.util.spec_from_file_location(fullname, source_path(fullname))
 
 
@@ -205,7 +224,7 @@ def _decide() -> tuple[NativeStatus, bool]:
 def orphans() -> list[str]:
     """Modules with an extension beside their source that :data:`MODULES` does not
     list (left by a build of another version): they always run from source."""
-    listed = set(MODULES)
+    listed = set(BUILT)
     out = []
     for ext in PACKAGE_DIR.rglob("*.so"):
         if ext.name.startswith("native__mypyc"):
@@ -223,7 +242,7 @@ def install() -> NativeStatus:
     global _status
     if _status is None:
         _status, source_first = _decide()
-        from_source = [*(MODULES if source_first else ()), *orphans()]
+        from_source = [*(BUILT if source_first else ()), *orphans()]
         if from_source:
             sys.meta_path.insert(0, _SourceFirst(from_source))
     return _status

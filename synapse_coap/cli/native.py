@@ -2,7 +2,8 @@
 
 Builds a C extension for each module of :data:`synapse_coap.native.MODULES` beside its
 source, wherever the package is installed (a checkout, a virtualenv's site-packages),
-plus one shared ``synapse_coap/native__mypyc.*.so``, and writes
+plus one shared ``synapse_coap/native__mypyc.*.so``, and the hand-written C modules of
+:data:`synapse_coap.native.C_MODULES`, and writes
 ``synapse_coap/native-build.json`` (the SHA-256 of every source it compiled). Nothing is
 rebuilt while that manifest matches the sources. Needs mypy (which carries mypyc),
 setuptools >= 77, the Python headers and a C compiler; ``scripts/setup`` runs it.
@@ -39,11 +40,13 @@ _SETUP = """\
 import sys
 from setuptools import setup
 from mypyc.build import mypycify
+from setuptools import Extension
 cut = sys.argv.index("--")
 paths = sys.argv[cut + 1:]
 del sys.argv[cut:]
+c_exts = [Extension(name, [path], extra_compile_args=["-O2"]) for name, path in {c_modules!r}]
 setup(name="synapse-coap-native", version="0", packages=[], py_modules=[],
-      ext_modules=mypycify(paths, opt_level="3", group_name={group!r}))
+      ext_modules=mypycify(paths, opt_level="3", group_name={group!r}) + c_exts)
 """
 
 
@@ -82,11 +85,12 @@ def up_to_date() -> bool:
 
 def build() -> float:
     """Compile every module of the build; the seconds it took."""
-    digests = {m: native.source_digest(m) for m in native.MODULES}
+    digests = {m: native.source_digest(m) for m in native.BUILT}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="synapse-coap-native-") as tmp:
         work = Path(tmp)
-        (work / "setup.py").write_text(_SETUP.format(group=GROUP))
+        c_modules = [(m, str(native.source_path(m))) for m in native.C_MODULES]
+        (work / "setup.py").write_text(_SETUP.format(group=GROUP, c_modules=c_modules))
         (work / "mypy.ini").write_text(
             _MYPY_CONFIG.format(python=f"{sys.version_info[0]}.{sys.version_info[1]}")
         )
@@ -148,7 +152,8 @@ def _run(args: argparse.Namespace) -> int:
     for path in built_files():
         path.unlink()
     print(
-        f"build-native: compiling {len(native.MODULES)} modules with mypyc into "
+        f"build-native: compiling {len(native.MODULES)} modules with mypyc and "
+        f"{len(native.C_MODULES)} in C into "
         f"{native.PACKAGE_DIR} (about a minute or two)",
         file=sys.stderr,
     )

@@ -1,5 +1,12 @@
-"""The body codec's fast decoder: cbor2's native decoder and one pass over its tree
-(see :mod:`synapse_coap.wire.body`).
+"""The body codec's fast decoders: the native build's C decoder, else cbor2's native
+decoder and one pass over its tree (see :mod:`synapse_coap.wire.body`).
+
+With the native build (:mod:`synapse_coap.native`), ``synapse_coap/wire/_cbody.c``
+parses the CBOR and applies the tables and tags below in one pass, in C; it accepts a
+subset of what the cbor2 path accepts (no bignums), answers exactly what the reference
+decoder answers for it, and gives :data:`FALLBACK` for everything else, which then
+takes the cbor2 path.  Without the build (or with ``SYNAPSE_COAP_PURE=1``, or if the
+tag numbers it was compiled with are not this module's) only the cbor2 path runs.
 
 cbor2 parses the CBOR (definite lengths only, no duplicate keys, the depth cap).  Its
 semantic decoders are overridden for the tags it would decode natively: bignums are
@@ -22,7 +29,9 @@ the two never disagree (``tests/unit/test_body.py::test_fast_decoder_*``).
 from __future__ import annotations
 
 import binascii
+import importlib
 import io
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -56,11 +65,14 @@ from synapse_coap.wire.body_tables import (
     BodyLimits,
     StringResolver,
     _simple_index,
+    _value_from_simple,
     _zigzag,
     content_hash,
 )
 from synapse_coap.wire.profile import Profile
 from synapse_coap.wire.strings import TAG_REF, TAG_REF_WIDE
+
+logger = logging.getLogger(__name__)
 
 #: what :func:`decode_fast` returns when the reference decoder must decide
 FALLBACK: Any = object()
@@ -132,10 +144,60 @@ def _affixes(names: tuple[str, ...]) -> dict[int, tuple[str, str]]:
     return affixes
 
 
-class _Context:
-    """What the fast decoder needs for one profile and context, built once."""
+#: the tag numbers the C decoder must have been compiled with (its ``TAGS``)
+_C_TAGS = {
+    "TAG_REF": TAG_REF,
+    "TAG_REF_WIDE": TAG_REF_WIDE,
+    "TAG_EVENT_ID": TAG_EVENT_ID,
+    "TAG_ROOM_HASH_ID": TAG_ROOM_HASH_ID,
+    "TAG_B64": TAG_B64,
+    "TAG_B64URL": TAG_B64URL,
+    "TAG_SERVER": TAG_SERVER,
+    "TAG_EVENT_ID_LIST": TAG_EVENT_ID_LIST,
+    "TAG_TS_DELTA": TAG_TS_DELTA,
+    "TAG_DERIVED_SHA256": TAG_DERIVED_SHA256,
+    "_TS_LOW": _TS_LOW,
+}
 
-    __slots__ = ("affix", "kget", "names", "pools", "semantic", "sget")
+
+def _load_c() -> Any:
+    """The C decoder module, or None (no native build, SYNAPSE_COAP_PURE=1, or one
+    compiled with other tag numbers)."""
+    try:
+        mod = importlib.import_module("synapse_coap.wire._cbody")
+    except ImportError:
+        return None
+    if getattr(mod, "TAGS", None) != _C_TAGS or _TS_HIGH != 1 << 64:
+        logger.warning("synapse-coap: the C body decoder has other tag numbers: not used")
+        return None
+    return mod
+
+
+_C: Any = _load_c()
+
+
+def c_tables(mod: Any, profile: Profile, names: tuple[str, ...]) -> Any:
+    """The C decoder's tables for one profile and context (``names``: the server names
+    a body may reference, at most :data:`MAX_SERVER_REFS`), or None when they do not fit
+    it (then only the cbor2 path runs)."""
+    values = profile.values
+    simple: list[str | None] = [None] * 256
+    for n in (*range(20), *range(32, 256)):
+        i = _value_from_simple(n)
+        if i < len(values):
+            simple[n] = values[i]
+    try:
+        return mod.Tables(
+            tuple(profile.keys), tuple(simple), _affixes(names), names, FALLBACK, content_hash
+        )
+    except (TypeError, ValueError):
+        return None
+
+
+class _Context:
+    """What the fast decoders need for one profile and context, built once."""
+
+    __slots__ = ("affix", "ctables", "kget", "names", "pools", "semantic", "sget")
 
     def __init__(self, profile: Profile, servers: tuple[str, ...]) -> None:
         #: the integer a map key is sent as -> the key
@@ -147,6 +209,8 @@ class _Context:
         self.semantic = _semantic()
         #: max_depth -> decoders ready for reuse (one per concurrent decode at most)
         self.pools: dict[int, list[Any]] = {}
+        #: the C decoder's tables (None: no C decoder)
+        self.ctables: Any = None if _C is None else c_tables(_C, profile, self.names)
 
 
 _CONTEXTS: dict[tuple[int, bytes, tuple[str, ...]], _Context] = {}
@@ -208,9 +272,13 @@ def decode_fast(
     go over its cap, nor the event ids of lists: every item takes at least one byte, an
     id 32).  cbor2's depth limit counts like the reference decoder's (non-empty arrays
     and maps, and tags)."""
+    ctx = _context(profile, servers)
+    if ctx.ctables is not None:
+        value = _C.decode(data, ctx.ctables, limits.max_depth, resolve)
+        if value is not FALLBACK:
+            return value
     if cbor2 is None:  # pragma: no cover
         return FALLBACK
-    ctx = _context(profile, servers)
     tree = _parse(ctx, data, limits.max_depth)
     if tree is FALLBACK:
         return FALLBACK

@@ -494,15 +494,16 @@ def test_fast_decoder_edge_cases(data: bytes) -> None:
     _agree(data)
 
 
-@pytest.mark.parametrize(
-    ("data", "depth"),
-    [
-        (b"\x81\x81\xd4\x61a", 3),  # arrays and a tag count as levels
-        (b"\x81\x81\x80", 2),  # an empty array does not
-        (b"\xa1\x00\x81\xa0", 2),
-        (b"\xd4\x61a", 1),
-    ],
-)
+#: (CBOR, its depth as the caps count it)
+DEPTH_CASES = [
+    (b"\x81\x81\xd4\x61a", 3),  # arrays and a tag count as levels
+    (b"\x81\x81\x80", 2),  # an empty array does not
+    (b"\xa1\x00\x81\xa0", 2),
+    (b"\xd4\x61a", 1),
+]
+
+
+@pytest.mark.parametrize(("data", "depth"), DEPTH_CASES)
 def test_fast_decoder_depth_cap_is_the_reference_one(data: bytes, depth: int) -> None:
     """cbor2's max_depth counts as the reference decoder does: at the cap both accept
     (the fast path does not fall back), one level under it the reference refuses and

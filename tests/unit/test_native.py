@@ -117,7 +117,7 @@ def test_the_native_build_answers_what_the_sources_answer() -> None:
 def test_a_source_changed_since_the_build_makes_every_module_run_from_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    digests = {m: native.source_digest(m) for m in native.MODULES}
+    digests = {m: native.source_digest(m) for m in native.BUILT}
     edited = "synapse_coap.mapping.codec"
     digests[edited] = "0" * 64
     manifest = _fake_build(tmp_path, monkeypatch, digests)
@@ -131,7 +131,10 @@ def test_a_source_changed_since_the_build_makes_every_module_run_from_source(
     manifest.write_text(json.dumps({"modules": digests}))
     status, source_first = native._decide()
     assert (status.mode, source_first) == ("native", False)
-    assert status.describe() == f"native build ({len(native.MODULES)} modules compiled by mypyc)"
+    assert status.describe() == (
+        f"native build ({len(native.MODULES)} modules compiled by mypyc, "
+        f"{len(native.C_MODULES)} in C)"
+    )
 
 
 def test_without_a_build_or_with_the_switch_the_sources_run(
@@ -176,7 +179,7 @@ def test_a_build_of_another_module_list_is_not_run(
 ) -> None:
     """A build that compiled other modules (an upgrade that changed the list without a
     new build): its shared library holds their code, so none of it runs."""
-    digests = {m: native.source_digest(m) for m in native.MODULES}
+    digests = {m: native.source_digest(m) for m in native.BUILT}
     digests["synapse_coap.transport.gone"] = "0" * 64
     _fake_build(tmp_path, monkeypatch, digests)
     status, source_first = native._decide()
@@ -194,7 +197,7 @@ def test_extensions_without_a_manifest_or_a_missing_one_are_not_run(
     assert (status.mode, source_first) == ("pure", True)
     assert "without native-build.json" in status.reason
 
-    _fake_build(tmp_path, monkeypatch, {m: native.source_digest(m) for m in native.MODULES})
+    _fake_build(tmp_path, monkeypatch, {m: native.source_digest(m) for m in native.BUILT})
     gone = native.MODULES[0]
     monkeypatch.setattr(
         native, "extension_path", lambda m: None if m == gone else tmp_path / (m + ".so")
@@ -213,3 +216,23 @@ def test_an_extension_the_build_does_not_list_never_loads(
     (pkg / "native__mypyc.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     monkeypatch.setattr(native, "PACKAGE_DIR", pkg)
     assert native.orphans() == ["synapse_coap.transport.old"]
+
+
+def test_a_changed_c_source_stops_the_build_and_its_c_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-written C modules are part of the build: an edited ``.c`` makes every
+    module run from its source, and then the C module cannot be imported at all."""
+    (c_module,) = native.C_MODULES
+    assert native.source_path(c_module).suffix == ".c"
+    digests = {m: native.source_digest(m) for m in native.BUILT}
+    digests[c_module] = "0" * 64
+    _fake_build(tmp_path, monkeypatch, digests)
+    status, source_first = native._decide()
+    assert (status.mode, source_first) == ("pure", True)
+    assert c_module in status.reason
+    finder = native._SourceFirst(native.BUILT)
+    with pytest.raises(ModuleNotFoundError):
+        finder.find_spec(c_module, None)
+    spec = finder.find_spec(native.MODULES[0], None)
+    assert spec is not None and str(spec.origin).endswith(".py")

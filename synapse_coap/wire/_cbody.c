@@ -1,0 +1,666 @@
+/* The body codec's C decoder: the CBOR of a body to its JSON value in one pass.
+ *
+ * Part of the native build (synapse_coap/native.py, built by `synapse-coap
+ * build-native`); used by synapse_coap/wire/body_fast.py before cbor2's decoder.
+ *
+ * It parses the CBOR and applies, in document order, everything the reference decoder
+ * (synapse_coap/wire/body_decode.py, _Decoder) applies: the key table (integer map keys),
+ * the value table (simple values), our tags (identifiers, base64, sigils and mxc://
+ * prefixes and server-name suffixes, server references, timestamp deltas, session
+ * string references, the derived content hash), and its caps (depth of non-empty
+ * arrays, maps and tags; a container never claims more items than bytes are left).
+ *
+ * It accepts a subset of what the reference decoder accepts and answers exactly what
+ * the reference decoder answers for it.  Everything else (bignums, negative integers
+ * below -2**63, indefinite lengths, unknown tags, a byte string outside a tag, a
+ * duplicate key, invalid UTF-8, trailing bytes, a failing string resolver, ...)
+ * gives the Tables' fallback object (given by the caller): the caller's other decoders then
+ * give the answer or the error.  So this file never decides that a body is bad.
+ *
+ * Tests: tests/unit/test_cbody.py (differential against the reference decoder, golden
+ * vectors and hypothesis properties), tests/unit/test_body.py through decode_body.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+/* the tag numbers (synapse_coap/wire/body_tables.py, strings.py); TAGS exports them
+ * so that body_fast.py checks they are still the same before it uses this module */
+#define TAG_REF 4
+#define TAG_REF_WIDE 5
+#define TAG_EVENT_ID 6
+#define TAG_ROOM_HASH_ID 7
+#define TAG_B64 8
+#define TAG_B64URL 9
+#define TAG_SERVER 18
+#define TAG_EVENT_ID_LIST 19
+#define TAG_TS_DELTA 21
+#define TAG_DERIVED_SHA256 23
+#define TS_LOW (((uint64_t)1) << 32) /* ints in [TS_LOW, 2**64) take part in deltas */
+#define MAX_AFFIX_TAG 256
+
+/* made once, when the module is first initialised */
+static PyObject *DERIVED = NULL;      /* placeholder of a derived hash inside a map */
+static PyObject *S_HASHES = NULL;     /* "hashes" */
+static PyObject *S_SHA256 = NULL;     /* "sha256" */
+
+static const char B64_STD[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+static const char B64_URL[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/* ------------------------------------------------------------------------------------ */
+/* Tables: what one profile and context give the decoder, built once                     */
+/* ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject *prefix; /* bytes (UTF-8) or NULL: no affix for this tag */
+    PyObject *suffix; /* bytes (UTF-8) */
+} Affix;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *keys;             /* tuple of str: key-table index -> key */
+    PyObject *names;            /* tuple of str: server index -> name */
+    PyObject *fallback;         /* what decode() returns when it does not decide */
+    PyObject *content_hash;     /* content_hash(dict) -> str | None */
+    PyObject *simple[256];      /* simple value number -> value-table str (or NULL) */
+    Affix affix[MAX_AFFIX_TAG]; /* tag -> prefix and suffix around a text string */
+} Tables;
+
+static void
+Tables_dealloc(Tables *self)
+{
+    Py_XDECREF(self->keys);
+    Py_XDECREF(self->names);
+    Py_XDECREF(self->fallback);
+    Py_XDECREF(self->content_hash);
+    for (int i = 0; i < 256; i++)
+        Py_XDECREF(self->simple[i]);
+    for (int i = 0; i < MAX_AFFIX_TAG; i++) {
+        Py_XDECREF(self->affix[i].prefix);
+        Py_XDECREF(self->affix[i].suffix);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Tables_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *keys, *simple, *affix, *names, *fallback, *content_hash;
+    static char *kwlist[] = {"keys", "simple", "affix", "names", "fallback", "content_hash", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!O!OO:Tables", kwlist, &PyTuple_Type,
+                                     &keys, &PyTuple_Type, &simple, &PyDict_Type, &affix,
+                                     &PyTuple_Type, &names, &fallback, &content_hash))
+        return NULL;
+    if (!PyCallable_Check(content_hash)) {
+        PyErr_SetString(PyExc_TypeError, "content_hash must be callable");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(simple) != 256) {
+        PyErr_SetString(PyExc_ValueError, "simple must have 256 entries");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++)
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(keys, i))) {
+            PyErr_SetString(PyExc_TypeError, "keys must be str");
+            return NULL;
+        }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++)
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, i))) {
+            PyErr_SetString(PyExc_TypeError, "names must be str");
+            return NULL;
+        }
+    Tables *self = (Tables *)type->tp_alloc(type, 0); /* zeroed */
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(keys);
+    self->keys = keys;
+    Py_INCREF(names);
+    self->names = names;
+    Py_INCREF(fallback);
+    self->fallback = fallback;
+    Py_INCREF(content_hash);
+    self->content_hash = content_hash;
+    for (int i = 0; i < 256; i++) {
+        PyObject *v = PyTuple_GET_ITEM(simple, i);
+        if (v == Py_None)
+            continue;
+        if (!PyUnicode_CheckExact(v)) {
+            PyErr_SetString(PyExc_TypeError, "simple entries must be str or None");
+            goto fail;
+        }
+        Py_INCREF(v);
+        self->simple[i] = v;
+    }
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(affix, &pos, &k, &v)) {
+        long tag = PyLong_Check(k) ? PyLong_AsLong(k) : -1;
+        if (tag < 0 || tag >= MAX_AFFIX_TAG || !PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 2 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(v, 0)) || !PyUnicode_Check(PyTuple_GET_ITEM(v, 1))) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "affix must map tags 0-255 to (prefix, suffix)");
+            goto fail;
+        }
+        PyObject *p = PyUnicode_AsUTF8String(PyTuple_GET_ITEM(v, 0));
+        PyObject *s = p ? PyUnicode_AsUTF8String(PyTuple_GET_ITEM(v, 1)) : NULL;
+        if (s == NULL) {
+            Py_XDECREF(p);
+            goto fail;
+        }
+        Py_XSETREF(self->affix[tag].prefix, p);
+        Py_XSETREF(self->affix[tag].suffix, s);
+    }
+    return (PyObject *)self;
+fail:
+    Py_DECREF(self);
+    return NULL;
+}
+
+static PyTypeObject TablesType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "synapse_coap.wire._cbody.Tables",
+    .tp_basicsize = sizeof(Tables),
+    .tp_dealloc = (destructor)Tables_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tables(keys, simple, affix, names, fallback, content_hash): one profile and "
+              "context, built once.",
+    .tp_new = Tables_new,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* the decoder                                                                            */
+/* ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *p, *end;
+    Tables *t;
+    PyObject *resolve; /* None or resolve(tag, n) -> str */
+    int depth, max_depth;
+    int has_prev;
+    uint64_t prev; /* the base of the next timestamp delta */
+} D;
+
+enum { AT_TOP, AT_ELEMENT, AT_VALUE };
+
+/* Every function below returns a new reference, or NULL: with an exception set (an
+ * error of Python's: memory, a failing callback), or without one: FALLBACK. */
+
+static int
+head(D *d, int *major, int *info, uint64_t *arg)
+{
+    if (d->p >= d->end)
+        return -1;
+    unsigned char b = *d->p++;
+    int n;
+    *major = b >> 5;
+    *info = b & 31;
+    if (*info < 24) {
+        *arg = (uint64_t)*info;
+        return 0;
+    }
+    switch (*info) {
+    case 24: n = 1; break;
+    case 25: n = 2; break;
+    case 26: n = 4; break;
+    case 27: n = 8; break;
+    default: return -1; /* reserved, or an indefinite length */
+    }
+    if (d->end - d->p < n)
+        return -1;
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | d->p[i];
+    d->p += n;
+    *arg = v;
+    return 0;
+}
+
+/* the next item's head, which must be a string of `want` major type; its bytes */
+static int
+string_of(D *d, int want, const unsigned char **s, Py_ssize_t *n)
+{
+    int major, info;
+    uint64_t arg;
+    if (head(d, &major, &info, &arg) < 0 || major != want)
+        return -1;
+    if (arg > (uint64_t)(d->end - d->p))
+        return -1;
+    *s = d->p;
+    *n = (Py_ssize_t)arg;
+    d->p += arg;
+    return 0;
+}
+
+static PyObject *
+b64(const unsigned char *s, Py_ssize_t n, const char *alphabet, char sigil)
+{
+    Py_ssize_t len = (n / 3) * 4 + (n % 3 ? n % 3 + 1 : 0) + (sigil ? 1 : 0);
+    PyObject *u = PyUnicode_New(len, 127);
+    if (u == NULL)
+        return NULL;
+    Py_UCS1 *w = PyUnicode_1BYTE_DATA(u);
+    if (sigil)
+        *w++ = (Py_UCS1)sigil;
+    Py_ssize_t i = 0;
+    for (; i + 3 <= n; i += 3) {
+        uint32_t v = ((uint32_t)s[i] << 16) | ((uint32_t)s[i + 1] << 8) | s[i + 2];
+        *w++ = alphabet[(v >> 18) & 63];
+        *w++ = alphabet[(v >> 12) & 63];
+        *w++ = alphabet[(v >> 6) & 63];
+        *w++ = alphabet[v & 63];
+    }
+    if (n - i == 1) {
+        uint32_t v = (uint32_t)s[i] << 16;
+        *w++ = alphabet[(v >> 18) & 63];
+        *w++ = alphabet[(v >> 12) & 63];
+    }
+    else if (n - i == 2) {
+        uint32_t v = ((uint32_t)s[i] << 16) | ((uint32_t)s[i + 1] << 8);
+        *w++ = alphabet[(v >> 18) & 63];
+        *w++ = alphabet[(v >> 12) & 63];
+        *w++ = alphabet[(v >> 6) & 63];
+    }
+    return u;
+}
+
+static PyObject *
+affixed(const Affix *a, const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t pn = PyBytes_GET_SIZE(a->prefix), sn = PyBytes_GET_SIZE(a->suffix);
+    Py_ssize_t total = pn + n + sn;
+    char stack[512];
+    char *buf = total <= (Py_ssize_t)sizeof(stack) ? stack : PyMem_Malloc((size_t)total);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    memcpy(buf, PyBytes_AS_STRING(a->prefix), (size_t)pn);
+    memcpy(buf + pn, s, (size_t)n);
+    memcpy(buf + pn + n, PyBytes_AS_STRING(a->suffix), (size_t)sn);
+    /* strict: invalid UTF-8 in the text cannot be made valid by the ASCII at its ends */
+    PyObject *u = PyUnicode_DecodeUTF8(buf, total, NULL);
+    if (buf != stack)
+        PyMem_Free(buf);
+    return u;
+}
+
+/* one of our tags, at `where`: its content read and applied */
+static PyObject *
+tag(D *d, uint64_t tag, int where)
+{
+    const unsigned char *s;
+    Py_ssize_t n;
+    int major, info;
+    uint64_t arg;
+    if (d->depth >= d->max_depth)
+        return NULL;
+    if (tag < MAX_AFFIX_TAG && d->t->affix[tag].prefix != NULL) {
+        if (string_of(d, 3, &s, &n) < 0)
+            return NULL;
+        return affixed(&d->t->affix[tag], s, n);
+    }
+    switch (tag) {
+    case TAG_EVENT_ID_LIST: {
+        if (string_of(d, 2, &s, &n) < 0 || n == 0 || n % 32)
+            return NULL;
+        PyObject *list = PyList_New(n / 32);
+        if (list == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < n / 32; i++) {
+            PyObject *id = b64(s + 32 * i, 32, B64_URL, '$');
+            if (id == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, i, id);
+        }
+        return list;
+    }
+    case TAG_EVENT_ID:
+    case TAG_ROOM_HASH_ID:
+        if (string_of(d, 2, &s, &n) < 0 || n != 32)
+            return NULL;
+        return b64(s, 32, B64_URL, tag == TAG_EVENT_ID ? '$' : '!');
+    case TAG_SERVER:
+        if (head(d, &major, &info, &arg) < 0 || major != 0)
+            return NULL;
+        if (arg >= (uint64_t)PyTuple_GET_SIZE(d->t->names))
+            return NULL;
+        return Py_NewRef(PyTuple_GET_ITEM(d->t->names, (Py_ssize_t)arg));
+    case TAG_TS_DELTA: {
+        uint64_t next;
+        if (where == AT_TOP || !d->has_prev || head(d, &major, &info, &arg) < 0)
+            return NULL;
+        if (major == 0) {
+            if (arg > UINT64_MAX - d->prev)
+                return NULL;
+            next = d->prev + arg;
+        }
+        else if (major == 1) { /* prev - 1 - arg, kept >= TS_LOW */
+            if (arg >= d->prev - TS_LOW)
+                return NULL;
+            next = d->prev - 1 - arg;
+        }
+        else
+            return NULL;
+        d->prev = next;
+        return PyLong_FromUnsignedLongLong(next);
+    }
+    case TAG_B64:
+    case TAG_B64URL:
+        if (string_of(d, 2, &s, &n) < 0)
+            return NULL;
+        return b64(s, n, tag == TAG_B64 ? B64_STD : B64_URL, 0);
+    case TAG_DERIVED_SHA256:
+        if (where != AT_VALUE || d->p >= d->end || *d->p != 0xf6) /* null */
+            return NULL;
+        d->p++;
+        return Py_NewRef(DERIVED);
+    case TAG_REF:
+    case TAG_REF_WIDE: {
+        if (d->resolve == Py_None || head(d, &major, &info, &arg) < 0 || major != 0)
+            return NULL;
+        PyObject *r = PyObject_CallFunction(d->resolve, "iK", (int)tag, (unsigned long long)arg);
+        if (r != NULL && !PyUnicode_CheckExact(r)) {
+            Py_DECREF(r);
+            return NULL;
+        }
+        return r;
+    }
+    default:
+        return NULL; /* bignums, and every tag that is not ours */
+    }
+}
+
+static double
+half(const unsigned char *p)
+{
+    unsigned h = ((unsigned)p[0] << 8) | p[1];
+    unsigned e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    double v;
+    if (e == 0)
+        v = ldexp((double)m, -24);
+    else if (e != 31)
+        v = ldexp((double)(m + 1024), (int)e - 25);
+    else
+        v = m == 0 ? INFINITY : NAN;
+    return (h & 0x8000) ? -v : v;
+}
+
+static PyObject *item(D *d, int where);
+
+/* a map key: an integer of the key table, a text string, a value-table string, or a
+ * tag whose value is text */
+static PyObject *
+key(D *d)
+{
+    int major, info;
+    uint64_t arg;
+    if (head(d, &major, &info, &arg) < 0)
+        return NULL;
+    Py_ssize_t nkeys = PyTuple_GET_SIZE(d->t->keys);
+    switch (major) {
+    case 0: /* zigzag: n >= 0 is index 2n, -1-a is index 2a+1 */
+        if (arg >= (uint64_t)nkeys || 2 * arg >= (uint64_t)nkeys)
+            return NULL;
+        return Py_NewRef(PyTuple_GET_ITEM(d->t->keys, (Py_ssize_t)(2 * arg)));
+    case 1:
+        if (arg >= (uint64_t)nkeys || 2 * arg + 1 >= (uint64_t)nkeys)
+            return NULL;
+        return Py_NewRef(PyTuple_GET_ITEM(d->t->keys, (Py_ssize_t)(2 * arg + 1)));
+    case 3:
+        if (arg > (uint64_t)(d->end - d->p))
+            return NULL;
+        d->p += arg;
+        return PyUnicode_DecodeUTF8((const char *)d->p - arg, (Py_ssize_t)arg, NULL);
+    case 6: {
+        if (arg == TAG_TS_DELTA)
+            return NULL;
+        PyObject *k = tag(d, arg, AT_ELEMENT);
+        if (k != NULL && !PyUnicode_CheckExact(k)) {
+            Py_DECREF(k);
+            return NULL;
+        }
+        return k;
+    }
+    case 7:
+        if ((info < 24 && arg < 20) || (info == 24 && arg >= 32)) {
+            PyObject *v = d->t->simple[arg];
+            return v == NULL ? NULL : Py_NewRef(v);
+        }
+        return NULL;
+    default:
+        return NULL;
+    }
+}
+
+static PyObject *
+map(D *d, uint64_t n)
+{
+    if (n == 0)
+        return PyDict_New();
+    if (n > (uint64_t)(d->end - d->p) / 2 || d->depth >= d->max_depth)
+        return NULL;
+    d->depth++;
+    PyObject *dict = PyDict_New();
+    if (dict == NULL)
+        return NULL;
+    int derived = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        PyObject *k = key(d);
+        if (k == NULL)
+            goto fail;
+        PyObject *v = item(d, AT_VALUE);
+        if (v == NULL) {
+            Py_DECREF(k);
+            goto fail;
+        }
+        if (v == DERIVED) {
+            if (PyUnicode_Compare(k, S_HASHES) != 0) {
+                Py_DECREF(k);
+                Py_DECREF(v);
+                goto fail; /* (a failed comparison of two str cannot happen) */
+            }
+            derived = 1;
+        }
+        Py_ssize_t before = PyDict_GET_SIZE(dict);
+        int err = PyDict_SetItem(dict, k, v);
+        Py_DECREF(k);
+        Py_DECREF(v);
+        if (err < 0 || PyDict_GET_SIZE(dict) == before)
+            goto fail; /* a duplicate key, after the tables */
+    }
+    if (derived) {
+        PyObject *h = PyObject_CallOneArg(d->t->content_hash, dict);
+        if (h == NULL)
+            goto fail;
+        if (!PyUnicode_CheckExact(h)) { /* None: not in canonical JSON */
+            Py_DECREF(h);
+            goto fail;
+        }
+        PyObject *inner = PyDict_New();
+        int err = inner == NULL ? -1 : PyDict_SetItem(inner, S_SHA256, h);
+        Py_DECREF(h);
+        if (err == 0)
+            err = PyDict_SetItem(dict, S_HASHES, inner);
+        Py_XDECREF(inner);
+        if (err < 0)
+            goto fail;
+    }
+    d->depth--;
+    return dict;
+fail:
+    Py_DECREF(dict);
+    return NULL;
+}
+
+static PyObject *
+array(D *d, uint64_t n)
+{
+    if (n == 0)
+        return PyList_New(0);
+    if (n > (uint64_t)(d->end - d->p) || d->depth >= d->max_depth)
+        return NULL;
+    d->depth++;
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < (Py_ssize_t)n; i++) {
+        PyObject *v = item(d, AT_ELEMENT);
+        if (v == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    d->depth--;
+    return list;
+}
+
+static PyObject *
+item(D *d, int where)
+{
+    int major, info;
+    uint64_t arg;
+    const unsigned char *at = d->p;
+    if (head(d, &major, &info, &arg) < 0)
+        return NULL;
+    switch (major) {
+    case 0:
+        if (where != AT_TOP && arg >= TS_LOW) {
+            d->prev = arg;
+            d->has_prev = 1;
+        }
+        return PyLong_FromUnsignedLongLong(arg);
+    case 1:
+        if (arg > (uint64_t)INT64_MAX)
+            return NULL;
+        return PyLong_FromLongLong(-1 - (long long)arg);
+    case 3:
+        if (arg > (uint64_t)(d->end - d->p))
+            return NULL;
+        d->p += arg;
+        return PyUnicode_DecodeUTF8((const char *)d->p - arg, (Py_ssize_t)arg, NULL);
+    case 4:
+        return array(d, arg);
+    case 5:
+        return map(d, arg);
+    case 6:
+        return tag(d, arg, where);
+    case 7: {
+        const unsigned char *p = at + 1;
+        switch (info) {
+        case 25: return PyFloat_FromDouble(half(p));
+        case 26: {
+            uint32_t bits = ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
+                            ((uint32_t)p[2] << 8) | p[3];
+            float f;
+            memcpy(&f, &bits, 4);
+            return PyFloat_FromDouble((double)f);
+        }
+        case 27: {
+            double v;
+            memcpy(&v, &arg, 8);
+            return PyFloat_FromDouble(v);
+        }
+        default:
+            break;
+        }
+        if (arg == 20 && info < 24)
+            Py_RETURN_FALSE;
+        if (arg == 21 && info < 24)
+            Py_RETURN_TRUE;
+        if (arg == 22 && info < 24)
+            Py_RETURN_NONE;
+        if ((info < 24 && arg < 20) || (info == 24 && arg >= 32)) {
+            PyObject *v = d->t->simple[arg];
+            return v == NULL ? NULL : Py_NewRef(v);
+        }
+        return NULL;
+    }
+    default: /* a byte string outside a tag */
+        return NULL;
+    }
+}
+
+static PyObject *
+decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_CheckExact(args[0]) || !PyObject_TypeCheck(args[1], &TablesType) ||
+        !PyLong_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "decode(data: bytes, tables: Tables, max_depth: int, "
+                                         "resolve)");
+        return NULL;
+    }
+    long max_depth = PyLong_AsLong(args[2]);
+    if (max_depth == -1 && PyErr_Occurred())
+        return NULL;
+    D d;
+    d.p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    d.end = d.p + PyBytes_GET_SIZE(args[0]);
+    d.t = (Tables *)args[1];
+    d.resolve = args[3];
+    d.depth = 0;
+    d.max_depth = max_depth > 1000 ? 1000 : (int)max_depth; /* (the C stack) */
+    d.has_prev = 0;
+    d.prev = 0;
+    PyObject *v = item(&d, AT_TOP);
+    if (v != NULL && d.p == d.end && v != DERIVED)
+        return v;
+    Py_XDECREF(v);
+    if (PyErr_Occurred()) {
+        /* Python's own trouble is passed on; anything else (a text string that is not
+         * UTF-8, a resolver or content hash that raised) is for the other decoders */
+        if (PyErr_ExceptionMatches(PyExc_MemoryError) ||
+            !PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+    }
+    return Py_NewRef(d.t->fallback);
+}
+
+static PyMethodDef methods[] = {
+    {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
+     "decode(data, tables, max_depth, resolve): the JSON value of a body's CBOR, or the "
+     "tables' fallback object."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "synapse_coap.wire._cbody",
+    "The body codec's C decoder (see the comment at the top of _cbody.c).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__cbody(void)
+{
+    if (PyType_Ready(&TablesType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    if (DERIVED == NULL) /* (a second initialisation keeps the first's) */
+        DERIVED = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    if (S_HASHES == NULL)
+        S_HASHES = PyUnicode_InternFromString("hashes");
+    if (S_SHA256 == NULL)
+        S_SHA256 = PyUnicode_InternFromString("sha256");
+    PyObject *tags = Py_BuildValue(
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:K}", "TAG_REF", TAG_REF, "TAG_REF_WIDE",
+        TAG_REF_WIDE, "TAG_EVENT_ID", TAG_EVENT_ID, "TAG_ROOM_HASH_ID", TAG_ROOM_HASH_ID,
+        "TAG_B64", TAG_B64, "TAG_B64URL", TAG_B64URL, "TAG_SERVER", TAG_SERVER,
+        "TAG_EVENT_ID_LIST", TAG_EVENT_ID_LIST, "TAG_TS_DELTA", TAG_TS_DELTA,
+        "TAG_DERIVED_SHA256", TAG_DERIVED_SHA256, "_TS_LOW", (unsigned long long)TS_LOW);
+    if (DERIVED == NULL || S_HASHES == NULL || S_SHA256 == NULL || tags == NULL ||
+        PyModule_AddObject(m, "TAGS", tags) < 0) {
+        Py_XDECREF(tags);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&TablesType);
+    if (PyModule_AddObject(m, "Tables", (PyObject *)&TablesType) < 0) {
+        Py_DECREF(&TablesType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
