@@ -372,10 +372,9 @@ tag(D *d, uint64_t tag, int where)
 }
 
 static double
-half(const unsigned char *p)
+half(uint64_t h)
 {
-    unsigned h = ((unsigned)p[0] << 8) | p[1];
-    unsigned e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    unsigned e = (unsigned)(h >> 10) & 0x1f, m = (unsigned)h & 0x3ff;
     double v;
     if (e == 0)
         v = ldexp((double)m, -24);
@@ -384,6 +383,28 @@ half(const unsigned char *p)
     else
         v = m == 0 ? INFINITY : NAN;
     return (h & 0x8000) ? -v : v;
+}
+
+/* the text string of `n` bytes at the read position (its head already read) */
+static PyObject *
+text(D *d, uint64_t n)
+{
+    if (n > (uint64_t)(d->end - d->p))
+        return NULL;
+    const char *s = (const char *)d->p;
+    d->p += n;
+    return PyUnicode_DecodeUTF8(s, (Py_ssize_t)n, NULL);
+}
+
+/* a simple value of the value table (1-byte heads below 20, 2-byte ones from 32) */
+static PyObject *
+simple_value(D *d, int info, uint64_t arg)
+{
+    if ((info < 24 && arg < 20) || (info == 24 && arg >= 32)) {
+        PyObject *v = d->t->simple[arg];
+        return v == NULL ? NULL : Py_NewRef(v);
+    }
+    return NULL;
 }
 
 static PyObject *item(D *d, int where);
@@ -408,10 +429,7 @@ key(D *d)
             return NULL;
         return Py_NewRef(PyTuple_GET_ITEM(d->t->keys, (Py_ssize_t)(2 * arg + 1)));
     case 3:
-        if (arg > (uint64_t)(d->end - d->p))
-            return NULL;
-        d->p += arg;
-        return PyUnicode_DecodeUTF8((const char *)d->p - arg, (Py_ssize_t)arg, NULL);
+        return text(d, arg);
     case 6: {
         if (arg == TAG_TS_DELTA)
             return NULL;
@@ -423,11 +441,7 @@ key(D *d)
         return k;
     }
     case 7:
-        if ((info < 24 && arg < 20) || (info == 24 && arg >= 32)) {
-            PyObject *v = d->t->simple[arg];
-            return v == NULL ? NULL : Py_NewRef(v);
-        }
-        return NULL;
+        return simple_value(d, info, arg);
     default:
         return NULL;
     }
@@ -521,7 +535,6 @@ item(D *d, int where)
 {
     int major, info;
     uint64_t arg;
-    const unsigned char *at = d->p;
     if (head(d, &major, &info, &arg) < 0)
         return NULL;
     switch (major) {
@@ -536,23 +549,19 @@ item(D *d, int where)
             return NULL;
         return PyLong_FromLongLong(-1 - (long long)arg);
     case 3:
-        if (arg > (uint64_t)(d->end - d->p))
-            return NULL;
-        d->p += arg;
-        return PyUnicode_DecodeUTF8((const char *)d->p - arg, (Py_ssize_t)arg, NULL);
+        return text(d, arg);
     case 4:
         return array(d, arg);
     case 5:
         return map(d, arg);
     case 6:
         return tag(d, arg, where);
-    case 7: {
-        const unsigned char *p = at + 1;
+    case 7:
         switch (info) {
-        case 25: return PyFloat_FromDouble(half(p));
+        case 25:
+            return PyFloat_FromDouble(half(arg));
         case 26: {
-            uint32_t bits = ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
-                            ((uint32_t)p[2] << 8) | p[3];
+            uint32_t bits = (uint32_t)arg;
             float f;
             memcpy(&f, &bits, 4);
             return PyFloat_FromDouble((double)f);
@@ -571,12 +580,7 @@ item(D *d, int where)
             Py_RETURN_TRUE;
         if (arg == 22 && info < 24)
             Py_RETURN_NONE;
-        if ((info < 24 && arg < 20) || (info == 24 && arg >= 32)) {
-            PyObject *v = d->t->simple[arg];
-            return v == NULL ? NULL : Py_NewRef(v);
-        }
-        return NULL;
-    }
+        return simple_value(d, info, arg);
     default: /* a byte string outside a tag */
         return NULL;
     }

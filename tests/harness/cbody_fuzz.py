@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import random
 import resource
@@ -31,6 +30,7 @@ from synapse_coap.wire import body_decode, body_encode, body_fast  # noqa: E402
 from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.profile import load_profile  # noqa: E402
+from tests.harness.corpus import json_bodies  # noqa: E402
 
 
 def _load(path: str) -> Any:
@@ -69,13 +69,7 @@ def main() -> int:
     profile = load_profile(1)
     ctx = WireContext(server_names=("corpus.example.org", "other.example"))
     tables = body_fast.c_tables(mod, profile, ctx.server_names)
-    bodies = []
-    for path in sorted((ROOT / "tests" / "corpus").rglob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            for part in (rec.get("request", {}), rec.get("response", {})):
-                if isinstance(part.get("body"), (dict, list)):
-                    bodies.append(body_encode._encode_cbor(part["body"], profile, ctx))
+    bodies = [body_encode._encode_cbor(b, profile, ctx) for b in json_bodies()]
     rng = random.Random(args.seed)
     accepted = 0
     for i in range(args.inputs):

@@ -7,10 +7,7 @@ dictionary, without one, and against a push base, so no wire size moves."""
 
 from __future__ import annotations
 
-import json
 import zlib
-from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -29,30 +26,9 @@ from synapse_coap.wire.body_encode import (
 from synapse_coap.wire.body_tables import base_dictionary
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import load_profile, profile_ids
+from tests.harness.corpus import json_bodies
 
-ROOT = Path(__file__).resolve().parents[2]
 CONTEXTS = (WireContext(), WireContext(server_names=("example.org", "matrix.org")))
-
-
-def _bodies() -> list[Any]:
-    found: list[Any] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, dict):
-            body = x.get("body")
-            if isinstance(body, (dict, list)):
-                found.append(body)
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-
-    for path in sorted((ROOT / "tests" / "corpus").rglob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                walk(json.loads(line))
-    return found
 
 
 def _reference(data: bytes, zdict: bytes, mem_level: int = 9) -> bytes:
@@ -77,7 +53,7 @@ def test_the_mem_level_leaves_room_for_every_byte_in_one_block() -> None:
 @pytest.mark.parametrize("profile_id", [p for p in profile_ids() if p > 0])
 def test_same_bytes_as_mem_level_9_on_the_corpora(profile_id: int) -> None:
     profile = load_profile(profile_id)
-    bodies = _bodies()
+    bodies = json_bodies()
     assert len(bodies) > 500
     checked = 0
     previous = b""

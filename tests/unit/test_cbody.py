@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import json
 import os
 import struct
 from collections.abc import Callable
@@ -25,7 +24,8 @@ from synapse_coap.errors import RemoteProtocolError
 from synapse_coap.wire import body_decode, body_encode, body_fast
 from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits
 from synapse_coap.wire.profile import Profile, load_profile
-from tests.unit.test_body import CORPUS, CTX, DEPTH_CASES, SERVER, json_values, same
+from tests.harness.corpus import json_bodies
+from tests.unit.test_body import CTX, DEPTH_CASES, SERVER, json_values, same
 
 _NAME = "synapse_coap.wire._cbody"
 
@@ -93,23 +93,12 @@ def _agree(mod: Any, data: bytes, limits: BodyLimits = DEFAULT_BODY_LIMITS) -> A
     return got
 
 
-def _corpus_bodies() -> list[Any]:
-    out = []
-    for path in sorted(CORPUS.rglob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            for part in (rec.get("request", {}), rec.get("response", {})):
-                if isinstance(part.get("body"), (dict, list)):
-                    out.append(part["body"])
-    return out
-
-
 def test_it_has_the_tag_numbers_of_the_python_decoders(cbody: Any) -> None:
     assert cbody.TAGS == body_fast._C_TAGS
 
 
 def test_every_corpus_body_takes_the_c_path_and_decodes_exactly(cbody: Any) -> None:
-    bodies = _corpus_bodies()
+    bodies = json_bodies()
     assert len(bodies) > 100
     for value in bodies:
         raw = body_encode._encode_cbor(value, load_profile(1), CTX)
@@ -121,7 +110,7 @@ def test_every_corpus_body_takes_the_c_path_and_decodes_exactly(cbody: Any) -> N
 
 def test_profile_0_tables(cbody: Any) -> None:
     p0 = load_profile(0)
-    for value in _corpus_bodies()[:40]:
+    for value in json_bodies()[:40]:
         raw = body_encode._encode_cbor(value, p0, CTX)
         assert same(_c(cbody, raw, profile=p0), value)
 
@@ -330,7 +319,7 @@ def test_through_decode_body_with_and_without_it(
 ) -> None:
     """decode_body gives the same answers with the C decoder and without it."""
     p1 = load_profile(1)
-    bodies = _corpus_bodies()[:60]
+    bodies = json_bodies()[:60]
     encoded = [body_encode.encode_body(v, p1, CTX) for v in bodies]
     with_c = [body_decode.decode_body(e, p1, CTX) for e in encoded]
     monkeypatch.setattr(body_fast, "_CONTEXTS", {})
