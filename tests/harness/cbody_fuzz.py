@@ -33,7 +33,9 @@ from synapse_coap.wire.profile import load_profile  # noqa: E402
 from tests.harness.corpus import json_bodies  # noqa: E402
 
 
-def _load(path: str) -> Any:
+def load(path: str | Path) -> Any:
+    """The C body decoder built at ``path``, loaded directly (the package refuses to
+    import it while the sources run)."""
     spec = importlib.util.spec_from_file_location("synapse_coap.wire._cbody", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -65,7 +67,7 @@ def main() -> int:
     ap.add_argument("--leak-rounds", type=int, default=300)
     args = ap.parse_args()
 
-    mod = _load(args.extension)
+    mod = load(args.extension)
     profile = load_profile(1)
     ctx = WireContext(server_names=("corpus.example.org", "other.example"))
     tables = body_fast.c_tables(mod, profile, ctx.server_names)

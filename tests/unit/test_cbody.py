@@ -9,7 +9,6 @@ It runs here in both test runs: from the native build, and on the plain-Python s
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import struct
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from synapse_coap.errors import RemoteProtocolError
 from synapse_coap.wire import body_decode, body_encode, body_fast
 from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits
 from synapse_coap.wire.profile import Profile, load_profile
+from tests.harness.cbody_fuzz import load
 from tests.harness.corpus import json_bodies
 from tests.unit.test_body import CTX, DEPTH_CASES, SERVER, json_values, same
 
@@ -39,11 +39,7 @@ def _module() -> Any:
         pytest.skip(f"no current native build ({fault}): synapse-coap build-native")
     # the sources run (SYNAPSE_COAP_PURE=1): the package refuses to import the module,
     # so the test loads the build's extension itself
-    spec = importlib.util.spec_from_file_location(_NAME, ext)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load(ext)
 
 
 @pytest.fixture(scope="module")
