@@ -6,13 +6,21 @@ HTTP listener and the CoAP module, registers a user, then for each endpoint
 sends ``--requests`` *distinct* requests (a varying query parameter, so no two
 are alike) through
 
-* CoAP + Noise: the transport's CoapClient (one Noise session, multiplexed),
+* CoAP + Noise: one Noise session, multiplexed,
 * plain CoAP (the module's loopback plain listener),
 * HTTP/1.1: aiohttp with keep-alive,
 
 and reads the Synapse process's own CPU time (user + system of all its threads,
 ``/proc/PID/stat``) before and after: CPU milliseconds per request, and the
-CoAP+Noise / HTTP ratio. The module's body memo is switched off in that Synapse
+CoAP+Noise / HTTP ratio. It also records Synapse's utilisation in each cell (CPU
+seconds / wall seconds, the ``busy`` column): a server that waits for its client
+between requests pays more per request (a wake-up per datagram, colder caches), so
+a ratio means most where both listeners ran busy. The CoAP client is
+``bench/leanclient.py`` (``--client lean``, the default): the project's sans-I/O
+codec, CoAP and Noise layers on a bare asyncio socket, which puts on the wire what
+the product's client does at a fraction of its CPU; ``--client aiocoap`` uses the
+product's aiocoap-based ``CoapClient`` instead (which could not keep Synapse busy
+on this bench's two-core machine). The module's body memo is switched off in that Synapse
 (``SYNAPSE_COAP_BODY_MEMO=0``), so every response pays for the codec as
 distinct bodies would. The listeners take turns, ``--rounds`` times; each cell
 reports median (min-max) over the rounds.
@@ -50,7 +58,7 @@ block is that render).
 Usage::
 
     python bench/inbound.py [--requests 400] [--send-requests 100] [--rounds 5]
-                            [--concurrency 4]
+                            [--concurrency 4] [--client lean|aiocoap]
                             [--modes default,asyncio] [--no-send] [--readme]
                             [--profile-out FILE] [--cprofile-out FILE]
     python bench/inbound.py --render
@@ -87,6 +95,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+from leanclient import LeanClient  # noqa: E402
 from results_store import (  # noqa: E402
     build_suffix,
     cpu_seconds,
@@ -130,6 +139,23 @@ CORES = sorted(os.sched_getaffinity(0))
 MISSING: dict[str, int] = {}
 #: Non-200 answers (or PDUs not accepted) per (mode, endpoint, listener), per round.
 ERRORS: dict[tuple[str, str, str], list[int]] = {}
+#: Synapse's utilisation (its CPU seconds / wall seconds) per (mode, endpoint, listener),
+#: per round: about 1 when the client kept it busy, lower when it waited for requests.
+BUSY: dict[tuple[str, str, str], list[float]] = {}
+
+
+class LeanAdapter:
+    """:class:`leanclient.LeanClient` behind the ``request(endpoint, request)`` and
+    ``close()`` of the product's ``CoapClient`` (one session: the endpoint is fixed)."""
+
+    def __init__(self, client: LeanClient) -> None:
+        self.client = client
+
+    async def request(self, _endpoint: Any, request: HttpRequest) -> Any:
+        return await self.client.request(request)
+
+    async def close(self) -> None:
+        self.client.close()
 
 
 def pin(synapse_pid: int) -> str:
@@ -359,18 +385,28 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
             )
             token = (await reg.json())["access_token"]
             chain = await join_origin_room(http, proc, origin, token) if origin else None
-            link = LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency)
-            coap = await CoapClient.create(
-                link=link,
-                static_key=generate_private_key(),
-                trust=TrustPolicy(pinned={SERVER_NAME: server_key}),
-                bind=("127.0.0.1", 0),
-            )
-            plain = await CoapClient.create(
-                link=link, static_key=None, trust=TrustPolicy(), bind=("127.0.0.1", 0)
-            )
             secure_ep = Endpoint("127.0.0.1", coap_port, SERVER_NAME, server_key, True)
             plain_ep = Endpoint("127.0.0.1", plain_port, SERVER_NAME, None, False)
+            coap: Any
+            plain: Any
+            if args.client == "lean":
+                coap = LeanAdapter(
+                    await LeanClient.connect(
+                        "127.0.0.1", coap_port, SERVER_NAME, server_key, generate_private_key()
+                    )
+                )
+                plain = LeanAdapter(await LeanClient.connect("127.0.0.1", plain_port, SERVER_NAME))
+            else:
+                link = LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency)
+                coap = await CoapClient.create(
+                    link=link,
+                    static_key=generate_private_key(),
+                    trust=TrustPolicy(pinned={SERVER_NAME: server_key}),
+                    bind=("127.0.0.1", 0),
+                )
+                plain = await CoapClient.create(
+                    link=link, static_key=None, trust=TrustPolicy(), bind=("127.0.0.1", 0)
+                )
             serial = 0
             try:
                 endpoints = list(ENDPOINTS)
@@ -416,9 +452,9 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                         # listener always first or last, e.g. in a room that grows)
                         order = list(runners.items())
                         for name, one in order[r % len(order) :] + order[: r % len(order)]:
-                            before = cpu_seconds(pid)
+                            before, wall0 = cpu_seconds(pid), time.monotonic()
                             errors = await run_n(n, concurrency, one, serial)
-                            after = cpu_seconds(pid)
+                            after, wall = cpu_seconds(pid), time.monotonic() - wall0
                             serial += n  # (every request of the run is distinct)
                             if errors:
                                 print(
@@ -426,6 +462,9 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 )
                             ms = (after - before) * 1000 / n
                             cells.setdefault((label, name), []).append(ms)
+                            BUSY.setdefault((mode, label, name), []).append(
+                                (after - before) / wall
+                            )
                             ERRORS.setdefault((mode, label, name), []).append(errors)
                     if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
                         # (the small requests: where the listener's own cost shows)
@@ -446,7 +485,10 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                         + ", ".join(
                             f"{n} {statistics.median(cells[(label, n)]):.3f}" for n in LISTENERS
                         )
-                        + " ms/request",
+                        + " ms/request; busy "
+                        + ", ".join(
+                            f"{statistics.median(BUSY[(mode, label, n)]):.2f}" for n in LISTENERS
+                        ),
                         file=sys.stderr,
                     )
             finally:
@@ -666,6 +708,23 @@ def cells_of(rows: list[dict[str, str]]) -> dict[str, dict[tuple[str, str], list
     return out
 
 
+def busy_of(rows: list[dict[str, str]]) -> dict[str, dict[tuple[str, str], list[float]]]:
+    """The CSV's rows as mode -> (endpoint, listener) -> Synapse's utilisation per round."""
+    out: dict[str, dict[tuple[str, str], list[float]]] = {}
+    for r in sorted(rows, key=lambda r: int(r["round"])):
+        cell = out.setdefault(r["mode"], {}).setdefault((r["endpoint"], r["listener"]), [])
+        cell.append(float(r["busy"]))
+    return out
+
+
+def busy_text(busy: dict[tuple[str, str], list[float]], label: str) -> str:
+    """Median utilisation of Synapse in the CoAP+Noise and the HTTP/1.1 cells of ``label``."""
+    return " / ".join(
+        f"{statistics.median(busy[(label, listener)]):.2f}"
+        for listener in ("CoAP+Noise", "HTTP/1.1")
+    )
+
+
 def table(cells: dict[tuple[str, str], list[float]]) -> list[tuple[str, list[str], float]]:
     """(endpoint, the listeners' spreads, median CoAP+Noise / HTTP ratio of the rounds)."""
     out = []
@@ -684,11 +743,21 @@ def report(mode: str, cells: dict[tuple[str, str], list[float]], args: argparse.
     print(
         f"\nSynapse CPU ms per request, reactor {mode}: {args.requests} distinct requests per "
         f"cell, concurrency {args.concurrency} (/send: {args.send_requests}, concurrency 1), "
-        f"median (min-max) of {args.rounds} rounds"
+        f"median (min-max) of {args.rounds} rounds; busy: Synapse's CPU s / wall s, "
+        "CoAP+Noise / HTTP/1.1"
     )
-    print(f"{'endpoint':<24}" + "".join(f"{n:>24}" for n in LISTENERS) + f"{'Noise/HTTP':>14}")
+    busy = {(label, listener): v for (m, label, listener), v in BUSY.items() if m == mode}
+    print(
+        f"{'endpoint':<24}"
+        + "".join(f"{n:>24}" for n in LISTENERS)
+        + f"{'Noise/HTTP':>14}{'busy':>14}"
+    )
     for label, spreads, ratio in table(cells):
-        print(f"{label:<24}" + "".join(f"{x:>24}" for x in spreads) + f"{ratio:>13.2f}x")
+        print(
+            f"{label:<24}"
+            + "".join(f"{x:>24}" for x in spreads)
+            + f"{ratio:>13.2f}x{busy_text(busy, label):>14}"
+        )
 
 
 def main() -> None:
@@ -701,6 +770,13 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="rounds (n of each figure)")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--client",
+        choices=("lean", "aiocoap"),
+        default="lean",
+        help="CoAP load client: lean (bench/leanclient.py: the sans-I/O layers on a bare "
+        "socket, cheap enough to keep Synapse busy) or aiocoap (the product's CoapClient)",
+    )
     parser.add_argument(
         "--modes", default="default,asyncio", help="reactor modes: default, asyncio or both"
     )
@@ -762,6 +838,7 @@ def main() -> None:
                         "round": i,
                         "cpu_ms": v,
                         "errors": ERRORS[(m, label, listener)][i],
+                        "busy": round(BUSY[(m, label, listener)][i], 3),
                     }
                 )
     meta = provenance("python bench/inbound.py " + " ".join(sys.argv[1:]))
@@ -770,6 +847,7 @@ def main() -> None:
     meta["send_requests"] = str(args.send_requests)
     meta["rounds"] = str(args.rounds)
     meta["concurrency"] = str(args.concurrency)
+    meta["client"] = args.client
     meta["missing_event_fetches"] = ", ".join(f"{m} {n}" for m, n in MISSING.items())
     write_dict_rows(csv_path, rows, meta)
     print(f"wrote {csv_path}")
@@ -797,14 +875,28 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         "with a second Synapse's key in its room, following the last accepted one, 30 ms "
         "after its answer; "
         f"Synapse fetched missing events {meta['missing_event_fetches']} times); the client "
-        "pinned to the other core at lower priority.",
+        "pinned to the other core at lower priority"
+        + (
+            " (CoAP: bench/leanclient.py, the sans-I/O layers on a bare socket; HTTP: "
+            "aiohttp). _Synapse busy_ is its CPU seconds per wall second in the cells (median): "
+            "near 1 when the client kept it busy; the `/send` cells idle by design."
+            if meta.get("client") == "lean"
+            else " (CoAP: the product's aiocoap CoapClient; HTTP: aiohttp). _Synapse busy_ is "
+            "its CPU seconds per wall second in the cells (median)."
+        ),
         "",
-        "| reactor | endpoint | CoAP+Noise ms | plain CoAP ms | HTTP/1.1 ms | CoAP+Noise / HTTP |",
-        "|---|---|--:|--:|--:|--:|",
+        "| reactor | endpoint | CoAP+Noise ms | plain CoAP ms | HTTP/1.1 ms | CoAP+Noise / HTTP "
+        "| Synapse busy, CoAP+Noise / HTTP |",
+        "|---|---|--:|--:|--:|--:|--:|",
     ]
+    busy = busy_of(rows)
     for m, cells in results.items():
         for label, spreads, ratio in table(cells):
-            lines.append(f"| {m} | {label} | " + " | ".join(spreads) + f" | {ratio:.2f}x |")
+            lines.append(
+                f"| {m} | {label} | "
+                + " | ".join(spreads)
+                + f" | {ratio:.2f}x | {busy_text(busy[m], label)} |"
+            )
     lines += [
         "",
         f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "
