@@ -462,9 +462,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 )
                             ms = (after - before) * 1000 / n
                             cells.setdefault((label, name), []).append(ms)
-                            BUSY.setdefault((mode, label, name), []).append(
-                                (after - before) / wall
-                            )
+                            BUSY.setdefault((mode, label, name), []).append((after - before) / wall)
                             ERRORS.setdefault((mode, label, name), []).append(errors)
                     if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
                         # (the small requests: where the listener's own cost shows)

@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 from synapse_coap.mapping import numbers as n
-from synapse_coap.mapping.codec import request_seq
 from synapse_coap.mapping.coap import decode_coap, encode_coap
+from synapse_coap.mapping.codec import request_seq
 from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
 from synapse_coap.mapping.tokens import SenderTokens
 from synapse_coap.noise.endpoint import (
