@@ -697,21 +697,15 @@ def write_profile(raw: Path, out: Path, mode: str, listener: str) -> None:
     print(f"  profile written to {target}", file=sys.stderr)
 
 
-def cells_of(rows: list[dict[str, str]]) -> dict[str, dict[tuple[str, str], list[float]]]:
-    """The CSV's rows as mode -> (endpoint, listener) -> CPU ms per round (in round order)."""
+def cells_of(
+    rows: list[dict[str, str]], column: str = "cpu_ms"
+) -> dict[str, dict[tuple[str, str], list[float]]]:
+    """The CSV's rows as mode -> (endpoint, listener) -> ``column`` per round (in round
+    order): CPU ms per request, or Synapse's utilisation (``busy``)."""
     out: dict[str, dict[tuple[str, str], list[float]]] = {}
     for r in sorted(rows, key=lambda r: int(r["round"])):
         cell = out.setdefault(r["mode"], {}).setdefault((r["endpoint"], r["listener"]), [])
-        cell.append(float(r["cpu_ms"]))
-    return out
-
-
-def busy_of(rows: list[dict[str, str]]) -> dict[str, dict[tuple[str, str], list[float]]]:
-    """The CSV's rows as mode -> (endpoint, listener) -> Synapse's utilisation per round."""
-    out: dict[str, dict[tuple[str, str], list[float]]] = {}
-    for r in sorted(rows, key=lambda r: int(r["round"])):
-        cell = out.setdefault(r["mode"], {}).setdefault((r["endpoint"], r["listener"]), [])
-        cell.append(float(r["busy"]))
+        cell.append(float(r[column]))
     return out
 
 
@@ -887,7 +881,7 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         "| Synapse busy, CoAP+Noise / HTTP |",
         "|---|---|--:|--:|--:|--:|--:|",
     ]
-    busy = busy_of(rows)
+    busy = cells_of(rows, "busy")
     for m, cells in results.items():
         for label, spreads, ratio in table(cells):
             lines.append(

@@ -35,7 +35,7 @@ def test_the_committed_small_cells_measured_a_busy_server() -> None:
     bench = load_bench("inbound")
     meta, rows = bench.read_dict_rows(bench.RESULTS_CSV)
     assert meta["client"] == "lean"
-    for mode, cells in bench.busy_of(rows).items():
+    for mode, cells in bench.cells_of(rows, "busy").items():
         for (label, listener), values in cells.items():
             assert all(v > 0 for v in values), (mode, label, listener)
             if label != bench.SEND_LABEL:
