@@ -464,6 +464,7 @@ class NoiseEndpoint:
         self._unvalidated_ik.discard(s.local_sid)
 
     def _forget_session(self, s: _Session) -> None:
+        records.forget_keys(s.send, s.recv)
         if self._sessions.get(s.local_sid) is s:
             del self._sessions[s.local_sid]
             self._not_half_open(s)
@@ -479,6 +480,8 @@ class NoiseEndpoint:
 
     def _drop_channel(self, ch: _Channel) -> None:
         for s in [ch.session, ch.pending, *ch.retired]:
+            if s is not None:
+                records.forget_keys(s.send, s.recv)
             if s is not None and self._sessions.get(s.local_sid) is s:
                 del self._sessions[s.local_sid]
                 self._not_half_open(s)

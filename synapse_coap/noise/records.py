@@ -138,6 +138,54 @@ def nonce(pn: int) -> bytes:
     return b"\x00\x00\x00\x00" + pn.to_bytes(8, "little")
 
 
+#: AEAD objects of the keys used most recently, at most :data:`AEAD_CACHE_SIZE`
+#: (oldest dropped first): making one costs about as much as the encryption of a
+#: small record, and a busy session uses the same key for every record. Bounded, so a
+#: listener with thousands of sessions keeps no OpenSSL context (about 2 KB) per
+#: session; keys replaced by a rekey are dropped at once (:func:`forget_aead`).
+_AEADS: dict[bytes, ChaCha20Poly1305] = {}
+AEAD_CACHE_SIZE = 64
+
+
+def aead_for(key: bytes) -> ChaCha20Poly1305:
+    """The ChaCha20-Poly1305 AEAD object for ``key`` (from the bounded cache)."""
+    aead = _AEADS.get(key)
+    if aead is None:
+        aead = ChaCha20Poly1305(key)
+        if len(_AEADS) >= AEAD_CACHE_SIZE:
+            try:
+                del _AEADS[next(iter(_AEADS))]
+            except (KeyError, RuntimeError, StopIteration):  # (another thread's change)
+                pass
+        _AEADS[key] = aead
+    return aead
+
+
+def cached_aead(key: bytes) -> bool:
+    """Whether ``key``'s AEAD object is in the cache (tests, debugging)."""
+    return key in _AEADS
+
+
+def aead_cache_len() -> int:
+    """How many AEAD objects the cache holds."""
+    return len(_AEADS)
+
+
+def forget_aead(key: bytes | None) -> None:
+    """Drop ``key``'s AEAD object from the cache (a key that will not be used again)."""
+    if key is not None:
+        _AEADS.pop(key, None)
+
+
+def forget_keys(send: SendKeys | None, recv: RecvKeys | None) -> None:
+    """Drop the cached AEAD objects of a session that ends (its keys are not used again)."""
+    if send is not None:
+        forget_aead(send.key)
+    if recv is not None:
+        forget_aead(recv.key)
+        forget_aead(recv.previous)
+
+
 def rekey(key: bytes) -> bytes:
     """Noise REKEY: the first 32 bytes of ENCRYPT(k, 2^64-1, "", 32 zero bytes)."""
     return ChaCha20Poly1305(key).encrypt(_REKEY_NONCE, b"\x00" * 32, b"")[:32]
@@ -179,9 +227,9 @@ class ReplayWindow:
 class SendKeys:
     """Outbound direction: current key, key generation and next packet number.
 
-    The AEAD object is made per record (under 2 us) rather than kept: an OpenSSL
-    ChaCha20-Poly1305 context is about 2 KB, and a listener holds thousands of
-    sessions."""
+    The AEAD object is not kept per session (an OpenSSL ChaCha20-Poly1305 context is
+    about 2 KB, and a listener holds thousands of sessions): it comes from the small
+    cache of recently used keys (:func:`aead_for`)."""
 
     __slots__ = ("generation", "generation_first_pn", "generation_started", "key", "next_pn")
 
@@ -194,9 +242,10 @@ class SendKeys:
 
     @property
     def aead(self) -> ChaCha20Poly1305:
-        return ChaCha20Poly1305(self.key)
+        return aead_for(self.key)
 
     def update(self, now: float) -> None:
+        forget_aead(self.key)
         self.key = rekey(self.key)
         self.generation += 1
         self.generation_started = now
@@ -209,7 +258,7 @@ class SendKeys:
 class RecvKeys:
     """Inbound direction: current generation, the previous one (briefly), the next on demand.
 
-    Keys are kept, AEAD objects made per record (see :class:`SendKeys`)."""
+    Keys are kept, AEAD objects taken from the cache (see :class:`SendKeys`)."""
 
     __slots__ = ("first_pn", "generation", "key", "previous", "previous_expires")
 
@@ -222,12 +271,12 @@ class RecvKeys:
 
     @property
     def aead(self) -> ChaCha20Poly1305:
-        return ChaCha20Poly1305(self.key)
+        return aead_for(self.key)
 
     def select(self, phase: int, pn: int, now: float) -> tuple[ChaCha20Poly1305, int, bytes | None]:
         """The AEAD for a record: (aead, generation, new key if it is the next generation)."""
         if phase == self.generation & 1:
-            return ChaCha20Poly1305(self.key), self.generation, None
+            return aead_for(self.key), self.generation, None
         if (
             self.first_pn is not None
             and pn < self.first_pn
@@ -251,6 +300,7 @@ class RecvKeys:
     ) -> None:
         """Record a successfully opened record (may advance the generation)."""
         if new_key is not None and generation == self.generation + 1:
+            forget_aead(self.previous)
             self.previous = self.key
             self.previous_expires = now + keep
             self.key = new_key
@@ -262,6 +312,7 @@ class RecvKeys:
 
     def expire(self, now: float) -> None:
         if self.previous is not None and now >= self.previous_expires:
+            forget_aead(self.previous)
             self.previous = None
 
     def snapshot(self) -> tuple[int, int | None, bool]:
