@@ -317,6 +317,17 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             logger.warning("cannot send on channel %s: %s", channel, e)
             self.metrics.dropped("send_failed")
             return
+        if len(events) == 1:
+            # the common case, one record out: what _process does for it, without its
+            # pass over event kinds (this runs for every answer the listener sends)
+            ev = events[0]
+            if type(ev) is Transmit and _datagram_kind(ev.data) == "record":
+                try:
+                    self._sendto(ev.data, ev.addr)
+                except Exception:
+                    logger.exception("handling session event Transmit failed")
+                self._reschedule()
+                return
         self._process(events)
 
     async def determine_remote(self, message: Any) -> None:
@@ -356,6 +367,15 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
             events = self.endpoint.datagram_received(data, source)
         except Exception as e:  # a bug, but the datagram is the sender's: no traceback flood
             self.bad_input.report(source[0], "internal_error", e)
+            return
+        if len(events) == 1 and type(events[0]) is Received:
+            # the common case, one message in: what _process does for it, without its
+            # pass over event kinds (this runs for every request the listener takes)
+            try:
+                self._ev_received(events[0])
+            except Exception as e:
+                self.bad_input.report(source[0], "event_Received", e)
+            self._reschedule()
             return
         self._process(events, source[0])
 
