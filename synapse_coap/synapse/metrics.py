@@ -13,23 +13,55 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from synapse_coap.synapse.compat import server_name_label
 
 #: Synapse's own label for the homeserver name (``synapse.metrics.SERVER_NAME_LABEL``).
 SERVER_NAME_LABEL = server_name_label()
 
-DATAGRAMS = Counter(
-    "synapse_coap_datagrams_total",
-    "UDP datagrams sent (direction=out) and received (direction=in) by the CoAP listener, by kind",
-    labelnames=["direction", "kind", SERVER_NAME_LABEL],
-)
-BYTES = Counter(
-    "synapse_coap_bytes_total",
-    "UDP payload bytes sent and received by the CoAP listener, by kind",
-    labelnames=["direction", "kind", SERVER_NAME_LABEL],
-)
+
+class DatagramCounters:
+    """``synapse_coap_datagrams_total`` and ``synapse_coap_bytes_total``: plain integers
+    per (direction, kind, server name), read by Prometheus through :meth:`collect`.
+
+    Every datagram in and out counts in both, so they are the listener's hottest
+    metrics: two labelled prometheus_client counters cost a lock and a few calls per
+    increment each, an entry here one dictionary lookup. Updated on the listener's
+    loop thread only (one thread per homeserver); a scrape reads a snapshot."""
+
+    def __init__(self) -> None:
+        #: (direction, kind, server name) -> [datagrams, bytes]
+        self.values: dict[tuple[str, str, str], list[int]] = {}
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(()))
+
+    def collect(self) -> list[Metric]:
+        return list(self._families(list(self.values.items())))
+
+    def _families(self, items: Any) -> tuple[Metric, Metric]:
+        labels = ["direction", "kind", SERVER_NAME_LABEL]
+        datagrams = CounterMetricFamily(
+            "synapse_coap_datagrams",
+            "UDP datagrams sent (direction=out) and received (direction=in) by the CoAP "
+            "listener, by kind",
+            labels=labels,
+        )
+        sizes = CounterMetricFamily(
+            "synapse_coap_bytes",
+            "UDP payload bytes sent and received by the CoAP listener, by kind",
+            labels=labels,
+        )
+        for key, (count, size) in items:
+            datagrams.add_metric(list(key), count)
+            sizes.add_metric(list(key), size)
+        return datagrams, sizes
+
+
+DATAGRAM_COUNTERS = DatagramCounters()
+REGISTRY.register(DATAGRAM_COUNTERS)
 HANDSHAKES = Counter(
     "synapse_coap_handshakes_total",
     "Noise handshakes by outcome",
@@ -92,7 +124,7 @@ class SynapseCoapMetrics:
         self.server_name = server_name
         self._labels = {SERVER_NAME_LABEL: server_name}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._datagram_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._datagram_counts = DATAGRAM_COUNTERS.values
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def _child(self, metric: Any, *values: str, **labels: str) -> Any:
@@ -103,15 +135,12 @@ class SynapseCoapMetrics:
         return child
 
     def datagram(self, direction: str, kind: str, size: int) -> None:
-        # (two per datagram: the pair of children is kept under its own short key)
-        pair = self._datagram_children.get((direction, kind))
-        if pair is None:
-            pair = self._datagram_children[(direction, kind)] = (
-                self._child(DATAGRAMS, direction, kind, direction=direction, kind=kind),
-                self._child(BYTES, direction, kind, direction=direction, kind=kind),
-            )
-        pair[0].inc()
-        pair[1].inc(size)
+        key = (direction, kind, self.server_name)
+        counts = self._datagram_counts.get(key)
+        if counts is None:
+            counts = self._datagram_counts.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += size
 
     def handshake(self, outcome: str) -> None:
         self._child(HANDSHAKES, outcome, outcome=outcome).inc()
