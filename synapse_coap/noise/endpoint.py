@@ -1,10 +1,9 @@
 """The sans-I/O secure session endpoint: Noise handshakes + explicit-nonce records.
 
-One :class:`NoiseEndpoint` serves one UDP socket. It never does I/O: feed it
-datagrams (:meth:`datagram_received`), plaintexts (:meth:`send`) and timer
-ticks (:meth:`handle_timers` at :meth:`next_timer`); it returns events
-(:mod:`synapse_coap.noise.events`). The clock and the random source are
-injected.
+One :class:`NoiseEndpoint` serves one UDP socket. It never does I/O: feed it datagrams
+(:meth:`datagram_received`), plaintexts (:meth:`send`) and timer ticks
+(:meth:`handle_timers` at :meth:`next_timer`); it returns events
+(:mod:`synapse_coap.noise.events`). The clock and the random source are injected.
 
 Vocabulary:
 
@@ -18,13 +17,12 @@ Vocabulary:
 
 See docs/security.md for the wire format and the security argument.
 
-The endpoint is split by responsibility: this module holds the public API, the
-session table and the timers; :mod:`~synapse_coap.noise.initiator` and
+The endpoint is split by responsibility: this module holds the public API, the session
+table and the timers; :mod:`~synapse_coap.noise.initiator` and
 :mod:`~synapse_coap.noise.responder` drive the two sides of the handshakes,
-:mod:`~synapse_coap.noise.recordpath` the records, control messages and
-migration; :mod:`~synapse_coap.noise.sessions` holds the per-session and
-per-channel state and :mod:`~synapse_coap.noise.limits` the limits and
-constants.
+:mod:`~synapse_coap.noise.recordpath` the records, control messages and migration;
+:mod:`~synapse_coap.noise.sessions` holds the per-session and per-channel state and
+:mod:`~synapse_coap.noise.limits` the limits and constants.
 """
 
 from __future__ import annotations
@@ -479,10 +477,9 @@ class NoiseEndpoint:
                     ch.retired.remove(s)
 
     def _drop_channel(self, ch: _Channel) -> None:
-        for s in [ch.session, ch.pending, *ch.retired]:
-            if s is not None:
-                records.forget_keys(s.send, s.recv)
-            if s is not None and self._sessions.get(s.local_sid) is s:
+        for s in filter(None, [ch.session, ch.pending, *ch.retired]):
+            records.forget_keys(s.send, s.recv)
+            if self._sessions.get(s.local_sid) is s:
                 del self._sessions[s.local_sid]
                 self._not_half_open(s)
         self._channels.pop(ch.id, None)
