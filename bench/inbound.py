@@ -95,7 +95,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from leanclient import LeanClient  # noqa: E402
+from leanclient import LeanAdapter, LeanClient  # noqa: E402
 from results_store import (  # noqa: E402
     build_suffix,
     cpu_seconds,
@@ -142,20 +142,6 @@ ERRORS: dict[tuple[str, str, str], list[int]] = {}
 #: Synapse's utilisation (its CPU seconds / wall seconds) per (mode, endpoint, listener),
 #: per round: about 1 when the client kept it busy, lower when it waited for requests.
 BUSY: dict[tuple[str, str, str], list[float]] = {}
-
-
-class LeanAdapter:
-    """:class:`leanclient.LeanClient` behind the ``request(endpoint, request)`` and
-    ``close()`` of the product's ``CoapClient`` (one session: the endpoint is fixed)."""
-
-    def __init__(self, client: LeanClient) -> None:
-        self.client = client
-
-    async def request(self, _endpoint: Any, request: HttpRequest) -> Any:
-        return await self.client.request(request)
-
-    async def close(self) -> None:
-        self.client.close()
 
 
 def pin(synapse_pid: int) -> str:

@@ -1,7 +1,7 @@
 """CPU per request of the CoAP+Noise listener alone, without Synapse.
 
     .venv/bin/python bench/transport_cpu.py [--requests 4000] [--rounds 7]
-        [--concurrency 4] [--cprofile-out FILE] [--docs] [--render]
+        [--concurrency 4] [--client lean|aiocoap] [--cprofile-out FILE] [--docs] [--render]
 
 Two child processes, each pinned to one core:
 
@@ -13,11 +13,15 @@ Two child processes, each pinned to one core:
 * HTTP/1.1: Twisted's HTTP server (what Synapse's HTTP listener is built on) with a
   resource answering the same body and headers.
 
-This process sends ``--requests`` distinct requests per round to each (the
-transport's CoapClient; aiohttp with keep-alive), from the other core at nice 10,
-the two taking turns, and reads each child's own CPU time (user + system,
-``/proc/PID/stat``) around its turn: microseconds of listener CPU per request and
-the ratio, median (min-max) over ``--rounds``.
+This process sends ``--requests`` distinct requests per round to each (CoAP:
+``bench/leanclient.py``, the project's sans-I/O layers on a bare socket, or with
+``--client aiocoap`` the transport's CoapClient; HTTP: aiohttp with keep-alive),
+from the other core at nice 10, the two taking turns, and reads each child's own
+CPU time (user + system, ``/proc/PID/stat``) around its turn: microseconds of
+listener CPU per request and the ratio, median (min-max) over ``--rounds``, and the
+listener's utilisation in its turn (CPU seconds / wall seconds, ``busy``): a
+listener that waits for its client pays more per request, and the aiocoap client
+costs more CPU per request than the listener it drives.
 
 With the native build there (``synapse-coap build-native``), a third child runs the same
 CoAP+Noise listener on the plain-Python sources (``SYNAPSE_COAP_PURE=1``), taking its
@@ -41,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from leanclient import LeanAdapter, LeanClient  # noqa: E402
 from results_store import (  # noqa: E402
     build_suffix,
     cpu_seconds,
@@ -199,12 +205,25 @@ async def drive(args: argparse.Namespace) -> None:
             os.sched_setaffinity(0, {cores[1]})
             print(f"listeners on core {cores[0]}, client on core {cores[1]} at nice 10")
         os.nice(10)
-        client = await CoapClient.create(
-            link=LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency),
-            static_key=generate_private_key(),
-            trust=TrustPolicy(pinned={SERVER_NAME: public_key(key)}),
-            bind=("127.0.0.1", 0),
-        )
+        coap_clients: dict[int, Any] = {}
+
+        async def coap_client(port: int) -> Any:
+            if port not in coap_clients:
+                if args.client == "lean":
+                    lean = await LeanClient.connect(
+                        "127.0.0.1", port, SERVER_NAME, public_key(key), generate_private_key()
+                    )
+                    coap_clients[port] = LeanAdapter(lean)
+                else:
+                    coap_clients[port] = await CoapClient.create(
+                        link=LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency),
+                        static_key=generate_private_key(),
+                        trust=TrustPolicy(pinned={SERVER_NAME: public_key(key)}),
+                        bind=("127.0.0.1", 0),
+                    )
+            return coap_clients[port]
+
+        client = await coap_client(coap_port)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
         ep = Endpoint("127.0.0.1", coap_port, SERVER_NAME, public_key(key), True)
         auth = (("authorization", "Bearer syt_YmVuY2g_abcdefghijklmnopqrst_0a1b2c"),)
@@ -235,27 +254,30 @@ async def drive(args: argparse.Namespace) -> None:
         listeners = {"CoAP+Noise": (one_coap, coap_child), "HTTP/1.1": (one_http, http_child)}
         if pure_child is not None:
             pure_ep = Endpoint("127.0.0.1", pure_port, SERVER_NAME, public_key(key), True)
+            pure_client = await coap_client(pure_port) if args.client == "lean" else client
 
             async def one_pure(i: int) -> None:
                 target = f"{TARGET}?n={i}".encode()
-                r = await client.request(pure_ep, HttpRequest("GET", target, auth))
+                r = await pure_client.request(pure_ep, HttpRequest("GET", target, auth))
                 assert r.status == 200, r
 
             listeners[PURE] = (one_pure, pure_child)
         for one, _child in listeners.values():
             await run(one, 200)  # handshake, connections, warm-up
         results: dict[str, list[float]] = {name: [] for name in listeners}
+        busy: dict[str, list[float]] = {name: [] for name in listeners}
         ratios: list[float] = []
         for r in range(args.rounds):
             for name, (one, child) in listeners.items():
-                before = cpu_seconds(child.pid)
+                before, wall0 = cpu_seconds(child.pid), time.monotonic()
                 await run(one, args.requests)
-                after = cpu_seconds(child.pid)
+                after, wall = cpu_seconds(child.pid), time.monotonic() - wall0
                 results[name].append((after - before) / args.requests * 1e6)
+                busy[name].append((after - before) / wall)
             ratios.append(results["CoAP+Noise"][-1] / results["HTTP/1.1"][-1])
             print(
                 f"  round {r + 1}/{args.rounds}: "
-                + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items())
+                + ", ".join(f"{k} {v[-1]:.1f} (busy {busy[k][-1]:.2f})" for k, v in results.items())
                 + f" us/request, ratio {ratios[-1]:.2f}x",
                 flush=True,
             )
@@ -263,7 +285,8 @@ async def drive(args: argparse.Namespace) -> None:
             await profile(
                 args, coap_child, workdir / "server.prof.0", lambda: run(one_coap, args.requests)
             )
-        await client.close()
+        for c in coap_clients.values():
+            await c.close()
         await http.close()
         tick = 1e6 / os.sysconf("SC_CLK_TCK") / args.requests
         print(
@@ -275,7 +298,7 @@ async def drive(args: argparse.Namespace) -> None:
             print(f"  {name:12s} {spread(values, '{:.1f}')} us")
         print(f"  CoAP+Noise / HTTP/1.1 {spread(ratios, '{:.2f}')}x")
         rows = [
-            {"round": i, "listener": name, "cpu_us": f"{v:.2f}"}
+            {"round": i, "listener": name, "cpu_us": f"{v:.2f}", "busy": f"{busy[name][i]:.3f}"}
             for name, values in results.items()
             for i, v in enumerate(values)
         ]
@@ -283,6 +306,7 @@ async def drive(args: argparse.Namespace) -> None:
         meta["requests"] = str(args.requests)
         meta["rounds"] = str(args.rounds)
         meta["concurrency"] = str(args.concurrency)
+        meta["client"] = args.client
         meta["note"] = "machine shared with other work"
         # (the committed CSV only with --docs, which renders the docs from it)
         if args.docs or args.results:
@@ -301,32 +325,37 @@ async def drive(args: argparse.Namespace) -> None:
 def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
     """The docs' block: rendered from the results CSV's provenance and rows only."""
     cells: dict[str, list[float]] = {name: [] for name in (*LISTENERS, PURE)}
+    busy: dict[str, list[float]] = {name: [] for name in (*LISTENERS, PURE)}
     for r in sorted(rows, key=lambda r: int(r["round"])):
         cells[r["listener"]].append(float(r["cpu_us"]))
+        busy[r["listener"]].append(float(r["busy"]))
     pure_rows = []
     if cells[PURE]:
         gains = [a / b for a, b in zip(cells["CoAP+Noise"], cells[PURE], strict=True) if b]
         pure_rows = [
             f"| CoAP+Noise on the plain-Python sources (`SYNAPSE_COAP_PURE=1`) | "
-            f"{spread(cells[PURE], '{:.1f}')} |",
-            f"| ratio native build / plain Python (per round) | {spread(gains, '{:.2f}')}x |",
+            f"{spread(cells[PURE], '{:.1f}')} | {busy_text(busy[PURE])} |",
+            f"| ratio native build / plain Python (per round) | {spread(gains, '{:.2f}')}x | |",
         ]
     ratios = [a / b for a, b in zip(cells["CoAP+Noise"], cells["HTTP/1.1"], strict=True) if b]
     tick = 1e6 / os.sysconf("SC_CLK_TCK") / int(meta["requests"])
+    client = CLIENTS.get(meta.get("client", ""), CLIENTS["aiocoap"])
     lines = [
         "The listener alone, without Synapse: CPU time (user + system) of the listening "
         f"process per request, {meta['requests']} distinct requests per round, concurrency "
         f"{meta['concurrency']}, median (min-max) of {meta['rounds']} rounds, the listeners taking "
         "turns; both answer the same stub `/whoami` body and headers; the client pinned to "
-        f"the other core at lower priority; resolution {tick:.1f} us.",
+        f"the other core at lower priority ({client}; HTTP: aiohttp); resolution "
+        f"{tick:.1f} us. _Busy_: the listener's CPU seconds per wall second in its turns "
+        "(median): near 1 when the client kept it busy.",
         "",
-        "| listener | CPU per request (us) |",
-        "|---|--:|",
+        "| listener | CPU per request (us) | busy |",
+        "|---|--:|--:|",
         f"| CoAP+Noise (the module's listener, fast path, wire codec) | "
-        f"{spread(cells['CoAP+Noise'], '{:.1f}')} |",
+        f"{spread(cells['CoAP+Noise'], '{:.1f}')} | {busy_text(busy['CoAP+Noise'])} |",
         f"| HTTP/1.1 (Twisted's HTTP server, as under Synapse's listener) | "
-        f"{spread(cells['HTTP/1.1'], '{:.1f}')} |",
-        f"| ratio CoAP+Noise / HTTP/1.1 (per round) | {spread(ratios, '{:.2f}')}x |",
+        f"{spread(cells['HTTP/1.1'], '{:.1f}')} | {busy_text(busy['HTTP/1.1'])} |",
+        f"| ratio CoAP+Noise / HTTP/1.1 (per round) | {spread(ratios, '{:.2f}')}x | |",
         *pure_rows,
         "",
         f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "
@@ -334,6 +363,18 @@ def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         "`bench/results/transport_cpu.csv`._",
     ]
     return "\n".join(lines)
+
+
+#: the CSV's ``client`` -> what the docs say of the CoAP client
+CLIENTS = {
+    "lean": "CoAP: bench/leanclient.py, the sans-I/O layers on a bare socket, one client "
+    "per CoAP listener",
+    "aiocoap": "CoAP: the product's aiocoap CoapClient",
+}
+
+
+def busy_text(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else ""
 
 
 def render(path: Path) -> None:
@@ -389,6 +430,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000, help="requests per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds (each listener once)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument(
+        "--client",
+        choices=("lean", "aiocoap"),
+        default="lean",
+        help="CoAP load client: lean (bench/leanclient.py: the sans-I/O layers on a bare "
+        "socket, cheap enough to keep the listener busy) or aiocoap (the product's CoapClient)",
+    )
     parser.add_argument(
         "--cprofile-out", type=Path, default=None, help="write a cProfile of the CoAP child"
     )

@@ -26,3 +26,18 @@ def test_docs_transport_block_is_rendered_from_the_committed_csv() -> None:
     if "native build" in meta.get("build", ""):
         assert bench.PURE in by_listener
     assert len(set(by_listener.values())) == 1 and by_listener["HTTP/1.1"] >= 5
+
+
+def test_the_committed_rounds_measured_busy_listeners() -> None:
+    """A listener waiting for its client pays more per request: the committed run used the
+    lean client, and every listener's median utilisation in its turns is at least 0.9."""
+    import statistics
+
+    bench = load_bench("transport_cpu")
+    meta, rows = bench.read_dict_rows(bench.CSV)
+    assert meta["client"] == "lean"
+    busy: dict[str, list[float]] = {}
+    for r in rows:
+        busy.setdefault(r["listener"], []).append(float(r["busy"]))
+    for listener, values in busy.items():
+        assert statistics.median(values) >= 0.9, (listener, values)
