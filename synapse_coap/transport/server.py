@@ -238,15 +238,9 @@ def _dropped(_: CoapMessage | BaseException) -> None:
 class _Now:
     """An exchange of :meth:`CoapServer.respond_now`: answered once, or abandoned."""
 
-    __slots__ = ("_done", "abandon", "ex", "loop", "over", "task")
+    __slots__ = ("_done", "abandon", "ex", "over", "task")
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        done: Callable[[CoapMessage | BaseException], None],
-        ex: _Exchange,
-    ) -> None:
-        self.loop = loop
+    def __init__(self, done: Callable[[CoapMessage | BaseException], None], ex: _Exchange) -> None:
         self._done = done
         self.ex = ex
         self.over = False
@@ -270,8 +264,10 @@ class _Now:
 
     def follow(self, coro: Coroutine[Any, Any, CoapMessage]) -> None:
         """The rest of the exchange in a task (the off-loop encoding; a dispatcher that
-        could not start the request at once)."""
-        self.task = task = self.loop.create_task(coro, name="synapse-coap exchange")
+        could not start the request at once). (The loop is looked up here, not for every
+        exchange: on Python 3.11 ``get_running_loop`` costs a ``getpid`` system call.)"""
+        loop = asyncio.get_running_loop()
+        self.task = task = loop.create_task(coro, name="synapse-coap exchange")
         task.add_done_callback(self._followed)
 
     def _followed(self, task: asyncio.Task[CoapMessage]) -> None:
@@ -650,7 +646,7 @@ class CoapServer:
                 done(reject)
             return _nothing
         self._decoded(ex, http_req)
-        now = _Now(asyncio.get_running_loop(), done, ex)
+        now = _Now(done, ex)
 
         def complete(result: HttpResponse | BaseException) -> None:
             if now.over:
