@@ -13,6 +13,10 @@ exchange.
 
 Everything else in :mod:`synapse_coap.transport` uses aiocoap's public names
 (Context, Message, the numbers, ``interfaces.MessageInterface``).
+
+Size: about 650 lines, because every private piece of aiocoap the package reaches is
+here by design (one module to check against a new aiocoap release); split by subject
+(the message manager, the fast path's exchanges, the transports) it would be several.
 """
 
 from __future__ import annotations
@@ -487,6 +491,19 @@ class _Sent:
         self.mid, self.mtype, self.remote = mid, mtype, remote
 
 
+class _HeldAck:
+    """A held ACK of :class:`FastExchanges`: what aiocoap's ``_piggyback_opportunities``
+    keeps beside the Message ID (aiocoap calls ``cancel()`` on it when it answers)."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FastExchanges:
     """The message layer of the server's fast path (:mod:`synapse_coap.transport.fastpath`):
     the same duplicate store, piggyback window and Message IDs as aiocoap's
@@ -495,6 +512,13 @@ class FastExchanges:
 
     def __init__(self, mman: HookedMessageManager) -> None:
         self._mman = mman
+        # held ACKs by deadline: (at, serial, (remote, token), mid, held); one loop timer
+        # for the earliest live one, not one per request (most are answered, so taken
+        # and cancelled, long before their deadline; those are dropped when they surface)
+        self._held: list[tuple[float, int, tuple[Any, bytes], int, _HeldAck]] = []
+        self._held_serial = 0
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._held_at = 0.0
 
     def is_duplicate(self, remote: Any, mid: int) -> bool:
         """The message ``mid`` from ``remote`` was seen within EXCHANGE_LIFETIME."""
@@ -523,15 +547,42 @@ class FastExchanges:
             return
         key = (remote, token)
         opportunities = mman._piggyback_opportunities
-
-        def on_timeout() -> None:
-            opportunities.pop(key, None)
-            mman._send_empty_ack(remote, mid, "Response took too long to prepare")
-
         old = opportunities.pop(key, None)
         if old is not None:
             old[1].cancel()
-        opportunities[key] = (mid, mman.loop.call_later(empty_ack_delay, on_timeout))
+        held = _HeldAck()
+        opportunities[key] = (mid, held)
+        at = mman.loop.time() + empty_ack_delay
+        self._held_serial += 1
+        heapq.heappush(self._held, (at, self._held_serial, key, mid, held))
+        if self._held_timer is None or at < self._held_at:
+            self._arm_held(at)
+
+    def _arm_held(self, at: float) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+        self._held_at = at
+        loop = self._mman.loop
+        self._held_timer = loop.call_later(max(0.0, at - loop.time()), self._send_held)
+
+    def _send_held(self) -> None:
+        """The empty ACK of every held request whose deadline passed unanswered (as
+        aiocoap's ``_process_request`` timer sends it); re-arm for the next live one."""
+        self._held_timer = None
+        mman = self._mman
+        opportunities = mman._piggyback_opportunities
+        heap = self._held
+        now = mman.loop.time()
+        while heap and (heap[0][0] <= now or heap[0][4].cancelled):
+            _at, _serial, key, mid, held = heapq.heappop(heap)
+            if held.cancelled:
+                continue
+            found = opportunities.get(key)
+            if found is not None and found[1] is held:
+                del opportunities[key]
+                mman._send_empty_ack(key[0], mid, "Response took too long to prepare")
+        if heap:
+            self._arm_held(heap[0][0])
 
     def take_piggyback(self, remote: Any, token: bytes) -> int | None:
         """The Message ID of the held ACK of ``(remote, token)`` (its timer stopped), or
@@ -545,6 +596,13 @@ class FastExchanges:
 
     def next_message_id(self) -> int:
         return int(self._mman._next_message_id())
+
+    def close(self) -> None:
+        """Stop the held-ACK timer (the listener closes)."""
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._held.clear()
 
     def sent(self, remote: Any, mid: int, confirmable_request: bool, data: bytes) -> None:
         """Keep the answer datagram ``data`` for duplicates of its request, as aiocoap's

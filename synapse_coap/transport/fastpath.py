@@ -298,6 +298,7 @@ class FastPath:
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
+        self._exchanges.close()
 
 
 class _Eager:

@@ -343,3 +343,33 @@ def test_a_missing_fast_path_piece_stops_the_start(monkeypatch: Any) -> None:
     monkeypatch.delattr(aiocoap.messagemanager.MessageManager, "_next_message_id")
     with pytest.raises(LibraryVersionError, match="_next_message_id"):
         aiocoap_compat.check()
+
+
+# -- the fast path's held ACKs ------------------------------------------------------------------
+
+
+def test_fast_path_held_acks_share_one_timer_and_only_the_unanswered_get_an_empty_ack() -> None:
+    from synapse_coap.transport.aiocoap_compat import FastExchanges
+
+    mman, loop, wire = make(LinkParameters(empty_ack_delay=0.4))
+    exchanges = FastExchanges(mman)
+    peer = Remote()
+    for i in range(3):
+        exchanges.accept(peer, 10 + i, bytes([i]), True, 0.4, 100.0)
+    held_timers = [h for h in loop.handles if not h.cancelled and h.fn == exchanges._send_held]
+    assert len(held_timers) == 1  # one timer for every held ACK, not one per request
+    assert exchanges.take_piggyback(peer, b"\x00") == 10  # answered: piggybacked
+    assert exchanges.take_piggyback(peer, b"\x02") == 12
+    loop.run_until(loop.time() + 0.3)
+    assert not [m for _t, m in wire.sent if m.code == Code.EMPTY]  # not yet
+    loop.run_until(loop.time() + 0.2)
+    empties = [m for _t, m in wire.sent if m.code == Code.EMPTY and m.mtype == ACK]
+    assert [m.mid for m in empties] == [11]  # only the unanswered one, once
+    assert exchanges.take_piggyback(peer, b"\x01") is None  # its answer goes separately
+    # aiocoap's own path cancels a held ACK through the same dictionary
+    exchanges.accept(peer, 20, b"\x09", True, 0.4, 100.0)
+    _mid, held = mman._piggyback_opportunities.pop((peer, b"\x09"))
+    held.cancel()
+    loop.run_until(loop.time() + 1.0)
+    assert [m.mid for _t, m in wire.sent if m.code == Code.EMPTY] == [11]
+    assert not [h for h in loop.handles if not h.cancelled and h.fn == exchanges._send_held]
