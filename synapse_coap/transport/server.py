@@ -238,9 +238,15 @@ def _dropped(_: CoapMessage | BaseException) -> None:
 class _Now:
     """An exchange of :meth:`CoapServer.respond_now`: answered once, or abandoned."""
 
-    __slots__ = ("_done", "abandon", "ex", "over", "task")
+    __slots__ = ("_done", "abandon", "ex", "loop", "over", "task")
 
-    def __init__(self, done: Callable[[CoapMessage | BaseException], None], ex: _Exchange) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[CoapMessage | BaseException], None],
+        ex: _Exchange,
+    ) -> None:
+        self.loop = loop
         self._done = done
         self.ex = ex
         self.over = False
@@ -264,10 +270,9 @@ class _Now:
 
     def follow(self, coro: Coroutine[Any, Any, CoapMessage]) -> None:
         """The rest of the exchange in a task (the off-loop encoding; a dispatcher that
-        could not start the request at once). (The loop is looked up here, not for every
-        exchange: on Python 3.11 ``get_running_loop`` costs a ``getpid`` system call.)"""
-        loop = asyncio.get_running_loop()
-        self.task = task = loop.create_task(coro, name="synapse-coap exchange")
+        could not start the request at once). Called from the dispatcher's callback,
+        which with Synapse's default reactor runs outside the loop's iteration."""
+        self.task = task = self.loop.create_task(coro, name="synapse-coap exchange")
         task.add_done_callback(self._followed)
 
     def _followed(self, task: asyncio.Task[CoapMessage]) -> None:
@@ -320,6 +325,8 @@ class CoapServer:
         self._replay_write_failed = False
         self.registrations = Registrations(config.push, self.metrics)
         self._decoder = DecodePool()
+        #: the loop the server was started on (None before :meth:`start`)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     async def start(
@@ -336,7 +343,7 @@ class CoapServer:
         self = cls(
             config, dispatcher, metrics or NullMetrics(), codec_factory or default_codec_factory
         )
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._root = _Root(self)
         self._context = RootContext(loop=loop, serversite=self._root, loggername=__name__ + ".coap")
         self._schedule_expiry()
@@ -646,7 +653,8 @@ class CoapServer:
                 done(reject)
             return _nothing
         self._decoded(ex, http_req)
-        now = _Now(done, ex)
+        # (the loop kept at start: on Python 3.11 get_running_loop is a getpid system call)
+        now = _Now(self._loop or asyncio.get_running_loop(), done, ex)
 
         def complete(result: HttpResponse | BaseException) -> None:
             if now.over:
