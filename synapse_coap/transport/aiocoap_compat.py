@@ -14,7 +14,7 @@ exchange.
 Everything else in :mod:`synapse_coap.transport` uses aiocoap's public names
 (Context, Message, the numbers, ``interfaces.MessageInterface``).
 
-Size: about 650 lines, because every private piece of aiocoap the package reaches is
+Size: about 670 lines, because every private piece of aiocoap the package reaches is
 here by design (one module to check against a new aiocoap release); split by subject
 (the message manager, the fast path's exchanges, the transports) it would be several.
 """
@@ -311,6 +311,38 @@ class StoredResponse:
         return f"<StoredResponse mid={self.mid} {len(self._data)} bytes>"
 
 
+class _EarliestTimer:
+    """One loop timer for the earliest of many deadlines kept in a heap (the duplicate
+    store's expiries, the fast path's held ACKs): :meth:`want` arms it unless an earlier
+    wake-up is armed already; ``fire`` runs at that time and re-arms for what is left."""
+
+    __slots__ = ("_at", "_fire", "_handle", "_loop")
+
+    def __init__(self, loop: Any, fire: Callable[[], None]) -> None:
+        self._loop = loop
+        self._fire = fire
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def want(self, at: float) -> None:
+        if self._handle is None or at < self._at:
+            self.arm(at)
+
+    def arm(self, at: float) -> None:
+        self.cancel()
+        self._at = at
+        self._handle = self._loop.call_later(max(0.0, at - self._loop.time()), self._run)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _run(self) -> None:
+        self._handle = None
+        self._fire()
+
+
 class HookedMessageManager(MessageManager):  # type: ignore[misc]
     """aiocoap's MessageManager with its private timer and backlog steps as public hooks.
 
@@ -322,8 +354,7 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
     #: duplicate-detection expiry (see _deduplicate_message)
     _dedup_heap: list[tuple[float, int, Any]]
     _dedup_serial = 0
-    _dedup_timer: asyncio.TimerHandle | None = None
-    _dedup_at = 0.0
+    _dedup_timer: _EarliestTimer
     #: the response just encoded for the duplicate store and its datagram: aiocoap
     #: sends it right after storing it (``_send_initially``), so the transport takes
     #: these bytes instead of encoding the message a second time
@@ -332,6 +363,7 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._dedup_heap = []
+        self._dedup_timer = _EarliestTimer(self.loop, self._expire_duplicates)
 
     # -- aiocoap's private steps, forwarded to the hooks -------------------------------
 
@@ -374,26 +406,16 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
         self._dedup_serial += 1
         expiry = self.loop.time() + lifetime
         heapq.heappush(self._dedup_heap, (expiry, self._dedup_serial, key))
-        if self._dedup_timer is None or expiry < self._dedup_at:
-            self._arm_dedup(expiry)
-
-    def _arm_dedup(self, at: float) -> None:
-        if self._dedup_timer is not None:
-            self._dedup_timer.cancel()
-        self._dedup_at = at
-        self._dedup_timer = self.loop.call_later(
-            max(0.0, at - self.loop.time()), self._expire_duplicates
-        )
+        self._dedup_timer.want(expiry)
 
     def _expire_duplicates(self) -> None:
-        self._dedup_timer = None
         heap = self._dedup_heap
         now = self.loop.time()
         while heap and heap[0][0] <= now:
             _at, _serial, key = heapq.heappop(heap)
             self._recent_messages.pop(key, None)
         if heap:
-            self._arm_dedup(heap[0][0])
+            self._dedup_timer.arm(heap[0][0])
 
     def _store_response_for_duplicates(self, message: Any) -> None:
         # aiocoap keeps the whole response (and through it the request) for
@@ -517,8 +539,7 @@ class FastExchanges:
         # and cancelled, long before their deadline; those are dropped when they surface)
         self._held: list[tuple[float, int, tuple[Any, bytes], int, _HeldAck]] = []
         self._held_serial = 0
-        self._held_timer: asyncio.TimerHandle | None = None
-        self._held_at = 0.0
+        self._held_timer = _EarliestTimer(mman.loop, self._send_held)
 
     def is_duplicate(self, remote: Any, mid: int) -> bool:
         """The message ``mid`` from ``remote`` was seen within EXCHANGE_LIFETIME."""
@@ -555,20 +576,11 @@ class FastExchanges:
         at = mman.loop.time() + empty_ack_delay
         self._held_serial += 1
         heapq.heappush(self._held, (at, self._held_serial, key, mid, held))
-        if self._held_timer is None or at < self._held_at:
-            self._arm_held(at)
-
-    def _arm_held(self, at: float) -> None:
-        if self._held_timer is not None:
-            self._held_timer.cancel()
-        self._held_at = at
-        loop = self._mman.loop
-        self._held_timer = loop.call_later(max(0.0, at - loop.time()), self._send_held)
+        self._held_timer.want(at)
 
     def _send_held(self) -> None:
         """The empty ACK of every held request whose deadline passed unanswered (as
         aiocoap's ``_process_request`` timer sends it); re-arm for the next live one."""
-        self._held_timer = None
         mman = self._mman
         opportunities = mman._piggyback_opportunities
         heap = self._held
@@ -582,7 +594,7 @@ class FastExchanges:
                 del opportunities[key]
                 mman._send_empty_ack(key[0], mid, "Response took too long to prepare")
         if heap:
-            self._arm_held(heap[0][0])
+            self._held_timer.arm(heap[0][0])
 
     def take_piggyback(self, remote: Any, token: bytes) -> int | None:
         """The Message ID of the held ACK of ``(remote, token)`` (its timer stopped), or
@@ -599,9 +611,7 @@ class FastExchanges:
 
     def close(self) -> None:
         """Stop the held-ACK timer (the listener closes)."""
-        if self._held_timer is not None:
-            self._held_timer.cancel()
-            self._held_timer = None
+        self._held_timer.cancel()
         self._held.clear()
 
     def sent(self, remote: Any, mid: int, confirmable_request: bool, data: bytes) -> None:
