@@ -95,7 +95,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from leanclient import LeanAdapter, LeanClient  # noqa: E402
+from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     build_suffix,
     cpu_seconds,
@@ -274,9 +274,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
         read_key_file,
         write_key_file,
     )
-    from synapse_coap.noise.trust import TrustPolicy
-    from synapse_coap.transport.client import CoapClient, Endpoint
-    from synapse_coap.transport.link import LinkParameters
+    from synapse_coap.transport.client import Endpoint
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
     http_port, coap_port, plain_port = free_port(), free_port("udp"), free_port("udp")
@@ -373,26 +371,12 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
             chain = await join_origin_room(http, proc, origin, token) if origin else None
             secure_ep = Endpoint("127.0.0.1", coap_port, SERVER_NAME, server_key, True)
             plain_ep = Endpoint("127.0.0.1", plain_port, SERVER_NAME, None, False)
-            coap: Any
-            plain: Any
-            if args.client == "lean":
-                coap = LeanAdapter(
-                    await LeanClient.connect(
-                        "127.0.0.1", coap_port, SERVER_NAME, server_key, generate_private_key()
-                    )
-                )
-                plain = LeanAdapter(await LeanClient.connect("127.0.0.1", plain_port, SERVER_NAME))
-            else:
-                link = LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency)
-                coap = await CoapClient.create(
-                    link=link,
-                    static_key=generate_private_key(),
-                    trust=TrustPolicy(pinned={SERVER_NAME: server_key}),
-                    bind=("127.0.0.1", 0),
-                )
-                plain = await CoapClient.create(
-                    link=link, static_key=None, trust=TrustPolicy(), bind=("127.0.0.1", 0)
-                )
+            coap = await load_client(
+                args.client, "127.0.0.1", coap_port, SERVER_NAME, server_key, args.concurrency
+            )
+            plain = await load_client(
+                args.client, "127.0.0.1", plain_port, SERVER_NAME, None, args.concurrency
+            )
             serial = 0
             try:
                 endpoints = list(ENDPOINTS)

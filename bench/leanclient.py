@@ -300,3 +300,36 @@ class LeanAdapter:
 
     async def close(self) -> None:
         self.client.close()
+
+
+async def load_client(
+    kind: str,
+    host: str,
+    port: int,
+    server_name: str,
+    server_key: bytes | None,
+    concurrency: int,
+) -> Any:
+    """A bench's CoAP load client with ``request(endpoint, request)`` and ``close()``:
+    ``kind`` ``lean`` (a :class:`LeanClient` to ``host:port``, over Noise when
+    ``server_key`` is given) or ``aiocoap`` (the product's ``CoapClient``, which serves
+    any endpoint: ``host:port`` is then only where its requests go)."""
+    from synapse_coap.noise.keys import generate_private_key
+
+    if kind == "lean":
+        static = generate_private_key() if server_key is not None else None
+        return LeanAdapter(await LeanClient.connect(host, port, server_name, server_key, static))
+    from synapse_coap.transport.client import CoapClient
+    from synapse_coap.transport.link import LinkParameters
+
+    link = LinkParameters(nstart=concurrency, max_nstart=concurrency)
+    if server_key is None:
+        return await CoapClient.create(
+            link=link, static_key=None, trust=TrustPolicy(), bind=("127.0.0.1", 0)
+        )
+    return await CoapClient.create(
+        link=link,
+        static_key=generate_private_key(),
+        trust=TrustPolicy(pinned={server_name: server_key}),
+        bind=("127.0.0.1", 0),
+    )

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from leanclient import LeanAdapter, LeanClient  # noqa: E402
+from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     build_suffix,
     cpu_seconds,
@@ -178,9 +178,7 @@ async def drive(args: argparse.Namespace) -> None:
 
     from synapse_coap.mapping.messages import HttpRequest
     from synapse_coap.noise.keys import generate_private_key, public_key
-    from synapse_coap.noise.trust import TrustPolicy
-    from synapse_coap.transport.client import CoapClient, Endpoint
-    from synapse_coap.transport.link import LinkParameters
+    from synapse_coap.transport.client import Endpoint
 
     key = generate_private_key()
     workdir = Path(tempfile.mkdtemp(prefix="bench-transport-cpu-"))
@@ -205,23 +203,16 @@ async def drive(args: argparse.Namespace) -> None:
             os.sched_setaffinity(0, {cores[1]})
             print(f"listeners on core {cores[0]}, client on core {cores[1]} at nice 10")
         os.nice(10)
+        # a lean client per listener; the aiocoap client serves both CoAP listeners
         coap_clients: dict[int, Any] = {}
 
         async def coap_client(port: int) -> Any:
-            if port not in coap_clients:
-                if args.client == "lean":
-                    lean = await LeanClient.connect(
-                        "127.0.0.1", port, SERVER_NAME, public_key(key), generate_private_key()
-                    )
-                    coap_clients[port] = LeanAdapter(lean)
-                else:
-                    coap_clients[port] = await CoapClient.create(
-                        link=LinkParameters(nstart=args.concurrency, max_nstart=args.concurrency),
-                        static_key=generate_private_key(),
-                        trust=TrustPolicy(pinned={SERVER_NAME: public_key(key)}),
-                        bind=("127.0.0.1", 0),
-                    )
-            return coap_clients[port]
+            slot = port if args.client == "lean" else 0
+            if slot not in coap_clients:
+                coap_clients[slot] = await load_client(
+                    args.client, "127.0.0.1", port, SERVER_NAME, public_key(key), args.concurrency
+                )
+            return coap_clients[slot]
 
         client = await coap_client(coap_port)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
@@ -254,7 +245,7 @@ async def drive(args: argparse.Namespace) -> None:
         listeners = {"CoAP+Noise": (one_coap, coap_child), "HTTP/1.1": (one_http, http_child)}
         if pure_child is not None:
             pure_ep = Endpoint("127.0.0.1", pure_port, SERVER_NAME, public_key(key), True)
-            pure_client = await coap_client(pure_port) if args.client == "lean" else client
+            pure_client = await coap_client(pure_port)
 
             async def one_pure(i: int) -> None:
                 target = f"{TARGET}?n={i}".encode()
