@@ -30,7 +30,7 @@ they would otherwise land in the first minute's cells).
 The client (this process) is pinned to the other core than Synapse where the
 machine has two or more, and runs at lower priority (nice 10), so it does not
 take Synapse's CPU; its own CPU does not enter the figures either way. Its event
-loop never sleeps (:class:`Spinner`; ``--no-spin`` lets it): on loopback, waking a
+loop never sleeps (``results_store.Spinner``; ``--no-spin`` lets it): on loopback, waking a
 sleeping client is work done in the server's ``sendto``.
 
 Endpoints: client versions, federation version, server keys, whoami
@@ -102,6 +102,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     BACKGROUND_UPDATES_AT_ONCE,
+    Spinner,
     build_suffix,
     cpu_seconds,
     provenance,
@@ -173,33 +174,6 @@ def pin(synapse_pid: int, others: tuple[int, ...] = ()) -> str:
     return f"Synapse on core {cores[0]}, client on core {cores[-1]} at nice 10" + (
         " (the origin Synapse too)" if others else ""
     )
-
-
-class Spinner:
-    """Keeps this (the client's) event loop from ever sleeping: a callback that is always
-    ready makes every poll of its sockets a zero-timeout one.
-
-    On loopback the kernel delivers an answer in the sender's system call, and a client
-    asleep on the other core is woken from there: an inter-processor wake-up charged to
-    the server, 5 to 20 us of its CPU per answer in this machine's ``perf`` profiles
-    (``sock_def_readable`` under ``sendto``), more for a lighter client, which sleeps more
-    often. On a real link the client's own machine pays for that. A client that never
-    sleeps leaves every listener's figure without it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._handle: asyncio.Handle | None = None
-
-    def start(self) -> None:
-        self._handle = self._loop.call_soon(self._spin)
-
-    def _spin(self) -> None:
-        self._handle = self._loop.call_soon(self._spin)
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 async def run_n(n: int, concurrency: int, one: Callable[[int], Awaitable[int]], base: int) -> int:
@@ -796,7 +770,7 @@ def main() -> None:
         dest="spin",
         action="store_false",
         help="let the client's event loop sleep between answers (the server then pays "
-        "for waking it on the other core, see Spinner)",
+        "for waking it on the other core, see results_store.Spinner)",
     )
     parser.add_argument(
         "--modes", default="default,asyncio", help="reactor modes: default, asyncio or both"

@@ -99,6 +99,33 @@ def settle_background_updates(database: Path, timeout: float = 120.0) -> float:
         time.sleep(0.2)
 
 
+class Spinner:
+    """Keeps this (the client's) event loop from ever sleeping: a callback that is always
+    ready makes every poll of its sockets a zero-timeout one.
+
+    On loopback the kernel delivers an answer in the sender's system call, and a client
+    asleep on the other core is woken from there: an inter-processor wake-up charged to
+    the server, 5 to 20 us of its CPU per answer in this machine's ``perf`` profiles
+    (``sock_def_readable`` under ``sendto``), more for a lighter client, which sleeps more
+    often. On a real link the client's own machine pays for that. A client that never
+    sleeps leaves every listener's figure without it."""
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self._handle: Any = None
+
+    def start(self) -> None:
+        self._handle = self._loop.call_soon(self._spin)
+
+    def _spin(self) -> None:
+        self._handle = self._loop.call_soon(self._spin)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 def native_build() -> str:
     """Which build of synapse_coap the run measured (synapse_coap.native)."""
     try:
