@@ -30,16 +30,18 @@ def test_docs_transport_block_is_rendered_from_the_committed_csv() -> None:
 
 def test_the_committed_rounds_measured_busy_listeners() -> None:
     """A listener waiting for its client pays more per request: the committed run used the
-    lean client, and every listener's median utilisation in its turns is at least 0.85
-    (the listeners alone are cheap enough that neither client quite saturates them; the
-    docs show the figures)."""
+    lean client with its event loop never sleeping, and every listener's median
+    utilisation in its turns is at least 0.8 (the listeners alone are cheap enough that
+    neither client quite saturates them, aiohttp's HTTP/1.1 one the least, more so
+    with the client's loop polling without sleeping; the docs show the figures)."""
     import statistics
 
     bench = load_bench("transport_cpu")
     meta, rows = bench.read_dict_rows(bench.CSV)
     assert meta["client"] == "lean"
+    assert meta["client_spins"] == "yes"
     busy: dict[str, list[float]] = {}
     for r in rows:
         busy.setdefault(r["listener"], []).append(float(r["busy"]))
     for listener, values in busy.items():
-        assert statistics.median(values) >= 0.85, (listener, values)
+        assert statistics.median(values) >= 0.8, (listener, values)
