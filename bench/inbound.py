@@ -109,6 +109,7 @@ from results_store import (  # noqa: E402
     read_dict_rows,
     replace_block,
     settle_background_updates,
+    source_commit,
     write_dict_rows,
 )
 
@@ -339,8 +340,11 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
         )
     env = {"SYNAPSE_COAP_BODY_MEMO": "0"}
     cprofile_parts: dict[str, list[Path]] = {}
+    if args.stages_out:
+        env["SYNAPSE_COAP_STAGES"] = str(workdir / "synapse.stages")
     if args.cprofile_out and mode == "asyncio":
         env["SYNAPSE_COAP_CPROFILE"] = str(workdir / "synapse.prof")
+    if args.stages_out or (args.cprofile_out and mode == "asyncio"):
         # the profiling hook first, then this tree (so Synapse imports this tree's module)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT / "bench" / "profiling"), str(ROOT), os.environ.get("PYTHONPATH", "")]
@@ -467,6 +471,12 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             await run_n(args.profile_requests, concurrency, one, serial)
                             serial += args.profile_requests
                             cprofile_parts.setdefault(name, []).append(cut(pid, workdir))
+                    if args.stages_out and label == STAGES_LABEL:
+                        for name, one in runners.items():
+                            STAGES[(mode, name)] = await stage_pass(
+                                pid, workdir, args.profile_requests, concurrency, one, serial
+                            )
+                            serial += args.profile_requests
                     if args.profile_out and label != SEND_LABEL:
                         for name, one in runners.items():
                             spy = start_spy(pid, workdir / f"spy-{name[:4]}.txt")
@@ -572,6 +582,120 @@ def send_runners(
 
 
 _CUTS: dict[int, int] = {}
+
+
+#: the endpoint of the stage-timing pass (--stages-out): no servlet, the listener weighs most
+STAGES_LABEL = "/health (no servlet)"
+#: (mode, listener) -> {stage label: (calls, ns)} of the stage-timing pass
+STAGES: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+
+
+async def stage_pass(
+    pid: int,
+    workdir: Path,
+    n: int,
+    concurrency: int,
+    one: Callable[[int], Awaitable[int]],
+    base: int,
+) -> dict[str, tuple[int, int]]:
+    """One more pass of ``n`` requests with Synapse timing the stages of its request path
+    (bench/profiling/sitecustomize.py, SIGUSR1 toggles); {label: (calls, ns)}."""
+    done = sorted(workdir.glob("synapse.stages.*"))
+    os.kill(pid, signal.SIGUSR1)
+    await asyncio.sleep(0.2)
+    await run_n(n, concurrency, one, base)
+    os.kill(pid, signal.SIGUSR1)
+    path = workdir / f"synapse.stages.{len(done)}"
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if path.exists():
+            break
+    await asyncio.sleep(0.2)
+    out: dict[str, tuple[int, int]] = {}
+    for line in path.read_text().splitlines():
+        label, calls, ns = line.split("\t")
+        out[label] = (int(calls), int(ns))
+    return out
+
+
+#: (title, outer stage, inner stages subtracted) per listener: what each part of the path
+#: costs on its own, in microseconds per request
+STAGE_PARTS: dict[str, tuple[tuple[str, str | tuple[str, ...], tuple[str, ...]], ...]] = {
+    "CoAP+Noise": (
+        (
+            "datagrams read; Noise record opened, session bookkeeping",
+            ("coap.read", "coap.next"),
+            ("coap.message",),
+        ),
+        (
+            "fast path: CoAP decode, duplicate store, held ACK",
+            "coap.message",
+            ("coap.respond_now",),
+        ),
+        (
+            "exchange, request decode, bridge; the answer's exchange bookkeeping",
+            "coap.respond_now",
+            ("coap.start_in_reactor", "coap.conclude", "coap.send_datagram"),
+        ),
+        (
+            "SynapseRequest set-up (channel, headers, body)",
+            "coap.start_in_reactor",
+            ("synapse.request_received", "coap.channel_response"),
+        ),
+        ("Synapse: requestReceived (its own work)", "synapse.request_received", ()),
+        ("response taken from the channel", "coap.channel_response", ()),
+        ("answer encoded (metrics, wire codec)", "coap.conclude", ()),
+        ("answer sealed (Noise)", "coap.send_datagram", ("coap.sendto",)),
+        ("sendto (counters, system call)", "coap.sendto", ()),
+    ),
+    "HTTP/1.1": (
+        ("HTTP parsing, request set-up", "http.data_received", ("http.all_content",)),
+        (
+            "request hand-over",
+            "http.all_content",
+            ("synapse.request_received",),
+        ),
+        (
+            "Synapse: requestReceived (its own work)",
+            "synapse.request_received",
+            ("http.write",),
+        ),
+        ("write (headers, socket send)", "http.write", ()),
+    ),
+}
+
+
+def stage_report(args: argparse.Namespace) -> str:
+    """The stage-timing passes as text: microseconds per request in each part of the path."""
+    lines = [
+        "# Where the CPU of one request goes, per listener: Synapse's main-thread CPU time",
+        "# (thread_time) inside nested functions of the request path, the inner ones",
+        "# subtracted; microseconds per request. Each timed function costs its caller about",
+        "# a microsecond of clock reads. The event loop's and the reactor's own work around",
+        "# the outermost function is not in these (compare the totals with the table's).",
+        f"# {args.profile_requests} distinct {STAGES_LABEL} requests per listener and mode",
+        "# command: python bench/inbound.py " + " ".join(sys.argv[1:]),
+        f"# commit {source_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+    ]
+    for (mode, listener), sums in sorted(STAGES.items()):
+        parts = STAGE_PARTS.get(listener)
+        if parts is None:
+            continue
+        requests = max(1, args.profile_requests)
+        lines.append(f"## {mode} reactor, {listener}")
+        total = 0.0
+        for title, outer, inner in parts:
+            outers = (outer,) if isinstance(outer, str) else outer
+            ns = sum(sums.get(o, (0, 0))[1] for o in outers) - sum(
+                sums.get(i, (0, 0))[1] for i in inner
+            )
+            us = ns / 1000 / requests
+            total += us
+            lines.append(f"  {us:7.1f}  {title}")
+        lines.append(f"  {total:7.1f}  total inside the outermost function")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def cut(pid: int, workdir: Path) -> Path:
@@ -796,6 +920,13 @@ def main() -> None:
         help="only re-render the README's block from the committed results CSV",
     )
     parser.add_argument(
+        "--stages-out",
+        type=Path,
+        default=None,
+        help="time the stages of each listener's request path during one more pass of "
+        "/health per mode and write them to FILE (bench/profiling/sitecustomize.py)",
+    )
+    parser.add_argument(
         "--cprofile-out",
         type=Path,
         default=None,
@@ -815,6 +946,10 @@ def main() -> None:
         if m not in ("default", "asyncio"):
             parser.error(f"--modes: unknown mode {m!r} (allowed: default, asyncio)")
     results = {m: asyncio.run(run_mode(args, m)) for m in modes}
+    if args.stages_out:
+        args.stages_out.parent.mkdir(parents=True, exist_ok=True)
+        args.stages_out.write_text(stage_report(args) + "\n")
+        print(f"stage timing written to {args.stages_out}")
     for m, cells in results.items():
         report(m, cells, args)
     print(
