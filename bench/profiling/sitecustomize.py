@@ -69,6 +69,9 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
         ),
         ("synapse_coap.synapse.dispatch", "CoapChannel", "response", "coap.channel_response"),
         ("synapse_coap.transport.server", "CoapServer", "_conclude", "coap.conclude"),
+        ("synapse_coap.synapse.dispatch", "CoapChannel", "writeHeaders", "coap.channel_headers"),
+        ("synapse_coap.synapse.dispatch", "CoapChannel", "write", "coap.channel_write"),
+        ("synapse_coap.synapse.dispatch", "CoapChannel", "requestDone", "coap.channel_done"),
         (
             "synapse_coap.transport.noise_udp",
             "NoiseMessageInterface",
