@@ -50,40 +50,28 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
     _stage_prefix = os.environ["SYNAPSE_COAP_STAGES"]
     _stage: dict[str, object] = {"n": 0, "on": None}
 
-    #: (module, class, method, label): the request path, outermost first
-    STAGES = (
-        ("synapse_coap.transport.batch", "BatchReader", "datagram_received", "coap.read"),
-        ("synapse_coap.transport.batch", "BatchReader", "_next", "coap.next"),
-        (
-            "synapse_coap.transport.noise_udp",
-            "NoiseMessageInterface",
-            "_ev_received",
-            "coap.message",
-        ),
-        ("synapse_coap.transport.server", "CoapServer", "respond_now", "coap.respond_now"),
-        (
-            "synapse_coap.synapse.dispatch",
-            "InProcessDispatcher",
-            "start_in_reactor",
-            "coap.start_in_reactor",
-        ),
-        ("synapse_coap.synapse.dispatch", "CoapChannel", "response", "coap.channel_response"),
-        ("synapse_coap.transport.server", "CoapServer", "_conclude", "coap.conclude"),
-        ("synapse_coap.synapse.dispatch", "CoapChannel", "writeHeaders", "coap.channel_headers"),
-        ("synapse_coap.synapse.dispatch", "CoapChannel", "write", "coap.channel_write"),
-        ("synapse_coap.synapse.dispatch", "CoapChannel", "requestDone", "coap.channel_done"),
-        (
-            "synapse_coap.transport.noise_udp",
-            "NoiseMessageInterface",
-            "send_datagram",
-            "coap.send_datagram",
-        ),
-        ("synapse_coap.transport.noise_udp", "NoiseMessageInterface", "_sendto", "coap.sendto"),
-        ("twisted.web.http", "HTTPChannel", "dataReceived", "http.data_received"),
-        ("twisted.web.http", "HTTPChannel", "allContentReceived", "http.all_content"),
-        ("twisted.web.http", "Request", "write", "http.write"),
-        ("synapse.http.site", "SynapseRequest", "requestReceived", "synapse.request_received"),
-    )
+    #: module, class.method, label: the request path of each listener, outermost first
+    STAGES = [
+        line.split()
+        for line in """
+        synapse_coap.transport.batch BatchReader.datagram_received coap.read
+        synapse_coap.transport.batch BatchReader._next coap.next
+        synapse_coap.transport.noise_udp NoiseMessageInterface._ev_received coap.message
+        synapse_coap.transport.server CoapServer.respond_now coap.respond_now
+        synapse_coap.synapse.dispatch InProcessDispatcher.start_in_reactor coap.start_in_reactor
+        synapse_coap.synapse.dispatch CoapChannel.response coap.channel_response
+        synapse_coap.transport.server CoapServer._conclude coap.conclude
+        synapse_coap.synapse.dispatch CoapChannel.writeHeaders coap.channel_headers
+        synapse_coap.synapse.dispatch CoapChannel.write coap.channel_write
+        synapse_coap.synapse.dispatch CoapChannel.requestDone coap.channel_done
+        synapse_coap.transport.noise_udp NoiseMessageInterface.send_datagram coap.send_datagram
+        synapse_coap.transport.noise_udp NoiseMessageInterface._sendto coap.sendto
+        twisted.web.http HTTPChannel.dataReceived http.data_received
+        twisted.web.http HTTPChannel.allContentReceived http.all_content
+        twisted.web.http Request.write http.write
+        synapse.http.site SynapseRequest.requestReceived synapse.request_received
+        """.strip().splitlines()
+    ]
 
     def _stage_wrap() -> dict[str, list[int]]:
         import importlib
@@ -91,7 +79,8 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
         sums: dict[str, list[int]] = {}
         undo = []
         clock = _time.thread_time_ns
-        for module, cls_name, name, label in STAGES:
+        for module, method, label in STAGES:
+            cls_name, name = method.split(".")
             cls = getattr(importlib.import_module(module), cls_name)
             orig = cls.__dict__[name]
             acc = sums[label] = [0, 0]
