@@ -71,32 +71,56 @@ def cpu_seconds(pid: int) -> float:
 BACKGROUND_UPDATES_AT_ONCE = {"background_updates": {"sleep_enabled": False}}
 
 
-def settle_background_updates(database: Path, timeout: float = 120.0) -> float:
-    """Wait until the Synapse whose SQLite database is ``database`` has no background
-    update left (its ``background_updates`` table empty); the seconds waited.
+def settle_background_updates(database: Path | dict[str, Any], timeout: float = 120.0) -> float:
+    """Wait until a Synapse has no background update left (its ``background_updates``
+    table empty); the seconds waited. ``database``: the path of its SQLite database, or
+    the psycopg2 connection arguments of its PostgreSQL one.
 
     A new database has dozens of them (index builds, backfills), which Synapse runs
     one every second or so after it starts: CPU spent in whichever cells run in its
     first minute, not by the listener they measure.
     """
-    import sqlite3
     import time
 
     start = time.monotonic()
     while True:
-        try:
-            db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
-            try:
-                left = db.execute("SELECT COUNT(*) FROM background_updates").fetchone()[0]
-            finally:
-                db.close()
-        except sqlite3.Error:
-            left = -1  # (the schema is still being written)
+        left = _background_updates_left(database)
         if left == 0:
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"{left} background updates still pending after {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def _background_updates_left(database: Path | dict[str, Any]) -> int:
+    """Rows in ``background_updates``; -1 while the schema is still being written."""
+    query = "SELECT COUNT(*) FROM background_updates"
+    if isinstance(database, dict):
+        import psycopg2  # type: ignore[import-untyped]
+
+        try:
+            pg = psycopg2.connect(**database)
+        except psycopg2.Error:
+            return -1
+        try:
+            with pg.cursor() as cur:
+                cur.execute(query)
+                row = cur.fetchone()
+            return int(row[0]) if row else -1
+        except psycopg2.Error:
+            return -1
+        finally:
+            pg.close()
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(db.execute(query).fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return -1
 
 
 class Spinner:
