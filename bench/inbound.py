@@ -9,6 +9,9 @@ are alike) through
 * CoAP + Noise: one Noise session, multiplexed,
 * plain CoAP (the module's loopback plain listener),
 * HTTP/1.1: aiohttp with keep-alive,
+* HTTPS/1.1: the same through Synapse's own TLS listener (TLS 1.3, a self-signed
+  certificate the client does not verify): the baseline that, like CoAP+Noise,
+  encrypts every request and answer,
 
 and reads the Synapse process's own CPU time (user + system of all its threads,
 ``/proc/PID/stat``) before and after: CPU milliseconds per request, and the
@@ -85,6 +88,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -118,7 +122,7 @@ from tests.harness.synapse_proc import SynapseProcess, free_port  # noqa: E402
 
 SERVER_NAME = "bench.test"
 ORIGIN = "origin.test"
-LISTENERS = ("CoAP+Noise", "plain CoAP", "HTTP/1.1")
+LISTENERS = ("CoAP+Noise", "plain CoAP", "HTTP/1.1", "HTTPS/1.1")
 SEND_LABEL = "federation send (1 PDU)"
 #: Idle seconds after each /send answer, so that Synapse has persisted the PDU the
 #: next one follows (see the module docstring).
@@ -295,6 +299,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
     http_port, coap_port, plain_port = free_port(), free_port("udp"), free_port("udp")
+    https_port = free_port()
     key_path = workdir / "coap.key"
     write_key_file(key_path, generate_private_key())
     origin: SynapseProcess | None = None
@@ -366,9 +371,18 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                 },
             }
         ],
+        tls_federation_port=https_port,
         extra_config=BACKGROUND_UPDATES_AT_ONCE,
         env=env,
     )
+    # the HTTPS listener serves what the HTTP one does (Synapse's own TLS, a self-signed
+    # certificate): an encrypted baseline beside the plaintext one
+    listeners = proc.build_config()["listeners"]
+    plain_http = next(x for x in listeners if x["port"] == http_port)
+    proc.extra_config["listeners"] = [
+        {**x, "resources": plain_http["resources"]} if x["port"] == https_port else x
+        for x in listeners
+    ]
     if origin is not None:
         origin.start(ready_log_pattern=r"CoAP listener ready")
     proc.start(ready_log_pattern=r"CoAP listener ready")
@@ -385,9 +399,16 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
     try:
         placement = pin(pid, (origin.pid,) if origin is not None and origin.pid else ())
         server_key = public_key(read_key_file(key_path))
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=args.concurrency)
-        ) as http:
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE  # (the bench's own self-signed certificate)
+        https_base = f"https://127.0.0.1:{https_port}"
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as http,
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=args.concurrency, ssl=tls)
+            ) as https,
+        ):
             reg = await http.post(
                 f"{proc.base_url}/_matrix/client/v3/register",
                 json={
@@ -426,23 +447,36 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
 
                         return call
 
-                    async def via_http(i: int, target: str = target, headers: Any = headers) -> int:
-                        async with http.get(
-                            f"{proc.base_url}{target}?n={i}", headers=dict(headers)
-                        ) as r:
-                            await r.read()
-                            return r.status
+                    def via_web(
+                        session: Any, base: str, target: str = target, headers: Any = headers
+                    ):  # type: ignore[no-untyped-def]
+                        async def call(i: int) -> int:
+                            async with session.get(
+                                f"{base}{target}?n={i}", headers=dict(headers)
+                            ) as r:
+                                await r.read()
+                                return int(r.status)
+
+                        return call
 
                     runners = {
                         "CoAP+Noise": via(coap, secure_ep),
                         "plain CoAP": via(plain, plain_ep),
-                        "HTTP/1.1": via_http,
+                        "HTTP/1.1": via_web(http, proc.base_url),
+                        "HTTPS/1.1": via_web(https, https_base),
                     }
                     if label == SEND_LABEL:
                         assert chain is not None
                         concurrency = 1  # each PDU follows an accepted one
                         n = args.send_requests
-                        runners = send_runners(chain, http, proc, coap, secure_ep, plain, plain_ep)
+                        runners = send_runners(
+                            chain,
+                            {"HTTP/1.1": (http, proc.base_url), "HTTPS/1.1": (https, https_base)},
+                            coap,
+                            secure_ep,
+                            plain,
+                            plain_ep,
+                        )
                     for one in runners.values():  # warm-up: sessions, caches, connections
                         await run_n(20, concurrency, one, serial)
                         serial += 20
@@ -546,9 +580,15 @@ async def join_origin_room(
 
 
 def send_runners(
-    chain: PduChain, http: Any, proc: SynapseProcess, coap: Any, secure: Any, plain: Any, ep: Any
+    chain: PduChain,
+    web: dict[str, tuple[Any, str]],
+    coap: Any,
+    secure: Any,
+    plain: Any,
+    ep: Any,
 ) -> dict[str, Callable[[int], Awaitable[int]]]:
-    """The three listeners' ``/send`` calls; a PDU not accepted counts as an error."""
+    """The listeners' ``/send`` calls (``web``: listener -> (aiohttp session, base URL));
+    a PDU not accepted counts as an error."""
 
     def via(client: Any, endpoint: Any, name: str) -> Callable[[int], Awaitable[int]]:
         async def call(i: int) -> int:
@@ -561,23 +601,26 @@ def send_runners(
 
         return call
 
-    async def via_http(i: int) -> int:
-        target, body, auth, event_id = chain.request(i)
-        async with http.put(
-            f"{proc.base_url}{target}",
-            data=body,
-            headers={"authorization": auth, "content-type": "application/json"},
-        ) as r:
-            got = await r.read()
-            ok = r.status == 200 and chain.accepted(event_id, got, "HTTP/1.1")
-            status = 200 if ok else r.status or 599
-        await asyncio.sleep(SEND_PAUSE)
-        return status
+    def via_web(session: Any, base: str, name: str) -> Callable[[int], Awaitable[int]]:
+        async def call(i: int) -> int:
+            target, body, auth, event_id = chain.request(i)
+            async with session.put(
+                f"{base}{target}",
+                data=body,
+                headers={"authorization": auth, "content-type": "application/json"},
+            ) as r:
+                got = await r.read()
+                ok = r.status == 200 and chain.accepted(event_id, got, name)
+                status = 200 if ok else r.status or 599
+            await asyncio.sleep(SEND_PAUSE)
+            return int(status)
+
+        return call
 
     return {
         "CoAP+Noise": via(coap, secure, "CoAP+Noise"),
         "plain CoAP": via(plain, ep, "plain CoAP"),
-        "HTTP/1.1": via_http,
+        **{name: via_web(session, base, name) for name, (session, base) in web.items()},
     }
 
 
@@ -839,24 +882,47 @@ def cells_of(
 
 
 def busy_text(busy: dict[tuple[str, str], list[float]], label: str) -> str:
-    """Median utilisation of Synapse in the CoAP+Noise and the HTTP/1.1 cells of ``label``."""
+    """Median utilisation of Synapse in the CoAP+Noise and the baselines' cells of
+    ``label``."""
     return " / ".join(
         f"{statistics.median(busy[(label, listener)]):.2f}"
-        for listener in ("CoAP+Noise", "HTTP/1.1")
+        for listener in ("CoAP+Noise", *BASELINES)
+        if (label, listener) in busy
     )
 
 
-def table(cells: dict[tuple[str, str], list[float]]) -> list[tuple[str, list[str], float]]:
-    """(endpoint, the listeners' spreads, median CoAP+Noise / HTTP ratio of the rounds)."""
+#: the baselines a CoAP+Noise ratio is given against, where the run has them
+BASELINES = ("HTTP/1.1", "HTTPS/1.1")
+
+
+def present(cells: dict[tuple[str, str], list[float]]) -> list[str]:
+    """The listeners a run measured, in :data:`LISTENERS` order (runs before the HTTPS
+    listener have three)."""
+    names = {listener for _label, listener in cells}
+    return [n for n in LISTENERS if n in names]
+
+
+def table(
+    cells: dict[tuple[str, str], list[float]],
+) -> list[tuple[str, list[str], list[float]]]:
+    """(endpoint, the listeners' spreads, median CoAP+Noise / baseline ratio of the rounds
+    for each baseline the run has)."""
     out = []
     labels = [e[0] for e in ENDPOINTS] + [SEND_LABEL]
+    listeners = present(cells)
     for label in labels:
         if (label, "HTTP/1.1") not in cells:
             continue
-        noise, http = cells[(label, "CoAP+Noise")], cells[(label, "HTTP/1.1")]
-        ratios = [a / b for a, b in zip(noise, http, strict=True) if b > 0]
-        ratio = statistics.median(ratios) if ratios else float("nan")  # (HTTP under a tick)
-        out.append((label, [spread(cells[(label, n)]) for n in LISTENERS], ratio))
+        noise = cells[(label, "CoAP+Noise")]
+        ratios = []
+        for base in BASELINES:
+            if base in listeners:
+                per_round = [
+                    a / b for a, b in zip(noise, cells[(label, base)], strict=True) if b > 0
+                ]
+                # (a baseline under a clock tick has no ratio)
+                ratios.append(statistics.median(per_round) if per_round else float("nan"))
+        out.append((label, [spread(cells[(label, n)]) for n in listeners], ratios))
     return out
 
 
@@ -865,19 +931,23 @@ def report(mode: str, cells: dict[tuple[str, str], list[float]], args: argparse.
         f"\nSynapse CPU ms per request, reactor {mode}: {args.requests} distinct requests per "
         f"cell, concurrency {args.concurrency} (/send: {args.send_requests}, concurrency 1), "
         f"median (min-max) of {args.rounds} rounds; busy: Synapse's CPU s / wall s, "
-        "CoAP+Noise / HTTP/1.1"
+        "CoAP+Noise / HTTP/1.1 / HTTPS/1.1"
     )
     busy = {(label, listener): v for (m, label, listener), v in BUSY.items() if m == mode}
+    listeners = present(cells)
+    bases = [b for b in BASELINES if b in listeners]
     print(
         f"{'endpoint':<24}"
-        + "".join(f"{n:>24}" for n in LISTENERS)
-        + f"{'Noise/HTTP':>14}{'busy':>14}"
+        + "".join(f"{n:>24}" for n in listeners)
+        + "".join(f"{'Noise/' + b.split('/')[0]:>14}" for b in bases)
+        + f"{'busy':>20}"
     )
-    for label, spreads, ratio in table(cells):
+    for label, spreads, ratios in table(cells):
         print(
             f"{label:<24}"
             + "".join(f"{x:>24}" for x in spreads)
-            + f"{ratio:>13.2f}x{busy_text(busy, label):>14}"
+            + "".join(f"{r:>13.2f}x" for r in ratios)
+            + f"{busy_text(busy, label):>20}"
         )
 
 
@@ -1005,9 +1075,18 @@ def render_readme(csv_path: Path) -> None:
 def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
     """The README's block: rendered from the results CSV's provenance and rows only."""
     results = cells_of(rows)
+    listeners = present(next(iter(results.values()), {}))
+    https = "HTTPS/1.1" in listeners
     lines = [
         "Synapse's own CPU time (user + system, `/proc/PID/stat`) per request into one "
-        "Synapse through the module's CoAP listener and through Synapse's own HTTP listener, "
+        "Synapse through the module's CoAP listener and through Synapse's own HTTP listener"
+        + (
+            " and, encrypted as CoAP+Noise is, its HTTPS listener (Synapse's own TLS, 1.3, "
+            "a self-signed certificate; the CoAP+Noise ratio to each in its column)"
+            if https
+            else ""
+        )
+        + ", "
         f"same servlets, same run: {meta['requests']} distinct requests per cell (no body "
         f"memo hit), median (min-max) of {meta['rounds']} rounds, the listeners taking turns "
         "(in an order rotated every round); "
@@ -1038,17 +1117,23 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
             "its CPU seconds per wall second in the cells (median)."
         ),
         "",
-        "| reactor | endpoint | CoAP+Noise ms | plain CoAP ms | HTTP/1.1 ms | CoAP+Noise / HTTP "
-        "| Synapse busy, CoAP+Noise / HTTP |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        "| reactor | endpoint | "
+        + " | ".join(f"{n} ms" for n in listeners)
+        + " | CoAP+Noise / HTTP"
+        + (" | CoAP+Noise / HTTPS" if https else "")
+        + " | Synapse busy, CoAP+Noise / HTTP"
+        + (" / HTTPS" if https else "")
+        + " |",
+        "|---|---|" + "--:|" * (len(listeners) + (2 if https else 1) + 1),
     ]
     busy = cells_of(rows, "busy")
     for m, cells in results.items():
-        for label, spreads, ratio in table(cells):
+        for label, spreads, ratios in table(cells):
             lines.append(
                 f"| {m} | {label} | "
                 + " | ".join(spreads)
-                + f" | {ratio:.2f}x | {busy_text(busy[m], label)} |"
+                + "".join(f" | {r:.2f}x" for r in ratios)
+                + f" | {busy_text(busy[m], label)} |"
             )
     lines += [
         "",
