@@ -107,6 +107,7 @@ from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     BACKGROUND_UPDATES_AT_ONCE,
     Spinner,
+    add_spin_argument,
     build_suffix,
     cpu_seconds,
     provenance,
@@ -164,21 +165,22 @@ def pin(synapse_pid: int, others: tuple[int, ...] = ()) -> str:
     cores = CORES
     if len(cores) < 2:
         return "one core: client at nice 10, not pinned"
-    for tid in os.listdir(f"/proc/{synapse_pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), {cores[0]})
-        except OSError:
-            pass
+    pin_threads(synapse_pid, cores[0])
     os.sched_setaffinity(0, {cores[-1]})
     for pid in others:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                os.sched_setaffinity(int(tid), {cores[-1]})
-            except OSError:
-                pass
+        pin_threads(pid, cores[-1])
     return f"Synapse on core {cores[0]}, client on core {cores[-1]} at nice 10" + (
         " (the origin Synapse too)" if others else ""
     )
+
+
+def pin_threads(pid: int, core: int) -> None:
+    """Every thread process ``pid`` has now on ``core`` (one that ended meanwhile is skipped)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except OSError:
+            pass
 
 
 async def run_n(n: int, concurrency: int, one: Callable[[int], Awaitable[int]], base: int) -> int:
@@ -968,13 +970,7 @@ def main() -> None:
         help="CoAP load client: lean (bench/leanclient.py: the sans-I/O layers on a bare "
         "socket, cheap enough to keep Synapse busy) or aiocoap (the product's CoapClient)",
     )
-    parser.add_argument(
-        "--no-spin",
-        dest="spin",
-        action="store_false",
-        help="let the client's event loop sleep between answers (the server then pays "
-        "for waking it on the other core, see results_store.Spinner)",
-    )
+    add_spin_argument(parser)
     parser.add_argument(
         "--modes", default="default,asyncio", help="reactor modes: default, asyncio or both"
     )

@@ -150,6 +150,18 @@ class Spinner:
             self._handle = None
 
 
+def add_spin_argument(parser: Any) -> None:
+    """``--no-spin`` (``args.spin``, on by default): whether the bench's client loop runs
+    with a :class:`Spinner`."""
+    parser.add_argument(
+        "--no-spin",
+        dest="spin",
+        action="store_false",
+        help="let the client's event loop sleep between answers (the server it measures "
+        "then pays for waking it on the other core, see results_store.Spinner)",
+    )
+
+
 def native_build() -> str:
     """Which build of synapse_coap the run measured (synapse_coap.native)."""
     try:

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     Spinner,
+    add_spin_argument,
     build_suffix,
     cpu_seconds,
     provenance,
@@ -437,13 +438,7 @@ def main() -> None:
         help="CoAP load client: lean (bench/leanclient.py: the sans-I/O layers on a bare "
         "socket, cheap enough to keep the listener busy) or aiocoap (the product's CoapClient)",
     )
-    parser.add_argument(
-        "--no-spin",
-        dest="spin",
-        action="store_false",
-        help="let the client's event loop sleep between answers (a listener then pays "
-        "for waking it on the other core, see results_store.Spinner)",
-    )
+    add_spin_argument(parser)
     parser.add_argument(
         "--cprofile-out", type=Path, default=None, help="write a cProfile of the CoAP child"
     )
