@@ -29,12 +29,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from synapse.http.site import SynapseSite
+from synapse.logging.context import SENTINEL_CONTEXT, set_current_context
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from zope.interface import implementer  # type: ignore[import-untyped]
 
 try:  # Twisted's interfaces, for zope's benefit only
     from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
@@ -43,11 +41,15 @@ try:  # Twisted's interfaces, for zope's benefit only
 except ImportError:  # pragma: no cover
     _INTERFACES = ()
 
-from synapse_coap.mapping.codec import SIGNIFICANT_HEADERS
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
+from synapse_coap.synapse.channel import (
+    CoapChannel,
+    _address,
+    _failure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +58,6 @@ _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 #: The access-log logger name, so operators can route CoAP requests separately.
 ACCESS_LOGGER = "synapse.access.coap"
-
-#: A response header's raw name (as Synapse wrote it) -> its lower-case name if the
-#: wire carries it, else None (bounded: names come from Synapse and its modules)
-_SIGNIFICANT_RAW: dict[bytes, str | None] = {}
-_SIGNIFICANT_RAW_MAX = 256
-_UNSEEN: Any = object()
-_SIGNIFICANT = frozenset(SIGNIFICANT_HEADERS)
-
-
-def _significant_name(raw: bytes) -> str | None:
-    lower = raw.decode("latin-1").lower()
-    name = lower if lower in _SIGNIFICANT else None
-    if len(_SIGNIFICANT_RAW) < _SIGNIFICANT_RAW_MAX:
-        _SIGNIFICANT_RAW[raw] = name
-    return name
 
 
 def build_resource_tree(hs: Any) -> Any:
@@ -268,6 +255,10 @@ class _RequestReactor:
         return getattr(self._reactor, name)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _failure_now() -> Failure:
     return Failure()  # type: ignore[no-untyped-call]
 
@@ -292,190 +283,6 @@ def build_site(hs: Any, resource: Any, max_request_body_size: int) -> SynapseSit
         reactor=cast(Any, _RequestReactor(hs.get_reactor())),
         hs=hs,
     )
-
-
-def _failure(exc: BaseException) -> Failure:
-    return Failure(exc)  # type: ignore[no-untyped-call]
-
-
-#: The client address Synapse sees for a request from an address not yet validated
-#: (0-RTT from a new address): no one's identity.
-UNVALIDATED_HOST = "0.0.0.0"
-
-
-def _address(host: str, port: int) -> IPv4Address | IPv6Address:
-    if ":" in host:
-        return IPv6Address("UDP", host, port)
-    return IPv4Address("UDP", host, port)
-
-
-@implementer(*_INTERFACES)
-class CoapChannel:
-    """What a SynapseRequest sees as its HTTP channel and transport.
-
-    Collects the response in memory; ``done`` (a Deferred, fired on the
-    reactor thread) fires when the response is complete or the request ends
-    by "losing the connection" (Synapse does that after some errors).
-    """
-
-    def __init__(
-        self, site: SynapseSite, reactor: Any, peer: PeerInfo, local: IPv4Address | IPv6Address
-    ):
-        self.site = site
-        self.factory = site
-        self._reactor = reactor
-        # an unvalidated (possibly spoofed) address is not the client's identity
-        self._peer = (
-            _address(peer.host, peer.port)
-            if peer.identity_host is not None
-            else _address(UNVALIDATED_HOST, 0)
-        )
-        self._host = local
-        self._secure = peer.secure
-        self.done: defer.Deferred[None] = defer.Deferred()
-        self.code: int | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body = bytearray()
-        self.finished = False
-        self.disconnecting = False
-        self.request: Any = None
-        self.producer: Any = None
-        self._producer_streaming = False
-        self._completing = False
-
-    @property
-    def transport(self) -> CoapChannel:
-        # (a property, not ``self.transport = self``: a reference cycle would keep every
-        # request's channel, SynapseRequest, headers and Deferreds alive until Synapse's
-        # next garbage collection, which it then pays for in proportion)
-        return self
-
-    # -- the HTTPChannel side ------------------------------------------------------------
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        self.code = int(code)
-        if isinstance(headers, Headers):
-            for name, values in headers.getAllRawHeaders():
-                for value in values:
-                    self.headers.append((bytes(name), bytes(value)))
-        else:  # older Twisted passes a list of pairs
-            for name, value in headers:
-                self.headers.append((bytes(name), bytes(value)))
-
-    def write(self, data: bytes) -> None:
-        self.body += data
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        for chunk in data:
-            self.write(chunk)
-
-    def requestDone(self, request: Any) -> None:
-        # The response is complete: fire now. What waits on ``done`` only hands the
-        # response to the asyncio side (no logcontext switch inside Synapse's call).
-        self.finished = True
-        if not self._completing:
-            self._completing = True
-            self._fire_done()
-
-    def loseConnection(self) -> None:
-        # Synapse loses the connection after writing an early error response.
-        self.disconnecting = True
-        self._stop_producer()
-        self._complete()
-
-    def abortConnection(self) -> None:
-        self.loseConnection()
-
-    def forceAbortClient(self) -> None:
-        self.loseConnection()
-
-    def getPeer(self) -> IPv4Address | IPv6Address:
-        return self._peer
-
-    def getHost(self) -> IPv4Address | IPv6Address:
-        return self._host
-
-    def isSecure(self) -> bool:
-        return self._secure
-
-    def getPeerCertificate(self) -> None:
-        return None
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    # -- producers (media downloads stream through these) --------------------------------
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        if self.producer is not None:
-            raise RuntimeError("a producer is already registered")
-        self.producer = producer
-        self._producer_streaming = streaming
-        if not streaming:
-            self._reactor.callLater(0, self._pull)
-
-    def _pull(self) -> None:
-        # A pull producer writes one chunk per resumeProducing call.
-        producer = self.producer
-        if producer is None or self.disconnecting:
-            return
-        producer.resumeProducing()
-        if self.producer is producer:
-            self._reactor.callLater(0, self._pull)
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def _stop_producer(self) -> None:
-        producer, self.producer = self.producer, None
-        if producer is not None:
-            try:
-                producer.stopProducing()
-            except Exception:
-                logger.debug("producer.stopProducing failed", exc_info=True)
-
-    # IPushProducer for the request (we never apply back-pressure: the body is buffered)
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-    def _complete(self) -> None:
-        # A lost connection: fire from the reactor, never synchronously inside
-        # Synapse's own call, since what waits on ``done`` then lets the request
-        # clean up (connectionLost) and Synapse is still in the middle of writing.
-        if not self._completing:
-            self._completing = True
-            self._reactor.callLater(0, self._fire_done)
-
-    def _fire_done(self) -> None:
-        if not self.done.called:
-            self.done.callback(None)
-
-    # -- results ---------------------------------------------------------------------------
-
-    def response(self) -> HttpResponse:
-        if self.code is None:
-            # The connection was dropped before any response was written.
-            return HttpResponse(
-                502,
-                (("content-type", "application/json"),),
-                b'{"errcode":"M_UNKNOWN","error":"Synapse closed the request without a response"}',
-            )
-        # only the headers the wire carries (the codec drops the rest), named once each
-        names = _SIGNIFICANT_RAW
-        headers = []
-        for k, v in self.headers:
-            name = names.get(k, _UNSEEN)
-            if name is _UNSEEN:
-                name = _significant_name(k)
-            if name is not None:
-                headers.append((name, v.decode("latin-1")))
-        return HttpResponse(self.code, tuple(headers), bytes(self.body))
 
 
 class InProcessDispatcher:
@@ -525,8 +332,22 @@ class InProcessDispatcher:
         peer: PeerInfo,
         done: Callable[[HttpResponse | BaseException], None],
     ) -> Callable[[], None] | None:
-        # (see mapping.dispatch.EagerDispatcher)
-        return self._bridge.start_now(functools.partial(self.start_in_reactor, request, peer), done)
+        """(see mapping.dispatch.EagerDispatcher) With the loop on the reactor thread the
+        request starts now, in the sentinel logcontext, with no Deferred between Synapse
+        and ``done``: its channel calls ``done`` when Synapse finishes the response
+        (possibly before this returns), in the sentinel logcontext. None in thread mode."""
+        if not self._bridge.same_thread:
+            return None
+        channel = CoapChannel(self.site, self._reactor, peer, self._local, notify=done)
+        previous = set_current_context(SENTINEL_CONTEXT)
+        try:
+            self._begin(channel, request)
+        except Exception as e:
+            channel.fail(e)
+            return _nothing
+        finally:
+            set_current_context(previous)
+        return channel.abandon
 
     def start_in_reactor(
         self, request: HttpRequest, peer: PeerInfo
@@ -537,27 +358,10 @@ class InProcessDispatcher:
         Returns the Deferred of the response (fired on the reactor thread) and the
         function that abandons the request (the CoAP exchange was given up).
         """
-        site = self.site
-        channel = CoapChannel(site, self._reactor, peer, self._local)
-        req = compat.make_request(
-            site,
-            cast(Any, channel),
-            server_name=self._homeserver.hostname,
-            max_request_body_size=self.max_request_body_size,
-        )
-        channel.request = req
-        headers = req.requestHeaders
-        for name, value in request.headers:
-            if name in _OWN_HEADERS:
-                continue
-            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
-        headers.setRawHeaders(b"Content-Length", [str(len(request.body)).encode()])
-        # As if the channel had received the body: the position is at the end
-        # (Synapse compares content.tell() with Content-Length; Twisted seeks
-        # back to 0 in requestReceived).
-        req.content = io.BytesIO()
-        req.content.write(request.body)
-        req.requestReceived(request.method.encode("ascii"), request.target, b"1.1")
+        channel = CoapChannel(self.site, self._reactor, peer, self._local)
+        req = self._begin(channel, request)
+        done_d = channel.done
+        assert done_d is not None
 
         def done(_: None) -> HttpResponse:
             if not channel.finished and getattr(req, "channel", None) is not None:
@@ -570,7 +374,7 @@ class InProcessDispatcher:
             return channel.response()
 
         def abandon() -> None:
-            if channel.finished or channel.done.called:
+            if channel.finished or done_d.called:
                 return
             logger.info(
                 "CoAP exchange abandoned by %s; dropping %s %s",
@@ -582,4 +386,29 @@ class InProcessDispatcher:
             channel._stop_producer()
             req.connectionLost(_failure(ConnectionLost("CoAP exchange abandoned")))
 
-        return channel.done.addCallback(done), abandon
+        return done_d.addCallback(done), abandon
+
+    def _begin(self, channel: CoapChannel, request: HttpRequest) -> Any:
+        """Build the SynapseRequest of ``request`` on ``channel`` and hand it to Synapse
+        (``requestReceived``, as Twisted's HTTP channel does); returns it."""
+        req = compat.make_request(
+            self.site,
+            cast(Any, channel),
+            server_name=self._homeserver.hostname,
+            max_request_body_size=self.max_request_body_size,
+        )
+        channel.request = req
+        channel._method = request.method
+        headers = req.requestHeaders
+        for name, value in request.headers:
+            if name in _OWN_HEADERS:
+                continue
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        headers.setRawHeaders(b"Content-Length", [str(len(request.body)).encode()])
+        # As if the channel had received the body: the position is at the end
+        # (Synapse compares content.tell() with Content-Length; Twisted seeks
+        # back to 0 in requestReceived).
+        req.content = io.BytesIO()
+        req.content.write(request.body)
+        req.requestReceived(request.method.encode("ascii"), request.target, b"1.1")
+        return req

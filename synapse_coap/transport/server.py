@@ -238,20 +238,42 @@ def _dropped(_: CoapMessage | BaseException) -> None:
 class _Now:
     """An exchange of :meth:`CoapServer.respond_now`: answered once, or abandoned."""
 
-    __slots__ = ("_done", "abandon", "ex", "loop", "over", "task")
+    __slots__ = ("_done", "abandon", "ex", "http_req", "loop", "over", "server", "task")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         done: Callable[[CoapMessage | BaseException], None],
         ex: _Exchange,
+        server: CoapServer,
+        http_req: HttpRequest,
     ) -> None:
         self.loop = loop
         self._done = done
         self.ex = ex
+        self.server = server
+        self.http_req = http_req
         self.over = False
         self.abandon: Callable[[], None] | None = None
         self.task: asyncio.Task[CoapMessage] | None = None
+
+    def complete(self, result: HttpResponse | BaseException) -> None:
+        """The dispatcher's result (``dispatch_now``'s ``done``): the answer, now or (a
+        large body) from a task."""
+        if self.over:
+            return
+        ex, server = self.ex, self.server
+        if isinstance(result, asyncio.CancelledError):
+            _log_abandoned(ex)
+            self.finish(result)
+            return
+        if isinstance(result, BaseException):
+            result = server._failed_dispatch(ex, result)
+        out = server._conclude(ex, self.http_req, result)
+        if isinstance(out, CoapMessage):
+            self.finish(out)
+        else:
+            self.follow(out)
 
     def finish(self, result: CoapMessage | BaseException) -> None:
         if not self.over:
@@ -654,27 +676,11 @@ class CoapServer:
             return _nothing
         self._decoded(ex, http_req)
         # (the loop kept at start: on Python 3.11 get_running_loop is a getpid system call)
-        now = _Now(self._loop or asyncio.get_running_loop(), done, ex)
-
-        def complete(result: HttpResponse | BaseException) -> None:
-            if now.over:
-                return
-            if isinstance(result, asyncio.CancelledError):
-                _log_abandoned(ex)
-                now.finish(result)
-                return
-            if isinstance(result, BaseException):
-                result = self._failed_dispatch(ex, result)
-            out = self._conclude(ex, http_req, result)
-            if isinstance(out, CoapMessage):
-                now.finish(out)
-            else:
-                now.follow(out)
-
-        abandon = dispatch_now(http_req, session.peer, complete)
+        now = _Now(self._loop or asyncio.get_running_loop(), done, ex, self, http_req)
+        abandon = dispatch_now(http_req, session.peer, now.complete)
         if abandon is None:
             now.follow(self._serve(ex, http_req))
-        else:
+        elif not now.over:
             now.abandon = abandon
         return now.cancel
 

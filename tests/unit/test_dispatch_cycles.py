@@ -52,6 +52,9 @@ class _Request(Request):
         _MADE.append(weakref.ref(channel))
         _MADE.append(weakref.ref(self))
 
+    def get_redacted_uri(self) -> str:  # (SynapseRequest's)
+        return self.uri.decode("ascii")
+
 
 class _Site(Site):
     request_class = _Request
@@ -142,3 +145,136 @@ def test_the_response_keeps_only_the_headers_the_wire_carries() -> None:
         }
         # nothing left for the codec to drop
         assert sorted(significant_headers(response.headers)) == sorted(response.headers)
+
+
+# -- the direct path (dispatch_now: no Deferred between Synapse and the transport) ------
+
+
+class _SameThread:
+    same_thread = True
+
+
+def _direct() -> InProcessDispatcher:
+    dispatcher = InProcessDispatcher(
+        _Hs(),
+        bridge=_SameThread(),  # type: ignore[arg-type]
+        max_request_body_size=1000,
+    )
+    dispatcher._site = _Site(_Hello())  # type: ignore[assignment]
+    return dispatcher
+
+
+class _Later(Resource):
+    """Answers when ``finish_all`` is called (an asynchronous servlet)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Request] = []
+        self.lost: list[Request] = []
+
+    def render_GET(self, request: Request) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        self.waiting.append(request)
+        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
+        return NOT_DONE_YET
+
+    def finish_all(self) -> None:
+        for request in self.waiting:
+            if not request.finished and not request._disconnected:
+                request.setHeader(b"Content-Type", b"application/json")
+                request.write(b'{"late":true}')
+                request.finish()
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+@pytest.mark.parametrize(
+    "request_",
+    [HttpRequest("GET", b"/hello"), HttpRequest("POST", b"/hello?x=1", (), b'{"a":[1,2]}')],
+    ids=["get", "post-with-body"],
+)
+def test_direct_an_answer_there_at_once_is_delivered_before_dispatch_now_returns(
+    request_: HttpRequest,
+) -> None:
+    from synapse.logging.context import SENTINEL_CONTEXT, current_context
+
+    _MADE.clear()
+    got: list[Any] = []
+
+    def done(result: Any) -> None:
+        got.append((result, current_context() is SENTINEL_CONTEXT))
+
+    abandon = _direct().dispatch_now(request_, PeerInfo("192.0.2.7", 5683), done)
+    assert abandon is not None
+    assert len(got) == 1
+    response, in_sentinel = got[0]
+    assert in_sentinel
+    assert isinstance(response, HttpResponse) and response.status == 200
+    assert response.body == (
+        b'{"hello":"world"}' if request_.method == "GET" else b'{"echo":{"a":[1,2]}}'
+    )
+    abandon()  # (after the answer: does nothing)
+    assert len(got) == 1
+    got.clear()
+    del abandon, response
+    assert len(_MADE) == 2
+    assert [ref() for ref in _MADE] == [None, None], "kept alive by a reference cycle"
+
+
+def test_direct_a_later_answer_comes_from_synapse_s_finish() -> None:
+    later = _Later()
+    dispatcher = _direct()
+    dispatcher._site = _Site(later)  # type: ignore[assignment]
+    got: list[Any] = []
+    abandon = dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), got.append)
+    assert abandon is not None and got == [] and len(later.waiting) == 1
+    later.finish_all()
+    assert len(got) == 1 and got[0].status == 200 and got[0].body == b'{"late":true}'
+    abandon()
+    assert later.lost == [] and len(got) == 1
+
+
+def test_direct_an_abandoned_request_is_dropped_in_synapse_and_never_answered() -> None:
+    later = _Later()
+    dispatcher = _direct()
+    dispatcher._site = _Site(later)  # type: ignore[assignment]
+    got: list[Any] = []
+    abandon = dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), got.append)
+    assert abandon is not None
+    abandon()
+    assert later.lost == later.waiting  # the request saw its connection lost
+    later.finish_all()  # (nothing: it is disconnected)
+    abandon()  # (twice: nothing more)
+    assert got == []
+
+
+def test_direct_a_request_that_cannot_start_gets_its_error() -> None:
+    dispatcher = _direct()
+
+    class _Broken(Exception):
+        pass
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise _Broken("no request")
+
+    dispatcher._begin = broken  # type: ignore[method-assign]
+    got: list[Any] = []
+    abandon = dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), got.append)
+    assert abandon is not None
+    assert len(got) == 1 and isinstance(got[0], _Broken)
+    abandon()
+    assert len(got) == 1
+
+
+def test_direct_not_in_thread_mode() -> None:
+    class _Thread:
+        same_thread = False
+
+    dispatcher = InProcessDispatcher(
+        _Hs(),
+        bridge=_Thread(),  # type: ignore[arg-type]
+        max_request_body_size=1000,
+    )
+    assert dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), print) is None

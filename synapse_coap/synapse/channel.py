@@ -1,0 +1,312 @@
+"""The in-memory HTTP channel of one CoAP request (:class:`CoapChannel`).
+
+What a SynapseRequest sees as its connection: it collects the response (status,
+headers, body, including bodies streamed by a producer) in memory, and says when the
+request is over, either through a Deferred (``done``: the dispatcher's ``dispatch``,
+across the bridge) or, on the direct path (``dispatch_now``), by calling ``notify``
+with the response from Synapse's own ``finish``, in the sentinel logcontext.
+:mod:`synapse_coap.synapse.dispatch` builds the requests that use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from synapse.http.site import SynapseSite
+from synapse.logging.context import SENTINEL_CONTEXT, set_current_context
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+try:  # Twisted's interfaces, for zope's benefit only
+    from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+
+    _INTERFACES: tuple[Any, ...] = (ITransport, IConsumer, IPushProducer)
+except ImportError:  # pragma: no cover
+    _INTERFACES = ()
+
+from synapse_coap.mapping.codec import SIGNIFICANT_HEADERS
+from synapse_coap.mapping.dispatch import PeerInfo
+from synapse_coap.mapping.messages import HttpResponse
+
+logger = logging.getLogger("synapse_coap.synapse.dispatch")
+
+#: A response header's raw name (as Synapse wrote it) -> its lower-case name if the
+#: wire carries it, else None (bounded: names come from Synapse and its modules)
+_SIGNIFICANT_RAW: dict[bytes, str | None] = {}
+_SIGNIFICANT_RAW_MAX = 256
+_UNSEEN: Any = object()
+_SIGNIFICANT = frozenset(SIGNIFICANT_HEADERS)
+
+
+def _significant_name(raw: bytes) -> str | None:
+    lower = raw.decode("latin-1").lower()
+    name = lower if lower in _SIGNIFICANT else None
+    if len(_SIGNIFICANT_RAW) < _SIGNIFICANT_RAW_MAX:
+        _SIGNIFICANT_RAW[raw] = name
+    return name
+
+
+def _failure(exc: BaseException) -> Failure:
+    return Failure(exc)  # type: ignore[no-untyped-call]
+
+
+#: The client address Synapse sees for a request from an address not yet validated
+#: (0-RTT from a new address): no one's identity.
+UNVALIDATED_HOST = "0.0.0.0"
+
+
+def _address(host: str, port: int) -> IPv4Address | IPv6Address:
+    if ":" in host:
+        return IPv6Address("UDP", host, port)
+    return IPv4Address("UDP", host, port)
+
+
+@implementer(*_INTERFACES)
+class CoapChannel:
+    """What a SynapseRequest sees as its HTTP channel and transport.
+
+    Collects the response in memory; ``done`` (a Deferred, fired on the
+    reactor thread) fires when the response is complete or the request ends
+    by "losing the connection" (Synapse does that after some errors).
+    """
+
+    def __init__(
+        self,
+        site: SynapseSite,
+        reactor: Any,
+        peer: PeerInfo,
+        local: IPv4Address | IPv6Address,
+        notify: Callable[[HttpResponse | BaseException], None] | None = None,
+    ):
+        self.site = site
+        self.factory = site
+        self._reactor = reactor
+        # an unvalidated (possibly spoofed) address is not the client's identity
+        self._peer = (
+            _address(peer.host, peer.port)
+            if peer.identity_host is not None
+            else _address(UNVALIDATED_HOST, 0)
+        )
+        self._host = local
+        self._secure = peer.secure
+        #: the direct path's receiver of the result (:meth:`InProcessDispatcher.dispatch_now`):
+        #: with it there is no Deferred, ``done`` is None
+        self._notify = notify
+        self._peer_host = peer.host
+        self._method = ""  # (the request's, for the log line of an abandoned one)
+        self.done: defer.Deferred[None] | None = None if notify is not None else defer.Deferred()
+        self.code: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.finished = False
+        self.disconnecting = False
+        self.request: Any = None
+        self.producer: Any = None
+        self._producer_streaming = False
+        self._completing = False
+
+    @property
+    def transport(self) -> CoapChannel:
+        # (a property, not ``self.transport = self``: a reference cycle would keep every
+        # request's channel, SynapseRequest, headers and Deferreds alive until Synapse's
+        # next garbage collection, which it then pays for in proportion)
+        return self
+
+    # -- the HTTPChannel side ------------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        self.code = int(code)
+        if isinstance(headers, Headers):
+            for name, values in headers.getAllRawHeaders():
+                for value in values:
+                    self.headers.append((bytes(name), bytes(value)))
+        else:  # older Twisted passes a list of pairs
+            for name, value in headers:
+                self.headers.append((bytes(name), bytes(value)))
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def requestDone(self, request: Any) -> None:
+        # The response is complete: fire now. What waits on ``done`` only hands the
+        # response to the asyncio side (no logcontext switch inside Synapse's call).
+        self.finished = True
+        if not self._completing:
+            self._completing = True
+            self._fire_done()
+
+    def loseConnection(self) -> None:
+        # Synapse loses the connection after writing an early error response.
+        self.disconnecting = True
+        self._stop_producer()
+        self._complete()
+
+    def abortConnection(self) -> None:
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        self.loseConnection()
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return self._peer
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self._host
+
+    def isSecure(self) -> bool:
+        return self._secure
+
+    def getPeerCertificate(self) -> None:
+        return None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    # -- producers (media downloads stream through these) --------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError("a producer is already registered")
+        self.producer = producer
+        self._producer_streaming = streaming
+        if not streaming:
+            self._reactor.callLater(0, self._pull)
+
+    def _pull(self) -> None:
+        # A pull producer writes one chunk per resumeProducing call.
+        producer = self.producer
+        if producer is None or self.disconnecting:
+            return
+        producer.resumeProducing()
+        if self.producer is producer:
+            self._reactor.callLater(0, self._pull)
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def _stop_producer(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                producer.stopProducing()
+            except Exception:
+                logger.debug("producer.stopProducing failed", exc_info=True)
+
+    # IPushProducer for the request (we never apply back-pressure: the body is buffered)
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _complete(self) -> None:
+        # A lost connection: fire from the reactor, never synchronously inside
+        # Synapse's own call, since what waits on ``done`` then lets the request
+        # clean up (connectionLost) and Synapse is still in the middle of writing.
+        if not self._completing:
+            self._completing = True
+            self._reactor.callLater(0, self._fire_done)
+
+    def _fire_done(self) -> None:
+        notify = self._notify
+        if notify is not None:
+            self._notify = None
+            self._deliver(notify)
+        elif self.done is not None and not self.done.called:
+            self.done.callback(None)
+
+    # -- the direct path (no Deferred: InProcessDispatcher.dispatch_now) --------------------
+
+    def result(self) -> HttpResponse:
+        """The response, once Synapse is done with the request (or lost the connection)."""
+        req = self.request
+        if not self.finished and req is not None and getattr(req, "channel", None) is not None:
+            # Synapse lost the connection itself (after an early error response):
+            # let the request clean up as a real connection would.
+            req.connectionLost(_failure(ConnectionDone("response complete")))
+        # Twisted drops the request's reference to its channel once it is done;
+        # drop ours to the request too, so that neither waits for the cycle collector
+        self.request = None
+        return self.response()
+
+    def _deliver(self, notify: Callable[[HttpResponse | BaseException], None]) -> None:
+        """``notify`` the result, in the sentinel logcontext (it may be called inside
+        Synapse's own ``finish``); what it raises is logged, never raised into Synapse."""
+        previous = set_current_context(SENTINEL_CONTEXT)
+        try:
+            try:
+                result: HttpResponse | BaseException = self.result()
+            except Exception as e:
+                result = e
+            notify(result)
+        except Exception:
+            logger.exception("synapse-coap: answering a request failed")
+        finally:
+            set_current_context(previous)
+
+    def fail(self, error: BaseException) -> None:
+        """The request could not be started: ``notify`` gets ``error`` (once)."""
+        notify, self._notify = self._notify, None
+        self.request = None
+        if notify is not None:
+            notify(error)
+
+    def abandon(self) -> None:
+        """The CoAP exchange was given up before the answer: the request is dropped in
+        Synapse and ``notify`` is not called (the direct path's abandon function)."""
+        if self._notify is None or self.finished:
+            return
+        self._notify = None
+        req = self.request
+        self.request = None
+        previous = set_current_context(SENTINEL_CONTEXT)
+        try:
+            if req is not None:
+                logger.info(
+                    "CoAP exchange abandoned by %s; dropping %s %s",
+                    self._peer_host,
+                    self._method,
+                    req.get_redacted_uri(),
+                )
+            self.disconnecting = True
+            self._stop_producer()
+            if req is not None:
+                req.connectionLost(_failure(ConnectionLost("CoAP exchange abandoned")))
+        except Exception:
+            logger.exception("synapse-coap: abandoning a request failed")
+        finally:
+            set_current_context(previous)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def response(self) -> HttpResponse:
+        if self.code is None:
+            # The connection was dropped before any response was written.
+            return HttpResponse(
+                502,
+                (("content-type", "application/json"),),
+                b'{"errcode":"M_UNKNOWN","error":"Synapse closed the request without a response"}',
+            )
+        # only the headers the wire carries (the codec drops the rest), named once each
+        names = _SIGNIFICANT_RAW
+        headers = []
+        for k, v in self.headers:
+            name = names.get(k, _UNSEEN)
+            if name is _UNSEEN:
+                name = _significant_name(k)
+            if name is not None:
+                headers.append((name, v.decode("latin-1")))
+        return HttpResponse(self.code, tuple(headers), bytes(self.body))
