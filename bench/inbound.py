@@ -12,9 +12,17 @@ are alike) through
 * HTTPS/1.1: the same through Synapse's own TLS listener (TLS 1.3, a self-signed
   certificate the client does not verify): the baseline that, like CoAP+Noise,
   encrypts every request and answer,
+* via nginx: the same HTTPS/1.1 requests to Debian's nginx with the lab's tuned front
+  configuration (TLS 1.3, HTTP/2, gzip: ``bench/lab_scenarios/client.py``
+  ``NGINX_CONF``), which proxies each to a plain listener of the same Synapse
+  (``x_forwarded``) as Synapse's reverse-proxy documentation configures it: no
+  upstream keep-alive, so a new connection to Synapse per request. nginx runs on the
+  client's core; its own CPU in those cells is the ``nginx's own`` column, and the
+  CoAP+Noise ratio is against the sum (the server machine's CPU). Skipped, with a line
+  saying so, where nginx is not installed,
 
-and reads the Synapse process's own CPU time (user + system of all its threads,
-``/proc/PID/stat``) before and after: CPU milliseconds per request, and the
+and reads the Synapse process's own CPU time (all its threads: its process CPU-time
+clock, in nanoseconds, ``results_store.cpu_seconds``) before and after: CPU milliseconds per request, and the
 CoAP+Noise / HTTP ratio. It also records Synapse's utilisation in each cell (CPU
 seconds / wall seconds, the ``busy`` column): a server that waits for its client
 between requests pays more per request (a wake-up per datagram, colder caches), so
@@ -88,6 +96,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -103,12 +112,15 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+from lab_scenarios.client import NGINX_CONF, nginx_path  # noqa: E402
 from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     BACKGROUND_UPDATES_AT_ONCE,
     Spinner,
     add_spin_argument,
     build_suffix,
+    cpu_clock_source,
+    cpu_clock_words,
     cpu_seconds,
     provenance,
     read_dict_rows,
@@ -123,7 +135,12 @@ from tests.harness.synapse_proc import SynapseProcess, free_port  # noqa: E402
 
 SERVER_NAME = "bench.test"
 ORIGIN = "origin.test"
-LISTENERS = ("CoAP+Noise", "plain CoAP", "HTTP/1.1", "HTTPS/1.1")
+#: ``via nginx``: Synapse's own CPU for HTTPS/1.1 requests that Debian's nginx (the
+#: lab's tuned front) terminates and proxies to a plain listener of the same Synapse;
+#: ``nginx's own``: nginx's CPU in those cells (not Synapse's: a column of its own)
+VIA_NGINX = "via nginx"
+NGINX_OWN = "nginx's own"
+LISTENERS = ("CoAP+Noise", "plain CoAP", "HTTP/1.1", "HTTPS/1.1", VIA_NGINX, NGINX_OWN)
 SEND_LABEL = "federation send (1 PDU)"
 #: Idle seconds after each /send answer, so that Synapse has persisted the PDU the
 #: next one follows (see the module docstring).
@@ -172,6 +189,63 @@ def pin(synapse_pid: int, others: tuple[int, ...] = ()) -> str:
     return f"Synapse on core {cores[0]}, client on core {cores[-1]} at nice 10" + (
         " (the origin Synapse too)" if others else ""
     )
+
+
+def start_nginx(
+    nginx: str, root: Path, proc: SynapseProcess, port: int, backend: int
+) -> subprocess.Popen[bytes]:
+    """Debian's nginx with the lab's tuned front configuration (``NGINX_CONF``: TLS 1.3,
+    HTTP/2, gzip; ``proxy_pass`` to Synapse's ``backend`` listener with X-Forwarded-For
+    and ``proxy_http_version 1.1``, as Synapse's reverse-proxy docs have it: no upstream
+    keep-alive, so one connection to Synapse per request), on ``port``, with Synapse's
+    certificate; started once it accepts connections."""
+    root.mkdir(parents=True, exist_ok=True)
+    conf = root / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            root=root,
+            port=port,
+            cert=proc.tls_certificate_path,
+            key=proc.tls_private_key_path,
+            backend=backend,
+        )
+    )
+    front = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(root), "-e", str(root / "nginx-error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if front.poll() is not None or time.monotonic() > deadline:
+                front.kill()
+                log = (root / "nginx-error.log").read_text()[-500:]
+                raise RuntimeError(f"nginx did not start: {log}") from None
+            time.sleep(0.05)
+    return front
+
+
+def nginx_processes(master: int) -> tuple[int, ...]:
+    """nginx's master and its worker(s) (``worker_processes 1``)."""
+    for _ in range(100):
+        with open(f"/proc/{master}/task/{master}/children", encoding="ascii") as f:
+            workers = tuple(int(p) for p in f.read().split())
+        if workers:
+            return (master, *workers)
+        time.sleep(0.05)
+    raise RuntimeError("nginx started no worker")
+
+
+def stop_nginx(front: subprocess.Popen[bytes]) -> None:
+    front.terminate()
+    try:
+        front.wait(10)
+    except subprocess.TimeoutExpired:
+        front.kill()
 
 
 def pin_threads(pid: int, core: int) -> None:
@@ -302,6 +376,8 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
     workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
     http_port, coap_port, plain_port = free_port(), free_port("udp"), free_port("udp")
     https_port = free_port()
+    nginx = nginx_path()
+    nginx_backend, nginx_port = free_port(), free_port()
     key_path = workdir / "coap.key"
     write_key_file(key_path, generate_private_key())
     origin: SynapseProcess | None = None
@@ -385,9 +461,26 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
         {**x, "resources": plain_http["resources"]} if x["port"] == https_port else x
         for x in listeners
     ]
+    if nginx is not None:
+        # what nginx proxies to: a plain listener with the same resources, trusting
+        # nginx's X-Forwarded-For (as Synapse's reverse-proxy docs configure it)
+        proc.extra_config["listeners"].append(
+            {**plain_http, "port": nginx_backend, "x_forwarded": True}
+        )
     if origin is not None:
         origin.start(ready_log_pattern=r"CoAP listener ready")
     proc.start(ready_log_pattern=r"CoAP listener ready")
+    front = (
+        start_nginx(nginx, workdir / "nginx", proc, nginx_port, nginx_backend)
+        if nginx is not None
+        else None
+    )
+    if front is None:
+        print(
+            f"  [{mode}] the {VIA_NGINX} baseline SKIPPED: nginx is not installed "
+            "(scripts/setup installs Debian's nginx-light when run as root)",
+            file=sys.stderr,
+        )
     waited = max(
         settle_background_updates(p.database_path) for p in (proc, origin) if p is not None
     )
@@ -399,12 +492,15 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
     pid = proc.pid
     assert pid is not None
     try:
-        placement = pin(pid, (origin.pid,) if origin is not None and origin.pid else ())
+        others = (origin.pid,) if origin is not None and origin.pid else ()
+        nginx_pids = nginx_processes(front.pid) if front is not None else ()
+        placement = pin(pid, (*others, *nginx_pids))
         server_key = public_key(read_key_file(key_path))
         tls = ssl.create_default_context()
         tls.check_hostname = False
         tls.verify_mode = ssl.CERT_NONE  # (the bench's own self-signed certificate)
         https_base = f"https://127.0.0.1:{https_port}"
+        nginx_base = f"https://127.0.0.1:{nginx_port}"
         async with (
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as http,
             aiohttp.ClientSession(
@@ -467,13 +563,18 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                         "HTTP/1.1": via_web(http, proc.base_url),
                         "HTTPS/1.1": via_web(https, https_base),
                     }
+                    if front is not None:
+                        runners[VIA_NGINX] = via_web(https, nginx_base)
                     if label == SEND_LABEL:
                         assert chain is not None
                         concurrency = 1  # each PDU follows an accepted one
                         n = args.send_requests
+                        web = {"HTTP/1.1": (http, proc.base_url), "HTTPS/1.1": (https, https_base)}
+                        if front is not None:
+                            web[VIA_NGINX] = (https, nginx_base)
                         runners = send_runners(
                             chain,
-                            {"HTTP/1.1": (http, proc.base_url), "HTTPS/1.1": (https, https_base)},
+                            web,
                             coap,
                             secure_ep,
                             plain,
@@ -487,9 +588,16 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                         # listener always first or last, e.g. in a room that grows)
                         order = list(runners.items())
                         for name, one in order[r % len(order) :] + order[: r % len(order)]:
+                            front0 = sum(map(cpu_seconds, nginx_pids)) if name == VIA_NGINX else 0
                             before, wall0 = cpu_seconds(pid), time.monotonic()
                             errors = await run_n(n, concurrency, one, serial)
                             after, wall = cpu_seconds(pid), time.monotonic() - wall0
+                            if name == VIA_NGINX:
+                                used = sum(map(cpu_seconds, nginx_pids)) - front0
+                                key = (label, NGINX_OWN)
+                                cells.setdefault(key, []).append(used * 1000 / n)
+                                BUSY.setdefault((mode, *key), []).append(used / wall)
+                                ERRORS.setdefault((mode, *key), []).append(0)
                             serial += n  # (every request of the run is distinct)
                             if errors:
                                 print(
@@ -522,11 +630,15 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                     print(
                         f"  [{mode}] {label}: "
                         + ", ".join(
-                            f"{n} {statistics.median(cells[(label, n)]):.3f}" for n in LISTENERS
+                            f"{n} {statistics.median(cells[(label, n)]):.3f}"
+                            for n in LISTENERS
+                            if (label, n) in cells
                         )
                         + " ms/request; busy "
                         + ", ".join(
-                            f"{statistics.median(BUSY[(mode, label, n)]):.2f}" for n in LISTENERS
+                            f"{statistics.median(BUSY[(mode, label, n)]):.2f}"
+                            for n in LISTENERS
+                            if (label, n) in cells
                         ),
                         file=sys.stderr,
                     )
@@ -536,6 +648,8 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
         MISSING[mode] = len(re.findall(r"Requesting missing events", proc.log_text()))
     finally:
         spinner.stop()
+        if front is not None:
+            stop_nginx(front)
         proc.stop()
         if origin is not None:
             origin.stop()
@@ -544,7 +658,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
         for name, parts in cprofile_parts.items():
             write_cprofile(parts, args.cprofile_out, name, args)
     if args.profile_out:
-        for name in LISTENERS:
+        for name in LISTENERS[:4]:
             write_profile(workdir / f"spy-{name[:4]}.txt", args.profile_out, mode, name)
     return cells
 
@@ -678,14 +792,14 @@ STAGE_PARTS: dict[str, tuple[tuple[str, str | tuple[str, ...], tuple[str, ...]],
             ("coap.respond_now",),
         ),
         (
-            "exchange, request decode, bridge; the answer's exchange bookkeeping",
+            "exchange, request decode",
             "coap.respond_now",
-            ("coap.start_in_reactor", "coap.conclude", "coap.send_datagram"),
+            ("coap.dispatch_now",),
         ),
         (
             "SynapseRequest set-up (channel, headers, body)",
-            "coap.start_in_reactor",
-            ("synapse.request_received", "coap.channel_response"),
+            "coap.dispatch_now",
+            ("synapse.request_received",),
         ),
         (
             "Synapse: requestReceived (its own work)",
@@ -695,9 +809,14 @@ STAGE_PARTS: dict[str, tuple[tuple[str, str | tuple[str, ...], tuple[str, ...]],
         (
             "the channel: headers and body kept, completion",
             ("coap.channel_headers", "coap.channel_write", "coap.channel_done"),
-            (),
+            ("coap.channel_response", "coap.complete"),
         ),
         ("response taken from the channel", "coap.channel_response", ()),
+        (
+            "the answer's exchange bookkeeping",
+            "coap.complete",
+            ("coap.conclude", "coap.send_datagram"),
+        ),
         ("answer encoded (metrics, wire codec)", "coap.conclude", ()),
         ("answer sealed (Noise)", "coap.send_datagram", ("coap.sendto",)),
         ("sendto (counters, system call)", "coap.sendto", ()),
@@ -894,7 +1013,15 @@ def busy_text(busy: dict[tuple[str, str], list[float]], label: str) -> str:
 
 
 #: the baselines a CoAP+Noise ratio is given against, where the run has them
-BASELINES = ("HTTP/1.1", "HTTPS/1.1")
+BASELINES = ("HTTP/1.1", "HTTPS/1.1", VIA_NGINX)
+
+#: the ratio's name for each baseline (against nginx: the server's CPU, Synapse's behind
+#: nginx plus nginx's own, as CoAP+Noise's includes its encryption and compression)
+RATIO_NAMES = {
+    "HTTP/1.1": "HTTP",
+    "HTTPS/1.1": "HTTPS",
+    VIA_NGINX: "(nginx + Synapse)",
+}
 
 
 def present(cells: dict[tuple[str, str], list[float]]) -> list[str]:
@@ -919,9 +1046,11 @@ def table(
         ratios = []
         for base in BASELINES:
             if base in listeners:
-                per_round = [
-                    a / b for a, b in zip(noise, cells[(label, base)], strict=True) if b > 0
-                ]
+                against = cells[(label, base)]
+                if base == VIA_NGINX and (label, NGINX_OWN) in cells:
+                    own = cells[(label, NGINX_OWN)]
+                    against = [a + b for a, b in zip(against, own, strict=True)]
+                per_round = [a / b for a, b in zip(noise, against, strict=True) if b > 0]
                 # (a baseline under a clock tick has no ratio)
                 ratios.append(statistics.median(per_round) if per_round else float("nan"))
         out.append((label, [spread(cells[(label, n)]) for n in listeners], ratios))
@@ -933,7 +1062,7 @@ def report(mode: str, cells: dict[tuple[str, str], list[float]], args: argparse.
         f"\nSynapse CPU ms per request, reactor {mode}: {args.requests} distinct requests per "
         f"cell, concurrency {args.concurrency} (/send: {args.send_requests}, concurrency 1), "
         f"median (min-max) of {args.rounds} rounds; busy: Synapse's CPU s / wall s, "
-        "CoAP+Noise / HTTP/1.1 / HTTPS/1.1"
+        "CoAP+Noise / HTTP/1.1 / HTTPS/1.1 / via nginx"
     )
     busy = {(label, listener): v for (m, label, listener), v in BUSY.items() if m == mode}
     listeners = present(cells)
@@ -941,15 +1070,15 @@ def report(mode: str, cells: dict[tuple[str, str], list[float]], args: argparse.
     print(
         f"{'endpoint':<24}"
         + "".join(f"{n:>24}" for n in listeners)
-        + "".join(f"{'Noise/' + b.split('/')[0]:>14}" for b in bases)
+        + "".join(f"{'Noise/' + RATIO_NAMES[b]:>26}" for b in bases)
         + f"{'busy':>20}"
     )
     for label, spreads, ratios in table(cells):
         print(
             f"{label:<24}"
             + "".join(f"{x:>24}" for x in spreads)
-            + "".join(f"{r:>13.2f}x" for r in ratios)
-            + f"{busy_text(busy, label):>20}"
+            + "".join(f"{r:>25.2f}x" for r in ratios)
+            + f"{busy_text(busy, label):>26}"
         )
 
 
@@ -1056,6 +1185,7 @@ def main() -> None:
     meta["missing_event_fetches"] = ", ".join(f"{m} {n}" for m, n in MISSING.items())
     meta["background_updates"] = "settled before the first cell"
     meta["client_spins"] = "yes" if args.spin else "no"
+    meta["cpu_clock"] = cpu_clock_source(os.getpid())
     write_dict_rows(csv_path, rows, meta)
     print(f"wrote {csv_path}")
     if args.readme:
@@ -1073,8 +1203,9 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
     results = cells_of(rows)
     listeners = present(next(iter(results.values()), {}))
     https = "HTTPS/1.1" in listeners
+    bases = [b for b in BASELINES if b in listeners]
     lines = [
-        "Synapse's own CPU time (user + system, `/proc/PID/stat`) per request into one "
+        f"Synapse's own CPU time ({cpu_clock_words(meta)}) per request into one "
         "Synapse through the module's CoAP listener and through Synapse's own HTTP listener"
         + (
             " and, encrypted as CoAP+Noise is, its HTTPS listener (Synapse's own TLS, 1.3, "
@@ -1105,6 +1236,20 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
             else ""
         )
         + (
+            ". _via nginx_: the same HTTPS/1.1 requests to Debian's nginx, the lab's tuned "
+            "front (TLS 1.3, HTTP/2, gzip), which proxies each to a plain listener of the "
+            "same Synapse as Synapse's reverse-proxy documentation configures it "
+            "(`proxy_pass` to the listener, X-Forwarded-For, `proxy_http_version 1.1`, no "
+            "upstream keep-alive: a new connection to Synapse per request; the listener "
+            "has `x_forwarded`); the column is Synapse's CPU, _nginx's own_ is nginx's in "
+            "the same cells (on the client's core), and the ratio is against their sum: "
+            "the CPU the server machine spends, as CoAP+Noise's includes its encryption "
+            "and compression. Synapse keeping its upstream connections open (an upstream "
+            "block with `keepalive`) would bring its part towards the HTTP/1.1 column"
+            if VIA_NGINX in listeners
+            else ""
+        )
+        + (
             " (CoAP: bench/leanclient.py, the sans-I/O layers on a bare socket; HTTP: "
             "aiohttp). _Synapse busy_ is its CPU seconds per wall second in the cells (median): "
             "near 1 when the client kept it busy; the `/send` cells idle by design."
@@ -1115,12 +1260,11 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         "",
         "| reactor | endpoint | "
         + " | ".join(f"{n} ms" for n in listeners)
-        + " | CoAP+Noise / HTTP"
-        + (" | CoAP+Noise / HTTPS" if https else "")
-        + " | Synapse busy, CoAP+Noise / HTTP"
-        + (" / HTTPS" if https else "")
+        + "".join(f" | CoAP+Noise / {RATIO_NAMES[b]}" for b in bases)
+        + " | Synapse busy, CoAP+Noise / "
+        + " / ".join(b.split("/")[0] if b != VIA_NGINX else b for b in bases)
         + " |",
-        "|---|---|" + "--:|" * (len(listeners) + (2 if https else 1) + 1),
+        "|---|---|" + "--:|" * (len(listeners) + len(bases) + 1),
     ]
     busy = cells_of(rows, "busy")
     for m, cells in results.items():

@@ -17,7 +17,7 @@ This process sends ``--requests`` distinct requests per round to each (CoAP:
 ``bench/leanclient.py``, the project's sans-I/O layers on a bare socket, or with
 ``--client aiocoap`` the transport's CoapClient; HTTP: aiohttp with keep-alive),
 from the other core at nice 10, the two taking turns, and reads each child's own
-CPU time (user + system, ``/proc/PID/stat``) around its turn: microseconds of
+CPU time (``results_store.cpu_seconds``: its process CPU-time clock) around its turn: microseconds of
 listener CPU per request and the ratio, median (min-max) over ``--rounds``, and the
 listener's utilisation in its turn (CPU seconds / wall seconds, ``busy``): a
 listener that waits for its client pays more per request, and the aiocoap client
@@ -59,6 +59,7 @@ from results_store import (  # noqa: E402
     Spinner,
     add_spin_argument,
     build_suffix,
+    cpu_clock_source,
     cpu_seconds,
     provenance,
     read_dict_rows,
@@ -305,6 +306,7 @@ async def drive(args: argparse.Namespace) -> None:
         meta["concurrency"] = str(args.concurrency)
         meta["client"] = args.client
         meta["client_spins"] = "yes" if args.spin else "no"
+        meta["cpu_clock"] = cpu_clock_source(os.getpid())
         meta["note"] = "machine shared with other work"
         # (the committed CSV only with --docs, which renders the docs from it)
         if args.docs or args.results:

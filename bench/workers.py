@@ -24,7 +24,7 @@ authenticated: ``GET /_matrix/client/v3/account/whoami?n=I`` and
 the module's body memo is off in every instance (``SYNAPSE_COAP_BODY_MEMO=0``).
 
 Per round and configuration: requests per second (wall clock of the round) and the
-server CPU per request, i.e. the CPU time (user + system, ``/proc/PID/stat``) of
+server CPU per request, i.e. the CPU time (``results_store.cpu_seconds``: the process CPU-time clock) of
 every Synapse process of the deployment (main, generic1, generic2) over the round,
 divided by the requests. Also recorded: this client's own CPU per request and the
 CPU of the PostgreSQL backends serving the deployment's database (best effort),

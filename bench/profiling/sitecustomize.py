@@ -58,12 +58,13 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
         synapse_coap.transport.batch BatchReader._next coap.next
         synapse_coap.transport.noise_udp NoiseMessageInterface._ev_received coap.message
         synapse_coap.transport.server CoapServer.respond_now coap.respond_now
-        synapse_coap.synapse.dispatch InProcessDispatcher.start_in_reactor coap.start_in_reactor
-        synapse_coap.synapse.dispatch CoapChannel.response coap.channel_response
+        synapse_coap.synapse.dispatch InProcessDispatcher.dispatch_now coap.dispatch_now
+        synapse_coap.synapse.channel CoapChannel.response coap.channel_response
+        synapse_coap.transport.server _Now.complete coap.complete
         synapse_coap.transport.server CoapServer._conclude coap.conclude
-        synapse_coap.synapse.dispatch CoapChannel.writeHeaders coap.channel_headers
-        synapse_coap.synapse.dispatch CoapChannel.write coap.channel_write
-        synapse_coap.synapse.dispatch CoapChannel.requestDone coap.channel_done
+        synapse_coap.synapse.channel CoapChannel.writeHeaders coap.channel_headers
+        synapse_coap.synapse.channel CoapChannel.write coap.channel_write
+        synapse_coap.synapse.channel CoapChannel.requestDone coap.channel_done
         synapse_coap.transport.noise_udp NoiseMessageInterface.send_datagram coap.send_datagram
         synapse_coap.transport.noise_udp NoiseMessageInterface._sendto coap.sendto
         twisted.web.http HTTPChannel.dataReceived http.data_received

@@ -20,8 +20,10 @@ def test_readme_inbound_block_is_rendered_from_the_committed_csv() -> None:
     for cells in results.values():
         labels = {label for label, _ in cells}
         assert bench.SEND_LABEL in labels and len(labels) == len(bench.ENDPOINTS) + 1
+        listeners = bench.present(cells)
+        assert listeners[:4] == list(bench.LISTENERS[:4])
         for label in labels:
-            counts = {len(cells[(label, listener)]) for listener in bench.LISTENERS}
+            counts = {len(cells[(label, listener)]) for listener in listeners}
             assert len(counts) == 1 and counts.pop() >= 5, label
     assert all(int(r["errors"]) == 0 for r in rows)
 
@@ -39,5 +41,6 @@ def test_the_committed_small_cells_measured_a_busy_server() -> None:
     for mode, cells in bench.cells_of(rows, "busy").items():
         for (label, listener), values in cells.items():
             assert all(v > 0 for v in values), (mode, label, listener)
-            if label != bench.SEND_LABEL:
+            if label != bench.SEND_LABEL and listener != bench.NGINX_OWN:
+                # (nginx's own utilisation is not Synapse's: it waits for Synapse)
                 assert statistics.median(values) >= 0.9, (mode, label, listener, values)
