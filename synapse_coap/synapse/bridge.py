@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -304,45 +303,6 @@ class Bridge:
                 self.reactor.callFromThread(cancel)
             raise
 
-    def start_now(
-        self,
-        start: Callable[[], tuple[defer.Deferred[T], Callable[[], None]]],
-        done: Callable[[T | BaseException], None],
-    ) -> Callable[[], None] | None:
-        """:meth:`call_reactor` without an awaiting task, when the loop runs on the
-        reactor thread (shared or guest): ``start()`` runs now, and ``done`` gets its
-        result or error when the Deferred fires (possibly before this returns),
-        called in the sentinel logcontext.  Returns the function that abandons the
-        request (``done`` is not called after it); None in thread mode, having done
-        nothing (then :meth:`call_reactor`)."""
-        if not self.same_thread:
-            return None
-        over = False
-
-        def settle(result: Any) -> None:
-            nonlocal over
-            if over:
-                return
-            over = True
-            value = _as_asyncio_error(_error_of(result)) if isinstance(result, Failure) else result
-            _guarded_in_sentinel(functools.partial(done, value), "answering a request")
-
-        try:
-            d, abandon = _in_sentinel(start)
-        except Exception as e:
-            settle(_failure(e))
-            return _nothing
-        d.addBoth(settle)
-
-        def cancel() -> None:
-            nonlocal over
-            if over:
-                return
-            over = True
-            _guarded_in_sentinel(abandon, "abandoning a request")
-
-        return cancel
-
     # -- lifecycle ---------------------------------------------------------------------
 
     def on_stop(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -411,10 +371,6 @@ class Bridge:
         return d
 
 
-def _nothing() -> None:
-    pass
-
-
 def _in_sentinel(fn: Callable[[], T]) -> T:
     """``fn()`` in the sentinel logcontext (as Twisted's HTTP channel calls Synapse)."""
     previous = set_current_context(SENTINEL_CONTEXT)
@@ -433,11 +389,6 @@ def _guarded_in_sentinel(fn: Callable[[], object], what: str) -> None:
         logger.exception("synapse-coap: %s failed", what)
     finally:
         set_current_context(previous)
-
-
-def _error_of(failure: Failure) -> BaseException:
-    error = failure.value
-    return error if error is not None else RuntimeError("a failure without an exception")
 
 
 def _failure(exc: BaseException) -> Failure:
