@@ -176,9 +176,13 @@ BUSY: dict[tuple[str, str, str], list[float]] = {}
 
 def pin(synapse_pid: int, others: tuple[int, ...] = ()) -> str:
     """Synapse's threads on the first core, this process (and the processes ``others``:
-    the origin Synapse of the ``/send`` cells) on the last core, at nice 10."""
+    the origin Synapse of the ``/send`` cells, nginx) on the last core; this process at
+    nice 10, the servers at 0."""
     if os.getpriority(os.PRIO_PROCESS, 0) < 10:
         os.setpriority(os.PRIO_PROCESS, 0, 10)
+    # (a server started after the first mode reniced this process inherited nice 10)
+    for pid in (synapse_pid, *others):
+        renice_threads(pid, 0)
     cores = CORES
     if len(cores) < 2:
         return "one core: client at nice 10, not pinned"
@@ -187,7 +191,7 @@ def pin(synapse_pid: int, others: tuple[int, ...] = ()) -> str:
     for pid in others:
         pin_threads(pid, cores[-1])
     return f"Synapse on core {cores[0]}, client on core {cores[-1]} at nice 10" + (
-        " (the origin Synapse too)" if others else ""
+        " (the origin Synapse and nginx too)" if others else ""
     )
 
 
@@ -246,6 +250,16 @@ def stop_nginx(front: subprocess.Popen[bytes]) -> None:
         front.wait(10)
     except subprocess.TimeoutExpired:
         front.kill()
+
+
+def renice_threads(pid: int, nice: int) -> None:
+    """Every thread process ``pid`` has now at ``nice`` (on Linux a niceness is a
+    thread's; lowering it needs root, and without it the threads keep theirs)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except OSError:
+            pass
 
 
 def pin_threads(pid: int, core: int) -> None:
