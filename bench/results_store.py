@@ -81,6 +81,19 @@ def cpu_clock_words(meta: dict[str, str]) -> str:
     return "user + system, `/proc/PID/stat`"
 
 
+def steal_seconds(core: int | None) -> float:
+    """The time the hypervisor has taken from CPU ``core`` (all CPUs: None) since boot,
+    in seconds (``/proc/stat``'s steal column, in clock ticks): on a virtual machine a
+    server can be runnable and still not run, which is not its client's doing."""
+    prefix = "cpu " if core is None else f"cpu{core} "
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(prefix):
+                fields = line.split()
+                return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    return 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """The CPU time of process ``pid`` (all its threads), in seconds: its scheduler
     run time from the process CPU-time clock (nanoseconds), or, where that cannot be
