@@ -96,7 +96,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -112,7 +111,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lab_scenarios.client import NGINX_CONF, nginx_path  # noqa: E402
+from lab_scenarios.client import launch_nginx, nginx_path  # noqa: E402
 from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     BACKGROUND_UPDATES_AT_ONCE,
@@ -206,33 +205,14 @@ def start_nginx(
     and ``proxy_http_version 1.1``, as Synapse's reverse-proxy docs have it: no upstream
     keep-alive, so one connection to Synapse per request), on ``port``, with Synapse's
     certificate; started once it accepts connections."""
-    root.mkdir(parents=True, exist_ok=True)
-    conf = root / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            root=root,
-            port=port,
-            cert=proc.tls_certificate_path,
-            key=proc.tls_private_key_path,
-            backend=backend,
-        )
+    front: subprocess.Popen[bytes] = launch_nginx(
+        nginx,
+        root,
+        port=port,
+        cert=proc.tls_certificate_path,
+        key=proc.tls_private_key_path,
+        backend=backend,
     )
-    front = subprocess.Popen(
-        [nginx, "-c", str(conf), "-p", str(root), "-e", str(root / "nginx-error.log")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if front.poll() is not None or time.monotonic() > deadline:
-                front.kill()
-                log = (root / "nginx-error.log").read_text()[-500:]
-                raise RuntimeError(f"nginx did not start: {log}") from None
-            time.sleep(0.05)
     return front
 
 

@@ -582,6 +582,36 @@ http {{
 """
 
 
+def launch_nginx(
+    nginx: str, root: Path, *, port: int, cert: Path | str, key: Path | str, backend: int
+) -> Any:
+    """nginx with :data:`NGINX_CONF` (files in ``root``) serving TLS on ``port`` and
+    proxying to ``backend``; returned (its ``subprocess.Popen``) once it accepts
+    connections. CaptureError, with its error log's tail, if it does not start within
+    10 seconds. Blocking (``asyncio.to_thread`` from a loop)."""
+    import subprocess
+
+    root.mkdir(parents=True, exist_ok=True)
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(root=root, port=port, cert=cert, key=key, backend=backend))
+    proc = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(root), "-e", str(root / "nginx-error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                err = (root / "nginx-error.log").read_text()[-500:]
+                raise CaptureError(f"nginx did not start: {err}") from None
+            time.sleep(0.05)
+
+
 class NginxStack(HttpsStack):
     """The tuned HTTPS baseline: Debian's nginx (TLS 1.3, HTTP/2, gzip) in front of stock
     Synapse's plain client listener; the lab starts and stops it; counted like HTTPS.
@@ -627,29 +657,15 @@ class NginxStack(HttpsStack):
         )
         progress(f"{self.tag} starting stock Synapse behind nginx (HTTPS on tcp/{self.tls_port})")
         await asyncio.to_thread(self.syn.start, 120.0)
-        ngx_dir = self.root / "nginx"
-        ngx_dir.mkdir(parents=True, exist_ok=True)
-        conf = ngx_dir / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(root=ngx_dir, port=self.tls_port, cert=cert, key=key, backend=backend)
+        self.nginx = await asyncio.to_thread(
+            launch_nginx,
+            nginx,
+            self.root / "nginx",
+            port=self.tls_port,
+            cert=cert,
+            key=key,
+            backend=backend,
         )
-        import subprocess
-
-        self.nginx = subprocess.Popen(
-            [nginx, "-c", str(conf), "-p", str(ngx_dir), "-e", str(ngx_dir / "nginx-error.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.tls_port), timeout=1):
-                    break
-            except OSError:
-                if self.nginx.poll() is not None or time.monotonic() > deadline:
-                    err = (ngx_dir / "nginx-error.log").read_text()[-500:]
-                    raise CaptureError(f"nginx did not start: {err}") from None
-                await asyncio.sleep(0.1)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         self.marker, self.marker_port = sock, sock.getsockname()[1]

@@ -223,13 +223,20 @@ def test_direct_an_answer_there_at_once_is_delivered_before_dispatch_now_returns
     assert [ref() for ref in _MADE] == [None, None], "kept alive by a reference cycle"
 
 
-def test_direct_a_later_answer_comes_from_synapse_s_finish() -> None:
+def _start_later() -> tuple[_Later, list[Any], Any]:
+    """A request to a :class:`_Later` resource on the direct path: (the resource, what
+    ``done`` got, the abandon function)."""
     later = _Later()
     dispatcher = _direct()
     dispatcher._site = _Site(later)  # type: ignore[assignment]
     got: list[Any] = []
     abandon = dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), got.append)
     assert abandon is not None and got == [] and len(later.waiting) == 1
+    return later, got, abandon
+
+
+def test_direct_a_later_answer_comes_from_synapse_s_finish() -> None:
+    later, got, abandon = _start_later()
     later.finish_all()
     assert len(got) == 1 and got[0].status == 200 and got[0].body == b'{"late":true}'
     abandon()
@@ -237,12 +244,7 @@ def test_direct_a_later_answer_comes_from_synapse_s_finish() -> None:
 
 
 def test_direct_an_abandoned_request_is_dropped_in_synapse_and_never_answered() -> None:
-    later = _Later()
-    dispatcher = _direct()
-    dispatcher._site = _Site(later)  # type: ignore[assignment]
-    got: list[Any] = []
-    abandon = dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), got.append)
-    assert abandon is not None
+    later, got, abandon = _start_later()
     abandon()
     assert later.lost == later.waiting  # the request saw its connection lost
     later.finish_all()  # (nothing: it is disconnected)
