@@ -1246,8 +1246,8 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
             "has `x_forwarded`); the column is Synapse's CPU, _nginx's own_ is nginx's in "
             "the same cells (on the client's core), and the ratio is against their sum: "
             "the CPU the server machine spends, as CoAP+Noise's includes its encryption "
-            "and compression. Synapse keeping its upstream connections open (an upstream "
-            "block with `keepalive`) would bring its part towards the HTTP/1.1 column"
+            "and compression. nginx keeping its connections to Synapse open (an `upstream` "
+            "block with `keepalive`) would bring Synapse's part towards the HTTP/1.1 column"
             if VIA_NGINX in listeners
             else ""
         )
