@@ -61,10 +61,22 @@ def _failure(exc: BaseException) -> Failure:
 UNVALIDATED_HOST = "0.0.0.0"
 
 
+#: (host, port) -> the Twisted address of a peer (immutable, shared by its requests;
+#: bounded: cleared when full)
+_ADDRESSES: dict[tuple[str, int], IPv4Address | IPv6Address] = {}
+_ADDRESSES_MAX = 4096
+
+
 def _address(host: str, port: int) -> IPv4Address | IPv6Address:
-    if ":" in host:
-        return IPv6Address("UDP", host, port)
-    return IPv4Address("UDP", host, port)
+    key = (host, port)
+    found = _ADDRESSES.get(key)
+    if found is None:
+        if len(_ADDRESSES) >= _ADDRESSES_MAX:
+            _ADDRESSES.clear()
+        found = _ADDRESSES[key] = (
+            IPv6Address("UDP", host, port) if ":" in host else IPv4Address("UDP", host, port)
+        )
+    return found
 
 
 @implementer(*_INTERFACES)
@@ -102,7 +114,8 @@ class CoapChannel:
         self._method = ""  # (the request's, for the log line of an abandoned one)
         self.done: defer.Deferred[None] | None = None if notify is not None else defer.Deferred()
         self.code: int | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        #: the response headers the wire carries (lower-case name, Latin-1 value)
+        self.headers: list[tuple[str, str]] = []
         self.body = bytearray()
         self.finished = False
         self.disconnecting = False
@@ -121,14 +134,22 @@ class CoapChannel:
     # -- the HTTPChannel side ------------------------------------------------------------
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        # only the headers the wire carries (the codec drops the rest), named once each,
+        # values decoded as Latin-1: kept in one pass over what Synapse wrote
         self.code = int(code)
-        if isinstance(headers, Headers):
-            for name, values in headers.getAllRawHeaders():
-                for value in values:
-                    self.headers.append((bytes(name), bytes(value)))
-        else:  # older Twisted passes a list of pairs
-            for name, value in headers:
-                self.headers.append((bytes(name), bytes(value)))
+        names = _SIGNIFICANT_RAW
+        kept = self.headers
+        pairs = (
+            ((name, value) for name, values in headers.getAllRawHeaders() for value in values)
+            if isinstance(headers, Headers)
+            else headers  # older Twisted passes a list of pairs
+        )
+        for raw, value in pairs:
+            name = names.get(raw, _UNSEEN)
+            if name is _UNSEEN:
+                name = _significant_name(bytes(raw))
+            if name is not None:
+                kept.append((name, bytes(value).decode("latin-1")))
 
     def write(self, data: bytes) -> None:
         self.body += data
@@ -300,13 +321,4 @@ class CoapChannel:
                 (("content-type", "application/json"),),
                 b'{"errcode":"M_UNKNOWN","error":"Synapse closed the request without a response"}',
             )
-        # only the headers the wire carries (the codec drops the rest), named once each
-        names = _SIGNIFICANT_RAW
-        headers = []
-        for k, v in self.headers:
-            name = names.get(k, _UNSEEN)
-            if name is _UNSEEN:
-                name = _significant_name(k)
-            if name is not None:
-                headers.append((name, v.decode("latin-1")))
-        return HttpResponse(self.code, tuple(headers), bytes(self.body))
+        return HttpResponse(self.code, tuple(self.headers), bytes(self.body))

@@ -172,8 +172,13 @@ def _encode_answer(
         return NOT_ENCODABLE
 
 
+_URI_PATH = int(OptionNumber.URI_PATH)
+_CONTENT_FORMAT = int(OptionNumber.CONTENT_FORMAT)
+_WELL_KNOWN_CORE = [b".well-known", b"core"]
+
+
 def _content_format(msg: CoapMessage) -> int | None:
-    value = msg.first(int(OptionNumber.CONTENT_FORMAT))
+    value = msg.first(_CONTENT_FORMAT)
     return None if value is None else int.from_bytes(value, "big")
 
 
@@ -694,8 +699,7 @@ class CoapServer:
             accept = accepted_format(cm)
         except RemoteProtocolError:
             return CoapMessage(int(Code.BAD_REQUEST), (), b"bad Accept option")
-        uri_path = [o.value for o in cm.options if o.number == int(OptionNumber.URI_PATH)]
-        if uri_path == [b".well-known", b"core"] and not cm.get(n.OPT_TARGET):
+        if cm.get(_URI_PATH) == _WELL_KNOWN_CORE and cm.first(n.OPT_TARGET) is None:
             if cm.code != int(Code.GET):
                 return CoapMessage(int(Code.METHOD_NOT_ALLOWED))
             if accept not in (None, n.CF_LINK_FORMAT):

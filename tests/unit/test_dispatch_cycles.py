@@ -280,3 +280,18 @@ def test_direct_not_in_thread_mode() -> None:
         max_request_body_size=1000,
     )
     assert dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), print) is None
+
+
+def test_a_peer_s_address_is_made_once_and_bounded() -> None:
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from synapse_coap.synapse import channel
+
+    first = _address("192.0.2.7", 5683)
+    assert first == IPv4Address("UDP", "192.0.2.7", 5683)
+    assert _address("192.0.2.7", 5683) is first  # shared by the peer's requests
+    assert _address("2001:db8::1", 5683) == IPv6Address("UDP", "2001:db8::1", 5683)
+    assert _address("192.0.2.7", 5684) != first
+    for port in range(channel._ADDRESSES_MAX + 10):
+        _address("198.51.100.1", port)
+    assert len(channel._ADDRESSES) <= channel._ADDRESSES_MAX
