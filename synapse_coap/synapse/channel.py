@@ -83,9 +83,10 @@ def _address(host: str, port: int) -> IPv4Address | IPv6Address:
 class CoapChannel:
     """What a SynapseRequest sees as its HTTP channel and transport.
 
-    Collects the response in memory; ``done`` (a Deferred, fired on the
-    reactor thread) fires when the response is complete or the request ends
-    by "losing the connection" (Synapse does that after some errors).
+    Collects the response in memory. When the response is complete or the request
+    ends by "losing the connection" (Synapse does that after some errors), ``notify``
+    gets :meth:`result` (the direct path), or else ``done`` (a Deferred) fires, both
+    on the reactor thread.
     """
 
     def __init__(
@@ -249,7 +250,7 @@ class CoapChannel:
         elif self.done is not None and not self.done.called:
             self.done.callback(None)
 
-    # -- the direct path (no Deferred: InProcessDispatcher.dispatch_now) --------------------
+    # -- the request's end (notify or done), abandoning it -------------------------------
 
     def result(self) -> HttpResponse:
         """The response, once Synapse is done with the request (or lost the connection)."""
@@ -287,8 +288,10 @@ class CoapChannel:
 
     def abandon(self) -> None:
         """The CoAP exchange was given up before the answer: the request is dropped in
-        Synapse and ``notify`` is not called (the direct path's abandon function)."""
-        if self._notify is None or self.finished:
+        Synapse, and ``notify`` is not called (both paths' abandon function; a
+        request answered already, or abandoned, is left alone)."""
+        over = self._notify is None if self.done is None else self.done.called
+        if over or self.finished:
             return
         self._notify = None
         req = self.request

@@ -31,15 +31,7 @@ from typing import Any, cast
 from synapse.http.site import SynapseSite
 from synapse.logging.context import SENTINEL_CONTEXT, set_current_context
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
-
-try:  # Twisted's interfaces, for zope's benefit only
-    from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
-
-    _INTERFACES: tuple[Any, ...] = (ITransport, IConsumer, IPushProducer)
-except ImportError:  # pragma: no cover
-    _INTERFACES = ()
 
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
@@ -48,7 +40,6 @@ from synapse_coap.synapse.bridge import Bridge
 from synapse_coap.synapse.channel import (
     CoapChannel,
     _address,
-    _failure,
 )
 
 logger = logging.getLogger(__name__)
@@ -359,38 +350,14 @@ class InProcessDispatcher:
         function that abandons the request (the CoAP exchange was given up).
         """
         channel = CoapChannel(self.site, self._reactor, peer, self._local)
-        req = self._begin(channel, request)
-        done_d = channel.done
-        assert done_d is not None
+        self._begin(channel, request)
+        done = channel.done
+        assert done is not None  # (a channel without ``notify`` has its Deferred)
+        return done.addCallback(lambda _: channel.result()), channel.abandon
 
-        def done(_: None) -> HttpResponse:
-            if not channel.finished and getattr(req, "channel", None) is not None:
-                # Synapse lost the connection itself (after an early error response):
-                # let the request clean up as a real connection would.
-                req.connectionLost(_failure(ConnectionDone("response complete")))
-            # Twisted drops the request's reference to its channel once it is done;
-            # drop ours to the request too, so that neither waits for the cycle collector
-            channel.request = None
-            return channel.response()
-
-        def abandon() -> None:
-            if channel.finished or done_d.called:
-                return
-            logger.info(
-                "CoAP exchange abandoned by %s; dropping %s %s",
-                peer.host,
-                request.method,
-                req.get_redacted_uri(),
-            )
-            channel.disconnecting = True
-            channel._stop_producer()
-            req.connectionLost(_failure(ConnectionLost("CoAP exchange abandoned")))
-
-        return done_d.addCallback(done), abandon
-
-    def _begin(self, channel: CoapChannel, request: HttpRequest) -> Any:
+    def _begin(self, channel: CoapChannel, request: HttpRequest) -> None:
         """Build the SynapseRequest of ``request`` on ``channel`` and hand it to Synapse
-        (``requestReceived``, as Twisted's HTTP channel does); returns it."""
+        (``requestReceived``, as Twisted's HTTP channel does)."""
         req = compat.make_request(
             self.site,
             cast(Any, channel),
@@ -411,4 +378,3 @@ class InProcessDispatcher:
         req.content = io.BytesIO()
         req.content.write(request.body)
         req.requestReceived(request.method.encode("ascii"), request.target, b"1.1")
-        return req
