@@ -127,6 +127,7 @@ from results_store import (  # noqa: E402
     settle_background_updates,
     source_commit,
     steal_seconds,
+    unstolen,
     write_dict_rows,
 )
 
@@ -592,7 +593,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             after, wall = cpu_seconds(pid), time.monotonic() - wall0
                             # (busy: of the time Synapse's core was not taken by the
                             # hypervisor, which here comes in bursts)
-                            wall = max(wall - (steal_seconds(SYNAPSE_CORE) - stolen0), 1e-6)
+                            wall = unstolen(wall, SYNAPSE_CORE, stolen0)
                             if name == VIA_NGINX:
                                 used = sum(map(cpu_seconds, nginx_pids)) - front0
                                 key = (label, NGINX_OWN)

@@ -64,19 +64,28 @@ def _process_cpu_clock(pid: int) -> int:
     return ((~pid) << 3) | 2
 
 
+#: a results file's ``cpu_clock`` header when :func:`cpu_seconds` read the CPU-time clock
+CPU_CLOCK = "the process CPU-time clock (clock_getcpuclockid, nanoseconds)"
+
+
 def cpu_clock_source(pid: int) -> str:
     """Which clock :func:`cpu_seconds` reads for ``pid`` (for a results file's header)."""
     try:
         time.clock_gettime(_process_cpu_clock(pid))
     except (OSError, OverflowError):
         return f"/proc/PID/stat utime + stime ({os.sysconf('SC_CLK_TCK')} Hz ticks)"
-    return "the process CPU-time clock (clock_getcpuclockid, nanoseconds)"
+    return CPU_CLOCK
+
+
+def read_cpu_clock(meta: dict[str, str]) -> bool:
+    """True if a results file's CPU times came from the CPU-time clock (a file from
+    before the ``cpu_clock`` header was read from ``/proc/PID/stat``)."""
+    return meta.get("cpu_clock") == CPU_CLOCK
 
 
 def cpu_clock_words(meta: dict[str, str]) -> str:
-    """How a results file's CPU times were read, for its rendered table (a file from
-    before the ``cpu_clock`` header was read from ``/proc/PID/stat``)."""
-    if meta.get("cpu_clock", "").startswith("the process CPU-time clock"):
+    """How a results file's CPU times were read, for its rendered table."""
+    if read_cpu_clock(meta):
         return "its process CPU-time clock, all threads, in nanoseconds"
     return "user + system, `/proc/PID/stat`"
 
@@ -92,6 +101,13 @@ def steal_seconds(core: int | None) -> float:
                 fields = line.split()
                 return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
     return 0.0
+
+
+def unstolen(wall: float, core: int | None, steal_before: float) -> float:
+    """``wall`` seconds less what the hypervisor took from ``core`` since its
+    :func:`steal_seconds` was ``steal_before``: the time a server pinned there could run
+    (the denominator of a bench's busy figure)."""
+    return max(wall - (steal_seconds(core) - steal_before), 1e-6)
 
 
 def cpu_seconds(pid: int) -> float:

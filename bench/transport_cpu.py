@@ -62,9 +62,11 @@ from results_store import (  # noqa: E402
     cpu_clock_source,
     cpu_seconds,
     provenance,
+    read_cpu_clock,
     read_dict_rows,
     replace_block,
     steal_seconds,
+    unstolen,
     write_dict_rows,
 )
 
@@ -274,7 +276,7 @@ async def drive(args: argparse.Namespace) -> None:
                 await run(one, args.requests)
                 after, wall = cpu_seconds(child.pid), time.monotonic() - wall0
                 # (busy: of the time the hypervisor left the listeners' core)
-                wall = max(wall - (steal_seconds(listener_core) - stolen0), 1e-6)
+                wall = unstolen(wall, listener_core, stolen0)
                 results[name].append((after - before) / args.requests * 1e6)
                 busy[name].append((after - before) / wall)
             ratios.append(results["CoAP+Noise"][-1] / results["HTTP/1.1"][-1])
@@ -344,7 +346,7 @@ def docs_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
             f"| ratio native build / plain Python (per round) | {spread(gains, '{:.2f}')}x | |",
         ]
     ratios = [a / b for a, b in zip(cells["CoAP+Noise"], cells["HTTP/1.1"], strict=True) if b]
-    if meta.get("cpu_clock", "").startswith("the process CPU-time clock"):
+    if read_cpu_clock(meta):
         how, resolution = "CPU time (its process CPU-time clock, nanoseconds)", ""
     else:
         tick = 1e6 / os.sysconf("SC_CLK_TCK") / int(meta["requests"])
