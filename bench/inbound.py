@@ -198,25 +198,6 @@ def pin(synapse_pid: int, others: tuple[int, ...] = ()) -> str:
     )
 
 
-def start_nginx(
-    nginx: str, root: Path, proc: SynapseProcess, port: int, backend: int
-) -> subprocess.Popen[bytes]:
-    """Debian's nginx with the lab's tuned front configuration (``NGINX_CONF``: TLS 1.3,
-    HTTP/2, gzip; ``proxy_pass`` to Synapse's ``backend`` listener with X-Forwarded-For
-    and ``proxy_http_version 1.1``, as Synapse's reverse-proxy docs have it: no upstream
-    keep-alive, so one connection to Synapse per request), on ``port``, with Synapse's
-    certificate; started once it accepts connections."""
-    front: subprocess.Popen[bytes] = launch_nginx(
-        nginx,
-        root,
-        port=port,
-        cert=proc.tls_certificate_path,
-        key=proc.tls_private_key_path,
-        backend=backend,
-    )
-    return front
-
-
 def nginx_processes(master: int) -> tuple[int, ...]:
     """nginx's master and its worker(s) (``worker_processes 1``)."""
     for _ in range(100):
@@ -468,8 +449,17 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
     if origin is not None:
         origin.start(ready_log_pattern=r"CoAP listener ready")
     proc.start(ready_log_pattern=r"CoAP listener ready")
-    front = (
-        start_nginx(nginx, workdir / "nginx", proc, nginx_port, nginx_backend)
+    # (the lab's tuned front, lab_scenarios.client.NGINX_CONF: as Synapse's reverse-proxy
+    # docs configure nginx, no upstream keep-alive; Synapse's certificate)
+    front: subprocess.Popen[bytes] | None = (
+        launch_nginx(
+            nginx,
+            workdir / "nginx",
+            port=nginx_port,
+            cert=proc.tls_certificate_path,
+            key=proc.tls_private_key_path,
+            backend=nginx_backend,
+        )
         if nginx is not None
         else None
     )
