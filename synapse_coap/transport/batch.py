@@ -17,11 +17,15 @@ each, while it holds fewer than :data:`HELD_MAX`) and orders what it holds:
   a sustained flood is shed; the rest are dropped (counted as
   ``handshake_overload``), and their senders retransmit as after any loss.
 
-A quiet listener reads one datagram per wake-up and nothing changes. The
-datagrams held are handled one per loop iteration, as asyncio's own reads
-are, so that what a handler schedules (its answer) still runs before the next
-datagram. :func:`order_batch` only orders (sans-I/O); :class:`BatchReader` reads
-and schedules.
+A quiet listener reads one datagram per wake-up and nothing changes. Of a
+batch, the records of established sessions are handled at once, in the order
+they came, as Twisted's UDP port and its HTTP channels handle what one poll
+returned (a loop iteration per record cost each request a selector poll, and
+with Synapse's default reactor a reactor turn: ``bench/inbound.py``); the
+handshake messages (and what waits behind them) are handled one per loop
+iteration, so that a burst of Diffie-Hellman work never holds up the loop's
+other callbacks for long. :func:`split_batch` and :func:`order_batch` only
+order (sans-I/O); :class:`BatchReader` reads and schedules.
 """
 
 from __future__ import annotations
@@ -57,8 +61,23 @@ def order_batch(
     handshakes: int = HELD_HANDSHAKES,
 ) -> tuple[list[tuple[bytes, Any]], int]:
     """(the datagrams to handle, in order; how many handshake messages were dropped)."""
+    first, later, dropped = split_batch(batch, host_of, handshakes=handshakes)
+    return first + later, dropped
+
+
+def split_batch(
+    batch: Sequence[tuple[bytes, Any]],
+    host_of: Callable[[Any], str],
+    *,
+    handshakes: int = HELD_HANDSHAKES,
+) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]], int]:
+    """(the records of established sessions, in arrival order: to handle at once; the
+    handshake messages and what waits behind them, in :func:`order_batch`'s order: one
+    per loop iteration; how many handshake messages were dropped)."""
     if len(batch) == 1:
-        return list(batch), 0
+        if is_handshake(batch[0][0]):
+            return [], list(batch), 0
+        return list(batch), [], 0
     first: list[tuple[bytes, Any]] = []
     held: dict[str, list[tuple[bytes, Any]]] = {}  # by prefix, in arrival order
     held_sources: set[Any] = set()
@@ -87,14 +106,15 @@ def order_batch(
             if q:
                 rest.append(q)
         queues = rest
-    return first + later, dropped
+    return first, later, dropped
 
 
 class BatchReader(asyncio.DatagramProtocol):
     """The socket's protocol. Fed the datagram asyncio read; reads what else is waiting on
     ``sock`` (see the module's docstring) and hands the datagrams to ``handle`` in
-    :func:`order_batch`'s order, one per loop iteration. ``dropped(reason)`` counts
-    the handshake messages over the budget."""
+    :func:`order_batch`'s order: the records of established sessions at once, the
+    handshake messages (and what waits behind them) one per loop iteration.
+    ``dropped(reason)`` counts the handshake messages over the budget."""
 
     def __init__(
         self,
@@ -120,13 +140,20 @@ class BatchReader(asyncio.DatagramProtocol):
         if len(batch) == 1 and not self._pending:
             self.handle(data, addr)
             return
-        ordered, dropped = order_batch([*self._pending, *batch], lambda a: str(a[0]))
+        now, later, dropped = split_batch([*self._pending, *batch], lambda a: str(a[0]))
         for _ in range(dropped):
             self.dropped("handshake_overload")
-        self._pending = collections.deque(ordered)
-        if not self._flush_scheduled:
+        self._pending = collections.deque(later)
+        if later and not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._next)
+        for data, addr in now:
+            if self.sock is None:
+                break
+            try:
+                self.handle(data, addr)
+            except Exception:  # a bug: the rest of the batch is still handled
+                logger.exception("handling a datagram failed (bug)")
 
     def _next(self) -> None:
         if not self._pending or self.sock is None:

@@ -5,8 +5,10 @@ Sans-I/O: no sockets, no sleeps."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
-from synapse_coap.transport.batch import HELD_HANDSHAKES, order_batch
+from synapse_coap.transport.batch import HELD_HANDSHAKES, BatchReader, order_batch, split_batch
 from synapse_coap.transport.looplag import LoopLagProbe
 
 HANDSHAKE = b"\x80hello"  # first two bits 10
@@ -51,6 +53,59 @@ def test_a_sources_datagrams_keep_their_order_behind_its_handshake() -> None:
     ordered, dropped = order_batch([(HANDSHAKE, src), (RECORD, src), other, (PLAIN, src)], host)
     assert dropped == 0
     assert ordered == [other, (HANDSHAKE, src), (RECORD, src), (PLAIN, src)]
+
+
+def test_records_are_split_from_the_handshakes_that_wait() -> None:
+    src = ("198.51.100.1", 7000)
+    other = (RECORD, ("203.0.113.9", 1))
+    hs = (HANDSHAKE, ("192.0.2.7", 6000))
+    now, later, dropped = split_batch([hs, (HANDSHAKE, src), (RECORD, src), other], host)
+    assert (now, later, dropped) == ([other], [hs, (HANDSHAKE, src), (RECORD, src)], 0)
+    assert split_batch([hs], host) == ([], [hs], 0)
+    assert split_batch([other], host) == ([other], [], 0)
+
+
+class _Socket:
+    def __init__(self, waiting: list[tuple[bytes, Any]]) -> None:
+        self.waiting = waiting
+
+    def recvfrom(self, size: int) -> tuple[bytes, Any]:
+        if not self.waiting:
+            raise BlockingIOError
+        return self.waiting.pop(0)
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.soon: list[Callable[[], None]] = []
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self.soon.append(fn)
+
+
+def test_a_batch_of_records_is_handled_at_once_handshakes_one_per_iteration() -> None:
+    handled: list[tuple[bytes, Any]] = []
+    loop = _Loop()
+
+    def handle(data: bytes, addr: Any) -> None:
+        handled.append((data, addr))
+        if data == b"\xc0bug":
+            raise RuntimeError("a bug in one datagram's handling")
+
+    reader = BatchReader(handle, loop, lambda reason: None)  # type: ignore[arg-type]
+    a, b, c = ("192.0.2.1", 1), ("192.0.2.2", 2), ("192.0.2.3", 3)
+    hs1, hs2 = (HANDSHAKE, ("203.0.113.1", 9)), (HANDSHAKE, ("203.0.113.2", 9))
+    reader.sock = _Socket([hs1, (b"\xc0bug", b), hs2, (RECORD, c)])  # type: ignore[assignment]
+    reader.datagram_received(RECORD, a)
+    # the three records in arrival order in this call (one failing does not stop the
+    # rest); the two handshake messages wait for the loop's next iterations
+    assert handled == [(RECORD, a), (b"\xc0bug", b), (RECORD, c)]
+    assert len(loop.soon) == 1
+    loop.soon.pop()()
+    assert handled[3:] == [hs1]
+    loop.soon.pop()()
+    assert handled[4:] == [hs2]
+    assert not loop.soon and len(handled) == 5
 
 
 def test_loop_lag_probe_reports_how_late_it_woke() -> None:
