@@ -17,7 +17,9 @@ checks the reference that way (``scripts/test``).
 
 Beside them, :data:`C_MODULES`: hand-written C for what mypyc cannot make fast enough
 (``wire/_cbody.c``, the body decoder in one pass; ``wire/body_fast.py`` uses it only
-when it imports, and falls back to its cbor2 path for what it does not take). The
+when it imports, and falls back to its cbor2 path for what it does not take;
+``wire/_cenc.c``, a JSON body's text to the profile CBOR in one pass, used by
+``wire/body_encode.py`` the same way). The
 build compiles them with the mypyc modules, the manifest holds their digests too, and
 when the sources run (a stale build, ``SYNAPSE_COAP_PURE=1``) they cannot be imported.
 
@@ -108,7 +110,7 @@ MODULES: tuple[str, ...] = (
 
 #: hand-written C extensions of the build (source ``<name>.c``; no Python source):
 #: importable only while the native build runs
-C_MODULES: tuple[str, ...] = ("synapse_coap.wire._cbody",)
+C_MODULES: tuple[str, ...] = ("synapse_coap.wire._cbody", "synapse_coap.wire._cenc")
 
 #: every module the build compiles, and the manifest lists
 BUILT: tuple[str, ...] = MODULES + C_MODULES

@@ -78,6 +78,7 @@ from synapse_coap.wire.body import (
     decode_body,
     decode_cbor,
     encode_body,
+    encode_json_fast,
 )
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
@@ -799,6 +800,10 @@ class WireCodec:
         """
 
         def encode() -> bytes:
+            if value is _NOT_PARSED:
+                fast = encode_json_fast(body, self.profile, self.context, max_expansion)
+                if fast is not None:
+                    return fast
             parsed = parse_json_exact(body) if value is _NOT_PARSED else value
             return encode_body(parsed, self.profile, self.context, max_expansion=max_expansion)
 

@@ -48,6 +48,7 @@ from synapse_coap.wire.body_decode import (
 from synapse_coap.wire.body_encode import (
     ONE_ATTEMPT_MAX,
     encode_body,
+    encode_json_fast,
     encode_stages,
 )
 from synapse_coap.wire.body_tables import (
@@ -115,5 +116,6 @@ __all__ = [
     "decode_body",
     "decode_cbor",
     "encode_body",
+    "encode_json_fast",
     "encode_stages",
 ]

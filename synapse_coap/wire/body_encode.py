@@ -3,6 +3,8 @@ tags, then the smallest of its DEFLATE forms (see :mod:`synapse_coap.wire.body`)
 
 from __future__ import annotations
 
+import importlib
+import logging
 import zlib
 from typing import Any
 
@@ -54,6 +56,8 @@ from synapse_coap.wire.body_tables import (
 )
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile
+
+logger = logging.getLogger(__name__)
 
 #: heads of the small maps and arrays (cbor.head of a length under 24)
 _MAP_HEADS = tuple(cbor.head(cbor.MAJOR_MAP, i) for i in range(24))
@@ -330,6 +334,74 @@ def _encode_cbor(
     except RecursionError as e:  # pragma: no cover - guarded by _MAX_ENCODE_DEPTH
         raise LocalProtocolError("JSON value nested too deeply to encode") from e
     return b"".join(enc.out)
+
+
+def _load_cenc() -> Any:
+    """The C transcoder (``wire/_cenc.c``), or None (no native build,
+    ``SYNAPSE_COAP_PURE=1``, or one compiled with other constants)."""
+    try:
+        mod = importlib.import_module("synapse_coap.wire._cenc")
+    except ImportError:
+        return None
+    if (
+        getattr(mod, "TAG_TS_DELTA", None) != TAG_TS_DELTA
+        or getattr(mod, "MAX_DEPTH", None) != _MAX_ENCODE_DEPTH
+        or _TS_LOW != 1 << 32
+        or _TS_HIGH != 1 << 64
+    ):
+        logger.warning("synapse-coap: the C body transcoder has other constants: not used")
+        return None
+    return mod
+
+
+_CENC: Any = _load_cenc()
+
+
+class _Miss:
+    """What the C transcoder calls for a string that is neither in the value table nor
+    in the string cache: :meth:`_Encoder.string` (which fills the cache), its bytes."""
+
+    __slots__ = ("enc",)
+
+    def __init__(self, profile: Profile, context: WireContext) -> None:
+        self.enc = _Encoder(profile, context)
+
+    def __call__(self, s: str) -> bytes:
+        out = self.enc.out
+        out.clear()
+        self.enc.string(s)
+        return b"".join(out)
+
+
+#: (profile id, content hash, server names) -> the transcoder's arguments after the body
+_FAST: dict[tuple[int, bytes, tuple[str, ...]], tuple[Any, ...]] = {}
+_FAST_MAX = 64
+
+
+def encode_json_fast(
+    body: bytes,
+    profile: Profile,
+    context: WireContext = WireContext(),
+    max_expansion: int = DEFAULT_BODY_LIMITS.max_expansion,
+) -> bytes | None:
+    """``encode_body(parse_json_exact(body), profile, context, max_expansion=...)`` in
+    one pass over the JSON text by the C transcoder, or None where it does not take the
+    body (floats, big integers, derived content hashes, event id lists, anything not
+    plain JSON, no native build: see ``wire/_cenc.c``); the caller then runs that."""
+    if _CENC is None:
+        return None
+    key = (profile.id, profile.content_hash, context.server_names)
+    args = _FAST.get(key)
+    if args is None:
+        if len(_FAST) >= _FAST_MAX:
+            _FAST.clear()
+        t = _tables(profile)
+        miss = _Miss(profile, context)
+        args = _FAST[key] = (t.key_bytes, t.value_bytes, miss.enc.cache, miss)
+    raw = _CENC.transcode(body, *args)
+    if raw is None:
+        return None
+    return _plain_or_dict(raw, profile, max_expansion)
 
 
 #: bodies up to this size get one DEFLATE attempt, with the dictionary when the profile has
