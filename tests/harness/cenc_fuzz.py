@@ -1,0 +1,103 @@
+"""Differential fuzzing of the C JSON-to-CBOR transcoder (synapse_coap/wire/_cenc.c), for
+``scripts/fuzz-cbody``, which builds it with AddressSanitizer and UBSan and runs this.
+
+    python tests/harness/cenc_fuzz.py EXTENSION [--seed N] [--inputs N] [--leak-rounds N]
+
+Every JSON body of the corpus is written as Synapse writes JSON (and indented), then
+mutated (bytes replaced, truncated, bytes inserted, or random bytes); whatever the
+transcoder takes must give the reference path's bytes (parse_json_exact, then the
+encoder). Then every body (whole and truncated) is transcoded ``--leak-rounds`` times
+and the peak RSS must not grow (skipped under AddressSanitizer, as in cbody_fuzz.py).
+Progress goes to stderr every 20,000 inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from synapse_coap.mapping.jsonbody import parse_json_exact  # noqa: E402
+from synapse_coap.wire import body_encode  # noqa: E402
+from synapse_coap.wire.body_tables import _tables  # noqa: E402
+from synapse_coap.wire.context import WireContext  # noqa: E402
+from synapse_coap.wire.profile import load_profile, profile_ids  # noqa: E402
+from tests.harness.cbody_fuzz import _mutate  # noqa: E402
+from tests.harness.corpus import json_bodies  # noqa: E402
+
+
+def load(path: str | Path) -> Any:
+    """The transcoder built at ``path``, loaded directly (the package refuses to import
+    it while the sources run)."""
+    spec = importlib.util.spec_from_file_location("synapse_coap.wire._cenc", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("extension", help="the built _cenc extension (.so) to fuzz")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--inputs", type=int, default=100_000)
+    ap.add_argument("--leak-rounds", type=int, default=300)
+    args = ap.parse_args()
+
+    mod = load(args.extension)
+    profile = load_profile(max(profile_ids()))
+    ctx = WireContext(server_names=("corpus.example.org", "other.example"))
+    t = _tables(profile)
+    miss = body_encode._Miss(profile, ctx)
+    targs = (t.key_bytes, t.value_bytes, miss.enc.cache, miss)
+    bodies = [
+        text
+        for value in json_bodies()
+        for text in (
+            json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(),
+            json.dumps(value, indent=1).encode(),
+        )
+    ]
+    rng = random.Random(args.seed)
+    taken = 0
+    for i in range(args.inputs):
+        data = _mutate(rng, rng.choice(bodies))
+        got = mod.transcode(data, *targs)
+        if got is not None:
+            taken += 1
+            try:
+                ref = body_encode._encode_cbor(parse_json_exact(data), profile, ctx)
+            except Exception as e:
+                raise SystemExit(f"C took what the reference refuses: {data!r}: {e!r}") from e
+            if got != ref:
+                raise SystemExit(f"C and reference differ on {data!r}: {got!r} != {ref!r}")
+        if (i + 1) % 20_000 == 0:
+            print(f"  {i + 1} inputs, {taken} taken", file=sys.stderr)
+    print(f"fuzz: {args.inputs} inputs (seed {args.seed}), {taken} taken, all as the reference")
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        print("leak check: skipped under AddressSanitizer")
+        return 0
+    for _ in range(3):
+        for data in bodies:
+            mod.transcode(data, *targs)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(args.leak_rounds):
+        for data in bodies:
+            mod.transcode(data, *targs)
+            mod.transcode(data[:-1], *targs)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"leak check: peak RSS {before} KiB before, {after} KiB after")
+    return 1 if after > before + 2048 else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
