@@ -33,14 +33,31 @@ from synapse_coap.wire.profile import load_profile  # noqa: E402
 from tests.harness.corpus import json_bodies  # noqa: E402
 
 
-def load(path: str | Path) -> Any:
-    """The C body decoder built at ``path``, loaded directly (the package refuses to
+def load(path: str | Path, name: str = "synapse_coap.wire._cbody") -> Any:
+    """The C module ``name`` built at ``path``, loaded directly (the package refuses to
     import it while the sources run)."""
-    spec = importlib.util.spec_from_file_location("synapse_coap.wire._cbody", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def c_module(name: str, imported: Any) -> Any:
+    """For a test: the C module ``name`` as the package ``imported`` it, or, where the
+    sources run (SYNAPSE_COAP_PURE=1, so the package refuses to import it), the build's
+    extension loaded directly; the test is skipped when there is no current build."""
+    if imported is not None:
+        return imported
+    from synapse_coap import native
+
+    fault = native.build_fault()
+    ext = native.extension_path(name)
+    if fault is not None or ext is None:
+        import pytest
+
+        pytest.skip(f"no current native build ({fault}): synapse-coap build-native")
+    return load(ext, name)
 
 
 def _mutate(rng: random.Random, body: bytes) -> bytes:

@@ -14,14 +14,12 @@ Progress goes to stderr every 20,000 inputs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
 import resource
 import sys
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -31,18 +29,8 @@ from synapse_coap.wire import body_encode  # noqa: E402
 from synapse_coap.wire.body_tables import _tables  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.profile import load_profile, profile_ids  # noqa: E402
-from tests.harness.cbody_fuzz import _mutate  # noqa: E402
+from tests.harness.cbody_fuzz import _mutate, load  # noqa: E402
 from tests.harness.corpus import json_bodies  # noqa: E402
-
-
-def load(path: str | Path) -> Any:
-    """The transcoder built at ``path``, loaded directly (the package refuses to import
-    it while the sources run)."""
-    spec = importlib.util.spec_from_file_location("synapse_coap.wire._cenc", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> int:
@@ -53,7 +41,7 @@ def main() -> int:
     ap.add_argument("--leak-rounds", type=int, default=300)
     args = ap.parse_args()
 
-    mod = load(args.extension)
+    mod = load(args.extension, "synapse_coap.wire._cenc")
     profile = load_profile(max(profile_ids()))
     ctx = WireContext(server_names=("corpus.example.org", "other.example"))
     t = _tables(profile)

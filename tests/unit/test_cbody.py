@@ -23,7 +23,7 @@ from synapse_coap.errors import RemoteProtocolError
 from synapse_coap.wire import body_decode, body_encode, body_fast
 from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits
 from synapse_coap.wire.profile import Profile, load_profile
-from tests.harness.cbody_fuzz import load
+from tests.harness.cbody_fuzz import c_module
 from tests.harness.corpus import json_bodies
 from tests.unit.test_body import CTX, DEPTH_CASES, SERVER, json_values, same
 
@@ -31,15 +31,7 @@ _NAME = "synapse_coap.wire._cbody"
 
 
 def _module() -> Any:
-    if body_fast._C is not None:
-        return body_fast._C
-    fault = native.build_fault()
-    ext = native.extension_path(_NAME)
-    if fault is not None or ext is None:
-        pytest.skip(f"no current native build ({fault}): synapse-coap build-native")
-    # the sources run (SYNAPSE_COAP_PURE=1): the package refuses to import the module,
-    # so the test loads the build's extension itself
-    return load(ext)
+    return c_module(_NAME, body_fast._C)
 
 
 @pytest.fixture(scope="module")

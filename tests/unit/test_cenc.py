@@ -8,7 +8,6 @@ It runs here in both test runs: from the native build, and on the plain-Python s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from typing import Any
 
@@ -16,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from synapse_coap import native
 from synapse_coap.mapping.jsonbody import parse_json_exact
 from synapse_coap.wire import body_encode
 from synapse_coap.wire.body_tables import _tables
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import Profile, load_profile, profile_ids
+from tests.harness.cbody_fuzz import c_module
 from tests.harness.corpus import json_bodies
 
 _NAME = "synapse_coap.wire._cenc"
@@ -30,19 +29,7 @@ CONTEXTS = (WireContext(), WireContext(server_names=(SERVER, "matrix.org")))
 
 
 def _module() -> Any:
-    if body_encode._CENC is not None:
-        return body_encode._CENC
-    fault = native.build_fault()
-    ext = native.extension_path(_NAME)
-    if fault is not None or ext is None:
-        pytest.skip(f"no current native build ({fault}): synapse-coap build-native")
-    # the sources run (SYNAPSE_COAP_PURE=1): the package refuses to import the module,
-    # so the test loads the build's extension itself
-    spec = importlib.util.spec_from_file_location(_NAME, ext)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return c_module(_NAME, body_encode._CENC)
 
 
 @pytest.fixture(scope="module")
