@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import zlib
 from typing import Any
 
@@ -373,8 +374,10 @@ class _Miss:
         return b"".join(out)
 
 
-#: (profile id, content hash, server names) -> the transcoder's arguments after the body
-_FAST: dict[tuple[int, bytes, tuple[str, ...]], tuple[Any, ...]] = {}
+#: (profile id, content hash, server names, thread) -> the transcoder's arguments after
+#: the body. Per thread: a :class:`_Miss` writes into its encoder's output list, and the
+#: decode pool encodes large answers while the loop's thread encodes the others
+_FAST: dict[tuple[int, bytes, tuple[str, ...], int], tuple[Any, ...]] = {}
 _FAST_MAX = 64
 
 
@@ -390,7 +393,7 @@ def encode_json_fast(
     plain JSON, no native build: see ``wire/_cenc.c``); the caller then runs that."""
     if _CENC is None:
         return None
-    key = (profile.id, profile.content_hash, context.server_names)
+    key = (profile.id, profile.content_hash, context.server_names, threading.get_ident())
     args = _FAST.get(key)
     if args is None:
         if len(_FAST) >= _FAST_MAX:

@@ -207,3 +207,41 @@ def test_arbitrary_bytes_never_raise(cenc: Any, data: bytes) -> None:
     got = _transcode(cenc, data, profile, WireContext())
     if got is not None:
         assert got == _reference(data, profile, WireContext())
+
+
+def test_threads_encoding_at_once_get_their_own_bytes(cenc: Any) -> None:
+    # the decode pool encodes large answers while the loop's thread encodes the others:
+    # the Python encoder the transcoder calls for a cache miss is not shared between them
+    import random
+    import sys
+    import threading
+
+    profile = load_profile(max(profile_ids()))
+    context = CONTEXTS[1]
+    rng = random.Random(5)
+    # strings over the cache's length limit: every one is a miss, in every thread
+    bodies = [
+        _compact({"a": [rng.randbytes(60).hex() for _ in range(6)], "b": rng.randbytes(50).hex()})
+        for _ in range(40)
+    ]
+    want = [body_encode.encode_body(parse_json_exact(b), profile, context) for b in bodies]
+    wrong: list[int] = []
+
+    def work(seed: int) -> None:
+        for i in range(300):
+            n = (seed * 7 + i) % len(bodies)
+            got = body_encode.encode_json_fast(bodies[n], profile, context)
+            if got is not None and got != want[n]:
+                wrong.append(n)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong
