@@ -38,6 +38,7 @@ import datetime
 import functools
 import ipaddress
 import os
+import random
 import re
 import signal
 import socket
@@ -121,15 +122,50 @@ def started_log_pattern() -> str:
 _HIGH_RATE = {"per_second": 10000, "burst_count": 100000}
 
 
+#: ports this process has handed out (never twice)
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives to sockets bound to port 0 (and to outgoing
+    connections): ``net.ipv4.ip_local_port_range``."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(kind: str = "tcp") -> int:
-    """A currently free port on 127.0.0.1 (``kind`` is "tcp" or "udp")."""
+    """A currently free port on 127.0.0.1 (``kind`` is "tcp" or "udp") for a listener
+    started later.
+
+    Taken below the kernel's ephemeral range where there is room: a port bound to 0 and
+    released comes from that range, where any outgoing connection or unbound socket of
+    any process may take it before the listener binds it (a Synapse failed to start
+    with "Address already in use" on its metrics port that way)."""
     if kind not in ("tcp", "udp"):
         raise ValueError(f"kind must be 'tcp' or 'udp', not {kind!r}")
     stype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+    low = min(_ephemeral_low(), 65536)
+    first = 10000 if low > 20000 else 1024
+    rng = random.SystemRandom()
+    for _ in range(200 if low - first > 1000 else 0):
+        port = rng.randrange(first, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, stype) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, stype) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        _HANDED_OUT.add(found)
+        return found
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
