@@ -4,6 +4,7 @@ rendering (:class:`~synapse_coap.transport.server.CoapServer`)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from aiocoap import interfaces
@@ -38,9 +39,28 @@ class RootContext(Context):  # type: ignore[misc]
         untie_when_done(pipe)
         run_driving_pipe(
             error_to_message(pipe, self.log),
-            self.serversite.render_to_pipe(pipe),
+            AwaitLater(self.serversite.render_to_pipe, pipe),
             name="synapse-coap render",
         )
+
+
+class AwaitLater:
+    """``fn(arg)`` made when awaited, not before.
+
+    aiocoap starts a request's rendering as a task and cancels that task when a later
+    request reuses the token. The listener handles every datagram of a batch in one
+    loop turn, so the cancel can come before the task's first step; a coroutine made
+    up front would then be dropped without ever running, and Python warns about it
+    (``RuntimeWarning: coroutine ... was never awaited``). Made here, there is none."""
+
+    __slots__ = ("arg", "fn")
+
+    def __init__(self, fn: Callable[[Any], Awaitable[Any]], arg: Any) -> None:
+        self.fn = fn
+        self.arg = arg
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.fn(self.arg).__await__()
 
 
 class _Root(interfaces.Resource):  # type: ignore[misc]

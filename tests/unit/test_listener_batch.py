@@ -119,3 +119,47 @@ def test_loop_lag_probe_reports_how_late_it_woke() -> None:
     probe = LoopLagProbe(seen.append, interval=0.01, clock=lambda: now[0], sleep=sleep)
     asyncio.run(probe.run(count=3))
     assert [round(x, 6) for x in seen] == [0.0, 0.2, 0.003]
+
+
+def test_a_rendering_cancelled_before_it_starts_leaves_no_unawaited_coroutine() -> None:
+    # a batch is handled in one loop turn: a request whose token the next datagram
+    # reuses is cancelled before its rendering task's first step
+    import gc
+    import warnings
+
+    from synapse_coap.transport.root import AwaitLater
+
+    rendered: list[str] = []
+
+    async def render(pipe: str) -> str:
+        rendered.append(pipe)
+        return f"done {pipe}"
+
+    async def drive(coroutine: object) -> None:
+        await coroutine  # type: ignore[misc]
+
+    def cancelled_before_start(awaitable: object) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loop = asyncio.new_event_loop()
+            try:
+                task = loop.create_task(drive(awaitable))
+                task.cancel()
+                loop.run_until_complete(asyncio.sleep(0))
+            finally:
+                loop.close()
+            del task, awaitable
+            gc.collect()
+        return [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+
+    # made up front, the coroutine is dropped unawaited and Python warns
+    assert any("never awaited" in m for m in cancelled_before_start(render("a")))
+    assert cancelled_before_start(AwaitLater(render, "b")) == []
+    assert rendered == []
+    # awaited, it runs and gives its result
+    assert asyncio.run(_await(AwaitLater(render, "c"))) == "done c"
+    assert rendered == ["c"]
+
+
+async def _await(awaitable: object) -> object:
+    return await awaitable  # type: ignore[misc]
