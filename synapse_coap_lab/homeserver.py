@@ -126,6 +126,7 @@ _HIGH_RATE = {"per_second": 10000, "burst_count": 100000}
 _HANDED_OUT: set[int] = set()
 
 
+@functools.cache
 def _ephemeral_low() -> int:
     """The lowest port the kernel gives to sockets bound to port 0 (and to outgoing
     connections): ``net.ipv4.ip_local_port_range``."""

@@ -293,20 +293,14 @@ emit_string(St *st, PyObject *s)
     return r;
 }
 
-static int
-emit_uint(St *st, int major, uint64_t v)
-{
-    return put_head(st, major, v);
-}
-
 /* _Encoder.integer: a non-negative ``mag`` (negative: -1 - value = mag - 1) */
 static int
 emit_integer(St *st, int negative, uint64_t mag)
 {
     if (negative) {
         if (mag == 0)
-            return emit_uint(st, 0, 0); /* "-0" is the int 0 */
-        return emit_uint(st, 1, mag - 1);
+            return put_head(st, 0, 0); /* "-0" is the int 0 */
+        return put_head(st, 1, mag - 1);
     }
     if (mag >= TS_LOW) {
         int had = st->have_prev;
@@ -317,16 +311,16 @@ emit_integer(St *st, int negative, uint64_t mag)
             if (mag >= prev && mag - prev < TS_LOW) {
                 if (put_head(st, 6, TAG_TS_DELTA) < 0)
                     return NO;
-                return emit_uint(st, 0, mag - prev);
+                return put_head(st, 0, mag - prev);
             }
             if (mag < prev && prev - mag < TS_LOW) {
                 if (put_head(st, 6, TAG_TS_DELTA) < 0)
                     return NO;
-                return emit_uint(st, 1, prev - mag - 1);
+                return put_head(st, 1, prev - mag - 1);
             }
         }
     }
-    return emit_uint(st, 0, mag);
+    return put_head(st, 0, mag);
 }
 
 static int
@@ -356,6 +350,24 @@ parse_number(St *st)
         return NO; /* a float */
     st->p = p;
     return emit_integer(st, negative, mag);
+}
+
+/* After an item of a container closed by ``close``: 1 if another item follows (after
+ * a comma), 0 if the container ended, NO if neither (not JSON). */
+static int
+after_item(St *st, unsigned char close)
+{
+    skip_ws(st);
+    if (st->p >= st->end)
+        return NO;
+    if (*st->p == ',') {
+        st->p++;
+        return 1;
+    }
+    if (*st->p != close)
+        return NO;
+    st->p++;
+    return 0;
 }
 
 static int parse_value(St *st, int depth);
@@ -438,17 +450,11 @@ parse_object(St *st, int depth)
         if (parse_value(st, depth + 1) < 0)
             goto done;
         count++;
-        skip_ws(st);
-        if (st->p >= st->end)
+        int more = after_item(st, '}');
+        if (more < 0)
             goto done;
-        if (*st->p == ',') {
-            st->p++;
-            continue;
-        }
-        if (*st->p != '}')
-            goto done;
-        st->p++;
-        break;
+        if (!more)
+            break;
     }
     r = close_container(st, at, 5, count);
 done:
@@ -492,17 +498,11 @@ parse_array(St *st, int depth)
             return NO;
         }
         count++;
-        skip_ws(st);
-        if (st->p >= st->end)
+        int more = after_item(st, ']');
+        if (more < 0)
             return NO;
-        if (*st->p == ',') {
-            st->p++;
-            continue;
-        }
-        if (*st->p != ']')
-            return NO;
-        st->p++;
-        break;
+        if (!more)
+            break;
     }
     return close_container(st, at, 4, count);
 }
