@@ -491,10 +491,22 @@ def test_nio_through_the_sidecar_carries_on_when_its_listener_worker_is_killed(
                     )
                 )
             assert all(isinstance(r, nio.RoomSendResponse) for r in results), results
-            sync = await client.sync(timeout=0, full_state=True)
-            assert isinstance(sync, nio.SyncResponse), sync
-            r = await client.room_messages(room, start=sync.next_batch, limit=50)
-            assert isinstance(r, nio.RoomMessagesResponse), r
+            # The last sends were persisted by the main process (generic2 forwards
+            # them); generic2 serves /sync and /messages and sees them once Redis
+            # replication reaches it, so a read straight after the write can miss
+            # the newest (seen once in CI). Read until every accepted event is
+            # there or 30 s pass: a lost or doubled message still fails below.
+            sent = {r.event_id for r in results}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while True:
+                sync = await client.sync(timeout=0, full_state=True)
+                assert isinstance(sync, nio.SyncResponse), sync
+                r = await client.room_messages(room, start=sync.next_batch, limit=50)
+                assert isinstance(r, nio.RoomMessagesResponse), r
+                if sent <= {e.event_id for e in r.chunk} or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.2)
             bodies = [getattr(e, "body", None) for e in reversed(r.chunk)]
             return [b for b in bodies if b is not None], room
         finally:
