@@ -84,8 +84,12 @@ cumulative tables of one more pass per listener next to FILE (the small
 requests, not the ``/send``, whose cost is Synapse's event persistence).
 ``--profile-out FILE`` additionally samples Synapse with py-spy (every thread)
 during one more pass of every endpoint per listener and writes a text profile
-per mode and listener next to FILE (what bench/profiles/inbound-*.txt hold;
-needs ``pip install py-spy`` and ptrace rights).
+per mode and listener next to FILE (``FILE-MODE-LISTENER.txt``: self and inclusive
+sample counts per function), with the raw collapsed stacks beside it
+(``.collapsed``, for a flame-graph tool); the five listeners, the via-nginx pass
+included (needs ``pip install py-spy`` and ptrace rights). py-spy reads stacks
+without stopping the process (``--nonblocking``), so some come out truncated, and
+the mypyc-compiled functions do not appear (their time is their caller's).
 """
 
 from __future__ import annotations
@@ -615,7 +619,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             serial += args.profile_requests
                     if args.profile_out and label != SEND_LABEL:
                         for name, one in runners.items():
-                            spy = start_spy(pid, workdir / f"spy-{name[:4]}.txt")
+                            spy = start_spy(pid, workdir / f"spy-{listener_slug(name)}.txt")
                             await run_n(args.profile_requests, concurrency, one, serial)
                             serial += args.profile_requests
                             stop_spy(spy)
@@ -650,8 +654,8 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
         for name, parts in cprofile_parts.items():
             write_cprofile(parts, args.cprofile_out, name, args)
     if args.profile_out:
-        for name in LISTENERS[:4]:
-            write_profile(workdir / f"spy-{name[:4]}.txt", args.profile_out, mode, name)
+        for name in LISTENERS[:5]:  # (not nginx's own: not a listener)
+            write_profile(workdir / f"spy-{listener_slug(name)}.txt", args.profile_out, mode, name)
     return cells
 
 
@@ -898,13 +902,17 @@ def write_cprofile(parts: list[Path], out: Path, listener: str, args: argparse.N
     stats.stream = buf  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(45)
     stats.sort_stats("cumulative").print_stats(70)
-    slug = listener.lower().replace("/", "").replace("+", "-").replace(" ", "-").replace(".", "")
-    target = out.with_name(f"{out.stem}-asyncio-{slug}{out.suffix}")
+    target = out.with_name(f"{out.stem}-asyncio-{listener_slug(listener)}{out.suffix}")
     target.parent.mkdir(parents=True, exist_ok=True)
     text = buf.getvalue().replace(str(ROOT) + "/", "")
     text = text.replace(str(Path(sys.executable).resolve().parents[1]) + "/", "")
     target.write_text(text)
     print(f"  cProfile written to {target}", file=sys.stderr)
+
+
+def listener_slug(listener: str) -> str:
+    """A listener's name for file names: ``CoAP+Noise`` -> ``coap-noise``."""
+    return listener.lower().replace("/", "").replace("+", "-").replace(" ", "-").replace(".", "")
 
 
 def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -975,11 +983,14 @@ def write_profile(raw: Path, out: Path, mode: str, listener: str) -> None:
     lines += ["", "## top 60 by inclusive samples"]
     for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:60]:
         lines.append(f"{n:>7} {100 * n / total:5.1f}%  {f}")
-    slug = listener.lower().replace("/", "").replace("+", "-").replace(" ", "-").replace(".", "")
-    target = out.with_name(f"{out.stem}-{mode}-{slug}{out.suffix}")
+    target = out.with_name(f"{out.stem}-{mode}-{listener_slug(listener)}{out.suffix}")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines) + "\n")
-    print(f"  profile written to {target}", file=sys.stderr)
+    shutil.copyfile(raw, target.with_suffix(".collapsed"))  # for flame-graph tools
+    print(
+        f"  profile written to {target} (stacks: {target.with_suffix('.collapsed')})",
+        file=sys.stderr,
+    )
 
 
 def cells_of(
