@@ -258,6 +258,7 @@ def _ran(proc: SynapseProcess, method: str, path_start: str, tag: str) -> bool:
 def test_client_on_the_workers_listener_reaches_everything_each_served_where_http_would(
     deployment: Deployment,
 ) -> None:
+    import asyncio
     import secrets
 
     user = f"w{secrets.token_hex(4)}"
@@ -270,14 +271,25 @@ def test_client_on_the_workers_listener_reaches_everything_each_served_where_htt
         )
         c.token = reg["access_token"]
         room = (await c.json("POST", "/_matrix/client/v3/createRoom", {}))["room_id"]
+        sent = set()
         for i in range(3):
-            await c.json(
+            r = await c.json(
                 "PUT",
                 f"/_matrix/client/v3/rooms/{room}/send/m.room.message/t{i}",
                 {"msgtype": "m.text", "body": f"hello {i}"},
             )
-        sync = await c.json("GET", "/_matrix/client/v3/sync?timeout=0")
-        events = sync["rooms"]["join"][room]["timeline"]["events"]
+            sent.add(r["event_id"])
+        # the sends ran on the main process; generic2 (which serves /sync) has them
+        # once Redis replication reaches it: read until it has (30 s at most)
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            sync = await c.json("GET", "/_matrix/client/v3/sync?timeout=0")
+            joined = sync.get("rooms", {}).get("join", {})
+            events = joined[room]["timeline"]["events"] if room in joined else []
+            if sent <= {e["event_id"] for e in events}:
+                break
+            assert asyncio.get_running_loop().time() < deadline, sync
+            await asyncio.sleep(0.2)
         msgs = await c.json("GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10")
         bodies = [e["content"]["body"] for e in events if e["type"] == "m.room.message"]
         assert [e["content"].get("body") for e in msgs["chunk"] if e["type"] == "m.room.message"]
