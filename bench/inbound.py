@@ -1034,11 +1034,23 @@ def present(cells: dict[tuple[str, str], list[float]]) -> list[str]:
     return [n for n in LISTENERS if n in names]
 
 
+def ratio_text(per_round: list[float]) -> str:
+    """A ratio with its spread over the rounds: ``1.02x (0.97-1.08)``; ``nan`` without
+    rounds."""
+    if not per_round:
+        return "nan"
+    median = statistics.median(per_round)
+    if len(per_round) == 1:
+        return f"{median:.2f}x"
+    return f"{median:.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+
+
 def table(
     cells: dict[tuple[str, str], list[float]],
-) -> list[tuple[str, list[str], list[float]]]:
-    """(endpoint, the listeners' spreads, median CoAP+Noise / baseline ratio of the rounds
-    for each baseline the run has)."""
+) -> list[tuple[str, list[str], list[list[float]]]]:
+    """(endpoint, the listeners' spreads, for each baseline the run has the
+    CoAP+Noise / baseline ratio of every round: the two listeners' cells of one round
+    taken side by side, so a drift of the machine between rounds cancels)."""
     out = []
     labels = [e[0] for e in ENDPOINTS] + [SEND_LABEL]
     listeners = present(cells)
@@ -1053,9 +1065,8 @@ def table(
                 if base == VIA_NGINX and (label, NGINX_OWN) in cells:
                     own = cells[(label, NGINX_OWN)]
                     against = [a + b for a, b in zip(against, own, strict=True)]
-                per_round = [a / b for a, b in zip(noise, against, strict=True) if b > 0]
                 # (a baseline under a clock tick has no ratio)
-                ratios.append(statistics.median(per_round) if per_round else float("nan"))
+                ratios.append([a / b for a, b in zip(noise, against, strict=True) if b > 0])
         out.append((label, [spread(cells[(label, n)]) for n in listeners], ratios))
     return out
 
@@ -1080,7 +1091,7 @@ def report(mode: str, cells: dict[tuple[str, str], list[float]], args: argparse.
         print(
             f"{label:<24}"
             + "".join(f"{x:>24}" for x in spreads)
-            + "".join(f"{r:>25.2f}x" for r in ratios)
+            + "".join(f"{ratio_text(r):>26}" for r in ratios)
             + f"{busy_text(busy, label):>26}"
         )
 
@@ -1220,7 +1231,8 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         + ", "
         f"same servlets, same run: {meta['requests']} distinct requests per cell (no body "
         f"memo hit), median (min-max) of {meta['rounds']} rounds, the listeners taking turns "
-        "(in an order rotated every round); "
+        "(in an order rotated every round; a ratio is the median (min-max) of the rounds' "
+        "ratios, each of two cells measured side by side); "
         f"concurrency {meta['concurrency']} (the federation `/send`: "
         f"{meta['send_requests']} transactions per cell at concurrency 1, each PDU, signed "
         "with a second Synapse's key in its room, following the last accepted one, 30 ms "
@@ -1281,7 +1293,7 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
             lines.append(
                 f"| {m} | {label} | "
                 + " | ".join(spreads)
-                + "".join(f" | {r:.2f}x" for r in ratios)
+                + "".join(f" | {ratio_text(r)}" for r in ratios)
                 + f" | {busy_text(busy[m], label)} |"
             )
     lines += [
