@@ -33,8 +33,10 @@ the product's client does at a fraction of its CPU; ``--client aiocoap`` uses th
 product's aiocoap-based ``CoapClient`` instead (which could not keep Synapse busy
 on this bench's two-core machine). The module's body memo is switched off in that Synapse
 (``SYNAPSE_COAP_BODY_MEMO=0``), so every response pays for the codec as
-distinct bodies would. The listeners take turns, ``--rounds`` times; each cell
-reports median (min-max) over the rounds. Nothing is measured before the new
+distinct bodies would. The listeners take turns, ``--rounds`` times, and within a
+round in turns of ``--turn`` requests (100 by default; a shared machine's state then
+changes little between the cells of a ratio, which a turn of 1000 requests per
+listener left to chance); each cell reports median (min-max) over the rounds. Nothing is measured before the new
 database's one-off background updates are done (run back to back, not one a second:
 they would otherwise land in the first minute's cells).
 
@@ -575,34 +577,47 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                     for one in runners.values():  # warm-up: sessions, caches, connections
                         await run_n(20, concurrency, one, serial)
                         serial += 20
+                    # a round's cell of each listener is measured in turns of --turn
+                    # requests, the listeners alternating, so that the two cells of a
+                    # ratio share the machine's state (the /send: one turn per cell)
+                    turn = n if label == SEND_LABEL or not args.turn else min(args.turn, n)
                     for r in range(args.rounds):
                         # the listeners take turns, in an order rotated every round (no
                         # listener always first or last, e.g. in a room that grows)
                         order = list(runners.items())
-                        for name, one in order[r % len(order) :] + order[: r % len(order)]:
-                            front0 = sum(map(cpu_seconds, nginx_pids)) if name == VIA_NGINX else 0
-                            stolen0 = steal_seconds(SYNAPSE_CORE)
-                            before, wall0 = cpu_seconds(pid), time.monotonic()
-                            errors = await run_n(n, concurrency, one, serial)
-                            after, wall = cpu_seconds(pid), time.monotonic() - wall0
-                            # (busy: of the time Synapse's core was not taken by the
-                            # hypervisor, which here comes in bursts)
-                            wall = unstolen(wall, SYNAPSE_CORE, stolen0)
+                        order = order[r % len(order) :] + order[: r % len(order)]
+                        used: dict[str, list[float]] = {name: [0.0] * 4 for name in runners}
+                        for start in range(0, n, turn):
+                            k = min(turn, n - start)
+                            for name, one in order:
+                                acc = used[name]
+                                front0 = (
+                                    sum(map(cpu_seconds, nginx_pids)) if name == VIA_NGINX else 0
+                                )
+                                stolen0 = steal_seconds(SYNAPSE_CORE)
+                                before, wall0 = cpu_seconds(pid), time.monotonic()
+                                acc[2] += await run_n(k, concurrency, one, serial)
+                                acc[0] += cpu_seconds(pid) - before
+                                # (busy: of the time Synapse's core was not taken by the
+                                # hypervisor, which here comes in bursts)
+                                acc[1] += unstolen(time.monotonic() - wall0, SYNAPSE_CORE, stolen0)
+                                if name == VIA_NGINX:
+                                    acc[3] += sum(map(cpu_seconds, nginx_pids)) - front0
+                                serial += k  # (every request of the run is distinct)
+                        for name, (cpu, wall, errors, nginx_cpu) in used.items():
                             if name == VIA_NGINX:
-                                used = sum(map(cpu_seconds, nginx_pids)) - front0
                                 key = (label, NGINX_OWN)
-                                cells.setdefault(key, []).append(used * 1000 / n)
-                                BUSY.setdefault((mode, *key), []).append(used / wall)
+                                cells.setdefault(key, []).append(nginx_cpu * 1000 / n)
+                                BUSY.setdefault((mode, *key), []).append(nginx_cpu / wall)
                                 ERRORS.setdefault((mode, *key), []).append(0)
-                            serial += n  # (every request of the run is distinct)
                             if errors:
                                 print(
-                                    f"  warning: {label} {name}: {errors} non-200", file=sys.stderr
+                                    f"  warning: {label} {name}: {int(errors)} non-200",
+                                    file=sys.stderr,
                                 )
-                            ms = (after - before) * 1000 / n
-                            cells.setdefault((label, name), []).append(ms)
-                            BUSY.setdefault((mode, label, name), []).append((after - before) / wall)
-                            ERRORS.setdefault((mode, label, name), []).append(errors)
+                            cells.setdefault((label, name), []).append(cpu * 1000 / n)
+                            BUSY.setdefault((mode, label, name), []).append(cpu / wall)
+                            ERRORS.setdefault((mode, label, name), []).append(int(errors))
                     if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
                         # (the small requests: where the listener's own cost shows)
                         for name, one in runners.items():
@@ -1107,6 +1122,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds (n of each figure)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument(
+        "--turn",
+        type=int,
+        default=100,
+        help="requests per listener turn: a round's cells are measured in turns of this "
+        "many requests, the listeners alternating (0: one turn of --requests per cell, "
+        "as before); the /send takes one turn per cell",
+    )
+    parser.add_argument(
         "--client",
         choices=("lean", "aiocoap"),
         default="lean",
@@ -1195,6 +1218,7 @@ def main() -> None:
     meta["send_requests"] = str(args.send_requests)
     meta["rounds"] = str(args.rounds)
     meta["concurrency"] = str(args.concurrency)
+    meta["turn"] = str(args.turn)
     meta["client"] = args.client
     meta["missing_event_fetches"] = ", ".join(f"{m} {n}" for m, n in MISSING.items())
     meta["background_updates"] = "settled before the first cell"
@@ -1231,7 +1255,13 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         + ", "
         f"same servlets, same run: {meta['requests']} distinct requests per cell (no body "
         f"memo hit), median (min-max) of {meta['rounds']} rounds, the listeners taking turns "
-        "(in an order rotated every round; a ratio is the median (min-max) of the rounds' "
+        + (
+            f"of {meta['turn']} requests within each round's cells (so that the cells of a "
+            "ratio share the machine's state; the `/send` one turn per cell) "
+            if meta.get("turn", "0") != "0"
+            else ""
+        )
+        + "(in an order rotated every round; a ratio is the median (min-max) of the rounds' "
         "ratios, each of two cells measured side by side); "
         f"concurrency {meta['concurrency']} (the federation `/send`: "
         f"{meta['send_requests']} transactions per cell at concurrency 1, each PDU, signed "
