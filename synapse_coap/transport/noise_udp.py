@@ -44,7 +44,7 @@ from synapse_coap.noise.events import (
 )
 from synapse_coap.noise.lost import SMALL_TYPES
 from synapse_coap.noise.retry import RETRY
-from synapse_coap.transport.batch import BatchReader
+from synapse_coap.transport.batch import BatchHold, BatchReader
 from synapse_coap.transport.datagram import (
     MessageFormatError,
     decode_message,
@@ -359,6 +359,10 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self._client_remotes.clear()
 
     # -- driving the endpoint ------------------------------------------------------------
+
+    def hold_batches(self, hold: BatchHold) -> None:
+        """Let ``hold`` keep the requests of a batch of records until it is read."""
+        self._reader.hold = hold
 
     def _datagram_received(self, data: bytes, addr: Any) -> None:
         self.metrics.datagram("in", _datagram_kind(data), len(data))

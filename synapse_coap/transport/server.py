@@ -65,6 +65,7 @@ from synapse_coap.mapping.push import (
 )
 from synapse_coap.mapping.redact import redact_target
 from synapse_coap.mapping.tokens import ReceiverTokens, UnknownTokenReference
+from synapse_coap.transport.batch import BatchHold
 from synapse_coap.transport.blocks import (
     Block1Assembler,
     Block2Responses,
@@ -243,7 +244,17 @@ def _dropped(_: CoapMessage | BaseException) -> None:
 class _Now:
     """An exchange of :meth:`CoapServer.respond_now`: answered once, or abandoned."""
 
-    __slots__ = ("_done", "abandon", "ex", "http_req", "loop", "over", "server", "task")
+    __slots__ = (
+        "_dispatch_now",
+        "_done",
+        "abandon",
+        "ex",
+        "http_req",
+        "loop",
+        "over",
+        "server",
+        "task",
+    )
 
     def __init__(
         self,
@@ -252,15 +263,30 @@ class _Now:
         ex: _Exchange,
         server: CoapServer,
         http_req: HttpRequest,
+        dispatch_now: Any,
     ) -> None:
         self.loop = loop
         self._done = done
         self.ex = ex
         self.server = server
         self.http_req = http_req
+        self._dispatch_now = dispatch_now
         self.over = False
         self.abandon: Callable[[], None] | None = None
         self.task: asyncio.Task[CoapMessage] | None = None
+
+    def start(self) -> None:
+        """Hand the request to the dispatcher (now, or when its batch is read:
+        :class:`~synapse_coap.transport.batch.BatchHold`); nothing if it was abandoned
+        meanwhile."""
+        if self.over:
+            return
+        ex, http_req = self.ex, self.http_req
+        abandon = self._dispatch_now(http_req, ex.session.peer, self.complete)
+        if abandon is None:
+            self.follow(self.server._serve(ex, http_req))
+        elif not self.over:
+            self.abandon = abandon
 
     def complete(self, result: HttpResponse | BaseException) -> None:
         """The dispatcher's result (``dispatch_now``'s ``done``): the answer, now or (a
@@ -338,6 +364,8 @@ class CoapServer:
         self._codec_factory = codec_factory
         self._context: Any = None
         self._noise: list[NoiseMessageInterface] = []
+        #: the requests of a batch of records, started once the batch is read
+        self.batch = BatchHold()
         self._plain: list[Any] = []
         self._mmans: list[LinkMessageManager] = []
         self._fast: list[FastPath] = []
@@ -399,6 +427,7 @@ class CoapServer:
                 if config.fast_path:
                     fast = FastPath(self, mman, iface)
                     iface.fast_request = fast
+                    iface.hold_batches(self.batch)
                     mman.on_remote_error = fast.remote_failed
                     self._fast.append(fast)
                 self._secure_addresses.append(iface.local_address)
@@ -681,12 +710,9 @@ class CoapServer:
             return _nothing
         self._decoded(ex, http_req)
         # (the loop kept at start: on Python 3.11 get_running_loop is a getpid system call)
-        now = _Now(self._loop or asyncio.get_running_loop(), done, ex, self, http_req)
-        abandon = dispatch_now(http_req, session.peer, now.complete)
-        if abandon is None:
-            now.follow(self._serve(ex, http_req))
-        elif not now.over:
-            now.abandon = abandon
+        now = _Now(self._loop or asyncio.get_running_loop(), done, ex, self, http_req, dispatch_now)
+        if not self.batch.hold(now):
+            now.start()
         return now.cancel
 
     def _open(

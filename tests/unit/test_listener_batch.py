@@ -8,7 +8,13 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from synapse_coap.transport.batch import HELD_HANDSHAKES, BatchReader, order_batch, split_batch
+from synapse_coap.transport.batch import (
+    HELD_HANDSHAKES,
+    BatchHold,
+    BatchReader,
+    order_batch,
+    split_batch,
+)
 from synapse_coap.transport.looplag import LoopLagProbe
 
 HANDSHAKE = b"\x80hello"  # first two bits 10
@@ -106,6 +112,74 @@ def test_a_batch_of_records_is_handled_at_once_handshakes_one_per_iteration() ->
     loop.soon.pop()()
     assert handled[4:] == [hs2]
     assert not loop.soon and len(handled) == 5
+
+
+class _Request:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def start(self) -> None:
+        self.log.append(f"start {self.name}")
+        if self.name == "bug":
+            raise RuntimeError("a bug in one request's start")
+
+
+def test_the_hold_starts_a_batchs_requests_once_the_batch_is_read() -> None:
+    log: list[str] = []
+    hold = BatchHold()
+    assert not hold.hold(_Request("alone", log))  # outside a batch: the caller starts it
+    hold.begin()
+    hold.begin()  # (a second socket's reader: nested)
+    for name in ("a", "bug", "b"):
+        assert hold.hold(_Request(name, log))
+    hold.release()
+    assert log == []  # the outer batch is still being read
+    hold.release()
+    # in order; one that fails does not stop the rest
+    assert log == ["start a", "start bug", "start b"]
+    assert not hold.hold(_Request("after", log))
+
+
+def test_a_batchs_records_are_decoded_before_any_of_their_requests_starts() -> None:
+    """The reader brackets a batch of records with the hold: each record's request is
+    kept while the rest are read, then all start in arrival order (also when handling
+    one record failed); a single datagram is handled with no hold."""
+    log: list[str] = []
+    hold = BatchHold()
+
+    def handle(data: bytes, addr: Any) -> None:
+        log.append(f"read {addr[1]}")
+        if data == b"\xc0bug":
+            raise RuntimeError("a bug in one datagram's handling")
+        request = _Request(str(addr[1]), log)
+        if not hold.hold(request):
+            request.start()
+
+    reader = BatchReader(handle, _Loop(), lambda reason: None)  # type: ignore[arg-type]
+    reader.hold = hold
+    reader.sock = _Socket([(b"\xc0bug", ("192.0.2.2", 2)), (RECORD, ("192.0.2.3", 3))])  # type: ignore[assignment]
+    reader.datagram_received(RECORD, ("192.0.2.1", 1))
+    assert log == ["read 1", "read 2", "read 3", "start 1", "start 3"]
+    log.clear()
+    reader.datagram_received(RECORD, ("192.0.2.4", 4))  # nothing else waiting
+    assert log == ["read 4", "start 4"]
+
+
+def test_a_request_abandoned_while_its_batch_is_read_never_starts() -> None:
+    """(transport/server.py) an in-process exchange held by the batch and cancelled
+    before the batch is read (its token reused, say) is not handed to the dispatcher."""
+    from synapse_coap.transport.server import _Now
+
+    dispatched: list[Any] = []
+    answered: list[Any] = []
+
+    def dispatch_now(request: Any, peer: Any, done: Any) -> None:
+        dispatched.append(request)
+
+    now = _Now(None, answered.append, None, None, "request", dispatch_now)  # type: ignore[arg-type]
+    now.cancel()
+    now.start()
+    assert dispatched == [] and answered == []
 
 
 def test_loop_lag_probe_reports_how_late_it_woke() -> None:
