@@ -795,7 +795,7 @@ STAGE_PARTS: dict[str, tuple[tuple[str, str | tuple[str, ...], tuple[str, ...]],
         (
             "datagrams read; Noise record opened, session bookkeeping",
             ("coap.read", "coap.next"),
-            ("coap.message",),
+            ("coap.message", "coap.release"),
         ),
         (
             "fast path: CoAP decode, duplicate store, held ACK",
@@ -803,8 +803,10 @@ STAGE_PARTS: dict[str, tuple[tuple[str, str | tuple[str, ...], tuple[str, ...]],
             ("coap.respond_now",),
         ),
         (
+            # (a request of a batch is handed to Synapse when the batch is read:
+            # BatchHold.release, inside coap.read; a lone one from respond_now)
             "exchange, request decode",
-            "coap.respond_now",
+            ("coap.respond_now", "coap.release"),
             ("coap.dispatch_now",),
         ),
         (

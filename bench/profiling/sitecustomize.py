@@ -56,6 +56,7 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
         for line in """
         synapse_coap.transport.batch BatchReader.datagram_received coap.read
         synapse_coap.transport.batch BatchReader._next coap.next
+        synapse_coap.transport.batch BatchHold.release coap.release
         synapse_coap.transport.noise_udp NoiseMessageInterface._ev_received coap.message
         synapse_coap.transport.server CoapServer.respond_now coap.respond_now
         synapse_coap.synapse.dispatch InProcessDispatcher.dispatch_now coap.dispatch_now
