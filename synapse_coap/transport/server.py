@@ -263,7 +263,10 @@ class _Now:
         ex: _Exchange,
         server: CoapServer,
         http_req: HttpRequest,
-        dispatch_now: Any,
+        dispatch_now: Callable[
+            [HttpRequest, PeerInfo, Callable[[HttpResponse | BaseException], None]],
+            Callable[[], None] | None,
+        ],
     ) -> None:
         self.loop = loop
         self._done = done
@@ -282,7 +285,11 @@ class _Now:
         if self.over:
             return
         ex, http_req = self.ex, self.http_req
-        abandon = self._dispatch_now(http_req, ex.session.peer, self.complete)
+        try:
+            abandon = self._dispatch_now(http_req, ex.session.peer, self.complete)
+        except Exception as e:  # (a dispatcher bug) the error answers it, held or not
+            self.finish(e)
+            return
         if abandon is None:
             self.follow(self.server._serve(ex, http_req))
         elif not self.over:

@@ -182,6 +182,29 @@ def test_a_request_abandoned_while_its_batch_is_read_never_starts() -> None:
     assert dispatched == [] and answered == []
 
 
+def test_a_held_request_whose_dispatcher_raises_is_answered_with_the_error() -> None:
+    """(transport/server.py) started from its batch's release, a request the dispatcher
+    fails to take (a bug) gets the error as its answer, as when the error came out of
+    respond_now itself: never left unanswered."""
+    from types import SimpleNamespace
+
+    from synapse_coap.transport.server import _Now
+
+    answered: list[Any] = []
+    bug = RuntimeError("a bug in the dispatcher")
+
+    def dispatch_now(request: Any, peer: Any, done: Any) -> None:
+        raise bug
+
+    ex = SimpleNamespace(session=SimpleNamespace(peer="peer"))
+    now = _Now(None, answered.append, ex, None, "request", dispatch_now)  # type: ignore[arg-type]
+    hold = BatchHold()
+    hold.begin()
+    assert hold.hold(now)
+    hold.release()
+    assert answered == [bug] and now.over
+
+
 def test_loop_lag_probe_reports_how_late_it_woke() -> None:
     now = [0.0]
     stalls = iter([0.0, 0.2, 0.003])
