@@ -36,9 +36,10 @@ on this bench's two-core machine). The module's body memo is switched off in tha
 distinct bodies would. The listeners take turns, ``--rounds`` times, and within a
 round in turns of ``--turn`` requests (100 by default; a shared machine's state then
 changes little between the cells of a ratio, which a turn of 1000 requests per
-listener left to chance); each cell reports median (min-max) over the rounds. Nothing is measured before the new
-database's one-off background updates are done (run back to back, not one a second:
-they would otherwise land in the first minute's cells).
+listener left to chance); each cell reports median (min-max) over the rounds.
+Nothing is measured before the new database's one-off background updates are done
+(run back to back, not one a second: they would otherwise land in the first minute's
+cells).
 
 The client (this process) is pinned to the other core than Synapse where the
 machine has two or more, and runs at lower priority (nice 10), so it does not
@@ -257,6 +258,19 @@ async def run_n(n: int, concurrency: int, one: Callable[[int], Awaitable[int]], 
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return errors
+
+
+class CellSum:
+    """One listener's turns in one round's cell, summed: Synapse's CPU seconds, the wall
+    seconds its core was not stolen, non-200 answers, nginx's CPU seconds (via nginx)."""
+
+    __slots__ = ("cpu", "errors", "nginx", "wall")
+
+    def __init__(self) -> None:
+        self.cpu = 0.0
+        self.wall = 0.0
+        self.errors = 0
+        self.nginx = 0.0
 
 
 class PduChain:
@@ -586,7 +600,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                         # listener always first or last, e.g. in a room that grows)
                         order = list(runners.items())
                         order = order[r % len(order) :] + order[: r % len(order)]
-                        used: dict[str, list[float]] = {name: [0.0] * 4 for name in runners}
+                        used = {name: CellSum() for name in runners}
                         for start in range(0, n, turn):
                             k = min(turn, n - start)
                             for name, one in order:
@@ -596,28 +610,30 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 )
                                 stolen0 = steal_seconds(SYNAPSE_CORE)
                                 before, wall0 = cpu_seconds(pid), time.monotonic()
-                                acc[2] += await run_n(k, concurrency, one, serial)
-                                acc[0] += cpu_seconds(pid) - before
+                                acc.errors += await run_n(k, concurrency, one, serial)
+                                acc.cpu += cpu_seconds(pid) - before
                                 # (busy: of the time Synapse's core was not taken by the
                                 # hypervisor, which here comes in bursts)
-                                acc[1] += unstolen(time.monotonic() - wall0, SYNAPSE_CORE, stolen0)
+                                acc.wall += unstolen(
+                                    time.monotonic() - wall0, SYNAPSE_CORE, stolen0
+                                )
                                 if name == VIA_NGINX:
-                                    acc[3] += sum(map(cpu_seconds, nginx_pids)) - front0
+                                    acc.nginx += sum(map(cpu_seconds, nginx_pids)) - front0
                                 serial += k  # (every request of the run is distinct)
-                        for name, (cpu, wall, errors, nginx_cpu) in used.items():
+                        for name, acc in used.items():
                             if name == VIA_NGINX:
                                 key = (label, NGINX_OWN)
-                                cells.setdefault(key, []).append(nginx_cpu * 1000 / n)
-                                BUSY.setdefault((mode, *key), []).append(nginx_cpu / wall)
+                                cells.setdefault(key, []).append(acc.nginx * 1000 / n)
+                                BUSY.setdefault((mode, *key), []).append(acc.nginx / acc.wall)
                                 ERRORS.setdefault((mode, *key), []).append(0)
-                            if errors:
+                            if acc.errors:
                                 print(
-                                    f"  warning: {label} {name}: {int(errors)} non-200",
+                                    f"  warning: {label} {name}: {acc.errors} non-200",
                                     file=sys.stderr,
                                 )
-                            cells.setdefault((label, name), []).append(cpu * 1000 / n)
-                            BUSY.setdefault((mode, label, name), []).append(cpu / wall)
-                            ERRORS.setdefault((mode, label, name), []).append(int(errors))
+                            cells.setdefault((label, name), []).append(acc.cpu * 1000 / n)
+                            BUSY.setdefault((mode, label, name), []).append(acc.cpu / acc.wall)
+                            ERRORS.setdefault((mode, label, name), []).append(acc.errors)
                     if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
                         # (the small requests: where the listener's own cost shows)
                         for name, one in runners.items():
