@@ -642,7 +642,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             await run_n(args.profile_requests, concurrency, one, serial)
                             serial += args.profile_requests
                             cprofile_parts.setdefault(name, []).append(cut(pid, workdir))
-                    if args.stages_out and label == STAGES_LABEL:
+                    if args.stages_out and label == args.stages_endpoint:
                         for name, one in runners.items():
                             STAGES[(mode, name)] = await stage_pass(
                                 pid, workdir, args.profile_requests, concurrency, one, serial
@@ -770,7 +770,8 @@ def send_runners(
 _CUTS: dict[int, int] = {}
 
 
-#: the endpoint of the stage-timing pass (--stages-out): no servlet, the listener weighs most
+#: the endpoint of the stage-timing pass (--stages-out) unless --stages-endpoint names
+#: another: no servlet, the listener weighs most
 STAGES_LABEL = "/health (no servlet)"
 #: (mode, listener) -> {stage label: (calls, ns)} of the stage-timing pass
 STAGES: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
@@ -875,7 +876,7 @@ def stage_report(args: argparse.Namespace) -> str:
         "# subtracted; microseconds per request. Each timed function costs its caller about",
         "# a microsecond of clock reads. The event loop's and the reactor's own work around",
         "# the outermost function is not in these (compare the totals with the table's).",
-        f"# {args.profile_requests} distinct {STAGES_LABEL} requests per listener and mode",
+        f"# {args.profile_requests} distinct {args.stages_endpoint} requests per listener and mode",
         "# command: python bench/inbound.py " + " ".join(sys.argv[1:]),
         f"# commit {source_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
@@ -1183,7 +1184,14 @@ def main() -> None:
         type=Path,
         default=None,
         help="time the stages of each listener's request path during one more pass of "
-        "/health per mode and write them to FILE (bench/profiling/sitecustomize.py)",
+        "/health (or --stages-endpoint) per mode and write them to FILE "
+        "(bench/profiling/sitecustomize.py)",
+    )
+    parser.add_argument(
+        "--stages-endpoint",
+        default=STAGES_LABEL,
+        choices=[label for label, _, _ in ENDPOINTS],
+        help=f"the endpoint of the --stages-out pass (default: {STAGES_LABEL!r})",
     )
     parser.add_argument(
         "--cprofile-out",
