@@ -11,6 +11,7 @@ metrics are thread-safe.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from typing import Any
 
@@ -157,11 +158,28 @@ PUSH_REGISTRATIONS = Gauge(
 )
 LOOP_LAG = Histogram(
     "synapse_coap_loop_lag_seconds",
-    "How late the listener's event loop woke a probe task that sleeps 10 ms at a time: "
-    "a stall of the loop of B seconds gives one sample between B - 0.01 and B",
+    "How late the listener's event loop woke a probe task that sleeps 10 ms at a time "
+    "while the listener has traffic (it parks after 30 s without): a stall of the loop "
+    "of B seconds gives one sample between B - 0.01 and B",
     labelnames=[SERVER_NAME_LABEL],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+
+
+def _resolve_soon(waiter: asyncio.Future[None]) -> None:
+    """Resolve ``waiter`` on its loop (from any thread; nothing if it is over or its
+    loop is closed)."""
+    if waiter.done():
+        return
+    try:
+        waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class SynapseCoapMetrics:
@@ -177,6 +195,9 @@ class SynapseCoapMetrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._datagram_counts = DATAGRAM_COUNTERS.values
         self._request_children: dict[tuple[str, int], tuple[list[int], Any]] = {}
+        #: datagrams in and out so far (the loop-lag probe samples while it moves)
+        self.traffic = 0
+        self._traffic_waiter: asyncio.Future[None] | None = None
 
     def _child(self, metric: Any, *values: str, **labels: str) -> Any:
         key = (id(metric), values)
@@ -192,6 +213,18 @@ class SynapseCoapMetrics:
             counts = self._datagram_counts.setdefault(key, [0, 0])
         counts[0] += 1
         counts[1] += size
+        self.traffic += 1
+        waiter = self._traffic_waiter
+        if waiter is not None:
+            self._traffic_waiter = None
+            _resolve_soon(waiter)
+
+    def wait_for_traffic(self) -> asyncio.Future[None]:
+        """Done at the next datagram in or out (the parked loop-lag probe waits on it);
+        on the running loop."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._traffic_waiter = waiter
+        return waiter
 
     def handshake(self, outcome: str) -> None:
         self._child(HANDSHAKES, outcome, outcome=outcome).inc()

@@ -292,8 +292,15 @@ class CoapModule:
 
         async def start() -> Any:
             server = await CoapServer.start(server_config, serving, metrics=metrics)
-            # the loop's stalls, as synapse_coap_loop_lag_seconds
-            probe = asyncio.ensure_future(LoopLagProbe(metrics.loop_lag).run())
+            # the loop's stalls, as synapse_coap_loop_lag_seconds (while there is traffic:
+            # an idle listener does not wake the reactor 100 times a second for it)
+            probe = asyncio.ensure_future(
+                LoopLagProbe(
+                    metrics.loop_lag,
+                    activity=lambda: metrics.traffic,
+                    wait_active=metrics.wait_for_traffic,
+                ).run()
+            )
 
             async def stop_probe() -> None:
                 probe.cancel()
