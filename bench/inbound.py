@@ -545,7 +545,9 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                     concurrency = args.concurrency
                     n = args.requests
 
-                    def via(client: Any, ep: Any, target: str = target, headers: Any = headers):  # type: ignore[no-untyped-def]
+                    def via(
+                        client: Any, ep: Any, target: str = target, headers: Any = headers
+                    ) -> Callable[[int], Awaitable[int]]:
                         async def call(i: int) -> int:
                             req = HttpRequest("GET", f"{target}?n={i}".encode(), headers)
                             r = await client.request(ep, req)
@@ -555,7 +557,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
 
                     def via_web(
                         session: Any, base: str, target: str = target, headers: Any = headers
-                    ):  # type: ignore[no-untyped-def]
+                    ) -> Callable[[int], Awaitable[int]]:
                         async def call(i: int) -> int:
                             async with session.get(
                                 f"{base}{target}?n={i}", headers=dict(headers)
@@ -1208,6 +1210,8 @@ def main() -> None:
     if args.render:
         render_readme(csv_path)
         return
+    if args.turn < 0:
+        parser.error(f"--turn: {args.turn} (allowed: 0, one turn per cell, or more)")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in ("default", "asyncio"):
