@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -30,22 +31,27 @@ class Driven:
         self.now += 100.0
         self.traffic += 1
 
-    def probe(self, observe: list[float]) -> LoopLagProbe:
+    def probe(
+        self,
+        observe: Callable[[float], None],
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        idle_after: float = 1.0,
+    ) -> LoopLagProbe:
         return LoopLagProbe(
-            observe.append,
+            observe,
             interval=0.25,
             clock=lambda: self.now,
-            sleep=self.sleep,
+            sleep=sleep or self.sleep,
             activity=lambda: self.traffic,
             wait_active=self.wait_active,
-            idle_after=1.0,
+            idle_after=idle_after,
         )
 
 
 def test_without_traffic_it_parks_and_the_idle_time_is_not_reported_as_lag() -> None:
     d = Driven()
     seen: list[float] = []
-    probe = d.probe(seen)
+    probe = d.probe(seen.append)
     asyncio.run(probe.run(count=6))
     # four samples (0.25 .. 1.0 s), parked at 1.0 s, woken by traffic at 101 s, two more
     assert d.parked_at == [1.0]
@@ -62,15 +68,7 @@ def test_traffic_keeps_it_sampling() -> None:
         seen.append(lag)
         d.traffic += 1  # a datagram in every interval
 
-    probe = LoopLagProbe(
-        observe,
-        interval=0.25,
-        clock=lambda: d.now,
-        sleep=d.sleep,
-        activity=lambda: d.traffic,
-        wait_active=d.wait_active,
-        idle_after=1.0,
-    )
+    probe = d.probe(observe)
     asyncio.run(probe.run(count=40))
     assert probe.parks == 0 and d.parked_at == []
     assert d.now == 10.0
@@ -84,15 +82,7 @@ def test_a_stall_while_active_is_still_reported() -> None:
     async def sleep(seconds: float) -> None:
         d.now += seconds + next(stalls)
 
-    probe = LoopLagProbe(
-        seen.append,
-        interval=0.25,
-        clock=lambda: d.now,
-        sleep=sleep,
-        activity=lambda: d.traffic,
-        wait_active=d.wait_active,
-        idle_after=5.0,
-    )
+    probe = d.probe(seen.append, sleep=sleep, idle_after=5.0)
     asyncio.run(probe.run(count=3))
     assert seen == [0.0, 0.5, 0.0]
 
