@@ -207,7 +207,7 @@ class Bridge:
         )
 
         def deliver(ok: bool, value: Any) -> None:
-            hop(_settle, fut, ok, value)
+            hop(settle_future, fut, ok, value)
 
         async def wrapper() -> None:
             try:
@@ -270,9 +270,9 @@ class Bridge:
             ok = not isinstance(result, Failure)
             value = result if ok else _as_asyncio_error(result.value)
             if shared:
-                _settle(fut, ok, value)  # schedules the awaiting task; runs nothing now
+                settle_future(fut, ok, value)  # schedules the awaiting task; runs nothing now
             else:
-                loop.call_soon_threadsafe(_settle, fut, ok, value)
+                loop.call_soon_threadsafe(settle_future, fut, ok, value)
 
         def begin() -> None:
             if cancelled:
@@ -395,7 +395,7 @@ def _failure(exc: BaseException) -> Failure:
     return Failure(exc)  # type: ignore[no-untyped-call]
 
 
-def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+def settle_future(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
     """Give ``fut`` its result (``ok``) or exception, unless it is already done
     (its awaiting task was cancelled)."""
     if fut.done():

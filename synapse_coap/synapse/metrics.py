@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from synapse_coap.synapse.bridge import settle_future
 from synapse_coap.synapse.compat import server_name_label
 
 #: Synapse's own label for the homeserver name (``synapse.metrics.SERVER_NAME_LABEL``).
@@ -172,14 +173,9 @@ def _resolve_soon(waiter: asyncio.Future[None]) -> None:
     if waiter.done():
         return
     try:
-        waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+        waiter.get_loop().call_soon_threadsafe(settle_future, waiter, True, None)
     except RuntimeError:  # the loop is closed: nobody waits any more
         pass
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class SynapseCoapMetrics:
