@@ -44,6 +44,7 @@ from results_store import (  # noqa: E402
     read_dict_rows,
     replace_block,
     settle_background_updates,
+    spread,
     write_dict_rows,
 )
 
@@ -130,13 +131,6 @@ def measure(setup: str, reactor: str, args: argparse.Namespace) -> list[dict[str
     return rows
 
 
-def spread(xs: list[float], digits: int) -> str:
-    return (
-        f"{statistics.median(xs):.{digits}f} "
-        f"({min(xs):.{digits}f}-{max(xs):.{digits}f}, n={len(xs)})"
-    )
-
-
 def block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
     """The docs/benchmarks.md block for ``rows`` (as read back from the CSV)."""
     lines = [
@@ -157,8 +151,8 @@ def block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
             if setup != SETUPS[0] and SETUPS[0] in cpu:
                 ratio = f"{statistics.median(cpu[setup]) / statistics.median(cpu[SETUPS[0]]):.2f}x"
             lines.append(
-                f"| {reactor} | {setup} | {spread(cpu[setup], 1)} | "
-                f"{spread(woke[setup], 0)} | {ratio} |"
+                f"| {reactor} | {setup} | {spread(cpu[setup], '{:.1f}')} | "
+                f"{spread(woke[setup], '{:.0f}')} | {ratio} |"
             )
     lines.append("")
     lines.append(

@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 import types
@@ -351,6 +352,14 @@ def write_json(path: Path, obj: Any, meta: dict[str, str]) -> None:
 def read_json(path: Path, tp: Any) -> tuple[dict[str, str], Any]:
     data = json.loads(path.read_text())
     return data["provenance"], from_json(tp, data["run"])
+
+
+def spread(values: Sequence[float], fmt: str) -> str:
+    """``median (min-max, n=N)`` of ``values``, each formatted with ``fmt``."""
+    return (
+        f"{fmt.format(statistics.median(values))} "
+        f"({fmt.format(min(values))}-{fmt.format(max(values))}, n={len(values)})"
+    )
 
 
 def replace_block(path: Path, name: str, body: str, writer: str) -> None:

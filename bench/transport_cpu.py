@@ -65,6 +65,7 @@ from results_store import (  # noqa: E402
     read_cpu_clock,
     read_dict_rows,
     replace_block,
+    spread,
     steal_seconds,
     unstolen,
     write_dict_rows,
@@ -395,13 +396,6 @@ def render(path: Path) -> None:
     meta, rows = read_dict_rows(path)
     replace_block(DOCS, "transport-cpu", docs_block(meta, rows), WRITER)
     print(f"updated {DOCS.relative_to(ROOT)}")
-
-
-def spread(values: list[float], fmt: str) -> str:
-    return (
-        f"{fmt.format(statistics.median(values))} "
-        f"({fmt.format(min(values))}-{fmt.format(max(values))}, n={len(values)})"
-    )
 
 
 async def profile(
