@@ -9,9 +9,9 @@ histogram ``synapse_coap_loop_lag_seconds`` (docs/metrics.md); bench/attack.py
 reads it around each attack.
 
 At 10 ms the probe wakes the loop (with the default reactor, Synapse's reactor) 100
-times a second: on an idle homeserver that was most of its wake-ups (an idle Synapse
-1.163 wakes about 28 times a second of its own; with the probe running, 126) and
-about 5 ms of CPU a second. So, given ``activity`` (a count that grows with the
+times a second: on an idle homeserver that was most of its wake-ups (``bench/idle.py``:
+an idle Synapse 1.163 woke 13 times a second of its own, 110 with the probe running)
+and 2-3 times Synapse's own idle CPU. So, given ``activity`` (a count that grows with the
 listener's traffic: its datagrams in and out), the probe samples only while there
 is traffic: after :data:`LOOP_LAG_IDLE_AFTER` seconds in which the count did not
 move it parks until ``wait_active()`` returns (the next datagram), and then samples
