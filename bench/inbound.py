@@ -33,7 +33,9 @@ the product's client does at a fraction of its CPU; ``--client aiocoap`` uses th
 product's aiocoap-based ``CoapClient`` instead (which could not keep Synapse busy
 on this bench's two-core machine). The module's body memo is switched off in that Synapse
 (``SYNAPSE_COAP_BODY_MEMO=0``), so every response pays for the codec as
-distinct bodies would. The listeners take turns, ``--rounds`` times, and within a
+distinct bodies would (``--body-memo`` leaves it on: these endpoints answer the same
+body every time, so the CoAP cells then leave out the answers' encoding, which bounds
+what a cheaper encoder could save; not for the README). The listeners take turns, ``--rounds`` times, and within a
 round in turns of ``--turn`` requests (100 by default; a shared machine's state then
 changes little between the cells of a ratio, which a turn of 1000 requests per
 listener left to chance); each cell reports median (min-max) over the rounds.
@@ -420,7 +422,10 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
             extra_config=BACKGROUND_UPDATES_AT_ONCE,
             env={"PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))},
         )
-    env = {"SYNAPSE_COAP_BODY_MEMO": "0"}
+    # (--body-memo: the module's memo on, so that an answer repeated (every answer of
+    # these endpoints) is encoded once: what the CoAP cells cost without the answers'
+    # encoding, a bound on what a cheaper encoder could save)
+    env = {"SYNAPSE_COAP_BODY_MEMO": "1" if args.body_memo else "0"}
     cprofile_parts: dict[str, list[Path]] = {}
     if args.stages_out:
         env["SYNAPSE_COAP_STAGES"] = str(workdir / "synapse.stages")
@@ -1203,6 +1208,13 @@ def main() -> None:
         "and write FILE-asyncio-LISTENER.txt (bench/profiling/sitecustomize.py)",
     )
     parser.add_argument(
+        "--body-memo",
+        action="store_true",
+        help="leave the module's body memo on (every endpoint here answers the same body "
+        "each time, so the answers' encoding is left out: a bound on what the encoding "
+        "costs in situ); not with --readme",
+    )
+    parser.add_argument(
         "--results", type=Path, default=ROOT / "bench" / "results", help="results directory"
     )
     args = parser.parse_args()
@@ -1210,6 +1222,8 @@ def main() -> None:
     if args.render:
         render_readme(csv_path)
         return
+    if args.body_memo and args.readme:
+        parser.error("--body-memo: not with --readme (the README's figures are of distinct bodies)")
     if args.turn < 0:
         parser.error(f"--turn: {args.turn} (allowed: 0, one turn per cell, or more)")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -1253,6 +1267,9 @@ def main() -> None:
     meta["missing_event_fetches"] = ", ".join(f"{m} {n}" for m, n in MISSING.items())
     meta["background_updates"] = "settled before the first cell"
     meta["client_spins"] = "yes" if args.spin else "no"
+    meta["body_memo"] = (
+        "on (answers repeated: encoded once)" if args.body_memo else "off (every answer encoded)"
+    )
     meta["cpu_clock"] = cpu_clock_source(os.getpid())
     meta["busy"] = "CPU s / wall s less the steal time of Synapse's core"
     write_dict_rows(csv_path, rows, meta)
