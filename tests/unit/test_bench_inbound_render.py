@@ -10,6 +10,8 @@ def test_readme_inbound_block_is_rendered_from_the_committed_csv() -> None:
     bench = load_bench("inbound")
     meta, rows = bench.read_dict_rows(bench.RESULTS_CSV)
     assert meta["commit"] and not meta["commit"].endswith("-dirty")
+    # every answer encoded (distinct bodies): not a --body-memo run
+    assert meta["body_memo"].startswith("off"), meta["body_memo"]
     block = bench.readme_block(meta, rows)
     start = f"<!-- inbound:start (written by {bench.WRITER}; do not edit by hand) -->"
     body = generated_block((ROOT / "README.md").read_text(), start, "<!-- inbound:end -->")
