@@ -35,10 +35,11 @@ on this bench's two-core machine). The module's body memo is switched off in tha
 (``SYNAPSE_COAP_BODY_MEMO=0``), so every response pays for the codec as
 distinct bodies would (``--body-memo`` leaves it on: these endpoints answer the same
 body every time, so the CoAP cells then leave out the answers' encoding, which bounds
-what a cheaper encoder could save; not for the README). The listeners take turns, ``--rounds`` times, and within a
-round in turns of ``--turn`` requests (100 by default; a shared machine's state then
-changes little between the cells of a ratio, which a turn of 1000 requests per
-listener left to chance); each cell reports median (min-max) over the rounds.
+what a cheaper encoder could save; not for the README). The listeners take turns,
+``--rounds`` times, and within a round in turns of ``--turn`` requests (100 by
+default; a shared machine's state then changes little between the cells of a ratio,
+which a turn of 1000 requests per listener left to chance); each cell reports median
+(min-max) over the rounds.
 Nothing is measured before the new database's one-off background updates are done
 (run back to back, not one a second: they would otherwise land in the first minute's
 cells).
