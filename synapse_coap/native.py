@@ -19,7 +19,9 @@ Beside them, :data:`C_MODULES`: hand-written C for what mypyc cannot make fast e
 (``wire/_cbody.c``, the body decoder in one pass; ``wire/body_fast.py`` uses it only
 when it imports, and falls back to its cbor2 path for what it does not take;
 ``wire/_cenc.c``, a JSON body's text to the profile CBOR in one pass, used by
-``wire/body_encode.py`` the same way). The
+``wire/body_encode.py`` the same way; ``wire/_cdeflate.c``, zlib's DEFLATE with a
+profile dictionary without zlib's per-body allocations, same library and bytes, used by
+``wire/deflate.py``). The
 build compiles them with the mypyc modules, the manifest holds their digests too, and
 when the sources run (a stale build, ``SYNAPSE_COAP_PURE=1``) they cannot be imported.
 
@@ -73,6 +75,7 @@ MODULES: tuple[str, ...] = (
     "synapse_coap.wire.body",
     "synapse_coap.wire.body_decode",
     "synapse_coap.wire.body_encode",
+    "synapse_coap.wire.deflate",
     "synapse_coap.wire.body_fast",
     "synapse_coap.wire.cbor",
     "synapse_coap.wire.context",
@@ -110,7 +113,15 @@ MODULES: tuple[str, ...] = (
 
 #: hand-written C extensions of the build (source ``<name>.c``; no Python source):
 #: importable only while the native build runs
-C_MODULES: tuple[str, ...] = ("synapse_coap.wire._cbody", "synapse_coap.wire._cenc")
+C_MODULES: tuple[str, ...] = (
+    "synapse_coap.wire._cbody",
+    "synapse_coap.wire._cdeflate",
+    "synapse_coap.wire._cenc",
+)
+
+#: the libraries a C module of :data:`C_MODULES` links with (zlib: its headers come with
+#: Debian's ``zlib1g-dev``, which ``scripts/setup`` installs)
+C_LIBRARIES: dict[str, tuple[str, ...]] = {"synapse_coap.wire._cdeflate": ("z",)}
 
 #: every module the build compiles, and the manifest lists
 BUILT: tuple[str, ...] = MODULES + C_MODULES

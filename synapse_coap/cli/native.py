@@ -44,7 +44,10 @@ from setuptools import Extension
 cut = sys.argv.index("--")
 paths = sys.argv[cut + 1:]
 del sys.argv[cut:]
-c_exts = [Extension(name, [path], extra_compile_args=["-O2"]) for name, path in {c_modules!r}]
+c_exts = [
+    Extension(name, [path], extra_compile_args=["-O2"], libraries=list(libs))
+    for name, path, libs in {c_modules!r}
+]
 setup(name="synapse-coap-native", version="0", packages=[], py_modules=[],
       ext_modules=mypycify(paths, opt_level="3", group_name={group!r}) + c_exts)
 """
@@ -89,7 +92,9 @@ def build() -> float:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="synapse-coap-native-") as tmp:
         work = Path(tmp)
-        c_modules = [(m, str(native.source_path(m))) for m in native.C_MODULES]
+        c_modules = [
+            (m, str(native.source_path(m)), native.C_LIBRARIES.get(m, ())) for m in native.C_MODULES
+        ]
         (work / "setup.py").write_text(_SETUP.format(group=GROUP, c_modules=c_modules))
         (work / "mypy.ini").write_text(
             _MYPY_CONFIG.format(python=f"{sys.version_info[0]}.{sys.version_info[1]}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-import zlib
 from typing import Any
 
 try:
@@ -56,6 +55,7 @@ from synapse_coap.wire.body_tables import (
     content_hash,
 )
 from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.deflate import _deflate
 from synapse_coap.wire.profile import Profile
 
 logger = logging.getLogger(__name__)
@@ -411,90 +411,6 @@ def encode_json_fast(
 #: one: on every body of the corpora (876 bodies up to 3.5 KB) the dictionary form was the
 #: smaller; larger bodies try both
 ONE_ATTEMPT_MAX = 16 * 1024
-
-
-#: the memLevel of a DEFLATE run is the smallest of these that holds the whole body in
-#: one block's symbol buffer (see :func:`deflate_mem_level`)
-MIN_MEM_LEVEL = 5
-MAX_MEM_LEVEL = 9
-
-
-def deflate_mem_level(size: int) -> int:
-    """zlib's memLevel for a body of ``size`` bytes: the smallest (from
-    :data:`MIN_MEM_LEVEL`) whose symbol buffer, ``2 ** (memLevel + 6)`` entries, holds
-    more symbols than the body has bytes, up to 9 (zlib's largest).
-
-    The memLevel sizes only two things in zlib's deflate: the symbol buffer, which ends
-    a block when it fills (so with room for every byte there is one block, as with
-    memLevel 9 for anything under 32 KiB), and the hash table of 3-byte prefixes
-    (``2 ** (memLevel + 7)`` heads), which zlib clears on every new stream: 128 KiB
-    at memLevel 9 for each answer of a few dozen bytes. In a homeserver that cost
-    some 30-70 us of CPU per small request (``bench/inbound.py``, side by side; much
-    more than the compression itself takes in a loop, so probably by evicting the
-    homeserver's own data from the CPU cache). A smaller table only adds hash collisions to the match
-    chains, which the match search skips, so the output is the same except where a
-    chain is long enough to reach zlib's chain limit (1024 or 4096 entries, highly
-    repetitive input); every body of the corpora compresses to the same bytes
-    (``tests/unit/test_body_deflate.py``), and any output inflates to the same body.
-    """
-    return min(MAX_MEM_LEVEL, max(MIN_MEM_LEVEL, (size + 1).bit_length() - 6))
-
-
-#: zlib's MIN_LOOKAHEAD: a match may reach back at most window size minus this
-_MIN_LOOKAHEAD = 262
-MIN_WINDOW_BITS = 9
-MAX_WINDOW_BITS = 15
-
-
-def deflate_window_bits(history: int) -> int:
-    """zlib's window bits for a stream whose preset dictionary and body are ``history``
-    bytes together: the smallest window (from 2**9) that every match distance fits in,
-    up to 2**15 (zlib's largest).
-
-    While the whole history fits, the window size changes nothing in what deflate
-    finds (no byte slides out, no distance is out of reach, the hash chains are those
-    of the memLevel), so the output is that of a 32 KiB window; any window inflates
-    with the receiver's 32 KiB one. What it changes is the cost: zlib allocates and
-    clears two buffers of twice the window for every stream, and at 32 KiB those
-    went beyond what the allocator reuses: a fresh stream for a 300-byte answer cost
-    67 us against 26 us at 16 KiB (and 13 us copying a primed one, below).
-    """
-    need = history + _MIN_LOOKAHEAD
-    return min(MAX_WINDOW_BITS, max(MIN_WINDOW_BITS, (need - 1).bit_length()))
-
-
-#: (dictionary, window bits, memLevel) -> a compressor primed with the dictionary, copied
-#: for each body: the dictionary's hash chains are built once, not per body. Only the
-#: profile dictionaries are kept (a push notification's base dictionary is new each
-#: time); a few profiles x window sizes x memLevels, bounded by _PRIMED_MAX anyway.
-_PRIMED: dict[tuple[bytes, int, int], Any] = {}
-_PRIMED_MAX = 64
-
-
-def _deflate(data: bytes, zdict: bytes, keep: bool = True) -> bytes:
-    """Raw DEFLATE (level 9) of ``data`` with the preset dictionary ``zdict``.
-
-    ``keep``: the dictionary is a profile's, worth a primed compressor that is copied
-    for each body (zlib objects lock themselves, so pool threads may share it)."""
-    level = deflate_mem_level(len(data))
-    wbits = deflate_window_bits(len(zdict) + len(data))
-    if zdict:
-        if keep:
-            key = (zdict, wbits, level)
-            primed = _PRIMED.get(key)
-            if primed is None:
-                if len(_PRIMED) >= _PRIMED_MAX:
-                    _PRIMED.clear()
-                primed = _PRIMED[key] = zlib.compressobj(
-                    9, zlib.DEFLATED, -wbits, level, zlib.Z_DEFAULT_STRATEGY, zdict
-                )
-            c = primed.copy()
-        else:
-            c = zlib.compressobj(9, zlib.DEFLATED, -wbits, level, zlib.Z_DEFAULT_STRATEGY, zdict)
-    else:
-        c = zlib.compressobj(9, zlib.DEFLATED, -wbits, level)
-    out: bytes = c.compress(data) + c.flush()
-    return out
 
 
 def encode_body(

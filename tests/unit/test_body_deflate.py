@@ -1,5 +1,5 @@
 """The body encoder's DEFLATE runs with a memLevel sized to the body
-(``synapse_coap.wire.body_encode.deflate_mem_level``), a window sized to the preset
+(``synapse_coap.wire.deflate.deflate_mem_level``), a window sized to the preset
 dictionary and the body (``deflate_window_bits``) and, for a profile dictionary, a
 copy of a compressor primed with it: the same bytes as zlib's memLevel 9 with a
 32 KiB window, set up afresh, on every body of the corpora, with the profile
@@ -13,18 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synapse_coap.wire.body_encode import (
+from synapse_coap.wire.body_encode import _encode_cbor
+from synapse_coap.wire.body_tables import base_dictionary
+from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.deflate import (
     MAX_MEM_LEVEL,
     MAX_WINDOW_BITS,
     MIN_MEM_LEVEL,
     MIN_WINDOW_BITS,
     _deflate,
-    _encode_cbor,
     deflate_mem_level,
     deflate_window_bits,
 )
-from synapse_coap.wire.body_tables import base_dictionary
-from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import load_profile, profile_ids
 from tests.harness.corpus import json_bodies
 

@@ -1,0 +1,254 @@
+/* The body codec's DEFLATE with a preset dictionary, without zlib's allocations.
+ *
+ * Part of the native build (synapse_coap/native.py, built by `synapse-coap
+ * build-native`); used by synapse_coap/wire/deflate.py (_deflate) for the profile
+ * dictionaries, where the Python path copies a compressor primed with the dictionary
+ * (zlib's compressobj().copy()) for every body.
+ *
+ * Same library, same calls, same bytes: a compressor is primed once per (dictionary,
+ * window bits, memLevel) with deflateInit2 + deflateSetDictionary, and each body is
+ * compressed by a deflateCopy of it, run to Z_FINISH. What differs is where the copy
+ * lives. Through Python's zlib module every copy mallocs zlib's five buffers (some
+ * 40 KB at the codec's sizes, in five allocations), and every compress() and flush()
+ * allocates a 32 KB output buffer: in the homeserver, answers' DEFLATE cost several
+ * times its cost in a loop (bench/inbound.py, an A/B with the DEFLATE results
+ * memoised). Here the copy's buffers are carved from one arena, the same memory for
+ * every body (no allocation, and memory the CPU's caches have seen at the last body),
+ * and the output goes to a buffer on the stack for a small body.
+ *
+ * The arena is used only while a copy is being made and compressed, with the GIL held
+ * throughout (nothing here releases it), so one arena serves every thread. zlib asks
+ * the allocator for the copy's buffers inside deflateCopy (which copies the primed
+ * stream's allocator functions with the stream): the allocator hands out arena memory
+ * while `copying` is set, and the free function ignores pointers into the arena.
+ *
+ * Tests: tests/unit/test_cdeflate.py (the same bytes as zlib's module on the corpora,
+ * hypothesis properties, the arena's growth, the bound on primed compressors).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <zlib.h>
+
+#define MAX_PRIMED 16
+#define ALIGN 64
+#define SMALL_OUT 4096
+
+typedef struct {
+    PyObject *zdict; /* bytes, a strong reference */
+    int wbits;
+    int mem_level;
+    z_stream strm;
+} Primed;
+
+static Primed primed[MAX_PRIMED];
+static int n_primed = 0;
+
+static unsigned char *arena = NULL;
+static size_t arena_cap = 0;
+static size_t arena_used = 0;
+static int copying = 0;
+
+static voidpf
+zalloc_fn(voidpf opaque, uInt items, uInt size)
+{
+    (void)opaque;
+    size_t n = ((size_t)items * size + (ALIGN - 1)) & ~((size_t)ALIGN - 1);
+    if (copying && arena != NULL && arena_used + n <= arena_cap) {
+        voidpf p = arena + arena_used;
+        arena_used += n;
+        return p;
+    }
+    return PyMem_RawMalloc(n);
+}
+
+static void
+zfree_fn(voidpf opaque, voidpf p)
+{
+    (void)opaque;
+    uintptr_t at = (uintptr_t)p, base = (uintptr_t)arena;
+    if (arena != NULL && at >= base && at < base + arena_cap)
+        return;
+    PyMem_RawFree(p);
+}
+
+/* What a copy at (wbits, mem_level) takes from the arena: zlib's state (under 8 KB in
+ * every zlib since 1.2), the window (2 x 2**wbits), prev (2**wbits Pos), head
+ * (2**(memLevel+7) Pos) and the pending buffer (2**(memLevel+6) x 4), each aligned. */
+static size_t
+arena_need(int wbits, int mem_level)
+{
+    size_t w = (size_t)1 << wbits;
+    return 16384 + 2 * w + 2 * w + ((size_t)2 << (mem_level + 7)) +
+           ((size_t)4 << (mem_level + 6)) + 8 * ALIGN;
+}
+
+static void
+clear_primed(void)
+{
+    for (int i = 0; i < n_primed; i++) {
+        deflateEnd(&primed[i].strm);
+        Py_CLEAR(primed[i].zdict);
+    }
+    n_primed = 0;
+}
+
+static Primed *
+get_primed(PyObject *zdict, int wbits, int mem_level)
+{
+    for (int i = 0; i < n_primed; i++) {
+        Primed *p = &primed[i];
+        if (p->wbits != wbits || p->mem_level != mem_level)
+            continue;
+        if (p->zdict == zdict)
+            return p;
+        if (PyBytes_GET_SIZE(p->zdict) == PyBytes_GET_SIZE(zdict) &&
+            memcmp(PyBytes_AS_STRING(p->zdict), PyBytes_AS_STRING(zdict),
+                   (size_t)PyBytes_GET_SIZE(zdict)) == 0)
+            return p;
+    }
+    if (n_primed >= MAX_PRIMED)
+        clear_primed();
+    Primed *p = &primed[n_primed];
+    memset(&p->strm, 0, sizeof(p->strm));
+    p->strm.zalloc = zalloc_fn;
+    p->strm.zfree = zfree_fn;
+    p->strm.opaque = Z_NULL;
+    int err = deflateInit2(&p->strm, 9, Z_DEFLATED, -wbits, mem_level, Z_DEFAULT_STRATEGY);
+    if (err != Z_OK) {
+        PyErr_Format(PyExc_ValueError, "deflateInit2 failed (%d)", err);
+        return NULL;
+    }
+    err = deflateSetDictionary(&p->strm, (const Bytef *)PyBytes_AS_STRING(zdict),
+                               (uInt)PyBytes_GET_SIZE(zdict));
+    if (err != Z_OK) {
+        deflateEnd(&p->strm);
+        PyErr_Format(PyExc_ValueError, "deflateSetDictionary failed (%d)", err);
+        return NULL;
+    }
+    Py_INCREF(zdict);
+    p->zdict = zdict;
+    p->wbits = wbits;
+    p->mem_level = mem_level;
+    n_primed++;
+    return p;
+}
+
+/* deflate_dict(data, zdict, wbits, mem_level) -> bytes: raw DEFLATE (level 9) of data
+ * with the preset dictionary zdict, window 2**wbits, memLevel mem_level */
+static PyObject *
+deflate_dict(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data;
+    PyObject *zdict;
+    int wbits, mem_level;
+    if (!PyArg_ParseTuple(args, "y*O!ii", &data, &PyBytes_Type, &zdict, &wbits, &mem_level))
+        return NULL;
+    PyObject *result = NULL;
+    if (wbits < 9 || wbits > 15 || mem_level < 1 || mem_level > 9 ||
+        PyBytes_GET_SIZE(zdict) == 0 || data.len > (Py_ssize_t)0x7fffffff) {
+        PyErr_SetString(PyExc_ValueError, "deflate_dict: window bits 9-15, memLevel 1-9, "
+                                          "a dictionary and under 2 GiB of data");
+        goto out;
+    }
+    Primed *p = get_primed(zdict, wbits, mem_level);
+    if (p == NULL)
+        goto out;
+    size_t need = arena_need(wbits, mem_level);
+    if (need > arena_cap) {
+        unsigned char *grown = PyMem_RawMalloc(need);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            goto out;
+        }
+        PyMem_RawFree(arena);
+        arena = grown;
+        arena_cap = need;
+    }
+    z_stream work;
+    arena_used = 0;
+    copying = 1;
+    int err = deflateCopy(&work, &p->strm);
+    copying = 0;
+    if (err != Z_OK) {
+        PyErr_Format(PyExc_MemoryError, "deflateCopy failed (%d)", err);
+        goto out;
+    }
+    uLong bound = deflateBound(&work, (uLong)data.len);
+    unsigned char small[SMALL_OUT];
+    unsigned char *outbuf = small;
+    if (bound > SMALL_OUT) {
+        result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
+        if (result == NULL) {
+            deflateEnd(&work);
+            goto out;
+        }
+        outbuf = (unsigned char *)PyBytes_AS_STRING(result);
+    }
+    work.next_in = (Bytef *)data.buf;
+    work.avail_in = (uInt)data.len;
+    work.next_out = outbuf;
+    work.avail_out = (uInt)bound;
+    err = deflate(&work, Z_FINISH);
+    Py_ssize_t produced = (Py_ssize_t)(work.next_out - outbuf);
+    deflateEnd(&work);
+    if (err != Z_STREAM_END) {
+        Py_CLEAR(result);
+        PyErr_Format(PyExc_ValueError, "deflate did not finish (%d)", err);
+        goto out;
+    }
+    if (result == NULL)
+        result = PyBytes_FromStringAndSize((const char *)outbuf, produced);
+    else
+        _PyBytes_Resize(&result, produced);
+out:
+    PyBuffer_Release(&data);
+    return result;
+}
+
+static PyObject *
+arena_size(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("(nn)", (Py_ssize_t)arena_cap, (Py_ssize_t)n_primed);
+}
+
+static PyObject *
+forget(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    clear_primed();
+    PyMem_RawFree(arena);
+    arena = NULL;
+    arena_cap = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"deflate_dict", deflate_dict, METH_VARARGS,
+     "deflate_dict(data, zdict, wbits, mem_level) -> bytes: raw DEFLATE, level 9, of data "
+     "with the preset dictionary zdict (zlib's bytes, without its allocations)"},
+    {"arena_size", arena_size, METH_NOARGS,
+     "arena_size() -> (bytes, primed compressors): the arena's size and how many "
+     "dictionary compressors are kept"},
+    {"forget", forget, METH_NOARGS, "forget() -> None: drop the primed compressors and the arena"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_cdeflate",
+    .m_doc = "The body codec's DEFLATE with a preset dictionary, without zlib's allocations.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__cdeflate(void)
+{
+    return PyModule_Create(&moddef);
+}

@@ -1,0 +1,162 @@
+"""The native build's DEFLATE with a preset dictionary (synapse_coap/wire/_cdeflate.c):
+zlib's own bytes (the same library and calls as ``deflate._deflate``'s primed
+compressor through zlib's module), whatever the dictionary, window, memLevel and the
+order they come in (its copies share one arena, grown on demand; its primed
+compressors are bounded).
+
+It runs here in both test runs: from the native build, and on the plain-Python sources
+(SYNAPSE_COAP_PURE=1, where the package cannot import it) loaded from its extension.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synapse_coap.wire import deflate
+from synapse_coap.wire.body_encode import _encode_cbor
+from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.deflate import C_DEFLATE_MAX, deflate_mem_level, deflate_window_bits
+from synapse_coap.wire.profile import load_profile, profile_ids
+from tests.harness.cbody_fuzz import c_module
+from tests.harness.corpus import json_bodies
+
+_NAME = "synapse_coap.wire._cdeflate"
+PROFILES = [load_profile(p) for p in profile_ids() if p > 0]
+
+
+@pytest.fixture(scope="module")
+def cdeflate() -> Any:
+    return c_module(_NAME, deflate._CDEFLATE)
+
+
+def _zlib(data: bytes, zdict: bytes, wbits: int, mem_level: int) -> bytes:
+    """What zlib's module gives (a fresh compressor, level 9, raw DEFLATE)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -wbits, mem_level, zlib.Z_DEFAULT_STRATEGY, zdict)
+    return c.compress(data) + c.flush()
+
+
+def _sizes(data: bytes, zdict: bytes) -> tuple[int, int]:
+    return deflate_window_bits(len(zdict) + len(data)), deflate_mem_level(len(data))
+
+
+def test_same_bytes_as_zlibs_module_on_the_corpora(cdeflate: Any) -> None:
+    contexts = (WireContext(), WireContext(server_names=("example.org", "matrix.org")))
+    checked = 0
+    for profile in PROFILES:
+        for context in contexts:
+            for body in json_bodies():
+                raw = _encode_cbor(body, profile, context)
+                wbits, level = _sizes(raw, profile.dictionary)
+                out = cdeflate.deflate_dict(raw, profile.dictionary, wbits, level)
+                assert out == _zlib(raw, profile.dictionary, wbits, level), body
+                checked += 1
+    assert checked > 1000
+
+
+def test_the_encoder_uses_it_for_small_bodies_where_the_build_runs() -> None:
+    profile = PROFILES[0]
+    raw = _encode_cbor(
+        {"user_id": "@someone:example.org", "is_guest": False}, profile, WireContext()
+    )
+    wbits, level = _sizes(raw, profile.dictionary)
+    expected = _zlib(raw, profile.dictionary, wbits, level)
+    calls: list[int] = []
+    real = deflate._CDEFLATE
+    if real is None:  # the plain-Python sources: zlib's module, the same bytes
+        assert deflate._deflate(raw, profile.dictionary) == expected
+        return
+
+    class Counting:
+        def deflate_dict(self, *args: Any) -> bytes:
+            calls.append(len(args[0]))
+            out: bytes = real.deflate_dict(*args)
+            return out
+
+    deflate._CDEFLATE = Counting()
+    try:
+        assert deflate._deflate(raw, profile.dictionary) == expected
+        big = bytes(range(256)) * (C_DEFLATE_MAX // 256 + 1)
+        wbits, level = _sizes(big, profile.dictionary)
+        assert deflate._deflate(big, profile.dictionary) == _zlib(
+            big, profile.dictionary, wbits, level
+        )
+        # a push base (keep=False) is new each time: zlib's module
+        deflate._deflate(raw, b"a base" * 10, keep=False)
+    finally:
+        deflate._CDEFLATE = real
+    assert calls == [len(raw)]  # neither the large body nor the push base
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.binary(max_size=5000),
+    zdict=st.sampled_from([p.dictionary for p in PROFILES]) | st.binary(min_size=1, max_size=9000),
+    wbits=st.integers(9, 15),
+    mem_level=st.integers(1, 9),
+)
+def test_any_body_dictionary_window_and_mem_level(
+    cdeflate: Any, data: bytes, zdict: bytes, wbits: int, mem_level: int
+) -> None:
+    expected = _zlib(data, zdict, wbits, mem_level)
+    assert cdeflate.deflate_dict(data, zdict, wbits, mem_level) == expected
+    # again, from a memoryview: the primed compressor was copied, not consumed
+    assert cdeflate.deflate_dict(memoryview(data), zdict, wbits, mem_level) == expected
+    inflate = zlib.decompressobj(-15, zdict=zdict)
+    assert inflate.decompress(expected) == data
+
+
+def test_the_arena_grows_and_small_copies_still_fit(cdeflate: Any) -> None:
+    zdict = PROFILES[0].dictionary
+    body = b"some body bytes " * 40
+    cdeflate.forget()
+    assert cdeflate.arena_size() == (0, 0)
+    small = cdeflate.deflate_dict(body, zdict, 12, 1)
+    first, _ = cdeflate.arena_size()
+    large = cdeflate.deflate_dict(body, zdict, 15, 9)  # window and tables at their largest
+    grown, primed = cdeflate.arena_size()
+    assert grown > first and primed == 2
+    assert cdeflate.deflate_dict(body, zdict, 12, 1) == small == _zlib(body, zdict, 12, 1)
+    assert large == _zlib(body, zdict, 15, 9)
+    assert cdeflate.arena_size()[0] == grown  # never shrinks, never regrows for less
+
+
+def test_the_primed_compressors_are_bounded(cdeflate: Any) -> None:
+    cdeflate.forget()
+    body = b"the same body for every dictionary"
+    for i in range(40):
+        zdict = f"dictionary number {i} ".encode() * 20
+        assert cdeflate.deflate_dict(body, zdict, 12, 5) == _zlib(body, zdict, 12, 5)
+        assert 1 <= cdeflate.arena_size()[1] <= 16
+    # a dictionary with the same bytes in another object finds its primed compressor
+    zdict = b"x" * 100 + b"y" * 100
+    cdeflate.deflate_dict(body, zdict, 12, 5)
+    kept = cdeflate.arena_size()[1]
+    assert cdeflate.deflate_dict(body, bytes(bytearray(zdict)), 12, 5) == _zlib(body, zdict, 12, 5)
+    assert cdeflate.arena_size()[1] == kept
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (b"data", b"dict", 8, 5),
+        (b"data", b"dict", 16, 5),
+        (b"data", b"dict", 12, 0),
+        (b"data", b"dict", 12, 10),
+        (b"data", b"", 12, 5),
+    ],
+)
+def test_out_of_range_arguments_are_refused(cdeflate: Any, args: tuple[Any, ...]) -> None:
+    with pytest.raises(ValueError, match="window bits 9-15, memLevel 1-9"):
+        cdeflate.deflate_dict(*args)
+
+
+def test_wrong_types_are_refused(cdeflate: Any) -> None:
+    with pytest.raises(TypeError):
+        cdeflate.deflate_dict("text", b"dict", 12, 5)
+    with pytest.raises(TypeError):
+        cdeflate.deflate_dict(b"data", bytearray(b"dict"), 12, 5)
