@@ -26,7 +26,11 @@ clock, in nanoseconds, ``results_store.cpu_seconds``) before and after: CPU mill
 CoAP+Noise / HTTP ratio. It also records Synapse's utilisation in each cell (CPU
 seconds / wall seconds, the ``busy`` column): a server that waits for its client
 between requests pays more per request (a wake-up per datagram, colder caches), so
-a ratio means most where both listeners ran busy. The CoAP client is
+a ratio means most where both listeners ran busy. The ``main_cpu_ms`` and
+``main_switches`` columns split it: the part in Synapse's main (reactor) thread
+(``results_store.main_thread``; the rest is its thread pool's, where HTTP/1.1's JSON
+answers are encoded, and its Rust runtime's) and that thread's context switches per
+request (how often it waited). The CoAP client is
 ``bench/leanclient.py`` (``--client lean``, the default): the project's sans-I/O
 codec, CoAP and Noise layers on a bare asyncio socket, which puts on the wire what
 the product's client does at a fraction of its CPU; ``--client aiocoap`` uses the
@@ -131,6 +135,7 @@ from results_store import (  # noqa: E402
     cpu_clock_source,
     cpu_clock_words,
     cpu_seconds,
+    main_thread,
     provenance,
     read_dict_rows,
     replace_block,
@@ -185,6 +190,10 @@ ERRORS: dict[tuple[str, str, str], list[int]] = {}
 #: Synapse's utilisation (its CPU seconds / wall seconds) per (mode, endpoint, listener),
 #: per round: about 1 when the client kept it busy, lower when it waited for requests.
 BUSY: dict[tuple[str, str, str], list[float]] = {}
+#: Synapse's main thread per (mode, endpoint, listener), per round: (its CPU ms per
+#: request, its context switches per request). HTTP/1.1 hands each JSON answer's encoding
+#: to Synapse's thread pool and waits for it; the CoAP listener encodes it in line.
+MAIN: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
 
 
 def pin(synapse_pid: int, others: tuple[int, ...] = ()) -> str:
@@ -264,13 +273,16 @@ async def run_n(n: int, concurrency: int, one: Callable[[int], Awaitable[int]], 
 
 
 class CellSum:
-    """One listener's turns in one round's cell, summed: Synapse's CPU seconds, the wall
+    """One listener's turns in one round's cell, summed: Synapse's CPU seconds (all its
+    threads, and its main thread's alone), its main thread's context switches, the wall
     seconds its core was not stolen, non-200 answers, nginx's CPU seconds (via nginx)."""
 
-    __slots__ = ("cpu", "errors", "nginx", "wall")
+    __slots__ = ("cpu", "errors", "main", "nginx", "switches", "wall")
 
     def __init__(self) -> None:
         self.cpu = 0.0
+        self.main = 0.0
+        self.switches = 0
         self.wall = 0.0
         self.errors = 0
         self.nginx = 0.0
@@ -617,9 +629,13 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                     sum(map(cpu_seconds, nginx_pids)) if name == VIA_NGINX else 0
                                 )
                                 stolen0 = steal_seconds(SYNAPSE_CORE)
+                                main0, switches0 = main_thread(pid)
                                 before, wall0 = cpu_seconds(pid), time.monotonic()
                                 acc.errors += await run_n(k, concurrency, one, serial)
                                 acc.cpu += cpu_seconds(pid) - before
+                                main1, switches1 = main_thread(pid)
+                                acc.main += main1 - main0
+                                acc.switches += switches1 - switches0
                                 # (busy: of the time Synapse's core was not taken by the
                                 # hypervisor, which here comes in bursts)
                                 acc.wall += unstolen(
@@ -641,6 +657,9 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 )
                             cells.setdefault((label, name), []).append(acc.cpu * 1000 / n)
                             BUSY.setdefault((mode, label, name), []).append(acc.cpu / acc.wall)
+                            MAIN.setdefault((mode, label, name), []).append(
+                                (acc.main * 1000 / n, acc.switches / n)
+                            )
                             ERRORS.setdefault((mode, label, name), []).append(acc.errors)
                     if args.cprofile_out and mode == "asyncio" and label != SEND_LABEL:
                         # (the small requests: where the listener's own cost shows)
@@ -1245,6 +1264,7 @@ def main() -> None:
     rows = []
     for m, cells in results.items():
         for (label, listener), values in cells.items():
+            main = [(round(c, 4), round(w, 3)) for c, w in MAIN.get((m, label, listener), [])]
             for i, v in enumerate(values):
                 rows.append(
                     {
@@ -1255,6 +1275,9 @@ def main() -> None:
                         "cpu_ms": v,
                         "errors": ERRORS[(m, label, listener)][i],
                         "busy": round(BUSY[(m, label, listener)][i], 3),
+                        # (nginx's own cells: not Synapse's, no main-thread figures)
+                        "main_cpu_ms": main[i][0] if main else "",
+                        "main_switches": main[i][1] if main else "",
                     }
                 )
     meta = provenance("python bench/inbound.py " + " ".join(sys.argv[1:]))
@@ -1273,6 +1296,12 @@ def main() -> None:
     )
     meta["cpu_clock"] = cpu_clock_source(os.getpid())
     meta["busy"] = "CPU s / wall s less the steal time of Synapse's core"
+    meta["main_thread"] = (
+        "main_cpu_ms: the part of cpu_ms in Synapse's main (reactor) thread (the rest is "
+        "its pool threads' and its Rust runtime's); main_switches: that thread's context "
+        "switches per request (/proc/PID/task/PID; its schedstat lags a running thread "
+        "by up to a scheduler tick per reading, so it may come out a little over cpu_ms)"
+    )
     write_dict_rows(csv_path, rows, meta)
     print(f"wrote {csv_path}")
     if args.readme:

@@ -126,6 +126,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def main_thread(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of process ``pid``'s main thread so far: its
+    scheduler run time from ``/proc/PID/task/PID/schedstat`` (nanoseconds; where there is
+    none, user + system ticks from its ``stat``), and its voluntary and involuntary
+    context switches (how often it waited: for work, for a thread pool's result)."""
+    task = f"/proc/{pid}/task/{pid}"
+    try:
+        with open(f"{task}/schedstat", encoding="ascii") as f:
+            cpu = int(f.read().split()[0]) / 1e9
+    except OSError:
+        with open(f"{task}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open(f"{task}/status", encoding="ascii") as f:
+        switches = sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+    return cpu, switches
+
+
 #: Synapse's ``background_updates`` setting for a bench's Synapse: the schema's one-off
 #: background updates run back to back instead of one a second, so that they are
 #: over before the first measured cell (:func:`settle_background_updates`)

@@ -46,3 +46,21 @@ def test_the_committed_small_cells_measured_a_busy_server() -> None:
             if label != bench.SEND_LABEL and listener != bench.NGINX_OWN:
                 # (nginx's own utilisation is not Synapse's: it waits for Synapse)
                 assert statistics.median(values) >= 0.9, (mode, label, listener, values)
+
+
+def test_the_main_thread_figures_follow_a_thread_that_works_and_waits() -> None:
+    """``main_thread`` (the CSV's main_cpu_ms and main_switches): a process's main
+    thread's CPU grows while it computes, and its context switches while it sleeps."""
+    import os
+    import time
+
+    bench = load_bench("inbound")
+    cpu0, switches0 = bench.main_thread(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    for _ in range(5):
+        time.sleep(0.001)
+    cpu1, switches1 = bench.main_thread(os.getpid())
+    assert 0.02 < cpu1 - cpu0 < 5  # (schedstat lags a running thread by a tick at most)
+    assert switches1 - switches0 >= 5
