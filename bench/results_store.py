@@ -120,7 +120,12 @@ def cpu_seconds(pid: int) -> float:
         return time.clock_gettime(_process_cpu_clock(pid))
     except (OSError, OverflowError):
         pass
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
+def _stat_cpu_seconds(path: str) -> float:
+    """user + system time, in seconds, from a ``/proc/.../stat`` file (clock ticks)."""
+    with open(path, encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -136,9 +141,7 @@ def main_thread(pid: int) -> tuple[float, int]:
         with open(f"{task}/schedstat", encoding="ascii") as f:
             cpu = int(f.read().split()[0]) / 1e9
     except OSError:
-        with open(f"{task}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        cpu = _stat_cpu_seconds(f"{task}/stat")
     with open(f"{task}/status", encoding="ascii") as f:
         switches = sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
     return cpu, switches
