@@ -37,7 +37,7 @@ def accepted_format(msg: CoapMessage) -> int | None:
 
     Raises RemoteProtocolError for a repeated Accept or a value over two bytes.
     """
-    accepts = msg.get(n.ACCEPT)
+    accepts = msg.options_index().get(n.ACCEPT)
     if not accepts:
         return None
     if len(accepts) > 1:

@@ -156,6 +156,8 @@ def _check_http_safe(headers: list[tuple[str, str]]) -> None:
 
 
 _NOT_PARSED: Any = object()
+#: what an absent option's values read as (shared: never modified)
+_NO_VALUES: list[bytes] = []
 #: The content options of a compact JSON response.
 _COMPACT_LABEL = [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))]
 
@@ -325,12 +327,13 @@ class WireCodec:
         limits: BodyLimits = REQUEST_BODY_LIMITS,
     ) -> HttpRequest:
         """The HTTP request; RemoteProtocolError (or UnknownTokenReference) if it cannot be."""
-        if msg.first(n.PROXY_URI) is not None or msg.first(n.PROXY_SCHEME) is not None:
+        o = msg.options_index()
+        if n.PROXY_URI in o or n.PROXY_SCHEME in o:
             raise ProxyingNotSupported("Proxy-Uri / Proxy-Scheme: this endpoint is not a proxy")
         _check_critical(msg)
         if msg.code == n.EMPTY or msg.code >= 32:
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a request")
-        method_opt = msg.get(n.OPT_HTTP_METHOD)
+        method_opt = o.get(n.OPT_HTTP_METHOD, _NO_VALUES)
         if method_opt:
             if len(method_opt) != 1 or msg.code != n.POST or not method_opt[0]:
                 raise RemoteProtocolError("bad HTTP-Method option")
@@ -358,9 +361,10 @@ class WireCodec:
     def _decode_target(
         self, msg: CoapMessage, resolver: Resolver | None = None
     ) -> tuple[bytes, bool, int]:
-        literal = msg.get(n.OPT_TARGET)
-        paths = [_strict_text(v, "Uri-Path") for v in msg.get(n.URI_PATH)]
-        queries = [_strict_text(v, "Uri-Query") for v in msg.get(n.URI_QUERY)]
+        o = msg.options_index()
+        literal = o.get(n.OPT_TARGET, _NO_VALUES)
+        paths = [_strict_text(v, "Uri-Path") for v in o.get(n.URI_PATH, _NO_VALUES)]
+        queries = [_strict_text(v, "Uri-Query") for v in o.get(n.URI_QUERY, _NO_VALUES)]
         if literal:
             if paths or queries:
                 raise RemoteProtocolError("Target option together with Uri-Path/Uri-Query")
@@ -369,9 +373,9 @@ class WireCodec:
                 raise RemoteProtocolError("literal target too long")
             if not target:
                 raise RemoteProtocolError("empty Target option")
-            flags = FLAG_NO_AUTH if msg.first(n.OPT_NO_AUTH) is not None else 0
+            flags = FLAG_NO_AUTH if n.OPT_NO_AUTH in o else 0
             return target, True, flags
-        if msg.first(n.OPT_NO_AUTH) is not None:
+        if n.OPT_NO_AUTH in o:
             raise RemoteProtocolError("No-Auth option without a Target option")
         if not paths or paths[0][:1] in ("_", ".", ""):
             # A standard CoAP tool: plain path segments, plain query.
@@ -392,9 +396,10 @@ class WireCodec:
         self, msg: CoapMessage, tokens: ReceiverTokens | None, routed: bool, flags: int
     ) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        binds = msg.get(n.OPT_TOKEN_BIND)
-        refs = msg.get(n.OPT_TOKEN_REF)
-        auths = msg.get(n.OPT_AUTHORIZATION)
+        o = msg.options_index()
+        binds = o.get(n.OPT_TOKEN_BIND, _NO_VALUES)
+        refs = o.get(n.OPT_TOKEN_REF, _NO_VALUES)
+        auths = o.get(n.OPT_AUTHORIZATION, _NO_VALUES)
         if len(binds) + len(refs) > 1 or ((binds or refs) and auths):
             raise RemoteProtocolError("conflicting authorization options")
         if (binds or refs or auths) and flags & FLAG_NO_AUTH:
@@ -591,7 +596,7 @@ class WireCodec:
         _check_critical(msg)
         if not n.code(2, 0) <= msg.code < n.code(6, 0):
             raise RemoteProtocolError(f"CoAP code {n.code_str(msg.code)} is not a response")
-        status_opts = msg.get(n.OPT_HTTP_STATUS)
+        status_opts = msg.options_index().get(n.OPT_HTTP_STATUS, _NO_VALUES)
         if status_opts:
             status = decode_uint(status_opts[0], 2)
             if len(status_opts) != 1 or not 100 <= status <= 599:
@@ -667,19 +672,20 @@ class WireCodec:
 
     def _decode_headers(self, msg: CoapMessage, *, response: bool) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
+        o = msg.options_index()
         if response:
-            max_age = msg.get(n.MAX_AGE)
+            max_age = o.get(n.MAX_AGE, _NO_VALUES)
             if len(max_age) > 1:
                 raise RemoteProtocolError("repeated Max-Age option")
             if max_age:
                 seconds = decode_uint(max_age[0], 4)
                 out.append(("cache-control", NO_CACHE if seconds == 0 else f"max-age={seconds}"))
-            etags = msg.get(n.ETAG)
+            etags = o.get(n.ETAG, _NO_VALUES)
             if len(etags) > 1:
                 raise RemoteProtocolError("repeated ETag option in a response")
             if etags:
                 out.append(("etag", _etag_text(etags[0])))
-        for value in msg.get(n.OPT_HEADER):
+        for value in o.get(n.OPT_HEADER, _NO_VALUES):
             if not value or value[0] >= len(SIGNIFICANT_HEADERS) or value[0] < 2:
                 raise RemoteProtocolError("bad Header option")
             out.append((SIGNIFICANT_HEADERS[value[0]], _text(value[1:], "Header option")))
@@ -739,8 +745,9 @@ class WireCodec:
     ) -> tuple[list[tuple[str, str]], bytes, Any]:
         """Content headers, body, and (decoded with ``resolver`` only) the JSON value.
         ``bases``: a notification's (what is kept of it is left in ``bases.kept``)."""
-        cts = msg.get(n.OPT_CONTENT_TYPE)
-        cfs = msg.get(n.CONTENT_FORMAT)
+        o = msg.options_index()
+        cts = o.get(n.OPT_CONTENT_TYPE, _NO_VALUES)
+        cfs = o.get(n.CONTENT_FORMAT, _NO_VALUES)
         if len(cfs) > 1 or (cfs and cts):
             raise RemoteProtocolError("conflicting Content-Format / Content-Type options")
         if cts:
@@ -812,10 +819,11 @@ class WireCodec:
     # ------------------------------------------------------------------- misc
     def route_name(self, msg: CoapMessage) -> str:
         """A stable name for metrics and logs (never contains arguments or tokens)."""
-        if msg.first(n.OPT_TARGET) is not None:
+        o = msg.options_index()
+        if n.OPT_TARGET in o:
             return "literal"
         try:
-            paths = [_strict_text(v, "Uri-Path") for v in msg.get(n.URI_PATH)]
+            paths = [_strict_text(v, "Uri-Path") for v in o.get(n.URI_PATH, _NO_VALUES)]
         except RemoteProtocolError:
             return "unknown"
         if not paths or paths[0][:1] in ("_", ".", ""):
@@ -873,7 +881,7 @@ def _inherited_resolver(
 
 def request_seq(msg: CoapMessage) -> int | None:
     """The String-Seq number of a request message (None: not numbered)."""
-    seqs = msg.get(n.OPT_STRING_SEQ)
+    seqs = msg.options_index().get(n.OPT_STRING_SEQ, _NO_VALUES)
     if len(seqs) > 1:
         raise RemoteProtocolError("repeated String-Seq option")
     return decode_uint(seqs[0], 4) if seqs else None

@@ -112,6 +112,13 @@ class CoapMessage:
         object.__setattr__(self, "_by_number", index)
         return index
 
+    def options_index(self) -> dict[int, list[bytes]]:
+        """Option number -> its values, in order: the message's own index, to be read,
+        never modified (the compiled codec reads a request's options through it, one
+        call instead of one :meth:`get` per option)."""
+        index = self._by_number
+        return self._index() if index is None else index
+
     def get(self, number: int) -> list[bytes]:
         """The values of every option ``number``, in order (a new list)."""
         index = self._by_number

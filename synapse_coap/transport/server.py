@@ -732,7 +732,8 @@ class CoapServer:
             accept = accepted_format(cm)
         except RemoteProtocolError:
             return CoapMessage(int(Code.BAD_REQUEST), (), b"bad Accept option")
-        if cm.get(_URI_PATH) == _WELL_KNOWN_CORE and cm.first(n.OPT_TARGET) is None:
+        index = cm.options_index()
+        if index.get(_URI_PATH) == _WELL_KNOWN_CORE and n.OPT_TARGET not in index:
             if cm.code != int(Code.GET):
                 return CoapMessage(int(Code.METHOD_NOT_ALLOWED))
             if accept not in (None, n.CF_LINK_FORMAT):

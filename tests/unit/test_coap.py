@@ -6,10 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synapse_coap.errors import RemoteProtocolError
+from synapse_coap.errors import RemoteProtocolError, SynapseCoapError
 from synapse_coap.mapping import numbers as n
 from synapse_coap.mapping.coap import decode_coap, encode_coap
 from synapse_coap.mapping.messages import CoapMessage, CoapOption
+from synapse_coap.wire.profile import load_profile
 
 
 def test_rfc7252_get_example_bytes() -> None:
@@ -98,6 +99,11 @@ options = st.lists(
 )
 
 
+#: option numbers a request's decoding reads: Uri-Path, Content-Format, Uri-Query, Accept,
+#: the codec's Header, Target, Token-Ref and No-Auth
+_INDEXED = (11, 12, 15, 17, n.OPT_HEADER, n.OPT_TARGET, n.OPT_TOKEN_REF, n.OPT_NO_AUTH)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(0, 255),
@@ -138,3 +144,34 @@ def test_option_lookups_follow_the_options_and_hand_out_copies() -> None:
     import attrs
 
     assert attrs.evolve(cm, code=2).get(15) == [b"q"]
+
+
+#: option numbers a request's decoding reads: Uri-Path, Content-Format, Uri-Query, Accept,
+#: the codec's Header, Target, Token-Ref and No-Auth
+_INDEXED = (11, 12, 15, 17, n.OPT_HEADER, n.OPT_TARGET, n.OPT_TOKEN_REF, n.OPT_NO_AUTH)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_INDEXED), st.binary(max_size=4)),
+        max_size=8,
+    )
+)
+def test_the_options_index_is_what_get_reads(pairs: list[tuple[int, bytes]]) -> None:
+    """``options_index`` (what the compiled codec reads a request's options through) holds,
+    for every option number present, exactly ``get``'s values, and no absent number; reading
+    a request through it leaves the codec's shared empty list empty."""
+    from synapse_coap.mapping import codec as codec_module
+
+    cm = CoapMessage(1, tuple(CoapOption(k, v) for k, v in sorted(pairs, key=lambda p: p[0])))
+    index = cm.options_index()
+    assert set(index) == {k for k, _ in pairs}
+    for k in _INDEXED:
+        assert index.get(k, []) == cm.get(k)
+    assert cm.options_index() is index
+    try:
+        codec_module.WireCodec(load_profile(1)).decode_request(cm)
+    except SynapseCoapError:
+        pass
+    assert codec_module._NO_VALUES == []
