@@ -1308,6 +1308,79 @@ def main() -> None:
         render_readme(csv_path)
 
 
+#: the listeners whose cells the per-thread split shows
+SPLIT_LISTENERS = ("CoAP+Noise", "HTTP/1.1")
+
+
+def thread_split(
+    rows: list[dict[str, str]],
+) -> dict[str, list[tuple[str, list[tuple[float, float, float]]]]]:
+    """mode -> [(endpoint, per :data:`SPLIT_LISTENERS`: (main-thread us, other threads'
+    us, the main thread's context switches) per request, medians of the rounds)], from the
+    CSV's ``main_cpu_ms`` and ``main_switches``; empty for a run from before those columns.
+    The other threads' share is ``cpu_ms - main_cpu_ms`` per round, at least 0 (the main
+    thread's schedstat may lag a running thread by a tick)."""
+    rows = [r for r in rows if r["listener"] in SPLIT_LISTENERS]
+    if not rows or not all(r.get("main_cpu_ms") and r.get("main_switches") for r in rows):
+        return {}
+    cpu, main = cells_of(rows), cells_of(rows, "main_cpu_ms")
+    switches = cells_of(rows, "main_switches")
+    out: dict[str, list[tuple[str, list[tuple[float, float, float]]]]] = {}
+    labels = [e[0] for e in ENDPOINTS] + [SEND_LABEL]
+    for mode, cells in cpu.items():
+        for label in labels:
+            keys = [(label, listener) for listener in SPLIT_LISTENERS]
+            if not all(k in cells for k in keys):
+                continue
+            per = []
+            for k in keys:
+                mains = main[mode][k]
+                others = [max(0.0, c - m) for c, m in zip(cells[k], mains, strict=True)]
+                per.append(
+                    (
+                        statistics.median(mains) * 1000,
+                        statistics.median(others) * 1000,
+                        statistics.median(switches[mode][k]),
+                    )
+                )
+            out.setdefault(mode, []).append((label, per))
+    return out
+
+
+def thread_split_lines(rows: list[dict[str, str]]) -> list[str]:
+    """The README's per-thread split of the CoAP+Noise and HTTP/1.1 cells (nothing for a
+    run from before the columns)."""
+    split = thread_split(rows)
+    if not split:
+        return []
+    lines = [
+        "",
+        "Where that CPU ran, in the same cells: Synapse's main (reactor) thread and its "
+        "other threads (its thread pool, where Synapse encodes an HTTP answer's JSON; the "
+        "CoAP listener has Synapse encode it on the main thread, where the answer is then "
+        "encoded for the wire; and its Rust runtime, which answers `client versions`), "
+        "microseconds per request, and how often per request the main thread waited "
+        "(context switches); medians of the rounds.",
+        "",
+        "| reactor | endpoint | "
+        + " | ".join(f"{n} main us | {n} other us" for n in SPLIT_LISTENERS)
+        + " | main-thread waits, "
+        + " / ".join(SPLIT_LISTENERS)
+        + " |",
+        "|---|---|" + "--:|" * (2 * len(SPLIT_LISTENERS) + 1),
+    ]
+    for mode, entries in split.items():
+        for label, per in entries:
+            lines.append(
+                f"| {mode} | {label} | "
+                + " | ".join(f"{m:.0f} | {o:.0f}" for m, o, _ in per)
+                + " | "
+                + " / ".join(f"{w:.2f}" for _, _, w in per)
+                + " |"
+            )
+    return lines
+
+
 def render_readme(csv_path: Path) -> None:
     meta, rows = read_dict_rows(csv_path)
     replace_block(ROOT / "README.md", "inbound", readme_block(meta, rows), WRITER)
@@ -1403,6 +1476,7 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
                 + "".join(f" | {ratio_text(r)}" for r in ratios)
                 + f" | {busy_text(busy[m], label)} |"
             )
+    lines += thread_split_lines(rows)
     lines += [
         "",
         f"_`{meta['command']}`, commit `{meta['commit']}`, {meta['time']}, {meta['machine']}, "

@@ -64,3 +64,45 @@ def test_the_main_thread_figures_follow_a_thread_that_works_and_waits() -> None:
     cpu1, switches1 = bench.main_thread(os.getpid())
     assert 0.02 < cpu1 - cpu0 < 5  # (schedstat lags a running thread by a tick at most)
     assert switches1 - switches0 >= 5
+
+
+def test_the_thread_split_is_the_main_thread_and_the_rest_of_each_cell() -> None:
+    """The README's per-thread split: per cell the medians of the rounds' main-thread
+    CPU, the rest of the cell's CPU (never below 0: schedstat's lag), and the main
+    thread's context switches; nginx's own rows left out; nothing for a run from before
+    the columns."""
+    bench = load_bench("inbound")
+
+    def row(listener: str, rnd: int, cpu: str, main: str, sw: str) -> dict[str, str]:
+        return {
+            "mode": "default",
+            "endpoint": "whoami (auth)",
+            "listener": listener,
+            "round": str(rnd),
+            "cpu_ms": cpu,
+            "errors": "0",
+            "busy": "0.95",
+            "main_cpu_ms": main,
+            "main_switches": sw,
+        }
+
+    rows = [
+        row("CoAP+Noise", 0, "0.500", "0.480", "0.02"),
+        row("CoAP+Noise", 1, "0.400", "0.410", "0.04"),  # main over cpu: the rest is 0
+        row("CoAP+Noise", 2, "0.450", "0.440", "0.03"),
+        row("HTTP/1.1", 0, "0.470", "0.430", "2.9"),
+        row("HTTP/1.1", 1, "0.480", "0.420", "2.8"),
+        row("HTTP/1.1", 2, "0.460", "0.430", "3.0"),
+        row(bench.NGINX_OWN, 0, "0.150", "", ""),
+    ]
+    split = bench.thread_split(rows)
+    assert list(split) == ["default"]
+    [(label, per)] = split["default"]
+    assert label == "whoami (auth)"
+    (cm, co, cw), (hm, ho, hw) = per
+    assert (round(cm), round(co), cw) == (440, 10, 0.03)
+    assert (round(hm), round(ho), hw) == (430, 40, 2.9)
+    lines = bench.thread_split_lines(rows)
+    assert "| default | whoami (auth) | 440 | 10 | 430 | 40 | 0.03 / 2.90 |" in lines
+    old = [{k: v for k, v in r.items() if not k.startswith("main_")} for r in rows]
+    assert bench.thread_split(old) == {} and bench.thread_split_lines(old) == []
