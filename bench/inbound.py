@@ -174,6 +174,8 @@ ENDPOINTS: list[tuple[str, str, bool]] = [
     # listener, nearly nothing else; the listener's own share shows most here
     ("/health (no servlet)", "/health", False),
 ]
+#: the rows of the README's tables, in order: the endpoints, then the federation /send
+ROW_LABELS = [e[0] for e in ENDPOINTS] + [SEND_LABEL]
 
 
 #: The cores this process may use at start (pin() narrows its own affinity; a second
@@ -1113,9 +1115,8 @@ def table(
     CoAP+Noise / baseline ratio of every round: the two listeners' cells of one round
     taken side by side, so a drift of the machine between rounds cancels)."""
     out = []
-    labels = [e[0] for e in ENDPOINTS] + [SEND_LABEL]
     listeners = present(cells)
-    for label in labels:
+    for label in ROW_LABELS:
         if (label, "HTTP/1.1") not in cells:
             continue
         noise = cells[(label, "CoAP+Noise")]
@@ -1326,9 +1327,8 @@ def thread_split(
     cpu, main = cells_of(rows), cells_of(rows, "main_cpu_ms")
     switches = cells_of(rows, "main_switches")
     out: dict[str, list[tuple[str, list[tuple[float, float, float]]]]] = {}
-    labels = [e[0] for e in ENDPOINTS] + [SEND_LABEL]
     for mode, cells in cpu.items():
-        for label in labels:
+        for label in ROW_LABELS:
             keys = [(label, listener) for listener in SPLIT_LISTENERS]
             if not all(k in cells for k in keys):
                 continue
