@@ -71,7 +71,10 @@ and a PDU whose parent is still being persisted would have Synapse fetch
 listener's; the bench counts such fetches in the measured Synapse's log and
 records them in the CSV's header). ``--no-send`` leaves it out.
 ``--send-requests`` sets its transactions per cell (fewer: each costs Synapse
-about twenty times a small request). The listeners take turns in an order
+about twenty times a small request); they too are measured in turns, of
+``--send-turn`` transactions (10 by default: every PDU grows the room and Synapse's
+database, and one turn per cell left a ratio's two cells up to minutes apart:
+``bench/results/inbound-send-turns/``). The listeners take turns in an order
 rotated every round. ``--modes default,asyncio`` runs both reactor modes (the asyncio reactor with
 ``SYNAPSE_ASYNC_IO_REACTOR=1``, aiocoap sharing its loop).
 
@@ -85,8 +88,14 @@ Usage::
     python bench/inbound.py [--requests 400] [--send-requests 100] [--rounds 5]
                             [--concurrency 4] [--client lean|aiocoap]
                             [--modes default,asyncio] [--no-send] [--readme]
+                            [--turn 100] [--send-turn 10]
                             [--profile-out FILE] [--cprofile-out FILE]
     python bench/inbound.py --render
+    python bench/inbound.py --only "client versions" --listeners none ...
+
+``--only LABELS`` (the endpoints' labels, comma-separated) and ``--listeners``
+(which of plain CoAP, HTTPS/1.1 and via nginx to measure besides CoAP+Noise and
+HTTP/1.1; ``none`` for neither) make a quick A/B run; neither writes the README.
 
 ``--cprofile-out FILE`` (asyncio mode, one thread) runs Synapse under cProfile
 (``bench/profiling/sitecustomize.py``) and writes the internal-time and
@@ -558,6 +567,8 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                 endpoints = list(ENDPOINTS)
                 if chain is not None:
                     endpoints.append((SEND_LABEL, "", False))
+                if args.only:
+                    endpoints = [e for e in endpoints if e[0] in args.only]
                 for label, target, auth in endpoints:
                     headers: tuple[tuple[str, str], ...] = (
                         (("authorization", f"Bearer {token}"),) if auth else ()
@@ -610,13 +621,16 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             plain,
                             plain_ep,
                         )
+                    if args.listeners:
+                        runners = {k: v for k, v in runners.items() if k in args.listeners}
                     for one in runners.values():  # warm-up: sessions, caches, connections
                         await run_n(20, concurrency, one, serial)
                         serial += 20
                     # a round's cell of each listener is measured in turns of --turn
                     # requests, the listeners alternating, so that the two cells of a
-                    # ratio share the machine's state (the /send: one turn per cell)
-                    turn = n if label == SEND_LABEL or not args.turn else min(args.turn, n)
+                    # ratio share the machine's state (the /send: --send-turn)
+                    size = args.send_turn if label == SEND_LABEL else args.turn
+                    turn = min(size, n) if size else n
                     for r in range(args.rounds):
                         # the listeners take turns, in an order rotated every round (no
                         # listener always first or last, e.g. in a room that grows)
@@ -1174,7 +1188,15 @@ def main() -> None:
         default=100,
         help="requests per listener turn: a round's cells are measured in turns of this "
         "many requests, the listeners alternating (0: one turn of --requests per cell, "
-        "as before); the /send takes one turn per cell",
+        "as before); the /send's turns are --send-turn",
+    )
+    parser.add_argument(
+        "--send-turn",
+        type=int,
+        default=10,
+        help="/send transactions per listener turn, as --turn (0: one turn per cell); the "
+        "room and Synapse's database grow with every PDU, so that a listener measured "
+        "later in a round would otherwise find more of both",
     )
     parser.add_argument(
         "--client",
@@ -1192,6 +1214,19 @@ def main() -> None:
         dest="send",
         action="store_false",
         help="leave out the federation /send cell (and its second Synapse)",
+    )
+    parser.add_argument(
+        "--listeners",
+        default="",
+        help="comma-separated listeners to measure besides CoAP+Noise and HTTP/1.1 (of "
+        "'plain CoAP', 'HTTPS/1.1', 'via nginx', or 'none' for just those two; default: "
+        "all); not with --readme",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated endpoint labels to measure (e.g. 'federation send (1 PDU)' "
+        "or 'client versions'; default: all); not with --readme",
     )
     parser.add_argument(
         "--profile-out", type=Path, default=None, help="write py-spy text profiles here"
@@ -1245,8 +1280,30 @@ def main() -> None:
         return
     if args.body_memo and args.readme:
         parser.error("--body-memo: not with --readme (the README's figures are of distinct bodies)")
+    only = {o.strip() for o in args.only.split(",") if o.strip()}
+    known = {label for label, _, _ in ENDPOINTS} | {SEND_LABEL}
+    if only - known:
+        parser.error(f"--only: unknown {sorted(only - known)} (allowed: {sorted(known)})")
+    if only and args.readme:
+        parser.error("--only: not with --readme (the README's table has every endpoint)")
+    args.only = only
+    listeners = {x.strip() for x in args.listeners.split(",") if x.strip()}
+    filtered = bool(listeners)
+    listeners.discard("none")
+    optional = {"plain CoAP", "HTTPS/1.1", VIA_NGINX}
+    if listeners - optional:
+        parser.error(
+            f"--listeners: unknown {sorted(listeners - optional)} (allowed: {sorted(optional)})"
+        )
+    if filtered and args.readme:
+        parser.error("--listeners: not with --readme (the README's table has every listener)")
+    args.listeners = listeners | {"CoAP+Noise", "HTTP/1.1"} if filtered else set()
+    if only and SEND_LABEL not in only:
+        args.send = False  # no second Synapse to start
     if args.turn < 0:
         parser.error(f"--turn: {args.turn} (allowed: 0, one turn per cell, or more)")
+    if args.send_turn < 0:
+        parser.error(f"--send-turn: {args.send_turn} (allowed: 0, one turn per cell, or more)")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in ("default", "asyncio"):
@@ -1288,6 +1345,7 @@ def main() -> None:
     meta["rounds"] = str(args.rounds)
     meta["concurrency"] = str(args.concurrency)
     meta["turn"] = str(args.turn)
+    meta["send_turn"] = str(args.send_turn)
     meta["client"] = args.client
     meta["missing_event_fetches"] = ", ".join(f"{m} {n}" for m, n in MISSING.items())
     meta["background_updates"] = "settled before the first cell"
@@ -1407,7 +1465,12 @@ def readme_block(meta: dict[str, str], rows: list[dict[str, str]]) -> str:
         f"memo hit), median (min-max) of {meta['rounds']} rounds, the listeners taking turns "
         + (
             f"of {meta['turn']} requests within each round's cells (so that the cells of a "
-            "ratio share the machine's state; the `/send` one turn per cell) "
+            "ratio share the machine's state; the `/send` "
+            + (
+                f"in turns of {meta['send_turn']} transactions) "
+                if meta.get("send_turn", "0") != "0"
+                else "one turn per cell) "
+            )
             if meta.get("turn", "0") != "0"
             else ""
         )

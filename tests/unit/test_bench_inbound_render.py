@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.harness.bench import ROOT, generated_block, load_bench
 
 
@@ -106,3 +108,36 @@ def test_the_thread_split_is_the_main_thread_and_the_rest_of_each_cell() -> None
     assert "| default | whoami (auth) | 440 | 10 | 430 | 40 | 0.03 / 2.90 |" in lines
     old = [{k: v for k, v in r.items() if not k.startswith("main_")} for r in rows]
     assert bench.thread_split(old) == {} and bench.thread_split_lines(old) == []
+
+
+def test_the_block_names_how_the_send_cells_took_turns() -> None:
+    """The `/send` cells' turns (``--send-turn``, recorded in the CSV) are in the block;
+    a run from before the setting read as one turn per cell."""
+    bench = load_bench("inbound")
+    meta, rows = bench.read_dict_rows(bench.RESULTS_CSV)
+    turned = bench.readme_block({**meta, "turn": "100", "send_turn": "10"}, rows)
+    assert "the `/send` in turns of 10 transactions)" in turned
+    old = {k: v for k, v in meta.items() if k != "send_turn"}
+    assert "the `/send` one turn per cell)" in bench.readme_block({**old, "turn": "100"}, rows)
+    whole = bench.readme_block({**meta, "turn": "100", "send_turn": "0"}, rows)
+    assert "the `/send` one turn per cell)" in whole
+
+
+def test_a_partial_run_is_refused_for_the_readme(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--only``/``--listeners`` (quick A/B runs) name what they allow, and neither
+    writes the README's table (it has every endpoint and listener)."""
+    bench = load_bench("inbound")
+    for argv, words in [
+        (["--only", "nothing"], "--only: unknown ['nothing']"),
+        (["--listeners", "gopher"], "--listeners: unknown ['gopher']"),
+        (["--only", "client versions", "--readme"], "--only: not with --readme"),
+        (["--listeners", "none", "--readme"], "--listeners: not with --readme"),
+        (["--send-turn", "-1"], "--send-turn: -1 (allowed: 0"),
+    ]:
+        monkeypatch.setattr("sys.argv", ["inbound.py", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            bench.main()
+        assert exit_.value.code == 2
+        assert words in capsys.readouterr().err
