@@ -134,6 +134,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+import perfsplit  # noqa: E402
 from lab_scenarios.client import launch_nginx, nginx_path  # noqa: E402
 from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
@@ -691,6 +692,11 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 pid, workdir, args.profile_requests, concurrency, one, serial
                             )
                             serial += args.profile_requests
+                    if args.perf_out and label != SEND_LABEL:
+                        PERF.setdefault(mode, {}).update(
+                            await perf_pass(pid, workdir, label, runners, args, concurrency, serial)
+                        )
+                        serial += 2 * args.perf_requests
                     if args.profile_out and label != SEND_LABEL:
                         for name, one in runners.items():
                             spy = start_spy(pid, workdir / f"spy-{listener_slug(name)}.txt")
@@ -818,6 +824,89 @@ _CUTS: dict[int, int] = {}
 STAGES_LABEL = "/health (no servlet)"
 #: (mode, listener) -> {stage label: (calls, ns)} of the stage-timing pass
 STAGES: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+#: mode -> {(endpoint, listener): samples} of the perf passes (--perf-out)
+PERF: dict[str, dict[tuple[str, str], perfsplit.Cell]] = {}
+#: the listeners a perf pass compares
+PERF_LISTENERS = ("CoAP+Noise", "HTTP/1.1")
+
+
+async def perf_pass(
+    pid: int,
+    workdir: Path,
+    label: str,
+    runners: dict[str, Callable[[int], Awaitable[int]]],
+    args: argparse.Namespace,
+    concurrency: int,
+    base: int,
+) -> dict[tuple[str, str], perfsplit.Cell]:
+    """One more pass of ``--perf-requests`` requests per listener (CoAP+Noise, HTTP/1.1,
+    alternating turns of 100, the first of a pair swapped every turn) with ``perf
+    record`` sampling every thread of Synapse; the samples split per turn
+    (bench/perfsplit.py). Nothing (and a warning) if perf cannot record."""
+    perf = shutil.which("perf")
+    assert perf is not None  # (checked with the arguments)
+    data = workdir / f"perf-{time.monotonic_ns()}.data"
+    record = subprocess.Popen(
+        [
+            *(perf, "record", "-k", "CLOCK_MONOTONIC", "-F", str(args.perf_frequency)),
+            *("-p", str(pid), "-o", str(data)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    await asyncio.sleep(0.5)  # (perf attaches to every thread)
+    turns: list[perfsplit.Turn] = []
+    pair = [(name, runners[name]) for name in PERF_LISTENERS]
+    serial = base
+    done = 0
+    while done < args.perf_requests:
+        k = min(100, args.perf_requests - done)
+        for name, one in pair:
+            t0 = time.monotonic()
+            await run_n(k, concurrency, one, serial)
+            turns.append(perfsplit.Turn(label, name, t0, time.monotonic(), k))
+            serial += k
+        pair.reverse()
+        done += k
+    record.send_signal(signal.SIGINT)
+    try:
+        _, err = record.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        record.kill()
+        _, err = record.communicate()
+    if not data.exists():
+        print(
+            f"  warning: perf record failed: {err.decode(errors='replace')[-300:]}", file=sys.stderr
+        )
+        return {}
+    script = subprocess.run(
+        [perf, "script", "-i", str(data), "-F", "tid,time,ip,sym,dso"],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+    )
+    data.unlink()
+    return perfsplit.split(perfsplit.parse_script(script.stdout.splitlines()), turns)
+
+
+def perf_report(args: argparse.Namespace) -> str:
+    """The perf passes as text (bench/perfsplit.py's tables, one section per mode)."""
+    lines = [
+        "# Where Synapse's CPU goes by library, per request: perf samples of every thread",
+        f"# ({args.perf_frequency} Hz, cpu-clock) taken during one more pass per endpoint, the",
+        "# CoAP+Noise and HTTP/1.1 listeners alternating turns of 100 requests; microseconds",
+        "# per request (a sample costs the process some CPU of its own: the figures are larger",
+        "# than the table's, the differences are what to read). bench/perfsplit.py groups the",
+        "# shared objects.",
+        f"# {args.perf_requests} distinct requests per listener, endpoint and mode",
+        "# command: python bench/inbound.py " + " ".join(sys.argv[1:]),
+        f"# commit {source_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+    ]
+    for mode, cells in PERF.items():
+        lines += perfsplit.render(cells, args.perf_frequency, title=f"{mode} reactor")
+    return "\n".join(lines)
 
 
 async def stage_pass(
@@ -1216,6 +1305,20 @@ def main() -> None:
         help="leave out the federation /send cell (and its second Synapse)",
     )
     parser.add_argument(
+        "--perf-out",
+        type=Path,
+        default=None,
+        help="after each small endpoint's rounds, one more pass per listener with Linux "
+        "perf sampling Synapse; write where its CPU went, by library, to FILE "
+        "(bench/perfsplit.py; needs perf on PATH and the right to attach)",
+    )
+    parser.add_argument(
+        "--perf-requests", type=int, default=3000, help="requests per listener in a perf pass"
+    )
+    parser.add_argument(
+        "--perf-frequency", type=int, default=999, help="perf samples per second (Hz)"
+    )
+    parser.add_argument(
         "--listeners",
         default="",
         help="comma-separated listeners to measure besides CoAP+Noise and HTTP/1.1 (of "
@@ -1300,6 +1403,10 @@ def main() -> None:
     args.listeners = listeners | {"CoAP+Noise", "HTTP/1.1"} if filtered else set()
     if only and SEND_LABEL not in only:
         args.send = False  # no second Synapse to start
+    if args.perf_out and shutil.which("perf") is None:
+        parser.error("--perf-out: needs Linux perf on PATH (Debian: linux-perf)")
+    if args.perf_requests < 100 or args.perf_frequency < 1:
+        parser.error("--perf-requests: at least 100; --perf-frequency: at least 1 Hz")
     if args.turn < 0:
         parser.error(f"--turn: {args.turn} (allowed: 0, one turn per cell, or more)")
     if args.send_turn < 0:
@@ -1313,6 +1420,10 @@ def main() -> None:
         args.stages_out.parent.mkdir(parents=True, exist_ok=True)
         args.stages_out.write_text(stage_report(args) + "\n")
         print(f"stage timing written to {args.stages_out}")
+    if args.perf_out and PERF:
+        args.perf_out.parent.mkdir(parents=True, exist_ok=True)
+        args.perf_out.write_text(perf_report(args) + "\n")
+        print(f"perf split written to {args.perf_out}")
     for m, cells in results.items():
         report(m, cells, args)
     print(
