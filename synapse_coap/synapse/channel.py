@@ -4,7 +4,7 @@ What a SynapseRequest sees as its connection: it collects the response (status,
 headers, body, including bodies streamed by a producer) in memory, and says when the
 request is over, either through a Deferred (``done``: the dispatcher's ``dispatch``,
 across the bridge) or, on the direct path (``dispatch_now``), by calling ``notify``
-with the response from Synapse's own ``finish``, in the sentinel logcontext.
+with the response from Synapse's own ``finish``, in the logcontext that runs in.
 :mod:`synapse_coap.synapse.dispatch` builds the requests that use it.
 """
 
@@ -265,9 +265,14 @@ class CoapChannel:
         return self.response()
 
     def _deliver(self, notify: Callable[[HttpResponse | BaseException], None]) -> None:
-        """``notify`` the result, in the sentinel logcontext (it may be called inside
-        Synapse's own ``finish``); what it raises is logged, never raised into Synapse."""
-        previous = set_current_context(SENTINEL_CONTEXT)
+        """``notify`` the result, in the logcontext it is called in: inside Synapse's own
+        ``finish``, the request's (so what the answer's encoding costs counts in the
+        request's CPU, and what it logs carries the request's name), as Twisted's HTTP
+        channel writes a response. No switch to the sentinel and back: with Synapse 1.163
+        each switch is a ``getrusage`` system call and the contexts' accounting, two a
+        request that Twisted's channel does not make (``strace``). ``notify`` changes no
+        logcontext (a request it starts, :meth:`InProcessDispatcher.dispatch_now`, puts
+        back the one it found); what it raises is logged, never raised into Synapse."""
         try:
             try:
                 result: HttpResponse | BaseException = self.result()
@@ -276,8 +281,6 @@ class CoapChannel:
             notify(result)
         except Exception:
             logger.exception("synapse-coap: answering a request failed")
-        finally:
-            set_current_context(previous)
 
     def fail(self, error: BaseException) -> None:
         """The request could not be started: ``notify`` gets ``error`` (once)."""

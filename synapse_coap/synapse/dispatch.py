@@ -326,7 +326,9 @@ class InProcessDispatcher:
         """(see mapping.dispatch.EagerDispatcher) With the loop on the reactor thread the
         request starts now, in the sentinel logcontext, with no Deferred between Synapse
         and ``done``: its channel calls ``done`` when Synapse finishes the response
-        (possibly before this returns), in the sentinel logcontext. None in thread mode."""
+        (possibly before this returns), in the logcontext Synapse finishes it in (the
+        request's, or the sentinel), which ``done`` must leave as it found it. None in
+        thread mode."""
         if not self._bridge.same_thread:
             return None
         channel = CoapChannel(self.site, self._reactor, peer, self._local, notify=done)
