@@ -19,6 +19,7 @@ the same way in alternating turns, is the point. Sans-I/O: the caller runs ``per
 
 from __future__ import annotations
 
+import bisect
 import collections
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -104,8 +105,6 @@ def split(samples: Iterable[Sample], turns: Sequence[Turn]) -> dict[tuple[str, s
     for t in ordered:
         cells.setdefault((t.endpoint, t.listener), Cell()).requests += t.requests
     starts = [t.start for t in ordered]
-    import bisect
-
     for s in samples:
         i = bisect.bisect_right(starts, s.time) - 1
         if i < 0 or s.time > ordered[i].end:
