@@ -167,6 +167,9 @@ ORIGIN = "origin.test"
 VIA_NGINX = "via nginx"
 NGINX_OWN = "nginx's own"
 LISTENERS = ("CoAP+Noise", "plain CoAP", "HTTP/1.1", "HTTPS/1.1", VIA_NGINX, NGINX_OWN)
+#: the two listeners every run measures and compares (--listeners leaves only the others
+#: out; the per-thread split and the perf pass are of these)
+COMPARED = ("CoAP+Noise", "HTTP/1.1")
 SEND_LABEL = "federation send (1 PDU)"
 #: Idle seconds after each /send answer, so that Synapse has persisted the PDU the
 #: next one follows (see the module docstring).
@@ -826,8 +829,6 @@ STAGES_LABEL = "/health (no servlet)"
 STAGES: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
 #: mode -> {(endpoint, listener): samples} of the perf passes (--perf-out)
 PERF: dict[str, dict[tuple[str, str], perfsplit.Cell]] = {}
-#: the listeners a perf pass compares
-PERF_LISTENERS = ("CoAP+Noise", "HTTP/1.1")
 
 
 async def perf_pass(
@@ -856,7 +857,7 @@ async def perf_pass(
     )
     await asyncio.sleep(0.5)  # (perf attaches to every thread)
     turns: list[perfsplit.Turn] = []
-    pair = [(name, runners[name]) for name in PERF_LISTENERS]
+    pair = [(name, runners[name]) for name in COMPARED]
     serial = base
     done = 0
     while done < args.perf_requests:
@@ -1387,7 +1388,7 @@ def main() -> None:
     if args.body_memo and args.readme:
         parser.error("--body-memo: not with --readme (the README's figures are of distinct bodies)")
     only = {o.strip() for o in args.only.split(",") if o.strip()}
-    known = {label for label, _, _ in ENDPOINTS} | {SEND_LABEL}
+    known = set(ROW_LABELS)
     if only - known:
         parser.error(f"--only: unknown {sorted(only - known)} (allowed: {sorted(known)})")
     if only and args.readme:
@@ -1403,7 +1404,7 @@ def main() -> None:
         )
     if filtered and args.readme:
         parser.error("--listeners: not with --readme (the README's table has every listener)")
-    args.listeners = listeners | {"CoAP+Noise", "HTTP/1.1"} if filtered else set()
+    args.listeners = listeners | set(COMPARED) if filtered else set()
     if only and SEND_LABEL not in only:
         args.send = False  # no second Synapse to start
     if args.perf_out and shutil.which("perf") is None:
@@ -1481,19 +1482,15 @@ def main() -> None:
         render_readme(csv_path)
 
 
-#: the listeners whose cells the per-thread split shows
-SPLIT_LISTENERS = ("CoAP+Noise", "HTTP/1.1")
-
-
 def thread_split(
     rows: list[dict[str, str]],
 ) -> dict[str, list[tuple[str, list[tuple[float, float, float]]]]]:
-    """mode -> [(endpoint, per :data:`SPLIT_LISTENERS`: (main-thread us, other threads'
+    """mode -> [(endpoint, per :data:`COMPARED`: (main-thread us, other threads'
     us, the main thread's context switches) per request, medians of the rounds)], from the
     CSV's ``main_cpu_ms`` and ``main_switches``; empty for a run from before those columns.
     The other threads' share is ``cpu_ms - main_cpu_ms`` per round, at least 0 (the main
     thread's schedstat may lag a running thread by a tick)."""
-    rows = [r for r in rows if r["listener"] in SPLIT_LISTENERS]
+    rows = [r for r in rows if r["listener"] in COMPARED]
     if not rows or not all(r.get("main_cpu_ms") and r.get("main_switches") for r in rows):
         return {}
     cpu, main = cells_of(rows), cells_of(rows, "main_cpu_ms")
@@ -1501,7 +1498,7 @@ def thread_split(
     out: dict[str, list[tuple[str, list[tuple[float, float, float]]]]] = {}
     for mode, cells in cpu.items():
         for label in ROW_LABELS:
-            keys = [(label, listener) for listener in SPLIT_LISTENERS]
+            keys = [(label, listener) for listener in COMPARED]
             if not all(k in cells for k in keys):
                 continue
             per = []
@@ -1535,11 +1532,11 @@ def thread_split_lines(rows: list[dict[str, str]]) -> list[str]:
         "(context switches); medians of the rounds.",
         "",
         "| reactor | endpoint | "
-        + " | ".join(f"{n} main us | {n} other us" for n in SPLIT_LISTENERS)
+        + " | ".join(f"{n} main us | {n} other us" for n in COMPARED)
         + " | main-thread waits, "
-        + " / ".join(SPLIT_LISTENERS)
+        + " / ".join(COMPARED)
         + " |",
-        "|---|---|" + "--:|" * (2 * len(SPLIT_LISTENERS) + 1),
+        "|---|---|" + "--:|" * (2 * len(COMPARED) + 1),
     ]
     for mode, entries in split.items():
         for label, per in entries:
