@@ -28,8 +28,9 @@ when the sources run (a stale build, ``SYNAPSE_COAP_PURE=1``) they cannot be imp
 Left out of :data:`MODULES`, and why: classes built on aiocoap's or asyncio's
 (``transport.noise_udp``, ``transport.batch``, ``transport.datagram``: mypyc's native
 classes cannot derive from them), attrs classes with field converters or factories
-(``mapping.messages``, ``wire.body_tables``, ``wire.profile``, ``mapping.push``,
-``noise.limits``, ``noise.trust``), and ``noise.handshake`` (mypyc 2.4 stops on one
+(``mapping.messages``, whose CoAP message classes live in the compiled
+``mapping.coap_message`` for that reason, ``wire.body_tables``, ``wire.profile``,
+``mapping.push``, ``noise.limits``, ``noise.trust``), and ``noise.handshake`` (mypyc 2.4 stops on one
 of its closures; it runs once per session anyway).
 
 Writing code for these modules: mypyc checks the annotations at run time (a value that
@@ -85,6 +86,7 @@ MODULES: tuple[str, ...] = (
     "synapse_coap.wire.strings",
     "synapse_coap.mapping.authorization",
     "synapse_coap.mapping.coap",
+    "synapse_coap.mapping.coap_message",
     "synapse_coap.mapping.coap_rules",
     "synapse_coap.mapping.codec",
     "synapse_coap.mapping.dispatch",

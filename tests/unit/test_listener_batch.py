@@ -165,6 +165,18 @@ def test_a_batchs_records_are_decoded_before_any_of_their_requests_starts() -> N
     assert log == ["read 4", "start 4"]
 
 
+def _exchange_and_server() -> tuple[Any, Any]:
+    """A real exchange and server for ``_Now`` (the native build checks their types)."""
+    from synapse_coap.mapping.dispatch import PeerInfo
+    from synapse_coap.mapping.messages import CoapMessage
+    from synapse_coap.transport.metrics import NullMetrics
+    from synapse_coap.transport.server import CoapServer, ServerConfig, _Exchange, _ServerSession
+
+    server = CoapServer(ServerConfig(listen=()), None, NullMetrics(), lambda p, c: None)  # type: ignore[arg-type]
+    session = _ServerSession(None, None, PeerInfo("192.0.2.1", 5683))  # type: ignore[arg-type]
+    return _Exchange(None, b"t", CoapMessage(1), False, 0.0, None, session, "route"), server
+
+
 def test_a_request_abandoned_while_its_batch_is_read_never_starts() -> None:
     """(transport/server.py) an in-process exchange held by the batch and cancelled
     before the batch is read (its token reused, say) is not handed to the dispatcher."""
@@ -176,7 +188,8 @@ def test_a_request_abandoned_while_its_batch_is_read_never_starts() -> None:
     def dispatch_now(request: Any, peer: Any, done: Any) -> None:
         dispatched.append(request)
 
-    now = _Now(None, answered.append, None, None, "request", dispatch_now)  # type: ignore[arg-type]
+    ex, server = _exchange_and_server()
+    now = _Now(None, answered.append, ex, server, "request", dispatch_now)  # type: ignore[arg-type]
     now.cancel()
     now.start()
     assert dispatched == [] and answered == []
@@ -186,8 +199,6 @@ def test_a_held_request_whose_dispatcher_raises_is_answered_with_the_error() -> 
     """(transport/server.py) started from its batch's release, a request the dispatcher
     fails to take (a bug) gets the error as its answer, as when the error came out of
     respond_now itself: never left unanswered."""
-    from types import SimpleNamespace
-
     from synapse_coap.transport.server import _Now
 
     answered: list[Any] = []
@@ -196,8 +207,8 @@ def test_a_held_request_whose_dispatcher_raises_is_answered_with_the_error() -> 
     def dispatch_now(request: Any, peer: Any, done: Any) -> None:
         raise bug
 
-    ex = SimpleNamespace(session=SimpleNamespace(peer="peer"))
-    now = _Now(None, answered.append, ex, None, "request", dispatch_now)  # type: ignore[arg-type]
+    ex, server = _exchange_and_server()
+    now = _Now(None, answered.append, ex, server, "request", dispatch_now)  # type: ignore[arg-type]
     hold = BatchHold()
     hold.begin()
     assert hold.hold(now)
