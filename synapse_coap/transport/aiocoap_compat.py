@@ -22,6 +22,7 @@ here by design (one module to check against a new aiocoap release); split by sub
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import inspect
 from collections.abc import Callable
@@ -351,9 +352,8 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
     (see :class:`synapse_coap.transport.manager.LinkMessageManager`).
     """
 
-    #: duplicate-detection expiry (see _deduplicate_message)
-    _dedup_heap: list[tuple[float, int, Any]]
-    _dedup_serial = 0
+    #: duplicate-detection expiry (see _deduplicate_message), oldest first
+    _dedup_queue: collections.deque[tuple[float, Any]]
     _dedup_timer: _EarliestTimer
     #: the response just encoded for the duplicate store and its datagram: aiocoap
     #: sends it right after storing it (``_send_initially``), so the transport takes
@@ -362,7 +362,7 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._dedup_heap = []
+        self._dedup_queue = collections.deque()
         self._dedup_timer = _EarliestTimer(self.loop, self._expire_duplicates)
 
     # -- aiocoap's private steps, forwarded to the hooks -------------------------------
@@ -400,22 +400,33 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
         return False
 
     def remember(self, remote: Any, mid: int, lifetime: float) -> None:
-        """Record the new message ``mid`` from ``remote`` for duplicate detection."""
+        """Record the new message ``mid`` from ``remote`` for duplicate detection.
+
+        The entries wait in arrival order: one append here, and the ones whose time is
+        up leave from the front, here (so a busy listener pays for its own expiries as
+        it goes, not in a timer that runs later among other work) or in the timer when
+        traffic stops. A link's EXCHANGE_LIFETIME can differ from another's, so an entry
+        may wait behind an older one that expires later: it leaves late (kept a little
+        longer), never early."""
         key = (remote, mid)
-        self._recent_messages[key] = None
-        self._dedup_serial += 1
-        expiry = self.loop.time() + lifetime
-        heapq.heappush(self._dedup_heap, (expiry, self._dedup_serial, key))
+        recent = self._recent_messages
+        recent[key] = None
+        now = self.loop.time()
+        expiry = now + lifetime
+        queue = self._dedup_queue
+        while queue and queue[0][0] <= now:
+            recent.pop(queue.popleft()[1], None)
+        queue.append((expiry, key))
         self._dedup_timer.want(expiry)
 
     def _expire_duplicates(self) -> None:
-        heap = self._dedup_heap
+        queue = self._dedup_queue
+        recent = self._recent_messages
         now = self.loop.time()
-        while heap and heap[0][0] <= now:
-            _at, _serial, key = heapq.heappop(heap)
-            self._recent_messages.pop(key, None)
-        if heap:
-            self._dedup_timer.arm(heap[0][0])
+        while queue and queue[0][0] <= now:
+            recent.pop(queue.popleft()[1], None)
+        if queue:
+            self._dedup_timer.arm(queue[0][0])
 
     def _store_response_for_duplicates(self, message: Any) -> None:
         # aiocoap keeps the whole response (and through it the request) for
@@ -604,6 +615,12 @@ class FastExchanges:
             return None
         mid, handle = found
         handle.cancel()
+        # drop the answered ones at the top now (most answers come in order, so this one
+        # usually): the heap stays as small as the requests in progress, and a busy
+        # listener pays for it as it goes, not in the timer that runs later among other work
+        heap = self._held
+        while heap and heap[0][4].cancelled:
+            heapq.heappop(heap)
         return int(mid)
 
     def next_message_id(self) -> int:

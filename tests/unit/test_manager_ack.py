@@ -377,3 +377,64 @@ def test_fast_path_held_acks_share_one_timer_and_only_the_unanswered_get_an_empt
     loop.run_until(loop.time() + 1.0)
     assert [m.mid for _t, m in wire.sent if m.code == Code.EMPTY] == [11]
     assert not held_timers()
+
+
+# -- the duplicate store and the held ACKs: bookkeeping paid as it goes --------------------------
+
+
+def test_duplicate_store_entries_leave_in_arrival_order_late_never_early() -> None:
+    """(aiocoap_compat.HookedMessageManager.remember) an entry whose lifetime ends before
+    that of an older one waits behind it (kept longer), and none leaves before its time."""
+    mman, loop, _wire = make()
+    peer = Remote()
+    recent = mman._recent_messages
+    mman.remember(peer, 1, 10.0)  # until 1010
+    mman.remember(peer, 2, 1.0)  # until 1001, behind the first
+    loop.run_until(1005.0)
+    assert (peer, 1) in recent and (peer, 2) in recent
+    loop.run_until(1009.9)
+    assert (peer, 1) in recent
+    loop.run_until(1010.0)
+    assert (peer, 1) not in recent and (peer, 2) not in recent
+    assert not mman._dedup_queue
+
+
+def test_a_busy_listener_expires_duplicates_as_it_remembers_new_messages() -> None:
+    """Entries whose time is up leave when the next message is remembered, without
+    waiting for the timer (which then finds nothing to do)."""
+    mman, loop, _wire = make()
+    peer = Remote()
+    recent = mman._recent_messages
+    for mid in range(5):
+        mman.remember(peer, mid, 5.0)  # until 1005
+    loop.clock.now = 1006.0  # (the timer has not run)
+    mman.remember(peer, 99, 5.0)
+    assert [k[1] for k in recent] == [99]
+    assert [k[1] for _at, k in mman._dedup_queue] == [99]
+
+
+def test_held_acks_of_answered_requests_leave_the_heap_when_answered() -> None:
+    """(aiocoap_compat.FastExchanges) the heap of held ACKs holds the requests in
+    progress, not every request of the piggyback window: an answered one at the top
+    leaves at once, one answered out of order when those before it are answered; an
+    unanswered one still gets its empty ACK at its deadline."""
+    from synapse_coap.transport.aiocoap_compat import FastExchanges
+
+    mman, loop, wire = make()
+    fx = FastExchanges(mman)
+    peer = Remote()
+    for i in range(3):
+        fx.accept(peer, 10 + i, bytes([i]), True, 2.0, 100.0)
+    assert len(fx._held) == 3
+    assert fx.take_piggyback(peer, b"\x00") == 10  # in order: gone at once
+    assert len(fx._held) == 2
+    assert fx.take_piggyback(peer, b"\x02") == 12  # out of order: waits behind mid 11
+    assert len(fx._held) == 2
+    assert fx.take_piggyback(peer, b"\x01") == 11  # both leave now
+    assert fx._held == []
+    fx.accept(peer, 20, b"late", True, 2.0, 100.0)
+    loop.run_until(1001.9)
+    assert not [m for _t, m in wire.sent if m.mid == 20]
+    loop.run_until(1002.0)
+    assert [(m.mtype, m.code) for _t, m in wire.sent if m.mid == 20] == [(ACK, Code.EMPTY)]
+    assert fx.take_piggyback(peer, b"late") is None  # (the answer then goes separately)
