@@ -409,22 +409,23 @@ class HookedMessageManager(MessageManager):  # type: ignore[misc]
         may wait behind an older one that expires later: it leaves late (kept a little
         longer), never early."""
         key = (remote, mid)
-        recent = self._recent_messages
-        recent[key] = None
         now = self.loop.time()
+        self._drop_expired(now)
+        self._recent_messages[key] = None
         expiry = now + lifetime
-        queue = self._dedup_queue
-        while queue and queue[0][0] <= now:
-            recent.pop(queue.popleft()[1], None)
-        queue.append((expiry, key))
+        self._dedup_queue.append((expiry, key))
         self._dedup_timer.want(expiry)
 
-    def _expire_duplicates(self) -> None:
+    def _drop_expired(self, now: float) -> None:
+        """Forget the entries at the front of the queue whose time is up at ``now``."""
         queue = self._dedup_queue
         recent = self._recent_messages
-        now = self.loop.time()
         while queue and queue[0][0] <= now:
             recent.pop(queue.popleft()[1], None)
+
+    def _expire_duplicates(self) -> None:
+        self._drop_expired(self.loop.time())
+        queue = self._dedup_queue
         if queue:
             self._dedup_timer.arm(queue[0][0])
 
