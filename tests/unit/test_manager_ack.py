@@ -438,3 +438,15 @@ def test_held_acks_of_answered_requests_leave_the_heap_when_answered() -> None:
     loop.run_until(1002.0)
     assert [(m.mtype, m.code) for _t, m in wire.sent if m.mid == 20] == [(ACK, Code.EMPTY)]
     assert fx.take_piggyback(peer, b"late") is None  # (the answer then goes separately)
+
+
+def test_a_message_id_remembered_again_after_its_lifetime_is_kept() -> None:
+    """A Message ID seen again once its first entry's time is up is a new message: the
+    expired entry leaving (as the new one is remembered) does not take the new one."""
+    mman, loop, _wire = make()
+    peer = Remote()
+    mman.remember(peer, 7, 5.0)  # until 1005
+    loop.clock.now = 1006.0  # (the timer has not run)
+    mman.remember(peer, 7, 5.0)
+    assert (peer, 7) in mman._recent_messages
+    assert [k[1] for _at, k in mman._dedup_queue] == [7]
