@@ -3,7 +3,9 @@
 :class:`~synapse_coap.synapse.guestloop.GuestLoop` drives an asyncio loop from
 Twisted's reactor and needs to know what the loop holds between iterations, which
 asyncio has no public API for: its ready queue (``_ready``), its timer heap
-(``_scheduled``) and its selector's file descriptor (``_selector``). They have been
+(``_scheduled``) and its selector's file descriptor (``_selector``); and to make it the
+thread's running loop while the reactor reads a socket for it
+(``asyncio.events._set_running_loop``). They have been
 there since Python 3.4; :func:`check` tells at start-up whether this Python still has
 them, naming its version, and the module falls back to running the loop in a thread
 if not.
@@ -13,9 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 
 #: asyncio's private attributes read here (tests/unit/test_private_access.py)
-PRIVATE_NAMES = frozenset({"_ready", "_scheduled", "_selector"})
+PRIVATE_NAMES = frozenset(
+    {"_ready", "_scheduled", "_selector", "_get_running_loop", "_set_running_loop"}
+)
+#: of them, the event loop's attributes (the rest are ``asyncio.events``'s functions)
+_LOOP_NAMES = ("_ready", "_scheduled", "_selector")
+
+_get_running_loop = asyncio.events._get_running_loop
+_set_running_loop = asyncio.events._set_running_loop
 
 
 def pending(loop: asyncio.AbstractEventLoop) -> float | None:
@@ -37,12 +47,25 @@ def selector_fileno(loop: asyncio.AbstractEventLoop) -> int:
     return int(loop._selector.fileno())  # type: ignore[attr-defined]
 
 
+def call_as_running(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """``fn()`` with ``loop`` as the thread's running loop (``get_running_loop``, a
+    future or task made without a loop find it), though the loop runs no iteration:
+    asyncio's low-level hook for loops driven from outside (``_set_running_loop``,
+    listed in ``asyncio.events.__all__``); the previous one is put back after."""
+    previous = _get_running_loop()
+    _set_running_loop(loop)
+    try:
+        fn()
+    finally:
+        _set_running_loop(previous)
+
+
 def check() -> str | None:
     """None if this Python's event loop can be driven as a guest, else why not."""
     version = sys.version.split()[0]
     probe = asyncio.new_event_loop()
     try:
-        missing = [name for name in sorted(PRIVATE_NAMES) if not hasattr(probe, name)]
+        missing = [name for name in _LOOP_NAMES if not hasattr(probe, name)]
         if missing:
             return (
                 f"Python {version}'s asyncio event loop has no {', '.join(missing)} "
@@ -50,6 +73,7 @@ def check() -> str | None:
             )
         pending(probe)
         selector_fileno(probe)
+        call_as_running(probe, lambda: None)
     except Exception as e:  # pragma: no cover - a Python whose loop changed
         return f"Python {version}: {e!r} (synapse_coap/synapse/asyncio_compat.py)"
     finally:

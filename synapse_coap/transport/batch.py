@@ -213,6 +213,20 @@ class BatchReader(asyncio.DatagramProtocol):
             if hold is not None:
                 hold.release()
 
+    def readable(self, sock: socket.socket) -> None:
+        """``sock`` (this protocol's, or the one before a rebind) is readable: read a
+        datagram and go on as asyncio's transport does when it reads one for the loop
+        (for a reader the loop's driver calls directly: see
+        ``synapse_coap.synapse.guestloop``)."""
+        try:
+            data, addr = sock.recvfrom(65535)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # an ICMP error, as asyncio's transport reports it
+            self.error_received(exc)
+            return
+        self.datagram_received(data, addr)
+
     def _next(self) -> None:
         if not self._pending or self.sock is None:
             self._pending.clear()

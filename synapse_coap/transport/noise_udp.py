@@ -22,6 +22,7 @@ remote table; split, they would pass that state between modules.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -65,6 +66,29 @@ from synapse_coap.transport.udp_address import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _read_directly(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.DatagramTransport,
+    sock: socket.socket,
+    reader: BatchReader,
+) -> Callable[[], None] | None:
+    """Where ``loop``'s driver reads sockets itself (``add_direct_reader``: the guest
+    loop of Synapse's default reactor, ``synapse_coap.synapse.guestloop``), have it read
+    ``sock`` for ``reader`` instead of the loop's transport, which stops reading: the
+    function that stops it; None where the loop reads it (the asyncio reactor, the
+    proxy's loop)."""
+    add: Callable[[int, Callable[[], None]], Callable[[], None] | None] | None = getattr(
+        loop, "add_direct_reader", None
+    )
+    pause: Callable[[], None] | None = getattr(transport, "pause_reading", None)
+    if add is None or pause is None:
+        return None
+    unread = add(sock.fileno(), functools.partial(reader.readable, sock))
+    if unread is not None:
+        pause()
+    return unread
 
 
 class SessionEndpoint(Protocol):
@@ -165,6 +189,8 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         self.on_established = on_established
         self.on_closed = on_closed
         self._transport: asyncio.DatagramTransport | None = None
+        #: stops the loop's driver reading the socket directly (None: the loop reads it)
+        self._unread: Callable[[], None] | None = None
         #: the socket's protocol: established sessions first under a flood
         self._reader = BatchReader(self._datagram_received, loop, self.metrics.dropped)
         self._family = socket.AF_INET6
@@ -214,11 +240,14 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         transport, _ = await self.loop.create_datagram_endpoint(lambda: self._reader, sock=sock)
         self._transport = transport
         self._reader.sock = sock  # ours: drained on the loop's thread, as asyncio reads it
+        self._unread = _read_directly(self.loop, transport, sock, self._reader)
 
     async def rebind(self, bind: Address = ("::", 0)) -> Address:
         """Move to a new local socket (a new source port); sessions continue (NAT rebinding)."""
-        old = self._transport
+        old, old_unread = self._transport, self._unread
         await self._open(bind)
+        if old_unread is not None:
+            old_unread()
         if old is not None:
             old.close()
         return self.local_address
@@ -351,6 +380,9 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
                     self._process(self.endpoint.close(remote.channel))
                 except Exception:  # pragma: no cover - best effort
                     logger.debug("close on shutdown failed", exc_info=True)
+        if self._unread is not None:
+            self._unread()
+            self._unread = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None

@@ -258,3 +258,125 @@ def test_inside_an_iteration_the_loop_is_the_running_loop_and_outside_it_is_not(
     with pytest.raises(RuntimeError):
         asyncio.get_running_loop()
     assert sys.get_asyncgen_hooks() == (None, None)  # this thread's hooks given back
+
+
+def test_a_direct_reader_is_read_by_the_reactor_without_an_iteration(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    guest, reactor = driven
+    seen: list[object] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+
+        def on_readable() -> None:
+            seen.append(sock.recv(100))
+            seen.append(asyncio.get_running_loop())  # futures and tasks find the loop
+            guest.loop.call_later(1.0, seen.append, "timer")
+
+        remove = guest.loop.add_direct_reader(sock.fileno(), on_readable)
+        assert remove is not None
+        direct = reactor.readers[-1]
+        assert direct is not guest and direct.fileno() == sock.fileno()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"hello", sock.getsockname())
+        assert select.select([sock], [], [], 5.0)[0]
+        iterations = guest.iterations
+        direct.doRead()  # as the reactor's poll calls it
+        assert seen == [b"hello", guest.loop]
+        assert guest.iterations == iterations  # no asyncio iteration ran for it
+        with pytest.raises(RuntimeError):
+            asyncio.get_running_loop()  # only during the call
+        assert reactor.due() == [1.0]  # what it scheduled armed the reactor's timer
+        reactor.advance(1.0)
+        assert seen[-1] == "timer"
+        remove()
+        remove()  # twice is fine
+        assert reactor.readers == [guest]
+
+
+def test_a_direct_reader_that_raises_is_logged_and_close_removes_the_rest(
+    driven: tuple[GuestLoop, FakeReactor], caplog: pytest.LogCaptureFixture
+) -> None:
+    guest, reactor = driven
+
+    def broken() -> None:
+        raise ValueError("a bug")
+
+    assert guest.loop.add_direct_reader(7, broken) is not None
+    reactor.readers[-1].doRead()  # logged, not raised into the reactor
+    assert "failed (bug)" in caplog.text
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()  # put back after the exception too
+    guest.close(_cancel_all)
+    assert reactor.readers == []
+
+
+def test_a_loop_not_driven_by_a_reactor_reads_for_itself() -> None:
+    loop = guestloop._Loop()
+    try:
+        assert loop.add_direct_reader(7, lambda: None) is None
+    finally:
+        loop.close()
+
+
+def test_the_listeners_socket_is_read_by_the_reactor_and_not_by_the_loop(
+    driven: tuple[GuestLoop, FakeReactor],
+) -> None:
+    from synapse_coap.transport.batch import BatchReader
+    from synapse_coap.transport.noise_udp import _read_directly
+
+    guest, reactor = driven
+    got: list[bytes] = []
+    reader = BatchReader(lambda data, addr: got.append(data), guest.loop, lambda reason: None)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    task = guest.loop.create_task(guest.loop.create_datagram_endpoint(lambda: reader, sock=sock))
+    while not task.done():
+        reactor.advance(0)
+    transport, _ = task.result()
+    reader.sock = sock
+    unread = _read_directly(guest.loop, transport, sock, reader)
+    assert unread is not None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for data in (b"one", b"two"):
+            s.sendto(data, sock.getsockname())
+    assert select.select([sock], [], [], 5.0)[0]
+    assert not readable(guest, 0.1)  # the loop's selector no longer waits for it
+    iterations = guest.iterations
+    reactor.readers[-1].doRead()
+    assert got == [b"one", b"two"]  # the first read, then the socket drained
+    assert guest.iterations == iterations
+    reactor.readers[-1].doRead()  # nothing waiting: nothing happens
+    assert got == [b"one", b"two"]
+    unread()
+    assert reactor.readers == [guest]
+    transport.close()
+    reactor.advance(0)
+
+
+def test_a_loop_that_reads_for_itself_keeps_reading_the_listeners_socket() -> None:
+    from synapse_coap.transport.batch import BatchReader
+    from synapse_coap.transport.noise_udp import _read_directly
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        got: list[bytes] = []
+        arrived = loop.create_future()
+
+        def handle(data: bytes, addr: Any) -> None:
+            got.append(data)
+            arrived.set_result(None)
+
+        reader = BatchReader(handle, loop, lambda reason: None)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: reader, local_addr=("127.0.0.1", 0)
+        )
+        assert _read_directly(loop, transport, transport.get_extra_info("socket"), reader) is None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"hello", transport.get_extra_info("sockname"))
+        await asyncio.wait_for(arrived, 5.0)
+        transport.close()
+        return got
+
+    assert asyncio.run(main()) == [b"hello"]
