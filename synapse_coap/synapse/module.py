@@ -317,11 +317,16 @@ class CoapModule:
         addresses = [format_address(tuple(a)) for a in server.addresses]
         logger.info(
             "synapse-coap: CoAP listener ready on %s (Noise on %s, plain on %s; %s reactor "
-            "mode; instance %s%s; %s); Noise public key %s (from %s)",
+            "mode%s; instance %s%s; %s); Noise public key %s (from %s)",
             ", ".join(addresses),
             ", ".join(format_address(a) for a in listen) or "-",
             ", ".join(format_address(a) for a in plain_listen) or "-",
             bridge.mode,
+            (
+                ", Noise sockets read by the reactor"
+                if any(iface.read_by_driver for iface in server.noise_interfaces)
+                else ""
+            ),
             instance,
             ", routing by workers.routes" if config.workers is not None else "",
             native_status().describe(),

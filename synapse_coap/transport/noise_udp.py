@@ -253,6 +253,11 @@ class NoiseMessageInterface(interfaces.MessageInterface):  # type: ignore[misc]
         return self.local_address
 
     @property
+    def read_by_driver(self) -> bool:
+        """The socket is read by the loop's driver (Synapse's reactor), not the loop."""
+        return self._unread is not None
+
+    @property
     def local_address(self) -> Address:
         if self._transport is None:
             raise RuntimeError("transport not open")

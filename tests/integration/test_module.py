@@ -47,8 +47,16 @@ READY = r"synapse-coap: CoAP listener ready"
 class Homeserver:
     """A running Synapse with the module, plus what the tests need to reach it."""
 
-    def __init__(self, proc: SynapseProcess, port: int, plain_port: int, key_path: Path) -> None:
+    def __init__(
+        self,
+        proc: SynapseProcess,
+        port: int,
+        plain_port: int,
+        key_path: Path,
+        mode: str = "default",
+    ) -> None:
         self.proc = proc
+        self.mode = mode
         self.port = port
         self.plain_port = plain_port
         self.key_path = key_path
@@ -127,7 +135,7 @@ def start_homeserver(workdir: Path, mode: str) -> Homeserver:
     )
     proc.start(ready_log_pattern=READY)
     try:
-        return Homeserver(proc, port, plain_port, key_path)
+        return Homeserver(proc, port, plain_port, key_path, mode)
     except BaseException:
         proc.stop()
         raise
@@ -244,6 +252,17 @@ def test_key_file_generated_private_and_logged(homeserver: Homeserver) -> None:
     private = homeserver.key_path.read_text().split("\n")
     secret = next(p for p in private if p and not p.startswith("#"))
     assert secret not in log
+
+
+def test_the_reactor_reads_the_noise_socket_with_the_default_reactor(
+    homeserver: Homeserver,
+) -> None:
+    line = next(line for line in homeserver.proc.log_text().splitlines() if re.search(READY, line))
+    # the guest loop's driver reads the listener's socket itself (guestloop.py); with the
+    # asyncio reactor the shared loop reads it
+    assert ("guest reactor mode, Noise sockets read by the reactor" in line) == (
+        homeserver.mode == "default"
+    ), line
 
 
 def test_client_scenario(homeserver: Homeserver) -> None:
