@@ -6,9 +6,9 @@ asyncio has no public API for: its ready queue (``_ready``), its timer heap
 (``_scheduled``) and its selector's file descriptor (``_selector``); and to make it the
 thread's running loop while the reactor reads a socket for it
 (``asyncio.events._set_running_loop``). They have been
-there since Python 3.4; :func:`check` tells at start-up whether this Python still has
-them, naming its version, and the module falls back to running the loop in a thread
-if not.
+there since Python 3.4 (the running-loop pair since 3.7); :func:`check` tells at
+start-up whether this Python still has them, naming its version, and the module falls
+back to running the loop in a thread if not.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ PRIVATE_NAMES = frozenset(
 #: of them, the event loop's attributes (the rest are ``asyncio.events``'s functions)
 _LOOP_NAMES = ("_ready", "_scheduled", "_selector")
 
-_get_running_loop = asyncio.events._get_running_loop
-_set_running_loop = asyncio.events._set_running_loop
+#: of them, ``asyncio.events``'s functions (None where this Python has not got one:
+#: :func:`check` says so)
+_EVENTS_NAMES = ("_get_running_loop", "_set_running_loop")
+_get_running_loop: Callable[[], asyncio.AbstractEventLoop | None] | None = getattr(
+    asyncio.events, "_get_running_loop", None
+)
+_set_running_loop: Callable[[asyncio.AbstractEventLoop | None], None] | None = getattr(
+    asyncio.events, "_set_running_loop", None
+)
 
 
 def pending(loop: asyncio.AbstractEventLoop) -> float | None:
@@ -52,12 +59,15 @@ def call_as_running(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> 
     future or task made without a loop find it), though the loop runs no iteration:
     asyncio's low-level hook for loops driven from outside (``_set_running_loop``,
     listed in ``asyncio.events.__all__``); the previous one is put back after."""
-    previous = _get_running_loop()
-    _set_running_loop(loop)
+    get, set_ = _get_running_loop, _set_running_loop
+    if get is None or set_ is None:  # (check() refused this Python: never driven)
+        raise RuntimeError("this Python's asyncio cannot set the running loop")
+    previous = get()
+    set_(loop)
     try:
         fn()
     finally:
-        _set_running_loop(previous)
+        set_(previous)
 
 
 def check() -> str | None:
@@ -65,7 +75,9 @@ def check() -> str | None:
     version = sys.version.split()[0]
     probe = asyncio.new_event_loop()
     try:
-        missing = [name for name in _LOOP_NAMES if not hasattr(probe, name)]
+        missing = [name for name in _LOOP_NAMES if not hasattr(probe, name)] + [
+            f"asyncio.events.{name}" for name in _EVENTS_NAMES if not hasattr(asyncio.events, name)
+        ]
         if missing:
             return (
                 f"Python {version}'s asyncio event loop has no {', '.join(missing)} "

@@ -380,3 +380,19 @@ def test_a_loop_that_reads_for_itself_keeps_reading_the_listeners_socket() -> No
         return got
 
     assert asyncio.run(main()) == [b"hello"]
+
+
+def test_a_python_without_the_running_loop_hook_is_named_at_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(asyncio.events, "_set_running_loop")
+    reason = asyncio_compat.check()
+    assert reason is not None and "asyncio.events._set_running_loop" in reason
+    assert sys.version.split()[0] in reason
+    monkeypatch.setattr(asyncio_compat, "_set_running_loop", None)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(RuntimeError):
+            asyncio_compat.call_as_running(loop, lambda: None)
+    finally:
+        loop.close()
