@@ -17,16 +17,14 @@ import asyncio
 import sys
 from collections.abc import Callable
 
-#: asyncio's private attributes read here (tests/unit/test_private_access.py)
-PRIVATE_NAMES = frozenset(
-    {"_ready", "_scheduled", "_selector", "_get_running_loop", "_set_running_loop"}
-)
-#: of them, the event loop's attributes (the rest are ``asyncio.events``'s functions)
+#: the event loop's private attributes read here
 _LOOP_NAMES = ("_ready", "_scheduled", "_selector")
-
-#: of them, ``asyncio.events``'s functions (None where this Python has not got one:
-#: :func:`check` says so)
+#: ``asyncio.events``'s private functions used here (None below where this Python has
+#: not got one: :func:`check` says so)
 _EVENTS_NAMES = ("_get_running_loop", "_set_running_loop")
+#: asyncio's private attributes read here (tests/unit/test_private_access.py)
+PRIVATE_NAMES = frozenset(_LOOP_NAMES + _EVENTS_NAMES)
+
 _get_running_loop: Callable[[], asyncio.AbstractEventLoop | None] | None = getattr(
     asyncio.events, "_get_running_loop", None
 )

@@ -56,6 +56,8 @@ DRAIN_MAX = 64
 HELD_MAX = 256
 #: handshake messages held at most (about 0.3 ms each when validated)
 HELD_HANDSHAKES = 128
+#: the largest UDP payload: what one read takes
+MAX_DATAGRAM = 65535
 
 
 def is_handshake(data: bytes) -> bool:
@@ -185,7 +187,7 @@ class BatchReader(asyncio.DatagramProtocol):
         room = min(DRAIN_MAX, HELD_MAX - len(self._pending))
         while self.sock is not None and len(batch) < room:
             try:
-                batch.append(self.sock.recvfrom(65535))
+                batch.append(self.sock.recvfrom(MAX_DATAGRAM))
             except OSError:  # BlockingIOError: nothing more waiting (or an ICMP error)
                 break
         if len(batch) == 1 and not self._pending:
@@ -219,7 +221,7 @@ class BatchReader(asyncio.DatagramProtocol):
         (for a reader the loop's driver calls directly: see
         ``synapse_coap.synapse.guestloop``)."""
         try:
-            data, addr = sock.recvfrom(65535)
+            data, addr = sock.recvfrom(MAX_DATAGRAM)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # an ICMP error, as asyncio's transport reports it

@@ -14,7 +14,7 @@ import select
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +23,8 @@ from twisted.internet.task import Clock
 from synapse_coap.synapse import asyncio_compat, guestloop
 from synapse_coap.synapse.bridge import _cancel_all
 from synapse_coap.synapse.guestloop import GuestLoop
+from synapse_coap.transport.batch import BatchReader
+from synapse_coap.transport.noise_udp import _read_directly
 
 
 class FakeReactor(Clock):
@@ -55,6 +57,16 @@ def driven() -> Iterator[tuple[GuestLoop, FakeReactor]]:
 def readable(guest: GuestLoop, timeout: float = 5.0) -> bool:
     r, _, _ = select.select([guest.fileno()], [], [], timeout)
     return bool(r)
+
+
+def datagram_endpoint(
+    guest: GuestLoop, reactor: FakeReactor, protocol: Callable[[], Any], **kwargs: Any
+) -> Any:
+    """A datagram endpoint opened on the driven loop (the reactor turning until it is)."""
+    task = guest.loop.create_task(guest.loop.create_datagram_endpoint(protocol, **kwargs))
+    while not task.done():
+        reactor.advance(0)
+    return task.result()[0]
 
 
 def test_this_python_can_drive_its_loop_as_a_guest() -> None:
@@ -146,12 +158,7 @@ def test_a_datagram_wakes_the_reader_and_is_received(
         def datagram_received(self, data: bytes, addr: Any) -> None:
             got.append(data)
 
-    task = guest.loop.create_task(
-        guest.loop.create_datagram_endpoint(Proto, local_addr=("127.0.0.1", 0))
-    )
-    while not task.done():
-        reactor.advance(0)
-    transport, _ = task.result()
+    transport = datagram_endpoint(guest, reactor, Proto, local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(b"hello", ("127.0.0.1", port))
@@ -323,18 +330,12 @@ def test_a_loop_not_driven_by_a_reactor_reads_for_itself() -> None:
 def test_the_listeners_socket_is_read_by_the_reactor_and_not_by_the_loop(
     driven: tuple[GuestLoop, FakeReactor],
 ) -> None:
-    from synapse_coap.transport.batch import BatchReader
-    from synapse_coap.transport.noise_udp import _read_directly
-
     guest, reactor = driven
     got: list[bytes] = []
     reader = BatchReader(lambda data, addr: got.append(data), guest.loop, lambda reason: None)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    task = guest.loop.create_task(guest.loop.create_datagram_endpoint(lambda: reader, sock=sock))
-    while not task.done():
-        reactor.advance(0)
-    transport, _ = task.result()
+    transport = datagram_endpoint(guest, reactor, lambda: reader, sock=sock)
     reader.sock = sock
     unread = _read_directly(guest.loop, transport, sock, reader)
     assert unread is not None
@@ -356,9 +357,6 @@ def test_the_listeners_socket_is_read_by_the_reactor_and_not_by_the_loop(
 
 
 def test_a_loop_that_reads_for_itself_keeps_reading_the_listeners_socket() -> None:
-    from synapse_coap.transport.batch import BatchReader
-    from synapse_coap.transport.noise_udp import _read_directly
-
     async def main() -> list[bytes]:
         loop = asyncio.get_running_loop()
         got: list[bytes] = []
