@@ -139,6 +139,7 @@ from lab_scenarios.client import launch_nginx, nginx_path  # noqa: E402
 from leanclient import load_client  # noqa: E402
 from results_store import (  # noqa: E402
     BACKGROUND_UPDATES_AT_ONCE,
+    SETTLE_TIMEOUT,
     Spinner,
     add_spin_argument,
     build_suffix,
@@ -149,6 +150,7 @@ from results_store import (  # noqa: E402
     provenance,
     read_dict_rows,
     replace_block,
+    settle,
     settle_background_updates,
     source_commit,
     steal_seconds,
@@ -196,6 +198,20 @@ ROW_LABELS = [e[0] for e in ENDPOINTS] + [SEND_LABEL]
 CORES = sorted(os.sched_getaffinity(0))
 #: the core Synapse is pinned to (None: one core, not pinned)
 SYNAPSE_CORE = CORES[0] if len(CORES) >= 2 else None
+
+
+#: CPU readings taken, and of those the ones taken while a process read still ran
+#: (after :data:`results_store.SETTLE_TIMEOUT`): see :func:`settle_all`.
+SETTLED = {"readings": 0, "running": 0}
+
+
+def settle_all(pids: tuple[int, ...]) -> None:
+    """Wait until none of ``pids`` runs before their CPU is read (results_store.settle);
+    a reading that had to be taken while one still ran is counted."""
+    for p in pids:
+        SETTLED["readings"] += 1
+        if not settle(p):
+            SETTLED["running"] += 1
 
 
 #: Missing-event fetches of the measured Synapse per mode (see :class:`PduChain`).
@@ -645,6 +661,10 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                             k = min(turn, n - start)
                             for name, one in order:
                                 acc = used[name]
+                                # (every reading with the processes read asleep: see
+                                # results_store.settle)
+                                measured = (pid, *(nginx_pids if name == VIA_NGINX else ()))
+                                settle_all(measured)
                                 front0 = (
                                     sum(map(cpu_seconds, nginx_pids)) if name == VIA_NGINX else 0
                                 )
@@ -652,6 +672,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 main0, switches0 = main_thread(pid)
                                 before, wall0 = cpu_seconds(pid), time.monotonic()
                                 acc.errors += await run_n(k, concurrency, one, serial)
+                                settle_all(measured)
                                 acc.cpu += cpu_seconds(pid) - before
                                 main1, switches1 = main_thread(pid)
                                 acc.main += main1 - main0
@@ -1434,6 +1455,13 @@ def main() -> None:
         "\nThe machine may be shared with other work; the ratio comes from the same rounds, "
         "the listeners taking turns."
     )
+    if SETTLED["running"]:
+        print(
+            f"warning: {SETTLED['running']} of {SETTLED['readings']} CPU readings were taken "
+            f"with a thread still running after {SETTLE_TIMEOUT} s (each may miss up to a "
+            "scheduler tick of CPU)",
+            file=sys.stderr,
+        )
     rows = []
     for m, cells in results.items():
         for (label, listener), values in cells.items():
@@ -1470,11 +1498,16 @@ def main() -> None:
     )
     meta["cpu_clock"] = cpu_clock_source(os.getpid())
     meta["busy"] = "CPU s / wall s less the steal time of Synapse's core"
+    meta["cpu_readings"] = (
+        f"{SETTLED['readings']} taken with every thread of the process read asleep "
+        f"(results_store.settle), {SETTLED['running']} of them after waiting "
+        f"{SETTLE_TIMEOUT} s with one still running"
+    )
     meta["main_thread"] = (
         "main_cpu_ms: the part of cpu_ms in Synapse's main (reactor) thread (the rest is "
         "its pool threads' and its Rust runtime's); main_switches: that thread's context "
-        "switches per request (/proc/PID/task/PID; its schedstat lags a running thread "
-        "by up to a scheduler tick per reading, so it may come out a little over cpu_ms)"
+        "switches per request (/proc/PID/task/PID schedstat, read with every thread "
+        "asleep, as cpu_ms)"
     )
     write_dict_rows(csv_path, rows, meta)
     print(f"wrote {csv_path}")

@@ -65,6 +65,7 @@ from results_store import (  # noqa: E402
     read_cpu_clock,
     read_dict_rows,
     replace_block,
+    settle,
     spread,
     steal_seconds,
     unstolen,
@@ -272,9 +273,12 @@ async def drive(args: argparse.Namespace) -> None:
         ratios: list[float] = []
         for r in range(args.rounds):
             for name, (one, child) in listeners.items():
+                # (readings with the listener asleep: see results_store.settle)
+                settle(child.pid)
                 stolen0 = steal_seconds(listener_core)
                 before, wall0 = cpu_seconds(child.pid), time.monotonic()
                 await run(one, args.requests)
+                settle(child.pid)
                 after, wall = cpu_seconds(child.pid), time.monotonic() - wall0
                 # (busy: of the time the hypervisor left the listeners' core)
                 wall = unstolen(wall, listener_core, stolen0)

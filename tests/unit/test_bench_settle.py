@@ -1,0 +1,58 @@
+"""bench/results_store.py: CPU readings taken once the measured process is asleep
+(issue 12: a reading of a running process misses up to a scheduler tick of its CPU,
+which moved CPU between the listeners' turns of bench/inbound.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness.bench import load_bench
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    """A child that spins until it reads a line, then sleeps until killed."""
+    code = "import sys, time\nwhile not sys.stdin.readline(): pass\ntime.sleep(600)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_process_asleep_is_settled(
+    child: subprocess.Popen[bytes],
+) -> None:
+    rs = load_bench("results_store")
+    # (blocked reading its stdin: asleep as soon as it has started)
+    assert rs.settle(child.pid, timeout=10.0)
+    assert rs.running_threads(child.pid) == 0
+    assert child.stdin is not None
+    child.stdin.write(b"\n")  # it sleeps in time.sleep now
+    child.stdin.flush()
+    assert rs.settle(child.pid, timeout=10.0)
+
+
+def test_a_process_that_keeps_running_is_reported() -> None:
+    rs = load_bench("results_store")
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        # (once it runs: it never sleeps, so the wait ends with the timeout)
+        assert not rs.settle(spin.pid, timeout=0.2)
+        assert rs.running_threads(spin.pid) == 1
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_a_process_that_is_gone_reads_as_settled() -> None:
+    rs = load_bench("results_store")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert rs.running_threads(proc.pid) == 0
+    assert rs.settle(proc.pid, timeout=0.0)
