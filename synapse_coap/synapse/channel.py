@@ -267,10 +267,13 @@ class CoapChannel:
     def _deliver(self, notify: Callable[[HttpResponse | BaseException], None]) -> None:
         """``notify`` the result, in the logcontext it is called in: inside Synapse's own
         ``finish``, the request's (so what the answer's encoding costs counts in the
-        request's CPU, and what it logs carries the request's name), as Twisted's HTTP
-        channel writes a response. No switch to the sentinel and back: with Synapse 1.163
-        each switch is a ``getrusage`` system call and the contexts' accounting, two a
-        request that Twisted's channel does not make (``strace``). ``notify`` changes no
+        request's CPU, and what it logs carries the request's name, unless the server
+        keeps the answer until its batch's other requests have started:
+        ``transport.batch.BatchHold.later``; Twisted's HTTP channel too sends the
+        response's bytes after the request, from the reactor). No switch to the
+        sentinel and back: with Synapse 1.163 each switch is a ``getrusage`` system call
+        and the contexts' accounting, two a request that Twisted's channel does not make
+        (``strace``). ``notify`` changes no
         logcontext (a request it starts, :meth:`InProcessDispatcher.dispatch_now`, puts
         back the one it found); what it raises is logged, never raised into Synapse."""
         try:

@@ -31,10 +31,16 @@ While a batch's records are handled, a :class:`BatchHold` keeps the requests the
 bring (the server's in-process exchanges) and starts them, in order, once the last
 record is read: the listener's decoding runs for all of them, then the homeserver's
 handling for each, instead of the two alternating per request, which left each's
-code and data out of the CPU's caches for the other. Measured side by side
-(``bench/inbound.py --turn``, two alternating pairs, both reactors): the
-CoAP+Noise / HTTP/1.1 ratio lower in 16 of 20 cells (by up to 0.16), the same in 2,
-higher in 2 (by 0.03).
+code and data out of the CPU's caches for the other. The answers the homeserver gives
+as the requests start (a request it answers at once, from its caches) are kept the same
+way and encoded, sealed and sent, in order, once the batch's last request has started,
+so that the answers' encoding (its DEFLATE state alone is some 140 KiB) does not come
+between the homeserver's handling of one request and the next. Measured side by side
+with settled CPU readings (``bench/inbound.py --turn 300``, default reactor, two
+alternating pairs of three rounds): without the hold ``client versions`` 1.07x and
+server keys 1.05-1.06x against 1.03-1.04x and 0.99-1.00x with it; keeping the answers
+too took server keys from 0.99-1.00x to 0.96x (``client versions``, answered later
+from Synapse's Rust runtime, not in its start, unchanged).
 """
 
 from __future__ import annotations
@@ -125,16 +131,20 @@ class Startable(Protocol):
 
 
 class BatchHold:
-    """The requests of a batch of records, started once the batch is read (see the
-    module's docstring). :meth:`begin` and :meth:`release` bracket a batch (they may
-    nest: several sockets' readers share one hold); :meth:`hold` keeps an item while a
-    batch is open (False outside one: the caller starts it itself)."""
+    """The requests of a batch of records, started once the batch is read, and their
+    answers, finished once every one of them is started (see the module's docstring).
+    :meth:`begin` and :meth:`release` bracket a batch (they may nest: several sockets'
+    readers share one hold); :meth:`hold` keeps an item while a batch is open (False
+    outside one: the caller starts it itself); :meth:`later` keeps an answer while the
+    batch's requests are being started (False otherwise: the caller finishes it now)."""
 
-    __slots__ = ("_depth", "_held")
+    __slots__ = ("_answers", "_depth", "_held", "_starting")
 
     def __init__(self) -> None:
         self._depth = 0
         self._held: list[Startable] = []
+        self._starting = False
+        self._answers: list[Callable[[], None]] = []
 
     def begin(self) -> None:
         self._depth += 1
@@ -145,19 +155,40 @@ class BatchHold:
         self._held.append(item)
         return True
 
+    def later(self, answer: Callable[[], None]) -> bool:
+        """While the held requests of a batch are being started (those the homeserver
+        answers at once answer inside their start): keep ``answer`` (what encodes, seals
+        and sends one of them) to run once every one of them is started, and True;
+        False at any other time (the caller runs it now)."""
+        if not self._starting:
+            return False
+        self._answers.append(answer)
+        return True
+
     def release(self) -> None:
-        """Close a batch: the outermost one starts what it held, in order (one that
-        fails is logged; the rest still start)."""
+        """Close a batch: the outermost one starts what it held, in order, then runs the
+        answers kept meanwhile (:meth:`later`), in order (one that fails is logged; the
+        rest still run)."""
         self._depth -= 1
         if self._depth > 0:
             return
         self._depth = 0
         held, self._held = self._held, []
-        for item in held:
+        self._starting = True
+        try:
+            for item in held:
+                try:
+                    item.start()
+                except Exception:  # a bug: the batch's other requests still start
+                    logger.exception("starting a request of a batch failed (bug)")
+        finally:
+            self._starting = False
+        answers, self._answers = self._answers, []
+        for answer in answers:
             try:
-                item.start()
-            except Exception:  # a bug: the batch's other requests still start
-                logger.exception("starting a request of a batch failed (bug)")
+                answer()
+            except Exception:  # a bug: the batch's other answers still go
+                logger.exception("answering a request of a batch failed (bug)")
 
 
 class BatchReader(asyncio.DatagramProtocol):

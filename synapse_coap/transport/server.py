@@ -35,6 +35,7 @@ split further it would pass that state between modules instead of holding it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -297,8 +298,17 @@ class _Now:
 
     def complete(self, result: HttpResponse | BaseException) -> None:
         """The dispatcher's result (``dispatch_now``'s ``done``): the answer, now or (a
-        large body) from a task."""
+        large body) from a task; for a request of a batch that the homeserver answered
+        as it started, once the batch's other requests are started too
+        (:meth:`BatchHold.later <synapse_coap.transport.batch.BatchHold.later>`)."""
         if self.over:
+            return
+        if self.server.batch.later(functools.partial(self._answer, result)):
+            return
+        self._answer(result)
+
+    def _answer(self, result: HttpResponse | BaseException) -> None:
+        if self.over:  # (abandoned while its answer waited for the batch)
             return
         ex, server = self.ex, self.server
         if isinstance(result, asyncio.CancelledError):

@@ -216,6 +216,97 @@ def test_a_held_request_whose_dispatcher_raises_is_answered_with_the_error() -> 
     assert answered == [bug] and now.over
 
 
+def test_answers_of_a_batch_go_once_every_request_of_it_is_started() -> None:
+    """Requests the homeserver answers as they start (inside their start): their answers
+    are kept until the batch's last request has started, then go in order (one that
+    fails does not stop the rest); outside a batch's starts an answer goes at once."""
+    log: list[str] = []
+    hold = BatchHold()
+
+    class Answering:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def start(self) -> None:
+            log.append(f"start {self.name}")
+            if not hold.later(self.answer):
+                self.answer()
+
+        def answer(self) -> None:
+            log.append(f"answer {self.name}")
+            if self.name == "bug":
+                raise RuntimeError("a bug in one answer")
+
+    assert not hold.later(lambda: None)  # no batch: the caller answers now
+    hold.begin()
+    for name in ("a", "bug", "b"):
+        assert hold.hold(Answering(name))
+    assert not hold.later(lambda: None)  # a batch being read, not started: now too
+    hold.release()
+    assert log == ["start a", "start bug", "start b", "answer a", "answer bug", "answer b"]
+    log.clear()
+    Answering("alone").start()
+    assert log == ["start alone", "answer alone"]
+
+
+def test_a_batchs_in_process_answers_wait_for_its_last_request_and_an_abandoned_one_is_dropped() -> (
+    None
+):
+    """(transport/server.py) two in-process exchanges of one batch, each answered by the
+    dispatcher as it starts: neither answer goes before both have started; one abandoned
+    while its answer waits (its token reused by the next request, say) gets none."""
+    from synapse_coap.mapping.codec import WireCodec
+    from synapse_coap.mapping.dispatch import PeerInfo
+    from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
+    from synapse_coap.transport.metrics import NullMetrics
+    from synapse_coap.transport.server import (
+        CoapServer,
+        ServerConfig,
+        _Exchange,
+        _Now,
+        _ServerSession,
+    )
+    from synapse_coap.wire.context import WireContext
+    from synapse_coap.wire.profile import load_profile
+
+    server = CoapServer(ServerConfig(listen=()), None, NullMetrics(), lambda p, c: None)  # type: ignore[arg-type]
+    codec = WireCodec(load_profile(1), WireContext())
+    session = _ServerSession(codec, None, PeerInfo("192.0.2.1", 5683))
+    request = HttpRequest("GET", b"/_matrix/key/v2/server")
+    response = HttpResponse(200, (("content-type", "application/json"),), b'{"a":1}')
+    log: list[str] = []
+    nows: dict[str, Any] = {}
+
+    def exchange(name: str) -> Any:
+        def dispatch_now(req: Any, peer: Any, done: Callable[[Any], None]) -> Callable[[], None]:
+            log.append(f"dispatch {name}")
+            if name == "c":
+                nows["b"].cancel()  # (abandons b, whose answer waits)
+            done(response)
+            return lambda: log.append(f"abandon {name}")
+
+        def answered(out: Any) -> None:
+            assert isinstance(out, CoapMessage) and out.code == 69  # 2.05
+            log.append(f"answer {name}")
+
+        ex = _Exchange(None, name.encode(), CoapMessage(1), False, 0.0, None, session, "r")
+        now = nows[name] = _Now(None, answered, ex, server, request, dispatch_now)  # type: ignore[arg-type]
+        return now
+
+    hold = server.batch
+    hold.begin()
+    for name in ("a", "b", "c"):
+        assert hold.hold(exchange(name))
+    hold.release()
+    # (b's abandon function is called: the module's channel ignores it for a request
+    # Synapse has answered already)
+    assert log == ["dispatch a", "dispatch b", "dispatch c", "abandon b", "answer a", "answer c"]
+    assert all(now.over for now in nows.values())
+    log.clear()
+    exchange("d").start()  # not in a batch: answered at once
+    assert log == ["dispatch d", "answer d"]
+
+
 def test_loop_lag_probe_reports_how_late_it_woke() -> None:
     now = [0.0]
     stalls = iter([0.0, 0.2, 0.003])
