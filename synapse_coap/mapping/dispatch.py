@@ -53,7 +53,16 @@ class EagerDispatcher(Dispatcher, Protocol):
     ``done`` is then never called), or None, having done nothing, when it cannot
     start this request at once (the caller then awaits ``dispatch``).  The module's
     in-process dispatcher has it (Synapse runs on the loop's thread); the gateway's
-    HTTP client does not."""
+    HTTP client does not.
+
+    It may also have ``answer_later(answer) -> bool``: given what answers a request
+    whose response came after its start (``answer``, no arguments), run it later on
+    the loop's thread, with the others that come in the same turn of its event loop,
+    and return True; or return False (the caller runs it at once). The module's
+    in-process dispatcher has it: Synapse's responses that come from reactor
+    callbacks (a database result, its Rust runtime) are answered together, after the
+    callbacks of that reactor turn, instead of one answer's encoding between each
+    callback and the next."""
 
     def dispatch_now(
         self,

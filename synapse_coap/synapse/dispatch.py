@@ -303,6 +303,30 @@ class InProcessDispatcher:
         self._local = _address(*local_address)
         self._site: SynapseSite | None = None
         self._reactor = hs.get_reactor()
+        self._later: list[Callable[[], None]] = []
+        self._later_call: Any = None
+
+    def answer_later(self, answer: Callable[[], None]) -> bool:
+        """(see CoapServer.answer_later) An answer whose response came after its
+        request's start (from a reactor callback: a database result, Synapse's Rust
+        runtime): kept, with the others that come before the reactor's timed calls
+        run (in the same reactor turn when they come from its thread calls), then run
+        in order; True. False where the loop is not on the reactor's thread."""
+        if not self._bridge.same_thread:
+            return False
+        self._later.append(answer)
+        if self._later_call is None:
+            self._later_call = self._reactor.callLater(0, self._answer_kept)
+        return True
+
+    def _answer_kept(self) -> None:
+        self._later_call = None
+        answers, self._later = self._later, []
+        for answer in answers:
+            try:
+                answer()
+            except Exception:
+                logger.exception("synapse-coap: answering a request failed")
 
     @property
     def site(self) -> SynapseSite:

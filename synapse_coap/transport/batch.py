@@ -39,8 +39,9 @@ between the homeserver's handling of one request and the next. Measured side by 
 with settled CPU readings (``bench/inbound.py --turn 300``, default reactor, two
 alternating pairs of three rounds): without the hold ``client versions`` 1.07x and
 server keys 1.05-1.06x against 1.03-1.04x and 0.99-1.00x with it; keeping the answers
-too took server keys from 0.99-1.00x to 0.96x (``client versions``, answered later
-from Synapse's Rust runtime, not in its start, unchanged).
+too took server keys from 0.99-1.00x to 0.96x. (An answer that comes later, from a
+reactor callback, as ``client versions``' from Synapse's Rust runtime, is kept by the
+module's dispatcher instead: ``InProcessDispatcher.answer_later``.)
 """
 
 from __future__ import annotations

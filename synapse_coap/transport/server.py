@@ -254,6 +254,7 @@ class _Now:
         "loop",
         "over",
         "server",
+        "starting",
         "task",
     )
 
@@ -276,6 +277,8 @@ class _Now:
         self.http_req = http_req
         self._dispatch_now = dispatch_now
         self.over = False
+        #: while the dispatcher starts the request (an answer then comes at once)
+        self.starting = False
         self.abandon: Callable[[], None] | None = None
         self.task: asyncio.Task[CoapMessage] | None = None
 
@@ -286,11 +289,14 @@ class _Now:
         if self.over:
             return
         ex, http_req = self.ex, self.http_req
+        self.starting = True
         try:
             abandon = self._dispatch_now(http_req, ex.session.peer, self.complete)
         except Exception as e:  # (a dispatcher bug) the error answers it, held or not
+            self.starting = False
             self.finish(e)
             return
+        self.starting = False
         if abandon is None:
             self.follow(self.server._serve(ex, http_req))
         elif not self.over:
@@ -300,11 +306,18 @@ class _Now:
         """The dispatcher's result (``dispatch_now``'s ``done``): the answer, now or (a
         large body) from a task; for a request of a batch that the homeserver answered
         as it started, once the batch's other requests are started too
-        (:meth:`BatchHold.later <synapse_coap.transport.batch.BatchHold.later>`)."""
+        (:meth:`BatchHold.later <synapse_coap.transport.batch.BatchHold.later>`); for
+        one answered after its start, through the dispatcher's ``answer_later`` where
+        it has one (with the other answers of the same reactor turn)."""
         if self.over:
             return
-        if self.server.batch.later(functools.partial(self._answer, result)):
-            return
+        if self.starting:
+            if self.server.batch.later(functools.partial(self._answer, result)):
+                return
+        else:
+            later = self.server.answer_later
+            if later is not None and later(functools.partial(self._answer, result)):
+                return
         self._answer(result)
 
     def _answer(self, result: HttpResponse | BaseException) -> None:
@@ -383,6 +396,11 @@ class CoapServer:
         self._noise: list[NoiseMessageInterface] = []
         #: the requests of a batch of records, started once the batch is read
         self.batch = BatchHold()
+        #: the dispatcher's ``answer_later`` (an answer that came after its request's
+        #: start, to run with the others that come in the same turn), or None
+        self.answer_later: Callable[[Callable[[], None]], bool] | None = getattr(
+            dispatcher, "answer_later", None
+        )
         self._plain: list[Any] = []
         self._mmans: list[LinkMessageManager] = []
         self._fast: list[FastPath] = []

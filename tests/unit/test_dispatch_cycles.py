@@ -338,3 +338,48 @@ def test_a_peer_s_address_is_made_once_and_bounded() -> None:
     for port in range(channel._ADDRESSES_MAX + 10):
         _address("198.51.100.1", port)
     assert len(channel._ADDRESSES) <= channel._ADDRESSES_MAX
+
+
+class _Bridge:
+    def __init__(self, same_thread: bool) -> None:
+        self.same_thread = same_thread
+
+
+def test_answers_that_come_after_their_start_are_kept_for_the_reactors_timed_calls() -> None:
+    """(dispatch.py ``answer_later``) answers whose responses came from reactor callbacks
+    (not inside the request's start) run together, in order, from one timed call of
+    delay 0 (which Twisted runs after the thread calls of the same reactor turn); one
+    that fails is logged and the rest still run; with the loop in a thread of its own
+    the caller answers at once."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+
+    class _ClockHs(_Hs):
+        def get_reactor(self) -> Any:
+            return clock
+
+    log: list[str] = []
+
+    def answer(name: str) -> Any:
+        def run() -> None:
+            log.append(name)
+            if name == "bug":
+                raise RuntimeError("a bug in one answer")
+
+        return run
+
+    dispatcher = InProcessDispatcher(_ClockHs(), bridge=_Bridge(True), max_request_body_size=1)  # type: ignore[arg-type]
+    assert dispatcher.answer_later(answer("a"))
+    assert dispatcher.answer_later(answer("bug"))
+    assert dispatcher.answer_later(answer("b"))
+    assert log == [] and len(clock.getDelayedCalls()) == 1
+    assert clock.getDelayedCalls()[0].getTime() == clock.seconds()  # (delay 0)
+    clock.advance(0)
+    assert log == ["a", "bug", "b"] and clock.getDelayedCalls() == []
+    assert dispatcher.answer_later(answer("c"))  # a new group, a new timed call
+    clock.advance(0)
+    assert log == ["a", "bug", "b", "c"]
+    threaded = InProcessDispatcher(_ClockHs(), bridge=_Bridge(False), max_request_body_size=1)  # type: ignore[arg-type]
+    assert not threaded.answer_later(answer("d"))
+    assert clock.getDelayedCalls() == []

@@ -307,6 +307,61 @@ def test_a_batchs_in_process_answers_wait_for_its_last_request_and_an_abandoned_
     assert log == ["dispatch d", "answer d"]
 
 
+def test_an_answer_that_comes_after_its_start_goes_through_the_dispatchers_answer_later() -> None:
+    """(transport/server.py) a response that comes after the request's start (from a
+    reactor callback) is handed to the dispatcher's ``answer_later`` where it has one
+    (which runs it with the others of that reactor turn); one that comes inside the
+    start is answered at once (or with its batch), never through it."""
+    from synapse_coap.mapping.codec import WireCodec
+    from synapse_coap.mapping.dispatch import PeerInfo
+    from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
+    from synapse_coap.transport.metrics import NullMetrics
+    from synapse_coap.transport.server import (
+        CoapServer,
+        ServerConfig,
+        _Exchange,
+        _Now,
+        _ServerSession,
+    )
+    from synapse_coap.wire.context import WireContext
+    from synapse_coap.wire.profile import load_profile
+
+    server = CoapServer(ServerConfig(listen=()), None, NullMetrics(), lambda p, c: None)  # type: ignore[arg-type]
+    kept: list[Callable[[], None]] = []
+
+    def answer_later(answer: Callable[[], None]) -> bool:
+        kept.append(answer)
+        return True
+
+    server.answer_later = answer_later
+    session = _ServerSession(
+        WireCodec(load_profile(1), WireContext()), None, PeerInfo("192.0.2.1", 1)
+    )
+    response = HttpResponse(200, (("content-type", "application/json"),), b'{"a":1}')
+    answered: list[Any] = []
+    dones: list[Callable[[Any], None]] = []
+
+    def later(req: Any, peer: Any, done: Callable[[Any], None]) -> Callable[[], None]:
+        dones.append(done)  # (answered after the start returns)
+        return lambda: None
+
+    def at_once(req: Any, peer: Any, done: Callable[[Any], None]) -> Callable[[], None]:
+        done(response)
+        return lambda: None
+
+    def now(dispatch_now: Any) -> Any:
+        ex = _Exchange(None, b"t", CoapMessage(1), False, 0.0, None, session, "r")
+        return _Now(None, answered.append, ex, server, HttpRequest("GET", b"/x"), dispatch_now)  # type: ignore[arg-type]
+
+    now(at_once).start()
+    assert len(answered) == 1 and kept == []
+    now(later).start()
+    dones[0](response)
+    assert len(answered) == 1 and len(kept) == 1
+    kept[0]()
+    assert len(answered) == 2 and isinstance(answered[1], CoapMessage)
+
+
 def test_loop_lag_probe_reports_how_late_it_woke() -> None:
     now = [0.0]
     stalls = iter([0.0, 0.2, 0.003])
