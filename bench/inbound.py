@@ -847,7 +847,7 @@ _CUTS: dict[int, int] = {}
 #: another: no servlet, the listener weighs most
 STAGES_LABEL = "/health (no servlet)"
 #: (mode, listener) -> {stage label: (calls, ns)} of the stage-timing pass
-STAGES: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}
+STAGES: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {}
 #: mode -> {(endpoint, listener): samples} of the perf passes (--perf-out)
 PERF: dict[str, dict[tuple[str, str], perfsplit.Cell]] = {}
 
@@ -941,7 +941,7 @@ async def stage_pass(
     concurrency: int,
     one: Callable[[int], Awaitable[int]],
     base: int,
-) -> dict[str, tuple[int, int]]:
+) -> dict[str, tuple[int, int, int]]:
     """One more pass of ``n`` requests with Synapse timing the stages of its request path
     (bench/profiling/sitecustomize.py, SIGUSR1 toggles); {label: (calls, ns)}."""
     done = sorted(workdir.glob("synapse.stages.*"))
@@ -955,72 +955,44 @@ async def stage_pass(
         if path.exists():
             break
     await asyncio.sleep(0.2)
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, int]] = {}
     for line in path.read_text().splitlines():
-        label, calls, ns = line.split("\t")
-        out[label] = (int(calls), int(ns))
+        label, calls, ns, own = line.split("\t")
+        out[label] = (int(calls), int(ns), int(own))
     return out
 
 
-#: (title, outer stage, inner stages subtracted) per listener: what each part of the path
-#: costs on its own, in microseconds per request
-STAGE_PARTS: dict[str, tuple[tuple[str, str | tuple[str, ...], tuple[str, ...]], ...]] = {
+#: (title, timed functions) per listener: what each part of the path costs on its own,
+#: in microseconds per request: the functions' own time (the timed calls made inside
+#: them left out, wherever they are made: an answer is encoded inside Synapse's finish,
+#: or once its batch's requests have started, or from a timed call of the reactor)
+STAGE_PARTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "CoAP+Noise": (
         (
             "datagrams read; Noise record opened, session bookkeeping",
             ("coap.read", "coap.next"),
-            ("coap.message", "coap.release"),
         ),
-        (
-            "fast path: CoAP decode, duplicate store, held ACK",
-            "coap.message",
-            ("coap.respond_now",),
-        ),
-        (
-            # (a request of a batch is handed to Synapse when the batch is read:
-            # BatchHold.release, inside coap.read; a lone one from respond_now)
-            "exchange, request decode",
-            ("coap.respond_now", "coap.release"),
-            ("coap.dispatch_now",),
-        ),
-        (
-            "SynapseRequest set-up (channel, headers, body)",
-            "coap.dispatch_now",
-            ("synapse.request_received",),
-        ),
-        (
-            "Synapse: requestReceived (its own work)",
-            "synapse.request_received",
-            ("coap.channel_headers", "coap.channel_write", "coap.channel_done"),
-        ),
+        ("fast path: CoAP decode, duplicate store, held ACK", ("coap.message",)),
+        # (a request of a batch is handed to Synapse when the batch is read:
+        # BatchHold.release, inside coap.read; a lone one from respond_now)
+        ("exchange, request decode", ("coap.respond_now", "coap.release")),
+        ("SynapseRequest set-up (channel, headers, body)", ("coap.dispatch_now",)),
+        ("Synapse: requestReceived (its own work)", ("synapse.request_received",)),
         (
             "the channel: headers and body kept, completion",
             ("coap.channel_headers", "coap.channel_write", "coap.channel_done"),
-            ("coap.channel_response", "coap.complete"),
         ),
-        ("response taken from the channel", "coap.channel_response", ()),
-        (
-            "the answer's exchange bookkeeping",
-            "coap.complete",
-            ("coap.conclude", "coap.send_datagram"),
-        ),
-        ("answer encoded (metrics, wire codec)", "coap.conclude", ()),
-        ("answer sealed (Noise)", "coap.send_datagram", ("coap.sendto",)),
-        ("sendto (counters, system call)", "coap.sendto", ()),
+        ("response taken from the channel", ("coap.channel_response",)),
+        ("the answer's exchange bookkeeping", ("coap.complete", "coap.answer")),
+        ("answer encoded (metrics, wire codec)", ("coap.conclude",)),
+        ("answer sealed (Noise)", ("coap.send_datagram",)),
+        ("sendto (counters, system call)", ("coap.sendto",)),
     ),
     "HTTP/1.1": (
-        ("HTTP parsing, request set-up", "http.data_received", ("http.all_content",)),
-        (
-            "request hand-over",
-            "http.all_content",
-            ("synapse.request_received",),
-        ),
-        (
-            "Synapse: requestReceived (its own work)",
-            "synapse.request_received",
-            ("http.write",),
-        ),
-        ("write (headers, socket send)", "http.write", ()),
+        ("HTTP parsing, request set-up", ("http.data_received",)),
+        ("request hand-over", ("http.all_content",)),
+        ("Synapse: requestReceived (its own work)", ("synapse.request_received",)),
+        ("write (headers, socket send)", ("http.write",)),
     ),
 }
 
@@ -1029,10 +1001,11 @@ def stage_report(args: argparse.Namespace) -> str:
     """The stage-timing passes as text: microseconds per request in each part of the path."""
     lines = [
         "# Where the CPU of one request goes, per listener: Synapse's main-thread CPU time",
-        "# (thread_time) inside nested functions of the request path, the inner ones",
-        "# subtracted; microseconds per request. Each timed function costs its caller about",
-        "# a microsecond of clock reads. The event loop's and the reactor's own work around",
-        "# the outermost function is not in these (compare the totals with the table's).",
+        "# (thread_time) inside functions of the request path, each function's own (the",
+        "# timed functions it calls left out); microseconds per request. Each timed function",
+        "# costs its caller about a microsecond of clock reads. The event loop's and the",
+        "# reactor's own work outside the timed functions is not in these (compare the",
+        "# totals with the table's).",
         f"# {args.profile_requests} distinct {args.stages_endpoint} requests per listener and mode",
         "# command: python bench/inbound.py " + " ".join(sys.argv[1:]),
         f"# commit {source_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -1045,15 +1018,11 @@ def stage_report(args: argparse.Namespace) -> str:
         requests = max(1, args.profile_requests)
         lines.append(f"## {mode} reactor, {listener}")
         total = 0.0
-        for title, outer, inner in parts:
-            outers = (outer,) if isinstance(outer, str) else outer
-            ns = sum(sums.get(o, (0, 0))[1] for o in outers) - sum(
-                sums.get(i, (0, 0))[1] for i in inner
-            )
-            us = ns / 1000 / requests
+        for title, labels in parts:
+            us = sum(sums.get(label, (0, 0, 0))[2] for label in labels) / 1000 / requests
             total += us
             lines.append(f"  {us:7.1f}  {title}")
-        lines.append(f"  {total:7.1f}  total inside the outermost function")
+        lines.append(f"  {total:7.1f}  total in the timed functions")
         lines.append("")
     return "\n".join(lines)
 

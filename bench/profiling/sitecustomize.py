@@ -40,9 +40,9 @@ if os.environ.get("SYNAPSE_COAP_CPROFILE"):
 if os.environ.get("SYNAPSE_COAP_STAGES"):
     # Stage timing (bench/inbound.py --stages-out): the main thread's CPU time
     # (thread_time_ns) inside a fixed list of functions of the request path of each
-    # listener, nested, summed per function. Each SIGUSR1 toggles: the first wraps the
-    # functions, the next writes ``PREFIX.N`` (``label<TAB>calls<TAB>ns`` lines) and puts
-    # the originals back. Each wrapper costs its caller two clock reads (a system call
+    # listener, nested, summed per function, with and without the timed calls made inside
+    # it. Each SIGUSR1 toggles: the first wraps the functions, the next writes ``PREFIX.N``
+    # (``label<TAB>calls<TAB>ns<TAB>own ns`` lines) and puts the originals back. Each wrapper costs its caller two clock reads (a system call
     # each, about 0.5 us here), so the innermost figures are the most exact.
     import signal as _signal
     import time as _time
@@ -63,6 +63,7 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
         synapse_coap.synapse.channel CoapChannel.response coap.channel_response
         synapse_coap.transport.server _Now.complete coap.complete
         synapse_coap.transport.server CoapServer._conclude coap.conclude
+        synapse_coap.transport.server _Now._answer coap.answer
         synapse_coap.synapse.channel CoapChannel.writeHeaders coap.channel_headers
         synapse_coap.synapse.channel CoapChannel.write coap.channel_write
         synapse_coap.synapse.channel CoapChannel.requestDone coap.channel_done
@@ -79,21 +80,29 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
         import importlib
 
         sums: dict[str, list[int]] = {}
+        #: the time timed calls took inside the timed call in progress (main thread)
+        inner = [0]
         undo = []
         clock = _time.thread_time_ns
         for module, method, label in STAGES:
             cls_name, name = method.split(".")
             cls = getattr(importlib.import_module(module), cls_name)
             orig = cls.__dict__[name]
-            acc = sums[label] = [0, 0]
+            acc = sums[label] = [0, 0, 0]
 
             def wrapper(*a, __orig=orig, __acc=acc, **k):  # type: ignore[no-untyped-def]
+                # (calls, inclusive ns, exclusive ns: less the timed calls made inside,
+                # wherever this one is called from)
                 t = clock()
+                inner.append(0)
                 try:
                     return __orig(*a, **k)
                 finally:
+                    spent = clock() - t
                     __acc[0] += 1
-                    __acc[1] += clock() - t
+                    __acc[1] += spent
+                    __acc[2] += spent - inner.pop()
+                    inner[-1] += spent
 
             setattr(cls, name, wrapper)
             undo.append((cls, name, orig))
@@ -109,8 +118,8 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
             setattr(cls, name, orig)
         _stage["on"] = None
         with open(f"{_stage_prefix}.{_stage['n']}", "w") as f:
-            for label, (calls, ns) in sums.items():  # type: ignore[attr-defined]
-                f.write(f"{label}\t{calls}\t{ns}\n")
+            for label, (calls, ns, own) in sums.items():  # type: ignore[attr-defined]
+                f.write(f"{label}\t{calls}\t{ns}\t{own}\n")
         _stage["n"] = int(str(_stage["n"])) + 1
 
     _signal.signal(_signal.SIGUSR1, _stage_toggle)
