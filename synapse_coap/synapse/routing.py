@@ -187,6 +187,12 @@ class RoutingDispatcher:
         dispatch_now = getattr(self.local, "dispatch_now", None)
         return None if dispatch_now is None else dispatch_now(request, peer, done)  # type: ignore[no-any-return]
 
+    def answer_later(self, answer: Callable[[], None]) -> bool:
+        """(see mapping.dispatch.EagerDispatcher) What the local dispatcher does with it:
+        the requests this instance serves are its."""
+        answer_later = getattr(self.local, "answer_later", None)
+        return answer_later is not None and bool(answer_later(answer))
+
     async def dispatch(self, request: HttpRequest, peer: PeerInfo) -> HttpResponse:
         target = self.target_for(request)
         if target == self.instance:

@@ -134,3 +134,41 @@ def test_a_pool_member_serves_what_its_own_routes_claim_others_go_to_the_first()
     assert workers.instance_for(sync, "media1") == "generic1"  # the first in order
     assert workers.instance_for("/_matrix/client/v3/login", "generic1") == "main"
     assert workers.instance_for("/_matrix/client/v3/createRoom", "generic1") == "main"
+
+
+def test_the_routing_dispatcher_hands_kept_answers_to_the_local_dispatcher() -> None:
+    """(synapse/routing.py) ``answer_later`` goes to the local in-process dispatcher
+    where it has one (the answers of the requests this instance serves), else the
+    caller answers at once."""
+    from collections.abc import Callable
+
+    from synapse_coap.synapse.routing import RoutingDispatcher
+
+    cfg = parse(BASE)
+    assert cfg.workers is not None
+    kept: list[Callable[[], None]] = []
+
+    class _Local:
+        max_request_body_size = 1
+
+        def answer_later(self, answer: Callable[[], None]) -> bool:
+            kept.append(answer)
+            return True
+
+    class _Plain:
+        max_request_body_size = 1
+
+    def routing(local: Any) -> RoutingDispatcher:
+        return RoutingDispatcher(
+            local=local,
+            workers=cfg.workers,
+            instance="main",
+            bridge=None,
+            forwarder=None,  # type: ignore[arg-type]
+        )
+
+    def answer() -> None:
+        pass
+
+    assert routing(_Local()).answer_later(answer) and kept == [answer]
+    assert not routing(_Plain()).answer_later(answer)
