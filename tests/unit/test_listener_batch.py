@@ -249,29 +249,30 @@ def test_answers_of_a_batch_go_once_every_request_of_it_is_started() -> None:
     assert log == ["start alone", "answer alone"]
 
 
+def _server_and_session() -> tuple[Any, Any]:
+    """A real server and a session with the profile's codec, for ``_Now``'s answers."""
+    from synapse_coap.mapping.codec import WireCodec
+    from synapse_coap.mapping.dispatch import PeerInfo
+    from synapse_coap.transport.metrics import NullMetrics
+    from synapse_coap.transport.server import CoapServer, ServerConfig, _ServerSession
+    from synapse_coap.wire.context import WireContext
+    from synapse_coap.wire.profile import load_profile
+
+    server = CoapServer(ServerConfig(listen=()), None, NullMetrics(), lambda p, c: None)  # type: ignore[arg-type]
+    codec = WireCodec(load_profile(1), WireContext())
+    return server, _ServerSession(codec, None, PeerInfo("192.0.2.1", 5683))
+
+
 def test_a_batchs_in_process_answers_wait_for_its_last_request_and_an_abandoned_one_is_dropped() -> (
     None
 ):
     """(transport/server.py) two in-process exchanges of one batch, each answered by the
     dispatcher as it starts: neither answer goes before both have started; one abandoned
     while its answer waits (its token reused by the next request, say) gets none."""
-    from synapse_coap.mapping.codec import WireCodec
-    from synapse_coap.mapping.dispatch import PeerInfo
     from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
-    from synapse_coap.transport.metrics import NullMetrics
-    from synapse_coap.transport.server import (
-        CoapServer,
-        ServerConfig,
-        _Exchange,
-        _Now,
-        _ServerSession,
-    )
-    from synapse_coap.wire.context import WireContext
-    from synapse_coap.wire.profile import load_profile
+    from synapse_coap.transport.server import _Exchange, _Now
 
-    server = CoapServer(ServerConfig(listen=()), None, NullMetrics(), lambda p, c: None)  # type: ignore[arg-type]
-    codec = WireCodec(load_profile(1), WireContext())
-    session = _ServerSession(codec, None, PeerInfo("192.0.2.1", 5683))
+    server, session = _server_and_session()
     request = HttpRequest("GET", b"/_matrix/key/v2/server")
     response = HttpResponse(200, (("content-type", "application/json"),), b'{"a":1}')
     log: list[str] = []
@@ -312,21 +313,10 @@ def test_an_answer_that_comes_after_its_start_goes_through_the_dispatchers_answe
     reactor callback) is handed to the dispatcher's ``answer_later`` where it has one
     (which runs it with the others of that reactor turn); one that comes inside the
     start is answered at once (or with its batch), never through it."""
-    from synapse_coap.mapping.codec import WireCodec
-    from synapse_coap.mapping.dispatch import PeerInfo
     from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
-    from synapse_coap.transport.metrics import NullMetrics
-    from synapse_coap.transport.server import (
-        CoapServer,
-        ServerConfig,
-        _Exchange,
-        _Now,
-        _ServerSession,
-    )
-    from synapse_coap.wire.context import WireContext
-    from synapse_coap.wire.profile import load_profile
+    from synapse_coap.transport.server import _Exchange, _Now
 
-    server = CoapServer(ServerConfig(listen=()), None, NullMetrics(), lambda p, c: None)  # type: ignore[arg-type]
+    server, session = _server_and_session()
     kept: list[Callable[[], None]] = []
 
     def answer_later(answer: Callable[[], None]) -> bool:
@@ -334,9 +324,6 @@ def test_an_answer_that_comes_after_its_start_goes_through_the_dispatchers_answe
         return True
 
     server.answer_later = answer_later
-    session = _ServerSession(
-        WireCodec(load_profile(1), WireContext()), None, PeerInfo("192.0.2.1", 1)
-    )
     response = HttpResponse(200, (("content-type", "application/json"),), b'{"a":1}')
     answered: list[Any] = []
     dones: list[Callable[[Any], None]] = []
