@@ -15,7 +15,6 @@ key counts are always present in a response; a change in them is pushed too.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import urllib.parse
@@ -316,11 +315,24 @@ def empty_sync_body(next_batch: str, counters: dict[str, Any] | None = None) -> 
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-# (the last answer is kept: a homeserver's ``/versions`` is the same body request after
-# request, and the function is pure)
-@functools.lru_cache(maxsize=1)
+#: the last (body, answer) of :func:`advertise_observe`: a homeserver's ``/versions`` is
+#: the same body request after request, and the function is pure (compared, not hashed:
+#: each body is a new bytes object, whose hash an lru_cache would compute every time)
+_LAST_ADVERTISED: tuple[bytes, bytes | None] = (b"", None)
+
+
 def advertise_observe(body: bytes) -> bytes | None:
     """``/versions`` with MSC3079's ``observe: 1`` added, or None if the body is not a JSON object."""
+    global _LAST_ADVERTISED
+    last = _LAST_ADVERTISED
+    if body == last[0] and body:
+        return last[1]
+    answer = _advertise(body)
+    _LAST_ADVERTISED = (bytes(body), answer)
+    return answer
+
+
+def _advertise(body: bytes) -> bytes | None:
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):

@@ -866,14 +866,17 @@ class CoapServer:
         """The answer with ``response`` (``/versions`` advertising push sync when it is
         on), or, for a body too large to encode on the loop, the coroutine encoding it
         off the loop."""
+        target = http_req.target
         if (
-            self.config.push.enabled
+            target.startswith(VERSIONS_PATH)
             and response.status == 200
-            and http_req.target.partition(b"?")[0] == VERSIONS_PATH
+            and self.config.push.enabled
+            and target.partition(b"?")[0] == VERSIONS_PATH
         ):
             advertised = advertise_observe(response.body)
             if advertised is not None:
-                response = attrs.evolve(response, body=advertised)
+                # (its headers as they are: no converter pass, as attrs.evolve makes)
+                response = HttpResponse(response.status, response.headers, advertised)
         size = len(response.body)
         if size > INLINE_ENCODE_MAX and not self._decoder.inline(size):
             return self._answer_off_loop(ex, response)

@@ -463,3 +463,6 @@ def test_advertise_observe_remembers_only_the_same_body() -> None:
     assert other is not None and json.loads(other)["versions"] == ["v1.12"]
     assert advertise_observe(b"[]") is None
     assert advertise_observe(a) == first
+    # an equal body in a new bytes object (as every response's is) gets the kept answer
+    assert advertise_observe(bytes(bytearray(a))) is advertise_observe(a)
+    assert advertise_observe(b"") is None
