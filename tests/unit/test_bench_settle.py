@@ -23,6 +23,8 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
     finally:
         proc.kill()
         proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
 
 
 def test_a_process_asleep_is_settled(
@@ -40,14 +42,19 @@ def test_a_process_asleep_is_settled(
 
 def test_a_process_that_keeps_running_is_reported() -> None:
     rs = load_bench("results_store")
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    code = "import sys\nsys.stdout.write('spinning\\n')\nsys.stdout.flush()\nwhile True: pass\n"
+    spin = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
-        # (once it runs: it never sleeps, so the wait ends with the timeout)
+        # (once it spins, not while the interpreter starts, which reads files and may
+        # sleep: from then on it never sleeps, so the wait ends with the timeout)
+        assert spin.stdout is not None and spin.stdout.readline() == b"spinning\n"
         assert not rs.settle(spin.pid, timeout=0.2)
         assert rs.running_threads(spin.pid) == 1
     finally:
         spin.kill()
         spin.wait()
+        if spin.stdout is not None:
+            spin.stdout.close()
 
 
 def test_a_process_that_is_gone_reads_as_settled() -> None:
