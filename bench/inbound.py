@@ -150,7 +150,7 @@ from results_store import (  # noqa: E402
     provenance,
     read_dict_rows,
     replace_block,
-    settle,
+    settle_all,
     settle_background_updates,
     source_commit,
     steal_seconds,
@@ -201,17 +201,15 @@ SYNAPSE_CORE = CORES[0] if len(CORES) >= 2 else None
 
 
 #: CPU readings taken, and of those the ones taken while a process read still ran
-#: (after :data:`results_store.SETTLE_TIMEOUT`): see :func:`settle_all`.
+#: (after :data:`results_store.SETTLE_TIMEOUT`): see :func:`settle_counted`.
 SETTLED = {"readings": 0, "running": 0}
 
 
-def settle_all(pids: tuple[int, ...]) -> None:
-    """Wait until none of ``pids`` runs before their CPU is read (results_store.settle);
+def settle_counted(pids: tuple[int, ...]) -> None:
+    """Wait until none of ``pids`` runs before their CPU is read (results_store.settle_all);
     a reading that had to be taken while one still ran is counted."""
-    for p in pids:
-        SETTLED["readings"] += 1
-        if not settle(p):
-            SETTLED["running"] += 1
+    SETTLED["readings"] += len(pids)
+    SETTLED["running"] += settle_all(pids)
 
 
 #: Missing-event fetches of the measured Synapse per mode (see :class:`PduChain`).
@@ -664,7 +662,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 # (every reading with the processes read asleep: see
                                 # results_store.settle)
                                 measured = (pid, *(nginx_pids if name == VIA_NGINX else ()))
-                                settle_all(measured)
+                                settle_counted(measured)
                                 front0 = (
                                     sum(map(cpu_seconds, nginx_pids)) if name == VIA_NGINX else 0
                                 )
@@ -672,7 +670,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 main0, switches0 = main_thread(pid)
                                 before, wall0 = cpu_seconds(pid), time.monotonic()
                                 acc.errors += await run_n(k, concurrency, one, serial)
-                                settle_all(measured)
+                                settle_counted(measured)
                                 acc.cpu += cpu_seconds(pid) - before
                                 main1, switches1 = main_thread(pid)
                                 acc.main += main1 - main0
@@ -846,7 +844,7 @@ _CUTS: dict[int, int] = {}
 #: the endpoint of the stage-timing pass (--stages-out) unless --stages-endpoint names
 #: another: no servlet, the listener weighs most
 STAGES_LABEL = "/health (no servlet)"
-#: (mode, listener) -> {stage label: (calls, ns)} of the stage-timing pass
+#: (mode, listener) -> {stage label: (calls, ns, own ns)} of the stage-timing pass
 STAGES: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {}
 #: mode -> {(endpoint, listener): samples} of the perf passes (--perf-out)
 PERF: dict[str, dict[tuple[str, str], perfsplit.Cell]] = {}
@@ -943,7 +941,7 @@ async def stage_pass(
     base: int,
 ) -> dict[str, tuple[int, int, int]]:
     """One more pass of ``n`` requests with Synapse timing the stages of its request path
-    (bench/profiling/sitecustomize.py, SIGUSR1 toggles); {label: (calls, ns)}."""
+    (bench/profiling/sitecustomize.py, SIGUSR1 toggles); {label: (calls, ns, own ns)}."""
     done = sorted(workdir.glob("synapse.stages.*"))
     os.kill(pid, signal.SIGUSR1)
     await asyncio.sleep(0.2)

@@ -21,7 +21,7 @@ import subprocess
 import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,12 @@ def settle(pid: int, timeout: float = SETTLE_TIMEOUT) -> bool:
             return False
         time.sleep(0.0002)
     return True
+
+
+def settle_all(pids: Iterable[int], timeout: float = SETTLE_TIMEOUT) -> int:
+    """:func:`settle` each of ``pids`` in turn; how many still ran when their wait ran out
+    (their readings may miss up to a scheduler tick each)."""
+    return sum(not settle(pid, timeout) for pid in pids)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -75,7 +75,7 @@ from results_store import (  # noqa: E402
     provenance,
     read_dict_rows,
     replace_block,
-    settle,
+    settle_all,
     settle_background_updates,
     write_dict_rows,
 )
@@ -350,8 +350,7 @@ async def measure(args: argparse.Namespace, dep: Deployment) -> list[dict[str, A
             order = CONFIGS if rnd % 2 == 0 else CONFIGS[::-1]
             for config in order:
                 db = db_backends(dep.dbname)
-                for p in pids.values():  # (readings with them asleep: results_store.settle)
-                    settle(p)
+                settle_all(pids.values())  # (readings with them asleep: results_store.settle)
                 before = {n: cpu_seconds(p) for n, p in pids.items()}
                 db_before, me_before = cpu_of(db), own_cpu()
                 serial += args.requests
@@ -360,8 +359,7 @@ async def measure(args: argparse.Namespace, dep: Deployment) -> list[dict[str, A
                     client, configs[config], token, user, args.requests, args.concurrency, serial
                 )
                 wall = time.perf_counter() - t0
-                for p in pids.values():
-                    settle(p)
+                settle_all(pids.values())
                 after = {n: cpu_seconds(p) for n, p in pids.items()}
                 db_after, me_after = cpu_of(db), own_cpu()
                 proc_cpu = {n: after[n] - before[n] for n in pids}

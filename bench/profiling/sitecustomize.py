@@ -42,8 +42,9 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
     # (thread_time_ns) inside a fixed list of functions of the request path of each
     # listener, nested, summed per function, with and without the timed calls made inside
     # it. Each SIGUSR1 toggles: the first wraps the functions, the next writes ``PREFIX.N``
-    # (``label<TAB>calls<TAB>ns<TAB>own ns`` lines) and puts the originals back. Each wrapper costs its caller two clock reads (a system call
-    # each, about 0.5 us here), so the innermost figures are the most exact.
+    # (``label<TAB>calls<TAB>ns<TAB>own ns`` lines) and puts the originals back. Each
+    # wrapper costs its caller two clock reads (a system call each, about 0.5 us here),
+    # so the innermost figures are the most exact.
     import signal as _signal
     import time as _time
 

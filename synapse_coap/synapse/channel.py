@@ -273,9 +273,9 @@ class CoapChannel:
         response's bytes after the request, from the reactor). No switch to the
         sentinel and back: with Synapse 1.163 each switch is a ``getrusage`` system call
         and the contexts' accounting, two a request that Twisted's channel does not make
-        (``strace``). ``notify`` changes no
-        logcontext (a request it starts, :meth:`InProcessDispatcher.dispatch_now`, puts
-        back the one it found); what it raises is logged, never raised into Synapse."""
+        (``strace``). ``notify`` changes no logcontext (a request it starts,
+        :meth:`InProcessDispatcher.dispatch_now`, puts back the one it found); what it
+        raises is logged, never raised into Synapse."""
         try:
             try:
                 result: HttpResponse | BaseException = self.result()

@@ -34,6 +34,7 @@ def test_a_process_asleep_is_settled(
     # (blocked reading its stdin: asleep as soon as it has started)
     assert rs.settle(child.pid, timeout=10.0)
     assert rs.running_threads(child.pid) == 0
+    assert rs.settle_all([child.pid], timeout=1.0) == 0
     assert child.stdin is not None
     child.stdin.write(b"\n")  # it sleeps in time.sleep now
     child.stdin.flush()
@@ -50,6 +51,7 @@ def test_a_process_that_keeps_running_is_reported() -> None:
         assert spin.stdout is not None and spin.stdout.readline() == b"spinning\n"
         assert not rs.settle(spin.pid, timeout=0.2)
         assert rs.running_threads(spin.pid) == 1
+        assert rs.settle_all([spin.pid, spin.pid], timeout=0.05) == 2
     finally:
         spin.kill()
         spin.wait()
