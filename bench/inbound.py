@@ -1348,8 +1348,9 @@ def main() -> None:
     parser.add_argument(
         "--stages-endpoint",
         default=STAGES_LABEL,
-        choices=[label for label, _, _ in ENDPOINTS],
-        help=f"the endpoint of the --stages-out pass (default: {STAGES_LABEL!r})",
+        choices=ROW_LABELS,
+        help=f"the endpoint of the --stages-out pass (default: {STAGES_LABEL!r}; the "
+        f"{SEND_LABEL!r} times its transactions, one at a time)",
     )
     parser.add_argument(
         "--cprofile-out",

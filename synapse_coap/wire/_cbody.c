@@ -63,7 +63,8 @@ typedef struct {
     PyObject *keys;             /* tuple of str: key-table index -> key */
     PyObject *names;            /* tuple of str: server index -> name */
     PyObject *fallback;         /* what decode() returns when it does not decide */
-    PyObject *content_hash;     /* content_hash(dict) -> str | None */
+    PyObject *content_hash;     /* content_hash(dict) -> str | None: for an event that
+                                 * c_content_hash does not take (a float, ...) */
     PyObject *simple[256];      /* simple value number -> value-table str (or NULL) */
     Affix affix[MAX_AFFIX_TAG]; /* tag -> prefix and suffix around a text string */
 } Tables;
@@ -167,6 +168,441 @@ static PyTypeObject TablesType = {
               "context, built once.",
     .tp_new = Tables_new,
 };
+
+/* ------------------------------------------------------------------------------------ */
+/* JSON text of a decoded value, and the content hash of an event, without json's       */
+/* Python layer: the request path runs these once per body, between two requests of a   */
+/* homeserver whose own work has evicted them from the CPU's caches, where every library */
+/* function touched (json's encoder, hashlib's OpenSSL, binascii) costs tens of          */
+/* microseconds; here they are one small piece of this module.                           */
+/*                                                                                        */
+/* W_UNHANDLED: a value this writer does not take (a float, a str with a lone surrogate, */
+/* a key that is not a str, another type, nesting deeper than JSON_MAX_DEPTH): the       */
+/* caller then runs Python's json, which gives the answer or the error.  What it takes,  */
+/* it writes byte for byte as json.dumps(v, ensure_ascii=False, separators=(",", ":"),   */
+/* allow_nan=False) (and sort_keys=True for the canonical form) encoded to UTF-8:        */
+/* tests/unit/test_cbody.py holds it to that.                                            */
+/* ------------------------------------------------------------------------------------ */
+
+#define W_OK 0
+#define W_ERROR (-1)
+#define W_UNHANDLED 1
+#define JSON_MAX_DEPTH 200
+
+typedef struct {
+    char *buf;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+    char small[1024];
+} W;
+
+static void
+w_init(W *w)
+{
+    w->buf = w->small;
+    w->len = 0;
+    w->cap = (Py_ssize_t)sizeof(w->small);
+}
+
+static void
+w_free(W *w)
+{
+    if (w->buf != w->small)
+        PyMem_Free(w->buf);
+}
+
+static int
+w_reserve(W *w, Py_ssize_t n)
+{
+    if (w->cap - w->len >= n)
+        return W_OK;
+    if (n > PY_SSIZE_T_MAX / 2 - w->len) {
+        PyErr_NoMemory();
+        return W_ERROR;
+    }
+    Py_ssize_t cap = w->cap * 2;
+    if (cap < w->len + n)
+        cap = w->len + n;
+    char *b;
+    if (w->buf == w->small) {
+        b = PyMem_Malloc((size_t)cap);
+        if (b != NULL)
+            memcpy(b, w->small, (size_t)w->len);
+    } else {
+        b = PyMem_Realloc(w->buf, (size_t)cap);
+    }
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return W_ERROR;
+    }
+    w->buf = b;
+    w->cap = cap;
+    return W_OK;
+}
+
+static inline int
+w_put(W *w, const char *s, Py_ssize_t n)
+{
+    if (w_reserve(w, n) != W_OK)
+        return W_ERROR;
+    memcpy(w->buf + w->len, s, (size_t)n);
+    w->len += n;
+    return W_OK;
+}
+
+static inline int
+w_byte(W *w, char c)
+{
+    if (w->len == w->cap && w_reserve(w, 1) != W_OK)
+        return W_ERROR;
+    w->buf[w->len++] = c;
+    return W_OK;
+}
+
+/* a JSON string as json's encode_basestring (ensure_ascii=False) writes it */
+static int
+w_str(W *w, PyObject *s)
+{
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &n);
+    if (u == NULL) { /* a lone surrogate: json's encoder and "surrogatepass" decide */
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return W_ERROR;
+        PyErr_Clear();
+        return W_UNHANDLED;
+    }
+    /* at most 6 bytes per input byte (\u00XX), and the quotes */
+    if (n > (PY_SSIZE_T_MAX - 2) / 6) {
+        PyErr_NoMemory();
+        return W_ERROR;
+    }
+    if (w_reserve(w, n * 6 + 2) != W_OK)
+        return W_ERROR;
+    char *o = w->buf + w->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)u[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = "0123456789abcdef"[c >> 4];
+            *o++ = "0123456789abcdef"[c & 15];
+        }
+    }
+    *o++ = '"';
+    w->len = o - w->buf;
+    return W_OK;
+}
+
+static int w_value(W *w, PyObject *v, int depth, int sort);
+
+static int
+w_int(W *w, PyObject *v)
+{
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return W_ERROR;
+    if (overflow) { /* json writes int.__repr__ */
+        PyObject *r = PyLong_Type.tp_repr(v);
+        if (r == NULL)
+            return W_ERROR;
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(r, &n);
+        int err = s == NULL ? W_ERROR : w_put(w, s, n);
+        Py_DECREF(r);
+        return err;
+    }
+    char tmp[24];
+    int n = snprintf(tmp, sizeof(tmp), "%lld", x);
+    return w_put(w, tmp, n);
+}
+
+/* the members of a dict in order (or sorted by key), {"k":v,...}; ``skip``: the three
+ * keys an event's content hash leaves out (top level only) */
+static int
+w_dict(W *w, PyObject *d, int depth, int sort, int skip)
+{
+    if (PyDict_GET_SIZE(d) == 0 && !skip)
+        return w_put(w, "{}", 2);
+    if (w_byte(w, '{') != W_OK)
+        return W_ERROR;
+    int first = 1;
+    int rc = W_OK;
+    if (!sort) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(d, &pos, &k, &v)) {
+            if (!PyUnicode_CheckExact(k))
+                return W_UNHANDLED;
+            if (!first && w_byte(w, ',') != W_OK)
+                return W_ERROR;
+            first = 0;
+            Py_INCREF(v);
+            rc = w_str(w, k);
+            if (rc == W_OK)
+                rc = w_byte(w, ':');
+            if (rc == W_OK)
+                rc = w_value(w, v, depth + 1, sort);
+            Py_DECREF(v);
+            if (rc != W_OK)
+                return rc;
+        }
+        return w_byte(w, '}');
+    }
+    PyObject *keys = PyDict_Keys(d);
+    if (keys == NULL)
+        return W_ERROR;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyUnicode_CheckExact(PyList_GET_ITEM(keys, i))) {
+            Py_DECREF(keys);
+            return W_UNHANDLED;
+        }
+    }
+    if (PyList_Sort(keys) < 0) {
+        Py_DECREF(keys);
+        return W_ERROR;
+    }
+    for (Py_ssize_t i = 0; i < n && rc == W_OK; i++) {
+        PyObject *k = PyList_GET_ITEM(keys, i);
+        if (skip && (PyUnicode_CompareWithASCIIString(k, "unsigned") == 0 ||
+                     PyUnicode_CompareWithASCIIString(k, "signatures") == 0 ||
+                     PyUnicode_CompareWithASCIIString(k, "hashes") == 0))
+            continue;
+        PyObject *v = PyDict_GetItemWithError(d, k);
+        if (v == NULL) { /* (the dict changed under us: only Python code could) */
+            rc = PyErr_Occurred() ? W_ERROR : W_UNHANDLED;
+            break;
+        }
+        Py_INCREF(v);
+        if (!first)
+            rc = w_byte(w, ',');
+        first = 0;
+        if (rc == W_OK)
+            rc = w_str(w, k);
+        if (rc == W_OK)
+            rc = w_byte(w, ':');
+        if (rc == W_OK)
+            rc = w_value(w, v, depth + 1, sort);
+        Py_DECREF(v);
+    }
+    Py_DECREF(keys);
+    if (rc != W_OK)
+        return rc;
+    return w_byte(w, '}');
+}
+
+static int
+w_value(W *w, PyObject *v, int depth, int sort)
+{
+    if (depth > JSON_MAX_DEPTH)
+        return W_UNHANDLED;
+    if (PyUnicode_CheckExact(v))
+        return w_str(w, v);
+    if (v == Py_None)
+        return w_put(w, "null", 4);
+    if (v == Py_True)
+        return w_put(w, "true", 4);
+    if (v == Py_False)
+        return w_put(w, "false", 5);
+    if (PyLong_CheckExact(v))
+        return w_int(w, v);
+    if (PyDict_CheckExact(v))
+        return w_dict(w, v, depth, sort, 0);
+    if (PyList_CheckExact(v)) {
+        Py_ssize_t n = PyList_GET_SIZE(v);
+        if (w_byte(w, '[') != W_OK)
+            return W_ERROR;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+            if (i && w_byte(w, ',') != W_OK)
+                return W_ERROR;
+            PyObject *x = PyList_GET_ITEM(v, i);
+            Py_INCREF(x);
+            int rc = w_value(w, x, depth + 1, sort);
+            Py_DECREF(x);
+            if (rc != W_OK)
+                return rc;
+        }
+        (void)n;
+        return w_byte(w, ']');
+    }
+    return W_UNHANDLED; /* a float, a tuple, a subclass, anything else: Python's json */
+}
+
+/* dump_json(value) -> bytes | None: json.dumps(value, ensure_ascii=False,
+ * separators=(",", ":"), allow_nan=False).encode("utf-8", "surrogatepass"), or None
+ * where this writer does not take the value (see above) */
+static PyObject *
+dump_json(PyObject *module, PyObject *value)
+{
+    W w;
+    w_init(&w);
+    int rc = w_value(&w, value, 0, 0);
+    PyObject *out = NULL;
+    if (rc == W_OK)
+        out = PyBytes_FromStringAndSize(w.buf, w.len);
+    else if (rc == W_UNHANDLED)
+        out = Py_NewRef(Py_None);
+    w_free(&w);
+    return out;
+}
+
+/* SHA-256 (FIPS 180-4), for the content hash: one small function instead of a call
+ * through hashlib into OpenSSL; tests/unit/test_cbody.py compares it with hashlib */
+static const uint32_t SHA_K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2,
+};
+
+#define ROR32(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void
+sha256_block(uint32_t h[8], const unsigned char *p)
+{
+    uint32_t m[64];
+    for (int i = 0; i < 16; i++)
+        m[i] = ((uint32_t)p[4 * i] << 24) | ((uint32_t)p[4 * i + 1] << 16) |
+               ((uint32_t)p[4 * i + 2] << 8) | (uint32_t)p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR32(m[i - 15], 7) ^ ROR32(m[i - 15], 18) ^ (m[i - 15] >> 3);
+        uint32_t s1 = ROR32(m[i - 2], 17) ^ ROR32(m[i - 2], 19) ^ (m[i - 2] >> 10);
+        m[i] = m[i - 16] + s0 + m[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = k + (ROR32(e, 6) ^ ROR32(e, 11) ^ ROR32(e, 25)) + ((e & f) ^ (~e & g)) +
+                      SHA_K[i] + m[i];
+        uint32_t t2 = (ROR32(a, 2) ^ ROR32(a, 13) ^ ROR32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g;
+        g = f;
+        f = e;
+        e = d + t1;
+        d = c;
+        c = b;
+        b = a;
+        a = t1 + t2;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+    h[5] += f;
+    h[6] += g;
+    h[7] += k;
+}
+
+static void
+sha256(const unsigned char *data, size_t n, unsigned char out[32])
+{
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                     0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64)
+        sha256_block(h, data + i);
+    unsigned char tail[128];
+    size_t rest = n - i;
+    memcpy(tail, data + i, rest);
+    tail[rest] = 0x80;
+    size_t total = rest + 9 <= 64 ? 64 : 128;
+    memset(tail + rest + 1, 0, total - rest - 1);
+    uint64_t bits = (uint64_t)n * 8;
+    for (int j = 0; j < 8; j++)
+        tail[total - 1 - j] = (unsigned char)(bits >> (8 * j));
+    sha256_block(h, tail);
+    if (total == 128)
+        sha256_block(h, tail + 64);
+    for (int j = 0; j < 8; j++) {
+        out[4 * j] = (unsigned char)(h[j] >> 24);
+        out[4 * j + 1] = (unsigned char)(h[j] >> 16);
+        out[4 * j + 2] = (unsigned char)(h[j] >> 8);
+        out[4 * j + 3] = (unsigned char)h[j];
+    }
+}
+
+/* the event's content hash (body_tables.content_hash: the SHA-256 of its canonical JSON
+ * without unsigned, signatures and hashes, unpadded base64) as a str; NULL with no error
+ * set where this writer does not take the event (then the Python function decides) */
+static PyObject *
+c_content_hash(PyObject *event)
+{
+    W w;
+    w_init(&w);
+    int rc = w_dict(&w, event, 0, 1, 1);
+    if (rc != W_OK) {
+        w_free(&w);
+        return NULL;
+    }
+    unsigned char digest[32];
+    sha256((const unsigned char *)w.buf, (size_t)w.len, digest);
+    w_free(&w);
+    char text[44];
+    int o = 0;
+    for (int i = 0; i < 30; i += 3) {
+        uint32_t x = ((uint32_t)digest[i] << 16) | ((uint32_t)digest[i + 1] << 8) | digest[i + 2];
+        text[o++] = B64_STD[x >> 18];
+        text[o++] = B64_STD[(x >> 12) & 63];
+        text[o++] = B64_STD[(x >> 6) & 63];
+        text[o++] = B64_STD[x & 63];
+    }
+    uint32_t x = ((uint32_t)digest[30] << 16) | ((uint32_t)digest[31] << 8);
+    text[o++] = B64_STD[x >> 18];
+    text[o++] = B64_STD[(x >> 12) & 63];
+    text[o++] = B64_STD[(x >> 6) & 63];
+    return PyUnicode_FromStringAndSize(text, o); /* 43 characters */
+}
+
+/* content_hash(event: dict) -> str | None: c_content_hash, None where it does not take
+ * the event (for the tests; the decoder calls c_content_hash itself) */
+static PyObject *
+content_hash(PyObject *module, PyObject *event)
+{
+    if (!PyDict_CheckExact(event)) {
+        PyErr_SetString(PyExc_TypeError, "content_hash(event: dict)");
+        return NULL;
+    }
+    PyObject *h = c_content_hash(event);
+    if (h == NULL && !PyErr_Occurred())
+        return Py_NewRef(Py_None);
+    return h;
+}
+
+/* sha256_digest(data: bytes) -> bytes: this module's SHA-256 (for the tests) */
+static PyObject *
+sha256_digest(PyObject *module, PyObject *data)
+{
+    if (!PyBytes_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "sha256_digest(data: bytes)");
+        return NULL;
+    }
+    unsigned char digest[32];
+    sha256((const unsigned char *)PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data),
+           digest);
+    return PyBytes_FromStringAndSize((const char *)digest, 32);
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* the decoder                                                                            */
@@ -484,7 +920,10 @@ map(D *d, uint64_t n)
             goto fail; /* a duplicate key, after the tables */
     }
     if (derived) {
-        PyObject *h = PyObject_CallOneArg(d->t->content_hash, dict);
+        /* this module's hash; the tables' Python function for what it does not take */
+        PyObject *h = c_content_hash(dict);
+        if (h == NULL && !PyErr_Occurred())
+            h = PyObject_CallOneArg(d->t->content_hash, dict);
         if (h == NULL)
             goto fail;
         if (!PyUnicode_CheckExact(h)) { /* None: not in canonical JSON */
@@ -623,6 +1062,15 @@ decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef methods[] = {
+    {"dump_json", (PyCFunction)dump_json, METH_O,
+     "dump_json(value) -> bytes | None: json.dumps(value, ensure_ascii=False, "
+     "separators=(',', ':'), allow_nan=False) in UTF-8 (surrogatepass), or None where this "
+     "writer does not take the value (a float, a lone surrogate, ...)."},
+    {"content_hash", (PyCFunction)content_hash, METH_O,
+     "content_hash(event: dict) -> str | None: the event's content hash as "
+     "body_tables.content_hash gives it, or None where this module does not take it."},
+    {"sha256_digest", (PyCFunction)sha256_digest, METH_O,
+     "sha256_digest(data: bytes) -> bytes: this module's SHA-256."},
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(data, tables, max_depth, resolve): the JSON value of a body's CBOR, or the "
      "tables' fallback object."},
