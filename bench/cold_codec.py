@@ -1,0 +1,152 @@
+"""What the listener's codec work costs with the CPU's caches cold, as inside a homeserver.
+
+    .venv/bin/python bench/cold_codec.py [--rounds 5] [--calls 200] [--out CSV]
+
+A federation ``/send`` costs Synapse some 13 ms of CPU, and between two of them its own
+work evicts the listener's code and data from the CPU's caches: in Synapse, the stage
+timers (``bench/inbound.py --stages-out F --stages-endpoint "federation send (1 PDU)"``)
+put each part of the CoAP+Noise path at about ten times what it costs in a loop. This
+bench times the codec's parts of that path both ways, one call at a time, on distinct
+one-PDU transactions (the corpus's, each with another text, timestamp and transaction
+id, so that no memo hits) and on their answers:
+
+* ``hot``: the calls back to back (what a loop, or bench/codec.py, measures);
+* ``cold``: each call after reading 32 MiB (``zlib.crc32``), which evicts the CPU's data
+  caches (a homeserver's work also evicts code, branch history and the interpreter's
+  caches: in Synapse the parts cost more still).
+
+Each round gives the median of ``--calls`` calls; the report shows the median (min-max)
+of ``--rounds`` rounds, microseconds per call, and writes them to ``--out`` (default
+``bench/results/cold_codec.csv``) with the command, commit and machine. The C writer's
+rows (``wire/_cbody.c``: a request body's JSON text for Synapse, a PDU's content hash)
+stand beside what they replace (Python's json; json, hashlib and binascii).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from codec import transaction  # noqa: E402
+from results_store import provenance, spread, write_dict_rows  # noqa: E402
+
+from synapse_coap.mapping import samples  # noqa: E402
+from synapse_coap.mapping.codec import WireCodec  # noqa: E402
+from synapse_coap.mapping.jsonbody import dump_json  # noqa: E402
+from synapse_coap.mapping.messages import HttpResponse  # noqa: E402
+from synapse_coap.wire import body_fast, body_tables  # noqa: E402
+from synapse_coap.wire.context import WireContext  # noqa: E402
+from synapse_coap.wire.profile import load_profile, profile_ids  # noqa: E402
+
+REMOTE = "remote.example.org"
+SWEEP = bytes(32 << 20)
+PUT = 3  # CoAP PUT: a /send's answer is 2.04
+
+
+def _evict() -> None:
+    zlib.crc32(SWEEP)
+
+
+def _median_us(fn: Callable[[Any], object], inputs: Sequence[Any], cold: bool) -> float:
+    times: list[int] = []
+    for x in inputs:
+        if cold:
+            _evict()
+        t = time.perf_counter_ns()
+        fn(x)
+        times.append(time.perf_counter_ns() - t)
+    return statistics.median(times) / 1000
+
+
+def _python_dump(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
+    """(name, function, its inputs): the /send's request decode and its parts, its answer."""
+    profile = load_profile(max(profile_ids()))
+    txn = transaction()
+    codec = WireCodec(profile, WireContext(("bench.test", str(txn["origin"]))))
+    msgs, values, pdus, answers = [], [], [], []
+    for i in range(calls):
+        t = json.loads(json.dumps(txn))
+        t["origin_server_ts"] = int(t["origin_server_ts"]) + i
+        pdu = t["pdus"][0]
+        pdu["content"] = {**pdu.get("content", {}), "body": f"cold path {i}"}
+        pdu["hashes"] = {"sha256": body_tables.content_hash(pdu)}
+        req = samples.federation_send(t, f"/_matrix/federation/v1/send/cold{i}", REMOTE)
+        msgs.append(codec.encode_request(req))
+        values.append(json.loads(req.body))
+        pdus.append(pdu)
+        body = json.dumps({"pdus": {f"$cold{i}": {}}}).encode()
+        answers.append(HttpResponse(200, (("content-type", "application/json"),), body))
+    c = body_fast._C
+    rows: list[tuple[str, Callable[[Any], object], list[Any]]] = [
+        ("request decode (/send, 1 PDU)", codec.decode_request, msgs),
+        ("  its JSON text: json.dumps", _python_dump, values),
+        ("  its PDU's content hash: json, hashlib, binascii", body_tables.content_hash, pdus),
+    ]
+    if c is not None:
+        rows += [
+            ("  its JSON text: the C writer", dump_json, values),
+            ("  its PDU's content hash: the C writer", c.content_hash, pdus),
+        ]
+    rows.append(
+        ("answer encode (/send's answer)", lambda r: codec.encode_response(r, method=PUT), answers)
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (at least 5)")
+    ap.add_argument("--calls", type=int, default=200, help="calls per case, round and way")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "cold_codec.csv", help="CSV"
+    )
+    args = ap.parse_args(argv)
+    if args.rounds < 5:
+        ap.error(f"--rounds: {args.rounds} (allowed: 5 or more)")
+    if args.calls < 1:
+        ap.error(f"--calls: {args.calls} (allowed: 1 or more)")
+    meta = provenance(
+        "python bench/cold_codec.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+    rows = cases(args.calls)
+    got: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds}", file=sys.stderr)
+        for name, fn, inputs in rows:
+            for way in ("hot", "cold"):
+                got.setdefault((name, way), []).append(_median_us(fn, inputs, way == "cold"))
+    out = []
+    print(f"\nmicroseconds per call, median (min-max) of {args.rounds} rounds of {args.calls}")
+    print(f"{'':52} {'hot':>22} {'cold':>22}")
+    for name, _fn, _inputs in rows:
+        hot, cold = got[(name, "hot")], got[(name, "cold")]
+        print(f"{name:52} {spread(hot, '{:.1f}'):>22} {spread(cold, '{:.1f}'):>22}")
+        for way, xs in (("hot", hot), ("cold", cold)):
+            out += [
+                {"case": name.strip(), "way": way, "round": i, "us": f"{x:.2f}"}
+                for i, x in enumerate(xs)
+            ]
+    write_dict_rows(args.out, out, meta)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
