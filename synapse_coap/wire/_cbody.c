@@ -332,6 +332,22 @@ w_int(W *w, PyObject *v)
     return w_put(w, tmp, n);
 }
 
+/* ``"k":v`` (after a comma unless ``first``) */
+static int
+w_member(W *w, PyObject *k, PyObject *v, int depth, int sort, int first)
+{
+    int rc = first ? W_OK : w_byte(w, ',');
+    Py_INCREF(v); /* (held while it is written) */
+    if (rc == W_OK)
+        rc = w_str(w, k);
+    if (rc == W_OK)
+        rc = w_byte(w, ':');
+    if (rc == W_OK)
+        rc = w_value(w, v, depth + 1, sort);
+    Py_DECREF(v);
+    return rc;
+}
+
 /* the members of a dict in order (or sorted by key), {"k":v,...}; ``skip``: the three
  * keys an event's content hash leaves out (top level only) */
 static int
@@ -349,16 +365,8 @@ w_dict(W *w, PyObject *d, int depth, int sort, int skip)
         while (PyDict_Next(d, &pos, &k, &v)) {
             if (!PyUnicode_CheckExact(k))
                 return W_UNHANDLED;
-            if (!first && w_byte(w, ',') != W_OK)
-                return W_ERROR;
+            rc = w_member(w, k, v, depth, sort, first);
             first = 0;
-            Py_INCREF(v);
-            rc = w_str(w, k);
-            if (rc == W_OK)
-                rc = w_byte(w, ':');
-            if (rc == W_OK)
-                rc = w_value(w, v, depth + 1, sort);
-            Py_DECREF(v);
             if (rc != W_OK)
                 return rc;
         }
@@ -389,17 +397,8 @@ w_dict(W *w, PyObject *d, int depth, int sort, int skip)
             rc = PyErr_Occurred() ? W_ERROR : W_UNHANDLED;
             break;
         }
-        Py_INCREF(v);
-        if (!first)
-            rc = w_byte(w, ',');
+        rc = w_member(w, k, v, depth, sort, first);
         first = 0;
-        if (rc == W_OK)
-            rc = w_str(w, k);
-        if (rc == W_OK)
-            rc = w_byte(w, ':');
-        if (rc == W_OK)
-            rc = w_value(w, v, depth + 1, sort);
-        Py_DECREF(v);
     }
     Py_DECREF(keys);
     if (rc != W_OK)
@@ -425,7 +424,6 @@ w_value(W *w, PyObject *v, int depth, int sort)
     if (PyDict_CheckExact(v))
         return w_dict(w, v, depth, sort, 0);
     if (PyList_CheckExact(v)) {
-        Py_ssize_t n = PyList_GET_SIZE(v);
         if (w_byte(w, '[') != W_OK)
             return W_ERROR;
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
@@ -438,7 +436,6 @@ w_value(W *w, PyObject *v, int depth, int sort)
             if (rc != W_OK)
                 return rc;
         }
-        (void)n;
         return w_byte(w, ']');
     }
     return W_UNHANDLED; /* a float, a tuple, a subclass, anything else: Python's json */
