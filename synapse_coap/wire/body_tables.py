@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
@@ -220,11 +221,31 @@ def _canonical_json(value: Any) -> bytes:
     return _dump_canonical(value).encode("utf-8")
 
 
+def _load_c_content_hash() -> Callable[[dict[str, Any]], str | None] | None:
+    """The native build's content hash (``wire/_cbody.c``: the same str, or None for an
+    event it leaves to Python's json), or None where the build is not running."""
+    try:
+        mod = importlib.import_module("synapse_coap.wire._cbody")
+    except ImportError:  # no native build, a stale one, or SYNAPSE_COAP_PURE=1
+        return None
+    fn = getattr(mod, "content_hash", None)
+    return fn if callable(fn) else None
+
+
+_C_CONTENT_HASH = _load_c_content_hash()
+
+
 def content_hash(pdu: dict[str, Any]) -> str | None:
     """Matrix content hash of an event (spec: without unsigned, signatures, hashes).
 
-    None when the event cannot be put in canonical JSON.
+    None when the event cannot be put in canonical JSON. The native build's C writer
+    gives it where it takes the event (no float, no lone surrogate: the same str,
+    ``tests/unit/test_cjson.py``), without json's Python layer, hashlib and binascii.
     """
+    if _C_CONTENT_HASH is not None and type(pdu) is dict:
+        h = _C_CONTENT_HASH(pdu)
+        if h is not None:
+            return h
     stripped = dict(pdu)
     stripped.pop("unsigned", None)
     stripped.pop("signatures", None)
