@@ -15,23 +15,32 @@ from tests.harness.bench import load_bench
 
 @pytest.fixture
 def child() -> Iterator[subprocess.Popen[bytes]]:
-    """A child that spins until it reads a line, then sleeps until killed."""
-    code = "import sys, time\nwhile not sys.stdin.readline(): pass\ntime.sleep(600)\n"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    """A child that says "waiting", blocks reading a line, then sleeps until killed; yielded
+    once it has said so (its interpreter's start reads files and may sleep on the way,
+    which a settled reading would take for the wait: a clean-clone CI run caught that)."""
+    code = (
+        "import sys, time\nsys.stdout.write('waiting\\n')\nsys.stdout.flush()\n"
+        "while not sys.stdin.readline(): pass\ntime.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"waiting\n"
         yield proc
     finally:
         proc.kill()
         proc.wait()
-        if proc.stdin is not None:
-            proc.stdin.close()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_a_process_asleep_is_settled(
     child: subprocess.Popen[bytes],
 ) -> None:
     rs = load_bench("results_store")
-    # (blocked reading its stdin: asleep as soon as it has started)
+    # (blocked reading its stdin, or about to be)
     assert rs.settle(child.pid, timeout=10.0)
     assert rs.running_threads(child.pid) == 0
     assert rs.settle_all([child.pid], timeout=1.0) == 0
