@@ -43,7 +43,7 @@ from results_store import provenance, spread, write_dict_rows  # noqa: E402
 
 from synapse_coap.mapping import samples  # noqa: E402
 from synapse_coap.mapping.codec import WireCodec  # noqa: E402
-from synapse_coap.mapping.jsonbody import dump_json  # noqa: E402
+from synapse_coap.mapping.jsonbody import dump_json, dump_json_python  # noqa: E402
 from synapse_coap.mapping.messages import HttpResponse  # noqa: E402
 from synapse_coap.wire import body_fast, body_tables  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
@@ -69,12 +69,6 @@ def _median_us(fn: Callable[[Any], object], inputs: Sequence[Any], cold: bool) -
     return statistics.median(times) / 1000
 
 
-def _python_dump(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
-        "utf-8", "surrogatepass"
-    )
-
-
 def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
     """(name, function, its inputs): the /send's request decode and its parts, its answer."""
     profile = load_profile(max(profile_ids()))
@@ -96,8 +90,12 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
     c = body_fast._C
     rows: list[tuple[str, Callable[[Any], object], list[Any]]] = [
         ("request decode (/send, 1 PDU)", codec.decode_request, msgs),
-        ("  its JSON text: json.dumps", _python_dump, values),
-        ("  its PDU's content hash: json, hashlib, binascii", body_tables.content_hash, pdus),
+        ("  its JSON text: json.dumps", dump_json_python, values),
+        (
+            "  its PDU's content hash: json, hashlib, binascii",
+            body_tables.python_content_hash,
+            pdus,
+        ),
     ]
     if c is not None:
         rows += [

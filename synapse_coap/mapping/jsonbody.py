@@ -47,6 +47,11 @@ def dump_json(value: Any) -> bytes:
     fast = dump_json_c(value)
     if fast is not None:
         return fast
+    return dump_json_python(value)
+
+
+def dump_json_python(value: Any) -> bytes:
+    """:func:`dump_json` with Python's json."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
         "utf-8", "surrogatepass"
     )

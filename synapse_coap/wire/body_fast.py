@@ -29,7 +29,6 @@ the two never disagree (``tests/unit/test_body.py::test_fast_decoder_*``).
 from __future__ import annotations
 
 import binascii
-import importlib
 import io
 import logging
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from synapse_coap.wire.body_tables import (
     _ED25519,
     _TS_HIGH,
     _TS_LOW,
+    CBODY,
     MAX_SERVER_REFS,
     SIGILS,
     TAG_B64,
@@ -68,6 +68,7 @@ from synapse_coap.wire.body_tables import (
     _value_from_simple,
     _zigzag,
     content_hash,
+    python_content_hash,
 )
 from synapse_coap.wire.profile import Profile
 from synapse_coap.wire.strings import TAG_REF, TAG_REF_WIDE
@@ -163,9 +164,8 @@ _C_TAGS = {
 def _load_c() -> Any:
     """The C decoder module, or None (no native build, SYNAPSE_COAP_PURE=1, or one
     compiled with other tag numbers)."""
-    try:
-        mod = importlib.import_module("synapse_coap.wire._cbody")
-    except ImportError:
+    mod = CBODY
+    if mod is None:
         return None
     if getattr(mod, "TAGS", None) != _C_TAGS or _TS_HIGH != 1 << 64:
         logger.warning("synapse-coap: the C body decoder has other tag numbers: not used")
@@ -188,7 +188,12 @@ def c_tables(mod: Any, profile: Profile, names: tuple[str, ...]) -> Any:
             simple[n] = values[i]
     try:
         return mod.Tables(
-            tuple(profile.keys), tuple(simple), _affixes(names), names, FALLBACK, content_hash
+            tuple(profile.keys),
+            tuple(simple),
+            _affixes(names),
+            names,
+            FALLBACK,
+            python_content_hash,  # (for what the module's own hash does not take)
         )
     except (TypeError, ValueError):
         return None

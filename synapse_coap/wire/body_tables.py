@@ -221,18 +221,19 @@ def _canonical_json(value: Any) -> bytes:
     return _dump_canonical(value).encode("utf-8")
 
 
-def _load_c_content_hash() -> Callable[[dict[str, Any]], str | None] | None:
-    """The native build's content hash (``wire/_cbody.c``: the same str, or None for an
-    event it leaves to Python's json), or None where the build is not running."""
+def _load_cbody() -> Any:
     try:
-        mod = importlib.import_module("synapse_coap.wire._cbody")
+        return importlib.import_module("synapse_coap.wire._cbody")
     except ImportError:  # no native build, a stale one, or SYNAPSE_COAP_PURE=1
         return None
-    fn = getattr(mod, "content_hash", None)
-    return fn if callable(fn) else None
 
 
-_C_CONTENT_HASH = _load_c_content_hash()
+#: the native build's C body module (``wire/_cbody.c``), or None where the build is not
+#: running; ``wire.body_fast`` decodes with it once its tag numbers are checked
+CBODY: Any = _load_cbody()
+_C_CONTENT_HASH: Callable[[dict[str, Any]], str | None] | None = getattr(
+    CBODY, "content_hash", None
+)
 
 
 def content_hash(pdu: dict[str, Any]) -> str | None:
@@ -240,12 +241,18 @@ def content_hash(pdu: dict[str, Any]) -> str | None:
 
     None when the event cannot be put in canonical JSON. The native build's C writer
     gives it where it takes the event (no float, no lone surrogate: the same str,
-    ``tests/unit/test_cjson.py``), without json's Python layer, hashlib and binascii.
+    ``tests/unit/test_cjson.py``), without json's Python layer, hashlib and binascii;
+    :func:`python_content_hash` everything else.
     """
     if _C_CONTENT_HASH is not None and type(pdu) is dict:
         h = _C_CONTENT_HASH(pdu)
         if h is not None:
             return h
+    return python_content_hash(pdu)
+
+
+def python_content_hash(pdu: dict[str, Any]) -> str | None:
+    """:func:`content_hash` with Python's json, hashlib and binascii."""
     stripped = dict(pdu)
     stripped.pop("unsigned", None)
     stripped.pop("signatures", None)
