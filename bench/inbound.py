@@ -714,7 +714,7 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
                                 pid, workdir, args.profile_requests, concurrency, one, serial
                             )
                             serial += args.profile_requests
-                    if args.perf_out and label != SEND_LABEL:
+                    if args.perf_out:
                         PERF.setdefault(mode, {}).update(
                             await perf_pass(pid, workdir, label, runners, args, concurrency, serial)
                         )
@@ -860,7 +860,7 @@ async def perf_pass(
     base: int,
 ) -> dict[tuple[str, str], perfsplit.Cell]:
     """One more pass of ``--perf-requests`` requests per listener (CoAP+Noise, HTTP/1.1,
-    alternating turns of 100, the first of a pair swapped every turn) with ``perf
+    alternating turns of 100, the /send's of 10, the first of a pair swapped every turn) with ``perf
     record`` sampling every thread of Synapse; the samples split per turn
     (bench/perfsplit.py). Nothing (and a warning) if perf cannot record."""
     perf = shutil.which("perf")
@@ -879,8 +879,10 @@ async def perf_pass(
     pair = [(name, runners[name]) for name in COMPARED]
     serial = base
     done = 0
+    # (turns of 100 requests; the /send's transactions, one at a time, in turns of 10)
+    size = 10 if label == SEND_LABEL else 100
     while done < args.perf_requests:
-        k = min(100, args.perf_requests - done)
+        k = min(size, args.perf_requests - done)
         for name, one in pair:
             t0 = time.monotonic()
             await run_n(k, concurrency, one, serial)
@@ -915,7 +917,8 @@ def perf_report(args: argparse.Namespace) -> str:
     lines = [
         "# Where Synapse's CPU goes by library, per request: perf samples of every thread",
         f"# ({args.perf_frequency} Hz, cpu-clock) taken during one more pass per endpoint, the",
-        "# CoAP+Noise and HTTP/1.1 listeners alternating turns of 100 requests; microseconds",
+        "# CoAP+Noise and HTTP/1.1 listeners alternating turns of 100 requests (the /send's:",
+        "# 10 transactions, one at a time); microseconds",
         "# per request. Sampling costs the process CPU of its own: the figures are larger than",
         "# the table's, and perf's per-thread events add a cost to every context switch, which",
         "# HTTP/1.1 makes three to four times a request on the JSON endpoints (its thread pool;",
@@ -1300,8 +1303,8 @@ def main() -> None:
         "--perf-out",
         type=Path,
         default=None,
-        help="after each small endpoint's rounds, one more pass per listener with Linux "
-        "perf sampling Synapse; write where its CPU went, by library, to FILE "
+        help="after each endpoint's rounds (the /send's too), one more pass per listener "
+        "with Linux perf sampling Synapse; write where its CPU went, by library, to FILE "
         "(bench/perfsplit.py; needs perf on PATH and the right to attach)",
     )
     parser.add_argument(

@@ -19,7 +19,8 @@ Beside them, :data:`C_MODULES`: hand-written C for what mypyc cannot make fast e
 (``wire/_cbody.c``, the body decoder in one pass; ``wire/body_fast.py`` uses it only
 when it imports, and falls back to its cbor2 path for what it does not take;
 ``wire/_cenc.c``, a JSON body's text to the profile CBOR in one pass, used by
-``wire/body_encode.py`` the same way; ``wire/_cdeflate.c``, zlib's DEFLATE with a
+``wire/body_encode.py`` the same way, and an answer's identifiers for the session string
+table (``wire/strings.py``); ``wire/_cdeflate.c``, zlib's DEFLATE with a
 profile dictionary without zlib's per-body allocations, same library and bytes, used by
 ``wire/deflate.py``). The
 build compiles them with the mypyc modules, the manifest holds their digests too, and

@@ -25,6 +25,9 @@
  *
  * Tests: tests/unit/test_cenc.py (differential against the reference path on the
  * corpora, golden vectors and hypothesis properties).
+ *
+ * The module also holds response_ids (at the end): an answer's identifiers for the
+ * session string table (wire/strings.py), from the same kind of pass over the text.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -592,10 +595,462 @@ transcode(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* ------------------------------------------------------------------------------------
+ * response_ids(body, limit): strings.response_identifiers in one pass over the JSON
+ * text, without building the value.
+ *
+ * Every 2xx JSON answer on a session with a string table has its room and event ids
+ * recorded (wire/strings.py): in Python that is json.loads of the whole answer and a
+ * walk over every string of it, some 8 us for server keys and 21 us for /versions in
+ * a loop (more than the answer's encoding), and more with the caches cold in the
+ * homeserver.  This scan checks the JSON grammar, looks at every string (map keys
+ * too, each before its value, document order) and keeps the 44-character "$"/"!"
+ * hash ids, as _is_hash_id tells them, the first `limit` distinct rooms and events.
+ *
+ * It gives the reference's tuple, (rooms + events)[:limit], for what it takes, and
+ * None for the rest, where the caller runs the reference (which then gives the tuple
+ * or ()): anything that is not strict JSON (NaN, Infinity, trailing bytes, a BOM,
+ * invalid UTF-8 after the "surrogatepass" decoding json.loads uses), a duplicate key
+ * (json.loads keeps the last value), a key with an escape, a string of 44 or more
+ * bytes with a \u escape (it might decode to an id), an integer of more than 4000
+ * digits (Python's int limit), nesting past IDS_MAX_DEPTH.  A string with other
+ * escapes only holds a character no id has, so it is no id.
+ * Tests: tests/unit/test_cids.py (the reference on the corpora, golden bodies,
+ * hypothesis: values, whitespace and mutated bytes).
+ */
+#define IDS_MAX_DEPTH 200
+#define IDS_MAX_LIMIT 64
+#define ID_LEN 44
+#define IDS_INLINE_KEYS 32
+
+typedef struct {
+    const unsigned char *p;
+    const unsigned char *end;
+    int nonascii;
+    int limit;
+    int n_rooms, n_events;
+    const unsigned char *rooms[IDS_MAX_LIMIT];
+    const unsigned char *events[IDS_MAX_LIMIT];
+} Ids;
+
+typedef struct {
+    const unsigned char *s;
+    Py_ssize_t n;
+} Span;
+
+/* the value of a base64url character, or -1 */
+static int
+b64url(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '-')
+        return 62;
+    if (c == '_')
+        return 63;
+    return -1;
+}
+
+static void
+ids_ws(Ids *st)
+{
+    while (st->p < st->end &&
+           (*st->p == ' ' || *st->p == '\t' || *st->p == '\n' || *st->p == '\r'))
+        st->p++;
+}
+
+/* a string at st->p (its opening quote): its raw bytes between the quotes, whether they
+ * hold an escape and a \u escape; NO if json.loads would not take it */
+static int
+ids_string(Ids *st, Span *raw, int *escaped, int *unicode)
+{
+    const unsigned char *p = st->p + 1, *end = st->end;
+    *escaped = 0;
+    *unicode = 0;
+    raw->s = p;
+    for (;;) {
+        if (p >= end)
+            return NO;
+        unsigned char c = *p;
+        if (c == '"')
+            break;
+        if (c < 0x20)
+            return NO;
+        if (c >= 0x80) {
+            st->nonascii = 1;
+            p++;
+            continue;
+        }
+        if (c != '\\') {
+            p++;
+            continue;
+        }
+        *escaped = 1;
+        if (p + 1 >= end)
+            return NO;
+        c = p[1];
+        if (c == 'u') {
+            unsigned int cp;
+            if (end - p < 6 || hex4(p + 2, &cp) < 0)
+                return NO;
+            *unicode = 1;
+            p += 6;
+            continue;
+        }
+        if (c != '"' && c != '\\' && c != '/' && c != 'b' && c != 'f' && c != 'n' &&
+            c != 'r' && c != 't')
+            return NO;
+        p += 2;
+    }
+    raw->n = p - raw->s;
+    st->p = p + 1;
+    return OK;
+}
+
+/* _is_hash_id of a string's raw bytes, and its place among the rooms or events kept */
+static int
+ids_consider(Ids *st, const Span *raw, int escaped, int unicode)
+{
+    if (raw->n < ID_LEN)
+        return OK;
+    if (unicode)
+        return NO; /* it might decode to an id: the reference decides */
+    if (escaped || raw->n != ID_LEN)
+        return OK; /* holds a character no id has, or is too long */
+    const unsigned char *s = raw->s;
+    if (s[0] != '$' && s[0] != '!')
+        return OK;
+    for (int i = 1; i < ID_LEN; i++)
+        if (b64url(s[i]) < 0)
+            return OK;
+    /* 43 characters, 32 bytes: the last one's two low bits are not data (canonical) */
+    if (b64url(s[ID_LEN - 1]) & 3)
+        return OK;
+    int room = s[0] == '!';
+    const unsigned char **kept = room ? st->rooms : st->events;
+    int *count = room ? &st->n_rooms : &st->n_events;
+    if (*count >= st->limit)
+        return OK;
+    for (int i = 0; i < *count; i++)
+        if (memcmp(kept[i], s, ID_LEN) == 0)
+            return OK;
+    kept[(*count)++] = s;
+    return OK;
+}
+
+static uint64_t
+span_hash(const Span *k)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (Py_ssize_t i = 0; i < k->n; i++) {
+        h ^= k->s[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+/* a set of an object's keys (raw bytes; keys with escapes are not taken): a few in a
+ * list, more in an open-addressing table */
+typedef struct {
+    Span inline_keys[IDS_INLINE_KEYS];
+    Py_ssize_t count;
+    Span *table; /* NULL, or `cap` slots (s == NULL: free) */
+    Py_ssize_t cap;
+} KeySet;
+
+static int
+keyset_put(KeySet *ks, const Span *k, int *dup);
+
+static int
+keyset_grow(KeySet *ks)
+{
+    Py_ssize_t cap = ks->cap ? ks->cap * 2 : 4 * IDS_INLINE_KEYS;
+    Span *old = ks->table;
+    Py_ssize_t old_cap = ks->cap;
+    Span *t = PyMem_Calloc((size_t)cap, sizeof(Span));
+    if (t == NULL) {
+        PyErr_NoMemory();
+        return NO;
+    }
+    ks->table = t;
+    ks->cap = cap;
+    ks->count = 0;
+    int dup;
+    if (old == NULL) {
+        for (Py_ssize_t i = 0; i < IDS_INLINE_KEYS; i++)
+            keyset_put(ks, &ks->inline_keys[i], &dup);
+    } else {
+        for (Py_ssize_t i = 0; i < old_cap; i++)
+            if (old[i].s != NULL)
+                keyset_put(ks, &old[i], &dup);
+        PyMem_Free(old);
+    }
+    return OK;
+}
+
+/* adds `k`; *dup: it was there already */
+static int
+keyset_put(KeySet *ks, const Span *k, int *dup)
+{
+    *dup = 0;
+    if (ks->table == NULL) {
+        for (Py_ssize_t i = 0; i < ks->count; i++)
+            if (ks->inline_keys[i].n == k->n && memcmp(ks->inline_keys[i].s, k->s, k->n) == 0) {
+                *dup = 1;
+                return OK;
+            }
+        if (ks->count < IDS_INLINE_KEYS) {
+            ks->inline_keys[ks->count++] = *k;
+            return OK;
+        }
+        if (keyset_grow(ks) < 0)
+            return NO;
+    } else if (2 * (ks->count + 1) > ks->cap && keyset_grow(ks) < 0) {
+        return NO;
+    }
+    Py_ssize_t mask = ks->cap - 1, i = (Py_ssize_t)(span_hash(k) & (uint64_t)mask);
+    while (ks->table[i].s != NULL) {
+        if (ks->table[i].n == k->n && memcmp(ks->table[i].s, k->s, k->n) == 0) {
+            *dup = 1;
+            return OK;
+        }
+        i = (i + 1) & mask;
+    }
+    ks->table[i] = *k;
+    ks->count++;
+    return OK;
+}
+
+static int ids_value(Ids *st, int depth);
+
+static int
+ids_object(Ids *st, int depth)
+{
+    st->p++; /* { */
+    ids_ws(st);
+    if (st->p < st->end && *st->p == '}') {
+        st->p++;
+        return OK;
+    }
+    KeySet ks;
+    ks.count = 0;
+    ks.table = NULL;
+    ks.cap = 0;
+    int r = NO;
+    for (;;) {
+        if (st->p >= st->end || *st->p != '"')
+            goto done;
+        Span key;
+        int escaped, unicode, dup;
+        if (ids_string(st, &key, &escaped, &unicode) < 0 || escaped)
+            goto done; /* (a key with an escape: duplicates only the reference can tell) */
+        if (keyset_put(&ks, &key, &dup) < 0 || dup)
+            goto done;
+        if (ids_consider(st, &key, 0, 0) < 0)
+            goto done;
+        ids_ws(st);
+        if (st->p >= st->end || *st->p != ':')
+            goto done;
+        st->p++;
+        ids_ws(st);
+        if (ids_value(st, depth + 1) < 0)
+            goto done;
+        ids_ws(st);
+        if (st->p < st->end && *st->p == ',') {
+            st->p++;
+            ids_ws(st);
+            continue;
+        }
+        if (st->p < st->end && *st->p == '}') {
+            st->p++;
+            r = OK;
+        }
+        goto done;
+    }
+done:
+    PyMem_Free(ks.table);
+    return r;
+}
+
+static int
+ids_array(Ids *st, int depth)
+{
+    st->p++; /* [ */
+    ids_ws(st);
+    if (st->p < st->end && *st->p == ']') {
+        st->p++;
+        return OK;
+    }
+    for (;;) {
+        if (ids_value(st, depth + 1) < 0)
+            return NO;
+        ids_ws(st);
+        if (st->p < st->end && *st->p == ',') {
+            st->p++;
+            ids_ws(st);
+            continue;
+        }
+        if (st->p < st->end && *st->p == ']') {
+            st->p++;
+            return OK;
+        }
+        return NO;
+    }
+}
+
+static int
+ids_word(Ids *st, const char *word)
+{
+    size_t n = strlen(word);
+    if ((size_t)(st->end - st->p) < n || memcmp(st->p, word, n) != 0)
+        return NO;
+    st->p += n;
+    return OK;
+}
+
+/* json's NUMBER_RE: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)? */
+static int
+ids_number(Ids *st)
+{
+    const unsigned char *p = st->p, *end = st->end;
+    if (p < end && *p == '-')
+        p++;
+    const unsigned char *digits = p;
+    if (p < end && *p == '0') {
+        p++;
+    } else if (p < end && *p >= '1' && *p <= '9') {
+        while (p < end && *p >= '0' && *p <= '9')
+            p++;
+    } else {
+        return NO; /* (-Infinity, or not a number) */
+    }
+    int integer = 1;
+    if (p < end && *p == '.') {
+        p++;
+        if (p >= end || *p < '0' || *p > '9')
+            return NO;
+        while (p < end && *p >= '0' && *p <= '9')
+            p++;
+        integer = 0;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-'))
+            p++;
+        if (p >= end || *p < '0' || *p > '9')
+            return NO;
+        while (p < end && *p >= '0' && *p <= '9')
+            p++;
+        integer = 0;
+    }
+    if (integer && p - digits > 4000)
+        return NO; /* past Python's int limit (4300 digits), the reference's ValueError */
+    st->p = p;
+    return OK;
+}
+
+static int
+ids_value(Ids *st, int depth)
+{
+    if (depth >= IDS_MAX_DEPTH || st->p >= st->end)
+        return NO;
+    switch (*st->p) {
+    case '{':
+        return ids_object(st, depth);
+    case '[':
+        return ids_array(st, depth);
+    case '"': {
+        Span s;
+        int escaped, unicode;
+        if (ids_string(st, &s, &escaped, &unicode) < 0)
+            return NO;
+        return ids_consider(st, &s, escaped, unicode);
+    }
+    case 't':
+        return ids_word(st, "true");
+    case 'f':
+        return ids_word(st, "false");
+    case 'n':
+        return ids_word(st, "null");
+    default:
+        return ids_number(st);
+    }
+}
+
+/* response_ids(body, limit) -> (rooms + events)[:limit] as a tuple of str, or None */
+static PyObject *
+response_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "response_ids(body: bytes, limit: int)");
+        return NULL;
+    }
+    long limit = PyLong_AsLong(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (limit < 0 || limit > IDS_MAX_LIMIT) {
+        PyErr_Format(PyExc_ValueError, "response_ids: limit %ld (allowed: 0-%d)", limit,
+                     IDS_MAX_LIMIT);
+        return NULL;
+    }
+    Ids st;
+    st.p = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    st.end = st.p + PyBytes_GET_SIZE(args[0]);
+    st.nonascii = 0;
+    st.limit = (int)limit;
+    st.n_rooms = 0;
+    st.n_events = 0;
+    ids_ws(&st);
+    int r = ids_value(&st, 0);
+    if (r == OK) {
+        ids_ws(&st);
+        if (st.p != st.end)
+            r = NO;
+    }
+    if (r == OK && st.nonascii) {
+        /* json.loads decodes bytes as UTF-8 with "surrogatepass" before it parses */
+        PyObject *text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(args[0]),
+                                              PyBytes_GET_SIZE(args[0]), "surrogatepass");
+        if (text == NULL)
+            r = NO;
+        Py_XDECREF(text);
+    }
+    if (r != OK) {
+        if (PyErr_Occurred() && PyErr_ExceptionMatches(PyExc_MemoryError))
+            return NULL;
+        PyErr_Clear(); /* the reference gives the answer */
+        Py_RETURN_NONE;
+    }
+    int n = st.n_rooms + st.n_events;
+    if (n > st.limit)
+        n = st.limit;
+    PyObject *out = PyTuple_New(n);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        const unsigned char *s = i < st.n_rooms ? st.rooms[i] : st.events[i - st.n_rooms];
+        PyObject *item = PyUnicode_DecodeASCII((const char *)s, ID_LEN, NULL);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"transcode", (PyCFunction)(void (*)(void))transcode, METH_FASTCALL,
      "transcode(body, key_bytes, value_bytes, cache, miss) -> the profile CBOR of the JSON "
      "body (as body_encode._encode_cbor of parse_json_exact), or None: not taken"},
+    {"response_ids", (PyCFunction)(void (*)(void))response_ids, METH_FASTCALL,
+     "response_ids(body, limit) -> strings.response_identifiers(body) (at most limit, "
+     "0-64), or None: not taken"},
     {NULL, NULL, 0, NULL},
 };
 

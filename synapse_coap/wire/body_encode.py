@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 try:
     import cbor2
@@ -356,6 +356,16 @@ def _load_cenc() -> Any:
 
 
 _CENC: Any = _load_cenc()
+
+
+def response_ids_fast(body: bytes, limit: int) -> tuple[str, ...] | None:
+    """:func:`synapse_coap.wire.strings.response_identifiers` (at most ``limit``, 0-64)
+    in one pass over the JSON text by the C transcoder's module, or None where it does
+    not take the body (no native build; see ``wire/_cenc.c``): the caller then runs the
+    reference."""
+    if _CENC is None:
+        return None
+    return cast("tuple[str, ...] | None", _CENC.response_ids(body, limit))
 
 
 class _Miss:

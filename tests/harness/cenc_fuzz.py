@@ -6,7 +6,8 @@
 Every JSON body of the corpus is written as Synapse writes JSON (and indented), then
 mutated (bytes replaced, truncated, bytes inserted, or random bytes); whatever the
 transcoder takes must give the reference path's bytes (parse_json_exact, then the
-encoder). Then every body (whole and truncated) is transcoded ``--leak-rounds`` times
+encoder), and whatever the response identifiers scan (``response_ids``) takes must give
+the reference's tuple (``strings.python_response_identifiers``). Then every body (whole and truncated) is transcoded ``--leak-rounds`` times
 and the peak RSS must not grow (skipped under AddressSanitizer, as in cbody_fuzz.py).
 Progress goes to stderr every 20,000 inputs.
 """
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from synapse_coap.mapping.jsonbody import parse_json_exact  # noqa: E402
-from synapse_coap.wire import body_encode  # noqa: E402
+from synapse_coap.wire import body_encode, strings  # noqa: E402
 from synapse_coap.wire.body_tables import _tables  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.profile import load_profile, profile_ids  # noqa: E402
@@ -56,9 +57,16 @@ def main() -> int:
         )
     ]
     rng = random.Random(args.seed)
-    taken = 0
+    taken = ids_taken = 0
+    limit = strings.MAX_RESPONSE_IDS
     for i in range(args.inputs):
         data = _mutate(rng, rng.choice(bodies))
+        ids = mod.response_ids(data, limit)
+        if ids is not None:
+            ids_taken += 1
+            ref_ids = strings.python_response_identifiers(data)
+            if ids != ref_ids:
+                raise SystemExit(f"C and reference ids differ on {data!r}: {ids!r} != {ref_ids!r}")
         got = mod.transcode(data, *targs)
         if got is not None:
             taken += 1
@@ -69,8 +77,11 @@ def main() -> int:
             if got != ref:
                 raise SystemExit(f"C and reference differ on {data!r}: {got!r} != {ref!r}")
         if (i + 1) % 20_000 == 0:
-            print(f"  {i + 1} inputs, {taken} taken", file=sys.stderr)
-    print(f"fuzz: {args.inputs} inputs (seed {args.seed}), {taken} taken, all as the reference")
+            print(f"  {i + 1} inputs, {taken} taken, {ids_taken} ids", file=sys.stderr)
+    print(
+        f"fuzz: {args.inputs} inputs (seed {args.seed}), {taken} transcoded and {ids_taken} "
+        "response ids scans taken, all as the reference"
+    )
     if "asan" in os.environ.get("LD_PRELOAD", ""):
         print("leak check: skipped under AddressSanitizer")
         return 0
@@ -82,6 +93,8 @@ def main() -> int:
         for data in bodies:
             mod.transcode(data, *targs)
             mod.transcode(data[:-1], *targs)
+            mod.response_ids(data, limit)
+            mod.response_ids(data[:-1], limit)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"leak check: peak RSS {before} KiB before, {after} KiB after")
     return 1 if after > before + 2048 else 0
