@@ -68,8 +68,6 @@ uses it.  Wire format and reasoning: docs/wire-body.md ("Session string table").
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import re
@@ -109,7 +107,6 @@ TAG_REF_WIDE = 5  # uint (d - 1) * MAX_IDS + pos
 _NARROW = 8
 
 _ID_LEN = 44
-_URLSAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -132,14 +129,14 @@ class UnknownStringReference(RemoteProtocolError):
     """A request referenced a table entry this receiver does not have (answer String-Reset)."""
 
 
+#: a hash identifier: "$" or "!" and 43 url-safe base64 characters of 32 bytes, in the
+#: canonical form (the last character's two low bits are no data and zero: one of the 16
+#: characters of index 0, 4, ..., 60), which a decode and encode gives back
+_HASH_ID = re.compile(r"[$!][A-Za-z0-9_\-]{42}[AEIMQUYcgkosw048]")
+
+
 def _is_hash_id(s: str) -> bool:
-    if len(s) != _ID_LEN or s[0] not in "$!" or not set(s[1:]) <= _URLSAFE:
-        return False
-    try:
-        raw = base64.urlsafe_b64decode(s[1:] + "=")
-    except (binascii.Error, ValueError):
-        return False
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == s[1:]
+    return len(s) == _ID_LEN and _HASH_ID.fullmatch(s) is not None
 
 
 _END = object()
@@ -161,13 +158,34 @@ def _strings(value: Any, *, keys: bool = False) -> Iterator[str]:
             stack.append(iter(item))
 
 
+def _string_values(value: Any) -> list[str]:
+    """Every string value of a JSON value (not map keys), document order: what
+    :func:`_strings` yields, as a list, without a generator's frame per step (a request's
+    identifiers and texts are read from one walk). Iterative: any depth."""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(item.values()))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    return out
+
+
 def identifiers(value: Any) -> tuple[str, ...]:
     """The distinct 32-byte identifiers in ``value`` (values, not keys), document order.
 
     Iterative (any depth), at most :data:`MAX_IDS`.
     """
+    return _identifiers_of(_string_values(value))
+
+
+def _identifiers_of(items: list[str]) -> tuple[str, ...]:
     found: dict[str, None] = {}
-    for item in _strings(value):
+    for item in items:
         if item not in found and _is_hash_id(item):
             found[item] = None
             if len(found) >= MAX_IDS:
@@ -208,9 +226,13 @@ def texts(value: Any) -> tuple[str, ...]:
     :data:`MAX_TEXT_TOTAL` characters in all.  (Identifiers, server names, key ids
     and base64 have no space, and shorter forms of their own.)  A message's text is one: the server's
     push of the client's own message (its echo) references it instead of repeating it."""
+    return _texts_of(_string_values(value))
+
+
+def _texts_of(items: list[str]) -> tuple[str, ...]:
     found: dict[str, None] = {}
     total = 0
-    for item in _strings(value):
+    for item in items:
         if MIN_TEXT <= len(item) <= MAX_TEXT and " " in item and item not in found:
             total += len(item)
             if total > MAX_TEXT_TOTAL or len(found) >= MAX_IDS:
@@ -225,7 +247,8 @@ def request_identifiers(target: bytes, value: Any = None) -> tuple[str, ...]:
     no JSON body."""
     if value is None:
         return path_identifiers(target)
-    return _merge((path_identifiers(target), identifiers(value), texts(value)))
+    items = _string_values(value)
+    return _merge((path_identifiers(target), _identifiers_of(items), _texts_of(items)))
 
 
 def response_identifiers(body: bytes) -> tuple[str, ...]:

@@ -540,3 +540,73 @@ def test_a_token_reset_does_not_make_notifications_undecodable(codec: WireCodec)
     note = _notification(codec, receiver, _sync_body(ROOM))
     assert note.first(n.OPT_STRING_SEQ) is not None
     assert codec.decode_response(note, strings=sender.strings).body == _sync_body(ROOM)
+
+
+_B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _hash_id_by_decoding(s: str) -> bool:
+    """The definition: a sigil and 43 url-safe base64 characters that decode to 32 bytes
+    and encode back to themselves."""
+    if len(s) != 44 or s[0] not in "$!" or not set(s[1:]) <= set(_B64URL):
+        return False
+    raw = base64.urlsafe_b64decode(s[1:] + "=")
+    return len(raw) == 32 and base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == s[1:]
+
+
+def test_hash_id_every_last_character() -> None:
+    from synapse_coap.wire.strings import _is_hash_id
+
+    body = POOL[0][:-1]
+    canonical = [c for c in _B64URL + "=+/ é" if _is_hash_id(body + c)]
+    assert canonical == list("AEIMQUYcgkosw048")
+    for c in _B64URL + "=+/ é":
+        assert _is_hash_id(body + c) == _hash_id_by_decoding(body + c)
+    for i in range(1, 44):  # each other place: a character outside the alphabet
+        for c in "=+/ .é$!\n":
+            s = POOL[0][:i] + c + POOL[0][i + 1 :]
+            assert not _is_hash_id(s) and not _hash_id_by_decoding(s)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from("$!@#"),
+    st.text(alphabet=_B64URL + "=+/ é", min_size=41, max_size=44),
+)
+def test_hash_id_is_the_decode_definition(sigil: str, rest: str) -> None:
+    from synapse_coap.wire.strings import _is_hash_id
+
+    s = sigil + rest
+    assert _is_hash_id(s) == _hash_id_by_decoding(s)
+
+
+def _nested_values() -> Any:
+    from tests.unit.test_body import json_values
+
+    ids = st.sampled_from([*POOL, "a message with spaces", "x" * 20 + " y"])
+    return st.recursive(
+        json_values | ids,
+        lambda children: (
+            st.lists(children, max_size=6)
+            | st.tuples(children, children)
+            | st.dictionaries(st.text(max_size=3) | ids, children, max_size=6)
+        ),
+        max_leaves=30,
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_nested_values())
+def test_one_walk_gives_what_the_generator_gives(value: Any) -> None:
+    """A request's identifiers and texts come from one list of its string values, in
+    the order of the reference walk (the generator over values, not keys)."""
+    from synapse_coap.wire import strings as s
+
+    items = s._string_values(value)
+    assert items == list(s._strings(value))
+    found: dict[str, None] = {}
+    for item in s._strings(value):
+        if s._is_hash_id(item):
+            found[item] = None
+    assert s.identifiers(value) == tuple(found)[: s.MAX_IDS]
+    assert s.request_identifiers(b"/x", value) == s._merge((s.identifiers(value), s.texts(value)))
