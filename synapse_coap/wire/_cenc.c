@@ -139,12 +139,19 @@ close_container(St *st, Py_ssize_t at, int major, uint64_t count)
     return OK;
 }
 
+/* past JSON's whitespace from p (shared with response_ids' scan) */
+static const unsigned char *
+past_ws(const unsigned char *p, const unsigned char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
+
 static void
 skip_ws(St *st)
 {
-    while (st->p < st->end &&
-           (*st->p == ' ' || *st->p == '\t' || *st->p == '\n' || *st->p == '\r'))
-        st->p++;
+    st->p = past_ws(st->p, st->end);
 }
 
 static int
@@ -357,20 +364,23 @@ parse_number(St *st)
 
 /* After an item of a container closed by ``close``: 1 if another item follows (after
  * a comma), 0 if the container ended, NO if neither (not JSON). */
+/* past the whitespace and the comma or ``close`` after a container's item at *pp: 1 if
+ * another item follows (after the comma), 0 if the container ended, NO if neither (not
+ * JSON). Shared with response_ids' scan. */
+static int
+next_item(const unsigned char **pp, const unsigned char *end, unsigned char close)
+{
+    const unsigned char *p = past_ws(*pp, end);
+    if (p >= end || (*p != ',' && *p != close))
+        return NO;
+    *pp = p + 1;
+    return *p == ',';
+}
+
 static int
 after_item(St *st, unsigned char close)
 {
-    skip_ws(st);
-    if (st->p >= st->end)
-        return NO;
-    if (*st->p == ',') {
-        st->p++;
-        return 1;
-    }
-    if (*st->p != close)
-        return NO;
-    st->p++;
-    return 0;
+    return next_item(&st->p, st->end, close);
 }
 
 static int parse_value(St *st, int depth);
@@ -658,9 +668,7 @@ b64url(unsigned char c)
 static void
 ids_ws(Ids *st)
 {
-    while (st->p < st->end &&
-           (*st->p == ' ' || *st->p == '\t' || *st->p == '\n' || *st->p == '\r'))
-        st->p++;
+    st->p = past_ws(st->p, st->end);
 }
 
 /* a string at st->p (its opening quote): its raw bytes between the quotes, whether they
@@ -859,17 +867,12 @@ ids_object(Ids *st, int depth)
         ids_ws(st);
         if (ids_value(st, depth + 1) < 0)
             goto done;
+        int more = next_item(&st->p, st->end, '}');
+        if (more <= 0) {
+            r = more;
+            goto done;
+        }
         ids_ws(st);
-        if (st->p < st->end && *st->p == ',') {
-            st->p++;
-            ids_ws(st);
-            continue;
-        }
-        if (st->p < st->end && *st->p == '}') {
-            st->p++;
-            r = OK;
-        }
-        goto done;
     }
 done:
     PyMem_Free(ks.table);
@@ -888,17 +891,10 @@ ids_array(Ids *st, int depth)
     for (;;) {
         if (ids_value(st, depth + 1) < 0)
             return NO;
+        int more = next_item(&st->p, st->end, ']');
+        if (more <= 0)
+            return more; /* OK (0): the array ended */
         ids_ws(st);
-        if (st->p < st->end && *st->p == ',') {
-            st->p++;
-            ids_ws(st);
-            continue;
-        }
-        if (st->p < st->end && *st->p == ']') {
-            st->p++;
-            return OK;
-        }
-        return NO;
     }
 }
 
