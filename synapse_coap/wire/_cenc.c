@@ -176,6 +176,24 @@ hex4(const unsigned char *p, unsigned int *out)
 
 /* A JSON string at st->p (the opening quote) as a new str, or NULL: not taken (no
  * Python error set) or an error (set). */
+/* the character of JSON's two-character escape ``\c``, or 0: not one (``\u`` neither).
+ * Shared with response_ids' scan. */
+static unsigned char
+simple_escape(unsigned char c)
+{
+    switch (c) {
+    case '"': return '"';
+    case '\\': return '\\';
+    case '/': return '/';
+    case 'b': return '\b';
+    case 'f': return '\f';
+    case 'n': return '\n';
+    case 'r': return '\r';
+    case 't': return '\t';
+    default: return 0;
+    }
+}
+
 static PyObject *
 parse_string(St *st)
 {
@@ -214,20 +232,10 @@ parse_string(St *st)
             goto no;
         c = p[1];
         p += 2;
-        unsigned char simple = 0;
-        switch (c) {
-        case '"': simple = '"'; break;
-        case '\\': simple = '\\'; break;
-        case '/': simple = '/'; break;
-        case 'b': simple = '\b'; break;
-        case 'f': simple = '\f'; break;
-        case 'n': simple = '\n'; break;
-        case 'r': simple = '\r'; break;
-        case 't': simple = '\t'; break;
-        case 'u': break;
-        default: goto no;
-        }
         if (c != 'u') {
+            unsigned char simple = simple_escape(c);
+            if (simple == 0)
+                goto no;
             tmp[n++] = simple;
             continue;
         }
@@ -362,8 +370,6 @@ parse_number(St *st)
     return emit_integer(st, negative, mag);
 }
 
-/* After an item of a container closed by ``close``: 1 if another item follows (after
- * a comma), 0 if the container ended, NO if neither (not JSON). */
 /* past the whitespace and the comma or ``close`` after a container's item at *pp: 1 if
  * another item follows (after the comma), 0 if the container ended, NO if neither (not
  * JSON). Shared with response_ids' scan. */
@@ -520,13 +526,23 @@ parse_array(St *st, int depth)
     return close_container(st, at, 4, count);
 }
 
+/* past ``word`` (true, false, null) at *pp: OK, or NO if it is not there. Shared with
+ * response_ids' scan. */
+static int
+past_word(const unsigned char **pp, const unsigned char *end, const char *word)
+{
+    size_t n = strlen(word);
+    if ((size_t)(end - *pp) < n || memcmp(*pp, word, n) != 0)
+        return NO;
+    *pp += n;
+    return OK;
+}
+
 static int
 literal(St *st, const char *word, unsigned char cbor)
 {
-    size_t n = strlen(word);
-    if ((size_t)(st->end - st->p) < n || memcmp(st->p, word, n) != 0)
+    if (past_word(&st->p, st->end, word) < 0)
         return NO;
-    st->p += n;
     return put(st, &cbor, 1);
 }
 
@@ -709,8 +725,7 @@ ids_string(Ids *st, Span *raw, int *escaped, int *unicode)
             p += 6;
             continue;
         }
-        if (c != '"' && c != '\\' && c != '/' && c != 'b' && c != 'f' && c != 'n' &&
-            c != 'r' && c != 't')
+        if (simple_escape(c) == 0)
             return NO;
         p += 2;
     }
@@ -898,16 +913,6 @@ ids_array(Ids *st, int depth)
     }
 }
 
-static int
-ids_word(Ids *st, const char *word)
-{
-    size_t n = strlen(word);
-    if ((size_t)(st->end - st->p) < n || memcmp(st->p, word, n) != 0)
-        return NO;
-    st->p += n;
-    return OK;
-}
-
 /* json's NUMBER_RE: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)? */
 static int
 ids_number(Ids *st)
@@ -967,11 +972,11 @@ ids_value(Ids *st, int depth)
         return ids_consider(st, &s, escaped, unicode);
     }
     case 't':
-        return ids_word(st, "true");
+        return past_word(&st->p, st->end, "true");
     case 'f':
-        return ids_word(st, "false");
+        return past_word(&st->p, st->end, "false");
     case 'n':
-        return ids_word(st, "null");
+        return past_word(&st->p, st->end, "null");
     default:
         return ids_number(st);
     }

@@ -72,7 +72,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote_to_bytes
 
@@ -139,29 +139,10 @@ def _is_hash_id(s: str) -> bool:
     return len(s) == _ID_LEN and _HASH_ID.fullmatch(s) is not None
 
 
-_END = object()
-
-
-def _strings(value: Any, *, keys: bool = False) -> Iterator[str]:
+def _strings(value: Any, *, keys: bool = False) -> list[str]:
     """Every string of a JSON value in document order (depth first; map keys too, each
-    before its value, when ``keys``). Iterative: any depth."""
-    stack: list[Iterator[Any]] = [iter((value,))]
-    while stack:
-        item = next(stack[-1], _END)
-        if item is _END:
-            stack.pop()
-        elif isinstance(item, str):
-            yield item
-        elif isinstance(item, dict):
-            stack.append(iter([x for kv in item.items() for x in kv] if keys else item.values()))
-        elif isinstance(item, (list, tuple)):
-            stack.append(iter(item))
-
-
-def _string_values(value: Any) -> list[str]:
-    """Every string value of a JSON value (not map keys), document order: what
-    :func:`_strings` yields, as a list, without a generator's frame per step (a request's
-    identifiers and texts are read from one walk). Iterative: any depth."""
+    before its value, when ``keys``), as a list: a request's identifiers and texts are
+    read from one walk, without a generator's frame per step. Iterative: any depth."""
     out: list[str] = []
     stack: list[Any] = [value]
     while stack:
@@ -169,7 +150,12 @@ def _string_values(value: Any) -> list[str]:
         if isinstance(item, str):
             out.append(item)
         elif isinstance(item, dict):
-            stack.extend(reversed(item.values()))
+            if keys:
+                for k, v in reversed(item.items()):
+                    stack.append(v)
+                    stack.append(k)
+            else:
+                stack.extend(reversed(item.values()))
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
     return out
@@ -180,7 +166,7 @@ def identifiers(value: Any) -> tuple[str, ...]:
 
     Iterative (any depth), at most :data:`MAX_IDS`.
     """
-    return _identifiers_of(_string_values(value))
+    return _identifiers_of(_strings(value))
 
 
 def _identifiers_of(items: list[str]) -> tuple[str, ...]:
@@ -226,7 +212,7 @@ def texts(value: Any) -> tuple[str, ...]:
     :data:`MAX_TEXT_TOTAL` characters in all.  (Identifiers, server names, key ids
     and base64 have no space, and shorter forms of their own.)  A message's text is one: the server's
     push of the client's own message (its echo) references it instead of repeating it."""
-    return _texts_of(_string_values(value))
+    return _texts_of(_strings(value))
 
 
 def _texts_of(items: list[str]) -> tuple[str, ...]:
@@ -247,7 +233,7 @@ def request_identifiers(target: bytes, value: Any = None) -> tuple[str, ...]:
     no JSON body."""
     if value is None:
         return path_identifiers(target)
-    items = _string_values(value)
+    items = _strings(value)
     return _merge((path_identifiers(target), _identifiers_of(items), _texts_of(items)))
 
 
