@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from codec import transaction  # noqa: E402
-from results_store import provenance, spread, write_dict_rows  # noqa: E402
+from results_store import provenance, rounds_calls_args, spread, write_dict_rows  # noqa: E402
 
 from synapse_coap.mapping import samples  # noqa: E402
 from synapse_coap.mapping.codec import WireCodec  # noqa: E402
@@ -110,16 +110,12 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5, help="rounds (at least 5)")
-    ap.add_argument("--calls", type=int, default=200, help="calls per case, round and way")
-    ap.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "cold_codec.csv", help="CSV"
+    args = rounds_calls_args(
+        ap,
+        argv,
+        calls_help="calls per case, round and way",
+        out=ROOT / "bench" / "results" / "cold_codec.csv",
     )
-    args = ap.parse_args(argv)
-    if args.rounds < 5:
-        ap.error(f"--rounds: {args.rounds} (allowed: 5 or more)")
-    if args.calls < 1:
-        ap.error(f"--calls: {args.calls} (allowed: 1 or more)")
     meta = provenance(
         "python bench/cold_codec.py " + " ".join(sys.argv[1:] if argv is None else argv)
     )

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from results_store import provenance, spread, write_dict_rows  # noqa: E402
+from results_store import provenance, rounds_calls_args, spread, write_dict_rows  # noqa: E402
 
 from synapse_coap.wire import body_encode, strings  # noqa: E402
 
@@ -65,16 +65,12 @@ def per_body_us(fn: Callable[[bytes], object], texts: list[bytes], calls: int) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5, help="rounds (at least 5)")
-    ap.add_argument("--calls", type=int, default=200, help="calls per body, round and way")
-    ap.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "response_ids.csv", help="CSV"
+    args = rounds_calls_args(
+        ap,
+        argv,
+        calls_help="calls per body, round and way",
+        out=ROOT / "bench" / "results" / "response_ids.csv",
     )
-    args = ap.parse_args(argv)
-    if args.rounds < 5:
-        ap.error(f"--rounds: {args.rounds} (allowed: 5 or more)")
-    if args.calls < 1:
-        ap.error(f"--calls: {args.calls} (allowed: 1 or more)")
     if body_encode._CENC is None:
         ap.error("needs the native build: synapse-coap build-native")
     meta = provenance(

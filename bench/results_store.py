@@ -10,6 +10,7 @@ run flows into the files and back without changes here.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import importlib.metadata
@@ -445,6 +446,22 @@ def replace_block(path: Path, name: str, body: str, writer: str) -> None:
     head, _, rest = doc.partition(start)
     _, _, tail = rest.partition(end)
     path.write_text(f"{head}{start}\n\n{body.strip()}\n\n{end}{tail}")
+
+
+def rounds_calls_args(
+    ap: argparse.ArgumentParser, argv: Sequence[str] | None, *, calls_help: str, out: Path
+) -> argparse.Namespace:
+    """A timing bench's ``--rounds`` (at least 5), ``--calls`` (at least 1) and ``--out``
+    (``out`` by default), added to ``ap`` and parsed from ``argv``."""
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (at least 5)")
+    ap.add_argument("--calls", type=int, default=200, help=calls_help)
+    ap.add_argument("--out", type=Path, default=out, help="CSV")
+    args = ap.parse_args(argv)
+    if args.rounds < 5:
+        ap.error(f"--rounds: {args.rounds} (allowed: 5 or more)")
+    if args.calls < 1:
+        ap.error(f"--calls: {args.calls} (allowed: 1 or more)")
+    return args
 
 
 def write_dict_rows(path: Path, rows: Sequence[dict[str, Any]], meta: dict[str, str]) -> None:
