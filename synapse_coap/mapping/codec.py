@@ -139,7 +139,10 @@ def significant_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, 
         k = k.lower()
         if k in index:
             kept.append((k, v))
-    if len(kept) > 1:
+    if len(kept) == 2:
+        if index[kept[0][0]] > index[kept[1][0]]:
+            kept.reverse()
+    elif len(kept) > 2:
         kept.sort(key=lambda kv: index[kv[0]])
     return tuple(kept)
 
@@ -159,7 +162,10 @@ _NOT_PARSED: Any = object()
 #: what an absent option's values read as (shared: never modified)
 _NO_VALUES: list[bytes] = []
 #: The content options of a compact JSON response.
-_COMPACT_LABEL = [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))]
+_COMPACT_OPTION = CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))
+_COMPACT_LABEL = [_COMPACT_OPTION]
+#: Cache-Control: no-cache, no-store, must-revalidate (Synapse's JSON answers) as Max-Age 0
+_MAX_AGE_ZERO = CoapOption(n.MAX_AGE, b"")
 
 
 # --- X-Matrix ----------------------------------------------------------------------
@@ -655,6 +661,18 @@ class WireCodec:
         self, headers: Sequence[tuple[str, str]], *, response: bool
     ) -> list[CoapOption]:
         out: list[CoapOption] = []
+        if len(headers) <= 2 and (len(headers) < 2 or headers[0][0] != headers[1][0]):
+            # (the usual answer: Content-Type and perhaps Cache-Control, each once)
+            for name, value in headers:
+                if name in ("content-type", "authorization"):
+                    continue
+                if response:
+                    special = _special_response_header(name, value)
+                    if special is not None:
+                        out.append(special)
+                        continue
+                out.append(CoapOption(n.OPT_HEADER, bytes([_HEADER_INDEX[name]]) + _utf8(value)))
+            return out
         by_name: dict[str, list[str]] = {}
         for k, v in headers:
             by_name.setdefault(k, []).append(v)
@@ -717,9 +735,7 @@ class WireCodec:
         if ct == n.JSON_MEDIA_TYPE:
             if body and not want_json:
                 try:
-                    compact = (
-                        [CoapOption(n.CONTENT_FORMAT, encode_uint(n.CF_COMPACT))] if label else []
-                    )
+                    compact = [_COMPACT_OPTION] if label else []
                     # the receiver's expansion cap: a listener's for a request
                     limits = DEFAULT_BODY_LIMITS if label else REQUEST_BODY_LIMITS
                     if refs is None or value is _NOT_PARSED:
@@ -814,6 +830,8 @@ class WireCodec:
             parsed = parse_json_exact(body) if value is _NOT_PARSED else value
             return encode_body(parsed, self.profile, self.context, max_expansion=max_expansion)
 
+        if not BODY_MEMO.takes(body):
+            return encode()  # (no key built for a memo that would not keep it)
         return BODY_MEMO.convert((0, self._memo_key, max_expansion, body), body, encode)
 
     # ------------------------------------------------------------------- misc
@@ -927,15 +945,20 @@ def _chunks(item: str) -> list[str]:
     return out
 
 
+#: a Cache-Control header that travels as Max-Age, and an ETag that travels as ETag
+_MAX_AGE_HEADER = re.compile(r"max-age=([1-9][0-9]{0,9})")
+_ETAG_HEADER = re.compile(r'"([\x21\x23-\x7e]{1,8})"')
+
+
 def _special_response_header(name: str, value: str) -> CoapOption | None:
     if name == "cache-control":
         if value == NO_CACHE:
-            return CoapOption(n.MAX_AGE, b"")
-        m = re.fullmatch(r"max-age=([1-9][0-9]{0,9})", value)
+            return _MAX_AGE_ZERO
+        m = _MAX_AGE_HEADER.fullmatch(value)
         if m and int(m.group(1)) < 1 << 32:
             return CoapOption(n.MAX_AGE, encode_uint(int(m.group(1))))
     if name == "etag":
-        m = re.fullmatch(r'"([\x21\x23-\x7e]{1,8})"', value)
+        m = _ETAG_HEADER.fullmatch(value)
         if m:
             return CoapOption(n.ETAG, m.group(1).encode("ascii"))
     return None

@@ -78,9 +78,13 @@ class BodyMemo:
         self._total = 0
         self._lock = threading.Lock()
 
+    def takes(self, data: bytes) -> bool:
+        """Whether :meth:`convert` would remember (or find) the conversion of ``data``."""
+        return self.max_entries > 0 and len(data) <= self.max_item
+
     def convert(self, key: Hashable, data: bytes, fn: Callable[[], bytes]) -> bytes:
         """``fn()`` (which converts ``data``, part of ``key``), or its remembered result."""
-        if len(data) > self.max_item or self.max_entries <= 0:
+        if not self.takes(data):
             return fn()
         with self._lock:
             found = self._items.get(key)

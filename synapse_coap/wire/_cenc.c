@@ -194,16 +194,53 @@ simple_escape(unsigned char c)
     }
 }
 
+/* Short ASCII strings seen before, as the str objects made for them: an answer's keys
+ * and values repeat from one answer to the next (/versions' feature names, "user_id",
+ * "m.room.message"), and a str from this table needs no UTF-8 decoding, allocation or
+ * hashing (a str keeps its hash), which in the homeserver were most of the
+ * transcoder's time. Direct-mapped on an FNV-1a hash of the bytes: a slot holds the
+ * last string that hashed to it (a strong reference); any str with those exact bytes
+ * is interchangeable with it. Bounded: INTERN_SLOTS strings of INTERN_MAX_LEN bytes at
+ * most. Used with the GIL held. */
+#define INTERN_SLOTS 1024
+#define INTERN_MAX_LEN 64
+static PyObject *interned[INTERN_SLOTS];
+
+static PyObject *
+ascii_str(const unsigned char *start, Py_ssize_t n, uint32_t hash)
+{
+    PyObject **slot = &interned[hash & (INTERN_SLOTS - 1)];
+    PyObject *s = *slot;
+    if (s != NULL && PyUnicode_GET_LENGTH(s) == n && memcmp(PyUnicode_DATA(s), start, (size_t)n) == 0) {
+        Py_INCREF(s);
+        return s;
+    }
+    s = PyUnicode_FromStringAndSize((const char *)start, n);
+    if (s == NULL)
+        return NULL;
+    Py_INCREF(s);
+    Py_XSETREF(*slot, s);
+    return s;
+}
+
 static PyObject *
 parse_string(St *st)
 {
     const unsigned char *p = st->p + 1, *end = st->end, *start = p;
-    while (p < end && *p != '"' && *p != '\\' && *p >= 0x20)
+    uint32_t hash = 2166136261u, high = 0;
+    while (p < end && *p != '"' && *p != '\\' && *p >= 0x20) {
+        hash = (hash ^ *p) * 16777619u;
+        high |= *p;
         p++;
+    }
     if (p >= end || *p < 0x20)
         return NULL;
     if (*p == '"') {
-        PyObject *s = PyUnicode_DecodeUTF8((const char *)start, p - start, "strict");
+        PyObject *s;
+        if (high < 0x80 && p - start <= INTERN_MAX_LEN)
+            s = ascii_str(start, p - start, hash);
+        else
+            s = PyUnicode_DecodeUTF8((const char *)start, p - start, "strict");
         if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
             PyErr_Clear();
         st->p = p + 1;

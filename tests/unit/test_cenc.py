@@ -245,3 +245,26 @@ def test_threads_encoding_at_once_get_their_own_bytes(cenc: Any) -> None:
     finally:
         sys.setswitchinterval(interval)
     assert not wrong
+
+
+def test_short_ascii_strings_kept_between_bodies_give_the_same_bytes(cenc: Any) -> None:
+    # short ASCII strings are kept from one body to the next (a direct-mapped table of
+    # 1024): strings that share a slot, that differ in one byte or in length, at the
+    # 64-byte edge and past it, non-ASCII ones, and a second pass after thousands of
+    # other strings went through every slot, each as the reference encodes it
+    import random
+
+    profile = load_profile(max(profile_ids()))
+    rng = random.Random(11)
+    words = [f"k{i}" for i in range(3000)]
+    edge = ["x" * 63, "x" * 64, "x" * 65, "y" * 64, "x" * 63 + "y", "é" * 10, "a\u2028b"]
+    near = ["m.room.message", "m.room.messagE", "m.room.messag", "m.room.messages", ""]
+    bodies = [
+        _compact({w: [w, w.upper(), rng.choice(edge + near)] for w in words[i : i + 40]})
+        for i in range(0, len(words), 40)
+    ]
+    bodies += [_compact({e: e for e in edge + near}), _compact(edge + near + words[:50])]
+    for context in CONTEXTS:
+        for _ in range(2):
+            for body in bodies:
+                assert _check(cenc, body, profile, context), body[:80]
