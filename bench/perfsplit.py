@@ -30,9 +30,12 @@ from dataclasses import dataclass, field
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Python interpreter", ("libpython", "python3")),
     ("compiled by mypyc (synapse-coap)", ("native__mypyc",)),
-    ("synapse-coap C (_cenc, _cbody, _cdeflate)", ("_cenc.", "_cbody.", "_cdeflate.")),
+    (
+        "synapse-coap C (_cenc, _cbody, _cdeflate, _caead)",
+        ("_cenc.", "_cbody.", "_cdeflate.", "_caead."),
+    ),
     ("zlib", ("libz.",)),
-    ("AEAD (cryptography's Rust and OpenSSL)", ("_rust.abi3",)),
+    ("AEAD (libsodium, or cryptography's Rust and OpenSSL)", ("libsodium.", "_rust.abi3")),
     ("Synapse's Rust", ("synapse_rust",)),
     ("kernel", ("[kernel",)),
     ("C library", ("libc.", "libm.", "ld-linux")),

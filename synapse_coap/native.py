@@ -22,7 +22,9 @@ when it imports, and falls back to its cbor2 path for what it does not take;
 ``wire/body_encode.py`` the same way, and an answer's identifiers for the session string
 table (``wire/strings.py``); ``wire/_cdeflate.c``, zlib's DEFLATE with a
 profile dictionary without zlib's per-body allocations, same library and bytes, used by
-``wire/deflate.py``). The
+``wire/deflate.py``; ``noise/_caead.c``, the records' ChaCha20-Poly1305 through
+libsodium, the same construction and bytes as cryptography's, used by
+``noise/records.py``). The
 build compiles them with the mypyc modules, the manifest holds their digests too, and
 when the sources run (a stale build, ``SYNAPSE_COAP_PURE=1``) they cannot be imported.
 
@@ -117,14 +119,19 @@ MODULES: tuple[str, ...] = (
 #: hand-written C extensions of the build (source ``<name>.c``; no Python source):
 #: importable only while the native build runs
 C_MODULES: tuple[str, ...] = (
+    "synapse_coap.noise._caead",
     "synapse_coap.wire._cbody",
     "synapse_coap.wire._cdeflate",
     "synapse_coap.wire._cenc",
 )
 
-#: the libraries a C module of :data:`C_MODULES` links with (zlib: its headers come with
-#: Debian's ``zlib1g-dev``, which ``scripts/setup`` installs)
-C_LIBRARIES: dict[str, tuple[str, ...]] = {"synapse_coap.wire._cdeflate": ("z",)}
+#: the libraries a C module of :data:`C_MODULES` links with (zlib and libsodium: their
+#: headers come with Debian's ``zlib1g-dev`` and ``libsodium-dev``, which
+#: ``scripts/setup`` installs)
+C_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "synapse_coap.noise._caead": ("sodium",),
+    "synapse_coap.wire._cdeflate": ("z",),
+}
 
 #: every module the build compiles, and the manifest lists
 BUILT: tuple[str, ...] = MODULES + C_MODULES

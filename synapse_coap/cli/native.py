@@ -6,8 +6,8 @@ plus one shared ``synapse_coap/native__mypyc.*.so``, and the hand-written C modu
 :data:`synapse_coap.native.C_MODULES`, and writes
 ``synapse_coap/native-build.json`` (the SHA-256 of every source it compiled). Nothing is
 rebuilt while that manifest matches the sources. Needs mypy (which carries mypyc),
-setuptools >= 77, the Python headers, zlib's headers (``wire/_cdeflate.c``) and a C
-compiler; ``scripts/setup`` runs it.
+setuptools >= 77, the Python headers, zlib's headers (``wire/_cdeflate.c``), libsodium's
+(``noise/_caead.c``) and a C compiler; ``scripts/setup`` runs it.
 """
 
 from __future__ import annotations

@@ -26,10 +26,17 @@ First-byte classes of every datagram on a secure port::
 from __future__ import annotations
 
 import enum
+import importlib
+from typing import Any, Protocol
 
 import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+try:  # ChaCha20-Poly1305 through libsodium (noise/_caead.c: the same construction and bytes)
+    _CAEAD: Any = importlib.import_module("synapse_coap.noise._caead")
+except ImportError:  # no native build, or SYNAPSE_COAP_PURE=1: cryptography's
+    _CAEAD = None
 
 TAG_LEN = 16
 SID_LEN = 2
@@ -138,20 +145,63 @@ def nonce(pn: int) -> bytes:
     return b"\x00\x00\x00\x00" + pn.to_bytes(8, "little")
 
 
+class Aead(Protocol):
+    """ChaCha20-Poly1305 under one key: cryptography's ``ChaCha20Poly1305`` or
+    :class:`SodiumAead` (``decrypt`` raises ``InvalidTag`` for a forgery)."""
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes: ...
+
+
+class SodiumAead:
+    """ChaCha20-Poly1305 under ``key`` through libsodium (``noise/_caead.c``, the native
+    build): what cryptography's ``ChaCha20Poly1305(key)`` gives, byte for byte, without
+    its binding's per-call OpenSSL context; :meth:`open` says None for a forgery."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("ChaCha20Poly1305 key must be 32 bytes.")
+        self.key = key
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        out: bytes = _CAEAD.seal(self.key, nonce, data, associated_data or b"")
+        return out
+
+    def open(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes | None:
+        out: bytes | None = _CAEAD.open(self.key, nonce, data, associated_data or b"")
+        return out
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        out = self.open(nonce, data, associated_data)
+        if out is None:
+            raise InvalidTag
+        return out
+
+
+def make_aead(key: bytes) -> Aead:
+    """ChaCha20-Poly1305 under ``key``: libsodium's where the native build has it."""
+    if _CAEAD is not None:
+        return SodiumAead(key)
+    return ChaCha20Poly1305(key)
+
+
 #: AEAD objects of the keys used most recently, at most :data:`AEAD_CACHE_SIZE`
-#: (oldest dropped first): making one costs about as much as the encryption of a
-#: small record, and a busy session uses the same key for every record. Bounded, so a
-#: listener with thousands of sessions keeps no OpenSSL context (about 2 KB) per
-#: session; keys replaced by a rekey are dropped at once (:func:`forget_aead`).
-_AEADS: dict[bytes, ChaCha20Poly1305] = {}
+#: (oldest dropped first): making one of cryptography's costs about as much as the
+#: encryption of a small record, and a busy session uses the same key for every record.
+#: Bounded, so a listener with thousands of sessions keeps no OpenSSL context (about
+#: 2 KB) per session; keys replaced by a rekey are dropped at once (:func:`forget_aead`).
+_AEADS: dict[bytes, Aead] = {}
 AEAD_CACHE_SIZE = 64
 
 
-def aead_for(key: bytes) -> ChaCha20Poly1305:
+def aead_for(key: bytes) -> Aead:
     """The ChaCha20-Poly1305 AEAD object for ``key`` (from the bounded cache)."""
     aead = _AEADS.get(key)
     if aead is None:
-        aead = ChaCha20Poly1305(key)
+        aead = make_aead(key)
         if len(_AEADS) >= AEAD_CACHE_SIZE:
             try:
                 del _AEADS[next(iter(_AEADS))]
@@ -241,7 +291,7 @@ class SendKeys:
         self.generation_first_pn = 0
 
     @property
-    def aead(self) -> ChaCha20Poly1305:
+    def aead(self) -> Aead:
         return aead_for(self.key)
 
     def update(self, now: float) -> None:
@@ -270,10 +320,10 @@ class RecvKeys:
         self.previous_expires = 0.0
 
     @property
-    def aead(self) -> ChaCha20Poly1305:
+    def aead(self) -> Aead:
         return aead_for(self.key)
 
-    def select(self, phase: int, pn: int, now: float) -> tuple[ChaCha20Poly1305, int, bytes | None]:
+    def select(self, phase: int, pn: int, now: float) -> tuple[Aead, int, bytes | None]:
         """The AEAD for a record: (aead, generation, new key if it is the next generation)."""
         if phase == self.generation & 1:
             return aead_for(self.key), self.generation, None
@@ -283,7 +333,7 @@ class RecvKeys:
             and self.previous is not None
             and now < self.previous_expires
         ):
-            return ChaCha20Poly1305(self.previous), self.generation - 1, None
+            return make_aead(self.previous), self.generation - 1, None
         if (
             self.first_pn is None
             and self.generation > 0
@@ -291,9 +341,9 @@ class RecvKeys:
             and now < self.previous_expires
         ):
             # Nothing seen in the current generation yet: an old-phase record.
-            return ChaCha20Poly1305(self.previous), self.generation - 1, None
+            return make_aead(self.previous), self.generation - 1, None
         nxt = rekey(self.key)
-        return ChaCha20Poly1305(nxt), self.generation + 1, nxt
+        return make_aead(nxt), self.generation + 1, nxt
 
     def commit(
         self, generation: int, new_key: bytes | None, pn: int, now: float, keep: float
@@ -319,7 +369,9 @@ class RecvKeys:
         return (self.generation, self.first_pn, self.previous is not None)
 
 
-def open_record(aead: ChaCha20Poly1305, pn: int, header: bytes, body: bytes) -> bytes | None:
+def open_record(aead: Aead, pn: int, header: bytes, body: bytes) -> bytes | None:
+    if isinstance(aead, SodiumAead):
+        return aead.open(nonce(pn), body, header)
     try:
         return aead.decrypt(nonce(pn), body, header)
     except InvalidTag:

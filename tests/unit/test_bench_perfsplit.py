@@ -35,10 +35,10 @@ def test_each_shared_object_has_its_group() -> None:
         "compiled by mypyc (synapse-coap)",
         "kernel",
         "zlib",
-        "AEAD (cryptography's Rust and OpenSSL)",
+        "AEAD (libsodium, or cryptography's Rust and OpenSSL)",
         "Synapse's Rust",
         "other extension modules",  # (not the interpreter: "cpython-311" is no libpython)
-        "synapse-coap C (_cenc, _cbody, _cdeflate)",
+        "synapse-coap C (_cenc, _cbody, _cdeflate, _caead)",
         "C library",
         "other",
     ]
