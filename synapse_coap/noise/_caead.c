@@ -67,70 +67,71 @@ release(Py_buffer *key, Py_buffer *nonce, Py_buffer *data, Py_buffer *ad)
     PyBuffer_Release(ad);
 }
 
-/* seal(key, nonce, plaintext, ad) -> ciphertext + tag */
+/* seal (sealing: ciphertext + tag of a plaintext) or open (the plaintext of a
+ * ciphertext + tag, or None if it does not authenticate: too short, or a tag that does
+ * not match; libsodium checks the tag before it writes any plaintext) */
 static PyObject *
-seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+aead_run(PyObject *const *args, Py_ssize_t nargs, int sealing)
 {
-    (void)module;
     Py_buffer key, nonce, data, ad;
-    if (buffers(args, nargs, &key, &nonce, &data, &ad, "seal") < 0)
+    if (buffers(args, nargs, &key, &nonce, &data, &ad, sealing ? "seal" : "open") < 0)
         return NULL;
     PyObject *out = NULL;
-    if ((size_t)data.len > crypto_aead_chacha20poly1305_ietf_MESSAGEBYTES_MAX ||
-        data.len > PY_SSIZE_T_MAX - TAG_BYTES) {
-        PyErr_SetString(PyExc_OverflowError, "seal: plaintext too long");
-        goto done;
-    }
-    out = PyBytes_FromStringAndSize(NULL, data.len + TAG_BYTES);
-    if (out == NULL)
-        goto done;
+    const unsigned char *in = (const unsigned char *)data.buf;
+    const unsigned char *a = (const unsigned char *)ad.buf;
+    const unsigned char *n = (const unsigned char *)nonce.buf;
+    const unsigned char *k = (const unsigned char *)key.buf;
     unsigned long long written = 0;
-    crypto_aead_chacha20poly1305_ietf_encrypt(
-        (unsigned char *)PyBytes_AS_STRING(out), &written, (const unsigned char *)data.buf,
-        (unsigned long long)data.len, (const unsigned char *)ad.buf, (unsigned long long)ad.len,
-        NULL, (const unsigned char *)nonce.buf, (const unsigned char *)key.buf);
-    if (written != (unsigned long long)(data.len + TAG_BYTES)) { /* (never: libsodium's contract) */
-        Py_CLEAR(out);
-        PyErr_SetString(PyExc_RuntimeError, "seal: unexpected ciphertext length");
+    if (sealing) {
+        if ((size_t)data.len > crypto_aead_chacha20poly1305_ietf_MESSAGEBYTES_MAX ||
+            data.len > PY_SSIZE_T_MAX - TAG_BYTES) {
+            PyErr_SetString(PyExc_OverflowError, "seal: plaintext too long");
+            goto done;
+        }
+        out = PyBytes_FromStringAndSize(NULL, data.len + TAG_BYTES);
+        if (out == NULL)
+            goto done;
+        crypto_aead_chacha20poly1305_ietf_encrypt(
+            (unsigned char *)PyBytes_AS_STRING(out), &written, in, (unsigned long long)data.len,
+            a, (unsigned long long)ad.len, NULL, n, k);
+        if (written != (unsigned long long)(data.len + TAG_BYTES)) { /* (never: its contract) */
+            Py_CLEAR(out);
+            PyErr_SetString(PyExc_RuntimeError, "seal: unexpected ciphertext length");
+        }
+        goto done;
     }
+    if (data.len >= TAG_BYTES) {
+        out = PyBytes_FromStringAndSize(NULL, data.len - TAG_BYTES);
+        if (out == NULL)
+            goto done;
+        if (crypto_aead_chacha20poly1305_ietf_decrypt(
+                (unsigned char *)PyBytes_AS_STRING(out), &written, NULL, in,
+                (unsigned long long)data.len, a, (unsigned long long)ad.len, n, k) == 0 &&
+            written == (unsigned long long)(data.len - TAG_BYTES))
+            goto done;
+        Py_DECREF(out);
+    }
+    out = Py_None;
+    Py_INCREF(out);
 done:
     release(&key, &nonce, &data, &ad);
     return out;
 }
 
-/* open(key, nonce, ciphertext + tag, ad) -> plaintext, or None if it does not
- * authenticate (too short, or a tag that does not match: nothing is returned of it) */
+/* seal(key, nonce, plaintext, ad) -> ciphertext + tag */
+static PyObject *
+seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    return aead_run(args, nargs, 1);
+}
+
+/* open(key, nonce, ciphertext + tag, ad) -> plaintext, or None if it does not authenticate */
 static PyObject *
 open_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    Py_buffer key, nonce, data, ad;
-    if (buffers(args, nargs, &key, &nonce, &data, &ad, "open") < 0)
-        return NULL;
-    PyObject *out = NULL;
-    if (data.len < TAG_BYTES) {
-        out = Py_None;
-        Py_INCREF(out);
-        goto done;
-    }
-    out = PyBytes_FromStringAndSize(NULL, data.len - TAG_BYTES);
-    if (out == NULL)
-        goto done;
-    unsigned long long written = 0;
-    if (crypto_aead_chacha20poly1305_ietf_decrypt(
-            (unsigned char *)PyBytes_AS_STRING(out), &written, NULL,
-            (const unsigned char *)data.buf, (unsigned long long)data.len,
-            (const unsigned char *)ad.buf, (unsigned long long)ad.len,
-            (const unsigned char *)nonce.buf, (const unsigned char *)key.buf) != 0 ||
-        written != (unsigned long long)(data.len - TAG_BYTES)) {
-        /* libsodium writes no plaintext for a forgery (it checks the tag first) */
-        Py_DECREF(out);
-        out = Py_None;
-        Py_INCREF(out);
-    }
-done:
-    release(&key, &nonce, &data, &ad);
-    return out;
+    return aead_run(args, nargs, 0);
 }
 
 static PyMethodDef methods[] = {
