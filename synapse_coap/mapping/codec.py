@@ -660,23 +660,17 @@ class WireCodec:
     def _encode_headers(
         self, headers: Sequence[tuple[str, str]], *, response: bool
     ) -> list[CoapOption]:
-        out: list[CoapOption] = []
+        groups: Iterable[tuple[str, Sequence[str]]]
         if len(headers) <= 2 and (len(headers) < 2 or headers[0][0] != headers[1][0]):
             # (the usual answer: Content-Type and perhaps Cache-Control, each once)
-            for name, value in headers:
-                if name in ("content-type", "authorization"):
-                    continue
-                if response:
-                    special = _special_response_header(name, value)
-                    if special is not None:
-                        out.append(special)
-                        continue
-                out.append(CoapOption(n.OPT_HEADER, bytes([_HEADER_INDEX[name]]) + _utf8(value)))
-            return out
-        by_name: dict[str, list[str]] = {}
-        for k, v in headers:
-            by_name.setdefault(k, []).append(v)
-        for name, values in by_name.items():
+            groups = [(k, (v,)) for k, v in headers]
+        else:
+            by_name: dict[str, list[str]] = {}
+            for k, v in headers:
+                by_name.setdefault(k, []).append(v)
+            groups = by_name.items()
+        out: list[CoapOption] = []
+        for name, values in groups:
             if name in ("content-type", "authorization"):
                 continue
             if response and len(values) == 1:
