@@ -31,6 +31,15 @@
 #define NONCE_BYTES crypto_aead_chacha20poly1305_ietf_NPUBBYTES
 #define TAG_BYTES crypto_aead_chacha20poly1305_ietf_ABYTES
 
+static void
+release(Py_buffer *key, Py_buffer *nonce, Py_buffer *data, Py_buffer *ad)
+{
+    PyBuffer_Release(key);
+    PyBuffer_Release(nonce);
+    PyBuffer_Release(data);
+    PyBuffer_Release(ad);
+}
+
 /* the four arguments as buffers: key (32 bytes), nonce (12), data, ad */
 static int
 buffers(PyObject *const *args, Py_ssize_t nargs, Py_buffer *key, Py_buffer *nonce,
@@ -51,20 +60,10 @@ buffers(PyObject *const *args, Py_ssize_t nargs, Py_buffer *key, Py_buffer *nonc
     if (key->len != KEY_BYTES || nonce->len != NONCE_BYTES) {
         PyErr_Format(PyExc_ValueError, "%s: the key is %d bytes and the nonce %d", name,
                      (int)KEY_BYTES, (int)NONCE_BYTES);
-        for (int i = 0; i < 4; i++)
-            PyBuffer_Release(views[i]);
+        release(key, nonce, data, ad);
         return -1;
     }
     return 0;
-}
-
-static void
-release(Py_buffer *key, Py_buffer *nonce, Py_buffer *data, Py_buffer *ad)
-{
-    PyBuffer_Release(key);
-    PyBuffer_Release(nonce);
-    PyBuffer_Release(data);
-    PyBuffer_Release(ad);
 }
 
 /* seal (sealing: ciphertext + tag of a plaintext) or open (the plaintext of a

@@ -174,8 +174,6 @@ hex4(const unsigned char *p, unsigned int *out)
     return OK;
 }
 
-/* A JSON string at st->p (the opening quote) as a new str, or NULL: not taken (no
- * Python error set) or an error (set). */
 /* the character of JSON's two-character escape ``\c``, or 0: not one (``\u`` neither).
  * Shared with response_ids' scan. */
 static unsigned char
@@ -211,7 +209,8 @@ ascii_str(const unsigned char *start, Py_ssize_t n, uint32_t hash)
 {
     PyObject **slot = &interned[hash & (INTERN_SLOTS - 1)];
     PyObject *s = *slot;
-    if (s != NULL && PyUnicode_GET_LENGTH(s) == n && memcmp(PyUnicode_DATA(s), start, (size_t)n) == 0) {
+    if (s != NULL && PyUnicode_GET_LENGTH(s) == n &&
+        memcmp(PyUnicode_DATA(s), start, (size_t)n) == 0) {
         Py_INCREF(s);
         return s;
     }
@@ -223,6 +222,8 @@ ascii_str(const unsigned char *start, Py_ssize_t n, uint32_t hash)
     return s;
 }
 
+/* A JSON string at st->p (the opening quote) as a new str, or NULL: not taken (no
+ * Python error set) or an error (set). */
 static PyObject *
 parse_string(St *st)
 {
