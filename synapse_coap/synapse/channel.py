@@ -79,6 +79,24 @@ def _address(host: str, port: int) -> IPv4Address | IPv6Address:
     return found
 
 
+def write_json_at_once(
+    request: Any, json_encoder: Callable[[Any], bytes], json_object: Any
+) -> bool:
+    """(:func:`compat.write_json_first <synapse_coap.synapse.compat.write_json_first>`)
+    A CoAP request's JSON answer: encoded with the encoder Synapse chose and written to
+    its channel at once, and the request finished, as Synapse's own writer ends up
+    doing, without its thread pool hop (a Deferred, a coroutine and the logcontext
+    switches around them; for a CoAP request the pool runs the encoding on the
+    reactor thread anyway, :class:`~synapse_coap.synapse.dispatch._InlinePool`) and
+    its byte producer (the channel buffers the body: nothing to pace). False for any
+    other request (an HTTP listener's), which Synapse's writer takes as before."""
+    if type(request.channel) is not CoapChannel:
+        return False
+    request.write(json_encoder(json_object))
+    request.finish()
+    return True
+
+
 @implementer(*_INTERFACES)
 class CoapChannel:
     """What a SynapseRequest sees as its HTTP channel and transport.

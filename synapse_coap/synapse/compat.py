@@ -55,6 +55,9 @@ class Piece:
     why: str
     probe: Callable[..., bool]
     needs_homeserver: bool = False
+    #: the module runs without it (the work it saves is done Synapse's own way, and
+    #: a line at start says so): not a reason to refuse to start
+    optional: bool = False
 
 
 def _import(module: str, name: str | None = None) -> Any:
@@ -75,6 +78,18 @@ def _params(fn: Any) -> set[str]:
         return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+#: what Synapse's ``respond_with_json`` runs to encode and write a JSON answer
+_JSON_WRITER = "_async_write_json_to_request_in_thread"
+
+
+def _json_writer() -> bool:
+    server = _import("synapse.http.server")
+    params = list(inspect.signature(getattr(server, _JSON_WRITER)).parameters)
+    return params == ["request", "json_encoder", "json_object"] and callable(
+        getattr(server, "respond_with_json", None)
+    )
 
 
 def _site_takes_keywords() -> bool:
@@ -275,6 +290,14 @@ PIECES: tuple[Piece, ...] = (
         needs_homeserver=True,
     ),
     Piece(
+        f"synapse.http.server.{_JSON_WRITER}(request, json_encoder, json_object)",
+        _ALL,
+        "a CoAP request's JSON answer written to its channel at once (without it: "
+        "through Synapse's thread pool hop and byte producer, as before)",
+        _json_writer,
+        optional=True,
+    ),
+    Piece(
         "prometheus_client.REGISTRY._names_to_collectors",
         "prometheus_client 0.22.1 (with Synapse 1.120.0) and 0.26.0 (with 1.163.2)",
         "reusing our counters when the module is loaded twice in one process",
@@ -293,6 +316,7 @@ PRIVATE_NAMES = frozenset(
         "_listening_services",
         "_asyncioEventloop",
         "_names_to_collectors",
+        _JSON_WRITER,
     }
 )
 
@@ -326,7 +350,7 @@ def check_static() -> None:
     except LibraryVersionError as e:
         raise ConfigError(str(e)) from e
     for piece in PIECES:
-        if not piece.needs_homeserver and not _run(piece):
+        if not piece.needs_homeserver and not piece.optional and not _run(piece):
             raise _missing(piece)
 
 
@@ -339,7 +363,7 @@ def check_homeserver(api: Any, *, tofu: bool = True, federation: bool = True) ->
             continue
         if piece.probe is _federation_agent and not federation:
             continue
-        if not _run(piece, api):
+        if not piece.optional and not _run(piece, api):
             raise _missing(piece)
 
 
@@ -401,6 +425,35 @@ def registered_collector(name: str) -> Any:
     from prometheus_client import REGISTRY
 
     return REGISTRY._names_to_collectors.get(name)
+
+
+def write_json_first(
+    direct: Callable[[Any, Callable[[Any], bytes], Any], bool],
+) -> bool:
+    """Have Synapse's ``respond_with_json`` offer every JSON answer to ``direct``
+    (``request``, the encoder it chose, the JSON value) before its own writer, which
+    encodes the value in its thread pool and writes the bytes through a producer:
+    ``direct`` returns True when it wrote the answer and finished the request, False to
+    leave it to Synapse's writer. Installed once per process (again: the newest
+    ``direct`` replaces the one before). False, with nothing changed, where this
+    Synapse has no such writer (:data:`PIECES`)."""
+    piece = next(p for p in PIECES if p.probe is _json_writer)
+    if not _run(piece):
+        return False
+    server = _import("synapse.http.server")
+    current = getattr(server, _JSON_WRITER)
+    original = getattr(current, "synapse_coap_original", current)
+
+    def write_json(request: Any, json_encoder: Callable[[Any], bytes], json_object: Any) -> Any:
+        # (a plain function: run_in_background takes its None as a result at once, and
+        # Synapse's own coroutine, returned for any other request, as before)
+        if direct(request, json_encoder, json_object):
+            return None
+        return original(request, json_encoder, json_object)
+
+    write_json.synapse_coap_original = original  # type: ignore[attr-defined]
+    setattr(server, _JSON_WRITER, write_json)
+    return True
 
 
 def federation_http_client(hs: Any) -> Any:

@@ -40,6 +40,7 @@ from synapse_coap.synapse.bridge import Bridge
 from synapse_coap.synapse.channel import (
     CoapChannel,
     _address,
+    write_json_at_once,
 )
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,12 @@ class InProcessDispatcher:
             else compat.max_request_body_size(hs.config)
         )
         self._local = _address(*local_address)
+        if not compat.write_json_first(write_json_at_once):
+            logger.info(
+                "synapse-coap: Synapse %s has no JSON answer writer we know: CoAP requests' "
+                "JSON answers go through its thread pool hop and byte producer",
+                compat.SYNAPSE_VERSION,
+            )
         self._site: SynapseSite | None = None
         self._reactor = hs.get_reactor()
         self._later: list[Callable[[], None]] = []
