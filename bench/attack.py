@@ -1102,8 +1102,8 @@ def render(rows: list[AttackRow], meta: dict[str, str]) -> str:
         f"is measured just before each case (n={QUIET_N}); under attack it sends a request "
         "every 50 ms for the length of the case, or, in the cases marked (xN), one request "
         "together with the last datagram of each crafted body (n = the bodies sent). "
-        "Latencies: median (min-max). Loop lag: how late the listener's event loop woke a "
-        "probe task (synapse_coap_loop_lag_seconds), the smallest histogram bucket holding "
+        "Latencies: median (min-max). Loop lag: how late the listener's 10 ms probe timer "
+        "fired (synapse_coap_loop_lag_seconds), the smallest histogram bucket holding "
         "every sample of the case, and the samples over 50 ms.",
         "",
         "| case | sent | answered | counted (metrics) | crashed | tracebacks "

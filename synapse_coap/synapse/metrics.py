@@ -159,9 +159,9 @@ PUSH_REGISTRATIONS = Gauge(
 )
 LOOP_LAG = Histogram(
     "synapse_coap_loop_lag_seconds",
-    "How late the listener's event loop woke a probe task that sleeps 10 ms at a time "
-    "while the listener has traffic (it parks after 30 s without): a stall of the loop "
-    "of B seconds gives one sample between B - 0.01 and B",
+    "How late a 10 ms probe timer of the listener's loop fired, while the listener has "
+    "traffic (it parks after 30 s without): a stall of the loop of B seconds gives one "
+    "sample between B - 0.01 and B",
     labelnames=[SERVER_NAME_LABEL],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
@@ -215,10 +215,13 @@ class SynapseCoapMetrics:
             self._traffic_waiter = None
             _resolve_soon(waiter)
 
-    def wait_for_traffic(self) -> asyncio.Future[None]:
+    def wait_for_traffic(
+        self, loop: asyncio.AbstractEventLoop | None = None
+    ) -> asyncio.Future[None]:
         """Done at the next datagram in or out (the parked loop-lag probe waits on it);
-        on the running loop."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        on ``loop`` (the running loop if None: the probe parks from a reactor timer with
+        the default reactor, outside the loop's iterations)."""
+        waiter: asyncio.Future[None] = (loop or asyncio.get_running_loop()).create_future()
         self._traffic_waiter = waiter
         return waiter
 

@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from synapse.logging.context import make_deferred_yieldable
@@ -293,17 +294,25 @@ class CoapModule:
         async def start() -> Any:
             server = await CoapServer.start(server_config, serving, metrics=metrics)
             # the loop's stalls, as synapse_coap_loop_lag_seconds (while there is traffic:
-            # an idle listener does not wake the reactor 100 times a second for it)
-            probe = asyncio.ensure_future(
-                LoopLagProbe(
-                    metrics.loop_lag,
-                    activity=lambda: metrics.traffic,
-                    wait_active=metrics.wait_for_traffic,
-                ).run()
+            # an idle listener does not wake the reactor 100 times a second for it). A
+            # timer, not a task: with the default reactor the reactor's own (the guest
+            # loop runs on its timers; a task's wake-up cost a whole loop iteration)
+            loop = asyncio.get_running_loop()
+            call_later = bridge.reactor.callLater if bridge.mode == "guest" else loop.call_later
+
+            def on_traffic(resume: Callable[[], None]) -> None:
+                metrics.wait_for_traffic(loop).add_done_callback(lambda _: resume())
+
+            probe = LoopLagProbe(
+                metrics.loop_lag,
+                call_later=call_later,
+                activity=lambda: metrics.traffic,
+                on_traffic=on_traffic,
             )
+            probe.start()
 
             async def stop_probe() -> None:
-                probe.cancel()
+                probe.stop()
 
             bridge.on_stop(stop_probe)
             return server

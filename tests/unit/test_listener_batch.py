@@ -352,14 +352,21 @@ def test_an_answer_that_comes_after_its_start_goes_through_the_dispatchers_answe
 def test_loop_lag_probe_reports_how_late_it_woke() -> None:
     now = [0.0]
     stalls = iter([0.0, 0.2, 0.003])
-
-    async def sleep(seconds: float) -> None:
-        now[0] += seconds + next(stalls)  # the loop held up this much longer
-
+    armed: list[tuple[float, Callable[[], None]]] = []
     seen: list[float] = []
-    probe = LoopLagProbe(seen.append, interval=0.01, clock=lambda: now[0], sleep=sleep)
-    asyncio.run(probe.run(count=3))
+    probe = LoopLagProbe(
+        seen.append,
+        call_later=lambda delay, fn: armed.append((delay, fn)),
+        interval=0.01,
+        clock=lambda: now[0],
+    )
+    probe.start(count=3)
+    while armed:
+        delay, fn = armed.pop()
+        now[0] += delay + next(stalls)  # the thread held up this much longer
+        fn()
     assert [round(x, 6) for x in seen] == [0.0, 0.2, 0.003]
+    assert probe.samples == 3
 
 
 def test_a_rendering_cancelled_before_it_starts_leaves_no_unawaited_coroutine() -> None:
