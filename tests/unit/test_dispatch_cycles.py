@@ -12,18 +12,23 @@ requests (2 % for HTTP). Freed by reference counting alone, they cost nothing th
 from __future__ import annotations
 
 import gc
-import weakref
 from typing import Any
 
 import pytest
 from twisted.internet import reactor
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse.dispatch import CoapChannel, InProcessDispatcher, _address
-from tests.harness.gc_cycles import no_automatic_gc  # noqa: F401 (a fixture)
+from tests.harness.gc_cycles import (  # noqa: F401 (no_automatic_gc: a fixture)
+    MADE,
+    FakeHomeserver,
+    SameThread,
+    TrackedSite,
+    no_automatic_gc,
+)
 
 
 class _Hello(Resource):
@@ -39,37 +44,9 @@ class _Hello(Resource):
         return b'{"echo":' + request.content.read() + b"}"
 
 
-#: weak references to every request and channel made (the newest last)
-_MADE: list[weakref.ref[Any]] = []
-
-
-class _Request(Request):
-    """A plain Twisted request taking the keyword arguments Synapse's takes."""
-
-    def __init__(self, channel: Any, site: Any, **_: Any) -> None:
-        super().__init__(channel)
-        self.site = site
-        _MADE.append(weakref.ref(channel))
-        _MADE.append(weakref.ref(self))
-
-    def get_redacted_uri(self) -> str:  # (SynapseRequest's)
-        return self.uri.decode("ascii")
-
-
-class _Site(Site):
-    request_class = _Request
-
-
-class _Hs:
-    hostname = "test.example"
-
-    def get_reactor(self) -> Any:
-        return reactor
-
-
 def _dispatcher() -> InProcessDispatcher:
-    dispatcher = InProcessDispatcher(_Hs(), bridge=None, max_request_body_size=1000)  # type: ignore[arg-type]
-    dispatcher._site = _Site(_Hello())  # type: ignore[assignment]
+    dispatcher = InProcessDispatcher(FakeHomeserver(), bridge=None, max_request_body_size=1000)  # type: ignore[arg-type]
+    dispatcher._site = TrackedSite(_Hello())  # type: ignore[assignment]
     return dispatcher
 
 
@@ -90,20 +67,20 @@ def _run(dispatcher: InProcessDispatcher, request: HttpRequest) -> HttpResponse:
     ids=["get", "post-with-body"],
 )
 def test_a_finished_request_is_freed_by_reference_counting(request_: HttpRequest) -> None:
-    _MADE.clear()
+    MADE.clear()
     response = _run(_dispatcher(), request_)
     assert response.status == 200
     if request_.method == "GET":
         assert response.body == b'{"hello":"world"}'
     else:
         assert response.body == b'{"echo":{"a":[1,2]}}'
-    assert len(_MADE) == 2  # its channel and its request: both gone already
-    assert [ref() for ref in _MADE] == [None, None], "kept alive by a reference cycle"
+    assert len(MADE) == 2  # its channel and its request: both gone already
+    assert [ref() for ref in MADE] == [None, None], "kept alive by a reference cycle"
 
 
 def test_the_channel_is_its_own_transport_without_a_stored_reference() -> None:
     channel = CoapChannel(
-        _Site(_Hello()),  # type: ignore[arg-type]
+        TrackedSite(_Hello()),  # type: ignore[arg-type]
         reactor,
         PeerInfo("192.0.2.7", 5683),
         _address("::", 0),
@@ -134,7 +111,7 @@ def test_the_response_keeps_only_the_headers_the_wire_carries() -> None:
     from synapse_coap.mapping.codec import significant_headers
 
     dispatcher = _dispatcher()
-    dispatcher._site = _Site(_Headers())  # type: ignore[assignment]
+    dispatcher._site = TrackedSite(_Headers())  # type: ignore[assignment]
     for _ in range(2):  # the second time from the name cache
         response = _run(dispatcher, HttpRequest("GET", b"/h"))
         assert dict(response.headers) == {
@@ -150,17 +127,13 @@ def test_the_response_keeps_only_the_headers_the_wire_carries() -> None:
 # -- the direct path (dispatch_now: no Deferred between Synapse and the transport) ------
 
 
-class _SameThread:
-    same_thread = True
-
-
 def _direct() -> InProcessDispatcher:
     dispatcher = InProcessDispatcher(
-        _Hs(),
-        bridge=_SameThread(),  # type: ignore[arg-type]
+        FakeHomeserver(),
+        bridge=SameThread(),  # type: ignore[arg-type]
         max_request_body_size=1000,
     )
-    dispatcher._site = _Site(_Hello())  # type: ignore[assignment]
+    dispatcher._site = TrackedSite(_Hello())  # type: ignore[assignment]
     return dispatcher
 
 
@@ -200,7 +173,7 @@ def test_direct_an_answer_there_at_once_is_delivered_before_dispatch_now_returns
 ) -> None:
     from synapse.logging.context import SENTINEL_CONTEXT, current_context
 
-    _MADE.clear()
+    MADE.clear()
     got: list[Any] = []
 
     def done(result: Any) -> None:
@@ -219,8 +192,8 @@ def test_direct_an_answer_there_at_once_is_delivered_before_dispatch_now_returns
     assert len(got) == 1
     got.clear()
     del abandon, response
-    assert len(_MADE) == 2
-    assert [ref() for ref in _MADE] == [None, None], "kept alive by a reference cycle"
+    assert len(MADE) == 2
+    assert [ref() for ref in MADE] == [None, None], "kept alive by a reference cycle"
 
 
 def _logging_context(name: str) -> Any:
@@ -254,7 +227,7 @@ def test_direct_the_answer_is_delivered_in_the_context_synapse_finishes_in() -> 
             return NOT_DONE_YET
 
     dispatcher = _direct()
-    dispatcher._site = _Site(_InContext())  # type: ignore[assignment]
+    dispatcher._site = TrackedSite(_InContext())  # type: ignore[assignment]
     got: list[Any] = []
 
     def done(result: Any) -> None:
@@ -271,7 +244,7 @@ def _start_later() -> tuple[_Later, list[Any], Any]:
     ``done`` got, the abandon function)."""
     later = _Later()
     dispatcher = _direct()
-    dispatcher._site = _Site(later)  # type: ignore[assignment]
+    dispatcher._site = TrackedSite(later)  # type: ignore[assignment]
     got: list[Any] = []
     abandon = dispatcher.dispatch_now(HttpRequest("GET", b"/x"), PeerInfo("::1", 1), got.append)
     assert abandon is not None and got == [] and len(later.waiting) == 1
@@ -318,7 +291,7 @@ def test_direct_not_in_thread_mode() -> None:
         same_thread = False
 
     dispatcher = InProcessDispatcher(
-        _Hs(),
+        FakeHomeserver(),
         bridge=_Thread(),  # type: ignore[arg-type]
         max_request_body_size=1000,
     )
@@ -355,7 +328,7 @@ def test_answers_that_come_after_their_start_are_kept_for_the_reactors_timed_cal
 
     clock = Clock()
 
-    class _ClockHs(_Hs):
+    class _ClockHs(FakeHomeserver):
         def get_reactor(self) -> Any:
             return clock
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import gc
 import inspect
-import weakref
 from typing import Any
 
 import pytest
 import synapse.http.server as synapse_server
 from canonicaljson import encode_canonical_json
-from twisted.internet import reactor
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from synapse_coap.mapping.dispatch import PeerInfo
@@ -29,13 +27,17 @@ from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse import compat
 from synapse_coap.synapse.channel import write_json_at_once
 from synapse_coap.synapse.dispatch import InProcessDispatcher
-from tests.harness.gc_cycles import no_automatic_gc  # noqa: F401 (a fixture)
+from tests.harness.gc_cycles import (  # noqa: F401 (no_automatic_gc: a fixture)
+    MADE,
+    FakeHomeserver,
+    SameThread,
+    TrackedSite,
+    no_automatic_gc,
+)
 
 #: a value whose canonical JSON differs from json.dumps' (key order, separators, UTF-8)
 VALUE = {"b": [1, 2, {"z": None, "a": True}], "a": "caf\u00e9 \u2603", "c": -7}
 CANONICAL = encode_canonical_json(VALUE)
-
-_MADE: list[weakref.ref[Any]] = []
 
 
 @pytest.fixture(autouse=True)
@@ -45,19 +47,6 @@ def _installed() -> Any:
     assert compat.write_json_first(write_json_at_once)
     yield
     synapse_server._async_write_json_to_request_in_thread = before
-
-
-class _Request(Request):
-    """A plain Twisted request taking the keyword arguments Synapse's takes."""
-
-    def __init__(self, channel: Any, site: Any, **_: Any) -> None:
-        super().__init__(channel)
-        self.site = site
-        _MADE.append(weakref.ref(channel))
-        _MADE.append(weakref.ref(self))
-
-    def get_redacted_uri(self) -> str:  # (SynapseRequest's)
-        return self.uri.decode("ascii")
 
 
 class _Json(Resource):
@@ -75,28 +64,13 @@ class _Json(Resource):
         )
 
 
-class _Site(Site):
-    request_class = _Request
-
-
-class _Hs:
-    hostname = "test.example"
-
-    def get_reactor(self) -> Any:
-        return reactor
-
-
-class _SameThread:
-    same_thread = True
-
-
 def _answer(resource: Resource) -> HttpResponse:
     dispatcher = InProcessDispatcher(
-        _Hs(),
-        bridge=_SameThread(),  # type: ignore[arg-type]
+        FakeHomeserver(),
+        bridge=SameThread(),  # type: ignore[arg-type]
         max_request_body_size=1000,
     )
-    dispatcher._site = _Site(resource)  # type: ignore[assignment]
+    dispatcher._site = TrackedSite(resource)  # type: ignore[assignment]
     got: list[HttpResponse | BaseException] = []
     dispatcher.dispatch_now(HttpRequest("GET", b"/j"), PeerInfo("192.0.2.7", 5683), got.append)
     assert len(got) == 1, "answered before dispatch_now returned (no pool hop, no producer)"
@@ -120,7 +94,7 @@ def test_a_coap_requests_json_answer_is_synapses_bytes_written_at_once(
     monkeypatch.setattr(
         synapse_server._async_write_json_to_request_in_thread, "synapse_coap_original", spy
     )
-    _MADE.clear()
+    MADE.clear()
     response = _answer(_Json(canonical))
     assert used == [], "Synapse's own writer was not used"
     assert response.status == 200
@@ -129,8 +103,8 @@ def test_a_coap_requests_json_answer_is_synapses_bytes_written_at_once(
         "content-type": "application/json",
         "cache-control": "no-cache, no-store, must-revalidate",
     }
-    assert len(_MADE) == 2
-    assert [ref() for ref in _MADE] == [None, None], "kept alive by a reference cycle"
+    assert len(MADE) == 2
+    assert [ref() for ref in MADE] == [None, None], "kept alive by a reference cycle"
 
 
 def test_any_other_requests_answer_goes_through_synapses_writer() -> None:
