@@ -11,7 +11,6 @@ request (an HTTP listener's) still goes through Synapse's writer.
 
 from __future__ import annotations
 
-import gc
 import inspect
 from typing import Any
 
@@ -178,4 +177,3 @@ def test_a_writer_with_other_arguments_is_left_alone(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(synapse_server, "_async_write_json_to_request_in_thread", moved)
     assert not compat.write_json_first(write_json_at_once)
     assert synapse_server._async_write_json_to_request_in_thread is moved
-    gc.collect()
