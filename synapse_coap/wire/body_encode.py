@@ -55,7 +55,7 @@ from synapse_coap.wire.body_tables import (
     content_hash,
 )
 from synapse_coap.wire.context import WireContext
-from synapse_coap.wire.deflate import _deflate
+from synapse_coap.wire.deflate import _deflate, cannot_shrink
 from synapse_coap.wire.profile import Profile
 
 logger = logging.getLogger(__name__)
@@ -475,7 +475,9 @@ def _with_base(raw: bytes, profile: Profile, base: tuple[int, bytes]) -> bytes:
 
 def _plain_or_dict(raw: bytes, profile: Profile, max_expansion: int) -> bytes:
     best = raw
-    if len(raw) > 4:
+    # (a tiny body that no DEFLATE form can make shorter, proven without a run: a
+    # /send's answer, its event id a reference)
+    if len(raw) > 4 and not cannot_shrink(raw, profile.dictionary):
         if profile.dictionary and len(raw) <= ONE_ATTEMPT_MAX:
             with_dict = _deflate(raw, profile.dictionary)
             if len(with_dict) + 1 < len(best):

@@ -75,6 +75,65 @@ _PRIMED: dict[tuple[bytes, int, int], Any] = {}
 _PRIMED_MAX = 64
 
 
+#: the longest body :func:`cannot_shrink` may rule on (see there)
+LITERAL_ONLY_MAX = 9
+
+#: the 3-byte sequences of each preset dictionary seen (as ``b0 << 16 | b1 << 8 | b2``),
+#: for :func:`cannot_shrink`: a few profile dictionaries, bounded like _PRIMED
+_TRIGRAMS: dict[bytes, frozenset[int]] = {}
+
+
+def _trigrams(zdict: bytes) -> frozenset[int]:
+    found = _TRIGRAMS.get(zdict)
+    if found is None:
+        if len(_TRIGRAMS) >= _PRIMED_MAX:
+            _TRIGRAMS.clear()
+        found = _TRIGRAMS[zdict] = frozenset(
+            zdict[i] << 16 | zdict[i + 1] << 8 | zdict[i + 2] for i in range(len(zdict) - 2)
+        )
+    return found
+
+
+def cannot_shrink(data: bytes, zdict: bytes) -> bool:
+    """True when no raw DEFLATE stream of ``data`` (preset dictionary ``zdict``) can be
+    shorter than ``len(data) - 1`` bytes, so a body form that costs a marker byte on
+    top never beats the body itself: the encoder then skips the DEFLATE run (a tiny
+    answer's, some 40-50 us of CPU in a homeserver, its caches cold) and the wire
+    bytes are the same.
+
+    A proof, not a guess. Up to :data:`LITERAL_ONLY_MAX` bytes, and only when no byte
+    of ``data`` can be part of a match: a match is at least 3 bytes long and copies
+    from earlier in the window (the dictionary, then ``data``: a source may span the
+    two), so no byte can be in one when no 3-byte sequence of ``data`` occurs earlier
+    in ``zdict + data``. Then every byte is a literal,
+    and a stream costs at least: a stored block 3 + 32 + 8n bits; a block with the
+    fixed codes 3 + 8n + 7 (literals of 8 or 9 bits, end of block 7); a block with
+    dynamic codes 47 + n + 1 (its header: 17 bits, at least four 3-bit lengths of the
+    code-length code, and at least 18 bits of code lengths: they cover at least 258
+    entries, 138 at most per 8-bit repeat symbol, and the end of block's length and a
+    distance code's are symbols of a bit or more; then a bit or more per literal and
+    for the end of block). The least of those for n = 5..9 bytes,
+    ``min(10 + 8n, 48 + n)`` bits, is at least n - 1 bytes.
+    ``tests/unit/test_body_deflate.py`` holds zlib to it.
+    """
+    n = len(data)
+    if n > LITERAL_ONLY_MAX:
+        return False
+    known = _trigrams(zdict) if zdict else frozenset()
+    # the sequences that start in the dictionary's last two bytes and end in ``data``
+    tail = zdict[-2:]
+    history = tail + data
+    seen: set[int] = set()
+    for j in range(min(len(tail), len(history) - 2)):
+        seen.add(history[j] << 16 | history[j + 1] << 8 | history[j + 2])
+    for i in range(n - 2):
+        t = data[i] << 16 | data[i + 1] << 8 | data[i + 2]
+        if t in known or t in seen:
+            return False
+        seen.add(t)
+    return (min(10 + 8 * n, 48 + n) + 7) // 8 + 1 >= n
+
+
 #: bodies up to this size go to ``wire/_cdeflate.c``, which holds the GIL throughout (a
 #: larger one, encoded on the decode pool, to zlib's module, which lets the loop run)
 C_DEFLATE_MAX = 4096

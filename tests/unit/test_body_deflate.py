@@ -17,11 +17,13 @@ from synapse_coap.wire.body_encode import _encode_cbor
 from synapse_coap.wire.body_tables import base_dictionary
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.deflate import (
+    LITERAL_ONLY_MAX,
     MAX_MEM_LEVEL,
     MAX_WINDOW_BITS,
     MIN_MEM_LEVEL,
     MIN_WINDOW_BITS,
     _deflate,
+    cannot_shrink,
     deflate_mem_level,
     deflate_window_bits,
 )
@@ -111,3 +113,66 @@ def test_same_bytes_as_a_fresh_32k_window_whatever_the_sizes(
     assert _deflate(data, zdict, keep=keep) == expected
     inflate = zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15)
     assert inflate.decompress(expected) == data
+
+
+# --- a tiny body DEFLATE cannot make shorter (wire.deflate.cannot_shrink) -------------------
+
+
+def _forms(data: bytes, zdict: bytes) -> list[bytes]:
+    """Every DEFLATE form of ``data`` the encoder could pick, each as zlib makes it: at
+    the encoder's memLevel and at 9, with and without the dictionary, and with each
+    strategy (the fixed codes only, Huffman only: other block kinds than zlib's pick)."""
+    forms = [_deflate(data, zdict), _reference(data, zdict), _reference(data, b"")]
+    for strategy in (zlib.Z_FIXED, zlib.Z_HUFFMAN_ONLY, zlib.Z_FILTERED, zlib.Z_RLE):
+        for dictionary in {zdict, b""}:
+            args = (9, zlib.DEFLATED, -15, 9, strategy)
+            c = zlib.compressobj(*args, dictionary) if dictionary else zlib.compressobj(*args)
+            forms.append(c.compress(data) + c.flush())
+    return forms
+
+
+_PROFILE_DICTIONARIES = [load_profile(p).dictionary for p in profile_ids() if p > 0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    zdict=st.one_of(
+        st.sampled_from(_PROFILE_DICTIONARIES),
+        st.just(b""),
+        st.binary(min_size=1, max_size=64),
+    ),
+    data=st.one_of(
+        st.binary(min_size=5, max_size=12),
+        # few distinct bytes: repeats, and sequences a small dictionary holds
+        st.lists(st.sampled_from(b"ab\x00\xa1"), min_size=5, max_size=12).map(bytes),
+    ),
+    cut=st.integers(0, 60),
+)
+def test_a_body_ruled_unshrinkable_never_loses_to_a_deflate_form(
+    zdict: bytes, data: bytes, cut: int
+) -> None:
+    # (also bodies that end, or start, with a piece of the dictionary: matches there)
+    for body in (data, (zdict[cut : cut + 4] + data)[:12], (data + zdict[-cut:])[:12]):
+        if len(body) < 5 or not cannot_shrink(body, zdict):
+            continue
+        assert len(body) <= LITERAL_ONLY_MAX
+        for form in _forms(body, zdict):
+            assert len(form) + 1 >= len(body), (body.hex(), form.hex())
+
+
+def test_what_cannot_shrink_rules_on() -> None:
+    zdict = _PROFILE_DICTIONARIES[-1]
+    # a /send's answer, {"pdus": {<event id, a reference into the session's table>: {}}}
+    for ref in ((4, 0), (4, 26), (5, 900)):
+        raw = _encode_cbor(
+            {"pdus": {"$e": {}}}, load_profile(profile_ids()[0]), WireContext(), {"$e": ref}
+        )
+        assert 5 <= len(raw) <= LITERAL_ONLY_MAX
+        assert cannot_shrink(raw, zdict), raw.hex()
+    assert not cannot_shrink(bytes(range(LITERAL_ONLY_MAX + 1)), b"")  # too long to rule on
+    assert not cannot_shrink(b"abcabc", b"")  # "abc" again: a match
+    assert not cannot_shrink(b"xyzab", b"xyz")  # in the dictionary
+    # "aba" from the dictionary's "ab" and the body's "a": a match across the two
+    assert not cannot_shrink(b"abaqz", b"ab")
+    assert cannot_shrink(b"zabcd", b"xy")
+    assert not cannot_shrink(zdict[-5:], zdict)
