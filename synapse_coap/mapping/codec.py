@@ -362,7 +362,7 @@ class WireCodec:
         headers += self._decode_request_auth(msg, tokens, routed, flags)
         headers += self._decode_headers(msg, response=False)
         _check_http_safe(headers)
-        return HttpRequest(method, target, significant_headers(headers), body)
+        return HttpRequest(method, target, significant_headers(headers), body, value)
 
     def _decode_target(
         self, msg: CoapMessage, resolver: Resolver | None = None

@@ -7,6 +7,8 @@ Noise record (or a plain UDP datagram): a code, options and a payload.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 # (compiled by the native build, which this module, with its converters, cannot be)
@@ -30,12 +32,19 @@ class HttpRequest:
 
     ``target`` is the raw request target (path and query, percent-encoding
     kept), byte for byte: X-Matrix signatures cover it.
+
+    ``value``: the JSON value of ``body`` where the codec decoded one on the way (what
+    ``json.loads(body)`` gives, the same types; None otherwise), so that the in-process
+    dispatcher can hand it to Synapse instead of Synapse parsing the text again. Not
+    part of the request's equality or hash (``body`` is); whoever is handed it may
+    change it, so it is handed over once (``synapse_coap.synapse.channel``).
     """
 
     method: str
     target: bytes
     headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_headers)
     body: bytes = b""
+    value: Any = attrs.field(default=None, eq=False, repr=False)
 
     def header(self, name: str) -> str | None:
         name = name.lower()

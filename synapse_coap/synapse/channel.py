@@ -97,6 +97,33 @@ def write_json_at_once(
     return True
 
 
+#: :func:`take_json_value`'s "no value here"
+NO_VALUE = object()
+
+
+def take_json_value(request: Any) -> Any:
+    """(:func:`compat.parse_json_first <synapse_coap.synapse.compat.parse_json_first>`)
+    A CoAP request's JSON body as the codec decoded it (:attr:`CoapChannel.json_value`),
+    handed over once, in place of Synapse's parse of the same text (``json.loads`` of
+    what the codec wrote from this value: the same value, and for Synapse one parse
+    less a request). The body's text stays in ``request.content``, which is left at
+    its end as Synapse's own read leaves it. :data:`NO_VALUE` for any other request,
+    a second parse, or a body read already: Synapse's function then reads the
+    content as it would."""
+    channel = request.channel
+    if type(channel) is not CoapChannel:
+        return NO_VALUE
+    value = channel.json_value
+    if value is None:
+        return NO_VALUE
+    channel.json_value = None
+    content = request.content
+    if content is None or content.tell() != 0:
+        return NO_VALUE
+    content.seek(0, 2)
+    return value
+
+
 @implementer(*_INTERFACES)
 class CoapChannel:
     """What a SynapseRequest sees as its HTTP channel and transport.
@@ -142,6 +169,8 @@ class CoapChannel:
         self.producer: Any = None
         self._producer_streaming = False
         self._completing = False
+        #: the request body's JSON value, for :func:`take_json_value` (None: none)
+        self.json_value: Any = None
 
     @property
     def transport(self) -> CoapChannel:

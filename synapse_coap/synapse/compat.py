@@ -92,6 +92,21 @@ def _json_writer() -> bool:
     )
 
 
+#: what Synapse's servlets call (through ``parse_json_object_from_request``) to parse a
+#: request's JSON body
+_JSON_PARSER = "parse_json_value_from_request"
+
+
+def _json_parser() -> bool:
+    servlet = _import("synapse.http.servlet")
+    params = list(inspect.signature(getattr(servlet, _JSON_PARSER)).parameters)
+    by_object = getattr(servlet, "parse_json_object_from_request", None)
+    # (the object parser looks the value parser up in the module when it runs)
+    return params == ["request", "allow_empty_body"] and _JSON_PARSER in getattr(
+        getattr(by_object, "__code__", None), "co_names", ()
+    )
+
+
 def _site_takes_keywords() -> bool:
     from synapse.http.site import SynapseSite
 
@@ -298,6 +313,15 @@ PIECES: tuple[Piece, ...] = (
         optional=True,
     ),
     Piece(
+        f"synapse.http.servlet.{_JSON_PARSER}(request, allow_empty_body), called by "
+        "parse_json_object_from_request",
+        _ALL,
+        "a CoAP request's JSON body handed to Synapse as the value the codec decoded "
+        "(without it: Synapse parses the JSON text the codec wrote, as before)",
+        _json_parser,
+        optional=True,
+    ),
+    Piece(
         "prometheus_client.REGISTRY._names_to_collectors",
         "prometheus_client 0.22.1 (with Synapse 1.120.0) and 0.26.0 (with 1.163.2)",
         "reusing our counters when the module is loaded twice in one process",
@@ -453,6 +477,33 @@ def write_json_first(
 
     write_json.synapse_coap_original = original  # type: ignore[attr-defined]
     setattr(server, _JSON_WRITER, write_json)
+    return True
+
+
+def parse_json_first(direct: Callable[[Any], Any], nothing: object) -> bool:
+    """Have Synapse's ``parse_json_value_from_request`` (what its servlets parse a
+    request's JSON body with, directly or through ``parse_json_object_from_request``)
+    ask ``direct(request)`` first: its value is the body's, or ``nothing`` to leave the
+    parse to Synapse's own function (which reads ``request.content`` and decodes its
+    text). Installed once per process (again: the newest ``direct`` replaces the one
+    before). False, with nothing changed, where this Synapse has no such function
+    (:data:`PIECES`). A module that imported the function by name before keeps
+    Synapse's own, which still reads the same text."""
+    piece = next(p for p in PIECES if p.probe is _json_parser)
+    if not _run(piece):
+        return False
+    servlet = _import("synapse.http.servlet")
+    current = getattr(servlet, _JSON_PARSER)
+    original = getattr(current, "synapse_coap_original", current)
+
+    def parse_json_value(request: Any, allow_empty_body: bool = False) -> Any:
+        value = direct(request)
+        if value is nothing:
+            return original(request, allow_empty_body)
+        return value
+
+    parse_json_value.synapse_coap_original = original  # type: ignore[attr-defined]
+    setattr(servlet, _JSON_PARSER, parse_json_value)
     return True
 
 

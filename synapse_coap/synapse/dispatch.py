@@ -38,12 +38,24 @@ from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse import compat
 from synapse_coap.synapse.bridge import Bridge
 from synapse_coap.synapse.channel import (
+    NO_VALUE,
     CoapChannel,
     _address,
+    take_json_value,
     write_json_at_once,
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _utf8(body: bytes) -> bool:
+    """``body`` is valid UTF-8 (as Synapse's parse requires before the JSON)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
 
 #: Headers the dispatcher sets itself; any copy from the peer is dropped.
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
@@ -302,6 +314,12 @@ class InProcessDispatcher:
             else compat.max_request_body_size(hs.config)
         )
         self._local = _address(*local_address)
+        if not compat.parse_json_first(take_json_value, NO_VALUE):
+            logger.info(
+                "synapse-coap: Synapse %s has no JSON body parser we know: Synapse parses "
+                "CoAP requests' JSON bodies from their text",
+                compat.SYNAPSE_VERSION,
+            )
         if not compat.write_json_first(write_json_at_once):
             logger.info(
                 "synapse-coap: Synapse %s has no JSON answer writer we know: CoAP requests' "
@@ -410,4 +428,9 @@ class InProcessDispatcher:
         # back to 0 in requestReceived).
         req.content = io.BytesIO()
         req.content.write(request.body)
+        value = request.value
+        if value is not None and (request.body.isascii() or _utf8(request.body)):
+            # (Synapse decodes the text as UTF-8 first: a lone surrogate the codec
+            # carried is refused there, so such a body is left to Synapse's parse)
+            channel.json_value = value
         req.requestReceived(request.method.encode("ascii"), request.target, b"1.1")

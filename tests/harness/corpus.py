@@ -31,3 +31,17 @@ def json_bodies() -> list[Any]:
             if line.strip():
                 walk(json.loads(line))
     return found
+
+
+def json_requests() -> list[tuple[str, str, Any]]:
+    """(method, target, JSON body) of every corpus request with a JSON body (training
+    and held-out), in file order."""
+    found: list[tuple[str, str, Any]] = []
+    for path in sorted(CORPUS.rglob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            request = json.loads(line).get("request") or {}
+            if isinstance(request.get("body"), (dict, list)):
+                found.append((request["method"], request["target"], request["body"]))
+    return found
