@@ -461,22 +461,39 @@ def write_json_first(
     leave it to Synapse's writer. Installed once per process (again: the newest
     ``direct`` replaces the one before). False, with nothing changed, where this
     Synapse has no such writer (:data:`PIECES`)."""
-    piece = next(p for p in PIECES if p.probe is _json_writer)
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def write_json(request: Any, json_encoder: Callable[[Any], bytes], json_object: Any) -> Any:
+            # (a plain function: run_in_background takes its None as a result at once,
+            # and Synapse's own coroutine, returned for any other request, as before)
+            if direct(request, json_encoder, json_object):
+                return None
+            return original(request, json_encoder, json_object)
+
+        return write_json
+
+    return _wrap_once(_json_writer, "synapse.http.server", _JSON_WRITER, wrap)
+
+
+def _wrap_once(
+    probe: Callable[..., bool],
+    module: str,
+    name: str,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> bool:
+    """Replace ``module.name`` with ``wrap(Synapse's function)`` where the piece checked
+    by ``probe`` is there (False, nothing changed, where not); a second install wraps
+    Synapse's function again, never a wrapper (the wrapper keeps it as
+    ``synapse_coap_original``)."""
+    piece = next(p for p in PIECES if p.probe is probe)
     if not _run(piece):
         return False
-    server = _import("synapse.http.server")
-    current = getattr(server, _JSON_WRITER)
+    mod = _import(module)
+    current = getattr(mod, name)
     original = getattr(current, "synapse_coap_original", current)
-
-    def write_json(request: Any, json_encoder: Callable[[Any], bytes], json_object: Any) -> Any:
-        # (a plain function: run_in_background takes its None as a result at once, and
-        # Synapse's own coroutine, returned for any other request, as before)
-        if direct(request, json_encoder, json_object):
-            return None
-        return original(request, json_encoder, json_object)
-
-    write_json.synapse_coap_original = original  # type: ignore[attr-defined]
-    setattr(server, _JSON_WRITER, write_json)
+    wrapper = wrap(original)
+    wrapper.synapse_coap_original = original  # type: ignore[attr-defined]
+    setattr(mod, name, wrapper)
     return True
 
 
@@ -489,22 +506,17 @@ def parse_json_first(direct: Callable[[Any], Any], nothing: object) -> bool:
     before). False, with nothing changed, where this Synapse has no such function
     (:data:`PIECES`). A module that imported the function by name before keeps
     Synapse's own, which still reads the same text."""
-    piece = next(p for p in PIECES if p.probe is _json_parser)
-    if not _run(piece):
-        return False
-    servlet = _import("synapse.http.servlet")
-    current = getattr(servlet, _JSON_PARSER)
-    original = getattr(current, "synapse_coap_original", current)
 
-    def parse_json_value(request: Any, allow_empty_body: bool = False) -> Any:
-        value = direct(request)
-        if value is nothing:
-            return original(request, allow_empty_body)
-        return value
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def parse_json_value(request: Any, allow_empty_body: bool = False) -> Any:
+            value = direct(request)
+            if value is nothing:
+                return original(request, allow_empty_body)
+            return value
 
-    parse_json_value.synapse_coap_original = original  # type: ignore[attr-defined]
-    setattr(servlet, _JSON_PARSER, parse_json_value)
-    return True
+        return parse_json_value
+
+    return _wrap_once(_json_parser, "synapse.http.servlet", _JSON_PARSER, wrap)
 
 
 def federation_http_client(hs: Any) -> Any:

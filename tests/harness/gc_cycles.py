@@ -1,5 +1,7 @@
 """A fixture and a Twisted site for the tests that a finished request leaves no reference
-cycle behind."""
+cycle behind, and the in-process dispatcher's direct path into such a site
+(:func:`dispatch_at_once`) for the tests of what Synapse's functions see of a CoAP
+request."""
 
 from __future__ import annotations
 
@@ -63,3 +65,24 @@ class SameThread:
     """A bridge whose loop runs on the reactor thread (the direct path)."""
 
     same_thread = True
+
+
+def dispatch_at_once(resource: Any, request: Any) -> Any:
+    """``request`` (an ``HttpRequest``) through the in-process dispatcher's direct path
+    into a site serving ``resource``: the ``HttpResponse``, which must have come before
+    ``dispatch_now`` returned."""
+    from synapse_coap.mapping.dispatch import PeerInfo
+    from synapse_coap.mapping.messages import HttpResponse
+    from synapse_coap.synapse.dispatch import InProcessDispatcher
+
+    dispatcher = InProcessDispatcher(
+        FakeHomeserver(),
+        bridge=SameThread(),  # type: ignore[arg-type]
+        max_request_body_size=10_000,
+    )
+    dispatcher._site = TrackedSite(resource)  # type: ignore[assignment]
+    got: list[Any] = []
+    dispatcher.dispatch_now(request, PeerInfo("192.0.2.7", 5683), got.append)
+    assert len(got) == 1, "answered before dispatch_now returned"
+    assert isinstance(got[0], HttpResponse)
+    return got[0]

@@ -24,17 +24,15 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from synapse_coap.mapping.codec import WireCodec, request_seq
-from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.mapping.tokens import ReceiverTokens, SenderTokens
 from synapse_coap.synapse import compat
 from synapse_coap.synapse.channel import NO_VALUE, take_json_value
-from synapse_coap.synapse.dispatch import InProcessDispatcher
 from synapse_coap.wire.context import WireContext
 from synapse_coap.wire.profile import load_profile, profile_ids
 from synapse_coap.wire.strings import ReceiverStrings, SenderStrings
 from tests.harness.corpus import json_requests
-from tests.harness.gc_cycles import FakeHomeserver, SameThread, TrackedSite
+from tests.harness.gc_cycles import dispatch_at_once
 
 #: floats, big and negative integers, nesting, non-ASCII text, an empty key
 VALUE = {
@@ -109,17 +107,7 @@ class _Parse(Resource):
 
 
 def _put(resource: _Parse, request: HttpRequest) -> HttpResponse:
-    dispatcher = InProcessDispatcher(
-        FakeHomeserver(),
-        bridge=SameThread(),  # type: ignore[arg-type]
-        max_request_body_size=10_000,
-    )
-    dispatcher._site = TrackedSite(resource)  # type: ignore[assignment]
-    got: list[HttpResponse | BaseException] = []
-    dispatcher.dispatch_now(request, PeerInfo("192.0.2.7", 5683), got.append)
-    assert len(got) == 1
-    result = got[0]
-    assert isinstance(result, HttpResponse)
+    result: HttpResponse = dispatch_at_once(resource, request)
     return result
 
 

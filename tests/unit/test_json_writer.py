@@ -21,16 +21,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from synapse_coap.mapping.dispatch import PeerInfo
 from synapse_coap.mapping.messages import HttpRequest, HttpResponse
 from synapse_coap.synapse import compat
 from synapse_coap.synapse.channel import write_json_at_once
-from synapse_coap.synapse.dispatch import InProcessDispatcher
 from tests.harness.gc_cycles import (  # noqa: F401 (no_automatic_gc: a fixture)
     MADE,
-    FakeHomeserver,
-    SameThread,
-    TrackedSite,
+    dispatch_at_once,
     no_automatic_gc,
 )
 
@@ -64,17 +60,8 @@ class _Json(Resource):
 
 
 def _answer(resource: Resource) -> HttpResponse:
-    dispatcher = InProcessDispatcher(
-        FakeHomeserver(),
-        bridge=SameThread(),  # type: ignore[arg-type]
-        max_request_body_size=1000,
-    )
-    dispatcher._site = TrackedSite(resource)  # type: ignore[assignment]
-    got: list[HttpResponse | BaseException] = []
-    dispatcher.dispatch_now(HttpRequest("GET", b"/j"), PeerInfo("192.0.2.7", 5683), got.append)
-    assert len(got) == 1, "answered before dispatch_now returned (no pool hop, no producer)"
-    result = got[0]
-    assert isinstance(result, HttpResponse)
+    # (answered before dispatch_now returned: no pool hop, no producer)
+    result: HttpResponse = dispatch_at_once(resource, HttpRequest("GET", b"/j"))
     return result
 
 
