@@ -455,12 +455,9 @@ def write_json_first(
     direct: Callable[[Any, Callable[[Any], bytes], Any], bool],
 ) -> bool:
     """Have Synapse's ``respond_with_json`` offer every JSON answer to ``direct``
-    (``request``, the encoder it chose, the JSON value) before its own writer, which
-    encodes the value in its thread pool and writes the bytes through a producer:
-    ``direct`` returns True when it wrote the answer and finished the request, False to
-    leave it to Synapse's writer. Installed once per process (again: the newest
-    ``direct`` replaces the one before). False, with nothing changed, where this
-    Synapse has no such writer (:data:`PIECES`)."""
+    (``request``, the encoder it chose, the JSON value) before its own writer (its
+    thread pool, then a producer): True when ``direct`` wrote the answer and finished
+    the request, False to leave it to Synapse's writer. See :func:`_wrap_once`."""
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def write_json(request: Any, json_encoder: Callable[[Any], bytes], json_object: Any) -> Any:
@@ -481,10 +478,9 @@ def _wrap_once(
     name: str,
     wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
 ) -> bool:
-    """Replace ``module.name`` with ``wrap(Synapse's function)`` where the piece checked
-    by ``probe`` is there (False, nothing changed, where not); a second install wraps
-    Synapse's function again, never a wrapper (the wrapper keeps it as
-    ``synapse_coap_original``)."""
+    """Replace ``module.name`` with ``wrap(Synapse's function)``, once per process (a
+    second install wraps Synapse's function again, kept as ``synapse_coap_original``,
+    never a wrapper); False, nothing changed, where ``probe``'s piece is missing."""
     piece = next(p for p in PIECES if p.probe is probe)
     if not _run(piece):
         return False
@@ -498,14 +494,11 @@ def _wrap_once(
 
 
 def parse_json_first(direct: Callable[[Any], Any], nothing: object) -> bool:
-    """Have Synapse's ``parse_json_value_from_request`` (what its servlets parse a
-    request's JSON body with, directly or through ``parse_json_object_from_request``)
-    ask ``direct(request)`` first: its value is the body's, or ``nothing`` to leave the
-    parse to Synapse's own function (which reads ``request.content`` and decodes its
-    text). Installed once per process (again: the newest ``direct`` replaces the one
-    before). False, with nothing changed, where this Synapse has no such function
-    (:data:`PIECES`). A module that imported the function by name before keeps
-    Synapse's own, which still reads the same text."""
+    """Have Synapse's ``parse_json_value_from_request`` (its servlets' parse of a JSON
+    body, directly or through ``parse_json_object_from_request``) ask
+    ``direct(request)`` first: the body's value, or ``nothing`` to leave the parse to
+    Synapse's function, which reads ``request.content`` (as it still does for a module
+    that imported the function by name before). See :func:`_wrap_once`."""
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def parse_json_value(request: Any, allow_empty_body: bool = False) -> Any:
