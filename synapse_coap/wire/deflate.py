@@ -106,28 +106,28 @@ def cannot_shrink(data: bytes, zdict: bytes) -> bool:
     from earlier in the window (the dictionary, then ``data``: a source may span the
     two), so no byte can be in one when no 3-byte sequence of ``data`` occurs earlier
     in ``zdict + data``. Then every byte is a literal, and a stream costs at least: a
-    stored block 3 + 32 + 8n bits; a block with the fixed codes 3 + 8n + 7 (literals of 8 or 9 bits, end of block 7); a block with
-    dynamic codes 47 + n + 1 (its header: 17 bits, at least four 3-bit lengths of the
-    code-length code, and at least 18 bits of code lengths: they cover at least 258
-    entries, 138 at most per 8-bit repeat symbol, and the end of block's length and a
-    distance code's are symbols of a bit or more; then a bit or more per literal and
-    for the end of block). The least of those for n = 5..9 bytes,
-    ``min(10 + 8n, 48 + n)`` bits, is at least n - 1 bytes.
+    stored block 3 + 32 + 8n bits; a block with the fixed codes 3 + 8n + 7 (literals
+    of 8 or 9 bits, end of block 7); a block with dynamic codes 47 + n + 1 (its
+    header: 17 bits, at least four 3-bit lengths of the code-length code, and at least
+    18 bits of code lengths: they cover at least 258 entries, 138 at most per 8-bit
+    repeat symbol, and the end of block's length and a distance code's are symbols of
+    a bit or more; then a bit or more per literal and for the end of block). The least
+    of those for n = 5..9 bytes, ``min(10 + 8n, 48 + n)`` bits, is at least n - 1
+    bytes.
     ``tests/unit/test_body_deflate.py`` holds zlib to it.
     """
     n = len(data)
     if n > LITERAL_ONLY_MAX:
         return False
     known = _trigrams(zdict) if zdict else frozenset()
-    # the sequences that start in the dictionary's last two bytes and end in ``data``
-    tail = zdict[-2:]
-    history = tail + data
+    # the dictionary's last two bytes, then ``data``: a sequence starting in ``data``
+    # may also occur at one starting before it (within ``data``, or across the two)
+    history = zdict[-2:] + data
+    first = len(history) - n
     seen: set[int] = set()
-    for j in range(min(len(tail), len(history) - 2)):
-        seen.add(history[j] << 16 | history[j + 1] << 8 | history[j + 2])
-    for i in range(n - 2):
-        t = data[i] << 16 | data[i + 1] << 8 | data[i + 2]
-        if t in known or t in seen:
+    for i in range(len(history) - 2):
+        t = history[i] << 16 | history[i + 1] << 8 | history[i + 2]
+        if i >= first and (t in known or t in seen):
             return False
         seen.add(t)
     return (min(10 + 8 * n, 48 + n) + 7) // 8 + 1 >= n

@@ -4,7 +4,7 @@ by ``compat.parse_json_first``) instead of Synapse parsing the text the codec wr
 from that value: the same value, one parse less a request.
 
 Held to: the value is what ``json.loads`` of the body gives, types included, on
-every request body of the held-out corpus; Synapse's own
+every JSON request body of the corpus (training and held-out); Synapse's own
 ``parse_json_object_from_request`` returns it without parsing, once, and then
 behaves as after its own read; a body Synapse would refuse (a lone surrogate) and any
 other request's body are parsed by Synapse's function as before.
