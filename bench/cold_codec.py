@@ -19,13 +19,18 @@ Each round gives the median of ``--calls`` calls; the report shows the median (m
 of ``--rounds`` rounds, microseconds per call, and writes them to ``--out`` (default
 ``bench/results/cold_codec.csv``) with the command, commit and machine. The C writer's
 rows (``wire/_cbody.c``: a request body's JSON text for Synapse, a PDU's content hash)
-stand beside what they replace (Python's json; json, hashlib and binascii).
+stand beside what they replace (Python's json; json, hashlib and binascii). The last
+rows are the listener's socket read of a wake-up with one datagram waiting (a lone
+request's), ``recvfrom`` then the drain's failing ``recvfrom``, against the native
+build's one ``recvmmsg`` call (``transport/_crecv.c``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import select
+import socket
 import statistics
 import sys
 import time
@@ -45,6 +50,7 @@ from synapse_coap.mapping import samples  # noqa: E402
 from synapse_coap.mapping.codec import WireCodec  # noqa: E402
 from synapse_coap.mapping.jsonbody import dump_json, dump_json_python  # noqa: E402
 from synapse_coap.mapping.messages import HttpResponse  # noqa: E402
+from synapse_coap.transport import batch  # noqa: E402
 from synapse_coap.wire import body_fast, body_tables  # noqa: E402
 from synapse_coap.wire.body_encode import _encode_cbor, encode_body  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
@@ -60,15 +66,72 @@ def _evict() -> None:
     zlib.crc32(SWEEP)
 
 
-def _median_us(fn: Callable[[Any], object], inputs: Sequence[Any], cold: bool) -> float:
+def _median_us(
+    fn: Callable[[Any], object],
+    inputs: Sequence[Any],
+    cold: bool,
+    prepare: Callable[[Any], object] | None = None,
+) -> float:
     times: list[int] = []
     for x in inputs:
+        if prepare is not None:
+            prepare(x)
         if cold:
             _evict()
         t = time.perf_counter_ns()
         fn(x)
         times.append(time.perf_counter_ns() - t)
     return statistics.median(times) / 1000
+
+
+class _Wakeup:
+    """A loopback UDP socket with one datagram waiting (what a listener's wake-up on a
+    lone request reads): :meth:`arrive` sends it, untimed."""
+
+    def __init__(self) -> None:
+        self.rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.rx.bind(("127.0.0.1", 0))
+        self.rx.setblocking(False)
+        self.to = self.rx.getsockname()
+        self.record = bytes(300)
+
+    def arrive(self, _x: object) -> None:
+        self.tx.sendto(self.record, self.to)
+        select.select([self.rx], [], [], 5.0)
+
+    def flood(self, _x: object) -> None:
+        """:data:`~synapse_coap.transport.batch.DRAIN_MAX` datagrams waiting (a busy
+        listener's wake-up)."""
+        for _ in range(batch.DRAIN_MAX):
+            self.tx.sendto(self.record, self.to)
+        select.select([self.rx], [], [], 5.0)
+
+
+def read_cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any], Any]]:
+    """(name, function, its inputs, what each call needs first): a wake-up's read of the
+    one datagram waiting, as the listener reads it (``transport/batch.py``)."""
+    w = _Wakeup()
+    rows: list[tuple[str, Callable[[Any], object], list[Any], Any]] = []
+    for what, prepare in (("one datagram", w.arrive), (f"{batch.DRAIN_MAX} datagrams", w.flood)):
+        rows.append(
+            (
+                f"socket read, {what} waiting: recvfrom each, then the failing one",
+                lambda _x: batch.recvfrom_batch(w.rx, batch.DRAIN_MAX),
+                [None] * calls,
+                prepare,
+            )
+        )
+        if batch._CRECV is not None:
+            rows.append(
+                (
+                    f"  {what}: one recvmmsg call (transport/_crecv.c)",
+                    lambda _x: batch.recvmmsg_batch(w.rx, batch.DRAIN_MAX),
+                    [None] * calls,
+                    prepare,
+                )
+            )
+    return rows
 
 
 def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
@@ -138,19 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     meta = provenance(
         "python bench/cold_codec.py " + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    rows = cases(args.calls)
+    rows = [(*row, None) for row in cases(args.calls)] + read_cases(args.calls)
     got: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         print(f"round {r + 1} of {args.rounds}", file=sys.stderr)
-        for name, fn, inputs in rows:
+        for name, fn, inputs, prepare in rows:
             for way in ("hot", "cold"):
-                got.setdefault((name, way), []).append(_median_us(fn, inputs, way == "cold"))
+                got.setdefault((name, way), []).append(
+                    _median_us(fn, inputs, way == "cold", prepare)
+                )
     out = []
     print(f"\nmicroseconds per call, median (min-max) of {args.rounds} rounds of {args.calls}")
-    print(f"{'':52} {'hot':>22} {'cold':>22}")
-    for name, _fn, _inputs in rows:
+    width = max(len(row[0]) for row in rows)
+    print(f"{'':{width}} {'hot':>22} {'cold':>22}")
+    for name, _fn, _inputs, _prepare in rows:
         hot, cold = got[(name, "hot")], got[(name, "cold")]
-        print(f"{name:52} {spread(hot, '{:.1f}'):>22} {spread(cold, '{:.1f}'):>22}")
+        print(f"{name:{width}} {spread(hot, '{:.1f}'):>22} {spread(cold, '{:.1f}'):>22}")
         for way, xs in (("hot", hot), ("cold", cold)):
             out += [
                 {"case": name.strip(), "way": way, "round": i, "us": f"{x:.2f}"}

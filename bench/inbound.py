@@ -971,7 +971,7 @@ STAGE_PARTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "CoAP+Noise": (
         (
             "datagrams read; Noise record opened, session bookkeeping",
-            ("coap.read", "coap.next"),
+            ("coap.readable", "coap.read", "coap.next"),
         ),
         ("fast path: CoAP decode, duplicate store, held ACK", ("coap.message",)),
         # (a request of a batch is handed to Synapse when the batch is read:

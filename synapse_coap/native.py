@@ -24,7 +24,8 @@ table (``wire/strings.py``); ``wire/_cdeflate.c``, zlib's DEFLATE with a
 profile dictionary without zlib's per-body allocations, same library and bytes, used by
 ``wire/deflate.py``; ``noise/_caead.c``, the records' ChaCha20-Poly1305 through
 libsodium, the same construction and bytes as cryptography's, used by
-``noise/records.py``). The
+``noise/records.py``; ``transport/_crecv.c``, the listener socket's datagrams read in
+one ``recvmmsg`` call, used by ``transport/batch.py``). The
 build compiles them with the mypyc modules, the manifest holds their digests too, and
 when the sources run (a stale build, ``SYNAPSE_COAP_PURE=1``) they cannot be imported.
 
@@ -120,6 +121,7 @@ MODULES: tuple[str, ...] = (
 #: importable only while the native build runs
 C_MODULES: tuple[str, ...] = (
     "synapse_coap.noise._caead",
+    "synapse_coap.transport._crecv",
     "synapse_coap.wire._cbody",
     "synapse_coap.wire._cdeflate",
     "synapse_coap.wire._cenc",

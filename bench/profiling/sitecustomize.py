@@ -55,6 +55,7 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
     STAGES = [
         line.split()
         for line in """
+        synapse_coap.transport.batch BatchReader.readable coap.readable
         synapse_coap.transport.batch BatchReader.datagram_received coap.read
         synapse_coap.transport.batch BatchReader._next coap.next
         synapse_coap.transport.batch BatchHold.release coap.release

@@ -13,6 +13,7 @@ from synapse_coap.transport.batch import (
     BatchHold,
     BatchReader,
     order_batch,
+    recvfrom_batch,
     split_batch,
 )
 from synapse_coap.transport.looplag import LoopLagProbe
@@ -102,6 +103,7 @@ def test_a_batch_of_records_is_handled_at_once_handshakes_one_per_iteration() ->
     a, b, c = ("192.0.2.1", 1), ("192.0.2.2", 2), ("192.0.2.3", 3)
     hs1, hs2 = (HANDSHAKE, ("203.0.113.1", 9)), (HANDSHAKE, ("203.0.113.2", 9))
     reader.sock = _Socket([hs1, (b"\xc0bug", b), hs2, (RECORD, c)])  # type: ignore[assignment]
+    reader.read_batch = recvfrom_batch
     reader.datagram_received(RECORD, a)
     # the three records in arrival order in this call (one failing does not stop the
     # rest); the two handshake messages wait for the loop's next iterations
@@ -158,6 +160,7 @@ def test_a_batchs_records_are_decoded_before_any_of_their_requests_starts() -> N
     reader = BatchReader(handle, _Loop(), lambda reason: None)  # type: ignore[arg-type]
     reader.hold = hold
     reader.sock = _Socket([(b"\xc0bug", ("192.0.2.2", 2)), (RECORD, ("192.0.2.3", 3))])  # type: ignore[assignment]
+    reader.read_batch = recvfrom_batch
     reader.datagram_received(RECORD, ("192.0.2.1", 1))
     assert log == ["read 1", "read 2", "read 3", "start 1", "start 3"]
     log.clear()
