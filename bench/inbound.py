@@ -970,13 +970,17 @@ async def stage_pass(
 STAGE_PARTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "CoAP+Noise": (
         (
+            # (the default reactor's read, BatchReader.readable, is bound when the socket
+            # is added, before the timers wrap it: its recvmmsg call is not in this row)
             "datagrams read; Noise record opened, session bookkeeping",
-            ("coap.readable", "coap.read", "coap.next"),
+            ("coap.read", "coap.handle_batch", "coap.next"),
         ),
         ("fast path: CoAP decode, duplicate store, held ACK", ("coap.message",)),
         # (a request of a batch is handed to Synapse when the batch is read:
         # BatchHold.release, inside coap.read; a lone one from respond_now)
-        ("exchange, request decode", ("coap.respond_now", "coap.release")),
+        ("exchange opened (Accept, route name, session)", ("coap.open",)),
+        ("request decode, exchange", ("coap.respond_now", "coap.release")),
+        ("request handed to the dispatcher", ("coap.start",)),
         ("SynapseRequest set-up (channel, headers, body)", ("coap.dispatch_now",)),
         ("Synapse: requestReceived (its own work)", ("synapse.request_received",)),
         (

@@ -55,12 +55,14 @@ if os.environ.get("SYNAPSE_COAP_STAGES"):
     STAGES = [
         line.split()
         for line in """
-        synapse_coap.transport.batch BatchReader.readable coap.readable
+        synapse_coap.transport.batch BatchReader._handle_batch coap.handle_batch
         synapse_coap.transport.batch BatchReader.datagram_received coap.read
         synapse_coap.transport.batch BatchReader._next coap.next
         synapse_coap.transport.batch BatchHold.release coap.release
         synapse_coap.transport.noise_udp NoiseMessageInterface._ev_received coap.message
         synapse_coap.transport.server CoapServer.respond_now coap.respond_now
+        synapse_coap.transport.server CoapServer._open coap.open
+        synapse_coap.transport.server _Now.start coap.start
         synapse_coap.synapse.dispatch InProcessDispatcher.dispatch_now coap.dispatch_now
         synapse_coap.synapse.channel CoapChannel.response coap.channel_response
         synapse_coap.transport.server _Now.complete coap.complete
