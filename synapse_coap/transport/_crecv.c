@@ -100,6 +100,7 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         iov[i].iov_len = SLOT_BYTES;
         msgs[i].msg_hdr.msg_iov = &iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
+        names[i].ss_family = AF_UNSPEC; /* (refused below if the kernel gives no name) */
         msgs[i].msg_hdr.msg_name = &names[i];
         msgs[i].msg_hdr.msg_namelen = sizeof(names[i]);
     }
