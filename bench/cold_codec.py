@@ -51,7 +51,7 @@ from synapse_coap.mapping.codec import WireCodec  # noqa: E402
 from synapse_coap.mapping.jsonbody import dump_json, dump_json_python  # noqa: E402
 from synapse_coap.mapping.messages import HttpResponse  # noqa: E402
 from synapse_coap.transport import batch  # noqa: E402
-from synapse_coap.wire import body_fast, body_tables  # noqa: E402
+from synapse_coap.wire import body_fast, body_tables, strings  # noqa: E402
 from synapse_coap.wire.body_encode import _encode_cbor, encode_body  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.deflate import _deflate  # noqa: E402
@@ -153,8 +153,14 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
         body = json.dumps({"pdus": {f"$cold{i}": {}}}).encode()
         answers.append(HttpResponse(200, (("content-type", "application/json"),), body))
     c = body_fast._C
+    targets = [f"/_matrix/federation/v1/send/cold{i}".encode() for i in range(calls)]
     rows: list[tuple[str, Callable[[Any], object], list[Any]]] = [
         ("request decode (/send, 1 PDU)", codec.decode_request, msgs),
+        (
+            "  its identifiers for the string table: compiled Python's walk",
+            lambda tv: strings.python_request_identifiers(*tv),
+            list(zip(targets, values, strict=True)),
+        ),
         ("  its JSON text: json.dumps", dump_json_python, values),
         (
             "  its PDU's content hash: json, hashlib, binascii",
@@ -166,6 +172,11 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
         rows += [
             ("  its JSON text: the C writer", dump_json, values),
             ("  its PDU's content hash: the C writer", c.content_hash, pdus),
+            (
+                "  its identifiers for the string table: the C walk",
+                lambda tv: strings.request_identifiers(*tv),
+                list(zip(targets, values, strict=True)),
+            ),
         ]
     rows.append(
         ("answer encode (/send's answer)", lambda r: codec.encode_response(r, method=PUT), answers)

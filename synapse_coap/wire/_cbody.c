@@ -587,6 +587,156 @@ content_hash(PyObject *module, PyObject *event)
     return h;
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* A request's strings for the session string table                                     */
+/* ------------------------------------------------------------------------------------ */
+
+/* a hash identifier, as strings.py's _HASH_ID: "$" or "!", 42 url-safe base64
+ * characters, then one of the 16 whose two low bits are zero */
+static int
+is_hash_id(PyObject *s)
+{
+    if (PyUnicode_GET_LENGTH(s) != 44 || PyUnicode_KIND(s) != PyUnicode_1BYTE_KIND)
+        return 0;
+    const Py_UCS1 *c = PyUnicode_1BYTE_DATA(s);
+    if (c[0] != '$' && c[0] != '!')
+        return 0;
+    for (int i = 1; i < 43; i++) {
+        Py_UCS1 x = c[i];
+        if (!((x >= 'A' && x <= 'Z') || (x >= 'a' && x <= 'z') || (x >= '0' && x <= '9') ||
+              x == '_' || x == '-'))
+            return 0;
+    }
+    return c[43] != 0 && strchr("AEIMQUYcgkosw048", c[43]) != NULL;
+}
+
+/* request_strings(value, max_ids, min_text, max_text, max_total) -> (ids, texts) | None:
+ * strings.py's _identifiers_of(_strings(value)) and _texts_of(_strings(value)) in one
+ * walk, or None where the value holds a container or string of another type than
+ * dict, list, tuple and str themselves (a subclass may order its items otherwise):
+ * the caller then runs the reference.  The walk stops once both are complete. */
+static PyObject *
+request_strings(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "request_strings(value, max_ids, min_text, max_text, max_total)");
+        return NULL;
+    }
+    Py_ssize_t lim[4];
+    for (int i = 0; i < 4; i++) {
+        lim[i] = PyLong_AsSsize_t(args[i + 1]);
+        if (lim[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_ssize_t max_ids = lim[0], min_text = lim[1], max_text = lim[2], max_total = lim[3];
+    /* a stack of borrowed references: nothing here runs Python code (str hashing and
+     * comparison are C), so the value's containers keep their items alive */
+    Py_ssize_t cap = 64, top = 0;
+    PyObject **stack = PyMem_Malloc(sizeof(PyObject *) * (size_t)cap);
+    PyObject *ids = PyList_New(0), *texts = PyList_New(0);
+    PyObject *ids_seen = PySet_New(NULL), *texts_seen = PySet_New(NULL);
+    PyObject *out = NULL;
+    if (stack == NULL || ids == NULL || texts == NULL || ids_seen == NULL ||
+        texts_seen == NULL) {
+        if (stack == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    int ids_done = 0, texts_done = 0;
+    Py_ssize_t total = 0;
+    stack[top++] = args[0];
+    while (top > 0 && !(ids_done && texts_done)) {
+        PyObject *item = stack[--top];
+        PyTypeObject *t = Py_TYPE(item);
+        if (t == &PyUnicode_Type) {
+            if (PyUnicode_READY(item) < 0)
+                goto done;
+            Py_ssize_t n = PyUnicode_GET_LENGTH(item);
+            if (!ids_done && n == 44 && is_hash_id(item)) {
+                int seen = PySet_Contains(ids_seen, item);
+                if (seen < 0)
+                    goto done;
+                if (!seen) {
+                    if (PySet_Add(ids_seen, item) < 0 || PyList_Append(ids, item) < 0)
+                        goto done;
+                    if (PyList_GET_SIZE(ids) >= max_ids)
+                        ids_done = 1;
+                }
+            }
+            if (!texts_done && n >= min_text && n <= max_text &&
+                PyUnicode_FindChar(item, ' ', 0, n, 1) >= 0) {
+                int seen = PySet_Contains(texts_seen, item);
+                if (seen < 0)
+                    goto done;
+                if (!seen) {
+                    total += n;
+                    if (total > max_total || PyList_GET_SIZE(texts) >= max_ids)
+                        texts_done = 1;
+                    else if (PySet_Add(texts_seen, item) < 0 || PyList_Append(texts, item) < 0)
+                        goto done;
+                }
+            }
+            continue;
+        }
+        Py_ssize_t n;
+        if (t == &PyDict_Type)
+            n = PyDict_GET_SIZE(item);
+        else if (t == &PyList_Type)
+            n = PyList_GET_SIZE(item);
+        else if (t == &PyTuple_Type)
+            n = PyTuple_GET_SIZE(item);
+        else if (PyUnicode_Check(item) || PyDict_Check(item) || PyList_Check(item) ||
+                 PyTuple_Check(item)) {
+            out = Py_NewRef(Py_None); /* a subclass: the reference walks it */
+            goto done;
+        }
+        else
+            continue; /* a number, a bool, None: no string */
+        if (top + n > cap) {
+            Py_ssize_t want = cap;
+            while (top + n > want)
+                want *= 2;
+            PyObject **grown = PyMem_Realloc(stack, sizeof(PyObject *) * (size_t)want);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            stack = grown;
+            cap = want;
+        }
+        /* pushed last item first, so that the first is taken next: document order */
+        if (t == &PyDict_Type) {
+            Py_ssize_t pos = 0, i = top + n;
+            PyObject *k, *v;
+            while (PyDict_Next(item, &pos, &k, &v))
+                stack[--i] = v;
+        }
+        else {
+            PyObject **items = t == &PyList_Type ? ((PyListObject *)item)->ob_item
+                                                 : ((PyTupleObject *)item)->ob_item;
+            for (Py_ssize_t i = 0; i < n; i++)
+                stack[top + n - 1 - i] = items[i];
+        }
+        top += n;
+    }
+    {
+        PyObject *a = PyList_AsTuple(ids), *b = a == NULL ? NULL : PyList_AsTuple(texts);
+        if (b != NULL)
+            out = PyTuple_Pack(2, a, b);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+    }
+done:
+    PyMem_Free(stack);
+    Py_XDECREF(ids);
+    Py_XDECREF(texts);
+    Py_XDECREF(ids_seen);
+    Py_XDECREF(texts_seen);
+    return out;
+}
+
 /* sha256_digest(data: bytes) -> bytes: this module's SHA-256 (for the tests) */
 static PyObject *
 sha256_digest(PyObject *module, PyObject *data)
@@ -1068,6 +1218,10 @@ static PyMethodDef methods[] = {
      "body_tables.content_hash gives it, or None where this module does not take it."},
     {"sha256_digest", (PyCFunction)sha256_digest, METH_O,
      "sha256_digest(data: bytes) -> bytes: this module's SHA-256."},
+    {"request_strings", (PyCFunction)(void (*)(void))request_strings, METH_FASTCALL,
+     "request_strings(value, max_ids, min_text, max_text, max_total) -> (ids, texts) | "
+     "None: strings.py's identifiers and texts of a request's JSON value in one walk, or "
+     "None where the value holds a subclass of dict, list, tuple or str."},
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(data, tables, max_depth, resolve): the JSON value of a body's CBOR, or the "
      "tables' fallback object."},
