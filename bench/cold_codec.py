@@ -178,6 +178,32 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
                 list(zip(targets, values, strict=True)),
             ),
         ]
+    # a catch-up transaction: 50 PDUs, each with its own text
+    many = [
+        (
+            t,
+            {
+                **v,
+                "pdus": [{**v["pdus"][0], "content": {"body": f"text {i} {j}"}} for j in range(50)],
+            },
+        )
+        for i, (t, v) in enumerate(zip(targets, values, strict=True))
+    ]
+    rows.append(
+        (
+            "identifiers of a 50-PDU transaction: compiled Python's walk",
+            lambda tv: strings.python_request_identifiers(*tv),
+            many,
+        )
+    )
+    if c is not None:
+        rows.append(
+            (
+                "  the C walk",
+                lambda tv: strings.request_identifiers(*tv),
+                many,
+            )
+        )
     rows.append(
         ("answer encode (/send's answer)", lambda r: codec.encode_response(r, method=PUT), answers)
     )
