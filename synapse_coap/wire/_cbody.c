@@ -17,6 +17,11 @@
  * gives the Tables' fallback object (given by the caller): the caller's other decoders then
  * give the answer or the error.  So this file never decides that a body is bad.
  *
+ * Beside the decoder: a decoded value's JSON text and an event's content hash
+ * (dump_json, content_hash: tests/unit/test_cjson.py), and a request's identifiers and
+ * texts for the session string table (request_strings, strings.py's rules:
+ * tests/unit/test_request_strings.py).
+ *
  * Tests: tests/unit/test_cbody.py (differential against the reference decoder, golden
  * vectors and hypothesis properties), tests/unit/test_body.py through decode_body.
  */
