@@ -19,10 +19,12 @@ Each round gives the median of ``--calls`` calls; the report shows the median (m
 of ``--rounds`` rounds, microseconds per call, and writes them to ``--out`` (default
 ``bench/results/cold_codec.csv``) with the command, commit and machine. The C writer's
 rows (``wire/_cbody.c``: a request body's JSON text for Synapse, a PDU's content hash)
-stand beside what they replace (Python's json; json, hashlib and binascii). The last
-rows are the listener's socket read of a wake-up with one datagram waiting (a lone
-request's), ``recvfrom`` then the drain's failing ``recvfrom``, against the native
-build's one ``recvmmsg`` call (``transport/_crecv.c``).
+stand beside what they replace (Python's json; json, hashlib and binascii), as do the
+C walk's rows for a request's identifiers (the session string table's; also on a
+50-PDU transaction). The last rows are the listener's socket read of a wake-up with
+one datagram waiting (a lone request's) and with 64 (a busy listener's), ``recvfrom``
+until it fails against the native build's one ``recvmmsg`` call
+(``transport/_crecv.c``).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def _median_us(
 
 
 class _Wakeup:
-    """A loopback UDP socket with one datagram waiting (what a listener's wake-up on a
-    lone request reads): :meth:`arrive` sends it, untimed."""
+    """A loopback UDP socket with datagrams waiting, sent untimed: :meth:`arrive` one
+    (a lone request's wake-up), :meth:`flood` a busy listener's."""
 
     def __init__(self) -> None:
         self.rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -109,8 +111,9 @@ class _Wakeup:
 
 
 def read_cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any], Any]]:
-    """(name, function, its inputs, what each call needs first): a wake-up's read of the
-    one datagram waiting, as the listener reads it (``transport/batch.py``)."""
+    """(name, function, its inputs, what each call needs first): a wake-up's read of
+    what waits (one datagram, then :data:`~synapse_coap.transport.batch.DRAIN_MAX`), as
+    the listener reads it (``transport/batch.py``)."""
     w = _Wakeup()
     rows: list[tuple[str, Callable[[Any], object], list[Any], Any]] = []
     for what, prepare in (("one datagram", w.arrive), (f"{batch.DRAIN_MAX} datagrams", w.flood)):
@@ -154,12 +157,13 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
         answers.append(HttpResponse(200, (("content-type", "application/json"),), body))
     c = body_fast._C
     targets = [f"/_matrix/federation/v1/send/cold{i}".encode() for i in range(calls)]
+    pairs = list(zip(targets, values, strict=True))  # (target, value) of each request
     rows: list[tuple[str, Callable[[Any], object], list[Any]]] = [
         ("request decode (/send, 1 PDU)", codec.decode_request, msgs),
         (
             "  its identifiers for the string table: compiled Python's walk",
             lambda tv: strings.python_request_identifiers(*tv),
-            list(zip(targets, values, strict=True)),
+            pairs,
         ),
         ("  its JSON text: json.dumps", dump_json_python, values),
         (
@@ -172,12 +176,17 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
         rows += [
             ("  its JSON text: the C writer", dump_json, values),
             ("  its PDU's content hash: the C writer", c.content_hash, pdus),
+        ]
+    # (request_identifiers walks in C where _cbody.c has request_strings, else in Python)
+    walk_c = strings._C_REQUEST_STRINGS is not None
+    if walk_c:
+        rows.append(
             (
                 "  its identifiers for the string table: the C walk",
                 lambda tv: strings.request_identifiers(*tv),
-                list(zip(targets, values, strict=True)),
-            ),
-        ]
+                pairs,
+            )
+        )
     # a catch-up transaction: 50 PDUs, each with its own text
     many = [
         (
@@ -187,7 +196,7 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
                 "pdus": [{**v["pdus"][0], "content": {"body": f"text {i} {j}"}} for j in range(50)],
             },
         )
-        for i, (t, v) in enumerate(zip(targets, values, strict=True))
+        for i, (t, v) in enumerate(pairs)
     ]
     rows.append(
         (
@@ -196,7 +205,7 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
             many,
         )
     )
-    if c is not None:
+    if walk_c:
         rows.append(
             (
                 "  the C walk",

@@ -259,13 +259,17 @@ class BatchReader(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         batch = [(data, addr)]
         sock = self.sock
-        room = min(DRAIN_MAX, HELD_MAX - len(self._pending))
+        room = self._room()
         if sock is not None and room > 1:
             try:
                 batch += self.read_batch(sock, room - 1)
             except OSError:  # an ICMP error: nothing more read now
                 pass
         self._handle_batch(batch)
+
+    def _room(self) -> int:
+        """How many datagrams a wake-up reads at most now (fewer as more are held)."""
+        return min(DRAIN_MAX, HELD_MAX - len(self._pending))
 
     def _handle_batch(self, batch: list[tuple[bytes, Any]]) -> None:
         """Handle what one wake-up read (at least one datagram)."""
@@ -301,7 +305,7 @@ class BatchReader(asyncio.DatagramProtocol):
         does (for a reader the loop's driver calls directly: see
         ``synapse_coap.synapse.guestloop``)."""
         try:
-            batch = self.read_batch(sock, max(1, min(DRAIN_MAX, HELD_MAX - len(self._pending))))
+            batch = self.read_batch(sock, max(1, self._room()))
         except OSError as exc:  # an ICMP error, as asyncio's transport reports it
             self.error_received(exc)
             return
