@@ -208,6 +208,120 @@ out:
     return result;
 }
 
+/* The inflater: one raw stream kept for every body (inflateReset and, with a dictionary,
+ * inflateSetDictionary per body), so zlib's state and 32 KB window are allocated once,
+ * where a decompressobj per body mallocs and frees both (and a Python object) every
+ * time. Used with the GIL held throughout, like the arena. */
+static z_stream inflater;
+static int inflater_ready = 0;
+
+/* zlib's module's words for an error (Modules/zlibmodule.c, zlib_error) */
+static void
+inflate_error(int err)
+{
+    const char *msg = inflater.msg;
+    if (msg == NULL) {
+        if (err == Z_BUF_ERROR)
+            msg = "incomplete or truncated stream";
+        else if (err == Z_STREAM_ERROR)
+            msg = "inconsistent stream state";
+        else if (err == Z_DATA_ERROR)
+            msg = "invalid input data";
+        else
+            msg = "library error";
+    }
+    PyErr_Format(PyExc_ValueError, "Error %d while decompressing data: %.200s", err, msg);
+}
+
+/* inflate_dict(data, zdict, max_length) -> (bytes, ended, unused): what
+ * zlib.decompressobj(-15, zdict=zdict).decompress(data, max_length) returns, whether the
+ * stream ended (the object's eof) and how many input bytes followed its end (the length
+ * of its unused_data); ValueError where that call raises zlib.error. */
+static PyObject *
+inflate_dict(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data;
+    PyObject *zdict;
+    Py_ssize_t max_length;
+    if (!PyArg_ParseTuple(args, "y*O!n", &data, &PyBytes_Type, &zdict, &max_length))
+        return NULL;
+    PyObject *out = NULL, *result = NULL;
+    if (max_length < 1 || max_length > (Py_ssize_t)0x7fffffff ||
+        data.len > (Py_ssize_t)0x7fffffff) {
+        PyErr_SetString(PyExc_ValueError, "inflate_dict: max_length 1 to 2 GiB, under 2 GiB "
+                                          "of data");
+        goto done;
+    }
+    int err;
+    if (!inflater_ready) {
+        memset(&inflater, 0, sizeof(inflater));
+        inflater.zalloc = Z_NULL;
+        inflater.zfree = Z_NULL;
+        err = inflateInit2(&inflater, -15);
+        if (err != Z_OK) {
+            PyErr_Format(PyExc_MemoryError, "inflateInit2 failed (%d)", err);
+            goto done;
+        }
+        inflater_ready = 1;
+    } else if ((err = inflateReset(&inflater)) != Z_OK) {
+        inflate_error(err);
+        goto done;
+    }
+    if (PyBytes_GET_SIZE(zdict) > 0) {
+        err = inflateSetDictionary(&inflater, (const Bytef *)PyBytes_AS_STRING(zdict),
+                                   (uInt)PyBytes_GET_SIZE(zdict));
+        if (err != Z_OK) {
+            inflate_error(err);
+            goto done;
+        }
+    }
+    /* (room for 4x the input at first, as a small body's CBOR takes; grown as needed) */
+    Py_ssize_t cap = data.len * 4 + 256;
+    if (cap > max_length)
+        cap = max_length;
+    out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL)
+        goto done;
+    Py_ssize_t produced = 0;
+    int ended = 0;
+    inflater.next_in = (Bytef *)data.buf;
+    inflater.avail_in = (uInt)data.len;
+    for (;;) {
+        if (produced == cap) {
+            if (cap == max_length)
+                break; /* max_length reached: the rest stays unread, as zlib's module */
+            Py_ssize_t grown = cap * 2 < max_length ? cap * 2 : max_length;
+            if (_PyBytes_Resize(&out, grown) < 0)
+                goto done;
+            cap = grown;
+        }
+        inflater.next_out = (Bytef *)PyBytes_AS_STRING(out) + produced;
+        inflater.avail_out = (uInt)(cap - produced);
+        err = inflate(&inflater, Z_SYNC_FLUSH);
+        produced = cap - (Py_ssize_t)inflater.avail_out;
+        if (err == Z_STREAM_END) {
+            ended = 1;
+            break;
+        }
+        if (err == Z_BUF_ERROR && inflater.avail_out > 0)
+            break; /* the input ran out before the stream's end */
+        if (err != Z_OK && err != Z_BUF_ERROR) {
+            inflate_error(err);
+            goto done;
+        }
+        if (inflater.avail_in == 0 && inflater.avail_out > 0)
+            break;
+    }
+    if (_PyBytes_Resize(&out, produced) < 0)
+        goto done;
+    result = Py_BuildValue("(Oin)", out, ended, ended ? (Py_ssize_t)inflater.avail_in : 0);
+done:
+    Py_XDECREF(out);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyObject *
 arena_size(PyObject *self, PyObject *unused)
 {
@@ -222,6 +336,10 @@ forget(PyObject *self, PyObject *unused)
     (void)self;
     (void)unused;
     clear_primed();
+    if (inflater_ready) {
+        inflateEnd(&inflater);
+        inflater_ready = 0;
+    }
     PyMem_RawFree(arena);
     arena = NULL;
     arena_cap = 0;
@@ -232,10 +350,15 @@ static PyMethodDef methods[] = {
     {"deflate_dict", deflate_dict, METH_VARARGS,
      "deflate_dict(data, zdict, wbits, mem_level) -> bytes: raw DEFLATE, level 9, of data "
      "with the preset dictionary zdict (zlib's bytes, without its allocations)"},
+    {"inflate_dict", inflate_dict, METH_VARARGS,
+     "inflate_dict(data, zdict, max_length) -> (bytes, ended, unused): raw inflate as "
+     "zlib.decompressobj(-15, zdict=zdict).decompress(data, max_length), with one stream "
+     "kept for every body; ended: the stream's end was read; unused: input bytes after it"},
     {"arena_size", arena_size, METH_NOARGS,
      "arena_size() -> (bytes, primed compressors): the arena's size and how many "
      "dictionary compressors are kept"},
-    {"forget", forget, METH_NOARGS, "forget() -> None: drop the primed compressors and the arena"},
+    {"forget", forget, METH_NOARGS,
+     "forget() -> None: drop the primed compressors, the arena and the inflater"},
     {NULL, NULL, 0, NULL},
 };
 

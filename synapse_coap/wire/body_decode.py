@@ -3,7 +3,6 @@ walk, every cap checked before allocating (see :mod:`synapse_coap.wire.body`).""
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 try:
@@ -51,6 +50,7 @@ from synapse_coap.wire.body_tables import (
     content_hash,
 )
 from synapse_coap.wire.context import WireContext
+from synapse_coap.wire.deflate import inflate
 from synapse_coap.wire.profile import Profile
 from synapse_coap.wire.strings import TAG_REF, TAG_REF_WIDE
 
@@ -318,18 +318,12 @@ class _Decoder:
 
 
 def _inflate(data: bytes, zdict: bytes, limits: BodyLimits) -> bytes:
-    try:
-        # a new object costs less than copying a primed one: setting a dictionary of a
-        # few KiB copies less than the 32 KiB window that copy() duplicates
-        d = zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15)
-        out: bytes = d.decompress(data, limits.max_decoded_bytes + 1)
-    except zlib.error as e:
-        raise RemoteProtocolError(f"bad body: DEFLATE stream is corrupt ({e})") from e
+    out, ended, trailing = inflate(data, zdict, limits.max_decoded_bytes + 1)
     if len(out) > limits.max_decoded_bytes:
         raise LimitExceeded(f"body inflates to more than {limits.max_decoded_bytes} bytes")
-    if not d.eof:
+    if not ended:
         raise RemoteProtocolError("bad body: DEFLATE stream is truncated")
-    if d.unused_data:
+    if trailing:
         raise RemoteProtocolError("bad body: trailing bytes after the DEFLATE stream")
     return out
 

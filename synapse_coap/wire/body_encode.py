@@ -475,8 +475,8 @@ def _with_base(raw: bytes, profile: Profile, base: tuple[int, bytes]) -> bytes:
 
 def _plain_or_dict(raw: bytes, profile: Profile, max_expansion: int) -> bytes:
     best = raw
-    # (a tiny body that no DEFLATE form can make shorter, proven without a run: a
-    # /send's answer, its event id a reference)
+    # (a short body that no DEFLATE form can make shorter, proven without a run: a
+    # /send's or a sent message's answer, its event id's hash 32 bytes of 37-40)
     if len(raw) > 4 and not cannot_shrink(raw, profile.dictionary):
         if profile.dictionary and len(raw) <= ONE_ATTEMPT_MAX:
             with_dict = _deflate(raw, profile.dictionary)

@@ -11,6 +11,8 @@ import importlib
 import zlib
 from typing import Any, cast
 
+from synapse_coap.errors import RemoteProtocolError
+
 try:  # DEFLATE with a profile dictionary in C (wire/_cdeflate.c: zlib's calls and bytes)
     _CDEFLATE: Any = importlib.import_module("synapse_coap.wire._cdeflate")
 except ImportError:  # no native build, or SYNAPSE_COAP_PURE=1
@@ -75,8 +77,23 @@ _PRIMED: dict[tuple[bytes, int, int], Any] = {}
 _PRIMED_MAX = 64
 
 
-#: the longest body :func:`cannot_shrink` may rule on (see there)
-LITERAL_ONLY_MAX = 9
+#: the longest body :func:`cannot_shrink` may rule on (see there): one DEFLATE block
+#: (zlib's symbol buffer holds 2,047 symbols at the encoder's least memLevel, 5, and 16,383
+#: at 9, so zlib writes a body this short as one block whatever the memLevel)
+CANNOT_SHRINK_MAX = 64
+
+#: the bits of a stored block besides its bytes (3 header bits, then LEN and NLEN)
+_STORED_BITS = 35
+#: the least bits of a block with dynamic codes before its code lengths: 3 header bits,
+#: HLIT, HDIST and HCLEN (14), and at least four 3-bit lengths of the code-length code
+_DYNAMIC_HEAD_BITS = 29
+#: the fixed codes: a literal below 144 is 8 bits, from 144 9 bits; end of block 7 bits;
+#: a match at least 12 (a length code of 7 or 8 bits, a distance code of 5)
+_FIXED_SPLIT = 144
+_FIXED_END_BITS = 7
+_FIXED_MATCH_BITS = 12
+#: the end-of-block symbol of the literal/length alphabet
+_END_OF_BLOCK = 256
 
 #: the 3-byte sequences of each preset dictionary seen (as ``b0 << 16 | b1 << 8 | b2``),
 #: for :func:`cannot_shrink`: a few profile dictionaries, bounded like _PRIMED
@@ -94,30 +111,88 @@ def _trigrams(zdict: bytes) -> frozenset[int]:
     return found
 
 
-def cannot_shrink(data: bytes, zdict: bytes) -> bool:
-    """True when no raw DEFLATE stream of ``data`` (preset dictionary ``zdict``) can be
-    shorter than ``len(data) - 1`` bytes, so a body form that costs a marker byte on
-    top never beats the body itself: the encoder then skips the DEFLATE run (a tiny
-    answer's: 2.3 us back to back, 20-45 us with the data caches cold as in a
-    homeserver, ``bench/cold_codec.py``) and the wire bytes are the same.
+def _huffman_bits(counts: list[int]) -> int:
+    """The bits of ``counts`` (how often each symbol occurs) under an optimal prefix
+    code (Huffman's): no prefix code codes them in fewer. A single symbol: a bit each."""
+    if len(counts) == 1:
+        return counts[0]
+    leaves = sorted(counts)
+    merged: list[int] = []
+    i = j = 0
+    total = 0
+    for _ in range(len(leaves) - 1):
+        pair = 0
+        for _ in range(2):
+            if j >= len(merged) or (i < len(leaves) and leaves[i] <= merged[j]):
+                pair += leaves[i]
+                i += 1
+            else:
+                pair += merged[j]
+                j += 1
+        merged.append(pair)
+        total += pair
+    return total
 
-    A proof, not a guess. Up to :data:`LITERAL_ONLY_MAX` bytes, and only when no byte
-    of ``data`` can be part of a match: a match is at least 3 bytes long and copies
-    from earlier in the window (the dictionary, then ``data``: a source may span the
-    two), so no byte can be in one when no 3-byte sequence of ``data`` occurs earlier
-    in ``zdict + data``. Then every byte is a literal, and a stream costs at least: a
-    stored block 3 + 32 + 8n bits; a block with the fixed codes 3 + 8n + 7 (literals
-    of 8 or 9 bits, end of block 7); a block with dynamic codes 47 + n + 1 (its
-    header: 17 bits, at least four 3-bit lengths of the code-length code, and at least
-    18 bits of code lengths: they cover at least 258 entries, 138 at most per 8-bit
-    repeat symbol, and the end of block's length and a distance code's are symbols of
-    a bit or more; then a bit or more per literal and for the end of block). The least
-    of those for n = 5..9 bytes, ``min(10 + 8n, 48 + n)`` bits, is at least n - 1
-    bytes.
-    ``tests/unit/test_body_deflate.py`` holds zlib to it.
+
+def _code_length_half_bits(used: list[int]) -> int:
+    """The least half-bits of a dynamic block's code lengths for the literal/length
+    alphabet's entries 0..256, where the symbols ``used`` (sorted, the end of block
+    last) have codes; see :func:`cannot_shrink`."""
+    half = 0
+    previous = -1
+    for symbol in used:
+        gap = symbol - previous - 1
+        if previous < 0:
+            # the first entries: zeros (a bit each up to 4 bits) then this symbol starting
+            # a run (a bit), or a nonzero run from the first entry (a bit, then half a
+            # bit an entry)
+            half += 2 + min(gap, 8)
+        else:
+            # a nonzero run continued (a 16 repeats at most 6 entries for 3 bits: half a
+            # bit an entry) through the gap and this symbol, or a zero run (4 bits or
+            # more from 4 entries) and this symbol starting a run (a bit)
+            half += min(gap + 1, 10)
+        previous = symbol
+    return half
+
+
+def cannot_shrink(data: bytes, zdict: bytes) -> bool:
+    """True when no one-block raw DEFLATE stream of ``data`` (preset dictionary
+    ``zdict``) can be shorter than ``len(data) - 1`` bytes, so a body form that costs a
+    marker byte on top never beats the body itself: the encoder then skips the DEFLATE
+    run and the wire bytes are the same. zlib writes every body up to
+    :data:`CANNOT_SHRINK_MAX` bytes as one block. The run it
+    saves: a tiny answer's 2.3 us back to back, 20-45 us with the data caches cold as in
+    a homeserver (``bench/cold_codec.py``); a ``/send``'s or a sent message's answer,
+    whose event id the session string table cannot hold (the server names it first),
+    is 37-40 bytes of CBOR, 32 of them the id's hash, which DEFLATE never shortens.
+
+    A proof, not a guess (docs/wire-body.md). A match is at least 3 bytes long and
+    copies from earlier in the window (the dictionary, then ``data``: a source may span
+    the two), so a match can start at a byte only where its 3-byte sequence occurs
+    earlier in ``zdict + data``, and every 3-byte sequence inside a match does too (at
+    the source). So the bytes fall into *runs* (positions whose sequences occur
+    earlier, with the two bytes after them) that a match may cover, at most one run per
+    match, and the rest, which are literals in any stream. Then a block costs at least:
+
+    - stored: 35 bits and 8 a byte;
+    - fixed codes: 3 + 7 bits, 8 or 9 bits a literal of the rest, and 12 bits a run
+      (a match, or at least two literals of its own);
+    - dynamic codes: 29 bits of header; the code lengths of the literal/length
+      alphabet's 257 entries, where the rest's byte values and the end of block have
+      nonzero lengths: a run of equal nonzero lengths costs a bit to start and half a
+      bit an entry after (a repeat symbol copies at most 6 for 3 bits), a run of zeros
+      at least a bit an entry up to 4 bits (a "0", a 17, an 18, a "0" and a 16), so a
+      gap of ``g`` entries and the nonzero entry after it at least ``min(g + 1, 10)``
+      half-bits; the rest's literals and the end of block at least what Huffman's code
+      for their counts takes (no prefix code takes less: other symbols in the code only
+      lengthen theirs); and 2 bits a run (a match's length and distance symbols, or two
+      literals).
+
+    ``tests/unit/test_body_deflate.py`` holds zlib's forms to it.
     """
     n = len(data)
-    if n > LITERAL_ONLY_MAX:
+    if n > CANNOT_SHRINK_MAX:
         return False
     known = _trigrams(zdict) if zdict else frozenset()
     # the dictionary's last two bytes, then ``data``: a sequence starting in ``data``
@@ -125,17 +200,66 @@ def cannot_shrink(data: bytes, zdict: bytes) -> bool:
     history = zdict[-2:] + data
     first = len(history) - n
     seen: set[int] = set()
+    coverable = bytearray(n)
+    runs = 0
+    in_run = False
     for i in range(len(history) - 2):
         t = history[i] << 16 | history[i + 1] << 8 | history[i + 2]
-        if i >= first and (t in known or t in seen):
-            return False
+        if i >= first:
+            at = i - first
+            if t in known or t in seen:
+                if not in_run:
+                    runs += 1
+                    in_run = True
+                coverable[at] = coverable[at + 1] = coverable[at + 2] = 1
+            else:
+                in_run = False
         seen.add(t)
-    return (min(10 + 8 * n, 48 + n) + 7) // 8 + 1 >= n
+    counts: dict[int, int] = {}
+    fixed = 3 + _FIXED_END_BITS + _FIXED_MATCH_BITS * runs
+    literals = 0
+    for at in range(n):
+        if not coverable[at]:
+            b = data[at]
+            counts[b] = counts.get(b, 0) + 1
+            fixed += 8 if b < _FIXED_SPLIT else 9
+            literals += 1
+    used = sorted(counts)
+    used.append(_END_OF_BLOCK)
+    dynamic_half = 2 * (
+        _DYNAMIC_HEAD_BITS + _huffman_bits([*counts.values(), 1]) + 2 * runs
+    ) + _code_length_half_bits(used)
+    least = min(_STORED_BITS + 8 * n, fixed, (dynamic_half + 1) // 2)
+    return (least + 7) // 8 + 1 >= n
 
 
 #: bodies up to this size go to ``wire/_cdeflate.c``, which holds the GIL throughout (a
 #: larger one, encoded on the decode pool, to zlib's module, which lets the loop run)
 C_DEFLATE_MAX = 4096
+#: DEFLATE bodies up to this size are inflated by ``wire/_cdeflate.c`` (the same bound
+#: and reason as :data:`C_DEFLATE_MAX`)
+C_INFLATE_MAX = 4096
+
+
+def inflate(data: bytes, zdict: bytes, max_length: int) -> tuple[bytes, bool, bool]:
+    """Raw inflate of ``data`` with the preset dictionary ``zdict`` (none if empty): the
+    output, at most ``max_length`` bytes (the rest of the stream left unread); whether
+    the stream's end was read; whether input followed it. RemoteProtocolError for a
+    corrupt stream. In C where the native build runs (one stream kept for every body,
+    where zlib's module allocates its state and 32 KB window per body: ``wire/_cdeflate.c``),
+    the same output and verdicts as zlib's module (``tests/unit/test_cdeflate.py``)."""
+    if _CDEFLATE is not None and len(data) <= C_INFLATE_MAX:
+        try:
+            out, ended, unused = _CDEFLATE.inflate_dict(data, zdict, max_length)
+        except ValueError as e:
+            raise RemoteProtocolError(f"bad body: DEFLATE stream is corrupt ({e})") from e
+        return cast(bytes, out), bool(ended), unused > 0
+    try:
+        d = zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15)
+        out = d.decompress(data, max_length)
+    except zlib.error as e:
+        raise RemoteProtocolError(f"bad body: DEFLATE stream is corrupt ({e})") from e
+    return out, d.eof, bool(d.unused_data)
 
 
 def _deflate(data: bytes, zdict: bytes, keep: bool = True) -> bytes:

@@ -10,6 +10,7 @@ It runs here in both test runs: from the native build, and on the plain-Python s
 
 from __future__ import annotations
 
+import random
 import zlib
 from typing import Any
 
@@ -160,3 +161,117 @@ def test_wrong_types_are_refused(cdeflate: Any) -> None:
         cdeflate.deflate_dict("text", b"dict", 12, 5)
     with pytest.raises(TypeError):
         cdeflate.deflate_dict(b"data", bytearray(b"dict"), 12, 5)
+
+
+# --- inflate_dict: zlib's module's decompressobj(-15, zdict).decompress(data, max_length) ---
+
+
+def _zlib_inflate(data: bytes, zdict: bytes, max_length: int) -> tuple[bytes, bool, int] | str:
+    """What zlib's module gives (output, eof, len(unused_data)), or its error's text."""
+    d = zlib.decompressobj(-15, zdict=zdict) if zdict else zlib.decompressobj(-15)
+    try:
+        out = d.decompress(data, max_length)
+    except zlib.error as e:
+        return str(e)
+    return out, d.eof, len(d.unused_data)
+
+
+def _c_inflate(cdeflate: Any, data: bytes, zdict: bytes, max_length: int) -> Any:
+    try:
+        out, ended, unused = cdeflate.inflate_dict(data, zdict, max_length)
+    except ValueError as e:
+        return str(e)
+    return out, bool(ended), unused
+
+
+def test_inflate_same_as_zlibs_module_on_the_corpora(cdeflate: Any) -> None:
+    checked = 0
+    for profile in PROFILES:
+        for body in json_bodies():
+            raw = _encode_cbor(body, profile, WireContext())
+            for zdict in (profile.dictionary, b""):
+                wbits, level = _sizes(raw, zdict)
+                stream = _zlib(raw, zdict, wbits, level) if zdict else deflate._deflate(raw, b"")
+                for cap in (len(raw) + 1, len(raw), max(1, len(raw) // 2)):
+                    for data in (stream, stream[:-1], stream + b"\x00tail"):
+                        got = _c_inflate(cdeflate, data, zdict, cap)
+                        assert got == _zlib_inflate(data, zdict, cap), (body, cap)
+                checked += 1
+    assert checked > 1000
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=3000),
+    zdict=st.sampled_from([p.dictionary for p in PROFILES] + [b""]) | st.binary(max_size=300),
+    cut=st.integers(0, 40),
+    flip=st.integers(0, 10_000),
+    cap=st.integers(1, 8000),
+    junk=st.binary(max_size=600),
+)
+def test_inflate_any_stream_cut_flipped_or_junk(
+    cdeflate: Any, body: bytes, zdict: bytes, cut: int, flip: int, cap: int, junk: bytes
+) -> None:
+    args = (9, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY)
+    c = zlib.compressobj(*args, zdict) if zdict else zlib.compressobj(*args)
+    stream = c.compress(body) + c.flush()
+    flipped = bytearray(stream)
+    if flipped:
+        flipped[flip % len(flipped)] ^= 1 << (flip % 8)
+    for data in (stream, stream[: max(0, len(stream) - cut)], bytes(flipped), stream + junk, junk):
+        # again and again on the one kept stream: no state carried from a body to the next
+        for _ in range(2):
+            assert _c_inflate(cdeflate, data, zdict, cap) == _zlib_inflate(data, zdict, cap)
+
+
+def test_inflate_keeps_one_stream_and_forget_drops_it(cdeflate: Any) -> None:
+    zdict = PROFILES[0].dictionary
+    raw = b"a body " * 50
+    stream = _zlib(raw, zdict, 15, 9)
+    cdeflate.forget()
+    assert cdeflate.inflate_dict(stream, zdict, 10_000) == (raw, 1, 0)
+    # a corrupt stream leaves the kept one usable for the next body
+    with pytest.raises(ValueError, match="Error -3 while decompressing data"):
+        cdeflate.inflate_dict(b"\xff" + stream, zdict, 10_000)
+    assert cdeflate.inflate_dict(stream, zdict, 10_000) == (raw, 1, 0)
+    cdeflate.forget()
+    assert cdeflate.inflate_dict(stream, zdict, 10) == (raw[:10], 0, 0)
+
+
+def test_inflate_refuses_bad_arguments(cdeflate: Any) -> None:
+    with pytest.raises(ValueError, match="max_length"):
+        cdeflate.inflate_dict(b"data", b"", 0)
+    with pytest.raises(TypeError):
+        cdeflate.inflate_dict("text", b"", 10)
+    with pytest.raises(TypeError):
+        cdeflate.inflate_dict(b"data", bytearray(b"dict"), 10)
+
+
+def test_the_decoder_inflates_in_c_where_the_build_runs() -> None:
+    zdict = PROFILES[0].dictionary
+    raw = b"a body " * 50
+    stream = _zlib(raw, zdict, 15, 9)
+    real = deflate._CDEFLATE
+    if real is None:  # the plain-Python sources: zlib's module
+        assert deflate.inflate(stream, zdict, 1000) == (raw, True, False)
+        return
+    calls: list[int] = []
+
+    class Counting:
+        def inflate_dict(self, *args: Any) -> Any:
+            calls.append(len(args[0]))
+            return real.inflate_dict(*args)
+
+    deflate._CDEFLATE = Counting()
+    try:
+        assert deflate.inflate(stream, zdict, 1000) == (raw, True, False)
+        assert deflate.inflate(stream + b"x", zdict, 1000) == (raw, True, True)
+        assert deflate.inflate(stream[:-2], zdict, 1000)[1:] == (False, False)
+        noise = random.Random(1).randbytes(deflate.C_INFLATE_MAX + 100)
+        big = zlib.compressobj(9, zlib.DEFLATED, -15)
+        big_stream = big.compress(noise) + big.flush()
+        assert len(big_stream) > deflate.C_INFLATE_MAX
+        assert deflate.inflate(big_stream, b"", 20_000)[0] == noise
+    finally:
+        deflate._CDEFLATE = real
+    assert calls == [len(stream), len(stream) + 1, len(stream) - 2]  # not the large one
