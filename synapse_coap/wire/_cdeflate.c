@@ -322,6 +322,208 @@ done:
     return result;
 }
 
+/* cannot_shrink(data, zdict) -> bool: synapse_coap/wire/deflate.py's
+ * python_cannot_shrink (the reference, and the proof in its docstring), in one pass
+ * without Python objects: the dictionary's 3-byte sequences in an open-addressing table
+ * built once per dictionary (a few profile dictionaries, bounded like the primed
+ * compressors), the body's counts on the stack. tests/unit/test_cdeflate.py holds it to
+ * the reference. */
+#define SHRINK_MAX 64
+#define TRI_SLOTS 16384 /* a power of two, over twice a profile dictionary's sequences */
+#define MAX_TRI_TABLES 8
+
+typedef struct {
+    PyObject *zdict; /* bytes, a strong reference */
+    uint32_t *slots; /* sequence + 1, 0 = empty; NULL: too many sequences for the table */
+} TriTable;
+
+static TriTable tri_tables[MAX_TRI_TABLES];
+static int n_tri_tables = 0;
+
+static inline uint32_t
+tri_hash(uint32_t t)
+{
+    return (t * 2654435761u) >> 18; /* 14 bits: TRI_SLOTS */
+}
+
+static void
+clear_tri_tables(void)
+{
+    for (int i = 0; i < n_tri_tables; i++) {
+        PyMem_RawFree(tri_tables[i].slots);
+        Py_CLEAR(tri_tables[i].zdict);
+    }
+    n_tri_tables = 0;
+}
+
+/* the table of zdict's sequences (its slots NULL when the dictionary has more than the
+ * table holds: then cannot_shrink answers False, proving nothing) */
+static TriTable *
+get_tri_table(PyObject *zdict)
+{
+    for (int i = 0; i < n_tri_tables; i++) {
+        TriTable *t = &tri_tables[i];
+        if (t->zdict == zdict ||
+            (PyBytes_GET_SIZE(t->zdict) == PyBytes_GET_SIZE(zdict) &&
+             memcmp(PyBytes_AS_STRING(t->zdict), PyBytes_AS_STRING(zdict),
+                    (size_t)PyBytes_GET_SIZE(zdict)) == 0))
+            return t;
+    }
+    if (n_tri_tables >= MAX_TRI_TABLES)
+        clear_tri_tables();
+    TriTable *t = &tri_tables[n_tri_tables];
+    const unsigned char *z = (const unsigned char *)PyBytes_AS_STRING(zdict);
+    Py_ssize_t zn = PyBytes_GET_SIZE(zdict);
+    t->slots = NULL;
+    if (zn - 2 <= TRI_SLOTS / 2) {
+        t->slots = PyMem_RawCalloc(TRI_SLOTS, sizeof(uint32_t));
+        if (t->slots == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i + 2 < zn; i++) {
+            uint32_t v = ((uint32_t)z[i] << 16 | (uint32_t)z[i + 1] << 8 | z[i + 2]) + 1;
+            uint32_t h = tri_hash(v - 1);
+            while (t->slots[h] != 0 && t->slots[h] != v)
+                h = (h + 1) & (TRI_SLOTS - 1);
+            t->slots[h] = v;
+        }
+    }
+    Py_INCREF(zdict);
+    t->zdict = zdict;
+    n_tri_tables++;
+    return t;
+}
+
+static int
+tri_known(const TriTable *t, uint32_t seq)
+{
+    uint32_t v = seq + 1, h = tri_hash(seq);
+    while (t->slots[h] != 0) {
+        if (t->slots[h] == v)
+            return 1;
+        h = (h + 1) & (TRI_SLOTS - 1);
+    }
+    return 0;
+}
+
+/* the bits of counts[0..n) under Huffman's code (deflate.py's _huffman_bits) */
+static long
+huffman_bits(long *counts, int n)
+{
+    if (n == 1)
+        return counts[0];
+    for (int i = 1; i < n; i++) { /* insertion sort: at most 65 counts */
+        long c = counts[i];
+        int j = i - 1;
+        while (j >= 0 && counts[j] > c) {
+            counts[j + 1] = counts[j];
+            j--;
+        }
+        counts[j + 1] = c;
+    }
+    long merged[SHRINK_MAX + 1];
+    int i = 0, j = 0, m = 0;
+    long total = 0;
+    for (int k = 0; k < n - 1; k++) {
+        long pair = 0;
+        for (int two = 0; two < 2; two++) {
+            if (j >= m || (i < n && counts[i] <= merged[j]))
+                pair += counts[i++];
+            else
+                pair += merged[j++];
+        }
+        merged[m++] = pair;
+        total += pair;
+    }
+    return total;
+}
+
+static PyObject *
+cannot_shrink(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *data, *zdict;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyBytes_Type, &data, &PyBytes_Type, &zdict))
+        return NULL;
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (n > SHRINK_MAX)
+        Py_RETURN_FALSE;
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
+    const unsigned char *z = (const unsigned char *)PyBytes_AS_STRING(zdict);
+    Py_ssize_t zn = PyBytes_GET_SIZE(zdict);
+    const TriTable *table = NULL;
+    if (zn > 0) {
+        table = get_tri_table(zdict);
+        if (table == NULL)
+            return NULL;
+        if (table->slots == NULL)
+            Py_RETURN_FALSE;
+    }
+    /* the dictionary's last two bytes, then the body */
+    unsigned char history[SHRINK_MAX + 2];
+    Py_ssize_t tail = zn < 2 ? zn : 2;
+    memcpy(history, z + zn - tail, (size_t)tail);
+    memcpy(history + tail, d, (size_t)n);
+    Py_ssize_t hn = tail + n, first = tail;
+    uint32_t seqs[SHRINK_MAX + 2];
+    unsigned char coverable[SHRINK_MAX];
+    memset(coverable, 0, sizeof(coverable));
+    long runs = 0;
+    int in_run = 0;
+    for (Py_ssize_t i = 0; i + 2 < hn; i++) {
+        uint32_t t = (uint32_t)history[i] << 16 | (uint32_t)history[i + 1] << 8 | history[i + 2];
+        seqs[i] = t;
+        if (i < first)
+            continue;
+        int known = table != NULL && tri_known(table, t);
+        for (Py_ssize_t k = 0; !known && k < i; k++)
+            known = seqs[k] == t;
+        Py_ssize_t at = i - first;
+        if (known) {
+            if (!in_run) {
+                runs++;
+                in_run = 1;
+            }
+            coverable[at] = coverable[at + 1] = coverable[at + 2] = 1;
+        } else {
+            in_run = 0;
+        }
+    }
+    long count_of[256];
+    memset(count_of, 0, sizeof(count_of));
+    long fixed = 3 + 7 + 12 * runs;
+    for (Py_ssize_t at = 0; at < n; at++) {
+        if (!coverable[at]) {
+            count_of[d[at]]++;
+            fixed += d[at] < 144 ? 8 : 9;
+        }
+    }
+    long counts[SHRINK_MAX + 1];
+    int used = 0;
+    long half = 0;
+    int previous = -1;
+    for (int symbol = 0; symbol <= 256; symbol++) {
+        long c = symbol == 256 ? 1 : count_of[symbol];
+        if (c == 0)
+            continue;
+        counts[used++] = c;
+        long gap = symbol - previous - 1;
+        if (previous < 0)
+            half += 2 + (gap < 8 ? gap : 8);
+        else
+            half += gap + 1 < 10 ? gap + 1 : 10;
+        previous = symbol;
+    }
+    long dynamic_half = 2 * (29 + huffman_bits(counts, used) + 2 * runs) + half;
+    long least = 35 + 8 * (long)n;
+    if (fixed < least)
+        least = fixed;
+    if ((dynamic_half + 1) / 2 < least)
+        least = (dynamic_half + 1) / 2;
+    return PyBool_FromLong((least + 7) / 8 + 1 >= (long)n);
+}
+
 static PyObject *
 arena_size(PyObject *self, PyObject *unused)
 {
@@ -336,6 +538,7 @@ forget(PyObject *self, PyObject *unused)
     (void)self;
     (void)unused;
     clear_primed();
+    clear_tri_tables();
     if (inflater_ready) {
         inflateEnd(&inflater);
         inflater_ready = 0;
@@ -354,11 +557,15 @@ static PyMethodDef methods[] = {
      "inflate_dict(data, zdict, max_length) -> (bytes, ended, unused): raw inflate as "
      "zlib.decompressobj(-15, zdict=zdict).decompress(data, max_length), with one stream "
      "kept for every body; ended: the stream's end was read; unused: input bytes after it"},
+    {"cannot_shrink", cannot_shrink, METH_VARARGS,
+     "cannot_shrink(data, zdict) -> bool: synapse_coap.wire.deflate.python_cannot_shrink "
+     "(the proof that no one-block DEFLATE stream of data beats it by a byte), in C"},
     {"arena_size", arena_size, METH_NOARGS,
      "arena_size() -> (bytes, primed compressors): the arena's size and how many "
      "dictionary compressors are kept"},
     {"forget", forget, METH_NOARGS,
-     "forget() -> None: drop the primed compressors, the arena and the inflater"},
+     "forget() -> None: drop the primed compressors, the arena, the inflater and the "
+     "dictionaries' sequence tables"},
     {NULL, NULL, 0, NULL},
 };
 

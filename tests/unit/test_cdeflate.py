@@ -275,3 +275,45 @@ def test_the_decoder_inflates_in_c_where_the_build_runs() -> None:
     finally:
         deflate._CDEFLATE = real
     assert calls == [len(stream), len(stream) + 1, len(stream) - 2]  # not the large one
+
+
+# --- cannot_shrink: deflate.python_cannot_shrink in C ----------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    data=st.binary(max_size=70)
+    | st.lists(st.sampled_from(b"ab\x00\xa1\xff"), max_size=70).map(bytes)
+    | st.binary(min_size=32, max_size=32).map(lambda h: b"\xa1\x29\xa1\xc6\x58\x20" + h + b"\xa0"),
+    zdict=st.sampled_from([p.dictionary for p in PROFILES] + [b"", b"a", b"ab"])
+    | st.binary(max_size=300),
+    cut=st.integers(0, 5000),
+    size=st.integers(0, 10),
+)
+def test_cannot_shrink_same_as_the_reference(
+    cdeflate: Any, data: bytes, zdict: bytes, cut: int, size: int
+) -> None:
+    piece = zdict[cut % max(1, len(zdict)) :][:size]
+    for body in (data, piece + data, data[:20] + piece + data[20:], data + piece):
+        assert cdeflate.cannot_shrink(body, zdict) == deflate.python_cannot_shrink(body, zdict), (
+            body.hex(),
+            zdict[:16].hex(),
+            len(zdict),
+        )
+
+
+def test_cannot_shrink_corpus_answers_and_large_dictionaries(cdeflate: Any) -> None:
+    for profile in PROFILES:
+        for body in json_bodies():
+            raw = _encode_cbor(body, profile, WireContext())[:80]
+            for zdict in (profile.dictionary, b""):
+                assert cdeflate.cannot_shrink(raw, zdict) == deflate.python_cannot_shrink(
+                    raw, zdict
+                )
+    # a dictionary with more 3-byte sequences than the C table holds: nothing proven
+    big = random.Random(2).randbytes(9000)
+    body = random.Random(3).randbytes(40)
+    assert deflate.python_cannot_shrink(body, big) in (True, False)
+    assert cdeflate.cannot_shrink(body, big) is False
+    with pytest.raises(TypeError):
+        cdeflate.cannot_shrink(bytearray(b"data"), b"")
