@@ -24,12 +24,17 @@ C walk's rows for a request's identifiers (the session string table's; also on a
 50-PDU transaction). The last rows are the listener's socket read of a wake-up with
 one datagram waiting (a lone request's) and with 64 (a busy listener's), ``recvfrom``
 until it fails against the native build's one ``recvmmsg`` call
-(``transport/_crecv.c``).
+(``transport/_crecv.c``). Between them: the ``/send``'s answer as it is (its event id
+new to the session's table), the proof that its DEFLATE cannot win (C, and the
+compiled Python reference) against the DEFLATE run it saves, and a request body's
+inflate through the kept stream against a zlib decompressobj per body.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import select
 import socket
@@ -53,7 +58,7 @@ from synapse_coap.mapping.codec import WireCodec  # noqa: E402
 from synapse_coap.mapping.jsonbody import dump_json, dump_json_python  # noqa: E402
 from synapse_coap.mapping.messages import HttpResponse  # noqa: E402
 from synapse_coap.transport import batch  # noqa: E402
-from synapse_coap.wire import body_fast, body_tables, strings  # noqa: E402
+from synapse_coap.wire import body_fast, body_tables, deflate, strings  # noqa: E402
 from synapse_coap.wire.body_encode import _encode_cbor, encode_body  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.deflate import _deflate  # noqa: E402
@@ -233,6 +238,59 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
             raws,
         ),
     ]
+    # the answer as the /send's really is: its event id is the server's, new to the
+    # session's table, so its 32-byte hash goes as it is (37-40 bytes of CBOR), which
+    # DEFLATE never shortens; the proof that it cannot (deflate.cannot_shrink, in C
+    # where the native build runs) against the run it saves
+    fresh = [
+        {
+            "pdus": {
+                "$" + base64.urlsafe_b64encode(hashlib.sha256(b"%d" % i).digest()).decode()[:43]: {}
+            }
+        }
+        for i in range(calls)
+    ]
+    fresh_raws = [_encode_cbor(v, profile, codec.context, None) for v in fresh]
+    rows += [
+        (
+            "answer body encode, its event id new to the table",
+            lambda v: encode_body(v, profile, codec.context),
+            fresh,
+        ),
+        (
+            "  the proof its DEFLATE cannot win",
+            lambda raw: deflate.cannot_shrink(raw, profile.dictionary),
+            fresh_raws,
+        ),
+        (
+            "  the proof in compiled Python",
+            lambda raw: deflate.python_cannot_shrink(raw, profile.dictionary),
+            fresh_raws,
+        ),
+        (
+            "  the DEFLATE run it skips (37-40 bytes)",
+            lambda raw: _deflate(raw, profile.dictionary),
+            fresh_raws,
+        ),
+    ]
+    # the request's body inflated: one kept stream in C (native build) against a zlib
+    # decompressobj per body (what zlib's module does, and the plain-Python sources)
+    # (the transactions' CBOR with the profile dictionary's DEFLATE, as a request whose
+    # DEFLATE form wins is sent: these few-hundred-byte ones go as CBOR, it saves little)
+    streams = [
+        _deflate(_encode_cbor(v, profile, codec.context, None), profile.dictionary) for v in values
+    ]
+    cap = 1 << 20
+    rows.append(
+        ("request body inflate", lambda d: deflate.inflate(d, profile.dictionary, cap), streams)
+    )
+    rows.append(
+        (
+            "  with a decompressobj per body",
+            lambda d: zlib.decompressobj(-15, zdict=profile.dictionary).decompress(d, cap),
+            streams,
+        )
+    )
     return rows
 
 

@@ -134,9 +134,14 @@ def render(
     ours: str = "CoAP+Noise",
     theirs: str = "HTTP/1.1",
     symbols: int = 15,
+    only: int = 25,
 ) -> list[str]:
     """Per endpoint: each group's microseconds per request for ``ours`` and ``theirs``
-    and the difference, then the ``symbols`` functions whose difference is largest."""
+    and the difference, then the ``symbols`` functions whose difference is largest, then
+    the ``only`` costliest functions that only ``ours`` ran (its own code: the compiled
+    modules, its C, zlib, the AEAD; where the listeners' totals differ by less than
+    their noise, as on the federation ``/send``, these are what a change of the
+    listener's code moves)."""
     lines = [f"## {title}", ""]
     endpoints = sorted({e for e, _ in cells})
     for endpoint in endpoints:
@@ -171,5 +176,10 @@ def render(
             x = per_request(a.symbols[k], a, frequency)
             y = per_request(b.symbols[k], b, frequency)
             lines.append(f"    {x - y:+7.1f}  {k}")
+        mine = sorted((k for k in a.symbols if not b.symbols[k]), key=lambda k: -a.symbols[k])
+        if mine and only:
+            lines.append(f"  the {only} costliest functions only {ours} ran (us/request):")
+            for k in mine[:only]:
+                lines.append(f"    {per_request(a.symbols[k], a, frequency):7.1f}  {k}")
         lines.append("")
     return lines

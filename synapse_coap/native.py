@@ -21,8 +21,8 @@ when it imports, and falls back to its cbor2 path for what it does not take;
 ``wire/_cenc.c``, a JSON body's text to the profile CBOR in one pass, used by
 ``wire/body_encode.py`` the same way, and an answer's identifiers for the session string
 table (``wire/strings.py``); ``wire/_cdeflate.c``, zlib's DEFLATE with a
-profile dictionary without zlib's per-body allocations, same library and bytes, used by
-``wire/deflate.py``; ``noise/_caead.c``, the records' ChaCha20-Poly1305 through
+profile dictionary and its inflate without zlib's per-body allocations, same library and
+bytes, and the proof that a short body's DEFLATE cannot win, used by ``wire/deflate.py``; ``noise/_caead.c``, the records' ChaCha20-Poly1305 through
 libsodium, the same construction and bytes as cryptography's, used by
 ``noise/records.py``; ``transport/_crecv.c``, the listener socket's datagrams read in
 one ``recvmmsg`` call, used by ``transport/batch.py``). The

@@ -22,8 +22,13 @@
  * stream's allocator functions with the stream): the allocator hands out arena memory
  * while `copying` is set, and the free function ignores pointers into the arena.
  *
+ * Beside it: inflate_dict, the decoder's inflate through one kept stream (see there),
+ * and cannot_shrink, deflate.py's proof that a short body's DEFLATE cannot win, without
+ * Python objects.
+ *
  * Tests: tests/unit/test_cdeflate.py (the same bytes as zlib's module on the corpora,
- * hypothesis properties, the arena's growth, the bound on primed compressors).
+ * hypothesis properties, the arena's growth, the bound on primed compressors; inflate's
+ * output and verdicts against zlib's module; cannot_shrink against the reference).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -79,6 +79,15 @@ def test_the_text_gives_both_listeners_and_their_difference() -> None:
     assert "  zlib" in text and "+10.0" in text
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("all"))
     assert line.split()[1:] == ["50.0", "50.0", "+0.0"]
+    # the functions only CoAP+Noise ran: zlib's among them, HTTP/1.1's shared ones not
+    mine = text.split("functions only CoAP+Noise ran (us/request):\n", 1)[1].splitlines()
+    assert any("[zlib]" in ln and "10.0" in ln for ln in mine)
+    assert all(
+        cells[("whoami", "HTTP/1.1")].symbols[ln.strip().split("  ", 1)[1]] == 0 for ln in mine
+    )
+    assert "only CoAP+Noise" not in "\n".join(
+        ps.render(cells, 1000.0, title="t", symbols=3, only=0)
+    )
     # a listener missing from an endpoint: nothing rendered for it
     only = {k: v for k, v in cells.items() if k[1] == "CoAP+Noise"}
     assert ps.render(only, 1000.0, title="t") == ["## t", ""]
