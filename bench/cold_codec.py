@@ -221,8 +221,9 @@ def cases(calls: int) -> list[tuple[str, Callable[[Any], object], list[Any]]]:
     rows.append(
         ("answer encode (/send's answer)", lambda r: codec.encode_response(r, method=PUT), answers)
     )
-    # in a session the answer's event id is a reference to the request's (the session
-    # string table): its body is 6-7 bytes of CBOR, which no DEFLATE form can shorten
+    # where the request named the event id (not a PDU of room version 3 or later, whose
+    # id the server computes), the answer's id is a reference into the session string
+    # table: its body is 6-7 bytes of CBOR, which no DEFLATE form can shorten
     # (wire.deflate.cannot_shrink); the run the encoder no longer makes beside it
     referenced = [({"pdus": {f"$cold{i}": {}}}, {f"$cold{i}": (4, i % 64)}) for i in range(calls)]
     raws = [_encode_cbor(v, profile, codec.context, refs) for v, refs in referenced]

@@ -173,11 +173,12 @@ def python_cannot_shrink(data: bytes, zdict: bytes) -> bool:
     ``zdict``) can be shorter than ``len(data) - 1`` bytes, so a body form that costs a
     marker byte on top never beats the body itself: the encoder then skips the DEFLATE
     run and the wire bytes are the same. zlib writes every body up to
-    :data:`CANNOT_SHRINK_MAX` bytes as one block. The run it
-    saves: a tiny answer's 2.3 us back to back, 20-45 us with the data caches cold as in
-    a homeserver (``bench/cold_codec.py``); a ``/send``'s or a sent message's answer,
-    whose event id the session string table cannot hold (the server names it first),
-    is 37-40 bytes of CBOR, 32 of them the id's hash, which DEFLATE never shortens.
+    :data:`CANNOT_SHRINK_MAX` bytes as one block. A ``/send``'s or a sent message's
+    answer, whose event id the session string table cannot hold (the server names it
+    first), is 37-40 bytes of CBOR, 32 of them the id's hash, which DEFLATE never
+    shortens: the run this saves on it costs 4.4 us back to back and 40 us after a sweep
+    of the data caches, the proof in C 1.7 and 26 us
+    (``bench/results/cold_codec-ef4d088.csv``).
 
     A proof, not a guess (docs/wire-body.md). A match is at least 3 bytes long and
     copies from earlier in the window (the dictionary, then ``data``: a source may span
