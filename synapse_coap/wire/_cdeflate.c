@@ -99,18 +99,22 @@ clear_primed(void)
     n_primed = 0;
 }
 
+/* a and b (bytes) hold the same bytes: a kept dictionary found again, also when it
+ * comes in another object */
+static int
+same_bytes(PyObject *a, PyObject *b)
+{
+    return a == b || (PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b) &&
+                      memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b),
+                             (size_t)PyBytes_GET_SIZE(a)) == 0);
+}
+
 static Primed *
 get_primed(PyObject *zdict, int wbits, int mem_level)
 {
     for (int i = 0; i < n_primed; i++) {
         Primed *p = &primed[i];
-        if (p->wbits != wbits || p->mem_level != mem_level)
-            continue;
-        if (p->zdict == zdict)
-            return p;
-        if (PyBytes_GET_SIZE(p->zdict) == PyBytes_GET_SIZE(zdict) &&
-            memcmp(PyBytes_AS_STRING(p->zdict), PyBytes_AS_STRING(zdict),
-                   (size_t)PyBytes_GET_SIZE(zdict)) == 0)
+        if (p->wbits == wbits && p->mem_level == mem_level && same_bytes(p->zdict, zdict))
             return p;
     }
     if (n_primed >= MAX_PRIMED)
@@ -367,12 +371,8 @@ static TriTable *
 get_tri_table(PyObject *zdict)
 {
     for (int i = 0; i < n_tri_tables; i++) {
-        TriTable *t = &tri_tables[i];
-        if (t->zdict == zdict ||
-            (PyBytes_GET_SIZE(t->zdict) == PyBytes_GET_SIZE(zdict) &&
-             memcmp(PyBytes_AS_STRING(t->zdict), PyBytes_AS_STRING(zdict),
-                    (size_t)PyBytes_GET_SIZE(zdict)) == 0))
-            return t;
+        if (same_bytes(tri_tables[i].zdict, zdict))
+            return &tri_tables[i];
     }
     if (n_tri_tables >= MAX_TRI_TABLES)
         clear_tri_tables();

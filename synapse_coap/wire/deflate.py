@@ -230,13 +230,11 @@ def python_cannot_shrink(data: bytes, zdict: bytes) -> bool:
         seen.add(t)
     counts: dict[int, int] = {}
     fixed = 3 + _FIXED_END_BITS + _FIXED_MATCH_BITS * runs
-    literals = 0
     for at in range(n):
         if not coverable[at]:
             b = data[at]
             counts[b] = counts.get(b, 0) + 1
             fixed += 8 if b < _FIXED_SPLIT else 9
-            literals += 1
     used = sorted(counts)
     used.append(_END_OF_BLOCK)
     dynamic_half = 2 * (
