@@ -189,7 +189,7 @@ static PyTypeObject TablesType = {
 /* tests/unit/test_cbody.py holds it to that.                                            */
 /* ------------------------------------------------------------------------------------ */
 
-#define W_OK 0
+#define WR_OK 0
 #define W_ERROR (-1)
 #define W_UNHANDLED 1
 #define JSON_MAX_DEPTH 200
@@ -220,7 +220,7 @@ static int
 w_reserve(W *w, Py_ssize_t n)
 {
     if (w->cap - w->len >= n)
-        return W_OK;
+        return WR_OK;
     if (n > PY_SSIZE_T_MAX / 2 - w->len) {
         PyErr_NoMemory();
         return W_ERROR;
@@ -242,26 +242,26 @@ w_reserve(W *w, Py_ssize_t n)
     }
     w->buf = b;
     w->cap = cap;
-    return W_OK;
+    return WR_OK;
 }
 
 static inline int
 w_put(W *w, const char *s, Py_ssize_t n)
 {
-    if (w_reserve(w, n) != W_OK)
+    if (w_reserve(w, n) != WR_OK)
         return W_ERROR;
     memcpy(w->buf + w->len, s, (size_t)n);
     w->len += n;
-    return W_OK;
+    return WR_OK;
 }
 
 static inline int
 w_byte(W *w, char c)
 {
-    if (w->len == w->cap && w_reserve(w, 1) != W_OK)
+    if (w->len == w->cap && w_reserve(w, 1) != WR_OK)
         return W_ERROR;
     w->buf[w->len++] = c;
-    return W_OK;
+    return WR_OK;
 }
 
 /* a JSON string as json's encode_basestring (ensure_ascii=False) writes it */
@@ -281,7 +281,7 @@ w_str(W *w, PyObject *s)
         PyErr_NoMemory();
         return W_ERROR;
     }
-    if (w_reserve(w, n * 6 + 2) != W_OK)
+    if (w_reserve(w, n * 6 + 2) != WR_OK)
         return W_ERROR;
     char *o = w->buf + w->len;
     *o++ = '"';
@@ -310,7 +310,7 @@ w_str(W *w, PyObject *s)
     }
     *o++ = '"';
     w->len = o - w->buf;
-    return W_OK;
+    return WR_OK;
 }
 
 static int w_value(W *w, PyObject *v, int depth, int sort);
@@ -341,13 +341,13 @@ w_int(W *w, PyObject *v)
 static int
 w_member(W *w, PyObject *k, PyObject *v, int depth, int sort, int first)
 {
-    int rc = first ? W_OK : w_byte(w, ',');
+    int rc = first ? WR_OK : w_byte(w, ',');
     Py_INCREF(v); /* (held while it is written) */
-    if (rc == W_OK)
+    if (rc == WR_OK)
         rc = w_str(w, k);
-    if (rc == W_OK)
+    if (rc == WR_OK)
         rc = w_byte(w, ':');
-    if (rc == W_OK)
+    if (rc == WR_OK)
         rc = w_value(w, v, depth + 1, sort);
     Py_DECREF(v);
     return rc;
@@ -360,10 +360,10 @@ w_dict(W *w, PyObject *d, int depth, int sort, int skip)
 {
     if (PyDict_GET_SIZE(d) == 0 && !skip)
         return w_put(w, "{}", 2);
-    if (w_byte(w, '{') != W_OK)
+    if (w_byte(w, '{') != WR_OK)
         return W_ERROR;
     int first = 1;
-    int rc = W_OK;
+    int rc = WR_OK;
     if (!sort) {
         Py_ssize_t pos = 0;
         PyObject *k, *v;
@@ -372,7 +372,7 @@ w_dict(W *w, PyObject *d, int depth, int sort, int skip)
                 return W_UNHANDLED;
             rc = w_member(w, k, v, depth, sort, first);
             first = 0;
-            if (rc != W_OK)
+            if (rc != WR_OK)
                 return rc;
         }
         return w_byte(w, '}');
@@ -391,7 +391,7 @@ w_dict(W *w, PyObject *d, int depth, int sort, int skip)
         Py_DECREF(keys);
         return W_ERROR;
     }
-    for (Py_ssize_t i = 0; i < n && rc == W_OK; i++) {
+    for (Py_ssize_t i = 0; i < n && rc == WR_OK; i++) {
         PyObject *k = PyList_GET_ITEM(keys, i);
         if (skip && (PyUnicode_CompareWithASCIIString(k, "unsigned") == 0 ||
                      PyUnicode_CompareWithASCIIString(k, "signatures") == 0 ||
@@ -406,7 +406,7 @@ w_dict(W *w, PyObject *d, int depth, int sort, int skip)
         first = 0;
     }
     Py_DECREF(keys);
-    if (rc != W_OK)
+    if (rc != WR_OK)
         return rc;
     return w_byte(w, '}');
 }
@@ -429,16 +429,16 @@ w_value(W *w, PyObject *v, int depth, int sort)
     if (PyDict_CheckExact(v))
         return w_dict(w, v, depth, sort, 0);
     if (PyList_CheckExact(v)) {
-        if (w_byte(w, '[') != W_OK)
+        if (w_byte(w, '[') != WR_OK)
             return W_ERROR;
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
-            if (i && w_byte(w, ',') != W_OK)
+            if (i && w_byte(w, ',') != WR_OK)
                 return W_ERROR;
             PyObject *x = PyList_GET_ITEM(v, i);
             Py_INCREF(x);
             int rc = w_value(w, x, depth + 1, sort);
             Py_DECREF(x);
-            if (rc != W_OK)
+            if (rc != WR_OK)
                 return rc;
         }
         return w_byte(w, ']');
@@ -456,7 +456,7 @@ dump_json(PyObject *module, PyObject *value)
     w_init(&w);
     int rc = w_value(&w, value, 0, 0);
     PyObject *out = NULL;
-    if (rc == W_OK)
+    if (rc == WR_OK)
         out = PyBytes_FromStringAndSize(w.buf, w.len);
     else if (rc == W_UNHANDLED)
         out = Py_NewRef(Py_None);
@@ -554,7 +554,7 @@ c_content_hash(PyObject *event)
     W w;
     w_init(&w);
     int rc = w_dict(&w, event, 0, 1, 1);
-    if (rc != W_OK) {
+    if (rc != WR_OK) {
         w_free(&w);
         return NULL;
     }

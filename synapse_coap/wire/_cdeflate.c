@@ -452,7 +452,7 @@ cannot_shrink(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!O!", &PyBytes_Type, &data, &PyBytes_Type, &zdict))
         return NULL;
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    if (n > SHRINK_MAX)
+    if (n < 0 || n > SHRINK_MAX)
         Py_RETURN_FALSE;
     const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
     const unsigned char *z = (const unsigned char *)PyBytes_AS_STRING(zdict);
@@ -467,7 +467,7 @@ cannot_shrink(PyObject *self, PyObject *args)
     }
     /* the dictionary's last two bytes, then the body */
     unsigned char history[SHRINK_MAX + 2];
-    Py_ssize_t tail = zn < 2 ? zn : 2;
+    Py_ssize_t tail = zn >= 2 ? 2 : (zn > 0 ? zn : 0);
     memcpy(history, z + zn - tail, (size_t)tail);
     memcpy(history + tail, d, (size_t)n);
     Py_ssize_t hn = tail + n, first = tail;

@@ -5,7 +5,9 @@
 
 Every JSON body of the corpus is encoded, then mutated (bytes replaced, truncated,
 bytes inserted, or random bytes); whatever the C decoder accepts must be what the
-reference decoder gives. Then every body (whole and truncated) is decoded
+reference decoder gives, and the module's walk of that value for the session string
+table (``request_strings``, with a random count cap) what the Python walk gives. Then
+every body (whole and truncated) is decoded, and every decoded value walked,
 ``--leak-rounds`` times and the peak RSS must not grow (a reference leaked per decode
 would show; meaningless under AddressSanitizer, whose quarantine holds freed memory,
 so the script skips it there). Progress goes to stderr every 20,000 inputs.
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from synapse_coap.errors import SynapseCoapError  # noqa: E402
-from synapse_coap.wire import body_decode, body_encode, body_fast  # noqa: E402
+from synapse_coap.wire import body_decode, body_encode, body_fast, strings  # noqa: E402
 from synapse_coap.wire.body import DEFAULT_BODY_LIMITS, BodyLimits  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.profile import load_profile  # noqa: E402
@@ -60,6 +62,30 @@ def c_module(name: str, imported: Any) -> Any:
     return load(ext, name)
 
 
+def fuzz_arguments(doc: str | None, module: str, leak_rounds: int = 300) -> argparse.Namespace:
+    """The command line every fuzz harness takes: the built extension, --seed, --inputs
+    and --leak-rounds."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("extension", help=f"the built {module} extension (.so) to fuzz")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--inputs", type=int, default=100_000)
+    ap.add_argument("--leak-rounds", type=int, default=leak_rounds)
+    return ap.parse_args()
+
+
+def reference_strings(value: Any, max_ids: int = strings.MAX_IDS) -> tuple[Any, Any]:
+    """What ``request_strings(value, max_ids, MIN_TEXT, MAX_TEXT, MAX_TEXT_TOTAL)`` must
+    give: the Python walk's identifiers and texts (``strings._identifiers_of`` and
+    ``_texts_of`` over ``strings._strings``) with the count cap ``max_ids``."""
+    items = strings._strings(value)
+    saved = strings.MAX_IDS
+    strings.MAX_IDS = max_ids
+    try:
+        return strings._identifiers_of(items), strings._texts_of(items)
+    finally:
+        strings.MAX_IDS = saved
+
+
 def _mutate(rng: random.Random, body: bytes) -> bytes:
     b = bytearray(body)
     kind = rng.randrange(4)
@@ -76,13 +102,12 @@ def _mutate(rng: random.Random, body: bytes) -> bytes:
     return bytes(b)
 
 
+#: request_strings' text caps after its count cap (strings.request_identifiers' call)
+_TEXT_CAPS = (strings.MIN_TEXT, strings.MAX_TEXT, strings.MAX_TEXT_TOTAL)
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("extension", help="the built _cbody extension (.so) to fuzz")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--inputs", type=int, default=100_000)
-    ap.add_argument("--leak-rounds", type=int, default=300)
-    args = ap.parse_args()
+    args = fuzz_arguments(__doc__, "_cbody")
 
     mod = load(args.extension)
     profile = load_profile(1)
@@ -105,6 +130,12 @@ def main() -> int:
                 raise SystemExit(f"C accepted what the reference refuses: {data!r}: {e}") from e
             if repr(got) != repr(ref):
                 raise SystemExit(f"C and reference differ on {data!r}: {got!r} != {ref!r}")
+            # the request's identifiers and texts for the session string table, from
+            # the decoded value (the walk the module runs on every request body)
+            max_ids = rng.choice((0, 1, 3, strings.MAX_IDS))
+            walk = mod.request_strings(got, max_ids, *_TEXT_CAPS)
+            if walk != reference_strings(got, max_ids):
+                raise SystemExit(f"request_strings differs from the Python walk on {got!r}")
         if (i + 1) % 20_000 == 0:
             print(f"  {i + 1} inputs, {accepted} accepted", file=sys.stderr)
     print(
@@ -113,14 +144,20 @@ def main() -> int:
     if "asan" in os.environ.get("LD_PRELOAD", ""):
         print("leak check: skipped under AddressSanitizer")
         return 0
+    values = [mod.decode(data, tables, 64, None) for data in bodies]
+    values = [v for v in values if v is not body_fast.FALLBACK]
     for _ in range(3):
         for data in bodies:
             mod.decode(data, tables, 64, None)
+        for value in values:
+            mod.request_strings(value, strings.MAX_IDS, *_TEXT_CAPS)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.leak_rounds):
         for data in bodies:
             mod.decode(data, tables, 64, None)
             mod.decode(data[:-1], tables, 64, None)
+        for value in values:
+            mod.request_strings(value, strings.MAX_IDS, *_TEXT_CAPS)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"leak check: peak RSS {before} KiB before, {after} KiB after")
     return 1 if after > before + 2048 else 0

@@ -14,7 +14,6 @@ Progress goes to stderr every 20,000 inputs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -30,17 +29,12 @@ from synapse_coap.wire import body_encode, strings  # noqa: E402
 from synapse_coap.wire.body_tables import _tables  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.profile import load_profile, profile_ids  # noqa: E402
-from tests.harness.cbody_fuzz import _mutate, load  # noqa: E402
+from tests.harness.cbody_fuzz import _mutate, fuzz_arguments, load  # noqa: E402
 from tests.harness.corpus import json_bodies  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("extension", help="the built _cenc extension (.so) to fuzz")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--inputs", type=int, default=100_000)
-    ap.add_argument("--leak-rounds", type=int, default=300)
-    args = ap.parse_args()
+    args = fuzz_arguments(__doc__, "_cenc")
 
     mod = load(args.extension, "synapse_coap.wire._cenc")
     profile = load_profile(max(profile_ids()))

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from synapse_coap.wire import body_fast, strings
 from tests.harness.cbody_fuzz import c_module
+from tests.harness.cbody_fuzz import reference_strings as _reference
 from tests.harness.corpus import json_requests
 
 LIMITS = (strings.MAX_IDS, strings.MIN_TEXT, strings.MAX_TEXT, strings.MAX_TEXT_TOTAL)
@@ -28,16 +29,6 @@ LIMITS = (strings.MAX_IDS, strings.MIN_TEXT, strings.MAX_TEXT, strings.MAX_TEXT_
 @pytest.fixture(scope="module")
 def cbody() -> Any:
     return c_module("synapse_coap.wire._cbody", body_fast._C)
-
-
-def _reference(value: Any, max_ids: int = strings.MAX_IDS) -> tuple[Any, Any]:
-    items = strings._strings(value)
-    saved = strings.MAX_IDS
-    strings.MAX_IDS = max_ids
-    try:
-        return strings._identifiers_of(items), strings._texts_of(items)
-    finally:
-        strings.MAX_IDS = saved
 
 
 def _hash_id(sigil: str, body: str, last: str) -> str:
