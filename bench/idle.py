@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -126,6 +127,11 @@ def measure(setup: str, reactor: str, args: argparse.Namespace) -> list[dict[str
                 f"{rows[-1]['cpu_ms_per_s']} ms CPU/s, {rows[-1]['wakeups_per_s']} wake-ups/s",
                 file=sys.stderr,
             )
+    except BaseException:
+        print(f"  [{reactor}] {setup}: Synapse's directory kept: {workdir}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     finally:
         proc.stop()
     return rows

@@ -87,7 +87,7 @@ Usage::
 
     python bench/inbound.py [--requests 400] [--send-requests 100] [--rounds 5]
                             [--concurrency 4] [--client lean|aiocoap]
-                            [--modes default,asyncio] [--no-send] [--readme]
+                            [--modes default,asyncio] [--no-send] [--readme] [--keep]
                             [--turn 100] [--send-turn 10]
                             [--profile-out FILE] [--cprofile-out FILE]
     python bench/inbound.py --render
@@ -405,6 +405,25 @@ def spread(xs: list[float]) -> str:
 
 
 async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str], list[float]]:
+    """One reactor mode's cells, in a working directory of its own (Synapse's config,
+    database and logs), removed after it unless ``--keep`` (kept, and named, when the
+    run fails)."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
+    try:
+        cells = await _run_mode(args, mode, workdir)
+    except BaseException:
+        print(f"  [{mode}] working directory kept: {workdir}", file=sys.stderr)
+        raise
+    if args.keep:
+        print(f"  [{mode}] working directory kept: {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return cells
+
+
+async def _run_mode(
+    args: argparse.Namespace, mode: str, workdir: Path
+) -> dict[tuple[str, str], list[float]]:
     import aiohttp
 
     from synapse_coap.noise.keys import (
@@ -416,7 +435,6 @@ async def run_mode(args: argparse.Namespace, mode: str) -> dict[tuple[str, str],
     )
     from synapse_coap.transport.client import Endpoint
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
     http_port, coap_port, plain_port = free_port(), free_port("udp"), free_port("udp")
     https_port = free_port()
     nginx = nginx_path()
@@ -1296,6 +1314,12 @@ def main() -> None:
     add_spin_argument(parser)
     parser.add_argument(
         "--modes", default="default,asyncio", help="reactor modes: default, asyncio or both"
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each mode's working directory (Synapse's config, database and logs; "
+        "its path is printed): removed after a run otherwise, kept when the run fails",
     )
     parser.add_argument(
         "--no-send",
