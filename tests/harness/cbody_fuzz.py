@@ -21,6 +21,7 @@ import os
 import random
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,23 @@ def fuzz_arguments(doc: str | None, module: str, leak_rounds: int = 300) -> argp
     ap.add_argument("--inputs", type=int, default=100_000)
     ap.add_argument("--leak-rounds", type=int, default=leak_rounds)
     return ap.parse_args()
+
+
+def leak_check(one_round: Callable[[], None], rounds: int) -> int:
+    """Run ``one_round`` 3 times, then ``rounds`` times: 1 if the peak RSS grew by more
+    than 2 MiB meanwhile (a reference or buffer leaked per call), else 0; skipped (0)
+    under AddressSanitizer, whose quarantine holds freed memory."""
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        print("leak check: skipped under AddressSanitizer")
+        return 0
+    for _ in range(3):
+        one_round()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(rounds):
+        one_round()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"leak check: peak RSS {before} KiB before, {after} KiB after")
+    return 1 if after > before + 2048 else 0
 
 
 def reference_strings(value: Any, max_ids: int = strings.MAX_IDS) -> tuple[Any, Any]:
