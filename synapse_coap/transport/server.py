@@ -281,6 +281,7 @@ class _Now:
         self.starting = False
         self.abandon: Callable[[], None] | None = None
         self.task: asyncio.Task[CoapMessage] | None = None
+        server.now_live += 1
 
     def start(self) -> None:
         """Hand the request to the dispatcher (now, or when its batch is read:
@@ -308,15 +309,22 @@ class _Now:
         as it started, once the batch's other requests are started too
         (:meth:`BatchHold.later <synapse_coap.transport.batch.BatchHold.later>`); for
         one answered after its start, through the dispatcher's ``answer_later`` where
-        it has one (with the other answers of the same reactor turn)."""
+        it has one (with the other answers of the same reactor turn), unless it is the
+        only exchange in progress: then no other answer can join it, and it goes at
+        once (without a timed call and a pass of the reactor's queue for it)."""
         if self.over:
             return
+        server = self.server
         if self.starting:
-            if self.server.batch.later(functools.partial(self._answer, result)):
+            if server.batch.later(functools.partial(self._answer, result)):
                 return
         else:
-            later = self.server.answer_later
-            if later is not None and later(functools.partial(self._answer, result)):
+            later = server.answer_later
+            if (
+                later is not None
+                and server.now_live > 1
+                and later(functools.partial(self._answer, result))
+            ):
                 return
         self._answer(result)
 
@@ -347,6 +355,7 @@ class _Now:
         ``cancel``: kept, the two would wait for the cycle collector, holding the
         dispatcher's request)."""
         self.over = True
+        self.server.now_live -= 1
         self._done = _dropped
         self.abandon = None
         self.task = None
@@ -401,6 +410,10 @@ class CoapServer:
         self.answer_later: Callable[[Callable[[], None]], bool] | None = getattr(
             dispatcher, "answer_later", None
         )
+        #: exchanges of :meth:`respond_now` not yet over (``_Now``): an answer that comes
+        #: after its start waits for the others of its reactor turn only where one of
+        #: these may bring one (see ``_Now.complete``)
+        self.now_live = 0
         self._plain: list[Any] = []
         self._mmans: list[LinkMessageManager] = []
         self._fast: list[FastPath] = []

@@ -314,8 +314,10 @@ def test_a_batchs_in_process_answers_wait_for_its_last_request_and_an_abandoned_
 def test_an_answer_that_comes_after_its_start_goes_through_the_dispatchers_answer_later() -> None:
     """(transport/server.py) a response that comes after the request's start (from a
     reactor callback) is handed to the dispatcher's ``answer_later`` where it has one
-    (which runs it with the others of that reactor turn); one that comes inside the
-    start is answered at once (or with its batch), never through it."""
+    (which runs it with the others of that reactor turn) while another exchange is in
+    progress, and answered at once when it is the only one (nothing can join it); one
+    that comes inside the start is answered at once (or with its batch), never through
+    it."""
     from synapse_coap.mapping.messages import CoapMessage, HttpRequest, HttpResponse
     from synapse_coap.transport.server import _Exchange, _Now
 
@@ -344,12 +346,34 @@ def test_an_answer_that_comes_after_its_start_goes_through_the_dispatchers_answe
         return _Now(None, answered.append, ex, server, HttpRequest("GET", b"/x"), dispatch_now)  # type: ignore[arg-type]
 
     now(at_once).start()
-    assert len(answered) == 1 and kept == []
+    assert len(answered) == 1 and kept == [] and server.now_live == 0
+    # two in progress: each late answer waits for the reactor turn's group, in order
     now(later).start()
+    now(later).start()
+    assert server.now_live == 2
     dones[0](response)
-    assert len(answered) == 1 and len(kept) == 1
-    kept[0]()
-    assert len(answered) == 2 and isinstance(answered[1], CoapMessage)
+    dones[1](response)
+    assert len(answered) == 1 and len(kept) == 2
+    for answer in kept:
+        answer()
+    assert len(answered) == 3 and all(isinstance(a, CoapMessage) for a in answered[1:])
+    assert server.now_live == 0
+    # the only one in progress: its late answer goes at once
+    now(later).start()
+    dones[2](response)
+    assert len(answered) == 4 and len(kept) == 2 and server.now_live == 0
+    # abandoned while its answer waited: the count drops once, the answer is dropped
+    first, second = now(later), now(later)
+    first.start()
+    second.start()
+    dones[3](response)
+    assert len(kept) == 3 and server.now_live == 2
+    first.cancel()
+    assert server.now_live == 1
+    kept[-1]()
+    assert len(answered) == 4
+    second.cancel()
+    assert server.now_live == 0
 
 
 def test_loop_lag_probe_reports_how_late_it_woke() -> None:
