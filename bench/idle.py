@@ -130,10 +130,10 @@ def measure(setup: str, reactor: str, args: argparse.Namespace) -> list[dict[str
     except BaseException:
         print(f"  [{reactor}] {setup}: Synapse's directory kept: {workdir}", file=sys.stderr)
         raise
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
     finally:
         proc.stop()
+    # (once Synapse has stopped: it writes its log and database there until then)
+    shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 

@@ -159,26 +159,17 @@ def main() -> int:
     print(
         f"fuzz: {args.inputs} inputs (seed {args.seed}), {accepted} accepted, all as the reference"
     )
-    if "asan" in os.environ.get("LD_PRELOAD", ""):
-        print("leak check: skipped under AddressSanitizer")
-        return 0
     values = [mod.decode(data, tables, 64, None) for data in bodies]
     values = [v for v in values if v is not body_fast.FALLBACK]
-    for _ in range(3):
-        for data in bodies:
-            mod.decode(data, tables, 64, None)
-        for value in values:
-            mod.request_strings(value, strings.MAX_IDS, *_TEXT_CAPS)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(args.leak_rounds):
+
+    def one_round() -> None:
         for data in bodies:
             mod.decode(data, tables, 64, None)
             mod.decode(data[:-1], tables, 64, None)
         for value in values:
             mod.request_strings(value, strings.MAX_IDS, *_TEXT_CAPS)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"leak check: peak RSS {before} KiB before, {after} KiB after")
-    return 1 if after > before + 2048 else 0
+
+    return leak_check(one_round, args.leak_rounds)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ Progress goes to stderr every 20,000 inputs.
 from __future__ import annotations
 
 import json
-import os
 import random
-import resource
 import sys
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from synapse_coap.wire import body_encode, strings  # noqa: E402
 from synapse_coap.wire.body_tables import _tables  # noqa: E402
 from synapse_coap.wire.context import WireContext  # noqa: E402
 from synapse_coap.wire.profile import load_profile, profile_ids  # noqa: E402
-from tests.harness.cbody_fuzz import _mutate, fuzz_arguments, load  # noqa: E402
+from tests.harness.cbody_fuzz import _mutate, fuzz_arguments, leak_check, load  # noqa: E402
 from tests.harness.corpus import json_bodies  # noqa: E402
 
 
@@ -76,22 +74,15 @@ def main() -> int:
         f"fuzz: {args.inputs} inputs (seed {args.seed}), {taken} transcoded and {ids_taken} "
         "response ids scans taken, all as the reference"
     )
-    if "asan" in os.environ.get("LD_PRELOAD", ""):
-        print("leak check: skipped under AddressSanitizer")
-        return 0
-    for _ in range(3):
-        for data in bodies:
-            mod.transcode(data, *targs)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(args.leak_rounds):
+
+    def one_round() -> None:
         for data in bodies:
             mod.transcode(data, *targs)
             mod.transcode(data[:-1], *targs)
             mod.response_ids(data, limit)
             mod.response_ids(data[:-1], limit)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"leak check: peak RSS {before} KiB before, {after} KiB after")
-    return 1 if after > before + 2048 else 0
+
+    return leak_check(one_round, args.leak_rounds)
 
 
 if __name__ == "__main__":
